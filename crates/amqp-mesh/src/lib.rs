@@ -1,0 +1,1 @@
+//! The ServiceMesh adapter over RabbitMQ. Implementation pending.

@@ -1,0 +1,1 @@
+//! NuroPb message encryption (spec §10). Implementation pending.

@@ -1,0 +1,12 @@
+//! Wire types: the NuroPb mesh messages (`mesh`), the gateway's client protocol (`client`),
+//! and the JSON dialects both sides speak (`pyjson`). Pure data and codecs, no I/O.
+
+pub mod client;
+pub mod mesh;
+pub mod pyjson;
+
+pub use mesh::ErrorObject;
+
+/// A JSON object, with keys kept in insertion order (`serde_json/preserve_order`), so that
+/// re-encoding a body keeps Python's field order.
+pub type JsonObject = serde_json::Map<String, serde_json::Value>;

@@ -1,0 +1,1 @@
+//! The WebSocket adapter. Implementation pending.

@@ -1,0 +1,2 @@
+//! The `nuropb-gateway` binary. Composition root only. Implementation pending.
+fn main() {}

@@ -1,0 +1,2 @@
+//! `cargo xtask`: CI gates, integration, interop and benchmarks. Implementation pending.
+fn main() {}
