@@ -1,2 +1,226 @@
-//! The `nuropb-gateway` binary. Composition root only. Implementation pending.
-fn main() {}
+//! The `nuropb-gateway` binary, a composition root only: parse and validate config, install
+//! the tracing subscriber, build the mesh adapter and the core, serve WebSockets, and on
+//! Ctrl-C/SIGTERM drain in-flight requests before closing every session.
+
+mod config;
+mod demo;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use handler_core::auth::JwtKey;
+use handler_core::coordinator::CoreConfig;
+use handler_core::handler_manager::HandlerManagerConfig;
+use handler_core::mesh_manager::MeshManagerConfig;
+use handler_core::{Coordinator, JwtAuthenticator, JwtConfig, OriginPolicy, ServiceMesh};
+use nuropb_wire::client::ClientLimits;
+use ws_adapter::{AuthSources, WsConfig};
+
+use crate::config::Cli;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = cli.validate() {
+        eprintln!("nuropb-gateway: invalid configuration: {e:#}");
+        return ExitCode::from(2);
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nuropb-gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nuropb-gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let shutdown = CancellationToken::new();
+    let calls = TaskTracker::new();
+    let connections = TaskTracker::new();
+    let background = TaskTracker::new();
+
+    // The mesh: RabbitMQ when configured, else the in-memory demo.
+    let (mesh, inbound, demo_mode): (Arc<dyn ServiceMesh>, _, bool) = match &cli.amqp_url {
+        Some(url) => {
+            let config = amqp_config(&cli, url);
+            tracing::info!(url = %config.redacted_url(), service = %config.service_name, "connecting to the mesh");
+            let (mesh, inbound) = amqp_mesh::AmqpMesh::start(config, shutdown.clone())
+                .await
+                .context("cannot connect to the mesh (--amqp-url)")?;
+            (Arc::new(mesh), inbound, false)
+        }
+        None => {
+            let (mesh, inbound) = demo::demo_mesh();
+            if cli.demo_tick_secs > 0 {
+                background.spawn(demo::tick(
+                    mesh.clone(),
+                    Duration::from_secs(cli.demo_tick_secs),
+                    shutdown.clone(),
+                ));
+            }
+            (Arc::new(mesh), inbound, true)
+        }
+    };
+
+    let (jwt, dev_secret) = match cli.jwt_config()? {
+        Some(c) => (c, None),
+        None => {
+            let secret = demo::generate_secret();
+            (JwtConfig::new(JwtKey::Hs256Secret(secret.clone().into_bytes())), Some(secret))
+        }
+    };
+    let authenticator = Arc::new(JwtAuthenticator::new(jwt).context("invalid JWT key")?);
+
+    let core = CoreConfig {
+        handlers: HandlerManagerConfig::default(),
+        mesh: MeshManagerConfig {
+            request_timeout: cli.request_timeout(),
+            max_in_flight_per_session: cli.max_in_flight,
+            max_in_flight_total: cli.max_in_flight_total,
+        },
+        client_limits: ClientLimits::default(),
+        broadcast_topics: cli.broadcast_topics.clone(),
+        delivery_capacity: None,
+    };
+    let (coordinator, handle) =
+        Coordinator::new(core, authenticator, mesh, inbound, calls, shutdown.clone());
+
+    let ws = WsConfig {
+        max_connections: cli.max_connections,
+        max_message_size: cli.max_message_bytes,
+        max_frame_size: cli.max_message_bytes,
+        outbound_queue: cli.outbound_queue,
+        ping_interval: Duration::from_secs(cli.ping_interval_secs),
+        idle_timeout: Duration::from_secs(cli.idle_timeout_secs),
+        rate_per_second: cli.rate_per_second,
+        rate_burst: cli.rate_burst,
+        origins: OriginPolicy::new(&cli.allowed_origins),
+        auth: AuthSources {
+            cookie: cli.cookie_auth.then(|| "Authorization".to_owned()),
+            query_param: cli.token_query_param.clone(),
+            ..AuthSources::default()
+        },
+        ..WsConfig::default()
+    };
+
+    let listener = TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
+    let addr = listener.local_addr().context("cannot read the listening address")?;
+    println!("nuropb-gateway listening on ws://{addr}/");
+    if demo_mode {
+        print_demo_banner(&addr.to_string(), dev_secret.as_deref(), cli.jwt_secret.as_deref())?;
+    }
+
+    let drain = Duration::from_secs(cli.drain_timeout_secs);
+    let routing = tokio::spawn(coordinator.run(drain));
+    let server = tokio::spawn(ws_adapter::serve(
+        listener,
+        ws,
+        handle,
+        shutdown.clone(),
+        connections.clone(),
+    ));
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    shutdown.cancel();
+
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "WebSocket server failed"),
+        Err(e) => tracing::error!(error = %e, "WebSocket server task panicked"),
+    }
+    if let Err(e) = routing.await {
+        tracing::error!(error = %e, "routing task panicked");
+    }
+    // Sessions were told to close; give their tasks a moment to send the close frames.
+    connections.close();
+    background.close();
+    let grace = Duration::from_secs(5);
+    if tokio::time::timeout(grace, async {
+        connections.wait().await;
+        background.wait().await;
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!("some connections did not close in time");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn amqp_config(cli: &Cli, url: &str) -> amqp_mesh::AmqpMeshConfig {
+    let mut c = amqp_mesh::AmqpMeshConfig::new(url);
+    c.service_name.clone_from(&cli.service_name);
+    if let Some(id) = &cli.instance_id {
+        c.instance_id.clone_from(id);
+    }
+    c.event_bindings.clone_from(&cli.event_bindings);
+    c.request_ttl = cli.request_timeout();
+    c.prefetch = cli.prefetch;
+    c.reconnect_min = Duration::from_millis(cli.reconnect_min_ms);
+    c.reconnect_max = Duration::from_millis(cli.reconnect_max_ms);
+    c
+}
+
+fn print_demo_banner(addr: &str, dev_secret: Option<&str>, configured: Option<&str>) -> Result<()> {
+    let secret = dev_secret.or(configured);
+    println!("running on the embedded in-memory mesh (no --amqp-url): service `demo`");
+    if let Some(secret) = secret {
+        let token = demo::demo_token(secret.as_bytes())?;
+        if dev_secret.is_some() {
+            println!("generated dev JWT secret (HS256): {secret}");
+        }
+        println!("demo token (user demo-user, 24 h): {token}");
+        println!("try:");
+        println!("  websocat -H 'Authorization: Bearer {token}' ws://{addr}/ws");
+        println!(
+            "  {{\"type\":\"request\",\"payload\":{{\"service\":\"demo\",\"method\":\"add\",\"params\":{{\"a\":2,\"b\":40}}}}}}"
+        );
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    // Both are cancel-safe one-shot waits.
+                    r = tokio::signal::ctrl_c() => if let Err(e) = r {
+                        tracing::error!(error = %e, "cannot wait for Ctrl-C");
+                    },
+                    _ = term.recv() => {}
+                }
+                return;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot wait for SIGTERM"),
+        }
+    }
+    if let Err(e) = tokio::signal::ctrl_c().await {
+        tracing::error!(error = %e, "cannot wait for Ctrl-C; running until killed");
+        std::future::pending::<()>().await;
+    }
+}

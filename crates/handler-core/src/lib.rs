@@ -3,8 +3,22 @@
 //! (`mesh_manager`) and the `coordinator` that is the only place they meet. No sockets,
 //! no AMQP, no WebSocket library here.
 
+pub mod auth;
+pub mod coordinator;
+pub mod handler;
+pub mod handler_manager;
 pub mod ids;
 pub mod mesh;
+pub mod mesh_manager;
+pub mod topic;
 
+#[cfg(feature = "in-memory")]
+pub mod in_memory;
+
+pub use auth::{Authenticator, Identity, JwtAuthenticator, JwtConfig, JwtKey, OriginPolicy};
+pub use coordinator::{Coordinator, CoordinatorHandle, CoreConfig};
+pub use handler::{CloseCode, CloseReason, Handler, Outbound, SendError, SharedFrame};
+pub use handler_manager::HandlerManager;
 pub use ids::{SessionId, TraceId, UserId};
 pub use mesh::{MeshCall, MeshError, MeshEvent, MeshInbound, MeshResponse, ServiceMesh};
+pub use mesh_manager::ServiceMeshManager;

@@ -21,7 +21,8 @@ pub enum Encoding {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientLimits {
     /// Deepest nesting of arrays/objects allowed anywhere in a frame (the envelope counts as
-    /// two levels). Python services die for good on params ~1000 levels deep.
+    /// two levels). Python services die for good on params ~1000 levels deep. Values above
+    /// [`PARSE_DEPTH_CAP`] (127) act as that cap.
     pub max_depth: usize,
     /// Longest `trace_id`, in bytes. It travels as an AMQP header.
     pub max_trace_id_len: usize,
@@ -112,33 +113,118 @@ impl ClientFrameError {
     }
 }
 
+/// The deepest nesting either decoder accepts at all, whatever [`ClientLimits::max_depth`]
+/// says: serde_json's fixed recursion limit is 127 levels, and MessagePack is held to the
+/// same. Deeper frames are refused before (JSON) or while (MessagePack) parsing, as
+/// [`FrameErrorKind::TooLarge`], without recursing, so a hostile frame cannot exhaust the
+/// stack. `max_depth` itself is applied to the decoded value, where the frame's `trace_id`
+/// can still be attached to the error.
+pub const PARSE_DEPTH_CAP: usize = 127;
+
 /// Decodes and validates one client frame.
 pub fn decode_client_message(
     bytes: &[u8],
     encoding: Encoding,
     limits: &ClientLimits,
 ) -> Result<ClientMessage, ClientFrameError> {
+    use FrameErrorKind::{Decode, TooLarge};
+
+    let too_deep = || {
+        ClientFrameError::new(
+            TooLarge,
+            format!("frame is nested deeper than {} levels", limits.max_depth.min(PARSE_DEPTH_CAP)),
+        )
+    };
     let value: Value = match encoding {
-        Encoding::Json => serde_json::from_slice(bytes).map_err(|e| {
-            ClientFrameError::new(FrameErrorKind::Decode, format!("frame is not valid JSON: {e}"))
-        })?,
-        Encoding::MessagePack => rmp_serde::from_slice(bytes).map_err(|e| {
-            ClientFrameError::new(
-                FrameErrorKind::Decode,
-                format!("frame is not valid MessagePack: {e}"),
-            )
-        })?,
+        Encoding::Json => {
+            if json_nesting_exceeds(bytes, PARSE_DEPTH_CAP) {
+                return Err(too_deep());
+            }
+            serde_json::from_slice(bytes).map_err(|e| {
+                ClientFrameError::new(Decode, format!("frame is not valid JSON: {e}"))
+            })?
+        }
+        Encoding::MessagePack => {
+            let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
+            // rmp counts down from the limit and fails when it reaches zero.
+            de.set_max_depth(PARSE_DEPTH_CAP + 1);
+            let value = Value::deserialize(&mut de).map_err(|e| match e {
+                rmp_serde::decode::Error::DepthLimitExceeded => too_deep(),
+                e => ClientFrameError::new(Decode, format!("frame is not valid MessagePack: {e}")),
+            })?;
+            let trailing = (bytes.len() as u64).saturating_sub(de.position());
+            if trailing > 0 {
+                return Err(ClientFrameError::new(
+                    Decode,
+                    format!("frame is not valid MessagePack: {trailing} trailing byte(s)"),
+                ));
+            }
+            value
+        }
     };
     validate_client_value(value, limits)
 }
 
+/// Whether JSON text nests arrays/objects deeper than `cap`, by one forward scan that skips
+/// string literals. Stops early; malformed text is left for the parser to reject.
+fn json_nesting_exceeds(bytes: &[u8], cap: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > cap {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Validates an already decoded frame. Public so other transports can reuse it.
+///
+/// Any rejection of a frame whose `payload.trace_id` is usable (a non-empty string within
+/// [`ClientLimits::max_trace_id_len`]) carries that trace id.
 pub fn validate_client_value(
     value: Value,
     limits: &ClientLimits,
 ) -> Result<ClientMessage, ClientFrameError> {
+    let trace_id = usable_trace_id(&value, limits);
+    validate_frame(value, limits).map_err(|mut e| {
+        if e.trace_id.is_none() {
+            e.trace_id = trace_id;
+        }
+        e
+    })
+}
+
+fn usable_trace_id(frame: &Value, limits: &ClientLimits) -> Option<String> {
+    match frame.get("payload")?.get("trace_id")? {
+        Value::String(s) if !s.is_empty() && s.len() <= limits.max_trace_id_len => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn validate_frame(value: Value, limits: &ClientLimits) -> Result<ClientMessage, ClientFrameError> {
     use FrameErrorKind::{Invalid, TooLarge};
 
+    // `depth` is iterative, so measuring a hostile value is safe.
     if depth(&value) > limits.max_depth {
         return Err(ClientFrameError::new(
             TooLarge,
@@ -175,7 +261,6 @@ pub fn validate_client_value(
                 }
                 None => return Err(ClientFrameError::new(Invalid, "missing `payload`")),
             };
-            // The trace id first, so later errors can be matched by the client.
             let trace_id = match payload.remove("trace_id") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(s)) if s.len() > limits.max_trace_id_len => {
@@ -196,26 +281,17 @@ pub fn validate_client_value(
                     ));
                 }
             };
-            let with_trace = |mut e: ClientFrameError| {
-                e.trace_id.clone_from(&trace_id);
-                e
-            };
-            let service = name_field(&mut payload, "service", limits).map_err(with_trace)?;
-            let method = name_field(&mut payload, "method", limits).map_err(with_trace)?;
+            let service = name_field(&mut payload, "service", limits)?;
+            let method = name_field(&mut payload, "method", limits)?;
             let params = match payload.remove("params") {
                 Some(Value::Object(p)) => p,
                 Some(other) => {
-                    return Err(with_trace(ClientFrameError::new(
+                    return Err(ClientFrameError::new(
                         Invalid,
                         format!("`payload.params` must be an object, got {}", type_name(&other)),
-                    )));
+                    ));
                 }
-                None => {
-                    return Err(with_trace(ClientFrameError::new(
-                        Invalid,
-                        "missing `payload.params`",
-                    )));
-                }
+                None => return Err(ClientFrameError::new(Invalid, "missing `payload.params`")),
             };
             let call = ClientCall { service, method, params, trace_id };
             Ok(if kind == "request" {
@@ -310,6 +386,9 @@ fn topics_field(
                 TooLarge,
                 format!("a topic is longer than {} bytes", limits.max_topic_len),
             )),
+            Value::String(s) if s.chars().any(char::is_control) => {
+                Err(ClientFrameError::new(Invalid, "a topic must not contain control characters"))
+            }
             Value::String(s) => Ok(s),
             other => Err(ClientFrameError::new(
                 Invalid,
@@ -397,10 +476,14 @@ pub struct EncodeError {
 }
 
 /// Encodes a frame: compact JSON text or named-field MessagePack.
-pub fn encode_server_frame(frame: &ServerFrame, encoding: Encoding) -> Result<Vec<u8>, EncodeError> {
+pub fn encode_server_frame(
+    frame: &ServerFrame,
+    encoding: Encoding,
+) -> Result<Vec<u8>, EncodeError> {
     match encoding {
-        Encoding::Json => serde_json::to_vec(frame)
-            .map_err(|e| EncodeError { encoding, source: Box::new(e) }),
+        Encoding::Json => {
+            serde_json::to_vec(frame).map_err(|e| EncodeError { encoding, source: Box::new(e) })
+        }
         Encoding::MessagePack => rmp_serde::to_vec_named(frame)
             .map_err(|e| EncodeError { encoding, source: Box::new(e) }),
     }
@@ -411,5 +494,439 @@ pub fn decode_server_frame(bytes: &[u8], encoding: Encoding) -> Result<ServerFra
     match encoding {
         Encoding::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
         Encoding::MessagePack => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use FrameErrorKind::{Decode, Invalid, TooLarge};
+
+    /// What decoding a frame must give.
+    #[derive(Debug)]
+    enum Expect {
+        Ok(ClientMessage),
+        /// Kind, the exact message, and the trace id the error must carry.
+        Err(FrameErrorKind, String, Option<&'static str>),
+        /// Kind and a message prefix (for errors that quote the parser).
+        ErrPrefix(FrameErrorKind, &'static str),
+    }
+
+    fn err(kind: FrameErrorKind, message: impl Into<String>) -> Expect {
+        Expect::Err(kind, message.into(), None)
+    }
+
+    fn err_traced(kind: FrameErrorKind, message: impl Into<String>, trace: &'static str) -> Expect {
+        Expect::Err(kind, message.into(), Some(trace))
+    }
+
+    fn call(service: &str, method: &str, params: Value, trace_id: Option<&str>) -> ClientCall {
+        let Value::Object(params) = params else { panic!("params must be an object") };
+        ClientCall {
+            service: service.into(),
+            method: method.into(),
+            params,
+            trace_id: trace_id.map(Into::into),
+        }
+    }
+
+    fn request(service: &str, method: &str, params: Value, trace: Option<&str>) -> Expect {
+        Expect::Ok(ClientMessage::Request(call(service, method, params, trace)))
+    }
+
+    fn topics(list: &[&str]) -> Vec<String> {
+        list.iter().map(|t| (*t).to_owned()).collect()
+    }
+
+    fn check_outcome(shown: &str, got: Result<ClientMessage, ClientFrameError>, expected: &Expect) {
+        match (expected, got) {
+            (Expect::Ok(want), Ok(msg)) => assert_eq!(&msg, want, "frame {shown}"),
+            (Expect::Err(kind, message, trace), Err(e)) => {
+                assert_eq!((&e.kind, &e.message), (kind, message), "frame {shown}");
+                assert_eq!(e.trace_id.as_deref(), *trace, "trace_id of error for {shown}");
+                assert_eq!(e.to_string(), *message);
+                assert_eq!(e.to_error_object(), ErrorObject::new(e.error_name(), message.clone()));
+            }
+            (Expect::ErrPrefix(kind, prefix), Err(e)) => {
+                assert_eq!(&e.kind, kind, "frame {shown}: {e}");
+                assert!(e.message.starts_with(prefix), "frame {shown}: {e}");
+                assert_eq!(e.trace_id, None);
+            }
+            (expected, got) => panic!("frame {shown}: expected {expected:?}, got {got:?}"),
+        }
+    }
+
+    fn check_json(input: &str, expected: &Expect) {
+        let shown: String = input.chars().take(120).collect();
+        let got = decode_client_message(input.as_bytes(), Encoding::Json, &ClientLimits::default());
+        check_outcome(&shown, got, expected);
+    }
+
+    fn check_msgpack(bytes: &[u8], expected: &Expect) {
+        let shown = format!("{:02x?}", &bytes[..bytes.len().min(24)]);
+        let got = decode_client_message(bytes, Encoding::MessagePack, &ClientLimits::default());
+        check_outcome(&shown, got, expected);
+    }
+
+    /// A request frame with one payload member replaced (`None` removes it).
+    fn with_payload(member: &str, value: Option<Value>) -> String {
+        let mut payload = json!({"service": "svc", "method": "m", "params": {}, "trace_id": "t1"});
+        match value {
+            Some(v) => payload[member] = v,
+            None => {
+                if let Some(p) = payload.as_object_mut() {
+                    p.remove(member);
+                }
+            }
+        }
+        json!({"type": "request", "payload": payload}).to_string()
+    }
+
+    /// Every rule, as JSON and (where the input is JSON at all) as the equivalent MessagePack.
+    fn rule_table() -> Vec<(String, Expect)> {
+        let long = |n: usize| Value::from("a".repeat(n));
+        let svc_ok = |trace: Option<&str>| request("svc", "m", json!({}), trace);
+        let many: Vec<String> = (0..65).map(|i| format!("t.{i}")).collect();
+        vec![
+            // Not JSON / not an object.
+            ("this is not json".into(), Expect::ErrPrefix(Decode, "frame is not valid JSON: ")),
+            ("".into(), Expect::ErrPrefix(Decode, "frame is not valid JSON: ")),
+            ("{\"type\": \"ping\"".into(), Expect::ErrPrefix(Decode, "frame is not valid JSON: ")),
+            ("[1, 2, 3]".into(), err(Invalid, "frame must be a JSON object, got array")),
+            ("\"request\"".into(), err(Invalid, "frame must be a JSON object, got string")),
+            ("42".into(), err(Invalid, "frame must be a JSON object, got number")),
+            ("null".into(), err(Invalid, "frame must be a JSON object, got null")),
+            // `type`.
+            ("{}".into(), err(Invalid, "missing `type`")),
+            (r#"{"payload": {"service": "s", "method": "m", "params": {}}}"#.into(), err(Invalid, "missing `type`")),
+            (r#"{"type": null}"#.into(), err(Invalid, "`type` must be a string, got null")),
+            (r#"{"type": 1}"#.into(), err(Invalid, "`type` must be a string, got number")),
+            (r#"{"type": ["request"]}"#.into(), err(Invalid, "`type` must be a string, got array")),
+            (
+                r#"{"type": "query"}"#.into(),
+                err(Invalid, "unknown `type` \"query\"; expected one of request, command, subscribe, unsubscribe, ping"),
+            ),
+            (
+                r#"{"type": "Request", "payload": {"trace_id": "t9"}}"#.into(),
+                err_traced(Invalid, "unknown `type` \"Request\"; expected one of request, command, subscribe, unsubscribe, ping", "t9"),
+            ),
+            // `payload`.
+            (r#"{"type": "request"}"#.into(), err(Invalid, "missing `payload`")),
+            (r#"{"type": "command"}"#.into(), err(Invalid, "missing `payload`")),
+            (r#"{"type": "request", "payload": null}"#.into(), err(Invalid, "`payload` must be an object, got null")),
+            (r#"{"type": "request", "payload": [1]}"#.into(), err(Invalid, "`payload` must be an object, got array")),
+            (r#"{"type": "request", "payload": "x"}"#.into(), err(Invalid, "`payload` must be an object, got string")),
+            // A valid request and command; unknown members are ignored (no context injection).
+            (with_payload("trace_id", Some("t1".into())), svc_ok(Some("t1"))),
+            (
+                r#"{"type": "command", "id": "x", "payload": {"service": "svc", "method": "m", "params": {"a": [1, 2.5, null]}, "context": {"user_id": "mallory"}}}"#.into(),
+                Expect::Ok(ClientMessage::Command(call("svc", "m", json!({"a": [1, 2.5, null]}), None))),
+            ),
+            // service and method.
+            (with_payload("service", None), err_traced(Invalid, "missing `payload.service`", "t1")),
+            (with_payload("service", Some("".into())), err_traced(Invalid, "`payload.service` must not be empty", "t1")),
+            (with_payload("service", Some(1.into())), err_traced(Invalid, "`payload.service` must be a string, got number", "t1")),
+            (with_payload("service", Some(Value::Null)), err_traced(Invalid, "`payload.service` must be a string, got null", "t1")),
+            (with_payload("service", Some(json!({}))), err_traced(Invalid, "`payload.service` must be a string, got object", "t1")),
+            (with_payload("service", Some(long(256))), err_traced(TooLarge, "`payload.service` is longer than 255 bytes", "t1")),
+            (with_payload("service", Some("\u{e9}".repeat(128).into())), err_traced(TooLarge, "`payload.service` is longer than 255 bytes", "t1")),
+            (with_payload("service", Some(long(255))), request(&"a".repeat(255), "m", json!({}), Some("t1"))),
+            (with_payload("service", Some("sv\nc".into())), err_traced(Invalid, "`payload.service` must not contain control characters", "t1")),
+            (with_payload("service", Some("svc\u{0}".into())), err_traced(Invalid, "`payload.service` must not contain control characters", "t1")),
+            (with_payload("service", Some("svc\u{7f}".into())), err_traced(Invalid, "`payload.service` must not contain control characters", "t1")),
+            (with_payload("service", Some("svc\u{85}".into())), err_traced(Invalid, "`payload.service` must not contain control characters", "t1")),
+            (with_payload("method", None), err_traced(Invalid, "missing `payload.method`", "t1")),
+            (with_payload("method", Some("".into())), err_traced(Invalid, "`payload.method` must not be empty", "t1")),
+            (with_payload("method", Some(true.into())), err_traced(Invalid, "`payload.method` must be a string, got boolean", "t1")),
+            (with_payload("method", Some(long(256))), err_traced(TooLarge, "`payload.method` is longer than 255 bytes", "t1")),
+            (with_payload("method", Some("m\t".into())), err_traced(Invalid, "`payload.method` must not contain control characters", "t1")),
+            // params.
+            (with_payload("params", None), err_traced(Invalid, "missing `payload.params`", "t1")),
+            (with_payload("params", Some(json!([1, 2]))), err_traced(Invalid, "`payload.params` must be an object, got array", "t1")),
+            (with_payload("params", Some("x".into())), err_traced(Invalid, "`payload.params` must be an object, got string", "t1")),
+            (with_payload("params", Some(Value::Null)), err_traced(Invalid, "`payload.params` must be an object, got null", "t1")),
+            (with_payload("params", Some(json!({"x": {"y": [1]}}))), request("svc", "m", json!({"x": {"y": [1]}}), Some("t1"))),
+            // trace_id: absent, null and empty mean "none" (the gateway generates one).
+            (with_payload("trace_id", None), svc_ok(None)),
+            (with_payload("trace_id", Some(Value::Null)), svc_ok(None)),
+            (with_payload("trace_id", Some("".into())), svc_ok(None)),
+            (with_payload("trace_id", Some(long(128))), svc_ok(Some(&"a".repeat(128)))),
+            (with_payload("trace_id", Some(long(129))), err(TooLarge, "`payload.trace_id` is longer than 128 bytes")),
+            (with_payload("trace_id", Some(7.into())), err(Invalid, "`payload.trace_id` must be a string, got number")),
+            (with_payload("trace_id", Some(json!({"id": 1}))), err(Invalid, "`payload.trace_id` must be a string, got object")),
+            (with_payload("trace_id", Some(json!(["t"]))), err(Invalid, "`payload.trace_id` must be a string, got array")),
+            // The trace id is checked first: a bad one hides later errors.
+            (
+                json!({"type": "request", "payload": {"trace_id": 1}}).to_string(),
+                err(Invalid, "`payload.trace_id` must be a string, got number"),
+            ),
+            // subscribe / unsubscribe.
+            (
+                r#"{"type": "subscribe", "payload": {"topics": ["capture.gw.#", "user.*.notify"]}}"#.into(),
+                Expect::Ok(ClientMessage::Subscribe { topics: topics(&["capture.gw.#", "user.*.notify"]) }),
+            ),
+            (
+                r#"{"type": "unsubscribe", "payload": {"topics": ["capture.gw.#"]}}"#.into(),
+                Expect::Ok(ClientMessage::Unsubscribe { topics: topics(&["capture.gw.#"]) }),
+            ),
+            (
+                r#"{"type": "subscribe", "payload": {"topics": []}}"#.into(),
+                Expect::Ok(ClientMessage::Subscribe { topics: vec![] }),
+            ),
+            (
+                json!({"type": "subscribe", "payload": {"topics": &many[..64]}}).to_string(),
+                Expect::Ok(ClientMessage::Subscribe { topics: many[..64].to_vec() }),
+            ),
+            (r#"{"type": "subscribe"}"#.into(), err(Invalid, "missing `payload`")),
+            (r#"{"type": "unsubscribe", "payload": ["a"]}"#.into(), err(Invalid, "`payload` must be an object, got array")),
+            (r#"{"type": "subscribe", "payload": {}}"#.into(), err(Invalid, "missing `payload.topics`")),
+            (r#"{"type": "subscribe", "payload": {"topics": "a.b"}}"#.into(), err(Invalid, "`payload.topics` must be an array, got string")),
+            (r#"{"type": "subscribe", "payload": {"topics": null}}"#.into(), err(Invalid, "`payload.topics` must be an array, got null")),
+            (
+                json!({"type": "subscribe", "payload": {"topics": many}}).to_string(),
+                err(TooLarge, "`payload.topics` has more than 64 entries"),
+            ),
+            (r#"{"type": "subscribe", "payload": {"topics": ["a", ""]}}"#.into(), err(Invalid, "a topic must not be empty")),
+            (r#"{"type": "subscribe", "payload": {"topics": ["a", 1]}}"#.into(), err(Invalid, "`payload.topics` entries must be strings, got number")),
+            (r#"{"type": "subscribe", "payload": {"topics": [["a"]]}}"#.into(), err(Invalid, "`payload.topics` entries must be strings, got array")),
+            (r#"{"type": "subscribe", "payload": {"topics": ["a\nb"]}}"#.into(), err(Invalid, "a topic must not contain control characters")),
+            (
+                json!({"type": "subscribe", "payload": {"topics": ["a".repeat(256)]}}).to_string(),
+                err(TooLarge, "a topic is longer than 255 bytes"),
+            ),
+            (
+                r#"{"type": "subscribe", "payload": {"topics": [""], "trace_id": "sub-1"}}"#.into(),
+                err_traced(Invalid, "a topic must not be empty", "sub-1"),
+            ),
+            // ping.
+            (r#"{"type": "ping"}"#.into(), Expect::Ok(ClientMessage::Ping)),
+            (r#"{"type": "ping", "payload": {"x": 1}}"#.into(), Expect::Ok(ClientMessage::Ping)),
+            (r#"{"type": "ping", "payload": null}"#.into(), Expect::Ok(ClientMessage::Ping)),
+        ]
+    }
+
+    #[test]
+    fn validation_rules_json() {
+        for (input, expected) in rule_table() {
+            check_json(&input, &expected);
+        }
+    }
+
+    /// The same frames as MessagePack (named maps, as `rmp_serde::to_vec_named` writes them)
+    /// give the same outcome. Inputs that are not JSON have no MessagePack twin.
+    #[test]
+    fn validation_rules_messagepack_match_json() {
+        let mut checked = 0;
+        for (input, expected) in rule_table() {
+            let Ok(value) = serde_json::from_str::<Value>(&input) else { continue };
+            let bytes = rmp_serde::to_vec_named(&value).expect("encodes");
+            check_msgpack(&bytes, &expected);
+            checked += 1;
+        }
+        assert!(checked > 60, "only {checked} MessagePack cases");
+    }
+
+    /// A frame whose params sit `extra` levels below the envelope (frame, payload, params).
+    fn nested_request(extra: usize, trace: &str) -> String {
+        format!(
+            r#"{{"type": "request", "payload": {{"trace_id": "{trace}", "service": "s", "method": "m", "params": {{"p": {}0{}}}}}}}"#,
+            "[".repeat(extra),
+            "]".repeat(extra)
+        )
+    }
+
+    #[test]
+    fn nesting_limits() {
+        let limit_error = |trace: Option<&'static str>| {
+            Expect::Err(TooLarge, "frame is nested deeper than 64 levels".into(), trace)
+        };
+        // Envelope (3 levels: frame, payload, params) + 61 = 64: accepted; one more is not,
+        // and the error still carries the trace id because the frame could be parsed.
+        let ok = nested_request(61, "deep-ok");
+        let ok_value: Value = serde_json::from_str(&ok).expect("valid JSON");
+        assert_eq!(depth(&ok_value), 64);
+        let Ok(ClientMessage::Request(c)) =
+            decode_client_message(ok.as_bytes(), Encoding::Json, &ClientLimits::default())
+        else {
+            panic!("a 64-level frame is accepted")
+        };
+        assert_eq!(c.trace_id.as_deref(), Some("deep-ok"));
+        check_json(&nested_request(62, "deep-1"), &limit_error(Some("deep-1")));
+        check_json(&nested_request(100, "deep-2"), &limit_error(Some("deep-2")));
+
+        // Beyond what the parsers accept (127): refused before parsing, no trace id.
+        for input in [
+            nested_request(125, "deep-3"),
+            nested_request(10_000, "deep-4"),
+            format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)),
+            "{\"a\":".repeat(10_000),
+        ] {
+            check_json(&input, &limit_error(None));
+        }
+        // Brackets inside strings do not count; the real nesting here is 2.
+        check_json(
+            &format!(r#"{{"type": "ping", "payload": {{"s": "{}"}}}}"#, "[{".repeat(5_000)),
+            &Expect::Ok(ClientMessage::Ping),
+        );
+
+        // MessagePack: 10,000 nested arrays / maps stop at the parser's depth limit.
+        let mut arrays = vec![0x91u8; 10_000];
+        arrays.push(0xc0);
+        check_msgpack(&arrays, &limit_error(None));
+        let mut maps = Vec::new();
+        for _ in 0..10_000 {
+            maps.extend_from_slice(&[0x81, 0xa1, b'k']);
+        }
+        maps.push(0xc0);
+        check_msgpack(&maps, &limit_error(None));
+        let value: Value = serde_json::from_str(&nested_request(62, "deep-mp")).expect("JSON");
+        let bytes = rmp_serde::to_vec_named(&value).expect("encodes");
+        check_msgpack(&bytes, &limit_error(Some("deep-mp")));
+    }
+
+    /// With a generous `max_depth`, the parser cap (127 levels) still applies.
+    #[test]
+    fn parse_depth_cap() {
+        let limits = ClientLimits { max_depth: 1_000, ..ClientLimits::default() };
+        let nested = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+        let decode = |bytes: &[u8], encoding| decode_client_message(bytes, encoding, &limits);
+
+        let at_cap = nested(PARSE_DEPTH_CAP);
+        let over_cap = nested(PARSE_DEPTH_CAP + 1);
+        let kind = |r: Result<ClientMessage, ClientFrameError>| r.map_err(|e| e.kind);
+        // At the cap the frame parses (and is then rejected for not being an object).
+        assert_eq!(kind(decode(at_cap.as_bytes(), Encoding::Json)), Err(Invalid));
+        assert_eq!(kind(decode(over_cap.as_bytes(), Encoding::Json)), Err(TooLarge));
+        let err = decode(over_cap.as_bytes(), Encoding::Json).expect_err("too deep");
+        assert_eq!(err.message, "frame is nested deeper than 127 levels");
+
+        let to_mp = |text: &str| {
+            rmp_serde::to_vec_named(&serde_json::from_str::<Value>(text).expect("JSON"))
+                .expect("encodes")
+        };
+        assert_eq!(kind(decode(&to_mp(&at_cap), Encoding::MessagePack)), Err(Invalid));
+        let mut deeper = vec![0x91u8; PARSE_DEPTH_CAP + 1];
+        deeper.push(0xc0);
+        assert_eq!(kind(decode(&deeper, Encoding::MessagePack)), Err(TooLarge));
+    }
+
+    #[test]
+    fn messagepack_garbage() {
+        let mut huge_str = vec![0xdb, 0xff, 0xff, 0xff, 0xff];
+        huge_str.extend_from_slice(b"short");
+        let mut huge_array = vec![0xdd, 0xff, 0xff, 0xff, 0xff];
+        huge_array.extend_from_slice(&[0x01; 16]);
+        let ping = rmp_serde::to_vec_named(&json!({"type": "ping"})).expect("encodes");
+        let mut trailing = ping.clone();
+        trailing.push(0x00);
+        let cases: Vec<(Vec<u8>, Expect)> = vec![
+            (vec![], Expect::ErrPrefix(Decode, "frame is not valid MessagePack: ")),
+            (vec![0xc1], Expect::ErrPrefix(Decode, "frame is not valid MessagePack: ")),
+            (vec![0x92, 0x01], Expect::ErrPrefix(Decode, "frame is not valid MessagePack: ")),
+            (vec![0x81, 0x01, 0x02], Expect::ErrPrefix(Decode, "frame is not valid MessagePack: ")),
+            (vec![0xc4, 0x01, 0x00], Expect::ErrPrefix(Decode, "frame is not valid MessagePack: ")),
+            (vec![0xd4, 0x01, 0x00], Expect::ErrPrefix(Decode, "frame is not valid MessagePack: ")),
+            (vec![0xa1, 0xff], Expect::ErrPrefix(Decode, "frame is not valid MessagePack: ")),
+            (huge_str, Expect::ErrPrefix(Decode, "frame is not valid MessagePack: ")),
+            (huge_array, Expect::ErrPrefix(Decode, "frame is not valid MessagePack: ")),
+            (
+                b"{\"type\": \"ping\"}".to_vec(),
+                Expect::ErrPrefix(Decode, "frame is not valid MessagePack: "),
+            ),
+            (trailing, err(Decode, "frame is not valid MessagePack: 1 trailing byte(s)")),
+            (vec![0x93, 0x01, 0x02, 0x03], err(Invalid, "frame must be a JSON object, got array")),
+            (ping, Expect::Ok(ClientMessage::Ping)),
+        ];
+        for (bytes, expected) in cases {
+            check_msgpack(&bytes, &expected);
+        }
+    }
+
+    #[test]
+    fn json_nesting_scan() {
+        let cases: &[(&str, usize, bool)] = &[
+            ("[[]]", 2, false),
+            ("[[[]]]", 2, true),
+            (r#"{"a": "[[[[", "b": []}"#, 2, false),
+            (r#"["\"[[[[", []]"#, 2, false),
+            (r#"["\\", [[]]]"#, 2, true),
+            ("]]]][[", 2, false),
+            ("", 0, false),
+        ];
+        for &(text, cap, expected) in cases {
+            assert_eq!(json_nesting_exceeds(text.as_bytes(), cap), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn depth_and_type_names() {
+        let cases = [
+            (json!(1), 0, "number"),
+            (json!(null), 0, "null"),
+            (json!("s"), 0, "string"),
+            (json!(false), 0, "boolean"),
+            (json!([]), 1, "array"),
+            (json!({}), 1, "object"),
+            (json!({"a": [1, {"b": []}], "c": {}}), 4, "object"),
+        ];
+        for (value, want_depth, want_name) in cases {
+            assert_eq!((depth(&value), type_name(&value)), (want_depth, want_name), "{value}");
+        }
+    }
+
+    #[test]
+    fn error_names() {
+        let cases = [
+            (Decode, "DecodeError"),
+            (Invalid, "NuropbValidationError"),
+            (TooLarge, "LimitExceeded"),
+        ];
+        for (kind, name) in cases {
+            assert_eq!(ClientFrameError::new(kind, "x").error_name(), name);
+        }
+    }
+
+    /// Every server frame survives both encodings (byte-level goldens are in
+    /// `tests/golden.rs`).
+    #[test]
+    fn server_frames_round_trip() {
+        let frames = [
+            ServerFrame::Message(ServerMessage::Event {
+                topic: "hello".into(),
+                event: json!({"session_id": "s", "user_id": "u", "username": "n"}),
+            }),
+            ServerFrame::Message(ServerMessage::Response {
+                trace_id: None,
+                result: json!([1, -2, 2.5, "\u{e9}", {"k": null}]),
+                error: None,
+            }),
+            ServerFrame::Message(ServerMessage::Response {
+                trace_id: Some("t".into()),
+                result: Value::Null,
+                error: Some(ErrorObject::new("E", "d")),
+            }),
+            ServerFrame::Message(ServerMessage::Accepted { trace_id: None }),
+            ServerFrame::Message(ServerMessage::Subscribed { topics: vec![] }),
+            ServerFrame::Message(ServerMessage::Pong {}),
+            ServerFrame::Error(ErrorFrame {
+                error: "E".into(),
+                description: "d".into(),
+                trace_id: None,
+            }),
+            ServerFrame::Error(ErrorFrame {
+                error: "E".into(),
+                description: "d".into(),
+                trace_id: Some("t".into()),
+            }),
+        ];
+        for frame in frames {
+            for encoding in [Encoding::Json, Encoding::MessagePack] {
+                let bytes = encode_server_frame(&frame, encoding).expect("encodes");
+                let back = decode_server_frame(&bytes, encoding).expect("decodes");
+                assert_eq!(back, frame, "{encoding:?}");
+            }
+        }
     }
 }

@@ -86,14 +86,23 @@ impl MeshHeaders {
 }
 
 /// A `request` or `command` body (§5.1, §5.2). `tag` tells which.
+///
+/// Decoding is lenient where receivers do not depend on a field: a hand-built body may omit
+/// `correlation_id` (receivers use the AMQP property, §3), `context` (nuropb then answers
+/// `KeyError: 'context'`, §7.2; decoding it lets a receiver answer instead of dropping it)
+/// and `trace_id`. Missing ones decode as `""`, `{}` and `None`, and are written back out
+/// when the body is re-encoded. Unknown extra keys are ignored, as nuropb ignores them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestBody {
     pub tag: MessageType,
     pub service: String,
     pub method: String,
     pub params: JsonObject,
+    #[serde(default)]
     pub correlation_id: String,
+    #[serde(default)]
     pub context: JsonObject,
+    #[serde(default)]
     pub trace_id: Option<String>,
 }
 
@@ -147,6 +156,29 @@ impl ErrorObject {
     }
 }
 
+/// The `result` of a `nuropb_describe` call (§6.4), key order as nuropb writes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DescribeResult {
+    /// The service object's `_service_name`.
+    pub service_name: Option<String>,
+    /// The service object's `_version`; `null` for nuropb-gw.
+    pub service_version: Option<String>,
+    /// The service class docstring, stripped.
+    pub description: Option<String>,
+    /// e.g. encrypted methods exist but the service has no private key.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// Whether any method has `requires_encryption`; then `public_key` is set.
+    pub encrypted_methods: bool,
+    /// PEM `SubjectPublicKeyInfo`, only when `encrypted_methods` is true.
+    #[serde(default)]
+    pub public_key: Option<String>,
+    /// Method name → spec (`description`, `requires_encryption`, `parameters`). Kept as raw
+    /// JSON: the `parameters.properties` member is an array of `[name, spec]` pairs, not an
+    /// object (§6.4 quirks, N16).
+    pub methods: JsonObject,
+}
+
 /// Error names the gateway itself produces (nuropb's names where one exists).
 pub mod error_name {
     /// The broker returned an unroutable request (§6.2).
@@ -163,4 +195,116 @@ pub mod error_name {
     pub const HANDLING: &str = "NuropbHandlingError";
     /// A limit was hit (too many in-flight requests, rate).
     pub const OVERLOADED: &str = "NuropbOverloadedError";
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+    use crate::pyjson::{from_python_json, to_python_json};
+
+    const VECTORS: &str =
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/spec/vectors/vectors.json");
+
+    #[test]
+    fn message_type_names_round_trip() {
+        let cases = [
+            ("request", Some(MessageType::Request)),
+            ("command", Some(MessageType::Command)),
+            ("event", Some(MessageType::Event)),
+            ("response", Some(MessageType::Response)),
+            ("query", None),
+            ("Request", None),
+            ("", None),
+        ];
+        for (name, expected) in cases {
+            assert_eq!(MessageType::parse(name), expected, "{name:?}");
+            if let Some(t) = expected {
+                assert_eq!(t.as_str(), name);
+                assert_eq!(serde_json::to_value(t).expect("encodes"), Value::from(name));
+            }
+        }
+    }
+
+    #[test]
+    fn outgoing_headers_are_nuropb_0_1_8() {
+        let h = MeshHeaders::outgoing(MessageType::Request, None, true);
+        assert_eq!((h.protocol.as_str(), h.version.as_str()), ("0.1.1", "0.1.8"));
+        assert_eq!(h.encrypted_value(), "yes");
+        let h = MeshHeaders::outgoing(MessageType::Event, Some("t".into()), false);
+        assert_eq!(h.encrypted_value(), "");
+    }
+
+    /// The V13 capture: decode its `result` into [`DescribeResult`], check the fields, and
+    /// re-encode it byte-identically (nuropb's key order).
+    #[test]
+    fn decodes_the_v13_describe_result() {
+        let text = std::fs::read(VECTORS)
+            .unwrap_or_else(|e| panic!("cannot read the NuroPb vectors at {VECTORS}: {e}"));
+        let vectors: Value = serde_json::from_slice(&text).expect("vectors.json is JSON");
+        let body = vectors["vectors"]
+            .as_array()
+            .and_then(|all| all.iter().find(|v| v["id"] == "V13"))
+            .and_then(|v| v["messages"][1]["body"].as_str())
+            .expect("V13 has a response body");
+        let response: ResponseBody = from_python_json(body.as_bytes()).expect("decodes");
+        let original_result = response.result.clone();
+
+        let describe: DescribeResult =
+            serde_json::from_value(response.result).expect("result is a DescribeResult");
+        assert_eq!(describe.service_name.as_deref(), Some("capture-svc"));
+        assert_eq!(describe.service_version.as_deref(), Some("1.2.3"));
+        assert_eq!(
+            describe.description.as_deref(),
+            Some("Capture service used to record NuroPb wire traffic.")
+        );
+        assert!(describe.warnings.is_empty());
+        assert!(describe.encrypted_methods);
+        let key = describe.public_key.as_deref().expect("encrypted services publish a key");
+        assert!(key.starts_with("-----BEGIN PUBLIC KEY-----\n"), "{key}");
+        assert!(key.trim_end().ends_with("-----END PUBLIC KEY-----"), "{key}");
+        for method in ["echo", "secret"] {
+            assert!(describe.methods.contains_key(method), "missing method {method}");
+        }
+        assert_eq!(describe.methods["secret"]["requires_encryption"], true);
+
+        assert_eq!(serde_json::to_value(&describe).expect("encodes"), original_result);
+        assert_eq!(
+            to_python_json(&describe).expect("encodes"),
+            to_python_json(&original_result).expect("encodes")
+        );
+    }
+
+    #[test]
+    fn describe_result_of_the_python_gateway() {
+        let text = br#"{"service_name": "capture-gw", "service_version": null, "description": "stub", "warnings": [], "encrypted_methods": false, "public_key": null, "methods": {}}"#;
+        let describe: DescribeResult = from_python_json(text).expect("decodes");
+        assert_eq!(describe.service_version, None);
+        assert_eq!(describe.public_key, None);
+        assert!(!describe.encrypted_methods && describe.methods.is_empty());
+        assert_eq!(to_python_json(&describe).expect("encodes"), text);
+    }
+
+    #[test]
+    fn request_body_tolerates_missing_optional_fields() {
+        // The `missing_context` edge case (§7.5): no correlation_id, context or trace_id.
+        let body: RequestBody = from_python_json(
+            br#"{"tag": "request", "service": "capture-svc", "method": "echo", "params": {}}"#,
+        )
+        .expect("decodes");
+        assert_eq!(body.correlation_id, "");
+        assert!(body.context.is_empty());
+        assert_eq!(body.trace_id, None);
+        // The required ones stay required.
+        for text in [
+            r#"{"tag": "request", "method": "echo", "params": {}}"#,
+            r#"{"tag": "request", "service": "s", "params": {}}"#,
+            r#"{"tag": "request", "service": "s", "method": "m"}"#,
+            r#"{"tag": "request", "service": "s", "method": "m", "params": [1, 2]}"#,
+            r#"{"tag": "query", "service": "s", "method": "m", "params": {}}"#,
+        ] {
+            assert!(from_python_json::<RequestBody>(text.as_bytes()).is_err(), "{text}");
+        }
+    }
 }

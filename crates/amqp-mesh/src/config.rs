@@ -1,0 +1,356 @@
+//! [`AmqpMeshConfig`]: everything the adapter needs, as plain data with documented
+//! defaults. The binary fills it from its own configuration; this crate never reads the
+//! environment, files or the command line.
+
+use std::time::Duration;
+
+use lapin::uri::AMQPUri;
+
+use crate::error::AmqpMeshError;
+
+/// AMQP short strings (queue names, routing keys, correlation ids) hold at most 255 bytes.
+pub(crate) const MAX_SHORT_STRING: usize = 255;
+
+/// Whether `request()` encrypts bodies for methods that ask for it (spec §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncryptionMode {
+    /// Never encrypt and never fetch service descriptions (what nuropb-gw 0.1.4 does).
+    Off,
+    /// Fetch each target service's `nuropb_describe` (cached for `describe_ttl`) and
+    /// encrypt calls to methods with `requires_encryption: true` when the service
+    /// publishes a public key.
+    Auto,
+}
+
+/// Configuration of [`crate::AmqpMesh`]. Build with [`AmqpMeshConfig::new`] and adjust
+/// fields; [`AmqpMesh::start`](crate::AmqpMesh::start) validates it once and names the
+/// offending field on error.
+#[derive(Debug, Clone)]
+pub struct AmqpMeshConfig {
+    /// Broker URL, `amqp://user:pass@host:port/<vhost>` or `amqps://…`. The vhost is the
+    /// mesh name (nuropb's default is `nuropb`). `heartbeat` below applies unless the URL
+    /// sets `?heartbeat=`. Default: `amqp://guest:guest@127.0.0.1:5672/nuropb`.
+    pub url: String,
+    /// The gateway's own NuroPb service name: its service queue is `nuropb-<name>-sq` and
+    /// peers call it under this name. Must not contain `.`, `*` or `#` (it is a word of
+    /// the control topic). Default: `nuropb-gateway`.
+    pub service_name: String,
+    /// This process's instance id, part of its response and events queue names. Two live
+    /// processes must not share one. Default: a fresh `uuid4` in 32 lowercase hex.
+    pub instance_id: String,
+    /// Direct exchange for requests and commands. Default: `nuropb-rpc-exchange`.
+    pub rpc_exchange: String,
+    /// Topic exchange for events. Default: `nuropb-events-exchange`.
+    pub events_exchange: String,
+    /// Fanout exchange that receives rejected and expired messages. Default:
+    /// `nuropb-dl-exchange`.
+    pub dl_exchange: String,
+    /// Topic patterns (AMQP `*`/`#` syntax) whose events this instance receives and
+    /// forwards to the core. Every instance receives every matching event. Default: none.
+    pub event_bindings: Vec<String>,
+    /// AMQP `expiration` of requests and commands: a message still queued after this long
+    /// is dead-lettered instead of being processed for a caller that gave up. Set it to
+    /// the gateway's request timeout. Default: 60 s.
+    pub request_ttl: Duration,
+    /// Unacknowledged deliveries the broker may push to each of this instance's
+    /// manual-ack consumers (service queue, events queue). Bounds the memory and the
+    /// work in progress of inbound traffic. Default: 64.
+    pub prefetch: u16,
+    /// First reconnect delay after the connection drops. Default: 100 ms.
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay; delays double from `reconnect_min` up to this, each
+    /// jittered down by up to half. Default: 10 s.
+    pub reconnect_max: Duration,
+    /// Limit for one connection attempt (TCP, TLS, AMQP handshake). Default: 5 s.
+    pub connect_timeout: Duration,
+    /// AMQP heartbeat requested from the broker, in whole seconds; a dead broker is
+    /// noticed after about two of them. Ignored when the URL sets `heartbeat`.
+    /// Default: 20 s.
+    pub heartbeat: Duration,
+    /// Capacity of the channel to the core ([`handler_core::MeshInbound`]). When it is
+    /// full, the consumers wait, no more deliveries are acknowledged, and the broker stops
+    /// pushing after `prefetch` unacknowledged messages: back-pressure goes to the broker
+    /// queue, never to memory here. Default: 1024.
+    pub inbound_capacity: usize,
+    /// Messages waiting for the publisher task. When full, publishing fails at once with
+    /// `MeshError::Unavailable` (the broker is not keeping up; waiting would only hide it).
+    /// Default: 1024.
+    pub publish_queue_capacity: usize,
+    /// Longest wait for the broker to confirm a command, event or response (requests are
+    /// bounded by their own timeout). Default: 5 s.
+    pub publish_timeout: Duration,
+    /// Largest serialized body the gateway publishes; larger calls are rejected before
+    /// publishing. Default: 1 MiB.
+    pub max_body_bytes: usize,
+    /// Largest body accepted from the broker (responses, events, calls to the gateway);
+    /// larger ones are dropped and counted. Default: 16 MiB.
+    pub max_inbound_body_bytes: usize,
+    /// Longest `trace_id` the gateway publishes. Default: 256 bytes.
+    pub max_trace_id_len: usize,
+    /// Deepest nesting of arrays/objects in `params`, `context` and event payloads. Python's
+    /// decoder dies on very deep documents (a fatal message for a service, §7.5) and
+    /// serde_json refuses more than 127 levels. Default: 64.
+    pub max_json_depth: usize,
+    /// How long a service description (for encryption) is reused. Default: 5 min.
+    pub describe_ttl: Duration,
+    /// How long a failed description lookup is remembered, so that a service without a
+    /// working describe does not cost an extra round trip per call. Default: 10 s.
+    pub describe_negative_ttl: Duration,
+    /// Timeout of one `nuropb_describe` call. Default: 2 s.
+    pub describe_timeout: Duration,
+    /// Services whose description is cached; past it, expired and then arbitrary entries
+    /// are evicted (clients choose service names, so this must be bounded). Default: 256.
+    pub describe_cache_capacity: usize,
+    /// Whether requests are encrypted for methods that require it. Default: `Auto`.
+    pub encryption: EncryptionMode,
+    /// Bound of this instance's events queue on the broker (`x-max-length`); when the
+    /// core falls that far behind, the oldest events are dropped by the broker.
+    /// Default: 10 000.
+    pub events_queue_max_length: u32,
+    /// Longest wait for the core to answer a `stats` call from the mesh. Default: 2 s.
+    pub core_reply_timeout: Duration,
+    /// On shutdown, how long pending requests may still receive their responses before
+    /// the connection is closed and they fail. Default: 5 s.
+    pub drain_timeout: Duration,
+}
+
+impl Default for AmqpMeshConfig {
+    fn default() -> Self {
+        AmqpMeshConfig {
+            url: "amqp://guest:guest@127.0.0.1:5672/nuropb".to_owned(),
+            service_name: "nuropb-gateway".to_owned(),
+            instance_id: uuid::Uuid::new_v4().simple().to_string(),
+            rpc_exchange: "nuropb-rpc-exchange".to_owned(),
+            events_exchange: "nuropb-events-exchange".to_owned(),
+            dl_exchange: "nuropb-dl-exchange".to_owned(),
+            event_bindings: Vec::new(),
+            request_ttl: Duration::from_secs(60),
+            prefetch: 64,
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(20),
+            inbound_capacity: 1024,
+            publish_queue_capacity: 1024,
+            publish_timeout: Duration::from_secs(5),
+            max_body_bytes: 1024 * 1024,
+            max_inbound_body_bytes: 16 * 1024 * 1024,
+            max_trace_id_len: 256,
+            max_json_depth: 64,
+            describe_ttl: Duration::from_secs(300),
+            describe_negative_ttl: Duration::from_secs(10),
+            describe_timeout: Duration::from_secs(2),
+            describe_cache_capacity: 256,
+            encryption: EncryptionMode::Auto,
+            events_queue_max_length: 10_000,
+            core_reply_timeout: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl AmqpMeshConfig {
+    /// Defaults with the given broker URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        AmqpMeshConfig { url: url.into(), ..AmqpMeshConfig::default() }
+    }
+
+    /// This instance's response queue, `nuropb-<service_name>-<instance_id>-rq` (§2.3).
+    pub fn response_queue(&self) -> String {
+        format!("nuropb-{}-{}-rq", self.service_name, self.instance_id)
+    }
+
+    /// This instance's events queue, `nuropb-<service_name>-<instance_id>-eq`.
+    pub fn events_queue(&self) -> String {
+        format!("nuropb-{}-{}-eq", self.service_name, self.instance_id)
+    }
+
+    /// The gateway's service queue, shared by all instances: `nuropb-<service_name>-sq`.
+    pub fn service_queue(&self) -> String {
+        format!("nuropb-{}-sq", self.service_name)
+    }
+
+    /// The topic on which fan-out operations (`push_to_user`, …) reach every instance.
+    pub fn control_topic(&self) -> String {
+        format!("nuropb-gateway.{}.control", self.service_name)
+    }
+
+    /// The URL without its password, for logs and errors.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
+    /// Checks every field once; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), AmqpMeshError> {
+        self.parse_uri()?;
+        let bad = |field: &'static str, reason: &str| {
+            Err(AmqpMeshError::Config { field, reason: reason.to_owned() })
+        };
+        if self.service_name.is_empty() {
+            return bad("service_name", "must not be empty");
+        }
+        if self.service_name.contains(['.', '*', '#']) || self.service_name.contains(char::is_whitespace) {
+            return bad("service_name", "must not contain '.', '*', '#' or whitespace");
+        }
+        if self.instance_id.is_empty() || self.instance_id.contains(char::is_whitespace) {
+            return bad("instance_id", "must be non-empty without whitespace");
+        }
+        // The longest derived name decides whether the pair fits in AMQP short strings.
+        if self.response_queue().len() > MAX_SHORT_STRING || self.control_topic().len() > MAX_SHORT_STRING {
+            return bad("service_name", "service_name and instance_id are too long for queue names (255 bytes)");
+        }
+        for (field, name) in [
+            ("rpc_exchange", &self.rpc_exchange),
+            ("events_exchange", &self.events_exchange),
+            ("dl_exchange", &self.dl_exchange),
+        ] {
+            if name.is_empty() || name.len() > MAX_SHORT_STRING {
+                return bad(field, "must be 1 to 255 bytes");
+            }
+        }
+        if self.event_bindings.iter().any(|b| b.is_empty() || b.len() > MAX_SHORT_STRING) {
+            return bad("event_bindings", "every pattern must be 1 to 255 bytes");
+        }
+        if self.request_ttl < Duration::from_millis(1) || self.request_ttl.as_millis() > u128::from(u32::MAX) {
+            return bad("request_ttl", "must be between 1 ms and about 49 days");
+        }
+        if self.prefetch == 0 {
+            return bad("prefetch", "must be at least 1 (0 would mean unlimited)");
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
+            return bad("reconnect_min", "must be positive and not above reconnect_max");
+        }
+        if self.connect_timeout.is_zero() {
+            return bad("connect_timeout", "must be positive");
+        }
+        if self.heartbeat.as_secs() > u64::from(u16::MAX) {
+            return bad("heartbeat", "must fit in 16 bits of seconds");
+        }
+        for (field, value) in [
+            ("inbound_capacity", self.inbound_capacity),
+            ("publish_queue_capacity", self.publish_queue_capacity),
+            ("max_body_bytes", self.max_body_bytes),
+            ("max_inbound_body_bytes", self.max_inbound_body_bytes),
+            ("max_trace_id_len", self.max_trace_id_len),
+            ("max_json_depth", self.max_json_depth),
+            ("describe_cache_capacity", self.describe_cache_capacity),
+        ] {
+            if value == 0 {
+                return bad(field, "must be at least 1");
+            }
+        }
+        if self.max_json_depth > 127 {
+            return bad("max_json_depth", "must be at most 127 (serde_json's own limit)");
+        }
+        for (field, value) in [
+            ("publish_timeout", self.publish_timeout),
+            ("describe_timeout", self.describe_timeout),
+            ("core_reply_timeout", self.core_reply_timeout),
+        ] {
+            if value.is_zero() {
+                return bad(field, "must be positive");
+            }
+        }
+        if self.events_queue_max_length == 0 {
+            return bad("events_queue_max_length", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The parsed URL with the heartbeat default applied.
+    pub(crate) fn parse_uri(&self) -> Result<AMQPUri, AmqpMeshError> {
+        let mut uri: AMQPUri = self.url.parse().map_err(|reason: String| {
+            // Some parse errors quote the whole URL, password included.
+            let reason = if reason.contains(&self.url) { "not a valid amqp url".to_owned() } else { reason };
+            AmqpMeshError::Config { field: "url", reason }
+        })?;
+        if uri.query.heartbeat.is_none() {
+            // Checked in `validate`; saturate rather than panic if called before it.
+            uri.query.heartbeat = Some(u16::try_from(self.heartbeat.as_secs()).unwrap_or(u16::MAX));
+        }
+        Ok(uri)
+    }
+}
+
+/// Removes the password from an `amqp://user:password@host/…` URL.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(at) => rest.split_at(at),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(config: &AmqpMeshConfig) -> Option<&'static str> {
+        match config.validate() {
+            Ok(()) => None,
+            Err(AmqpMeshError::Config { field, .. }) => Some(field),
+            Err(other) => panic!("unexpected error {other}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_named_like_nuropb() {
+        let c = AmqpMeshConfig { instance_id: "i1".into(), ..AmqpMeshConfig::default() };
+        assert_eq!(field_of(&c), None);
+        assert_eq!(c.response_queue(), "nuropb-nuropb-gateway-i1-rq");
+        assert_eq!(c.events_queue(), "nuropb-nuropb-gateway-i1-eq");
+        assert_eq!(c.service_queue(), "nuropb-nuropb-gateway-sq");
+        assert_eq!(c.control_topic(), "nuropb-gateway.nuropb-gateway.control");
+        assert_eq!(AmqpMeshConfig::default().instance_id.len(), 32);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let check = |f: fn(&mut AmqpMeshConfig), expected: &str| {
+            let mut c = AmqpMeshConfig::default();
+            f(&mut c);
+            assert_eq!(field_of(&c), Some(expected));
+        };
+        check(|c| c.url = "http://x".into(), "url");
+        check(|c| c.url = "not a url".into(), "url");
+        check(|c| c.service_name = String::new(), "service_name");
+        check(|c| c.service_name = "a.b".into(), "service_name");
+        check(|c| c.service_name = "x".repeat(250), "service_name");
+        check(|c| c.instance_id = "a b".into(), "instance_id");
+        check(|c| c.rpc_exchange = String::new(), "rpc_exchange");
+        check(|c| c.event_bindings = vec![String::new()], "event_bindings");
+        check(|c| c.request_ttl = Duration::ZERO, "request_ttl");
+        check(|c| c.prefetch = 0, "prefetch");
+        check(|c| c.reconnect_min = Duration::from_secs(60), "reconnect_min");
+        check(|c| c.inbound_capacity = 0, "inbound_capacity");
+        check(|c| c.max_json_depth = 500, "max_json_depth");
+        check(|c| c.publish_timeout = Duration::ZERO, "publish_timeout");
+    }
+
+    #[test]
+    fn heartbeat_from_config_unless_in_url() {
+        let mut c = AmqpMeshConfig::new("amqp://127.0.0.1:5672/mesh");
+        assert_eq!(c.parse_uri().expect("uri").query.heartbeat, Some(20));
+        c.url = "amqp://127.0.0.1:5672/mesh?heartbeat=7".into();
+        assert_eq!(c.parse_uri().expect("uri").query.heartbeat, Some(7));
+        assert_eq!(c.parse_uri().expect("uri").vhost, "mesh");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        let check = |url: &str, expected: &str| assert_eq!(redact_url(url), expected);
+        check("amqp://guest:secret@host:5672/vh", "amqp://guest:***@host:5672/vh");
+        check("amqps://u:p@h", "amqps://u:***@h");
+        check("amqp://host/vh", "amqp://host/vh");
+        check("garbage", "garbage");
+    }
+}

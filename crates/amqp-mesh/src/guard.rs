@@ -1,0 +1,155 @@
+//! The validation guard every outgoing call and event passes before anything is published.
+//! Defence in depth: the client frame validator runs earlier, but a message that a Python
+//! service cannot decode kills or wedges it (spec §7.5), so the adapter checks again.
+//! By construction the adapter always writes all five headers, protocol `0.1.1`, a
+//! `request`/`command`/`event` type and a JSON object body; what is left to check is the
+//! caller-supplied content.
+
+use handler_core::{MeshCall, MeshError, MeshEvent};
+use serde_json::Value;
+
+use crate::config::MAX_SHORT_STRING;
+
+/// The limits the guard enforces (copied from the config).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_body_bytes: usize,
+    pub(crate) max_trace_id_len: usize,
+    pub(crate) max_json_depth: usize,
+}
+
+/// Checks a request or command before it is serialized.
+pub(crate) fn check_call(call: &MeshCall, limits: Limits) -> Result<(), MeshError> {
+    check_name("service", &call.service)?;
+    check_name("method", &call.method)?;
+    check_trace_id(call.trace_id.as_str(), limits)?;
+    // The body is one object around `params` and `context`.
+    let depth = 1 + object_depth(&call.params).max(object_depth(&call.context));
+    check_depth(depth, limits)
+}
+
+/// Checks an event before it is serialized.
+pub(crate) fn check_event(event: &MeshEvent, limits: Limits) -> Result<(), MeshError> {
+    check_name("topic", &event.topic)?;
+    if let Some(trace_id) = &event.trace_id {
+        check_trace_id(trace_id.as_str(), limits)?;
+    }
+    let depth = 1 + json_depth(&event.event).max(object_depth(&event.context));
+    check_depth(depth, limits)
+}
+
+/// Checks the serialized (and, if so, encrypted) body size.
+pub(crate) fn check_body_size(len: usize, limits: Limits) -> Result<(), MeshError> {
+    if len > limits.max_body_bytes {
+        return Err(MeshError::Rejected(format!(
+            "message body of {len} bytes exceeds the limit of {} bytes",
+            limits.max_body_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Service names, methods and topics become AMQP short strings (routing keys).
+fn check_name(what: &str, value: &str) -> Result<(), MeshError> {
+    if value.is_empty() {
+        return Err(MeshError::Rejected(format!("{what} must not be empty")));
+    }
+    if value.len() > MAX_SHORT_STRING {
+        return Err(MeshError::Rejected(format!("{what} is longer than {MAX_SHORT_STRING} bytes")));
+    }
+    Ok(())
+}
+
+fn check_trace_id(trace_id: &str, limits: Limits) -> Result<(), MeshError> {
+    if trace_id.len() > limits.max_trace_id_len {
+        return Err(MeshError::Rejected(format!(
+            "trace_id is longer than {} bytes",
+            limits.max_trace_id_len
+        )));
+    }
+    Ok(())
+}
+
+fn check_depth(depth: usize, limits: Limits) -> Result<(), MeshError> {
+    if depth > limits.max_json_depth {
+        return Err(MeshError::Rejected(format!(
+            "message nests deeper than {} levels",
+            limits.max_json_depth
+        )));
+    }
+    Ok(())
+}
+
+fn object_depth(object: &serde_json::Map<String, Value>) -> usize {
+    1 + object.values().map(json_depth).max().unwrap_or(0)
+}
+
+/// Nesting depth of arrays and objects (a scalar is 0, `{}` and `[]` are 1). Iterative,
+/// so a hostile document cannot overflow the stack here.
+pub(crate) fn json_depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((value, depth)) = stack.pop() {
+        match value {
+            Value::Array(items) => {
+                deepest = deepest.max(depth + 1);
+                stack.extend(items.iter().map(|v| (v, depth + 1)));
+            }
+            Value::Object(map) => {
+                deepest = deepest.max(depth + 1);
+                stack.extend(map.values().map(|v| (v, depth + 1)));
+            }
+            Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
+        }
+    }
+    deepest
+}
+
+#[cfg(test)]
+mod tests {
+    use handler_core::TraceId;
+    use serde_json::json;
+
+    use super::*;
+
+    const LIMITS: Limits = Limits { max_body_bytes: 100, max_trace_id_len: 8, max_json_depth: 4 };
+
+    fn call(service: &str, method: &str, params: Value, trace: &str) -> MeshCall {
+        MeshCall {
+            service: service.into(),
+            method: method.into(),
+            params: params.as_object().cloned().unwrap_or_default(),
+            context: Default::default(),
+            trace_id: TraceId::new(trace),
+        }
+    }
+
+    #[test]
+    fn depth() {
+        let check = |v: Value, expected: usize| assert_eq!(json_depth(&v), expected, "{v}");
+        check(json!(1), 0);
+        check(json!({}), 1);
+        check(json!([[]]), 2);
+        check(json!({"a": [1, {"b": null}]}), 3);
+    }
+
+    #[test]
+    fn calls() {
+        let check = |c: MeshCall, ok: bool| assert_eq!(check_call(&c, LIMITS).is_ok(), ok, "{c:?}");
+        check(call("svc", "m", json!({"a": [1]}), "t"), true);
+        check(call("", "m", json!({}), "t"), false);
+        check(call("svc", "", json!({}), "t"), false);
+        check(call(&"s".repeat(256), "m", json!({}), "t"), false);
+        check(call("svc", &"m".repeat(255), json!({}), "t"), true);
+        check(call("svc", "m", json!({}), "123456789"), false);
+        // body → params → a → [ → [ is five levels.
+        check(call("svc", "m", json!({"a": [[1]]}), "t"), false);
+        check(call("svc", "m", json!({"a": [1]}), "t"), true);
+    }
+
+    #[test]
+    fn sizes() {
+        assert!(check_body_size(100, LIMITS).is_ok());
+        assert!(matches!(check_body_size(101, LIMITS), Err(MeshError::Rejected(_))));
+    }
+}

@@ -1,0 +1,301 @@
+//! One connection to the broker: connecting, declaring the topology, and starting the
+//! per-connection tasks. Everything lapin-specific about connections lives here.
+//!
+//! Topology (declared on every connect, all idempotent):
+//! - exchanges exactly as `configure_nuropb_rmq` makes them (§2.2): rpc direct, events
+//!   topic, dead-letter fanout; durable, not auto-delete, not internal, no arguments;
+//! - `nuropb-<svc>-<instance>-rq`: the response queue (§2.3), non-durable, auto-delete,
+//!   consumed with auto-ack by an exclusive consumer;
+//! - `nuropb-<svc>-sq`: the gateway's service queue, durable with `x-dead-letter-exchange`
+//!   like every nuropb service's, bound to the rpc exchange under the service name,
+//!   consumed with manual ack;
+//! - `nuropb-<svc>-<instance>-eq`: this instance's events queue (exclusive, auto-delete,
+//!   `x-max-length`), bound to each `event_bindings` pattern and to the control topic, so
+//!   every instance receives every event (§13.9), consumed with manual ack.
+//!
+//! One channel carries everything, as in nuropb (§2.5); it runs in confirm mode (see
+//! `publisher`). A channel error therefore ends the whole connection, which the
+//! supervisor rebuilds: simpler than recovering channels one by one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use nuropb_wire::mesh::PROTOCOL_VERSION;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::error::{AmqpMeshError, BoxError};
+use crate::mesh::{LinkHandle, Shared};
+use crate::{consumers, publisher, service};
+
+/// How long closing a connection may take before we stop waiting for the broker.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the connection's tasks may take to stop once cancelled.
+const TASKS_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A live connection and its tasks.
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub(crate) handle: LinkHandle,
+    /// Cancelled when anything on this connection fails, or when it is closed.
+    pub(crate) token: CancellationToken,
+    connection: Connection,
+    tasks: TaskTracker,
+}
+
+impl Link {
+    /// Stops the tasks and closes the connection (the broker requeues unacked messages).
+    pub(crate) async fn close(self) {
+        self.token.cancel();
+        // Errors are expected here: the connection is often already gone.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.connection.close(200, "OK".into())).await;
+        if tokio::time::timeout(TASKS_STOP_TIMEOUT, self.tasks.wait()).await.is_err() {
+            warn!(generation = self.handle.generation, "connection tasks did not stop in time");
+        }
+    }
+}
+
+/// Connects and sets up connection `generation`.
+pub(crate) async fn establish(shared: &Arc<Shared>, generation: u64) -> Result<Link, AmqpMeshError> {
+    let config = &shared.config;
+    let url = config.redacted_url();
+    let uri = config.parse_uri()?;
+    let properties = ConnectionProperties::default()
+        .with_connection_name(format!("{}/{}", config.service_name, config.instance_id).into())
+        .with_client_property("product".into(), "nuropb-gateway".into())
+        .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into())
+        .with_client_property("protocol".into(), PROTOCOL_VERSION.into())
+        .with_client_property("name".into(), config.service_name.as_str().into())
+        .with_client_property("instance_id".into(), config.instance_id.as_str().into());
+    let timeout = config.connect_timeout;
+    let connection = match tokio::time::timeout(timeout, Connection::connect_uri(uri, properties)).await {
+        Err(_) => return Err(AmqpMeshError::ConnectTimeout { url, timeout }),
+        Ok(Err(error)) => return Err(connect_error(url, error)),
+        Ok(Ok(connection)) => connection,
+    };
+    // Listen before anything can fail, so no connection error goes unseen.
+    let events = Box::pin(connection.events_listener());
+    let setup = tokio::time::timeout(timeout, setup(shared, &connection, generation)).await;
+    let (handle, token, tasks) = match setup {
+        Ok(Ok(ready)) => ready.start(shared, events),
+        Ok(Err(error)) => {
+            // Best effort: the broker may already have closed it.
+            let _ = connection.close(200, "OK".into()).await;
+            return Err(error);
+        }
+        Err(_) => {
+            let _ = connection.close(200, "OK".into()).await;
+            return Err(AmqpMeshError::ConnectTimeout { url, timeout });
+        }
+    };
+    debug!(generation, "topology declared");
+    Ok(Link { handle, token, connection, tasks })
+}
+
+/// A connection with its topology declared and its consumers registered.
+struct Ready {
+    generation: u64,
+    channel: Channel,
+    responses: Consumer,
+    events: Consumer,
+    calls: Consumer,
+}
+
+async fn setup(shared: &Arc<Shared>, connection: &Connection, generation: u64) -> Result<Ready, AmqpMeshError> {
+    let config = &shared.config;
+    let channel = connection.create_channel().await.map_err(topology("open a channel"))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(topology("enable publisher confirms"))?;
+
+    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    for (name, kind) in [
+        (&config.rpc_exchange, ExchangeKind::Direct),
+        (&config.events_exchange, ExchangeKind::Topic),
+        (&config.dl_exchange, ExchangeKind::Fanout),
+    ] {
+        channel
+            .exchange_declare(name.as_str().into(), kind, durable, FieldTable::default())
+            .await
+            .map_err(topology(&format!("declare exchange {name}")))?;
+    }
+
+    // Declaration order of nuropb (§2.3): response queue, service queue, bindings, qos,
+    // consumers.
+    let response_queue = shared.response_queue.as_str();
+    channel
+        .queue_declare(
+            response_queue.into(),
+            QueueDeclareOptions { auto_delete: true, ..QueueDeclareOptions::default() },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(topology(&format!("declare queue {response_queue}")))?;
+
+    let service_queue = config.service_queue();
+    let mut dead_letter = FieldTable::default();
+    dead_letter.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(config.dl_exchange.as_str())),
+    );
+    channel
+        .queue_declare(
+            service_queue.as_str().into(),
+            QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() },
+            dead_letter,
+        )
+        .await
+        .map_err(topology(&format!("declare queue {service_queue}")))?;
+
+    let events_queue = config.events_queue();
+    let mut bounded = FieldTable::default();
+    bounded.insert("x-max-length".into(), AMQPValue::LongLongInt(i64::from(config.events_queue_max_length)));
+    channel
+        .queue_declare(
+            events_queue.as_str().into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
+            bounded,
+        )
+        .await
+        .map_err(topology(&format!("declare queue {events_queue}")))?;
+
+    channel
+        .queue_bind(
+            service_queue.as_str().into(),
+            config.rpc_exchange.as_str().into(),
+            config.service_name.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(topology(&format!("bind {service_queue}")))?;
+    for pattern in config.event_bindings.iter().chain(std::iter::once(&shared.control_topic)) {
+        channel
+            .queue_bind(
+                events_queue.as_str().into(),
+                config.events_exchange.as_str().into(),
+                pattern.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(topology(&format!("bind {events_queue} to {pattern}")))?;
+    }
+
+    // Per consumer (global = false): bounds each manual-ack consumer separately.
+    channel
+        .basic_qos(config.prefetch, BasicQosOptions { global: false })
+        .await
+        .map_err(topology("set prefetch"))?;
+
+    let consume = |queue: String, options: BasicConsumeOptions| {
+        let channel = channel.clone();
+        async move {
+            channel
+                .basic_consume(queue.as_str().into(), "".into(), options, FieldTable::default())
+                .await
+                .map_err(topology(&format!("consume {queue}")))
+        }
+    };
+    let responses = consume(
+        response_queue.to_owned(),
+        BasicConsumeOptions { no_ack: true, exclusive: true, ..BasicConsumeOptions::default() },
+    )
+    .await?;
+    let calls = consume(service_queue, BasicConsumeOptions::default()).await?;
+    let events = consume(events_queue, BasicConsumeOptions { exclusive: true, ..BasicConsumeOptions::default() }).await?;
+    Ok(Ready { generation, channel, responses, events, calls })
+}
+
+impl Ready {
+    /// Spawns the connection's tasks.
+    fn start(
+        self,
+        shared: &Arc<Shared>,
+        events: impl futures::Stream<Item = lapin::Event> + Send + Unpin + 'static,
+    ) -> (LinkHandle, CancellationToken, TaskTracker) {
+        let Ready { generation, channel, responses, events: event_deliveries, calls } = self;
+        let token = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let (publisher, publisher_task) =
+            publisher::channel(shared.config.publish_queue_capacity, Arc::clone(&shared.counters));
+        let handle = LinkHandle { generation, publisher };
+
+        tasks.spawn(
+            publisher_task
+                .run(channel, token.clone())
+                .instrument(info_span!("amqp.publisher", generation)),
+        );
+        tasks.spawn(watch_connection(events, token.clone()).instrument(info_span!("amqp.connection", generation)));
+        tasks.spawn(
+            consumers::responses(Arc::clone(shared), responses, token.clone())
+                .instrument(info_span!("amqp.responses", generation)),
+        );
+        tasks.spawn(
+            consumers::events(Arc::clone(shared), event_deliveries, token.clone())
+                .instrument(info_span!("amqp.events", generation)),
+        );
+        tasks.spawn(
+            service::run(Arc::clone(shared), calls, handle.clone(), token.clone())
+                .instrument(info_span!("amqp.service", generation)),
+        );
+        tasks.close();
+        (handle, token, tasks)
+    }
+}
+
+/// Cancels `link` on the first connection error (lapin 4 reports them on an events
+/// stream instead of the callbacks of lapin 2).
+async fn watch_connection(
+    mut events: impl futures::Stream<Item = lapin::Event> + Send + Unpin,
+    link: CancellationToken,
+) {
+    loop {
+        // Cancellation safety: `next` on the flume-backed stream loses no event.
+        let event = tokio::select! {
+            () = link.cancelled() => return,
+            event = events.next() => event,
+        };
+        match event {
+            Some(lapin::Event::Error(error)) => {
+                warn!(error = %error, "mesh connection error");
+                link.cancel();
+                return;
+            }
+            Some(lapin::Event::ConnectionBlocked(reason)) => {
+                warn!(reason, "broker blocked publishing (resource alarm)");
+            }
+            Some(lapin::Event::ConnectionUnblocked) => debug!("broker unblocked publishing"),
+            Some(other) => debug!(event = ?other, "connection event"),
+            None => {
+                link.cancel();
+                return;
+            }
+        }
+    }
+}
+
+fn topology(what: &str) -> impl FnOnce(lapin::Error) -> AmqpMeshError + '_ {
+    move |source| AmqpMeshError::Topology { what: what.to_owned(), source: Box::new(source) }
+}
+
+/// Refusals (bad credentials, unknown vhost, no permission) are told apart from network
+/// failures, because retrying them without a config change is pointless.
+fn connect_error(url: String, error: lapin::Error) -> AmqpMeshError {
+    let refused = match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => matches!(amqp.get_id(), 403 | 530),
+        lapin::ErrorKind::AuthProviderError(_) => true,
+        _ => false,
+    };
+    let source: BoxError = Box::new(error);
+    if refused { AmqpMeshError::Refused { url, source } } else { AmqpMeshError::Connect { url, source } }
+}

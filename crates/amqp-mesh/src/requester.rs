@@ -1,0 +1,335 @@
+//! The requester side (spec §13 items 1–8): requests with their responses, commands,
+//! events, and the describe lookups that decide encryption.
+
+use handler_core::{MeshCall, MeshError, MeshEvent, MeshResponse};
+use mesh_crypto::{ServicePublicKey, SessionKey};
+use nuropb_wire::mesh::{
+    DESCRIBE_METHOD, EventBody, MeshHeaders, MessageType, RequestBody, error_name,
+};
+use nuropb_wire::pyjson::{from_python_json, to_python_json};
+use nuropb_wire::{ErrorObject, JsonObject};
+use serde_json::Value;
+use tracing::{debug, warn};
+
+use crate::config::EncryptionMode;
+use crate::describe::{Described, parse_description};
+use crate::envelope;
+use crate::guard;
+use crate::mesh::{LinkHandle, Shared};
+use crate::pending::RawResponse;
+use crate::publisher::{Outgoing, Published};
+use crate::stats::bump;
+
+/// A fresh correlation id: 32 lowercase hex, like nuropb's `uuid4().hex`.
+pub(crate) fn new_correlation_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+impl Shared {
+    /// A request, answered by its first response. The caller (`AmqpMesh::request`) bounds
+    /// it with the request timeout; every await here is cancellation safe.
+    pub(crate) async fn request(&self, call: MeshCall) -> Result<MeshResponse, MeshError> {
+        self.guard_call(&call)?;
+        let link = self.link()?;
+        let key = self.encryption_key(&link, &call).await?;
+        self.exchange(&link, &call, key.as_ref()).await
+    }
+
+    /// A command: published like a request, never answered.
+    pub(crate) async fn command(&self, call: MeshCall) -> Result<(), MeshError> {
+        self.guard_call(&call)?;
+        let link = self.link()?;
+        let key = self.encryption_key(&link, &call).await?;
+        let correlation_id = new_correlation_id();
+        let (body, _session) = self.request_body(MessageType::Command, &call, &correlation_id, key.as_ref())?;
+        let message = self.request_message(MessageType::Command, &call, &correlation_id, body, key.is_some())?;
+        match self.publish_bounded(&link, message).await? {
+            Published::Routed => Ok(()),
+            Published::Returned => Err(not_delivered(&call)),
+        }
+    }
+
+    /// An event on the events exchange (§5.3): not mandatory, no expiration.
+    pub(crate) async fn publish_event(&self, event: MeshEvent) -> Result<(), MeshError> {
+        guard::check_event(&event, self.limits).inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
+        let link = self.link()?;
+        let target = event
+            .target
+            .map(|ids| ids.into_iter().map(|u| Value::String(u.into_string())).collect());
+        let trace_id = event.trace_id.map(|t| t.into_string());
+        let body = EventBody {
+            tag: MessageType::Event,
+            topic: event.topic,
+            event: event.event,
+            context: event.context,
+            trace_id,
+            correlation_id: Some(new_correlation_id()),
+            target,
+        };
+        let message = self.event_message(&body)?;
+        self.publish_bounded(&link, message).await.map(|_| ())
+    }
+
+    /// Builds a §5.3 event ready to publish; the guard's size limit applies.
+    pub(crate) fn event_message(&self, body: &EventBody) -> Result<Outgoing, MeshError> {
+        let json = to_python_json(body).map_err(|e| MeshError::Rejected(format!("event cannot be encoded: {e}")))?;
+        guard::check_body_size(json.len(), self.limits).inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
+        let headers = MeshHeaders::outgoing(MessageType::Event, body.trace_id.clone(), false);
+        let correlation_id = body.correlation_id.clone().unwrap_or_default();
+        let properties = envelope::properties(&headers, &correlation_id, "", None).map_err(MeshError::Rejected)?;
+        Ok(Outgoing {
+            exchange: self.config.events_exchange.clone(),
+            routing_key: body.topic.clone(),
+            mandatory: false,
+            body: json,
+            properties,
+        })
+    }
+
+    /// Publishes and waits for the broker at most `publish_timeout`.
+    pub(crate) async fn publish_bounded(&self, link: &LinkHandle, message: Outgoing) -> Result<Published, MeshError> {
+        let timeout = self.config.publish_timeout;
+        tokio::time::timeout(timeout, link.publisher.publish(message))
+            .await
+            .unwrap_or_else(|_| Err(MeshError::Unavailable(format!("publish not confirmed within {timeout:?}"))))
+    }
+
+    fn guard_call(&self, call: &MeshCall) -> Result<(), MeshError> {
+        guard::check_call(call, self.limits).inspect_err(|e| {
+            bump(&self.counters.rejected_by_guard);
+            debug!(service = %call.service, method = %call.method, trace_id = %call.trace_id, error = %e, "call rejected before publishing");
+        })
+    }
+
+    /// Publishes one request and waits for its first response. Used for client calls and
+    /// for describe lookups (which never encrypt, so this does not recurse).
+    async fn exchange(
+        &self,
+        link: &LinkHandle,
+        call: &MeshCall,
+        key: Option<&ServicePublicKey>,
+    ) -> Result<MeshResponse, MeshError> {
+        let correlation_id = new_correlation_id();
+        let (body, session) = self.request_body(MessageType::Request, call, &correlation_id, key)?;
+        let message = self.request_message(MessageType::Request, call, &correlation_id, body, key.is_some())?;
+        // Registered before publishing so that even an instant response finds its caller;
+        // the guard removes the entry however this future ends.
+        let (_pending, response) = self.pending.register(correlation_id.clone(), link.generation)?;
+        match link.publisher.publish(message).await? {
+            Published::Routed => {}
+            Published::Returned => {
+                debug!(service = %call.service, method = %call.method, trace_id = %call.trace_id, "request returned: no queue bound for the service");
+                return Err(not_delivered(call));
+            }
+        }
+        let raw = response.await.unwrap_or_else(|_| Err(MeshError::Unavailable("connection lost".into())))?;
+        Ok(self.decode_response(raw, session.as_ref(), call))
+    }
+
+    /// The serialized (and possibly encrypted) body, and the session key to read the
+    /// response with.
+    fn request_body(
+        &self,
+        tag: MessageType,
+        call: &MeshCall,
+        correlation_id: &str,
+        key: Option<&ServicePublicKey>,
+    ) -> Result<(Vec<u8>, Option<SessionKey>), MeshError> {
+        let body = RequestBody {
+            tag,
+            service: call.service.clone(),
+            method: call.method.clone(),
+            params: call.params.clone(),
+            correlation_id: correlation_id.to_owned(),
+            context: call.context.clone(),
+            trace_id: Some(call.trace_id.as_str().to_owned()),
+        };
+        let json = to_python_json(&body).map_err(|e| MeshError::Rejected(format!("call cannot be encoded: {e}")))?;
+        let reject = |e| {
+            bump(&self.counters.rejected_by_guard);
+            e
+        };
+        guard::check_body_size(json.len(), self.limits).map_err(reject)?;
+        let Some(key) = key else {
+            return Ok((json, None));
+        };
+        let (sealed, session) = mesh_crypto::encrypt_request(key, &json)
+            .map_err(|e| MeshError::Encryption(format!("cannot encrypt the request: {e}")))?;
+        guard::check_body_size(sealed.len(), self.limits).map_err(reject)?;
+        Ok((sealed, Some(session)))
+    }
+
+    fn request_message(
+        &self,
+        tag: MessageType,
+        call: &MeshCall,
+        correlation_id: &str,
+        body: Vec<u8>,
+        encrypted: bool,
+    ) -> Result<Outgoing, MeshError> {
+        let headers = MeshHeaders::outgoing(tag, Some(call.trace_id.as_str().to_owned()), encrypted);
+        let properties = envelope::properties(
+            &headers,
+            correlation_id,
+            &self.response_queue,
+            Some(self.config.request_ttl),
+        )
+        .map_err(MeshError::Rejected)?;
+        Ok(Outgoing {
+            exchange: self.config.rpc_exchange.clone(),
+            routing_key: call.service.clone(),
+            mandatory: true,
+            body,
+            properties,
+        })
+    }
+
+    /// Turns a raw response into the service's answer. A response that cannot be read
+    /// becomes an error answer rather than a hang: the service did answer, badly.
+    fn decode_response(&self, raw: RawResponse, session: Option<&SessionKey>, call: &MeshCall) -> MeshResponse {
+        let malformed = |why: &str| {
+            bump(&self.counters.garbage_rejected);
+            warn!(service = %call.service, method = %call.method, trace_id = %call.trace_id, why, "malformed response");
+            MeshResponse {
+                result: Value::Null,
+                error: Some(ErrorObject::new(
+                    error_name::TRANSPORT,
+                    format!("malformed response from {}.{}: {why}", call.service, call.method),
+                )),
+            }
+        };
+        let plain = match (raw.encrypted, session) {
+            (false, _) => raw.body,
+            (true, Some(session)) => match mesh_crypto::decrypt_response(session, &raw.body) {
+                Ok(plain) => plain,
+                Err(_) => return malformed("cannot decrypt the response"),
+            },
+            (true, None) => return malformed("encrypted response to a plaintext request"),
+        };
+        match from_python_json::<Value>(&plain) {
+            Ok(Value::Object(body)) => response_from_body(body),
+            Ok(_) => malformed("body is not a JSON object"),
+            Err(_) => malformed("body is not JSON"),
+        }
+    }
+
+    /// The public key to encrypt `call` with, if its method requires encryption (§10).
+    async fn encryption_key(
+        &self,
+        link: &LinkHandle,
+        call: &MeshCall,
+    ) -> Result<Option<ServicePublicKey>, MeshError> {
+        if self.config.encryption == EncryptionMode::Off || call.method == DESCRIBE_METHOD {
+            return Ok(None);
+        }
+        let described = self.describe.get(&call.service, || self.fetch_description(link, &call.service)).await;
+        let crypto = match described {
+            Described::Known(crypto) => crypto,
+            Described::Unknown => return Ok(None),
+            Described::Failed(MeshError::NotDelivered { service, .. }) => {
+                return Err(MeshError::NotDelivered { service, method: call.method.clone() });
+            }
+            Described::Failed(other) => return Err(other),
+        };
+        if !crypto.encrypted_methods.contains(&call.method) {
+            return Ok(None);
+        }
+        // The service says the method requires encryption: never fall back to plaintext.
+        match &crypto.public_key {
+            Some(key) => Ok(Some(key.clone())),
+            None => Err(MeshError::Encryption(format!(
+                "{}.{} requires encryption but the service publishes no public key",
+                call.service, call.method
+            ))),
+        }
+    }
+
+    /// One `nuropb_describe` call as `RMQAPI.describe_service` makes it (§6.4): params
+    /// `{}`, context `{}`, a fresh trace id; bounded by `describe_timeout`.
+    async fn fetch_description(&self, link: &LinkHandle, service: &str) -> Described {
+        let call = MeshCall {
+            service: service.to_owned(),
+            method: DESCRIBE_METHOD.to_owned(),
+            params: JsonObject::new(),
+            context: JsonObject::new(),
+            trace_id: handler_core::TraceId::generate(),
+        };
+        let timeout = self.config.describe_timeout;
+        let outcome = tokio::time::timeout(timeout, self.exchange(link, &call, None)).await;
+        let unknown = |why: String| {
+            warn!(service, why, "service description unavailable; calls go out in plaintext for now");
+            Described::Unknown
+        };
+        match outcome {
+            Err(_) => unknown(format!("no answer within {timeout:?}")),
+            Ok(Err(error @ (MeshError::NotDelivered { .. } | MeshError::Unavailable(_)))) => Described::Failed(error),
+            Ok(Err(other)) => unknown(other.to_string()),
+            Ok(Ok(MeshResponse { error: Some(error), .. })) => unknown(format!("{}: {}", error.error, error.description)),
+            Ok(Ok(MeshResponse { result, error: None })) => match parse_description(&result) {
+                Ok(crypto) => Described::Known(std::sync::Arc::new(crypto)),
+                Err(why) => unknown(why),
+            },
+        }
+    }
+}
+
+/// The local answer to an unroutable call (§6.2).
+fn not_delivered(call: &MeshCall) -> MeshError {
+    MeshError::NotDelivered { service: call.service.clone(), method: call.method.clone() }
+}
+
+/// `result` and `error` of a response body, read leniently: nuropb always sends an
+/// `{"error", "description"}` object, but a foreign peer might not.
+fn response_from_body(mut body: JsonObject) -> MeshResponse {
+    let result = body.remove("result").unwrap_or(Value::Null);
+    let error = match body.remove("error") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(error)) => {
+            let text = |key: &str| match error.get(key) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) | None => String::new(),
+                Some(other) => other.to_string(),
+            };
+            let name = text("error");
+            Some(ErrorObject::new(if name.is_empty() { "NuropbException".to_owned() } else { name }, text("description")))
+        }
+        Some(Value::String(description)) => Some(ErrorObject::new("NuropbException", description)),
+        Some(other) => Some(ErrorObject::new("NuropbException", other.to_string())),
+    };
+    MeshResponse { result, error }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn body(v: Value) -> JsonObject {
+        v.as_object().cloned().expect("object")
+    }
+
+    #[test]
+    fn reads_responses_like_nuropb() {
+        let check = |v: Value, result: Value, error: Option<(&str, &str)>| {
+            let r = response_from_body(body(v));
+            assert_eq!(r.result, result);
+            assert_eq!(r.error, error.map(|(e, d)| ErrorObject::new(e, d)));
+        };
+        check(json!({"tag": "response", "result": 5, "error": null}), json!(5), None);
+        check(
+            json!({"result": null, "error": {"error": "NuropbHandlingError", "description": "Unknown method x"}}),
+            Value::Null,
+            Some(("NuropbHandlingError", "Unknown method x")),
+        );
+        check(json!({"error": "boom"}), Value::Null, Some(("NuropbException", "boom")));
+        check(json!({"error": {"description": 3}}), Value::Null, Some(("NuropbException", "3")));
+    }
+
+    #[test]
+    fn correlation_ids_are_uuid_hex() {
+        let id = new_correlation_id();
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    }
+}

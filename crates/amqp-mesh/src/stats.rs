@@ -1,0 +1,83 @@
+//! Counters of what the adapter did, kept as relaxed atomics (each is an independent
+//! figure; nobody needs a consistent cut across them) and read as an [`AmqpStats`] snapshot.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of the adapter's counters. Counters only grow; `connected` and
+/// `pending_requests` are current values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AmqpStats {
+    /// Whether the connection and topology are up right now.
+    pub connected: bool,
+    /// Requests waiting for a response right now.
+    pub pending_requests: usize,
+    /// Messages the broker confirmed (requests, commands, events, responses).
+    pub published: u64,
+    /// Publishes that failed (channel down, broker nack, publish queue full, timeout).
+    pub publish_failures: u64,
+    /// Calls refused by the validation guard before anything was published.
+    pub rejected_by_guard: u64,
+    /// Responses handed to a waiting request (the first one per correlation id).
+    pub responses: u64,
+    /// Later responses for a correlation id that was already answered (§6.1).
+    pub duplicates_dropped: u64,
+    /// Responses nobody waited for (timed out, cancelled, or never ours).
+    pub strays_dropped: u64,
+    /// Requests and commands the broker returned as unroutable (`basic.return`).
+    pub returned: u64,
+    /// Malformed deliveries on any of our queues (bad headers, wrong type, not JSON, too
+    /// big), dropped or rejected without requeue.
+    pub garbage_rejected: u64,
+    /// Events forwarded to the core.
+    pub events_received: u64,
+    /// Control operations forwarded to the core.
+    pub controls_received: u64,
+    /// Requests and commands handled on the gateway's service queue.
+    pub service_calls: u64,
+    /// Successful reconnects after a lost connection.
+    pub reconnects: u64,
+}
+
+/// The live counters behind [`AmqpStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) published: AtomicU64,
+    pub(crate) publish_failures: AtomicU64,
+    pub(crate) rejected_by_guard: AtomicU64,
+    pub(crate) responses: AtomicU64,
+    pub(crate) duplicates_dropped: AtomicU64,
+    pub(crate) strays_dropped: AtomicU64,
+    pub(crate) returned: AtomicU64,
+    pub(crate) garbage_rejected: AtomicU64,
+    pub(crate) events_received: AtomicU64,
+    pub(crate) controls_received: AtomicU64,
+    pub(crate) service_calls: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
+}
+
+/// Adds one to a counter.
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self, connected: bool, pending_requests: usize) -> AmqpStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        AmqpStats {
+            connected,
+            pending_requests,
+            published: get(&self.published),
+            publish_failures: get(&self.publish_failures),
+            rejected_by_guard: get(&self.rejected_by_guard),
+            responses: get(&self.responses),
+            duplicates_dropped: get(&self.duplicates_dropped),
+            strays_dropped: get(&self.strays_dropped),
+            returned: get(&self.returned),
+            garbage_rejected: get(&self.garbage_rejected),
+            events_received: get(&self.events_received),
+            controls_received: get(&self.controls_received),
+            service_calls: get(&self.service_calls),
+            reconnects: get(&self.reconnects),
+        }
+    }
+}

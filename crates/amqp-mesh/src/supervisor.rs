@@ -1,0 +1,120 @@
+//! The supervisor: keeps one connection up, fails pending requests the moment it is lost,
+//! reconnects with capped exponential backoff and jitter, and drains on shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use handler_core::MeshError;
+use rand::Rng;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::link::{self, Link};
+use crate::mesh::Shared;
+use crate::stats::bump;
+
+/// Runs until shutdown, starting with the connection `start` made.
+pub(crate) async fn run(shared: Arc<Shared>, first: Link) {
+    let mut current = Some(first);
+    let mut generation = current.as_ref().map_or(1, |l| l.handle.generation);
+    let mut failures: u32 = 0;
+    loop {
+        if let Some(link) = current.take() {
+            shared.state.send_replace(Some(link.handle.clone()));
+            info!(generation, "mesh connected");
+            // Cancellation safety: both branches are plain notifications.
+            let shutting_down = tokio::select! {
+                () = link.token.cancelled() => false,
+                () = shared.shutdown.cancelled() => true,
+            };
+            if shutting_down {
+                // New calls are refused from here on (`Shared::link`); let those in flight
+                // receive their responses while the consumers still run.
+                drain(&shared).await;
+            } else {
+                warn!(generation, "mesh connection lost");
+            }
+            shared.state.send_replace(None);
+            let (through, why) = if shutting_down {
+                (u64::MAX, "shutting down")
+            } else {
+                (generation, "connection lost")
+            };
+            shared.pending.fail_through(through, &MeshError::Unavailable(why.into()));
+            link.close().await;
+        }
+        if shared.shutdown.is_cancelled() {
+            break;
+        }
+        let delay = backoff(failures, shared.config.reconnect_min, shared.config.reconnect_max);
+        failures = failures.saturating_add(1);
+        // Cancellation safety: the sleep and the establish future own nothing that must
+        // survive; a half-made connection is closed when dropped.
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shared.shutdown.cancelled() => break,
+        }
+        generation += 1;
+        let attempt = tokio::select! {
+            attempt = link::establish(&shared, generation) => attempt,
+            () = shared.shutdown.cancelled() => break,
+        };
+        match attempt {
+            Ok(link) => {
+                bump(&shared.counters.reconnects);
+                failures = 0;
+                current = Some(link);
+            }
+            Err(error) => warn!(error = %error, attempt = failures, next_delay_ms = backoff(failures, shared.config.reconnect_min, shared.config.reconnect_max).as_millis() as u64, "mesh reconnect failed"),
+        }
+    }
+    shared.state.send_replace(None);
+    shared.pending.fail_through(u64::MAX, &MeshError::Unavailable("shutting down".into()));
+    info!("mesh stopped");
+}
+
+/// Waits until no request is pending, at most `drain_timeout`.
+async fn drain(shared: &Shared) {
+    let deadline = Instant::now() + shared.config.drain_timeout;
+    let pending = shared.pending.len();
+    if pending > 0 {
+        info!(pending, "draining pending requests");
+    }
+    // Polling is enough here: this runs once per process, for a few seconds at most.
+    while shared.pending.len() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The delay before reconnect attempt `failures` (0-based): `min · 2^failures`, capped at
+/// `max`, then jittered uniformly down to half of it so that many gateways cut off at once
+/// do not reconnect in lockstep.
+pub(crate) fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
+    let factor = 2u32.saturating_pow(failures.min(31));
+    let ceiling = min.saturating_mul(factor).min(max);
+    let floor = ceiling / 2;
+    let jitter = rand::thread_rng().gen_range(0..=(ceiling - floor).as_millis() as u64);
+    floor + Duration::from_millis(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_secs(10);
+        let within = |failures: u32, lo: u64, hi: u64| {
+            for _ in 0..50 {
+                let d = backoff(failures, min, max).as_millis() as u64;
+                assert!((lo..=hi).contains(&d), "failures {failures}: {d} ms not in {lo}..={hi}");
+            }
+        };
+        within(0, 50, 100);
+        within(1, 100, 200);
+        within(3, 400, 800);
+        within(7, 5_000, 10_000);
+        within(40, 5_000, 10_000);
+    }
+}

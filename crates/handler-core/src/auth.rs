@@ -1,0 +1,450 @@
+//! Authorization: the `Authenticator` port and its JWT implementation. A token is checked
+//! once, at the WebSocket upgrade; the resulting [`Identity`] lives with the session.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+use crate::ids::UserId;
+
+/// Who a session belongs to.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: UserId,
+    pub username: String,
+    /// The raw bearer token, forwarded to services as `Authorization: Bearer <token>`.
+    pub token: String,
+}
+
+impl fmt::Debug for Identity {
+    // The token is a credential: never print it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("user_id", &self.user_id)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a token was refused. Clients only ever see "unauthorized"; the detail is for logs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no credentials")]
+    Missing,
+    #[error("token expired")]
+    Expired,
+    #[error("token not yet valid")]
+    NotYetValid,
+    #[error("invalid token signature")]
+    BadSignature,
+    #[error("token algorithm not allowed")]
+    AlgorithmNotAllowed,
+    #[error("wrong token audience")]
+    WrongAudience,
+    #[error("wrong token issuer")]
+    WrongIssuer,
+    #[error("token has no usable subject")]
+    MissingSubject,
+    #[error("malformed token: {0}")]
+    Malformed(String),
+}
+
+/// Checks a bearer token and says who it belongs to. Called on the upgrade path, so it must
+/// not block for long (no network).
+#[cfg_attr(any(test, feature = "test-util"), mockall::automock)]
+pub trait Authenticator: Send + Sync + 'static {
+    fn authenticate(&self, token: &str) -> Result<Identity, AuthError>;
+}
+
+/// The key that verifies tokens.
+#[derive(Clone)]
+pub enum JwtKey {
+    /// HS256 shared secret.
+    Hs256Secret(Vec<u8>),
+    /// RS256 public key, PEM.
+    Rs256PublicPem(String),
+    /// ES256 public key, PEM.
+    Es256PublicPem(String),
+}
+
+impl fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JwtKey::Hs256Secret(_) => f.write_str("Hs256Secret(..)"),
+            JwtKey::Rs256PublicPem(_) => f.write_str("Rs256PublicPem(..)"),
+            JwtKey::Es256PublicPem(_) => f.write_str("Es256PublicPem(..)"),
+        }
+    }
+}
+
+/// JWT verification settings.
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub key: JwtKey,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Required `aud` (any of), when set.
+    pub audience: Option<Vec<String>>,
+    /// Claim holding the username (default `username`); `sub` is used when it is absent.
+    pub username_claim: String,
+    /// Clock skew tolerated on `exp`/`nbf`, in seconds (default 30).
+    pub leeway_secs: u64,
+}
+
+impl JwtConfig {
+    pub fn new(key: JwtKey) -> Self {
+        JwtConfig {
+            key,
+            issuer: None,
+            audience: None,
+            username_claim: "username".to_owned(),
+            leeway_secs: 30,
+        }
+    }
+}
+
+/// Invalid JWT configuration (bad PEM and the like).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid jwt key")]
+pub struct JwtConfigError(#[source] jsonwebtoken::errors::Error);
+
+/// Verifies JWTs: signature with exactly one algorithm, `exp` (required), `nbf`, and `iss`/`aud`
+/// when configured. `sub` becomes the user id.
+pub struct JwtAuthenticator {
+    key: DecodingKey,
+    validation: Validation,
+    username_claim: String,
+}
+
+impl JwtAuthenticator {
+    pub fn new(config: JwtConfig) -> Result<Self, JwtConfigError> {
+        let (key, alg) = match &config.key {
+            JwtKey::Hs256Secret(s) => (DecodingKey::from_secret(s), Algorithm::HS256),
+            JwtKey::Rs256PublicPem(p) => {
+                (DecodingKey::from_rsa_pem(p.as_bytes()).map_err(JwtConfigError)?, Algorithm::RS256)
+            }
+            JwtKey::Es256PublicPem(p) => {
+                (DecodingKey::from_ec_pem(p.as_bytes()).map_err(JwtConfigError)?, Algorithm::ES256)
+            }
+        };
+        // One algorithm only: the key type decides it, never the token header (no alg
+        // confusion, and `none` is not an algorithm jsonwebtoken knows).
+        let mut validation = Validation::new(alg);
+        validation.leeway = config.leeway_secs;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        if let Some(iss) = &config.issuer {
+            validation.set_issuer(&[iss]);
+            validation.required_spec_claims.insert("iss".to_owned());
+        }
+        match &config.audience {
+            Some(aud) => {
+                validation.set_audience(aud);
+                validation.required_spec_claims.insert("aud".to_owned());
+            }
+            None => validation.validate_aud = false,
+        }
+        Ok(JwtAuthenticator { key, validation, username_claim: config.username_claim })
+    }
+}
+
+impl Authenticator for JwtAuthenticator {
+    fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        use jsonwebtoken::errors::ErrorKind;
+        let data = jsonwebtoken::decode::<serde_json::Map<String, Value>>(
+            token,
+            &self.key,
+            &self.validation,
+        )
+        .map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                AuthError::AlgorithmNotAllowed
+            }
+            ErrorKind::InvalidAudience => AuthError::WrongAudience,
+            ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+            ErrorKind::MissingRequiredClaim(c) if c == "sub" => AuthError::MissingSubject,
+            _ => AuthError::Malformed(e.to_string()),
+        })?;
+        let claims = data.claims;
+        let user_id = match claims.get("sub") {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 255 => s.clone(),
+            _ => return Err(AuthError::MissingSubject),
+        };
+        let username = match claims.get(&self.username_claim) {
+            Some(Value::String(s)) => s.clone(),
+            _ => user_id.clone(),
+        };
+        Ok(Identity { user_id: UserId::new(user_id), username, token: token.to_owned() })
+    }
+}
+
+/// Extracts the bearer token from an `Authorization` header or cookie value the way
+/// nuropb-gw 0.1.4 did: strip the first matching prefix among `Bearer :`, `Bearer:`,
+/// `Bearer `, `Bearer` (case-sensitive), then trim.
+pub fn strip_bearer(value: &str) -> &str {
+    let value = value.trim();
+    for prefix in ["Bearer :", "Bearer:", "Bearer ", "Bearer"] {
+        if let Some(rest) = value.strip_prefix(prefix) {
+            return rest.trim();
+        }
+    }
+    value
+}
+
+/// Allowed browser origins: a host matches an entry when it equals it or is a subdomain of
+/// it on a dot boundary (`app.example.com` matches `example.com`, `evil-example.com` does
+/// not). An entry with a port matches only that port. `*` allows every origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginPolicy {
+    allow_all: bool,
+    entries: HashSet<(String, Option<u16>)>,
+}
+
+impl OriginPolicy {
+    /// Builds the policy from entries such as `example.com`, `https://example.com`,
+    /// `localhost:3000` or `*`.
+    pub fn new<S: AsRef<str>>(entries: &[S]) -> Self {
+        let mut allow_all = false;
+        let mut set = HashSet::new();
+        for e in entries {
+            let e = e.as_ref().trim();
+            if e == "*" {
+                allow_all = true;
+            } else if let Some(hp) = parse_host_port(e) {
+                set.insert(hp);
+            }
+        }
+        OriginPolicy { allow_all, entries: set }
+    }
+
+    pub fn allow_all() -> Self {
+        OriginPolicy { allow_all: true, entries: HashSet::new() }
+    }
+
+    /// Whether an `Origin` header value is allowed. Requests without `Origin` are not
+    /// browser cross-origin requests and are decided by the caller (allowed, as nuropb-gw).
+    pub fn allows(&self, origin: &str) -> bool {
+        if self.allow_all {
+            return true;
+        }
+        let Some((host, port)) = parse_host_port(origin) else {
+            return false;
+        };
+        self.entries.iter().any(|(allowed, allowed_port)| {
+            let host_ok = host == *allowed
+                || (host.len() > allowed.len()
+                    && host.ends_with(allowed.as_str())
+                    && host.as_bytes()[host.len() - allowed.len() - 1] == b'.');
+            let port_ok = allowed_port.is_none() || *allowed_port == port;
+            host_ok && port_ok
+        })
+    }
+}
+
+/// `scheme://host:port/path` or `host:port` → (lowercase host, port).
+fn parse_host_port(s: &str) -> Option<(String, Option<u16>)> {
+    let rest = match s.find("://") {
+        Some(i) => &s[i + 3..],
+        None => s,
+    };
+    let authority = rest.split(['/', '?', '#']).next()?;
+    // Drop userinfo, which has no place in an Origin but must not fool the match.
+    let authority = authority.rsplit('@').next()?;
+    if authority.is_empty() {
+        return None;
+    }
+    let (host, port) = if let Some(stripped) = authority.strip_prefix('[') {
+        // IPv6 literal.
+        let end = stripped.find(']')?;
+        let host = &stripped[..end];
+        let port = stripped[end + 1..].strip_prefix(':').map(str::parse::<u16>);
+        (host.to_owned(), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), Some(p.parse::<u16>())),
+            None => (authority.to_owned(), None),
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(Ok(p)) => Some(p),
+        Some(Err(_)) => return None,
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host.is_empty() {
+        return None;
+    }
+    Some((host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::json;
+
+    const SECRET: &[u8] = b"test-secret-0123456789";
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    fn hs_token(claims: Value, secret: &[u8]) -> String {
+        jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(secret))
+            .expect("encode")
+    }
+
+    fn hs_auth(config: impl FnOnce(&mut JwtConfig)) -> JwtAuthenticator {
+        let mut c = JwtConfig::new(JwtKey::Hs256Secret(SECRET.to_vec()));
+        c.leeway_secs = 0;
+        config(&mut c);
+        JwtAuthenticator::new(c).expect("config")
+    }
+
+    #[test]
+    fn accepts_valid_hs256_and_maps_claims() {
+        let auth = hs_auth(|_| {});
+        let token = hs_token(json!({"sub": "alice-id", "username": "alice@example.com", "exp": now() + 60}), SECRET);
+        let id = auth.authenticate(&token).expect("valid");
+        assert_eq!(id.user_id, UserId::new("alice-id"));
+        assert_eq!(id.username, "alice@example.com");
+        assert_eq!(id.token, token);
+    }
+
+    #[test]
+    fn username_claim_is_configurable_and_falls_back_to_sub() {
+        let auth = hs_auth(|c| c.username_claim = "email".to_owned());
+        let t = hs_token(json!({"sub": "u1", "email": "u1@x", "exp": now() + 60}), SECRET);
+        assert_eq!(auth.authenticate(&t).expect("valid").username, "u1@x");
+        let t = hs_token(json!({"sub": "u1", "exp": now() + 60}), SECRET);
+        assert_eq!(auth.authenticate(&t).expect("valid").username, "u1");
+    }
+
+    #[test]
+    fn rejections() {
+        let auth = hs_auth(|c| {
+            c.audience = Some(vec!["gateway".to_owned()]);
+            c.issuer = Some("issuer-1".to_owned());
+        });
+        let good = json!({"sub": "u", "exp": now() + 60, "aud": "gateway", "iss": "issuer-1"});
+        assert!(auth.authenticate(&hs_token(good.clone(), SECRET)).is_ok());
+
+        let with = |k: &str, v: Value| {
+            let mut c = good.clone();
+            c[k] = v;
+            c
+        };
+        let without = |k: &str| {
+            let mut c = good.clone();
+            c.as_object_mut().expect("object").remove(k);
+            c
+        };
+        let cases: Vec<(&str, String, AuthError)> = vec![
+            ("expired", hs_token(with("exp", json!(now() - 120)), SECRET), AuthError::Expired),
+            (
+                "not yet valid",
+                hs_token(with("nbf", json!(now() + 3600)), SECRET),
+                AuthError::NotYetValid,
+            ),
+            ("wrong signature", hs_token(good.clone(), b"another-secret"), AuthError::BadSignature),
+            ("wrong audience", hs_token(with("aud", json!("other")), SECRET), AuthError::WrongAudience),
+            ("wrong issuer", hs_token(with("iss", json!("evil")), SECRET), AuthError::WrongIssuer),
+            ("no sub", hs_token(without("sub"), SECRET), AuthError::MissingSubject),
+            ("sub not a string", hs_token(with("sub", json!(42)), SECRET), AuthError::MissingSubject),
+        ];
+        for (name, token, expected) in cases {
+            assert_eq!(auth.authenticate(&token), Err(expected), "case {name}");
+        }
+        // No `exp` at all is refused: tokens must expire.
+        assert!(matches!(
+            auth.authenticate(&hs_token(without("exp"), SECRET)),
+            Err(AuthError::Malformed(_))
+        ));
+        assert!(matches!(auth.authenticate("not-a-jwt"), Err(AuthError::Malformed(_))));
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        let auth = hs_auth(|_| {});
+        use base64_like::encode_url;
+        let header = encode_url(br#"{"alg":"none","typ":"JWT"}"#);
+        let claims = encode_url(format!(r#"{{"sub":"u","exp":{}}}"#, now() + 60).as_bytes());
+        for token in [format!("{header}.{claims}."), format!("{header}.{claims}")] {
+            assert!(auth.authenticate(&token).is_err(), "alg none accepted: {token}");
+        }
+        // An HS384 token signed with the right secret is still refused (one algorithm only).
+        let t = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS384),
+            &json!({"sub": "u", "exp": now() + 60}),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .expect("encode");
+        assert_eq!(auth.authenticate(&t), Err(AuthError::AlgorithmNotAllowed));
+    }
+
+    /// Minimal URL-safe base64 without padding, so the test needs no extra crate.
+    mod base64_like {
+        pub fn encode_url(input: &[u8]) -> String {
+            const A: &[u8; 64] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+            let mut out = String::new();
+            for chunk in input.chunks(3) {
+                let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+                let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+                let chars = chunk.len() + 1;
+                for i in 0..chars {
+                    out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+                }
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn bearer_prefix_stripping_matches_nuropb_gw() {
+        for (input, expected) in [
+            ("Bearer abc", "abc"),
+            ("Bearer:abc", "abc"),
+            ("Bearer :abc", "abc"),
+            ("Bearerabc", "abc"),
+            ("  Bearer   abc  ", "abc"),
+            ("abc", "abc"),
+            ("bearer abc", "bearer abc"),
+        ] {
+            assert_eq!(strip_bearer(input), expected, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn origin_matching() {
+        let policy = OriginPolicy::new(&["example.com", "localhost:3000"]);
+        for (origin, allowed) in [
+            ("https://example.com", true),
+            ("https://app.example.com", true),
+            ("https://a.b.example.com", true),
+            ("https://APP.Example.COM", true),
+            ("https://example.com:8443", true),
+            ("https://evil-example.com", false),
+            ("https://example.com.evil.org", false),
+            ("https://notexample.com", false),
+            ("https://example.org", false),
+            ("http://localhost:3000", true),
+            ("http://localhost:3001", false),
+            ("http://localhost", false),
+            ("https://example.com@evil.org", false),
+            ("null", false),
+            ("", false),
+            ("https://", false),
+        ] {
+            assert_eq!(policy.allows(origin), allowed, "origin {origin:?}");
+        }
+        assert!(OriginPolicy::new(&["*"]).allows("https://anything.test"));
+        assert!(!OriginPolicy::new::<&str>(&[]).allows("https://example.com"));
+    }
+}

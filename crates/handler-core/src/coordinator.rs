@@ -1,0 +1,367 @@
+//! The coordinator: owns the `HandlerManager` and the `ServiceMeshManager` and is the only
+//! place they meet. Transports talk to it through a cloneable [`CoordinatorHandle`]; the
+//! mesh talks to it through the inbound channel given at construction; one task
+//! ([`Coordinator::run`]) routes mesh traffic and call outcomes to sessions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nuropb_wire::client::{
+    ClientLimits, ClientMessage, Encoding, ErrorFrame, ServerFrame, ServerMessage,
+    decode_client_message,
+};
+use nuropb_wire::mesh::error_name;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{AuthError, Authenticator, Identity};
+use crate::handler::{CloseCode, CloseReason, Handler, Outbound, SharedFrame};
+use crate::handler_manager::{HandlerManager, HandlerManagerConfig};
+use crate::ids::SessionId;
+use crate::mesh::{
+    ControlOutcome, GatewayControl, GatewayStats, MeshEvent, MeshInbound, ServiceMesh,
+};
+use crate::mesh_manager::{MeshManagerConfig, ServiceMeshManager, SessionDelivery};
+use crate::topic::topic_matches;
+
+/// Everything the core is configured with.
+#[derive(Debug, Clone, Default)]
+pub struct CoreConfig {
+    pub handlers: HandlerManagerConfig,
+    pub mesh: MeshManagerConfig,
+    pub client_limits: ClientLimits,
+    /// Topic patterns whose untargeted events go to every session (default none).
+    pub broadcast_topics: Vec<String>,
+    /// Capacity of the channel carrying call outcomes to the coordinator (default 1024).
+    pub delivery_capacity: Option<usize>,
+}
+
+/// Opening a session failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("gateway shutting down")]
+    ShuttingDown,
+}
+
+struct Shared {
+    handlers: HandlerManager,
+    mesh: ServiceMeshManager,
+    authenticator: Arc<dyn Authenticator>,
+    limits: ClientLimits,
+    broadcast_topics: Vec<String>,
+    shutdown: CancellationToken,
+    events_delivered: std::sync::atomic::AtomicU64,
+}
+
+/// The transports' way into the core. Cheap to clone.
+#[derive(Clone)]
+pub struct CoordinatorHandle {
+    shared: Arc<Shared>,
+}
+
+/// The routing task's state; run it with [`Coordinator::run`].
+pub struct Coordinator {
+    shared: Arc<Shared>,
+    inbound: mpsc::Receiver<MeshInbound>,
+    deliveries: mpsc::Receiver<SessionDelivery>,
+    tracker: TaskTracker,
+}
+
+impl Coordinator {
+    /// Builds the core. `inbound` is the mesh adapter's inbound channel. Call tasks are
+    /// spawned on `tracker`, so the caller can wait for them to drain at shutdown.
+    pub fn new(
+        config: CoreConfig,
+        authenticator: Arc<dyn Authenticator>,
+        mesh: Arc<dyn ServiceMesh>,
+        inbound: mpsc::Receiver<MeshInbound>,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> (Coordinator, CoordinatorHandle) {
+        let (tx, deliveries) = mpsc::channel(config.delivery_capacity.unwrap_or(1024));
+        let shared = Arc::new(Shared {
+            handlers: HandlerManager::new(config.handlers),
+            mesh: ServiceMeshManager::new(mesh, config.mesh, tx, tracker.clone(), shutdown.clone()),
+            authenticator,
+            limits: config.client_limits,
+            broadcast_topics: config.broadcast_topics,
+            shutdown,
+            events_delivered: Default::default(),
+        });
+        (
+            Coordinator { shared: Arc::clone(&shared), inbound, deliveries, tracker },
+            CoordinatorHandle { shared },
+        )
+    }
+
+    /// Routes mesh traffic and call outcomes until shutdown, then drains in-flight calls for
+    /// at most `drain` and closes every session with 1001.
+    pub async fn run(mut self, drain: Duration) {
+        let shutdown = self.shared.shutdown.clone();
+        let mut inbound_open = true;
+        loop {
+            tokio::select! {
+                // All three branches are cancel-safe: `recv` loses nothing when not chosen.
+                _ = shutdown.cancelled() => break,
+                d = self.deliveries.recv() => match d {
+                    Some(d) => self.shared.deliver(d),
+                    // Unreachable while `shared` holds a sender; stop cleanly anyway.
+                    None => break,
+                },
+                m = self.inbound.recv(), if inbound_open => match m {
+                    Some(m) => self.shared.on_inbound(m),
+                    None => {
+                        tracing::warn!("mesh inbound channel closed; no more mesh events");
+                        inbound_open = false;
+                    }
+                },
+            }
+        }
+        // Drain: call tasks see `ShuttingDown` for new work and finish their pending calls
+        // (each bounded by the request timeout); their outcomes are still delivered.
+        self.tracker.close();
+        let deadline = tokio::time::sleep(drain);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => {
+                    tracing::warn!(in_flight = self.shared.mesh.in_flight(), "drain deadline reached");
+                    break;
+                }
+                _ = self.tracker.wait() => {
+                    // Deliver whatever the finished tasks left in the channel.
+                    while let Ok(d) = self.deliveries.try_recv() {
+                        self.shared.deliver(d);
+                    }
+                    break;
+                }
+                Some(d) = self.deliveries.recv() => self.shared.deliver(d),
+            }
+        }
+        self.shared
+            .handlers
+            .close_all(CloseReason::new(CloseCode::GoingAway, "gateway shutting down"));
+    }
+}
+
+impl Shared {
+    fn deliver(&self, d: SessionDelivery) {
+        let outbound = Outbound { frame: SharedFrame::new(d.frame), encoding: Some(d.encoding) };
+        if !self.handlers.send_to_session(&d.session_id, outbound) {
+            tracing::debug!(session.id = %d.session_id, "outcome for a closed session dropped");
+        }
+    }
+
+    fn on_inbound(&self, m: MeshInbound) {
+        match m {
+            MeshInbound::Event(e) => self.on_event(e),
+            MeshInbound::Control { op, reply } => {
+                let outcome = self.on_control(op);
+                if let Some(reply) = reply {
+                    // The asker may have given up waiting; nothing to do then.
+                    let _ = reply.send(outcome);
+                }
+            }
+            MeshInbound::Stats { reply } => {
+                // As above: the asker may be gone.
+                let _ = reply.send(self.stats());
+            }
+        }
+    }
+
+    /// Event routing: `target` → those users' sessions; broadcast topic → everyone;
+    /// otherwise → sessions subscribed to a matching pattern.
+    fn on_event(&self, e: MeshEvent) {
+        let frame = SharedFrame::new(ServerFrame::Message(ServerMessage::Event {
+            topic: e.topic.clone(),
+            event: e.event,
+        }));
+        let reached = match &e.target {
+            Some(users) => self.handlers.send_to_users(users, frame),
+            None if self.broadcast_topics.iter().any(|p| topic_matches(p, &e.topic)) => {
+                self.handlers.send_to_all(frame)
+            }
+            None => self.handlers.send_to_subscribers(&e.topic, frame),
+        };
+        self.events_delivered
+            .fetch_add(reached as u64, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(topic = %e.topic, sessions = reached, "mesh event delivered");
+    }
+
+    fn on_control(&self, op: GatewayControl) -> ControlOutcome {
+        let sessions = match op {
+            GatewayControl::PushToUsers { user_ids, topic, event } => self.handlers.send_to_users(
+                &user_ids,
+                SharedFrame::new(ServerFrame::Message(ServerMessage::Event { topic, event })),
+            ),
+            GatewayControl::PushToAll { topic, event } => self.handlers.send_to_all(
+                SharedFrame::new(ServerFrame::Message(ServerMessage::Event { topic, event })),
+            ),
+            GatewayControl::DisconnectUsers { user_ids, reason } => {
+                self.handlers.close_users(&user_ids, CloseReason::new(CloseCode::Kicked, reason))
+            }
+        };
+        ControlOutcome { sessions }
+    }
+
+    fn stats(&self) -> GatewayStats {
+        GatewayStats {
+            sessions: self.handlers.session_count(),
+            sessions_high_water: self.handlers.high_water(),
+            users: self.handlers.user_count(),
+            requests_in_flight: self.mesh.in_flight(),
+            requests_total: self.mesh.requests_total(),
+            requests_timed_out: self.mesh.timeouts_total(),
+            events_delivered: self.events_delivered.load(std::sync::atomic::Ordering::Relaxed),
+            frames_dropped: self.handlers.frames_dropped(),
+            mesh_connected: self.mesh.mesh().is_connected(),
+        }
+    }
+
+    fn reply(&self, session_id: &SessionId, frame: ServerFrame, encoding: Encoding) {
+        let outbound = Outbound { frame: SharedFrame::new(frame), encoding: Some(encoding) };
+        self.handlers.send_to_session(session_id, outbound);
+    }
+}
+
+impl CoordinatorHandle {
+    /// Checks a bearer token (already stripped of its `Bearer` prefix).
+    pub fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        self.shared.authenticator.authenticate(token)
+    }
+
+    /// Registers a new session and queues its hello frame.
+    pub fn open_session(
+        &self,
+        identity: Identity,
+        handler: Arc<dyn Handler>,
+    ) -> Result<SessionId, SessionError> {
+        if self.shared.shutdown.is_cancelled() {
+            return Err(SessionError::ShuttingDown);
+        }
+        let session_id = SessionId::generate();
+        let hello = ServerFrame::Message(ServerMessage::Event {
+            topic: "hello".to_owned(),
+            event: json!({
+                "session_id": session_id.as_str(),
+                "user_id": identity.user_id.as_str(),
+                "username": identity.username,
+            }),
+        });
+        tracing::info!(session.id = %session_id, user.id = %identity.user_id, "session opened");
+        self.shared.handlers.register(session_id.clone(), identity, handler);
+        self.shared.reply(&session_id, hello, Encoding::Json);
+        Ok(session_id)
+    }
+
+    /// Forgets a session whose connection ended; its pending calls are cancelled.
+    pub fn close_session(&self, session_id: &SessionId) {
+        self.shared.mesh.session_closed(session_id);
+        if let Some(identity) = self.shared.handlers.unregister(session_id) {
+            tracing::info!(session.id = %session_id, user.id = %identity.user_id, "session closed");
+        }
+    }
+
+    /// Handles one client frame. Never blocks: calls are spawned, replies queued.
+    /// Returns `false` if the frame was rejected as bad input (for the transport's
+    /// protocol-error budget).
+    pub fn on_frame(&self, session_id: &SessionId, bytes: &[u8], encoding: Encoding) -> bool {
+        let s = &self.shared;
+        let message = match decode_client_message(bytes, encoding, &s.limits) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(session.id = %session_id, error = %e, "bad client frame");
+                let frame = match e.trace_id.clone() {
+                    // The client can match this to its request.
+                    Some(t) => ServerFrame::Message(ServerMessage::Response {
+                        trace_id: Some(t),
+                        result: Value::Null,
+                        error: Some(e.to_error_object()),
+                    }),
+                    None => ServerFrame::Error(ErrorFrame {
+                        error: e.error_name().to_owned(),
+                        description: e.message.clone(),
+                        trace_id: None,
+                    }),
+                };
+                s.reply(session_id, frame, encoding);
+                return false;
+            }
+        };
+        let Some(identity) = s.handlers.identity(session_id) else {
+            return true;
+        };
+        match message {
+            ClientMessage::Request(mut call) => {
+                // A trace id is generated here when absent, so even a refusal can name it.
+                let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
+                if let Err(e) = s.mesh.request(session_id, &identity, call, encoding) {
+                    s.reply(session_id, overloaded(trace, &e.to_error_object()), encoding);
+                }
+            }
+            ClientMessage::Command(mut call) => {
+                let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
+                if let Err(e) = s.mesh.command(session_id, &identity, call, encoding) {
+                    s.reply(session_id, overloaded(trace, &e.to_error_object()), encoding);
+                }
+            }
+            ClientMessage::Subscribe { topics } => {
+                let frame = match s.handlers.subscribe(session_id, &topics) {
+                    Ok(topics) => ServerFrame::Message(ServerMessage::Subscribed { topics }),
+                    Err(e) => ServerFrame::Error(ErrorFrame {
+                        error: error_name::VALIDATION.to_owned(),
+                        description: e.to_string(),
+                        trace_id: None,
+                    }),
+                };
+                s.reply(session_id, frame, encoding);
+            }
+            ClientMessage::Unsubscribe { topics } => {
+                let frame = match s.handlers.unsubscribe(session_id, &topics) {
+                    Ok(topics) => ServerFrame::Message(ServerMessage::Subscribed { topics }),
+                    Err(e) => ServerFrame::Error(ErrorFrame {
+                        error: error_name::VALIDATION.to_owned(),
+                        description: e.to_string(),
+                        trace_id: None,
+                    }),
+                };
+                s.reply(session_id, frame, encoding);
+            }
+            ClientMessage::Ping => {
+                s.reply(session_id, ServerFrame::Message(ServerMessage::Pong {}), encoding);
+            }
+        }
+        true
+    }
+
+    /// Live stats of this instance.
+    pub fn stats(&self) -> GatewayStats {
+        self.shared.stats()
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutdown.is_cancelled()
+    }
+}
+
+fn new_trace() -> String {
+    crate::ids::TraceId::generate().into_string()
+}
+
+fn overloaded(trace_id: Option<String>, error: &nuropb_wire::ErrorObject) -> ServerFrame {
+    match trace_id {
+        Some(t) => ServerFrame::Message(ServerMessage::Response {
+            trace_id: Some(t),
+            result: Value::Null,
+            error: Some(error.clone()),
+        }),
+        None => ServerFrame::Error(ErrorFrame {
+            error: error.error.clone(),
+            description: error.description.clone(),
+            trace_id: None,
+        }),
+    }
+}

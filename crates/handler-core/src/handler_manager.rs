@@ -1,0 +1,437 @@
+//! `HandlerManager`: the registry of live sessions, by id and by user, with their topic
+//! subscriptions, and the fan-out paths (one session, a set of users, subscribers, all).
+//!
+//! Locking: one `RwLock` over the registry, held only to look up or change entries, never
+//! across `.await` and never while calling into a `Handler` (handlers are collected first,
+//! then sent to outside the lock).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::auth::Identity;
+use crate::handler::{CloseCode, CloseReason, Handler, Outbound, SendError, SharedFrame};
+use crate::ids::{SessionId, UserId};
+use crate::topic::topic_matches;
+
+/// Bounds of the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerManagerConfig {
+    /// Most topic patterns one session may subscribe to (default 64).
+    pub max_subscriptions_per_session: usize,
+}
+
+impl Default for HandlerManagerConfig {
+    fn default() -> Self {
+        HandlerManagerConfig { max_subscriptions_per_session: 64 }
+    }
+}
+
+/// A live session as the registry keeps it.
+struct Session {
+    identity: Identity,
+    handler: Arc<dyn Handler>,
+    subscriptions: Vec<String>,
+}
+
+#[derive(Default)]
+struct Registry {
+    sessions: HashMap<SessionId, Session>,
+    // Invariant: `by_user[u]` is exactly the set of sessions whose identity has user id `u`,
+    // and no entry holds an empty set.
+    by_user: HashMap<UserId, HashSet<SessionId>>,
+}
+
+/// Subscribing failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("unknown session")]
+    UnknownSession,
+    #[error("at most {0} subscriptions per session")]
+    TooMany(usize),
+}
+
+/// Session registry and fan-out.
+pub struct HandlerManager {
+    config: HandlerManagerConfig,
+    registry: RwLock<Registry>,
+    high_water: AtomicUsize,
+    frames_sent: AtomicU64,
+    frames_dropped: AtomicU64,
+}
+
+impl HandlerManager {
+    pub fn new(config: HandlerManagerConfig) -> Self {
+        HandlerManager {
+            config,
+            registry: RwLock::new(Registry::default()),
+            high_water: AtomicUsize::new(0),
+            frames_sent: AtomicU64::new(0),
+            frames_dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Registry> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than losing the whole gateway, so poisoning is ignored.
+        self.registry.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Registry> {
+        self.registry.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a session. Replaces nothing: session ids are fresh random ids.
+    pub fn register(&self, session_id: SessionId, identity: Identity, handler: Arc<dyn Handler>) {
+        let count = {
+            let mut reg = self.write();
+            reg.by_user.entry(identity.user_id.clone()).or_default().insert(session_id.clone());
+            reg.sessions.insert(session_id, Session { identity, handler, subscriptions: Vec::new() });
+            reg.sessions.len()
+        };
+        let previous = self.high_water.fetch_max(count, Ordering::Relaxed);
+        if count > previous {
+            tracing::debug!(sessions = count, "new session high-water mark");
+        }
+    }
+
+    /// Removes a session. Returns its identity if it was registered.
+    pub fn unregister(&self, session_id: &SessionId) -> Option<Identity> {
+        let mut reg = self.write();
+        let session = reg.sessions.remove(session_id)?;
+        let user = &session.identity.user_id;
+        if let Some(set) = reg.by_user.get_mut(user) {
+            set.remove(session_id);
+            if set.is_empty() {
+                reg.by_user.remove(user);
+            }
+        }
+        Some(session.identity)
+    }
+
+    /// The identity of a live session.
+    pub fn identity(&self, session_id: &SessionId) -> Option<Identity> {
+        self.read().sessions.get(session_id).map(|s| s.identity.clone())
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.read().sessions.len()
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.read().by_user.len()
+    }
+
+    /// The most sessions ever live at once.
+    pub fn high_water(&self) -> usize {
+        self.high_water.load(Ordering::Relaxed)
+    }
+
+    pub fn frames_sent(&self) -> u64 {
+        self.frames_sent.load(Ordering::Relaxed)
+    }
+
+    /// Frames not delivered because a session's queue was full (the session is then closed).
+    pub fn frames_dropped(&self) -> u64 {
+        self.frames_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Sessions of a user.
+    pub fn sessions_of(&self, user: &UserId) -> Vec<SessionId> {
+        self.read().by_user.get(user).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Sends to one session. Returns whether it was queued.
+    pub fn send_to_session(&self, session_id: &SessionId, outbound: Outbound) -> bool {
+        let handler = self.read().sessions.get(session_id).map(|s| Arc::clone(&s.handler));
+        match handler {
+            Some(h) => self.deliver(&h, outbound),
+            None => false,
+        }
+    }
+
+    /// Sends one frame to every session of these users. Returns the sessions reached.
+    pub fn send_to_users(&self, users: &[UserId], frame: Arc<SharedFrame>) -> usize {
+        let handlers: Vec<Arc<dyn Handler>> = {
+            let reg = self.read();
+            let mut seen = HashSet::new();
+            users
+                .iter()
+                .filter(|u| seen.insert(*u))
+                .filter_map(|u| reg.by_user.get(u))
+                .flatten()
+                .filter_map(|sid| reg.sessions.get(sid).map(|s| Arc::clone(&s.handler)))
+                .collect()
+        };
+        self.deliver_all(&handlers, &frame)
+    }
+
+    /// Sends one frame to every session. Returns the sessions reached.
+    pub fn send_to_all(&self, frame: Arc<SharedFrame>) -> usize {
+        let handlers: Vec<Arc<dyn Handler>> =
+            self.read().sessions.values().map(|s| Arc::clone(&s.handler)).collect();
+        self.deliver_all(&handlers, &frame)
+    }
+
+    /// Sends one frame to every session subscribed to a pattern matching `topic`.
+    pub fn send_to_subscribers(&self, topic: &str, frame: Arc<SharedFrame>) -> usize {
+        let handlers: Vec<Arc<dyn Handler>> = self
+            .read()
+            .sessions
+            .values()
+            .filter(|s| s.subscriptions.iter().any(|p| topic_matches(p, topic)))
+            .map(|s| Arc::clone(&s.handler))
+            .collect();
+        self.deliver_all(&handlers, &frame)
+    }
+
+    /// Adds topic patterns to a session; returns its subscriptions afterwards.
+    pub fn subscribe(
+        &self,
+        session_id: &SessionId,
+        topics: &[String],
+    ) -> Result<Vec<String>, SubscribeError> {
+        let mut reg = self.write();
+        let session = reg.sessions.get_mut(session_id).ok_or(SubscribeError::UnknownSession)?;
+        let new: Vec<&String> = {
+            let mut seen = HashSet::new();
+            topics
+                .iter()
+                .filter(|t| !session.subscriptions.contains(t) && seen.insert(*t))
+                .collect()
+        };
+        if session.subscriptions.len() + new.len() > self.config.max_subscriptions_per_session {
+            return Err(SubscribeError::TooMany(self.config.max_subscriptions_per_session));
+        }
+        session.subscriptions.extend(new.into_iter().cloned());
+        Ok(session.subscriptions.clone())
+    }
+
+    /// Removes topic patterns from a session; returns its subscriptions afterwards.
+    pub fn unsubscribe(
+        &self,
+        session_id: &SessionId,
+        topics: &[String],
+    ) -> Result<Vec<String>, SubscribeError> {
+        let mut reg = self.write();
+        let session = reg.sessions.get_mut(session_id).ok_or(SubscribeError::UnknownSession)?;
+        session.subscriptions.retain(|t| !topics.contains(t));
+        Ok(session.subscriptions.clone())
+    }
+
+    /// Closes one session (it unregisters itself when its connection ends).
+    pub fn close_session(&self, session_id: &SessionId, reason: CloseReason) -> bool {
+        let handler = self.read().sessions.get(session_id).map(|s| Arc::clone(&s.handler));
+        match handler {
+            Some(h) => {
+                h.close(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes every session of these users. Returns the sessions closed.
+    pub fn close_users(&self, users: &[UserId], reason: CloseReason) -> usize {
+        let handlers: Vec<Arc<dyn Handler>> = {
+            let reg = self.read();
+            users
+                .iter()
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .filter_map(|u| reg.by_user.get(u))
+                .flatten()
+                .filter_map(|sid| reg.sessions.get(sid).map(|s| Arc::clone(&s.handler)))
+                .collect()
+        };
+        for h in &handlers {
+            h.close(reason.clone());
+        }
+        handlers.len()
+    }
+
+    /// Closes every session.
+    pub fn close_all(&self, reason: CloseReason) -> usize {
+        let handlers: Vec<Arc<dyn Handler>> =
+            self.read().sessions.values().map(|s| Arc::clone(&s.handler)).collect();
+        for h in &handlers {
+            h.close(reason.clone());
+        }
+        handlers.len()
+    }
+
+    fn deliver_all(&self, handlers: &[Arc<dyn Handler>], frame: &Arc<SharedFrame>) -> usize {
+        handlers
+            .iter()
+            .filter(|h| self.deliver(h, Outbound { frame: Arc::clone(frame), encoding: None }))
+            .count()
+    }
+
+    /// Overload policy: a full outbound queue means the client does not keep up. The frame
+    /// is dropped, counted, and the session closed with 1013 so the client knows to
+    /// reconnect — nothing is lost silently, and one slow client never blocks the others.
+    fn deliver(&self, handler: &Arc<dyn Handler>, outbound: Outbound) -> bool {
+        match handler.send(outbound) {
+            Ok(()) => {
+                self.frames_sent.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(SendError::Full) => {
+                self.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                handler.close(CloseReason::new(
+                    CloseCode::TryAgainLater,
+                    "outbound queue full: client too slow",
+                ));
+                false
+            }
+            Err(SendError::Closed) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use nuropb_wire::client::{ServerFrame, ServerMessage};
+    use serde_json::json;
+
+    use super::*;
+
+    /// A handler that records what it is given; `capacity` frames fit before `Full`.
+    #[derive(Default)]
+    struct Recorder {
+        frames: Mutex<Vec<Outbound>>,
+        closed: Mutex<Vec<CloseReason>>,
+        capacity: Option<usize>,
+    }
+
+    impl Handler for Recorder {
+        fn send(&self, outbound: Outbound) -> Result<(), SendError> {
+            let mut frames = self.frames.lock().expect("lock");
+            if self.capacity.is_some_and(|c| frames.len() >= c) {
+                return Err(SendError::Full);
+            }
+            frames.push(outbound);
+            Ok(())
+        }
+        fn close(&self, reason: CloseReason) {
+            self.closed.lock().expect("lock").push(reason);
+        }
+    }
+
+    impl Recorder {
+        fn count(&self) -> usize {
+            self.frames.lock().expect("lock").len()
+        }
+        fn closed(&self) -> Vec<CloseReason> {
+            self.closed.lock().expect("lock").clone()
+        }
+    }
+
+    fn identity(user: &str) -> Identity {
+        Identity { user_id: UserId::new(user), username: format!("{user}@x"), token: "t".into() }
+    }
+
+    fn frame() -> Arc<SharedFrame> {
+        SharedFrame::new(ServerFrame::Message(ServerMessage::Event {
+            topic: "t".into(),
+            event: json!(1),
+        }))
+    }
+
+    fn setup(sessions: &[(&str, &str)]) -> (HandlerManager, HashMap<String, Arc<Recorder>>) {
+        let m = HandlerManager::new(HandlerManagerConfig::default());
+        let mut recs = HashMap::new();
+        for (sid, user) in sessions {
+            let r = Arc::new(Recorder::default());
+            m.register(SessionId::new(*sid), identity(user), r.clone());
+            recs.insert((*sid).to_owned(), r);
+        }
+        (m, recs)
+    }
+
+    #[test]
+    fn register_unregister_and_counts() {
+        let (m, _) = setup(&[("s1", "alice"), ("s2", "alice"), ("s3", "bob")]);
+        assert_eq!(m.session_count(), 3);
+        assert_eq!(m.user_count(), 2);
+        assert_eq!(m.high_water(), 3);
+        let mut alice = m.sessions_of(&UserId::new("alice"));
+        alice.sort();
+        assert_eq!(alice, vec![SessionId::new("s1"), SessionId::new("s2")]);
+
+        assert_eq!(m.unregister(&SessionId::new("s1")).map(|i| i.user_id), Some(UserId::new("alice")));
+        assert_eq!(m.unregister(&SessionId::new("s1")), None, "second unregister is a no-op");
+        assert_eq!(m.session_count(), 2);
+        assert_eq!(m.user_count(), 2);
+        m.unregister(&SessionId::new("s2"));
+        assert_eq!(m.user_count(), 1, "a user with no sessions left is forgotten");
+        assert!(m.sessions_of(&UserId::new("alice")).is_empty());
+        assert_eq!(m.high_water(), 3, "high-water mark survives unregistering");
+    }
+
+    #[test]
+    fn per_user_fan_out_reaches_every_session_of_those_users_only() {
+        let (m, r) = setup(&[("s1", "alice"), ("s2", "alice"), ("s3", "bob"), ("s4", "carol")]);
+        let reached = m.send_to_users(
+            &[UserId::new("alice"), UserId::new("carol"), UserId::new("alice"), UserId::new("nobody")],
+            frame(),
+        );
+        assert_eq!(reached, 3);
+        assert_eq!((r["s1"].count(), r["s2"].count(), r["s3"].count(), r["s4"].count()), (1, 1, 0, 1));
+        assert_eq!(m.send_to_all(frame()), 4);
+        assert_eq!(r["s3"].count(), 1);
+        assert!(m.send_to_session(&SessionId::new("s3"), Outbound { frame: frame(), encoding: None }));
+        assert!(!m.send_to_session(&SessionId::new("zz"), Outbound { frame: frame(), encoding: None }));
+        assert_eq!(m.frames_sent(), 8);
+    }
+
+    #[test]
+    fn close_by_user_closes_only_that_users_sessions() {
+        let (m, r) = setup(&[("s1", "alice"), ("s2", "alice"), ("s3", "bob")]);
+        let n = m.close_users(&[UserId::new("alice")], CloseReason::new(CloseCode::Kicked, "bye"));
+        assert_eq!(n, 2);
+        assert_eq!(r["s1"].closed()[0].code, CloseCode::Kicked);
+        assert_eq!(r["s2"].closed().len(), 1);
+        assert!(r["s3"].closed().is_empty());
+        assert!(m.close_session(&SessionId::new("s3"), CloseReason::new(CloseCode::Normal, "")));
+        assert_eq!(m.close_all(CloseReason::new(CloseCode::GoingAway, "")), 3);
+    }
+
+    #[test]
+    fn subscriptions_route_by_pattern_and_are_bounded() {
+        let m = HandlerManager::new(HandlerManagerConfig { max_subscriptions_per_session: 2 });
+        let a = Arc::new(Recorder::default());
+        let b = Arc::new(Recorder::default());
+        m.register(SessionId::new("a"), identity("u1"), a.clone());
+        m.register(SessionId::new("b"), identity("u2"), b.clone());
+        let subs = m.subscribe(&SessionId::new("a"), &["news.*".into(), "news.*".into()]).expect("ok");
+        assert_eq!(subs, vec!["news.*".to_owned()]);
+        m.subscribe(&SessionId::new("b"), &["#".into()]).expect("ok");
+        assert_eq!(m.send_to_subscribers("news.sport", frame()), 2);
+        assert_eq!(m.send_to_subscribers("weather.today", frame()), 1);
+        assert_eq!((a.count(), b.count()), (1, 2));
+        assert_eq!(
+            m.subscribe(&SessionId::new("a"), &["x".into(), "y".into()]),
+            Err(SubscribeError::TooMany(2))
+        );
+        assert_eq!(m.unsubscribe(&SessionId::new("a"), &["news.*".into()]), Ok(vec![]));
+        assert_eq!(m.send_to_subscribers("news.sport", frame()), 1);
+        assert_eq!(m.subscribe(&SessionId::new("zz"), &[]), Err(SubscribeError::UnknownSession));
+    }
+
+    #[test]
+    fn full_queue_drops_counts_and_closes_the_slow_session_only() {
+        let m = HandlerManager::new(HandlerManagerConfig::default());
+        let slow = Arc::new(Recorder { capacity: Some(1), ..Default::default() });
+        let fast = Arc::new(Recorder::default());
+        m.register(SessionId::new("slow"), identity("u1"), slow.clone());
+        m.register(SessionId::new("fast"), identity("u2"), fast.clone());
+        assert_eq!(m.send_to_all(frame()), 2);
+        assert_eq!(m.send_to_all(frame()), 1);
+        assert_eq!(m.frames_dropped(), 1);
+        assert_eq!(slow.closed()[0].code, CloseCode::TryAgainLater);
+        assert_eq!(fast.count(), 2);
+    }
+}

@@ -1,0 +1,334 @@
+//! `ServiceMeshManager`: turns client calls into mesh calls, bounds and tracks the pending
+//! ones per session, and routes each outcome back to its session through the channel given
+//! at construction (the coordinator delivers it). A closed session's pending calls are
+//! cancelled; their late responses are dropped by the mesh adapter.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use nuropb_wire::client::{ClientCall, Encoding, ServerFrame, ServerMessage};
+use nuropb_wire::mesh::error_name;
+use nuropb_wire::{ErrorObject, JsonObject};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::auth::Identity;
+use crate::ids::{SessionId, TraceId};
+use crate::mesh::{MeshCall, MeshError, ServiceMesh};
+
+/// Bounds and deadlines for mesh calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshManagerConfig {
+    /// How long a request may wait for its response (default 30 s). Services never answer
+    /// requests that expired in their queue, so every request needs this deadline.
+    pub request_timeout: Duration,
+    /// Most requests and commands one session may have in flight (default 64).
+    pub max_in_flight_per_session: usize,
+    /// Most requests and commands in flight across the gateway (default 10 000).
+    pub max_in_flight_total: usize,
+}
+
+impl Default for MeshManagerConfig {
+    fn default() -> Self {
+        MeshManagerConfig {
+            request_timeout: Duration::from_secs(30),
+            max_in_flight_per_session: 64,
+            max_in_flight_total: 10_000,
+        }
+    }
+}
+
+/// An outcome to deliver to one session.
+#[derive(Debug)]
+pub struct SessionDelivery {
+    pub session_id: SessionId,
+    pub frame: ServerFrame,
+    pub encoding: Encoding,
+}
+
+/// A call was refused before reaching the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("too many requests in flight for this connection (limit {0})")]
+    SessionLimit(usize),
+    #[error("gateway overloaded: too many requests in flight (limit {0})")]
+    GatewayLimit(usize),
+    #[error("gateway shutting down")]
+    ShuttingDown,
+}
+
+impl SubmitError {
+    pub fn to_error_object(&self) -> ErrorObject {
+        ErrorObject::new(error_name::OVERLOADED, self.to_string())
+    }
+}
+
+struct PendingSession {
+    in_flight: usize,
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct Pending {
+    // Invariant: `total` is the sum of `in_flight` over `sessions`; entries with zero in
+    // flight are removed.
+    sessions: HashMap<SessionId, PendingSession>,
+    total: usize,
+}
+
+/// See the module docs.
+pub struct ServiceMeshManager {
+    mesh: Arc<dyn ServiceMesh>,
+    config: MeshManagerConfig,
+    pending: Arc<Mutex<Pending>>,
+    deliveries: mpsc::Sender<SessionDelivery>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    counters: Arc<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    commands: AtomicU64,
+    timeouts: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// Releases one in-flight slot when the call's task ends, however it ends.
+struct SlotGuard {
+    pending: Arc<Mutex<Pending>>,
+    session_id: SessionId,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut p = lock(&self.pending);
+        p.total = p.total.saturating_sub(1);
+        if let Some(s) = p.sessions.get_mut(&self.session_id) {
+            s.in_flight = s.in_flight.saturating_sub(1);
+            if s.in_flight == 0 {
+                p.sessions.remove(&self.session_id);
+            }
+        }
+    }
+}
+
+fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
+    // The pending counts are plain integers; a poisoned lock still holds usable numbers.
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ServiceMeshManager {
+    /// `deliveries` carries every outcome back to the coordinator; `tracker` tracks the
+    /// per-call tasks so shutdown can drain them.
+    pub fn new(
+        mesh: Arc<dyn ServiceMesh>,
+        config: MeshManagerConfig,
+        deliveries: mpsc::Sender<SessionDelivery>,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
+        ServiceMeshManager {
+            mesh,
+            config,
+            pending: Arc::new(Mutex::new(Pending::default())),
+            deliveries,
+            tracker,
+            shutdown,
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    pub fn config(&self) -> &MeshManagerConfig {
+        &self.config
+    }
+
+    pub fn mesh(&self) -> &Arc<dyn ServiceMesh> {
+        &self.mesh
+    }
+
+    /// Calls in flight across the gateway.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.pending).total
+    }
+
+    /// Calls in flight for one session.
+    pub fn in_flight_for(&self, session_id: &SessionId) -> usize {
+        lock(&self.pending).sessions.get(session_id).map_or(0, |s| s.in_flight)
+    }
+
+    pub fn requests_total(&self) -> u64 {
+        self.counters.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn timeouts_total(&self) -> u64 {
+        self.counters.timeouts.load(Ordering::Relaxed)
+    }
+
+    /// Takes an in-flight slot for the session, or says why not.
+    fn acquire(&self, session_id: &SessionId) -> Result<(SlotGuard, CancellationToken), SubmitError> {
+        if self.shutdown.is_cancelled() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let mut p = lock(&self.pending);
+        if p.total >= self.config.max_in_flight_total {
+            return Err(SubmitError::GatewayLimit(self.config.max_in_flight_total));
+        }
+        let entry = p
+            .sessions
+            .entry(session_id.clone())
+            .or_insert_with(|| PendingSession { in_flight: 0, cancel: CancellationToken::new() });
+        if entry.in_flight >= self.config.max_in_flight_per_session {
+            return Err(SubmitError::SessionLimit(self.config.max_in_flight_per_session));
+        }
+        entry.in_flight += 1;
+        let cancel = entry.cancel.clone();
+        p.total += 1;
+        Ok((SlotGuard { pending: Arc::clone(&self.pending), session_id: session_id.clone() }, cancel))
+    }
+
+    /// Builds the mesh context. Clients never set it: only the gateway's identity fields.
+    pub fn context_for(identity: &Identity, trace_id: &TraceId) -> JsonObject {
+        let mut ctx = JsonObject::new();
+        ctx.insert("user_id".into(), Value::String(identity.user_id.to_string()));
+        ctx.insert("Authorization".into(), Value::String(format!("Bearer {}", identity.token)));
+        ctx.insert("trace_id".into(), Value::String(trace_id.to_string()));
+        ctx
+    }
+
+    fn mesh_call(identity: &Identity, call: ClientCall) -> MeshCall {
+        let trace_id = call.trace_id.map(TraceId::new).unwrap_or_else(TraceId::generate);
+        MeshCall {
+            context: Self::context_for(identity, &trace_id),
+            service: call.service,
+            method: call.method,
+            params: call.params,
+            trace_id,
+        }
+    }
+
+    /// Submits a request. Its outcome (response, service error, timeout, mesh failure) is
+    /// delivered later as one `response` frame. Returns the trace id used.
+    pub fn request(
+        &self,
+        session_id: &SessionId,
+        identity: &Identity,
+        call: ClientCall,
+        encoding: Encoding,
+    ) -> Result<TraceId, SubmitError> {
+        let (slot, cancel) = self.acquire(session_id)?;
+        let call = Self::mesh_call(identity, call);
+        let trace_id = call.trace_id.clone();
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let mesh = Arc::clone(&self.mesh);
+        let deliveries = self.deliveries.clone();
+        let counters = Arc::clone(&self.counters);
+        let timeout = self.config.request_timeout;
+        let session_id = session_id.clone();
+        let span = tracing::debug_span!(
+            "mesh_request",
+            session.id = %session_id,
+            trace_id = %call.trace_id,
+            service = %call.service,
+            method = %call.method,
+        );
+        self.tracker.spawn(
+            async move {
+                let _slot = slot;
+                let reply_trace = Some(call.trace_id.to_string());
+                // The adapter applies `timeout` itself; the outer deadline only guards
+                // against an adapter that fails to.
+                let outcome = tokio::select! {
+                    // Cancel-safe: dropping the request future forgets the pending call.
+                    _ = cancel.cancelled() => {
+                        tracing::debug!("session closed; request abandoned");
+                        return;
+                    }
+                    r = tokio::time::timeout(timeout + Duration::from_millis(250), mesh.request(call, timeout)) => {
+                        r.unwrap_or(Err(MeshError::Timeout(timeout)))
+                    }
+                };
+                let (result, error) = match outcome {
+                    Ok(resp) => (resp.result, resp.error),
+                    Err(e) => {
+                        if matches!(e, MeshError::Timeout(_)) {
+                            counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            counters.failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tracing::debug!(error = %e, "request failed");
+                        (Value::Null, Some(e.to_error_object()))
+                    }
+                };
+                let frame = ServerFrame::Message(ServerMessage::Response {
+                    trace_id: reply_trace,
+                    result,
+                    error,
+                });
+                // The coordinator only stops reading at shutdown; a lost delivery then is
+                // moot because the connection is closing too.
+                let _ = deliveries.send(SessionDelivery { session_id, frame, encoding }).await;
+            }
+            .instrument(span),
+        );
+        Ok(trace_id)
+    }
+
+    /// Publishes a command. Delivers `accepted` once published, or an error `response`.
+    pub fn command(
+        &self,
+        session_id: &SessionId,
+        identity: &Identity,
+        call: ClientCall,
+        encoding: Encoding,
+    ) -> Result<TraceId, SubmitError> {
+        let (slot, cancel) = self.acquire(session_id)?;
+        let call = Self::mesh_call(identity, call);
+        let trace_id = call.trace_id.clone();
+        self.counters.commands.fetch_add(1, Ordering::Relaxed);
+        let mesh = Arc::clone(&self.mesh);
+        let deliveries = self.deliveries.clone();
+        let timeout = self.config.request_timeout;
+        let session_id = session_id.clone();
+        let span = tracing::debug_span!("mesh_command", session.id = %session_id, trace_id = %call.trace_id);
+        self.tracker.spawn(
+            async move {
+                let _slot = slot;
+                let reply_trace = Some(call.trace_id.to_string());
+                let outcome = tokio::select! {
+                    // Cancel-safe: a command not yet published is simply not published.
+                    _ = cancel.cancelled() => return,
+                    r = tokio::time::timeout(timeout, mesh.command(call)) => {
+                        r.unwrap_or(Err(MeshError::Timeout(timeout)))
+                    }
+                };
+                let frame = match outcome {
+                    Ok(()) => ServerFrame::Message(ServerMessage::Accepted { trace_id: reply_trace }),
+                    Err(e) => ServerFrame::Message(ServerMessage::Response {
+                        trace_id: reply_trace,
+                        result: Value::Null,
+                        error: Some(e.to_error_object()),
+                    }),
+                };
+                // See `request` for why a failed delivery is ignored.
+                let _ = deliveries.send(SessionDelivery { session_id, frame, encoding }).await;
+            }
+            .instrument(span),
+        );
+        Ok(trace_id)
+    }
+
+    /// Forgets a closed session: its pending calls are cancelled.
+    pub fn session_closed(&self, session_id: &SessionId) {
+        let p = lock(&self.pending);
+        if let Some(s) = p.sessions.get(session_id) {
+            s.cancel.cancel();
+        }
+    }
+}

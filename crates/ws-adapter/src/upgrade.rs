@@ -1,0 +1,168 @@
+//! The HTTP upgrade checks: capacity (503), origin (403), credentials (401). They run
+//! before the 101 response, so a refused client never gets a WebSocket (nuropb-gw upgraded
+//! first and then closed with 1005).
+
+use http::{HeaderMap, StatusCode};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request};
+
+use handler_core::auth::{AuthError, Identity, strip_bearer};
+use handler_core::{CoordinatorHandle, OriginPolicy};
+
+use crate::config::AuthSources;
+
+/// The outcome of the checks: who connected, or the HTTP refusal to send.
+#[allow(clippy::result_large_err, reason = "tungstenite's Callback fixes the error type")]
+pub(crate) fn check_upgrade(
+    request: &Request,
+    have_capacity: bool,
+    origins: &OriginPolicy,
+    auth: &AuthSources,
+    coordinator: &CoordinatorHandle,
+) -> Result<Identity, ErrorResponse> {
+    if !have_capacity {
+        return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections"));
+    }
+    if coordinator.is_shutting_down() {
+        return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "gateway shutting down"));
+    }
+    let headers = request.headers();
+    if let Some(origin) = headers.get(http::header::ORIGIN) {
+        let allowed = origin.to_str().map(|o| origins.allows(o)).unwrap_or(false);
+        if !allowed {
+            tracing::info!(origin = ?origin, "upgrade refused: origin not allowed");
+            return Err(refuse(StatusCode::FORBIDDEN, "Cross origin websockets not allowed"));
+        }
+    }
+    let token = find_token(headers, request.uri().query(), auth).ok_or(AuthError::Missing);
+    match token.and_then(|t| coordinator.authenticate(&t)) {
+        Ok(identity) => Ok(identity),
+        Err(e) => {
+            tracing::info!(reason = %e, "upgrade refused: not authenticated");
+            Err(refuse(StatusCode::UNAUTHORIZED, "unauthorized"))
+        }
+    }
+}
+
+/// The bearer token: header first, then cookie, then query parameter (when enabled), as
+/// nuropb-gw looked up header then cookie.
+fn find_token(headers: &HeaderMap, query: Option<&str>, auth: &AuthSources) -> Option<String> {
+    let from_header = headers
+        .get(auth.header.as_str())
+        .and_then(|v| v.to_str().ok())
+        .map(strip_bearer)
+        .filter(|t| !t.is_empty());
+    if let Some(t) = from_header {
+        return Some(t.to_owned());
+    }
+    if let Some(name) = &auth.cookie {
+        for value in headers.get_all(http::header::COOKIE) {
+            let Ok(value) = value.to_str() else { continue };
+            for pair in value.split(';') {
+                if let Some((k, v)) = pair.trim().split_once('=')
+                    && k.trim() == name
+                {
+                    let v = v.trim().trim_matches('"');
+                    let v = percent_decode(v);
+                    let t = strip_bearer(&v);
+                    if !t.is_empty() {
+                        return Some(t.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    if let (Some(name), Some(query)) = (&auth.query_param, query) {
+        for pair in query.split('&') {
+            if let Some((k, v)) = pair.split_once('=')
+                && k == name
+                && !v.is_empty()
+            {
+                return Some(percent_decode(v));
+            }
+        }
+    }
+    None
+}
+
+/// Decodes `%XX` escapes (cookie values written by `encodeURIComponent`, query strings).
+/// Invalid escapes are kept as they are.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push(h * 16 + l);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn refuse(status: StatusCode, body: &str) -> ErrorResponse {
+    let mut response = ErrorResponse::new(Some(body.to_owned()));
+    *response.status_mut() = status;
+    if status == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn token_sources_in_order() {
+        let auth = AuthSources { query_param: Some("token".into()), ..AuthSources::default() };
+        for (hs, query, expected) in [
+            (vec![("Authorization", "Bearer abc")], None, Some("abc")),
+            (vec![("Authorization", "Bearer abc"), ("Cookie", "Authorization=def")], None, Some("abc")),
+            (vec![("Cookie", "a=1; Authorization=def; b=2")], None, Some("def")),
+            (vec![("Cookie", "Authorization=Bearer%20ghi")], None, Some("ghi")),
+            (vec![], Some("x=1&token=qqq"), Some("qqq")),
+            (vec![("Authorization", "Bearer ")], None, None),
+            (vec![], None, None),
+        ] {
+            assert_eq!(find_token(&headers(&hs), query, &auth).as_deref(), expected, "{hs:?} {query:?}");
+        }
+        let no_cookie = AuthSources { cookie: None, ..AuthSources::default() };
+        assert_eq!(find_token(&headers(&[("Cookie", "Authorization=def")]), None, &no_cookie), None);
+        assert_eq!(find_token(&headers(&[]), Some("token=qqq"), &AuthSources::default()), None);
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b"), "a b");
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+}

@@ -1,0 +1,234 @@
+//! Command line and environment: every option, parsed and validated once before the runtime
+//! starts. Each flag can also be set by the environment variable shown in `--help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{ArgAction, Parser, ValueEnum};
+
+use handler_core::auth::{JwtConfig, JwtKey};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JwtAlgorithm {
+    Hs256,
+    Rs256,
+    Es256,
+}
+
+/// nuropb-gateway: a WebSocket gateway to a NuroPb service mesh.
+///
+/// With no --amqp-url it runs on an embedded in-memory mesh with a demo service and prints a
+/// demo token, so you can connect a WebSocket client right away.
+#[derive(Debug, Parser)]
+#[command(name = "nuropb-gateway", version, about, long_about = None)]
+pub struct Cli {
+    /// Address to accept WebSocket connections on.
+    #[arg(long, env = "NUROPB_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// RabbitMQ URL of the mesh (amqp:// or amqps://; the vhost is the mesh name). Without
+    /// it the gateway runs on the embedded in-memory demo mesh.
+    #[arg(long, env = "NUROPB_AMQP_URL")]
+    pub amqp_url: Option<String>,
+
+    /// The gateway's own NuroPb service name (its queue is nuropb-<name>-sq).
+    #[arg(long, env = "NUROPB_SERVICE_NAME", default_value = "nuropb-gateway")]
+    pub service_name: String,
+
+    /// This instance's id (response and event queue names); random when unset.
+    #[arg(long, env = "NUROPB_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// Event topic patterns (AMQP topic syntax) this instance receives, comma separated.
+    #[arg(long, env = "NUROPB_EVENT_BINDINGS", value_delimiter = ',')]
+    pub event_bindings: Vec<String>,
+
+    /// Topic patterns whose untargeted events go to every session, comma separated.
+    #[arg(long, env = "NUROPB_BROADCAST_TOPICS", value_delimiter = ',')]
+    pub broadcast_topics: Vec<String>,
+
+    /// How long a request waits for its response, in milliseconds.
+    #[arg(long, env = "NUROPB_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+
+    /// AMQP prefetch of the gateway's own queues.
+    #[arg(long, env = "NUROPB_PREFETCH", default_value_t = 64)]
+    pub prefetch: u16,
+
+    /// Reconnect backoff start, in milliseconds (doubles up to --reconnect-max-ms).
+    #[arg(long, env = "NUROPB_RECONNECT_MIN_MS", default_value_t = 100)]
+    pub reconnect_min_ms: u64,
+
+    /// Reconnect backoff cap, in milliseconds.
+    #[arg(long, env = "NUROPB_RECONNECT_MAX_MS", default_value_t = 10_000)]
+    pub reconnect_max_ms: u64,
+
+    /// HS256 secret for client JWTs. Without any JWT key, the in-memory mode generates a
+    /// dev secret and prints a demo token; AMQP mode refuses to start.
+    #[arg(long, env = "NUROPB_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key file for RS256/ES256 client JWTs (see --jwt-algorithm).
+    #[arg(long, env = "NUROPB_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Algorithm of --jwt-public-key-file.
+    #[arg(long, env = "NUROPB_JWT_ALGORITHM", value_enum, default_value = "rs256")]
+    pub jwt_algorithm: JwtAlgorithm,
+
+    /// Required JWT issuer (`iss`).
+    #[arg(long, env = "NUROPB_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required JWT audience (`aud`), comma separated: any of them.
+    #[arg(long, env = "NUROPB_JWT_AUDIENCE", value_delimiter = ',')]
+    pub jwt_audience: Vec<String>,
+
+    /// JWT claim holding the username (`sub` is the user id).
+    #[arg(long, env = "NUROPB_JWT_USERNAME_CLAIM", default_value = "username")]
+    pub jwt_username_claim: String,
+
+    /// Allowed browser origins, comma separated: a host allows itself and its subdomains;
+    /// `host:port` pins a port; `*` allows all. Clients sending no Origin are allowed.
+    #[arg(
+        long,
+        env = "NUROPB_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        default_value = "localhost,127.0.0.1"
+    )]
+    pub allowed_origins: Vec<String>,
+
+    /// Accept the token from the `Authorization` cookie (browsers send cookies cross-site,
+    /// so keep --allowed-origins tight when this is on).
+    #[arg(long, env = "NUROPB_COOKIE_AUTH", action = ArgAction::Set, default_value_t = true)]
+    pub cookie_auth: bool,
+
+    /// Accept the token from this query parameter (off when unset; URLs end up in logs).
+    #[arg(long, env = "NUROPB_TOKEN_QUERY_PARAM")]
+    pub token_query_param: Option<String>,
+
+    /// Most concurrent WebSocket connections.
+    #[arg(long, env = "NUROPB_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Largest client message, in bytes.
+    #[arg(long, env = "NUROPB_MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
+    pub max_message_bytes: usize,
+
+    /// Frames queued per connection before a slow client is closed (1013).
+    #[arg(long, env = "NUROPB_OUTBOUND_QUEUE", default_value_t = 256)]
+    pub outbound_queue: usize,
+
+    /// Requests in flight per connection.
+    #[arg(long, env = "NUROPB_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub max_in_flight: usize,
+
+    /// Requests in flight across the gateway.
+    #[arg(long, env = "NUROPB_MAX_IN_FLIGHT_TOTAL", default_value_t = 10_000)]
+    pub max_in_flight_total: usize,
+
+    /// Sustained client frames per second per connection.
+    #[arg(long, env = "NUROPB_RATE_PER_SECOND", default_value_t = 100)]
+    pub rate_per_second: u32,
+
+    /// Burst of client frames per connection.
+    #[arg(long, env = "NUROPB_RATE_BURST", default_value_t = 200)]
+    pub rate_burst: u32,
+
+    /// Seconds between server pings.
+    #[arg(long, env = "NUROPB_PING_INTERVAL_SECS", default_value_t = 20)]
+    pub ping_interval_secs: u64,
+
+    /// Seconds of client silence after which a connection is closed.
+    #[arg(long, env = "NUROPB_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+
+    /// Seconds allowed at shutdown for in-flight requests to finish.
+    #[arg(long, env = "NUROPB_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
+    pub drain_timeout_secs: u64,
+
+    /// Seconds between the demo service's `demo.tick` events (in-memory mode only; 0 = off).
+    #[arg(long, env = "NUROPB_DEMO_TICK_SECS", default_value_t = 10)]
+    pub demo_tick_secs: u64,
+
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `ws_adapter=debug`.
+    #[arg(long, env = "NUROPB_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Cli {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// Checks what clap cannot; every message names the option.
+    pub fn validate(&self) -> Result<()> {
+        if self.request_timeout_ms == 0 {
+            bail!("--request-timeout-ms must be greater than 0");
+        }
+        if self.max_connections == 0 {
+            bail!("--max-connections must be greater than 0");
+        }
+        if self.max_in_flight == 0 || self.max_in_flight_total == 0 {
+            bail!("--max-in-flight and --max-in-flight-total must be greater than 0");
+        }
+        if self.outbound_queue == 0 {
+            bail!("--outbound-queue must be greater than 0");
+        }
+        if self.max_message_bytes < 1024 {
+            bail!("--max-message-bytes must be at least 1024");
+        }
+        if self.rate_per_second == 0 || self.rate_burst == 0 {
+            bail!("--rate-per-second and --rate-burst must be greater than 0");
+        }
+        if self.ping_interval_secs == 0 || self.idle_timeout_secs <= self.ping_interval_secs {
+            bail!("--idle-timeout-secs must be greater than --ping-interval-secs (> 0)");
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
+            bail!("--reconnect-max-ms must be at least --reconnect-min-ms (> 0)");
+        }
+        if self.jwt_secret.is_some() && self.jwt_public_key_file.is_some() {
+            bail!("--jwt-secret and --jwt-public-key-file are exclusive");
+        }
+        if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            bail!("--jwt-secret must be at least 16 bytes");
+        }
+        if self.amqp_url.is_some() && self.jwt_secret.is_none() && self.jwt_public_key_file.is_none()
+        {
+            bail!("--jwt-secret or --jwt-public-key-file is required with --amqp-url");
+        }
+        if self.service_name.is_empty() || self.service_name.len() > 200 {
+            bail!("--service-name must be 1 to 200 bytes");
+        }
+        Ok(())
+    }
+
+    /// The JWT verification config, or `None` when no key is configured.
+    pub fn jwt_config(&self) -> Result<Option<JwtConfig>> {
+        let key = if let Some(secret) = &self.jwt_secret {
+            JwtKey::Hs256Secret(secret.as_bytes().to_vec())
+        } else if let Some(path) = &self.jwt_public_key_file {
+            let pem = std::fs::read_to_string(path).with_context(|| {
+                format!("--jwt-public-key-file: cannot read {}", path.display())
+            })?;
+            match self.jwt_algorithm {
+                JwtAlgorithm::Rs256 => JwtKey::Rs256PublicPem(pem),
+                JwtAlgorithm::Es256 => JwtKey::Es256PublicPem(pem),
+                JwtAlgorithm::Hs256 => {
+                    bail!("--jwt-algorithm hs256 takes --jwt-secret, not a key file")
+                }
+            }
+        } else {
+            return Ok(None);
+        };
+        let mut config = JwtConfig::new(key);
+        config.issuer.clone_from(&self.jwt_issuer);
+        if !self.jwt_audience.is_empty() {
+            config.audience = Some(self.jwt_audience.clone());
+        }
+        config.username_claim.clone_from(&self.jwt_username_claim);
+        Ok(Some(config))
+    }
+}

@@ -1,0 +1,119 @@
+"""Mesh events reaching WebSocket clients: targeted, broadcast and subscribed.
+
+Negative checks ("bob does not get it") use a marker: after the event under test, a second
+event that bob *should* get is sent; bob's next event frame must be the marker. The gateway
+consumes its queue in order, so anything wrongly routed to bob would arrive first. A short
+grace period afterwards catches stragglers anyway.
+"""
+
+import asyncio
+
+from interop_helpers import is_event, run, unique
+
+GRACE = 0.3
+
+
+async def _three_sessions(mesh):
+    alice_id, bob_id = unique("alice"), unique("bob")
+    alice1 = await mesh.connect(alice_id, label="alice#1")
+    alice2 = await mesh.connect(alice_id, label="alice#2")
+    bob = await mesh.connect(bob_id, label="bob")
+    assert alice1.hello.session_id != alice2.hello.session_id
+    assert alice1.hello.user_id == alice_id and bob.hello.user_id == bob_id
+    return alice_id, bob_id, alice1, alice2, bob
+
+
+async def _close(*clients):
+    for c in clients:
+        await c.close()
+
+
+async def _next_event_is_marker(client, marker_topic):
+    frame = await client.expect(is_event(), what=f"marker event {marker_topic}")
+    assert frame["payload"]["topic"] == marker_topic, f"{client.label} got an event meant for others: {frame}"
+    await client.expect_none(lambda f: f.get("type") == "event", within=GRACE, what="event after the marker")
+
+
+def test_targeted_event_reaches_only_that_users_sessions(mesh):
+    async def scenario():
+        alice_id, bob_id, alice1, alice2, bob = await _three_sessions(mesh)
+        caller = await mesh.connect(unique("carol"), label="carol")
+        topic = f"interop.notify.{unique('t')}"
+        event = {"for": "alice", "n": 1}
+        result = await caller.call_ok(mesh.service, "emit", {"topic": topic, "payload": event, "target": [alice_id]})
+        assert result == f"emitted {topic}"
+        for alice in (alice1, alice2):
+            frame = await alice.expect(is_event(topic), what=f"targeted event {topic}")
+            assert frame["payload"] == {"topic": topic, "event": event}
+        marker = f"interop.notify.{unique('marker')}"
+        await caller.call_ok(mesh.service, "emit", {"topic": marker, "payload": {"marker": True}, "target": [bob_id]})
+        await _next_event_is_marker(bob, marker)
+        await caller.expect_none(lambda f: f.get("type") == "event", within=0, what="event for the caller")
+        await _close(alice1, alice2, bob, caller)
+
+    run(scenario())
+
+
+def test_broadcast_event_reaches_everyone(mesh):
+    async def scenario():
+        _, _, alice1, alice2, bob = await _three_sessions(mesh)
+        topic = f"interop.broadcast.{unique('b')}"
+        result = await bob.call_ok(mesh.service, "publish", {"topic": topic, "event": {"hello": "all"}})
+        assert result == f"published {topic}"
+        for client in (alice1, alice2, bob):
+            frame = await client.expect(is_event(topic), what=f"broadcast {topic}")
+            assert frame["payload"]["event"] == {"hello": "all"}
+        await _close(alice1, alice2, bob)
+
+    run(scenario())
+
+
+def test_subscribed_topic_event(mesh):
+    async def scenario():
+        _, _, alice1, alice2, bob = await _three_sessions(mesh)
+        base = f"interop.sub.{unique('s')}"
+        pattern = f"{base}.*"
+        await alice1.send({"type": "subscribe", "payload": {"topics": [pattern]}})
+        frame = await alice1.expect(lambda f: f.get("type") == "subscribed", what="subscribed")
+        assert pattern in frame["payload"]["topics"]
+
+        await bob.call_ok(mesh.service, "publish", {"topic": f"{base}.x", "event": {"n": 1}})
+        frame = await alice1.expect(is_event(f"{base}.x"), what="subscribed event")
+        assert frame["payload"]["event"] == {"n": 1}
+        # `*` is one word: base.x.y does not match; sessions without the subscription get nothing.
+        await bob.call_ok(mesh.service, "publish", {"topic": f"{base}.x.y", "event": {"n": 2}})
+        marker = f"interop.broadcast.{unique('marker')}"
+        await bob.call_ok(mesh.service, "publish", {"topic": marker, "event": {}})
+        for client in (alice1, alice2, bob):
+            await _next_event_is_marker(client, marker)
+
+        await alice1.send({"type": "unsubscribe", "payload": {"topics": [pattern]}})
+        frame = await alice1.expect(lambda f: f.get("type") in ("unsubscribed", "subscribed"), what="unsubscribe ack")
+        assert pattern not in frame["payload"]["topics"], frame
+        await bob.call_ok(mesh.service, "publish", {"topic": f"{base}.x", "event": {"n": 3}})
+        marker = f"interop.broadcast.{unique('marker')}"
+        await bob.call_ok(mesh.service, "publish", {"topic": marker, "event": {}})
+        await _next_event_is_marker(alice1, marker)
+        await _close(alice1, alice2, bob)
+
+    run(scenario())
+
+
+def test_event_to_service_binding_still_reaches_service(mesh):
+    """The gateway's bindings do not steal events from services: the Python service's own
+    binding (interop.to-service.#) still gets its copy."""
+
+    async def scenario():
+        alice = await mesh.connect(unique("alice"))
+        topic = f"interop.to-service.{unique('e')}"
+        await alice.call_ok(mesh.service, "publish", {"topic": topic, "event": {"x": 1}})
+        for _ in range(50):
+            events = await alice.call_ok(mesh.service, "events_seen", {})
+            if any(e["topic"] == topic for e in events):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"the service never got {topic}")
+        await alice.close()
+
+    run(scenario())

@@ -1,0 +1,412 @@
+//! End-to-end: real WebSocket clients over loopback against the core + WebSocket adapter on
+//! the in-memory mesh. Client protocol, auth at the upgrade, concurrency, events, limits.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests: a failure is a failed test")]
+
+use std::time::Duration;
+
+use e2e_tests::{Client, Gateway, Options, SECRET, token, token_with};
+use handler_core::mesh::GatewayControl;
+use handler_core::{MeshEvent, UserId};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite;
+
+fn is_hex32(v: &Value) -> bool {
+    v.as_str().is_some_and(|s| s.len() == 32 && s.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[tokio::test]
+async fn hello_frame_has_the_original_shape() {
+    let gw = Gateway::start().await;
+    let (_c, hello) = gw.connect("alice").await;
+    assert_eq!(hello["type"], "event");
+    assert_eq!(hello["payload"]["topic"], "hello");
+    let event = &hello["payload"]["event"];
+    assert!(is_hex32(&event["session_id"]), "{hello}");
+    assert_eq!(event["user_id"], "alice");
+    assert_eq!(event["username"], "alice@example.com");
+    assert_eq!(event.as_object().unwrap().len(), 3);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn request_round_trip_and_generated_trace_id() {
+    let gw = Gateway::start().await;
+    let (mut c, _) = gw.connect("alice").await;
+    c.request("svc", "echo", json!({"text": "hi", "n": 1}), "t-1").await;
+    let r = c.recv_json().await;
+    assert_eq!(r, json!({"type": "response", "payload": {"trace_id": "t-1", "result": {"text": "hi", "n": 1}, "error": null}}));
+
+    c.send_json(&json!({"type": "request", "payload": {"service": "svc", "method": "echo", "params": {}}})).await;
+    let r = c.recv_json().await;
+    assert!(is_hex32(&r["payload"]["trace_id"]), "generated trace id: {r}");
+
+    c.request("svc", "fail", json!({}), "t-fail").await;
+    let r = c.recv_json().await;
+    assert_eq!(r["payload"]["error"]["error"], "NuropbException");
+    assert_eq!(r["payload"]["result"], Value::Null);
+
+    c.request("svc", "nope", json!({}), "t-unknown-method").await;
+    let r = c.recv_json().await;
+    assert_eq!(r["payload"]["error"], json!({"error": "NuropbHandlingError", "description": "Unknown method nope"}));
+
+    c.request("nosvc", "echo", json!({}), "t-unknown-service").await;
+    let r = c.recv_json().await;
+    assert_eq!(
+        r["payload"]["error"],
+        json!({"error": "NuropbNotDeliveredError", "description": "Service nosvc not available. unable to call method echo"})
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn context_is_built_by_the_gateway_never_by_the_client() {
+    let gw = Gateway::start().await;
+    let (mut c, _) = gw.connect("alice").await;
+    c.send_json(&json!({
+        "type": "request",
+        "payload": {"service": "svc", "method": "whoami", "params": {}, "trace_id": "w", "context": {"user_id": "mallory"}},
+        "context": {"user_id": "mallory"},
+    }))
+    .await;
+    let r = c.recv_json().await;
+    let ctx = &r["payload"]["result"];
+    assert_eq!(ctx["user_id"], "alice");
+    assert_eq!(ctx["Authorization"], format!("Bearer {}", token_for_check(&r)));
+    assert_eq!(ctx["trace_id"], "w");
+    gw.stop().await;
+}
+
+/// The Authorization context value must carry the very token the client connected with;
+/// the test re-derives nothing, so it reads it back from the context.
+fn token_for_check(r: &Value) -> String {
+    let auth = r["payload"]["result"]["Authorization"].as_str().unwrap();
+    let token = auth.strip_prefix("Bearer ").expect("Bearer prefix");
+    let claims = jsonwebtoken::decode::<Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()),
+        &jsonwebtoken::Validation::default(),
+    )
+    .expect("the forwarded token is the client's valid token");
+    assert_eq!(claims.claims["sub"], "alice");
+    token.to_owned()
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_out_of_order() {
+    let gw = Gateway::start().await;
+    let (mut c, _) = gw.connect("alice").await;
+    c.request("svc", "sleep", json!({"ms": 600}), "slow").await;
+    c.request("svc", "echo", json!({"fast": true}), "fast").await;
+    c.request("svc", "sleep", json!({"ms": 200}), "medium").await;
+    let order: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            let r = c.recv_json().await;
+            v.push(r["payload"]["trace_id"].as_str().unwrap().to_owned());
+        }
+        v
+    };
+    assert_eq!(order, ["fast", "medium", "slow"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_never_reaches_the_mesh() {
+    let gw = Gateway::start().await;
+    let (mut c, _) = gw.connect("alice").await;
+    let deep = format!("{}{}", "[".repeat(2000), "]".repeat(2000));
+    let deep_params = format!(
+        r#"{{"type":"request","payload":{{"service":"svc","method":"echo","params":{{"a":{}1{}}}}}}}"#,
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    let long_trace = format!(
+        r#"{{"type":"request","payload":{{"service":"svc","method":"echo","params":{{}},"trace_id":"{}"}}}}"#,
+        "x".repeat(200_000)
+    );
+    let long_name = format!(
+        r#"{{"type":"request","payload":{{"service":"{}","method":"echo","params":{{}}}}}}"#,
+        "s".repeat(300)
+    );
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("not json", "this is not json".into(), "not valid JSON"),
+        ("array", "[1, 2, 3]".into(), "must be a JSON object"),
+        ("missing type", r#"{"payload": {}}"#.into(), "missing `type`"),
+        ("unknown type", r#"{"type": "query", "payload": {}}"#.into(), "unknown `type`"),
+        ("missing payload", r#"{"type": "request"}"#.into(), "missing `payload`"),
+        ("missing method", r#"{"type":"request","payload":{"service":"svc","params":{}}}"#.into(), "payload.method"),
+        ("missing params", r#"{"type":"request","payload":{"service":"svc","method":"echo"}}"#.into(), "payload.params"),
+        ("params list", r#"{"type":"request","payload":{"service":"svc","method":"echo","params":[1,2]}}"#.into(), "must be an object, got array"),
+        ("service number", r#"{"type":"request","payload":{"service":5,"method":"echo","params":{}}}"#.into(), "payload.service"),
+        ("trace number", r#"{"type":"request","payload":{"service":"svc","method":"echo","params":{},"trace_id":7}}"#.into(), "payload.trace_id"),
+        ("trace object", r#"{"type":"request","payload":{"service":"svc","method":"echo","params":{},"trace_id":{"a":1}}}"#.into(), "payload.trace_id"),
+        ("trace 200 KB", long_trace, "payload.trace_id"),
+        ("deep array", deep, ""),
+        ("deep params", deep_params, ""),
+        ("long service", long_name, "payload.service"),
+    ];
+    for (name, frame, needle) in &cases {
+        c.send_text(frame).await;
+        let r = c.recv_json().await;
+        let description = r["description"]
+            .as_str()
+            .or_else(|| r["payload"]["error"]["description"].as_str())
+            .unwrap_or_else(|| panic!("case {name}: no error in {r}"));
+        assert!(description.contains(needle), "case {name}: {description:?} lacks {needle:?}");
+    }
+    // A request with a valid trace id gets its error as a response the client can match.
+    c.send_text(r#"{"type":"request","payload":{"service":"svc","method":"echo","params":"x","trace_id":"bad-1"}}"#).await;
+    let r = c.recv_json().await;
+    assert_eq!(r["type"], "response");
+    assert_eq!(r["payload"]["trace_id"], "bad-1");
+    assert_eq!(r["payload"]["error"]["error"], "NuropbValidationError");
+    // Binary garbage is bad MessagePack.
+    c.send_binary(vec![0xc1, 0xff, 0x00]).await;
+    let r = c.recv_msgpack().await;
+    assert!(r["description"].as_str().unwrap().contains("MessagePack"), "{r}");
+
+    assert_eq!(gw.mesh_calls(), 0, "bad input reached the mesh");
+    // The connection is still usable.
+    c.request("svc", "echo", json!({"still": "alive"}), "after").await;
+    assert_eq!(c.recv_json().await["payload"]["result"], json!({"still": "alive"}));
+    assert_eq!(gw.mesh_calls(), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn messagepack_in_messagepack_out() {
+    let gw = Gateway::start().await;
+    let (mut c, _) = gw.connect("alice").await;
+    let frame = json!({"type": "request", "payload": {"service": "svc", "method": "echo", "params": {"bin": [1, 2, 3], "s": "é"}, "trace_id": "mp"}});
+    c.send_binary(rmp_serde::to_vec_named(&frame).unwrap()).await;
+    let r = c.recv_msgpack().await;
+    assert_eq!(r, json!({"type": "response", "payload": {"trace_id": "mp", "result": {"bin": [1, 2, 3], "s": "é"}, "error": null}}));
+    // Text in, text out, on the same connection.
+    c.request("svc", "echo", json!({"x": 1}), "js").await;
+    assert_eq!(c.recv_json().await["payload"]["trace_id"], "js");
+    gw.stop().await;
+}
+
+fn http_status(e: &tungstenite::Error) -> Option<u16> {
+    match e {
+        tungstenite::Error::Http(r) => Some(r.status().as_u16()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn refused_tokens_get_401_at_the_upgrade() {
+    let gw = Gateway::start().await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
+        ("no credentials", vec![]),
+        ("garbage", vec![("Authorization", "Bearer not-a-token".into())]),
+        ("expired", vec![("Authorization", format!("Bearer {}", token_with(json!({"sub": "a", "exp": now - 3600}), SECRET)))]),
+        ("wrong secret", vec![("Authorization", format!("Bearer {}", token_with(json!({"sub": "a", "exp": now + 60}), "another-secret-0123456789")))]),
+    ];
+    for (name, headers) in cases {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let err = Client::connect(&gw.url, &headers).await.err().unwrap_or_else(|| panic!("{name}: connected"));
+        assert_eq!(http_status(&err), Some(401), "{name}: {err}");
+    }
+    // A cookie works as the original allowed.
+    let cookie = format!("Authorization={}", token("bob"));
+    let mut c = Client::connect(&gw.url, &[("Cookie", &cookie)]).await.expect("cookie auth");
+    assert_eq!(c.recv_json().await["payload"]["event"]["user_id"], "bob");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn origins_are_matched_on_a_dot_boundary() {
+    let gw = Gateway::start().await;
+    let auth = format!("Bearer {}", token("alice"));
+    for (origin, ok) in [
+        ("https://app.example.com", true),
+        ("https://example.com", true),
+        ("https://evil-example.com", false),
+        ("https://example.org", false),
+    ] {
+        let r = Client::connect(&gw.url, &[("Authorization", &auth), ("Origin", origin)]).await;
+        match (ok, r) {
+            (true, Ok(_)) => {}
+            (false, Err(e)) => assert_eq!(http_status(&e), Some(403), "{origin}: {e}"),
+            (true, Err(e)) => panic!("{origin} refused: {e}"),
+            (false, Ok(_)) => panic!("{origin} accepted"),
+        }
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn request_timeout_answers_with_an_error() {
+    let gw = Gateway::start_with(Options { request_timeout: Duration::from_millis(300), ..Options::default() }).await;
+    let (mut c, _) = gw.connect("alice").await;
+    c.request("svc", "never", json!({}), "stuck").await;
+    c.request("svc", "echo", json!({}), "ok").await;
+    assert_eq!(c.recv_json().await["payload"]["trace_id"], "ok", "a stuck request blocks nothing");
+    let r = c.recv_json().await;
+    assert_eq!(r["payload"]["trace_id"], "stuck");
+    assert_eq!(r["payload"]["error"]["error"], "NuropbTimeoutError");
+    assert_eq!(gw.handle.stats().requests_timed_out, 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn in_flight_limit_per_connection() {
+    let gw = Gateway::start_with(Options { max_in_flight: 2, ..Options::default() }).await;
+    let (mut c, _) = gw.connect("alice").await;
+    for t in ["a", "b", "c"] {
+        c.request("svc", "sleep", json!({"ms": 300}), t).await;
+    }
+    let r = c.recv_json().await;
+    assert_eq!(r["payload"]["trace_id"], "c");
+    assert_eq!(r["payload"]["error"]["error"], "NuropbOverloadedError");
+    let mut rest = vec![c.recv_json().await, c.recv_json().await];
+    rest.sort_by_key(|r| r["payload"]["trace_id"].as_str().unwrap().to_owned());
+    assert_eq!(rest[0]["payload"]["result"], json!({"slept_ms": 300}));
+    assert_eq!(rest[1]["payload"]["trace_id"], "b");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn events_reach_targets_subscribers_and_broadcast() {
+    let gw = Gateway::start().await;
+    let (mut alice1, _) = gw.connect("alice").await;
+    let (mut alice2, _) = gw.connect("alice").await;
+    let (mut bob, _) = gw.connect("bob").await;
+
+    bob.send_json(&json!({"type": "subscribe", "payload": {"topics": ["news.*"]}})).await;
+    assert_eq!(bob.recv_json().await, json!({"type": "subscribed", "payload": {"topics": ["news.*"]}}));
+
+    let event = |topic: &str, target: Option<Vec<&str>>| MeshEvent {
+        topic: topic.into(),
+        event: json!({"topic_was": topic}),
+        target: target.map(|t| t.into_iter().map(UserId::new).collect()),
+        context: Default::default(),
+        trace_id: None,
+    };
+    gw.mesh.inject_event(event("private.note", Some(vec!["alice"]))).await.unwrap();
+    for c in [&mut alice1, &mut alice2] {
+        assert_eq!(c.recv_json().await, json!({"type": "event", "payload": {"topic": "private.note", "event": {"topic_was": "private.note"}}}));
+    }
+    gw.mesh.inject_event(event("news.sport", None)).await.unwrap();
+    assert_eq!(bob.recv_json().await["payload"]["topic"], "news.sport");
+    gw.mesh.inject_event(event("broadcast.all", None)).await.unwrap();
+    for c in [&mut alice1, &mut alice2, &mut bob] {
+        assert_eq!(c.recv_json().await["payload"]["topic"], "broadcast.all");
+    }
+    // Nothing else arrived: bob got no private note, alice no news.
+    for c in [&mut alice1, &mut alice2, &mut bob] {
+        c.expect_silence(Duration::from_millis(200)).await;
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn mesh_control_pushes_and_disconnects_users() {
+    let gw = Gateway::start().await;
+    let (mut alice1, _) = gw.connect("alice").await;
+    let (mut alice2, _) = gw.connect("alice").await;
+    let (mut bob, _) = gw.connect("bob").await;
+    gw.mesh
+        .inject_control(GatewayControl::PushToUsers {
+            user_ids: vec![UserId::new("bob")],
+            topic: "notice".into(),
+            event: json!("hi bob"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(bob.recv_json().await["payload"]["event"], "hi bob");
+    gw.mesh
+        .inject_control(GatewayControl::DisconnectUsers { user_ids: vec![UserId::new("alice")], reason: "bye".into() })
+        .await
+        .unwrap();
+    for c in [&mut alice1, &mut alice2] {
+        let close = c.recv_close().await.expect("close frame");
+        assert_eq!(u16::from(close.code), 4001);
+    }
+    bob.request("svc", "echo", json!({}), "still-here").await;
+    assert_eq!(bob.recv_json().await["payload"]["trace_id"], "still-here");
+    // The closed sessions are gone from the registry.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(gw.handle.stats().sessions, 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_message_closes_with_1009() {
+    let mut options = Options::default();
+    options.ws.max_message_size = 4096;
+    options.ws.max_frame_size = 4096;
+    let gw = Gateway::start_with(options).await;
+    let (mut c, _) = gw.connect("alice").await;
+    c.send_text(&format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(10_000))).await;
+    let close = c.recv_close().await.expect("close frame");
+    assert_eq!(u16::from(close.code), 1009);
+    assert_eq!(gw.mesh_calls(), 0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn ping_subscribe_errors_and_commands() {
+    let gw = Gateway::start().await;
+    let (mut c, _) = gw.connect("alice").await;
+    c.send_json(&json!({"type": "ping"})).await;
+    assert_eq!(c.recv_json().await, json!({"type": "pong", "payload": {}}));
+    c.send_json(&json!({"type": "command", "payload": {"service": "svc", "method": "echo", "params": {}, "trace_id": "cmd"}})).await;
+    assert_eq!(c.recv_json().await, json!({"type": "accepted", "payload": {"trace_id": "cmd"}}));
+    c.send_json(&json!({"type": "command", "payload": {"service": "nosvc", "method": "x", "params": {}, "trace_id": "cmd2"}})).await;
+    let r = c.recv_json().await;
+    assert_eq!(r["payload"]["error"]["error"], "NuropbNotDeliveredError");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_requests_then_closes_with_1001() {
+    let gw = Gateway::start().await;
+    let (mut c, _) = gw.connect("alice").await;
+    c.request("svc", "sleep", json!({"ms": 400}), "drained").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    gw.shutdown.cancel();
+    let r = c.recv_json().await;
+    assert_eq!(r["payload"]["trace_id"], "drained");
+    assert_eq!(r["payload"]["result"], json!({"slept_ms": 400}));
+    let close = c.recv_close().await.expect("close frame");
+    assert_eq!(u16::from(close.code), 1001);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limit_answers_then_closes_abusers() {
+    let mut options = Options::default();
+    options.ws.rate_per_second = 1;
+    options.ws.rate_burst = 5;
+    options.ws.max_protocol_errors = 3;
+    let gw = Gateway::start_with(options).await;
+    let (mut c, _) = gw.connect("alice").await;
+    for _ in 0..5 {
+        c.send_json(&json!({"type": "ping"})).await;
+    }
+    for _ in 0..5 {
+        assert_eq!(c.recv_json().await["type"], "pong");
+    }
+    for _ in 0..4 {
+        c.send_json(&json!({"type": "ping"})).await;
+    }
+    let mut limited = 0;
+    loop {
+        match c.next_message().await {
+            Some(tungstenite::Message::Text(t)) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["error"] == "RateLimited" {
+                    limited += 1;
+                }
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert!(limited >= 3, "rate-limited frames were answered ({limited})");
+    gw.stop().await;
+}
