@@ -22,7 +22,7 @@ pub enum JwtAlgorithm {
 /// With no --amqp-url it runs on an embedded in-memory mesh with a demo service and prints a
 /// demo token, so you can connect a WebSocket client right away.
 #[derive(Debug, Parser)]
-#[command(name = "nuropb-gateway", version, about, long_about = None)]
+#[command(name = "nuropb-gateway", version)]
 pub struct Cli {
     /// Address to accept WebSocket connections on.
     #[arg(long, env = "NUROPB_LISTEN", default_value = "127.0.0.1:8080")]
@@ -195,7 +195,9 @@ impl Cli {
         if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
             bail!("--jwt-secret must be at least 16 bytes");
         }
-        if self.amqp_url.is_some() && self.jwt_secret.is_none() && self.jwt_public_key_file.is_none()
+        if self.amqp_url.is_some()
+            && self.jwt_secret.is_none()
+            && self.jwt_public_key_file.is_none()
         {
             bail!("--jwt-secret or --jwt-public-key-file is required with --amqp-url");
         }

@@ -25,6 +25,15 @@ use ws_adapter::{AuthSources, WsConfig};
 
 use crate::config::Cli;
 
+/// Prints a line to stdout for the operator. A closed stdout (e.g. the reader went away)
+/// must not bring the gateway down, so write errors are ignored.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = cli.validate() {
@@ -125,7 +134,7 @@ async fn run(cli: Cli) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
     let addr = listener.local_addr().context("cannot read the listening address")?;
-    println!("nuropb-gateway listening on ws://{addr}/");
+    say!("nuropb-gateway listening on ws://{addr}/");
     if demo_mode {
         print_demo_banner(&addr.to_string(), dev_secret.as_deref(), cli.jwt_secret.as_deref())?;
     }
@@ -185,16 +194,16 @@ fn amqp_config(cli: &Cli, url: &str) -> amqp_mesh::AmqpMeshConfig {
 
 fn print_demo_banner(addr: &str, dev_secret: Option<&str>, configured: Option<&str>) -> Result<()> {
     let secret = dev_secret.or(configured);
-    println!("running on the embedded in-memory mesh (no --amqp-url): service `demo`");
+    say!("running on the embedded in-memory mesh (no --amqp-url): service `demo`");
     if let Some(secret) = secret {
         let token = demo::demo_token(secret.as_bytes())?;
         if dev_secret.is_some() {
-            println!("generated dev JWT secret (HS256): {secret}");
+            say!("generated dev JWT secret (HS256): {secret}");
         }
-        println!("demo token (user demo-user, 24 h): {token}");
-        println!("try:");
-        println!("  websocat -H 'Authorization: Bearer {token}' ws://{addr}/ws");
-        println!(
+        say!("demo token (user demo-user, 24 h): {token}");
+        say!("try:");
+        say!("  websocat -H 'Authorization: Bearer {token}' ws://{addr}/ws");
+        say!(
             "  {{\"type\":\"request\",\"payload\":{{\"service\":\"demo\",\"method\":\"add\",\"params\":{{\"a\":2,\"b\":40}}}}}}"
         );
     }

@@ -1,7 +1,11 @@
 //! Helpers shared by the end-to-end tests: a gateway (core + WebSocket adapter on an
 //! in-memory mesh) on a loopback port, tokens, and a WebSocket client with bounded waits.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test helpers: a failure is a failed test")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers: a failure is a failed test"
+)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -99,7 +103,10 @@ pub fn test_mesh() -> (InMemoryMesh, tokio::sync::mpsc::Receiver<handler_core::M
             Ok(json!({"slept_ms": ms}))
         })
         .sync_method("svc", "fail", |_| {
-            Err(ErrorObject::new("NuropbException", "Runtime exception calling svc.fail:ValueError: boom"))
+            Err(ErrorObject::new(
+                "NuropbException",
+                "Runtime exception calling svc.fail:ValueError: boom",
+            ))
         })
         .sync_method("svc", "whoami", |c| Ok(Value::Object(c.context)))
         .method("svc", "never", |_| std::future::pending())
@@ -114,8 +121,9 @@ impl Gateway {
     pub async fn start_with(options: Options) -> Gateway {
         let (mesh, inbound) = test_mesh();
         let counting = Arc::new(CountingMesh { inner: mesh.clone(), calls: AtomicUsize::new(0) });
-        let auth = JwtAuthenticator::new(JwtConfig::new(JwtKey::Hs256Secret(SECRET.as_bytes().to_vec())))
-            .unwrap();
+        let auth =
+            JwtAuthenticator::new(JwtConfig::new(JwtKey::Hs256Secret(SECRET.as_bytes().to_vec())))
+                .unwrap();
         let shutdown = CancellationToken::new();
         let core = CoreConfig {
             mesh: MeshManagerConfig {
@@ -165,9 +173,10 @@ impl Gateway {
 
     /// Connects with a bearer token and reads the hello frame.
     pub async fn connect(&self, user: &str) -> (Client, Value) {
-        let mut client = Client::connect(&self.url, &[("Authorization", &format!("Bearer {}", token(user)))])
-            .await
-            .expect("connect");
+        let mut client =
+            Client::connect(&self.url, &[("Authorization", &format!("Bearer {}", token(user)))])
+                .await
+                .expect("connect");
         let hello = client.recv_json().await;
         assert_eq!(hello["payload"]["topic"], "hello", "first frame must be hello: {hello}");
         (client, hello)
@@ -176,11 +185,14 @@ impl Gateway {
 
 /// A valid HS256 token for `user` (username `<user>@example.com`).
 pub fn token(user: &str) -> String {
-    token_with(json!({
-        "sub": user,
-        "username": format!("{user}@example.com"),
-        "exp": jsonwebtoken::get_current_timestamp() + 600,
-    }), SECRET)
+    token_with(
+        json!({
+            "sub": user,
+            "username": format!("{user}@example.com"),
+            "exp": jsonwebtoken::get_current_timestamp() + 600,
+        }),
+        SECRET,
+    )
 }
 
 pub fn token_with(claims: Value, secret: &str) -> String {
@@ -199,7 +211,10 @@ pub struct Client {
 
 impl Client {
     /// Connects with extra headers; `Err` carries tungstenite's error (HTTP refusals).
-    pub async fn connect(url: &str, headers: &[(&str, &str)]) -> Result<Client, tungstenite::Error> {
+    pub async fn connect(
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, tungstenite::Error> {
         let mut request = url.into_client_request()?;
         for (k, v) in headers {
             request.headers_mut().insert(
@@ -268,7 +283,10 @@ impl Client {
     /// Waits for the close frame and returns it (frames before it are skipped).
     pub async fn recv_close(&mut self) -> Option<CloseFrame> {
         loop {
-            match tokio::time::timeout(FRAME_WAIT, self.ws.next()).await.expect("no close within the wait") {
+            match tokio::time::timeout(FRAME_WAIT, self.ws.next())
+                .await
+                .expect("no close within the wait")
+            {
                 Some(Ok(Message::Close(frame))) => return frame,
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return None,

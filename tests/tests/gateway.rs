@@ -35,9 +35,15 @@ async fn request_round_trip_and_generated_trace_id() {
     let (mut c, _) = gw.connect("alice").await;
     c.request("svc", "echo", json!({"text": "hi", "n": 1}), "t-1").await;
     let r = c.recv_json().await;
-    assert_eq!(r, json!({"type": "response", "payload": {"trace_id": "t-1", "result": {"text": "hi", "n": 1}, "error": null}}));
+    assert_eq!(
+        r,
+        json!({"type": "response", "payload": {"trace_id": "t-1", "result": {"text": "hi", "n": 1}, "error": null}})
+    );
 
-    c.send_json(&json!({"type": "request", "payload": {"service": "svc", "method": "echo", "params": {}}})).await;
+    c.send_json(
+        &json!({"type": "request", "payload": {"service": "svc", "method": "echo", "params": {}}}),
+    )
+    .await;
     let r = c.recv_json().await;
     assert!(is_hex32(&r["payload"]["trace_id"]), "generated trace id: {r}");
 
@@ -48,7 +54,10 @@ async fn request_round_trip_and_generated_trace_id() {
 
     c.request("svc", "nope", json!({}), "t-unknown-method").await;
     let r = c.recv_json().await;
-    assert_eq!(r["payload"]["error"], json!({"error": "NuropbHandlingError", "description": "Unknown method nope"}));
+    assert_eq!(
+        r["payload"]["error"],
+        json!({"error": "NuropbHandlingError", "description": "Unknown method nope"})
+    );
 
     c.request("nosvc", "echo", json!({}), "t-unknown-service").await;
     let r = c.recv_json().await;
@@ -181,7 +190,10 @@ async fn messagepack_in_messagepack_out() {
     let frame = json!({"type": "request", "payload": {"service": "svc", "method": "echo", "params": {"bin": [1, 2, 3], "s": "é"}, "trace_id": "mp"}});
     c.send_binary(rmp_serde::to_vec_named(&frame).unwrap()).await;
     let r = c.recv_msgpack().await;
-    assert_eq!(r, json!({"type": "response", "payload": {"trace_id": "mp", "result": {"bin": [1, 2, 3], "s": "é"}, "error": null}}));
+    assert_eq!(
+        r,
+        json!({"type": "response", "payload": {"trace_id": "mp", "result": {"bin": [1, 2, 3], "s": "é"}, "error": null}})
+    );
     // Text in, text out, on the same connection.
     c.request("svc", "echo", json!({"x": 1}), "js").await;
     assert_eq!(c.recv_json().await["payload"]["trace_id"], "js");
@@ -202,12 +214,30 @@ async fn refused_tokens_get_401_at_the_upgrade() {
     let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
         ("no credentials", vec![]),
         ("garbage", vec![("Authorization", "Bearer not-a-token".into())]),
-        ("expired", vec![("Authorization", format!("Bearer {}", token_with(json!({"sub": "a", "exp": now - 3600}), SECRET)))]),
-        ("wrong secret", vec![("Authorization", format!("Bearer {}", token_with(json!({"sub": "a", "exp": now + 60}), "another-secret-0123456789")))]),
+        (
+            "expired",
+            vec![(
+                "Authorization",
+                format!("Bearer {}", token_with(json!({"sub": "a", "exp": now - 3600}), SECRET)),
+            )],
+        ),
+        (
+            "wrong secret",
+            vec![(
+                "Authorization",
+                format!(
+                    "Bearer {}",
+                    token_with(json!({"sub": "a", "exp": now + 60}), "another-secret-0123456789")
+                ),
+            )],
+        ),
     ];
     for (name, headers) in cases {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let err = Client::connect(&gw.url, &headers).await.err().unwrap_or_else(|| panic!("{name}: connected"));
+        let err = Client::connect(&gw.url, &headers)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{name}: connected"));
         assert_eq!(http_status(&err), Some(401), "{name}: {err}");
     }
     // A cookie works as the original allowed.
@@ -240,7 +270,11 @@ async fn origins_are_matched_on_a_dot_boundary() {
 
 #[tokio::test]
 async fn request_timeout_answers_with_an_error() {
-    let gw = Gateway::start_with(Options { request_timeout: Duration::from_millis(300), ..Options::default() }).await;
+    let gw = Gateway::start_with(Options {
+        request_timeout: Duration::from_millis(300),
+        ..Options::default()
+    })
+    .await;
     let (mut c, _) = gw.connect("alice").await;
     c.request("svc", "never", json!({}), "stuck").await;
     c.request("svc", "echo", json!({}), "ok").await;
@@ -262,7 +296,7 @@ async fn in_flight_limit_per_connection() {
     let r = c.recv_json().await;
     assert_eq!(r["payload"]["trace_id"], "c");
     assert_eq!(r["payload"]["error"]["error"], "NuropbOverloadedError");
-    let mut rest = vec![c.recv_json().await, c.recv_json().await];
+    let mut rest = [c.recv_json().await, c.recv_json().await];
     rest.sort_by_key(|r| r["payload"]["trace_id"].as_str().unwrap().to_owned());
     assert_eq!(rest[0]["payload"]["result"], json!({"slept_ms": 300}));
     assert_eq!(rest[1]["payload"]["trace_id"], "b");
@@ -277,7 +311,10 @@ async fn events_reach_targets_subscribers_and_broadcast() {
     let (mut bob, _) = gw.connect("bob").await;
 
     bob.send_json(&json!({"type": "subscribe", "payload": {"topics": ["news.*"]}})).await;
-    assert_eq!(bob.recv_json().await, json!({"type": "subscribed", "payload": {"topics": ["news.*"]}}));
+    assert_eq!(
+        bob.recv_json().await,
+        json!({"type": "subscribed", "payload": {"topics": ["news.*"]}})
+    );
 
     let event = |topic: &str, target: Option<Vec<&str>>| MeshEvent {
         topic: topic.into(),
@@ -288,7 +325,10 @@ async fn events_reach_targets_subscribers_and_broadcast() {
     };
     gw.mesh.inject_event(event("private.note", Some(vec!["alice"]))).await.unwrap();
     for c in [&mut alice1, &mut alice2] {
-        assert_eq!(c.recv_json().await, json!({"type": "event", "payload": {"topic": "private.note", "event": {"topic_was": "private.note"}}}));
+        assert_eq!(
+            c.recv_json().await,
+            json!({"type": "event", "payload": {"topic": "private.note", "event": {"topic_was": "private.note"}}})
+        );
     }
     gw.mesh.inject_event(event("news.sport", None)).await.unwrap();
     assert_eq!(bob.recv_json().await["payload"]["topic"], "news.sport");
@@ -319,7 +359,10 @@ async fn mesh_control_pushes_and_disconnects_users() {
         .unwrap();
     assert_eq!(bob.recv_json().await["payload"]["event"], "hi bob");
     gw.mesh
-        .inject_control(GatewayControl::DisconnectUsers { user_ids: vec![UserId::new("alice")], reason: "bye".into() })
+        .inject_control(GatewayControl::DisconnectUsers {
+            user_ids: vec![UserId::new("alice")],
+            reason: "bye".into(),
+        })
         .await
         .unwrap();
     for c in [&mut alice1, &mut alice2] {

@@ -49,8 +49,11 @@ fn ensure_running_with(addr: SocketAddr, server: &str, timeout: Duration) -> Res
         if port_answers(addr) {
             // The listener opens late in the boot; await_startup confirms the node is fully
             // up (plugins, default vhost). Its own failure is not fatal once the port answers.
-            let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(5));
-            if let Err(e) = output_bounded(Command::new("rabbitmqctl").arg("await_startup"), remaining) {
+            let remaining =
+                deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(5));
+            if let Err(e) =
+                output_bounded(Command::new("rabbitmqctl").arg("await_startup"), remaining)
+            {
                 eprintln!("broker: `rabbitmqctl await_startup` did not confirm startup: {e:#}");
             }
             eprintln!("broker: RabbitMQ is up on {addr}");
@@ -58,7 +61,9 @@ fn ensure_running_with(addr: SocketAddr, server: &str, timeout: Duration) -> Res
         }
         thread::sleep(Duration::from_millis(500));
     }
-    bail!("RabbitMQ did not accept connections on {addr} within {timeout:?} of starting it.\n{HOW_TO_START}")
+    bail!(
+        "RabbitMQ did not accept connections on {addr} within {timeout:?} of starting it.\n{HOW_TO_START}"
+    )
 }
 
 fn port_answers(addr: SocketAddr) -> bool {
@@ -108,7 +113,8 @@ impl Drop for TempVhost {
 
 fn vhost_name(purpose: &str, suffix: &str) -> Result<String> {
     let valid = |s: &str| {
-        !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        !s.is_empty()
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     };
     if !valid(purpose) {
         bail!("vhost purpose {purpose:?} must be lowercase letters, digits and '-'");
@@ -171,7 +177,8 @@ pub fn output_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output> {
     let stdout = child.stdout.take().map(drain);
     let stderr = child.stderr.take().map(drain);
     let status = wait_bounded(&mut child, timeout, &shown, None)?;
-    let collect = |h: Option<thread::JoinHandle<Vec<u8>>>| h.and_then(|h| h.join().ok()).unwrap_or_default();
+    let collect =
+        |h: Option<thread::JoinHandle<Vec<u8>>>| h.and_then(|h| h.join().ok()).unwrap_or_default();
     Ok(Output { status, stdout: collect(stdout), stderr: collect(stderr) })
 }
 
@@ -187,17 +194,28 @@ fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
 /// Runs `cmd` with inherited stdio, echoing it first; kills it and fails after `timeout`.
 /// With `interrupt_grace`, a late child first gets SIGINT and that long to clean up (pytest
 /// then runs its teardown, which stops the processes it started) before SIGKILL.
-pub fn status_bounded(cmd: &mut Command, timeout: Duration, interrupt_grace: Option<Duration>) -> Result<ExitStatus> {
+pub fn status_bounded(
+    cmd: &mut Command,
+    timeout: Duration,
+    interrupt_grace: Option<Duration>,
+) -> Result<ExitStatus> {
     let shown = crate::display(cmd);
     eprintln!("$ {shown}");
     let mut child = cmd.spawn().with_context(|| format!("cannot start `{shown}`"))?;
     wait_bounded(&mut child, timeout, &shown, interrupt_grace)
 }
 
-fn wait_bounded(child: &mut Child, timeout: Duration, shown: &str, interrupt_grace: Option<Duration>) -> Result<ExitStatus> {
+fn wait_bounded(
+    child: &mut Child,
+    timeout: Duration,
+    shown: &str,
+    interrupt_grace: Option<Duration>,
+) -> Result<ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(status) = child.try_wait().with_context(|| format!("cannot wait for `{shown}`"))? {
+        if let Some(status) =
+            child.try_wait().with_context(|| format!("cannot wait for `{shown}`"))?
+        {
             return Ok(status);
         }
         if Instant::now() >= deadline {
@@ -237,7 +255,10 @@ mod tests {
 
     #[test]
     fn urls_quote_what_a_path_segment_cannot_hold() {
-        assert_eq!(amqp_url("nuropb-interop-0a"), "amqp://guest:guest@127.0.0.1:5672/nuropb-interop-0a");
+        assert_eq!(
+            amqp_url("nuropb-interop-0a"),
+            "amqp://guest:guest@127.0.0.1:5672/nuropb-interop-0a"
+        );
         assert_eq!(percent_encode("/"), "%2F");
         assert_eq!(percent_encode("a b/c%"), "a%20b%2Fc%25");
     }
@@ -256,10 +277,11 @@ mod tests {
         // A port nothing listens on (bind and drop), and a server command that does not exist.
         let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr());
         let Ok(addr) = addr else { return };
-        let err = ensure_running_with(addr, "nuropb-no-such-rabbitmq-server", Duration::from_secs(1))
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default();
+        let err =
+            ensure_running_with(addr, "nuropb-no-such-rabbitmq-server", Duration::from_secs(1))
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default();
         assert!(err.contains("start RabbitMQ"), "{err}");
     }
 

@@ -81,12 +81,18 @@ impl DescribeCache {
                 })
                 .await
                 .clone();
-            if Instant::now() < expires || matches!(described, Described::Failed(_)) {
+            if Instant::now() < expires {
                 return described;
             }
-            let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-            if slots.get(service).is_some_and(|current| Arc::ptr_eq(current, &slot)) {
-                slots.remove(service);
+            {
+                let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+                if slots.get(service).is_some_and(|current| Arc::ptr_eq(current, &slot)) {
+                    slots.remove(service);
+                }
+            }
+            // A failure was for the callers that waited on it, not for the next ones.
+            if matches!(described, Described::Failed(_)) {
+                return described;
             }
         }
         // Only reached if the fresh fetch expired at once (a zero TTL).

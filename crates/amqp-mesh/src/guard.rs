@@ -142,8 +142,9 @@ mod tests {
         check(call(&"s".repeat(256), "m", json!({}), "t"), false);
         check(call("svc", &"m".repeat(255), json!({}), "t"), true);
         check(call("svc", "m", json!({}), "123456789"), false);
-        // body → params → a → [ → [ is five levels.
-        check(call("svc", "m", json!({"a": [[1]]}), "t"), false);
+        // body, params, and two arrays: four levels, the limit; a third array is one too many.
+        check(call("svc", "m", json!({"a": [[1]]}), "t"), true);
+        check(call("svc", "m", json!({"a": [[[1]]]}), "t"), false);
         check(call("svc", "m", json!({"a": [1]}), "t"), true);
     }
 

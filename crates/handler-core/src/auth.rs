@@ -310,7 +310,10 @@ mod tests {
     #[test]
     fn accepts_valid_hs256_and_maps_claims() {
         let auth = hs_auth(|_| {});
-        let token = hs_token(json!({"sub": "alice-id", "username": "alice@example.com", "exp": now() + 60}), SECRET);
+        let token = hs_token(
+            json!({"sub": "alice-id", "username": "alice@example.com", "exp": now() + 60}),
+            SECRET,
+        );
         let id = auth.authenticate(&token).expect("valid");
         assert_eq!(id.user_id, UserId::new("alice-id"));
         assert_eq!(id.username, "alice@example.com");
@@ -353,10 +356,18 @@ mod tests {
                 AuthError::NotYetValid,
             ),
             ("wrong signature", hs_token(good.clone(), b"another-secret"), AuthError::BadSignature),
-            ("wrong audience", hs_token(with("aud", json!("other")), SECRET), AuthError::WrongAudience),
+            (
+                "wrong audience",
+                hs_token(with("aud", json!("other")), SECRET),
+                AuthError::WrongAudience,
+            ),
             ("wrong issuer", hs_token(with("iss", json!("evil")), SECRET), AuthError::WrongIssuer),
             ("no sub", hs_token(without("sub"), SECRET), AuthError::MissingSubject),
-            ("sub not a string", hs_token(with("sub", json!(42)), SECRET), AuthError::MissingSubject),
+            (
+                "sub not a string",
+                hs_token(with("sub", json!(42)), SECRET),
+                AuthError::MissingSubject,
+            ),
         ];
         for (name, token, expected) in cases {
             assert_eq!(auth.authenticate(&token), Err(expected), "case {name}");

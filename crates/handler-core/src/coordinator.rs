@@ -185,8 +185,7 @@ impl Shared {
             }
             None => self.handlers.send_to_subscribers(&e.topic, frame),
         };
-        self.events_delivered
-            .fetch_add(reached as u64, std::sync::atomic::Ordering::Relaxed);
+        self.events_delivered.fetch_add(reached as u64, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(topic = %e.topic, sessions = reached, "mesh event delivered");
     }
 

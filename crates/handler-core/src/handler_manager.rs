@@ -86,7 +86,8 @@ impl HandlerManager {
         let count = {
             let mut reg = self.write();
             reg.by_user.entry(identity.user_id.clone()).or_default().insert(session_id.clone());
-            reg.sessions.insert(session_id, Session { identity, handler, subscriptions: Vec::new() });
+            reg.sessions
+                .insert(session_id, Session { identity, handler, subscriptions: Vec::new() });
             reg.sessions.len()
         };
         let previous = self.high_water.fetch_max(count, Ordering::Relaxed);
@@ -361,7 +362,10 @@ mod tests {
         alice.sort();
         assert_eq!(alice, vec![SessionId::new("s1"), SessionId::new("s2")]);
 
-        assert_eq!(m.unregister(&SessionId::new("s1")).map(|i| i.user_id), Some(UserId::new("alice")));
+        assert_eq!(
+            m.unregister(&SessionId::new("s1")).map(|i| i.user_id),
+            Some(UserId::new("alice"))
+        );
         assert_eq!(m.unregister(&SessionId::new("s1")), None, "second unregister is a no-op");
         assert_eq!(m.session_count(), 2);
         assert_eq!(m.user_count(), 2);
@@ -375,15 +379,27 @@ mod tests {
     fn per_user_fan_out_reaches_every_session_of_those_users_only() {
         let (m, r) = setup(&[("s1", "alice"), ("s2", "alice"), ("s3", "bob"), ("s4", "carol")]);
         let reached = m.send_to_users(
-            &[UserId::new("alice"), UserId::new("carol"), UserId::new("alice"), UserId::new("nobody")],
+            &[
+                UserId::new("alice"),
+                UserId::new("carol"),
+                UserId::new("alice"),
+                UserId::new("nobody"),
+            ],
             frame(),
         );
         assert_eq!(reached, 3);
-        assert_eq!((r["s1"].count(), r["s2"].count(), r["s3"].count(), r["s4"].count()), (1, 1, 0, 1));
+        assert_eq!(
+            (r["s1"].count(), r["s2"].count(), r["s3"].count(), r["s4"].count()),
+            (1, 1, 0, 1)
+        );
         assert_eq!(m.send_to_all(frame()), 4);
         assert_eq!(r["s3"].count(), 1);
-        assert!(m.send_to_session(&SessionId::new("s3"), Outbound { frame: frame(), encoding: None }));
-        assert!(!m.send_to_session(&SessionId::new("zz"), Outbound { frame: frame(), encoding: None }));
+        assert!(
+            m.send_to_session(&SessionId::new("s3"), Outbound { frame: frame(), encoding: None })
+        );
+        assert!(
+            !m.send_to_session(&SessionId::new("zz"), Outbound { frame: frame(), encoding: None })
+        );
         assert_eq!(m.frames_sent(), 8);
     }
 
@@ -406,7 +422,8 @@ mod tests {
         let b = Arc::new(Recorder::default());
         m.register(SessionId::new("a"), identity("u1"), a.clone());
         m.register(SessionId::new("b"), identity("u2"), b.clone());
-        let subs = m.subscribe(&SessionId::new("a"), &["news.*".into(), "news.*".into()]).expect("ok");
+        let subs =
+            m.subscribe(&SessionId::new("a"), &["news.*".into(), "news.*".into()]).expect("ok");
         assert_eq!(subs, vec!["news.*".to_owned()]);
         m.subscribe(&SessionId::new("b"), &["#".into()]).expect("ok");
         assert_eq!(m.send_to_subscribers("news.sport", frame()), 2);

@@ -172,7 +172,10 @@ impl ServiceMeshManager {
     }
 
     /// Takes an in-flight slot for the session, or says why not.
-    fn acquire(&self, session_id: &SessionId) -> Result<(SlotGuard, CancellationToken), SubmitError> {
+    fn acquire(
+        &self,
+        session_id: &SessionId,
+    ) -> Result<(SlotGuard, CancellationToken), SubmitError> {
         if self.shutdown.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
         }
@@ -190,7 +193,10 @@ impl ServiceMeshManager {
         entry.in_flight += 1;
         let cancel = entry.cancel.clone();
         p.total += 1;
-        Ok((SlotGuard { pending: Arc::clone(&self.pending), session_id: session_id.clone() }, cancel))
+        Ok((
+            SlotGuard { pending: Arc::clone(&self.pending), session_id: session_id.clone() },
+            cancel,
+        ))
     }
 
     /// Builds the mesh context. Clients never set it: only the gateway's identity fields.
@@ -309,7 +315,9 @@ impl ServiceMeshManager {
                     }
                 };
                 let frame = match outcome {
-                    Ok(()) => ServerFrame::Message(ServerMessage::Accepted { trace_id: reply_trace }),
+                    Ok(()) => {
+                        ServerFrame::Message(ServerMessage::Accepted { trace_id: reply_trace })
+                    }
                     Err(e) => ServerFrame::Message(ServerMessage::Response {
                         trace_id: reply_trace,
                         result: Value::Null,
@@ -330,5 +338,205 @@ impl ServiceMeshManager {
         if let Some(s) = p.sessions.get(session_id) {
             s.cancel.cancel();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::ids::UserId;
+    use crate::mesh::{MeshResponse, MockServiceMesh};
+
+    fn identity() -> Identity {
+        Identity { user_id: UserId::new("alice"), username: "alice@x".into(), token: "tok".into() }
+    }
+
+    fn call(trace: Option<&str>) -> ClientCall {
+        ClientCall {
+            service: "svc".into(),
+            method: "m".into(),
+            params: JsonObject::new(),
+            trace_id: trace.map(str::to_owned),
+        }
+    }
+
+    fn manager(
+        mesh: MockServiceMesh,
+        config: MeshManagerConfig,
+    ) -> (ServiceMeshManager, mpsc::Receiver<SessionDelivery>, TaskTracker) {
+        let (tx, rx) = mpsc::channel(16);
+        let tracker = TaskTracker::new();
+        let m = ServiceMeshManager::new(
+            Arc::new(mesh),
+            config,
+            tx,
+            tracker.clone(),
+            CancellationToken::new(),
+        );
+        (m, rx, tracker)
+    }
+
+    fn response_of(d: &SessionDelivery) -> (Option<String>, Value, Option<ErrorObject>) {
+        match &d.frame {
+            ServerFrame::Message(ServerMessage::Response { trace_id, result, error }) => {
+                (trace_id.clone(), result.clone(), error.clone())
+            }
+            other => panic!("not a response: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn request_builds_context_and_routes_the_response_to_its_session() {
+        let mut mesh = MockServiceMesh::new();
+        mesh.expect_request().times(1).returning(|call, timeout| {
+            assert_eq!(timeout, Duration::from_secs(30));
+            assert_eq!(call.context["user_id"], "alice");
+            assert_eq!(call.context["Authorization"], "Bearer tok");
+            assert_eq!(call.context["trace_id"], "t1");
+            assert_eq!(call.context.len(), 3);
+            Ok(MeshResponse { result: json!(42), error: None })
+        });
+        let (m, mut rx, _) = manager(mesh, MeshManagerConfig::default());
+        let sid = SessionId::new("s1");
+        let trace = m.request(&sid, &identity(), call(Some("t1")), Encoding::MessagePack);
+        assert_eq!(trace, Ok(TraceId::new("t1")));
+        let d = rx.recv().await.expect("delivery");
+        assert_eq!(d.session_id, sid);
+        assert_eq!(d.encoding, Encoding::MessagePack);
+        assert_eq!(response_of(&d), (Some("t1".into()), json!(42), None));
+        tokio::task::yield_now().await;
+        assert_eq!(m.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn mesh_timeout_becomes_a_timeout_response() {
+        let mut mesh = MockServiceMesh::new();
+        mesh.expect_request().returning(|_, _| Err(MeshError::Timeout(Duration::from_secs(1))));
+        let (m, mut rx, _) = manager(
+            mesh,
+            MeshManagerConfig { request_timeout: Duration::from_secs(1), ..Default::default() },
+        );
+        m.request(&SessionId::new("s"), &identity(), call(None), Encoding::Json)
+            .expect("submitted");
+        let d = rx.recv().await.expect("delivery");
+        let (trace, result, error) = response_of(&d);
+        assert!(trace.is_some_and(|t| t.len() == 32), "generated trace id");
+        assert_eq!(result, Value::Null);
+        assert_eq!(error.map(|e| e.error), Some(error_name::TIMEOUT.to_owned()));
+        assert_eq!(m.timeouts_total(), 1);
+    }
+
+    /// A mesh whose requests never finish, counting how many futures were dropped.
+    struct HangingMesh {
+        dropped: Arc<AtomicUsize>,
+    }
+
+    struct DropCounter(Arc<AtomicUsize>);
+    impl Drop for DropCounter {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ServiceMesh for HangingMesh {
+        async fn request(&self, _: MeshCall, _: Duration) -> Result<MeshResponse, MeshError> {
+            let _guard = DropCounter(Arc::clone(&self.dropped));
+            std::future::pending().await
+        }
+        async fn command(&self, _: MeshCall) -> Result<(), MeshError> {
+            std::future::pending().await
+        }
+        async fn publish_event(&self, _: crate::mesh::MeshEvent) -> Result<(), MeshError> {
+            Ok(())
+        }
+        fn is_connected(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_under_paused_time_and_session_close_drops_pending_state() {
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = mpsc::channel(16);
+        let tracker = TaskTracker::new();
+        let m = ServiceMeshManager::new(
+            Arc::new(HangingMesh { dropped: Arc::clone(&dropped) }),
+            MeshManagerConfig { request_timeout: Duration::from_secs(5), ..Default::default() },
+            tx,
+            tracker.clone(),
+            CancellationToken::new(),
+        );
+        let (a, b) = (SessionId::new("a"), SessionId::new("b"));
+        m.request(&a, &identity(), call(Some("a1")), Encoding::Json).expect("a1");
+        m.request(&a, &identity(), call(Some("a2")), Encoding::Json).expect("a2");
+        m.request(&b, &identity(), call(Some("b1")), Encoding::Json).expect("b1");
+        tokio::task::yield_now().await;
+        assert_eq!((m.in_flight_for(&a), m.in_flight_for(&b), m.in_flight()), (2, 1, 3));
+
+        // Closing session a cancels its calls at once: no response, nothing pending.
+        m.session_closed(&a);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(m.in_flight_for(&a), 0);
+        assert_eq!(dropped.load(Ordering::SeqCst), 2, "the adapter's futures were dropped");
+
+        // b's call times out after the deadline (outer guard: timeout + 250 ms).
+        let d = rx.recv().await.expect("b1 delivery");
+        assert_eq!(d.session_id, b);
+        assert_eq!(response_of(&d).2.map(|e| e.error), Some(error_name::TIMEOUT.to_owned()));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(m.in_flight(), 0);
+        assert!(rx.try_recv().is_err(), "no delivery for the closed session");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_limits_per_session_and_total() {
+        let (tx, _rx) = mpsc::channel(16);
+        let m = ServiceMeshManager::new(
+            Arc::new(HangingMesh { dropped: Arc::new(AtomicUsize::new(0)) }),
+            MeshManagerConfig {
+                request_timeout: Duration::from_secs(5),
+                max_in_flight_per_session: 2,
+                max_in_flight_total: 3,
+            },
+            tx,
+            TaskTracker::new(),
+            CancellationToken::new(),
+        );
+        let (a, b) = (SessionId::new("a"), SessionId::new("b"));
+        let id = identity();
+        assert!(m.request(&a, &id, call(None), Encoding::Json).is_ok());
+        assert!(m.command(&a, &id, call(None), Encoding::Json).is_ok());
+        assert_eq!(
+            m.request(&a, &id, call(None), Encoding::Json),
+            Err(SubmitError::SessionLimit(2))
+        );
+        assert!(m.request(&b, &id, call(None), Encoding::Json).is_ok());
+        assert_eq!(
+            m.request(&b, &id, call(None), Encoding::Json),
+            Err(SubmitError::GatewayLimit(3))
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_refuses_new_calls() {
+        let (tx, _rx) = mpsc::channel(1);
+        let shutdown = CancellationToken::new();
+        let m = ServiceMeshManager::new(
+            Arc::new(MockServiceMesh::new()),
+            MeshManagerConfig::default(),
+            tx,
+            TaskTracker::new(),
+            shutdown.clone(),
+        );
+        shutdown.cancel();
+        assert_eq!(
+            m.request(&SessionId::new("a"), &identity(), call(None), Encoding::Json),
+            Err(SubmitError::ShuttingDown)
+        );
     }
 }

@@ -30,9 +30,7 @@ const BLOCK_LEN: usize = 16;
 /// Encrypts `plaintext` into Fernet token text, with the current time and a random IV.
 pub(crate) fn encrypt(key: &SessionKey, plaintext: &[u8]) -> String {
     // Python uses `int(time.time())`; a clock before 1970 is not worth an error path.
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut iv = [0u8; IV_LEN];
     OsRng.fill_bytes(&mut iv);
     encrypt_at(key, plaintext, now, iv)
@@ -76,8 +74,7 @@ pub(crate) fn decrypt(key: &SessionKey, token_text: &[u8]) -> Result<Vec<u8>, Cr
     let (signed, tag) = token.split_at(token.len() - MAC_LEN);
     let mut mac = hmac_for(key);
     mac.update(signed);
-    mac.verify_slice(tag)
-        .map_err(|_| CryptoError::TokenSignatureMismatch)?;
+    mac.verify_slice(tag).map_err(|_| CryptoError::TokenSignatureMismatch)?;
 
     let (header, ciphertext) = signed.split_at(HEADER_LEN);
     if ciphertext.len() % BLOCK_LEN != 0 {

@@ -58,9 +58,7 @@ impl ServicePublicKey {
 
 impl fmt::Debug for ServicePublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServicePublicKey")
-            .field("bits", &self.bits())
-            .finish_non_exhaustive()
+        f.debug_struct("ServicePublicKey").field("bits", &self.bits()).finish_non_exhaustive()
     }
 }
 
@@ -90,10 +88,7 @@ impl ServicePrivateKey {
     /// `bits` must be at least [`MIN_GENERATED_RSA_BITS`].
     pub fn generate(bits: usize) -> Result<Self, CryptoError> {
         if bits < MIN_GENERATED_RSA_BITS {
-            return Err(CryptoError::KeyTooSmall {
-                bits,
-                min: MIN_GENERATED_RSA_BITS,
-            });
+            return Err(CryptoError::KeyTooSmall { bits, min: MIN_GENERATED_RSA_BITS });
         }
         RsaPrivateKey::new(&mut OsRng, bits)
             .map(|inner| ServicePrivateKey { inner })
@@ -102,9 +97,7 @@ impl ServicePrivateKey {
 
     /// The matching public key.
     pub fn public_key(&self) -> ServicePublicKey {
-        ServicePublicKey {
-            inner: self.inner.to_public_key(),
-        }
+        ServicePublicKey { inner: self.inner.to_public_key() }
     }
 
     /// The matching public key as PEM `SubjectPublicKeyInfo`, for `nuropb_describe`.
@@ -147,20 +140,14 @@ impl SessionKey {
         if text.len() != SESSION_KEY_TEXT_LEN {
             return Err(CryptoError::InvalidSessionKey);
         }
-        let decoded = Zeroizing::new(
-            URL_SAFE
-                .decode(text)
-                .map_err(|_| CryptoError::InvalidSessionKey)?,
-        );
+        let decoded =
+            Zeroizing::new(URL_SAFE.decode(text).map_err(|_| CryptoError::InvalidSessionKey)?);
         let mut bytes = Zeroizing::new([0u8; SESSION_KEY_LEN]);
         if decoded.len() != SESSION_KEY_LEN {
             return Err(CryptoError::InvalidSessionKey);
         }
         bytes.copy_from_slice(&decoded);
-        Ok(SessionKey {
-            text: Zeroizing::new(text.to_owned()),
-            bytes,
-        })
+        Ok(SessionKey { text: Zeroizing::new(text.to_owned()), bytes })
     }
 
     /// The key text. Named so that every use stands out in review: this is a secret.
@@ -213,10 +200,7 @@ mod tests {
     fn session_key_text_is_validated() {
         let check = |text: &str| {
             assert!(
-                matches!(
-                    SessionKey::from_text(text),
-                    Err(CryptoError::InvalidSessionKey)
-                ),
+                matches!(SessionKey::from_text(text), Err(CryptoError::InvalidSessionKey)),
                 "accepted {text:?}"
             );
         };
@@ -237,10 +221,7 @@ mod tests {
     fn generate_refuses_small_keys() {
         assert!(matches!(
             ServicePrivateKey::generate(1024),
-            Err(CryptoError::KeyTooSmall {
-                bits: 1024,
-                min: 2048
-            })
+            Err(CryptoError::KeyTooSmall { bits: 1024, min: 2048 })
         ));
     }
 }

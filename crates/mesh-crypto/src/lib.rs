@@ -94,11 +94,7 @@ fn seal(
 ) -> Result<Vec<u8>, CryptoError> {
     let wrapped_key = recipient
         .inner
-        .encrypt(
-            &mut OsRng,
-            Oaep::new::<Sha256>(),
-            key.expose_text().as_bytes(),
-        )
+        .encrypt(&mut OsRng, Oaep::new::<Sha256>(), key.expose_text().as_bytes())
         .map_err(|e| CryptoError::KeyWrap(Box::new(e)))?;
     let token = fernet::encrypt(key, plaintext);
 

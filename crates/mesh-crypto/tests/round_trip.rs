@@ -10,10 +10,8 @@ use mesh_crypto::{
     decrypt_response, encrypt_request, encrypt_response,
 };
 
-const PRIVATE_KEY_PEM: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/spec/vectors/service_private_key.pem"
-);
+const PRIVATE_KEY_PEM: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/spec/vectors/service_private_key.pem");
 
 /// The capture run's throw-away key; generating a 2048-bit key per test is slow in
 /// debug builds.
@@ -41,10 +39,7 @@ fn request_and_response_round_trip() {
 
     let response_body =
         encrypt_response(&service_side_key, &service.public_key(), RESPONSE).unwrap();
-    assert_eq!(
-        decrypt_response(&requester_key, &response_body).unwrap(),
-        RESPONSE
-    );
+    assert_eq!(decrypt_response(&requester_key, &response_body).unwrap(), RESPONSE);
     // As in nuropb, the response's segment 1 wraps the key for the service itself.
     let (response, key) = decrypt_request(&service, &response_body).unwrap();
     assert_eq!(response, RESPONSE);
@@ -131,10 +126,7 @@ fn tampered_wrapped_key_is_rejected() {
     let mut raw = STANDARD.decode(wrapped).unwrap();
     raw[100] ^= 0x01;
     let tampered = format!("{}.{payload}", STANDARD.encode(raw));
-    assert!(matches!(
-        decrypt_request(&service, tampered.as_bytes()),
-        Err(CryptoError::KeyUnwrap)
-    ));
+    assert!(matches!(decrypt_request(&service, tampered.as_bytes()), Err(CryptoError::KeyUnwrap)));
 }
 
 #[test]
@@ -156,12 +148,7 @@ fn wrapped_key_from_another_body_is_rejected() {
 
 /// A body with the given segments, each standard-base64-encoded.
 fn body_of(segment1: &[u8], segment2: &[u8]) -> Vec<u8> {
-    format!(
-        "{}.{}",
-        STANDARD.encode(segment1),
-        STANDARD.encode(segment2)
-    )
-    .into_bytes()
+    format!("{}.{}", STANDARD.encode(segment1), STANDARD.encode(segment2)).into_bytes()
 }
 
 #[test]
@@ -200,11 +187,7 @@ fn garbage_bodies_fail_cleanly() {
     check("separator only", b".", any_input_error);
     check("json body", br#"{"tag": "request"}"#, malformed_body);
     check("not utf-8", &[0xff, 0xfe, b'.', 0x80, 0x81], malformed_body);
-    check(
-        "payload not base64",
-        format!("{good_wrapped}.!!!!").as_bytes(),
-        malformed_body,
-    );
+    check("payload not base64", format!("{good_wrapped}.!!!!").as_bytes(), malformed_body);
     check(
         "payload missing its last character",
         format!("{good_wrapped}.{}", &good_payload[..good_payload.len() - 1]).as_bytes(),
@@ -218,24 +201,11 @@ fn garbage_bodies_fail_cleanly() {
     // Python's lenient b64decode would skip the whitespace; nuropb never sends any.
     check(
         "payload with a line break",
-        format!(
-            "{good_wrapped}.{}\n{}",
-            &good_payload[..76],
-            &good_payload[76..]
-        )
-        .as_bytes(),
+        format!("{good_wrapped}.{}\n{}", &good_payload[..76], &good_payload[76..]).as_bytes(),
         malformed_body,
     );
-    check(
-        "trailing newline",
-        format!("{good_text}\n").as_bytes(),
-        malformed_body,
-    );
-    check(
-        "second separator",
-        format!("{good_text}.").as_bytes(),
-        malformed_body,
-    );
+    check("trailing newline", format!("{good_text}\n").as_bytes(), malformed_body);
+    check("second separator", format!("{good_text}.").as_bytes(), malformed_body);
     check(
         "token is not base64 text",
         &body_of(&[0; 256], b"\x80\x00not base64 at all"),
@@ -243,12 +213,7 @@ fn garbage_bodies_fail_cleanly() {
     );
     check(
         "token with standard alphabet",
-        &body_of(
-            &[0; 256],
-            STANDARD
-                .encode(URL_SAFE.decode(&good_token).unwrap())
-                .as_bytes(),
-        ),
+        &body_of(&[0; 256], STANDARD.encode(URL_SAFE.decode(&good_token).unwrap()).as_bytes()),
         any_input_error,
     );
     check(
@@ -261,29 +226,16 @@ fn garbage_bodies_fail_cleanly() {
         &body_of(&[0; 256], URL_SAFE.encode([0x81; 100]).as_bytes()),
         any_input_error,
     );
-    check(
-        "key segment wrong size",
-        &body_of(b"short", &good_token),
-        any_input_error,
-    );
+    check("key segment wrong size", &body_of(b"short", &good_token), any_input_error);
 
     // The response side ignores segment 1, so these reach the token checks there.
     for (name, body) in [
-        (
-            "token too short",
-            body_of(b"", URL_SAFE.encode([0x80; 40]).as_bytes()),
-        ),
-        (
-            "token wrong version",
-            body_of(b"", URL_SAFE.encode([0x81; 100]).as_bytes()),
-        ),
+        ("token too short", body_of(b"", URL_SAFE.encode([0x80; 40]).as_bytes())),
+        ("token wrong version", body_of(b"", URL_SAFE.encode([0x81; 100]).as_bytes())),
         ("token empty", body_of(b"", b"")),
     ] {
         let result = decrypt_response(&key, &body);
-        assert!(
-            malformed_token(result.as_ref().unwrap_err()),
-            "{name}: {result:?}"
-        );
+        assert!(malformed_token(result.as_ref().unwrap_err()), "{name}: {result:?}");
     }
 }
 
@@ -296,10 +248,7 @@ fn every_truncation_of_a_body_fails_cleanly() {
     }
     // RSA decryption is slow in debug builds; sample the request side.
     for len in (0..body.len()).step_by(29) {
-        assert!(
-            decrypt_request(&service, &body[..len]).is_err(),
-            "len {len}"
-        );
+        assert!(decrypt_request(&service, &body[..len]).is_err(), "len {len}");
     }
 }
 
@@ -311,14 +260,8 @@ fn garbage_pem_is_rejected() {
         "-----BEGIN PUBLIC KEY-----\n!!!\n-----END PUBLIC KEY-----\n",
         "-----BEGIN RSA PUBLIC KEY-----\nAAAA\n-----END RSA PUBLIC KEY-----\n",
     ] {
-        assert!(matches!(
-            ServicePublicKey::from_pem(pem),
-            Err(CryptoError::InvalidPublicKey(_))
-        ));
-        assert!(matches!(
-            ServicePrivateKey::from_pem(pem),
-            Err(CryptoError::InvalidPrivateKey(_))
-        ));
+        assert!(matches!(ServicePublicKey::from_pem(pem), Err(CryptoError::InvalidPublicKey(_))));
+        assert!(matches!(ServicePrivateKey::from_pem(pem), Err(CryptoError::InvalidPrivateKey(_))));
     }
     // A private key is not a public key.
     let private_pem = std::fs::read_to_string(PRIVATE_KEY_PEM).unwrap();

@@ -46,10 +46,7 @@ fn encrypted_bodies(v: &Value) -> Vec<(String, Vec<u8>)> {
         .map(|m| {
             assert_eq!(m["properties"]["headers"]["encrypted"], "yes");
             (
-                m["properties"]["headers"]["nuropb_type"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned(),
+                m["properties"]["headers"]["nuropb_type"].as_str().unwrap().to_owned(),
                 m["body"].as_str().unwrap().as_bytes().to_vec(),
             )
         })
@@ -57,9 +54,7 @@ fn encrypted_bodies(v: &Value) -> Vec<(String, Vec<u8>)> {
 }
 
 fn str_field<'a>(v: &'a Value, field: &str) -> &'a str {
-    v[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("{field} missing"))
+    v[field].as_str().unwrap_or_else(|| panic!("{field} missing"))
 }
 
 /// Checks a vector with a decryption walk-through: every body unwraps (segment 1 is
@@ -82,10 +77,7 @@ fn check_walk_through(id: &str) {
         let key_text = str_field(expected, "segment1_decrypted_fernet_key");
 
         let dot = body.iter().position(|&b| b == b'.').unwrap();
-        assert_eq!(
-            Some(dot as u64),
-            expected["segment1_rsa_oaep_sha256_b64_len"].as_u64()
-        );
+        assert_eq!(Some(dot as u64), expected["segment1_rsa_oaep_sha256_b64_len"].as_u64());
 
         let (decrypted, key) = decrypt_request(&private, body).unwrap();
         assert_eq!(key.expose_text(), key_text, "{id} {nuropb_type}: key");
@@ -153,10 +145,8 @@ fn v23b_request_and_first_response_decrypt_and_the_event_is_plaintext() {
     assert_eq!(spurious["correlation_id"], correlation_id);
 
     // The event travels in plaintext despite `encrypted: yes` (spec §10 quirks).
-    let event = messages
-        .iter()
-        .find(|m| m["properties"]["headers"]["nuropb_type"] == "event")
-        .unwrap();
+    let event =
+        messages.iter().find(|m| m["properties"]["headers"]["nuropb_type"] == "event").unwrap();
     assert_eq!(event["properties"]["headers"]["encrypted"], "yes");
     let event: Value = serde_json::from_str(str_field(event, "body")).unwrap();
     assert_eq!(event["tag"], "event");

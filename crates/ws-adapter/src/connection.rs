@@ -108,12 +108,16 @@ pub(crate) async fn run(
     let mut identity = None;
     let have_capacity = permit.is_some();
     let callback = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
-        let id = check_upgrade(request, have_capacity, &config.origins, &config.auth, &coordinator)?;
+        let id =
+            check_upgrade(request, have_capacity, &config.origins, &config.auth, &coordinator)?;
         identity = Some(id);
         Ok(response)
     };
-    let handshake =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config.tungstenite()));
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(
+        stream,
+        callback,
+        Some(config.tungstenite()),
+    );
     let ws = match tokio::time::timeout(config.handshake_timeout, handshake).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {

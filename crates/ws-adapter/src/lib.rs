@@ -67,13 +67,8 @@ pub async fn serve(
             session.id = tracing::field::Empty
         );
         tracker.spawn(
-            connection::run(
-                stream,
-                permit,
-                Arc::clone(&config),
-                coordinator.clone(),
-            )
-            .instrument(span),
+            connection::run(stream, permit, Arc::clone(&config), coordinator.clone())
+                .instrument(span),
         );
     }
 }

@@ -145,17 +145,28 @@ mod tests {
         let auth = AuthSources { query_param: Some("token".into()), ..AuthSources::default() };
         for (hs, query, expected) in [
             (vec![("Authorization", "Bearer abc")], None, Some("abc")),
-            (vec![("Authorization", "Bearer abc"), ("Cookie", "Authorization=def")], None, Some("abc")),
+            (
+                vec![("Authorization", "Bearer abc"), ("Cookie", "Authorization=def")],
+                None,
+                Some("abc"),
+            ),
             (vec![("Cookie", "a=1; Authorization=def; b=2")], None, Some("def")),
             (vec![("Cookie", "Authorization=Bearer%20ghi")], None, Some("ghi")),
             (vec![], Some("x=1&token=qqq"), Some("qqq")),
             (vec![("Authorization", "Bearer ")], None, None),
             (vec![], None, None),
         ] {
-            assert_eq!(find_token(&headers(&hs), query, &auth).as_deref(), expected, "{hs:?} {query:?}");
+            assert_eq!(
+                find_token(&headers(&hs), query, &auth).as_deref(),
+                expected,
+                "{hs:?} {query:?}"
+            );
         }
         let no_cookie = AuthSources { cookie: None, ..AuthSources::default() };
-        assert_eq!(find_token(&headers(&[("Cookie", "Authorization=def")]), None, &no_cookie), None);
+        assert_eq!(
+            find_token(&headers(&[("Cookie", "Authorization=def")]), None, &no_cookie),
+            None
+        );
         assert_eq!(find_token(&headers(&[]), Some("token=qqq"), &AuthSources::default()), None);
     }
 

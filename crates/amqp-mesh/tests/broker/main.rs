@@ -1,0 +1,2 @@
+//! Broker tests (pending).
+fn main() {}

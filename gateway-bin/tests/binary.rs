@@ -1,0 +1,161 @@
+//! The real `nuropb-gateway` binary: start-up banner, the embedded demo end to end over a
+//! real WebSocket, `--help`, config errors, and SIGTERM shutdown.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests: a failure is a failed test")]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const BIN: &str = env!("CARGO_BIN_EXE_nuropb-gateway");
+
+/// Kills the child if the test fails before stopping it.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary on a free loopback port; returns it, its URL and the demo token.
+fn start(extra: &[&str]) -> (Running, String, String) {
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--log", "warn"])
+        .args(extra)
+        .env_remove("NUROPB_AMQP_URL")
+        .env_remove("NUROPB_JWT_SECRET")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn nuropb-gateway");
+    let stdout = child.stdout.take().unwrap();
+    let running = Running(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Keeps reading after the test stops listening, so the gateway's stdout stays open.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut url, mut token) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while url.is_none() || token.is_none() {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("banner lines within 20 s");
+        if let Some(rest) = line.strip_prefix("nuropb-gateway listening on ") {
+            url = Some(format!("{}ws", rest.trim()));
+        }
+        if let Some(rest) = line.strip_prefix("demo token (user demo-user, 24 h): ") {
+            token = Some(rest.trim().to_owned());
+        }
+    }
+    (running, url.unwrap(), token.unwrap())
+}
+
+async fn recv(
+    ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
+) -> Value {
+    loop {
+        let m =
+            tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("frame in time");
+        match m.expect("open").expect("ok") {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn demo_mode_serves_a_websocket_client_and_stops_on_sigterm() {
+    let (mut running, url, token) = start(&["--demo-tick-secs", "1"]);
+    let mut request = url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.expect("connect");
+    let hello = recv(&mut ws).await;
+    assert_eq!(hello["payload"]["event"]["user_id"], "demo-user");
+
+    let add = json!({"type": "request", "payload": {"service": "demo", "method": "add", "params": {"a": 2, "b": 40}, "trace_id": "t1"}});
+    ws.send(Message::Text(add.to_string().into())).await.unwrap();
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type": "response", "payload": {"trace_id": "t1", "result": 42, "error": null}})
+    );
+
+    ws.send(Message::Text(
+        json!({"type": "subscribe", "payload": {"topics": ["demo.*"]}}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(recv(&mut ws).await["type"], "subscribed");
+    let tick = recv(&mut ws).await;
+    assert_eq!(tick["payload"]["topic"], "demo.tick", "{tick}");
+
+    // SIGTERM: the gateway closes the session with 1001 and exits 0.
+    let status =
+        Command::new("kill").args(["-TERM", &running.0.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("close in time")
+        {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(1001));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(s) = running.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit}");
+}
+
+#[test]
+fn help_documents_every_option_with_its_environment_variable() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let options: Vec<&str> = help.lines().filter_map(|l| l.trim().strip_prefix("--")).collect();
+    assert!(options.len() > 25, "options listed: {}", options.len());
+    for env in [
+        "NUROPB_LISTEN",
+        "NUROPB_AMQP_URL",
+        "NUROPB_JWT_SECRET",
+        "NUROPB_REQUEST_TIMEOUT_MS",
+        "NUROPB_ALLOWED_ORIGINS",
+        "NUROPB_EVENT_BINDINGS",
+    ] {
+        assert!(help.contains(env), "--help lacks {env}");
+    }
+    // Every option (help and version are listed as `-h, --help`, `-V, --version`) names
+    // its environment variable.
+    let env_count = help.matches("[env: NUROPB_").count();
+    assert_eq!(env_count, options.len(), "{help}");
+}
+
+#[test]
+fn invalid_config_exits_2_naming_the_option() {
+    for (args, needle) in [
+        (vec!["--request-timeout-ms", "0"], "--request-timeout-ms"),
+        (vec!["--amqp-url", "amqp://127.0.0.1:1/x"], "--jwt-secret"),
+        (vec!["--jwt-secret", "short"], "--jwt-secret"),
+    ] {
+        let out = Command::new(BIN).args(&args).env_remove("NUROPB_JWT_SECRET").output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
