@@ -108,6 +108,8 @@ def gateway_argv(cfg: InteropConfig, service_name: str, **overrides: str) -> Lis
 
 
 def start_gateway(cfg: InteropConfig, name: str, argv: List[str], env: Optional[Dict[str, str]] = None) -> ManagedProcess:
+    # Plain-text logs: they end up in files and test reports.
+    env = {**(os.environ if env is None else env), "NO_COLOR": "1"}
     process = ManagedProcess(name, argv, cfg.log_dir / f"{name}.log", LISTENING_RE, env=env)
     _PROCESSES.append(process)
     return process.start()

@@ -3,6 +3,8 @@ WebSocket client that buffers frames so tests can wait for the one they want, an
 client-only mesh connection. Every wait is bounded."""
 
 import asyncio
+import ctypes
+import ctypes.util
 import json
 import os
 import re
@@ -35,6 +37,19 @@ def unique(prefix: str) -> str:
 
 
 # --- processes --------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _LIBC: Optional[ctypes.CDLL] = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+except OSError:  # not Linux/glibc: children then only stop through fixture teardown
+    _LIBC = None
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when pytest dies, however pytest dies, so a
+    killed test run never leaves a gateway or service behind."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ManagedProcess:
@@ -75,6 +90,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         self.starts += 1
         deadline = time.monotonic() + self.ready_timeout

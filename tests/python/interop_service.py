@@ -189,6 +189,39 @@ class InteropService:
         """Events delivered to this service through its event bindings."""
         return list(self._events)
 
+    def python_values(self) -> Dict[str, Any]:
+        """Values only Python's json writes: NaN/Infinity tokens and astral characters
+        (escaped as surrogate pairs)."""
+        return {
+            "nan": float("nan"),
+            "inf": float("inf"),
+            "ninf": float("-inf"),
+            "astral": "\U0001f600 \u00e9",
+            "float": 1.0,
+        }
+
+    def deep(self, levels: int) -> Any:
+        """A result nested `levels` deep."""
+        value: Any = "bottom"
+        for _ in range(int(levels)):
+            value = {"d": value}
+        return value
+
+    @nuropb_context
+    @publish_to_mesh(requires_encryption=True)
+    def secret_emit(self, ctx: NuropbContextManager, topic: str, payload: Any) -> str:
+        """Requires encryption and answers through NuropbSuccess with an event targeted at
+        the caller. nuropb 0.1.8 publishes that event with header encrypted=yes but a
+        plaintext body (spec §16 N9)."""
+        trace_id = ctx.context.get("trace_id")
+        seen = self._seen.get(trace_id) if isinstance(trace_id, str) else None
+        if not seen or not seen.get("encrypted"):
+            raise NuropbValidationError(description="secret_emit must be called encrypted")
+        raise NuropbSuccess(
+            result=f"emitted {topic}",
+            events=[{"topic": topic, "payload": payload, "target": [ctx.context.get("user_id")]}],
+        )
+
     def pid(self) -> int:
         """The process id, so a test can tell a restarted service apart."""
         return os.getpid()

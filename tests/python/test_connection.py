@@ -39,7 +39,7 @@ def _status_of_refused(url, **kw):
 
 @pytest.mark.parametrize(
     "case",
-    ["no token", "wrong secret", "expired", "not a jwt", "missing sub", "alg none"],
+    ["no token", "wrong secret", "expired", "not a jwt", "missing sub", "missing exp", "alg none"],
 )
 def test_bad_token_refused_with_401(mesh, case):
     import jwt as pyjwt
@@ -52,6 +52,7 @@ def test_bad_token_refused_with_401(mesh, case):
         "expired": make_token(secret, user, ttl=-120),
         "not a jwt": "not-a-token",
         "missing sub": pyjwt.encode({"username": user, "exp": int(time.time()) + 60}, secret, algorithm="HS256"),
+        "missing exp": pyjwt.encode({"sub": user, "username": user}, secret, algorithm="HS256"),
         "alg none": pyjwt.encode({"sub": user, "username": user, "exp": int(time.time()) + 60}, None, algorithm="none"),
     }
     assert _status_of_refused(mesh.gateway.url, token=tokens[case]) == 401

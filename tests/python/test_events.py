@@ -54,6 +54,27 @@ def test_targeted_event_reaches_only_that_users_sessions(mesh):
     run(scenario())
 
 
+def test_event_from_encrypted_request_reaches_the_user(mesh):
+    """nuropb 0.1.8 publishes events raised by an encrypted request with header
+    encrypted=yes over a plaintext body (spec §16 N9). The gateway must still deliver them
+    (and must not stall its event stream)."""
+
+    async def scenario():
+        alice_id = unique("alice")
+        alice = await mesh.connect(alice_id)
+        topic = f"interop.notify.{unique('n9')}"
+        result = await alice.call_ok(mesh.service, "secret_emit", {"topic": topic, "payload": {"secret": False}})
+        assert result == f"emitted {topic}"
+        frame = await alice.expect(is_event(topic), what="event raised by an encrypted request")
+        assert frame["payload"]["event"] == {"secret": False}
+        marker = f"interop.notify.{unique('marker')}"
+        await alice.call_ok(mesh.service, "emit", {"topic": marker, "payload": 1, "target": [alice_id]})
+        await _next_event_is_marker(alice, marker)
+        await alice.close()
+
+    run(scenario())
+
+
 def test_broadcast_event_reaches_everyone(mesh):
     async def scenario():
         _, _, alice1, alice2, bob = await _three_sessions(mesh)

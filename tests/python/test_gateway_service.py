@@ -1,6 +1,8 @@
 """The gateway as a nuropb service: a Python mesh client (client-only RMQAPI) calls its
 methods push_to_user, push_to_all, disconnect_user, stats and nuropb_describe."""
 
+import asyncio
+
 from interop_helpers import is_event, run, unique
 
 
@@ -73,7 +75,7 @@ def test_stats_from_python(mesh):
                 stats = await client.call_ok(mesh.gateway.service_name, "stats", {})
                 if stats["sessions"] <= with_three - 1:
                     break
-                await __import__("asyncio").sleep(0.1)
+                await asyncio.sleep(0.1)
             assert stats["sessions"] <= with_three - 1, f"closed session still counted: {stats}"
         for c in (alice1, alice2):
             await c.close()

@@ -6,9 +6,8 @@ import json
 
 import pytest
 
+from conftest import SERVICE as SVC
 from interop_helpers import is_error_frame, run, unique
-
-SVC = "interop-svc"
 
 
 def _req(payload, kind="request"):

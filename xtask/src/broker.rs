@@ -286,6 +286,21 @@ mod tests {
     }
 
     #[test]
+    fn late_commands_are_interrupted_first() {
+        // The child exits 3 on SIGINT: the grace path must see it go without a SIGKILL.
+        let started = Instant::now();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "trap 'exit 3' INT; sleep 5 & wait"]);
+        let err =
+            status_bounded(&mut cmd, Duration::from_millis(200), Some(Duration::from_secs(3)))
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default();
+        assert!(err.contains("interrupted"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    #[test]
     fn bounded_commands_are_killed() {
         let started = Instant::now();
         let result = output_bounded(Command::new("sleep").arg("5"), Duration::from_millis(200));

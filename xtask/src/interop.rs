@@ -73,6 +73,14 @@ pub fn run(root: &Path) -> Result<()> {
         // Keep the source tree free of __pycache__ and make child logs appear promptly.
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("PYTHONUNBUFFERED", "1");
+    // The gateway reads NUROPB_* variables for every option the suite does not pass as a
+    // flag; settings from the caller's shell must not change what is being tested.
+    for (key, _) in std::env::vars_os() {
+        let key_str = key.to_string_lossy();
+        if key_str.starts_with("NUROPB_") && !key_str.starts_with("NUROPB_INTEROP_") {
+            pytest.env_remove(&key);
+        }
+    }
     if let Ok(extra) = std::env::var("NUROPB_INTEROP_PYTEST_ARGS") {
         pytest.args(extra.split_whitespace());
     }

@@ -23,6 +23,9 @@ fn main() -> Result<()> {
         Some("test") => ci::unit_and_e2e_tests(),
         Some("integration") => ci::integration(),
         Some("interop") => interop::run(&root),
+        Some("bench") => {
+            run(cargo().args(["run", "--release", "-p", "e2e-tests", "--bin", "bench"]))
+        }
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
             Ok(())

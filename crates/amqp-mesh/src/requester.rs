@@ -1,6 +1,8 @@
 //! The requester side (spec §13 items 1–8): requests with their responses, commands,
 //! events, and the describe lookups that decide encryption.
 
+use std::time::Duration;
+
 use handler_core::{MeshCall, MeshError, MeshEvent, MeshResponse};
 use mesh_crypto::{ServicePublicKey, SessionKey};
 use nuropb_wire::mesh::{
@@ -20,6 +22,9 @@ use crate::pending::RawResponse;
 use crate::publisher::{Outgoing, Published};
 use crate::stats::bump;
 
+/// AMQP expiration of describe requests, as `RMQAPI.describe_service` sends them (§6.4).
+const DESCRIBE_TTL: Duration = Duration::from_secs(60);
+
 /// A fresh correlation id: 32 lowercase hex, like nuropb's `uuid4().hex`.
 pub(crate) fn new_correlation_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
@@ -32,7 +37,7 @@ impl Shared {
         self.guard_call(&call)?;
         let link = self.link()?;
         let key = self.encryption_key(&link, &call).await?;
-        self.exchange(&link, &call, key.as_ref()).await
+        self.exchange(&link, &call, key.as_ref(), self.config.request_ttl).await
     }
 
     /// A command: published like a request, never answered.
@@ -42,7 +47,7 @@ impl Shared {
         let key = self.encryption_key(&link, &call).await?;
         let correlation_id = new_correlation_id();
         let (body, _session) = self.request_body(MessageType::Command, &call, &correlation_id, key.as_ref())?;
-        let message = self.request_message(MessageType::Command, &call, &correlation_id, body, key.is_some())?;
+        let message = self.request_message(MessageType::Command, &call, &correlation_id, body, key.is_some(), self.config.request_ttl)?;
         match self.publish_bounded(&link, message).await? {
             Published::Routed => Ok(()),
             Published::Returned => Err(not_delivered(&call)),
@@ -108,10 +113,11 @@ impl Shared {
         link: &LinkHandle,
         call: &MeshCall,
         key: Option<&ServicePublicKey>,
+        ttl: Duration,
     ) -> Result<MeshResponse, MeshError> {
         let correlation_id = new_correlation_id();
         let (body, session) = self.request_body(MessageType::Request, call, &correlation_id, key)?;
-        let message = self.request_message(MessageType::Request, call, &correlation_id, body, key.is_some())?;
+        let message = self.request_message(MessageType::Request, call, &correlation_id, body, key.is_some(), ttl)?;
         // Registered before publishing so that even an instant response finds its caller;
         // the guard removes the entry however this future ends.
         let (_pending, response) = self.pending.register(correlation_id.clone(), link.generation)?;
@@ -166,13 +172,14 @@ impl Shared {
         correlation_id: &str,
         body: Vec<u8>,
         encrypted: bool,
+        ttl: Duration,
     ) -> Result<Outgoing, MeshError> {
         let headers = MeshHeaders::outgoing(tag, Some(call.trace_id.as_str().to_owned()), encrypted);
         let properties = envelope::properties(
             &headers,
             correlation_id,
             &self.response_queue,
-            Some(self.config.request_ttl),
+            Some(ttl),
         )
         .map_err(MeshError::Rejected)?;
         Ok(Outgoing {
@@ -255,7 +262,7 @@ impl Shared {
             trace_id: handler_core::TraceId::generate(),
         };
         let timeout = self.config.describe_timeout;
-        let outcome = tokio::time::timeout(timeout, self.exchange(link, &call, None)).await;
+        let outcome = tokio::time::timeout(timeout, self.exchange(link, &call, None, DESCRIBE_TTL)).await;
         let unknown = |why: String| {
             warn!(service, why, "service description unavailable; calls go out in plaintext for now");
             Described::Unknown

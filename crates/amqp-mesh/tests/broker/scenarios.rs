@@ -1,0 +1,702 @@
+//! The scenarios, each an `async fn(Ctx)` that panics on failure. Every wait is bounded.
+
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::BasicProperties;
+use serde_json::{Value, json};
+
+use amqp_mesh::{AmqpMesh, AmqpMeshConfig, AmqpMeshError, EncryptionMode};
+use handler_core::mesh::{GatewayControl, GatewayStats, MeshInbound};
+use handler_core::{MeshCall, MeshError, MeshEvent, ServiceMesh, TraceId, UserId};
+use nuropb_wire::JsonObject;
+use tokio_util::sync::CancellationToken;
+
+use crate::fake_service::FakeService;
+use crate::support::{
+    Ctx, Gateway, Peer, WAIT, connect, eventually, message_count, nuropb_headers, rabbitmqctl_async, spy, within,
+};
+
+type Scenario = fn(Ctx) -> BoxFuture<'static, ()>;
+
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        /// Every scenario, in run order.
+        pub const ALL: &[(&str, Scenario)] = &[$((stringify!($name), |ctx| Box::pin($name(ctx)))),*];
+    };
+}
+
+scenarios!(
+    start_fails_clearly,
+    topology_matches_nuropb,
+    request_round_trip_matches_nuropb_bytes,
+    unknown_service_is_not_delivered_within_500ms,
+    duplicate_responses_first_wins,
+    timeouts_and_dropped_calls_leave_nothing_pending,
+    guard_rejects_before_publishing,
+    encrypted_call_uses_describe,
+    events_reach_every_instance,
+    gateway_methods_and_fan_out,
+    garbage_on_service_queue_is_rejected_and_queue_flows,
+    garbage_on_response_queue_is_dropped,
+    connection_loss_fails_fast_and_recovers,
+    shutdown_drains_pending_requests,
+);
+
+fn object(value: Value) -> JsonObject {
+    value.as_object().cloned().expect("a JSON object")
+}
+
+fn call(service: &str, method: &str, params: Value) -> MeshCall {
+    MeshCall {
+        service: service.to_owned(),
+        method: method.to_owned(),
+        params: object(params),
+        context: object(json!({"user_id": "alice-id", "Authorisation": "alice@example.com", "trace_id": "trace-1"})),
+        trace_id: TraceId::new("trace-1"),
+    }
+}
+
+fn header<'a>(props: &'a BasicProperties, key: &str) -> Option<&'a AMQPValue> {
+    props.headers().as_ref().and_then(|h| h.inner().get(key))
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+fn is_hex32(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+// ---------------------------------------------------------------------------------------
+
+async fn start_fails_clearly(ctx: Ctx) {
+    let attempt = |url: String| async move {
+        let config = AmqpMeshConfig { connect_timeout: Duration::from_secs(3), ..AmqpMeshConfig::new(url) };
+        match AmqpMesh::start(config, CancellationToken::new()).await {
+            Ok(_) => panic!("start should fail"),
+            Err(error) => error,
+        }
+    };
+    let error = attempt("http://127.0.0.1/x".into()).await;
+    assert!(matches!(error, AmqpMeshError::Config { field: "url", .. }), "{error}");
+
+    let error = attempt("amqp://guest:guest@127.0.0.1:1/x".into()).await;
+    assert!(matches!(error, AmqpMeshError::Connect { .. }), "{error}");
+    assert!(error.is_transient());
+
+    let error = attempt(format!("amqp://guest:wrong-password@127.0.0.1:5672/{}", ctx.vhost)).await;
+    assert!(matches!(error, AmqpMeshError::Refused { .. }), "bad password: {error:?}");
+    assert!(!error.to_string().contains("wrong-password"), "password leaked: {error}");
+
+    let error = attempt("amqp://guest:guest@127.0.0.1:5672/nuropb-test-no-such-vhost".into()).await;
+    assert!(matches!(error, AmqpMeshError::Refused { .. }), "unknown vhost: {error:?}");
+}
+
+async fn topology_matches_nuropb(ctx: Ctx) {
+    let mut config = ctx.config("gw-topo");
+    config.instance_id = "i1".into();
+    config.event_bindings = vec!["topo.#".into(), "other.*.x".into()];
+    let gw = ctx.start(config).await;
+
+    // A nuropb service redeclaring the gateway's service queue with nuropb's arguments
+    // must succeed (a 406 here would mean our arguments differ).
+    let connection = connect(&ctx.url).await;
+    let channel = connection.create_channel().await.expect("channel");
+    let mut dlx = FieldTable::default();
+    dlx.insert("x-dead-letter-exchange".into(), long("nuropb-dl-exchange"));
+    channel
+        .queue_declare("nuropb-gw-topo-sq".into(), QueueDeclareOptions { durable: true, ..Default::default() }, dlx)
+        .await
+        .expect("nuropb's declaration of the service queue is compatible");
+
+    let vh = ctx.vhost.as_str();
+    let (exchanges, queues, bindings, consumers) = tokio::join!(
+        rabbitmqctl_async(&["list_exchanges", "-p", vh, "name", "type", "durable", "auto_delete", "internal", "arguments", "--formatter", "json"]),
+        rabbitmqctl_async(&["list_queues", "-p", vh, "name", "durable", "auto_delete", "exclusive", "arguments", "--formatter", "json"]),
+        rabbitmqctl_async(&["list_bindings", "-p", vh, "source_name", "destination_name", "routing_key", "--formatter", "json"]),
+        rabbitmqctl_async(&["list_consumers", "-p", vh, "queue_name", "ack_required", "exclusive", "prefetch_count", "--formatter", "json"]),
+    );
+    let parse = |s: &str| -> Vec<Value> { serde_json::from_str(s).unwrap_or_else(|e| panic!("rabbitmqctl json {e}: {s}")) };
+    let (exchanges, queues, bindings, consumers) = (parse(&exchanges), parse(&queues), parse(&bindings), parse(&consumers));
+
+    let find = |rows: &[Value], name: &str| rows.iter().find(|r| r["name"] == name).cloned().unwrap_or_else(|| panic!("{name} missing in {rows:?}"));
+    for (name, kind) in [("nuropb-rpc-exchange", "direct"), ("nuropb-events-exchange", "topic"), ("nuropb-dl-exchange", "fanout")] {
+        let e = find(&exchanges, name);
+        assert_eq!((e["type"].as_str(), &e["durable"], &e["auto_delete"], &e["internal"]), (Some(kind), &json!(true), &json!(false), &json!(false)), "{e}");
+        assert!(e["arguments"].as_array().is_none_or(|a| a.is_empty()) && e["arguments"].as_object().is_none_or(|a| a.is_empty()), "{e}");
+    }
+    let rq = find(&queues, "nuropb-gw-topo-i1-rq");
+    assert_eq!((&rq["durable"], &rq["auto_delete"], &rq["exclusive"]), (&json!(false), &json!(true), &json!(false)), "{rq}");
+    let sq = find(&queues, "nuropb-gw-topo-sq");
+    assert_eq!((&sq["durable"], &sq["auto_delete"], &sq["exclusive"]), (&json!(true), &json!(false), &json!(false)), "{sq}");
+    assert!(sq["arguments"].to_string().contains("x-dead-letter-exchange") && sq["arguments"].to_string().contains("nuropb-dl-exchange"), "{sq}");
+    let eq = find(&queues, "nuropb-gw-topo-i1-eq");
+    assert_eq!((&eq["durable"], &eq["auto_delete"], &eq["exclusive"]), (&json!(false), &json!(true), &json!(true)), "{eq}");
+    assert!(eq["arguments"].to_string().contains("x-max-length"), "{eq}");
+
+    let bound = |source: &str, destination: &str, key: &str| {
+        bindings.iter().any(|b| b["source_name"] == source && b["destination_name"] == destination && b["routing_key"] == key)
+    };
+    assert!(bound("nuropb-rpc-exchange", "nuropb-gw-topo-sq", "gw-topo"), "{bindings:?}");
+    for key in ["topo.#", "other.*.x", "nuropb-gateway.gw-topo.control"] {
+        assert!(bound("nuropb-events-exchange", "nuropb-gw-topo-i1-eq", key), "{key} not bound: {bindings:?}");
+    }
+    assert!(!bindings.iter().any(|b| b["source_name"] == "nuropb-events-exchange" && b["destination_name"] == "nuropb-gw-topo-sq"));
+
+    let consumer = |queue: &str| consumers.iter().find(|c| c["queue_name"] == queue).cloned().unwrap_or_else(|| panic!("no consumer on {queue}: {consumers:?}"));
+    let rq = consumer("nuropb-gw-topo-i1-rq");
+    assert_eq!((&rq["ack_required"], &rq["exclusive"]), (&json!(false), &json!(true)), "{rq}");
+    let sq = consumer("nuropb-gw-topo-sq");
+    assert_eq!((&sq["ack_required"], &sq["prefetch_count"]), (&json!(true), &json!(64)), "{sq}");
+    let eq = consumer("nuropb-gw-topo-i1-eq");
+    assert_eq!(&eq["ack_required"], &json!(true), "{eq}");
+    gw.stop().await;
+}
+
+async fn request_round_trip_matches_nuropb_bytes(ctx: Ctx) {
+    let svc = FakeService::start(&ctx.url, "svc-rt", false).await;
+    let gw = ctx.start(ctx.config("gw-rt")).await;
+    let peer = Peer::new(&ctx.url).await;
+    let (_spy, mut spied) = spy(&peer.channel, "nuropb-rpc-exchange", "svc-rt").await;
+
+    let params = json!({"text": "h\u{e9}llo \u{2713}", "n": 1, "nested": {"list": [1, 2.5, null, true]}});
+    let answer = within("echo", gw.mesh.request(call("svc-rt", "echo", params.clone()), WAIT)).await.expect("echo answered");
+    assert_eq!(answer.result, params);
+    assert_eq!(answer.error, None);
+
+    // First the describe lookup (encryption is on by default), exactly as nuropb's
+    // describe_service sends it: params {}, context {}, TTL 60000.
+    let describe = within("spied describe", spied.next()).await.expect("spy open").expect("delivery");
+    let cid = describe.properties.correlation_id().as_ref().expect("correlation id").to_string();
+    let trace = match header(&describe.properties, "trace_id") {
+        Some(AMQPValue::LongString(t)) => String::from_utf8(t.as_bytes().to_vec()).expect("utf8"),
+        other => panic!("describe trace_id {other:?}"),
+    };
+    assert_eq!(
+        String::from_utf8(describe.data.clone()).expect("utf8"),
+        format!(r#"{{"tag": "request", "service": "svc-rt", "method": "nuropb_describe", "params": {{}}, "correlation_id": "{cid}", "context": {{}}, "trace_id": "{trace}"}}"#)
+    );
+    assert_eq!(describe.properties.expiration().as_ref().map(|e| e.as_str()), Some("60000"));
+
+    let request = within("spied request", spied.next()).await.expect("spy open").expect("delivery");
+    let props = &request.properties;
+    assert_eq!(props.bitmask(), 0xa700, "content_type, headers, correlation_id, reply_to, expiration only");
+    assert_eq!(props.content_type().as_ref().map(|c| c.as_str()), Some("application/json"));
+    assert_eq!(props.reply_to().as_ref().map(|r| r.as_str()), Some(gw.mesh.response_queue()));
+    assert!(gw.mesh.response_queue().starts_with("nuropb-gw-rt-") && gw.mesh.response_queue().ends_with("-rq"));
+    assert_eq!(props.expiration().as_ref().map(|e| e.as_str()), Some("10000"), "request_ttl in ms");
+    let cid = props.correlation_id().as_ref().expect("correlation id").to_string();
+    assert!(is_hex32(&cid), "{cid}");
+    let headers = props.headers().as_ref().expect("headers");
+    assert_eq!(headers.inner().len(), 5, "{headers:?}");
+    assert_eq!(header(props, "nuropb_protocol"), Some(&long("0.1.1")));
+    assert_eq!(header(props, "nuropb_version"), Some(&long("0.1.8")));
+    assert_eq!(header(props, "nuropb_type"), Some(&long("request")));
+    assert_eq!(header(props, "trace_id"), Some(&long("trace-1")));
+    assert_eq!(header(props, "encrypted"), Some(&long("")));
+    // Python json.dumps bytes: ", "/": " separators, \uXXXX escapes, nuropb's key order.
+    let expected = format!(
+        r#"{{"tag": "request", "service": "svc-rt", "method": "echo", "params": {{"text": "h\u00e9llo \u2713", "n": 1, "nested": {{"list": [1, 2.5, null, true]}}}}, "correlation_id": "{cid}", "context": {{"user_id": "alice-id", "Authorisation": "alice@example.com", "trace_id": "trace-1"}}, "trace_id": "trace-1"}}"#
+    );
+    assert_eq!(String::from_utf8(request.data.clone()).expect("ascii"), expected);
+
+    // A command: same envelope and body with tag/type "command".
+    within("command", gw.mesh.command(call("svc-rt", "note", json!({"text": "remember"})))).await.expect("command published");
+    let command = within("spied command", spied.next()).await.expect("spy open").expect("delivery");
+    assert_eq!(command.properties.bitmask(), 0xa700);
+    assert_eq!(header(&command.properties, "nuropb_type"), Some(&long("command")));
+    assert!(String::from_utf8_lossy(&command.data).starts_with(r#"{"tag": "command", "service": "svc-rt", "method": "note", "params": {"text": "remember"}, "correlation_id": ""#));
+    eventually("the service received the command", || svc.received().iter().any(|r| r.plaintext.starts_with(b"{\"tag\": \"command\""))).await;
+
+    let stats = gw.mesh.stats();
+    assert!(stats.connected);
+    assert_eq!((stats.responses, stats.pending_requests), (3, 0), "{stats:?}");
+    gw.stop().await;
+    svc.stop().await;
+}
+
+async fn unknown_service_is_not_delivered_within_500ms(ctx: Ctx) {
+    let gw = ctx.start(ctx.config("gw-nd")).await;
+    for encryption in [EncryptionMode::Auto, EncryptionMode::Off] {
+        let gw = if encryption == EncryptionMode::Off {
+            ctx.start(AmqpMeshConfig { encryption, ..ctx.config("gw-nd") }).await
+        } else {
+            ctx.start(ctx.config("gw-nd")).await
+        };
+        let started = Instant::now();
+        let outcome = gw.mesh.request(call("no-such-svc", "echo", json!({})), WAIT).await;
+        let took = started.elapsed();
+        assert_eq!(outcome, Err(MeshError::NotDelivered { service: "no-such-svc".into(), method: "echo".into() }));
+        assert!(took < Duration::from_millis(500), "basic.return took {took:?} ({encryption:?})");
+        assert_eq!(gw.mesh.pending_requests(), 0);
+        gw.stop().await;
+    }
+    let outcome = within("command", gw.mesh.command(call("no-such-svc", "note", json!({})))).await;
+    assert!(matches!(outcome, Err(MeshError::NotDelivered { .. })), "{outcome:?}");
+    assert!(gw.mesh.stats().returned >= 1);
+    gw.stop().await;
+}
+
+async fn duplicate_responses_first_wins(ctx: Ctx) {
+    let svc = FakeService::start(&ctx.url, "svc-dup", false).await;
+    let gw = ctx.start(ctx.config("gw-dup")).await;
+    let answer = within("fail", gw.mesh.request(call("svc-dup", "fail", json!({})), WAIT)).await.expect("answered");
+    assert_eq!(answer.result, Value::Null, "the first (error) response wins");
+    let error = answer.error.expect("error object");
+    assert_eq!(error.error, "NuropbException");
+    assert_eq!(error.description, "Runtime exception calling svc-dup.fail:RuntimeError: boom");
+    eventually("the duplicate is counted", || gw.mesh.stats().duplicates_dropped == 1).await;
+    assert_eq!(gw.mesh.stats().strays_dropped, 0);
+    gw.stop().await;
+    svc.stop().await;
+}
+
+async fn timeouts_and_dropped_calls_leave_nothing_pending(ctx: Ctx) {
+    let svc = FakeService::start(&ctx.url, "svc-to", false).await;
+    let gw = ctx.start(ctx.config("gw-to")).await;
+    // Warm the describe cache so that the timings below are the calls' own.
+    within("echo", gw.mesh.request(call("svc-to", "echo", json!({})), WAIT)).await.expect("echo");
+
+    let started = Instant::now();
+    let outcome = gw.mesh.request(call("svc-to", "never", json!({})), Duration::from_millis(300)).await;
+    assert_eq!(outcome, Err(MeshError::Timeout(Duration::from_millis(300))));
+    assert!(started.elapsed() < Duration::from_millis(1000), "{:?}", started.elapsed());
+    assert_eq!(gw.mesh.pending_requests(), 0, "a timed-out call leaves no entry");
+
+    let many = (0..50).map(|i| gw.mesh.request(call("svc-to", "never", json!({"i": i})), Duration::from_millis(200)));
+    let outcomes = within("50 timeouts", futures::future::join_all(many)).await;
+    assert!(outcomes.iter().all(|o| matches!(o, Err(MeshError::Timeout(_)))));
+    assert_eq!(gw.mesh.pending_requests(), 0);
+
+    // A caller that goes away (its future dropped) while the call is in flight.
+    let strays = gw.mesh.stats().strays_dropped;
+    let slow = gw.mesh.request(call("svc-to", "slow", json!({"ms": 300})), WAIT);
+    assert!(tokio::time::timeout(Duration::from_millis(100), slow).await.is_err());
+    assert_eq!(gw.mesh.pending_requests(), 0, "a dropped call leaves no entry");
+    eventually("the late response is counted as a stray", || gw.mesh.stats().strays_dropped == strays + 1).await;
+    gw.stop().await;
+    svc.stop().await;
+}
+
+async fn guard_rejects_before_publishing(ctx: Ctx) {
+    let gw = ctx.start(ctx.config("gw-guard")).await;
+    let connection = connect(&ctx.url).await;
+    let channel = connection.create_channel().await.expect("channel");
+    // A consumer-less spy: every message published for svc-guard or on the events
+    // exchange would wait in it.
+    let queue = channel
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .expect("spy");
+    let spy_queue = queue.name().as_str().to_owned();
+    for (exchange, key) in [("nuropb-rpc-exchange", "svc-guard"), ("nuropb-events-exchange", "#")] {
+        channel
+            .queue_bind(spy_queue.as_str().into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .expect("bind");
+    }
+    let mut deep = json!(1);
+    for _ in 0..100 {
+        deep = json!([deep]);
+    }
+    let calls = [
+        call("svc-guard", "echo", json!({"blob": "x".repeat(2 * 1024 * 1024)})),
+        call("svc-guard", "echo", json!({"deep": deep})),
+        call("", "echo", json!({})),
+        call("svc-guard", "", json!({})),
+        call(&"s".repeat(256), "echo", json!({})),
+        MeshCall { trace_id: TraceId::new("t".repeat(300)), ..call("svc-guard", "echo", json!({})) },
+    ];
+    for c in calls {
+        let what = format!("{}/{}", c.service.len(), c.method.len());
+        assert!(matches!(gw.mesh.request(c.clone(), WAIT).await, Err(MeshError::Rejected(_))), "request {what}");
+        assert!(matches!(gw.mesh.command(c).await, Err(MeshError::Rejected(_))), "command {what}");
+    }
+    let event = |topic: &str, payload: Value| MeshEvent {
+        topic: topic.to_owned(),
+        event: payload,
+        target: None,
+        context: JsonObject::new(),
+        trace_id: None,
+    };
+    for e in [event("", json!(1)), event("t.x", json!({"blob": "x".repeat(2 * 1024 * 1024)})), event("t.x", json!({"deep": deep}))] {
+        assert!(matches!(gw.mesh.publish_event(e).await, Err(MeshError::Rejected(_))));
+    }
+    assert_eq!(gw.mesh.stats().rejected_by_guard, 15);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(message_count(&channel, &spy_queue).await, 0, "nothing was published");
+    gw.stop().await;
+}
+
+async fn encrypted_call_uses_describe(ctx: Ctx) {
+    let svc = FakeService::start(&ctx.url, "svc-enc", true).await;
+    let gw = ctx.start(ctx.config("gw-enc")).await;
+    let peer = Peer::new(&ctx.url).await;
+    let (_spy, mut spied) = spy(&peer.channel, "nuropb-rpc-exchange", "svc-enc").await;
+
+    // Two first callers at once share one describe lookup.
+    let (alice, bob) = within(
+        "two secrets",
+        futures::future::join(
+            gw.mesh.request(call("svc-enc", "secret", json!({"name": "alice"})), WAIT),
+            gw.mesh.request(call("svc-enc", "secret", json!({"name": "bob"})), WAIT),
+        ),
+    )
+    .await;
+    assert_eq!(alice.expect("alice").result, json!("secret for alice"));
+    assert_eq!(bob.expect("bob").result, json!("secret for bob"));
+    assert_eq!(svc.describes.load(std::sync::atomic::Ordering::SeqCst), 1, "one shared describe");
+    let plain = within("echo", gw.mesh.request(call("svc-enc", "echo", json!({"a": 1})), WAIT)).await.expect("echo");
+    assert_eq!(plain.result, json!({"a": 1}));
+    assert_eq!(svc.describes.load(std::sync::atomic::Ordering::SeqCst), 1, "cached");
+
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let d = within("spied", spied.next()).await.expect("open").expect("delivery");
+        seen.push((header(&d.properties, "encrypted").cloned(), d.data));
+    }
+    let encrypted: Vec<_> = seen.iter().filter(|(h, _)| h == &Some(long("yes"))).collect();
+    assert_eq!(encrypted.len(), 2, "the two secret calls travel encrypted");
+    for (_, body) in &encrypted {
+        assert!(serde_json::from_slice::<Value>(body).is_err(), "an encrypted body is not JSON");
+        assert!(body.contains(&b'.') && !String::from_utf8_lossy(body).contains("alice"));
+    }
+    let decrypted: Vec<_> = svc.received().into_iter().filter(|r| r.body != r.plaintext).collect();
+    assert_eq!(decrypted.len(), 2);
+    assert!(decrypted.iter().all(|r| r.plaintext.starts_with(b"{\"tag\": \"request\", \"service\": \"svc-enc\", \"method\": \"secret\"")));
+    assert_eq!(gw.mesh.pending_requests(), 0);
+    gw.stop().await;
+    svc.stop().await;
+}
+
+async fn events_reach_every_instance(ctx: Ctx) {
+    let config = || AmqpMeshConfig { event_bindings: vec!["ev.#".into()], ..ctx.config("gw-ev") };
+    let mut a = ctx.start(config()).await;
+    let mut b = ctx.start(config()).await;
+    let peer = Peer::new(&ctx.url).await;
+    let (_spy, mut spied) = spy(&peer.channel, "nuropb-events-exchange", "ev.all").await;
+
+    // A nuropb-style event with a target list (V18 shape), from another service.
+    let body = br#"{"tag": "event", "correlation_id": "c1", "context": {"by": "svc"}, "trace_id": "t1", "topic": "ev.user.msg", "event": {"m": 1}, "target": ["u1", 5, "u2"]}"#;
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_headers(nuropb_headers("event", Some("t1"), false))
+        .with_correlation_id("c1".into())
+        .with_reply_to("".into());
+    peer.publish("nuropb-events-exchange", "ev.user.msg", props.clone(), body).await;
+    for gw in [&mut a, &mut b] {
+        match gw.next_inbound().await {
+            MeshInbound::Event(e) => {
+                assert_eq!(e.topic, "ev.user.msg");
+                assert_eq!(e.event, json!({"m": 1}));
+                assert_eq!(e.target, Some(vec![UserId::new("u1"), UserId::new("u2")]), "non-strings ignored");
+                assert_eq!(e.trace_id, Some(TraceId::new("t1")));
+                assert_eq!(e.context, object(json!({"by": "svc"})));
+            }
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+
+    // An event the gateway publishes reaches every instance, itself included.
+    let event = MeshEvent { topic: "ev.all".into(), event: json!({"hello": "w\u{f6}rld"}), target: None, context: JsonObject::new(), trace_id: None };
+    within("publish", a.mesh.publish_event(event.clone())).await.expect("published");
+    for gw in [&mut a, &mut b] {
+        match gw.next_inbound().await {
+            MeshInbound::Event(e) => assert_eq!(e, event),
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+    let wire = within("spied event", spied.next()).await.expect("open").expect("delivery");
+    assert_eq!(wire.properties.bitmask(), 0xa600, "no expiration on events");
+    assert_eq!(wire.properties.reply_to().as_ref().map(|r| r.as_str()), Some(""));
+    assert_eq!(header(&wire.properties, "trace_id"), Some(&AMQPValue::Void), "None travels as void");
+    assert_eq!(header(&wire.properties, "nuropb_type"), Some(&long("event")));
+    let cid = wire.properties.correlation_id().as_ref().expect("cid").to_string();
+    assert!(is_hex32(&cid));
+    assert_eq!(
+        String::from_utf8(wire.data.clone()).expect("ascii"),
+        format!(r#"{{"tag": "event", "topic": "ev.all", "event": {{"hello": "w\u00f6rld"}}, "context": {{}}, "trace_id": null, "correlation_id": "{cid}", "target": null}}"#)
+    );
+
+    // Garbage on the events queue is dropped and counted; the queue keeps flowing.
+    let lying = br#"{"tag": "event", "topic": "other.topic", "event": 1}"#;
+    peer.publish("nuropb-events-exchange", "ev.lie", props.clone(), lying).await;
+    peer.publish("nuropb-events-exchange", "ev.raw", BasicProperties::default(), b"not json").await;
+    let after = br#"{"tag": "event", "topic": "ev.after", "event": 2, "context": {}, "trace_id": null, "correlation_id": "c2", "target": null}"#;
+    peer.publish("nuropb-events-exchange", "ev.after", props, after).await;
+    for gw in [&mut a, &mut b] {
+        match gw.next_inbound().await {
+            MeshInbound::Event(e) => assert_eq!((e.topic.as_str(), e.event, e.target), ("ev.after", json!(2), None)),
+            other => panic!("expected an event, got {other:?}"),
+        }
+        assert_eq!(gw.mesh.stats().garbage_rejected, 2);
+        assert_eq!(gw.mesh.stats().events_received, 3);
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn gateway_methods_and_fan_out(ctx: Ctx) {
+    let mut a = ctx.start(ctx.config("gw-svc")).await;
+    let mut b = ctx.start(ctx.config("gw-svc")).await;
+    let mut peer = Peer::new(&ctx.url).await;
+
+    let describe = peer.call("gw-svc", "nuropb_describe", json!({})).await;
+    let keys: Vec<_> = describe.as_object().expect("object").keys().cloned().collect();
+    assert_eq!(keys, ["tag", "result", "error", "correlation_id", "trace_id", "context", "warning", "reply_to"]);
+    assert_eq!(describe["error"], Value::Null);
+    assert_eq!(describe["trace_id"], "peer-trace");
+    assert_eq!(describe["context"], json!({"peer": true}));
+    assert_eq!(describe["reply_to"], peer.reply_queue.as_str());
+    let result = &describe["result"];
+    assert_eq!(result["service_name"], "gw-svc");
+    assert_eq!(result["encrypted_methods"], false);
+    assert_eq!(result["public_key"], Value::Null);
+    let methods: Vec<_> = result["methods"].as_object().expect("methods").keys().cloned().collect();
+    assert_eq!(methods, ["disconnect_user", "push_to_all", "push_to_user", "stats"]);
+
+    let accepted = peer.call("gw-svc", "push_to_user", json!({"user_id": "u1", "topic": "chat", "event": {"m": 1}})).await;
+    assert_eq!((&accepted["result"], &accepted["error"]), (&json!({"accepted": true}), &Value::Null));
+    let expected = GatewayControl::PushToUsers { user_ids: vec!["u1".into()], topic: "chat".into(), event: json!({"m": 1}) };
+    for gw in [&mut a, &mut b] {
+        match gw.next_inbound().await {
+            MeshInbound::Control { op, reply: None } => assert_eq!(op, expected),
+            other => panic!("expected a control, got {other:?}"),
+        }
+    }
+    peer.call("gw-svc", "push_to_all", json!({"topic": "news", "event": "hi"})).await;
+    peer.call("gw-svc", "disconnect_user", json!({"user_ids": ["u1", "u2"]})).await;
+    for gw in [&mut a, &mut b] {
+        let ops: Vec<_> = [gw.next_inbound().await, gw.next_inbound().await]
+            .into_iter()
+            .map(|m| match m {
+                MeshInbound::Control { op, .. } => op,
+                other => panic!("expected a control, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(ops, [
+            GatewayControl::PushToAll { topic: "news".into(), event: json!("hi") },
+            GatewayControl::DisconnectUsers { user_ids: vec!["u1".into(), "u2".into()], reason: "disconnected by the mesh".into() },
+        ]);
+    }
+
+    // `stats` is answered by whichever instance takes the call, from its own core.
+    let figures = GatewayStats {
+        sessions: 3,
+        sessions_high_water: 5,
+        users: 2,
+        requests_in_flight: 1,
+        requests_total: 42,
+        requests_timed_out: 0,
+        events_delivered: 7,
+        frames_dropped: 0,
+        mesh_connected: true,
+    };
+    let url = ctx.url.clone();
+    let caller = tokio::spawn(async move {
+        let mut peer = Peer::new(&url).await;
+        peer.call("gw-svc", "stats", json!({})).await
+    });
+    let reply = within("a stats request on either instance", async {
+        tokio::select! {
+            Some(m) = a.inbound.recv() => m,
+            Some(m) = b.inbound.recv() => m,
+        }
+    })
+    .await;
+    match reply {
+        MeshInbound::Stats { reply } => reply.send(figures.clone()).expect("the adapter waits"),
+        other => panic!("expected stats, got {other:?}"),
+    }
+    let stats = within("stats answer", caller).await.expect("caller");
+    assert_eq!(stats["result"], serde_json::to_value(&figures).expect("json"));
+
+    for (method, params, error, description) in [
+        ("_private", json!({}), "NuropbHandlingError", "Unknown method _private"),
+        ("nope", json!({}), "NuropbHandlingError", "Unknown method nope"),
+        ("push_to_user", json!({"topic": "t", "event": 1}), "NuropbValidationError", "missing parameter user_id or user_ids"),
+        ("push_to_all", json!({"topic": "t", "event": 1, "x": 1}), "NuropbValidationError", "unexpected parameter x"),
+        ("push_to_user", json!({"user_ids": [], "topic": "t", "event": 1}), "NuropbValidationError", "user_ids must not be empty"),
+    ] {
+        let answer = peer.call("gw-svc", method, params).await;
+        assert_eq!(answer["result"], Value::Null);
+        assert_eq!(answer["error"], json!({"error": error, "description": description}), "{method}");
+    }
+    assert_eq!(a.mesh.stats().service_calls + b.mesh.stats().service_calls, 10);
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn garbage_on_service_queue_is_rejected_and_queue_flows(ctx: Ctx) {
+    // Prefetch 1, like a nuropb service: a single message left unacknowledged would block
+    // the describe call at the end.
+    let gw = ctx.start(AmqpMeshConfig { prefetch: 1, ..ctx.config("gw-garbage") }).await;
+    let mut peer = Peer::new(&ctx.url).await;
+    let dead = peer
+        .channel
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .expect("dead-letter spy");
+    let dead = dead.name().as_str().to_owned();
+    peer.channel
+        .queue_bind(dead.as_str().into(), "nuropb-dl-exchange".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .expect("bind");
+
+    let sq = "nuropb-gw-garbage-sq";
+    let with = |headers: FieldTable| {
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_headers(headers)
+            .with_correlation_id("c-garbage".into())
+            .with_reply_to(peer.reply_queue.as_str().into())
+    };
+    let request = br#"{"tag": "request", "service": "gw-garbage", "method": "stats", "params": {}, "correlation_id": "c", "context": {}, "trace_id": null}"#;
+    let mut wrong_protocol = nuropb_headers("request", None, false);
+    wrong_protocol.insert("nuropb_protocol".into(), long("9.9.9"));
+    let mut unknown_type = nuropb_headers("request", None, false);
+    unknown_type.insert("nuropb_type".into(), long("query"));
+    let garbage: [(BasicProperties, &[u8]); 5] = [
+        (with(nuropb_headers("response", None, false)), br#"{"tag": "response", "result": 1}"#),
+        (BasicProperties::default(), request),
+        (with(wrong_protocol), request),
+        (with(unknown_type), request),
+        (with(nuropb_headers("request", None, true)), request),
+    ];
+    for (props, body) in garbage.clone() {
+        peer.publish("", sq, props, body).await;
+    }
+    peer.publish("", sq, with(nuropb_headers("request", None, false)), b"not json").await;
+    peer.publish("", sq, with(nuropb_headers("request", None, false)), b"[1, 2, 3]").await;
+
+    let describe = peer.call("gw-garbage", "nuropb_describe", json!({})).await;
+    assert_eq!(describe["result"]["service_name"], "gw-garbage", "the queue still flows");
+    assert_eq!(gw.mesh.stats().garbage_rejected, 4, "{:?}", gw.mesh.stats());
+    eventually_async("7 dead letters", || async { message_count(&peer.channel, &dead).await == 7 }).await;
+    gw.stop().await;
+}
+
+async fn eventually_async<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn garbage_on_response_queue_is_dropped(ctx: Ctx) {
+    let svc = FakeService::start(&ctx.url, "svc-gr", false).await;
+    let gw = ctx.start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-gr") }).await;
+    let answer = within("garbage_then_echo", gw.mesh.request(call("svc-gr", "garbage_then_echo", json!({"ok": 1})), WAIT))
+        .await
+        .expect("answered");
+    assert_eq!(answer.result, json!({"ok": 1}), "malformed envelopes do not count as the response");
+    assert_eq!(gw.mesh.stats().garbage_rejected, 3);
+
+    let answer = within("bad_body", gw.mesh.request(call("svc-gr", "bad_body", json!({})), WAIT)).await.expect("answered");
+    let error = answer.error.expect("an error answer, not a hang");
+    assert_eq!(error.error, "NuropbTransportError");
+    assert!(error.description.contains("malformed response from svc-gr.bad_body"), "{error:?}");
+    assert_eq!(gw.mesh.pending_requests(), 0);
+    gw.stop().await;
+    svc.stop().await;
+}
+
+async fn connection_loss_fails_fast_and_recovers(ctx: Ctx) {
+    let svc = FakeService::start(&ctx.url, "svc-fault", false).await;
+    let gw = ctx.start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-fault") }).await;
+    within("warm-up", gw.mesh.request(call("svc-fault", "echo", json!({})), WAIT)).await.expect("echo");
+
+    // Twenty calls in flight that the service answers only after 3 s.
+    let in_flight: Vec<_> = (0..20)
+        .map(|i| {
+            let mesh = gw.mesh.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let outcome = mesh.request(call("svc-fault", "slow", json!({"ms": 3000, "i": i})), Duration::from_secs(10)).await;
+                (outcome, started.elapsed())
+            })
+        })
+        .collect();
+    eventually("all 20 calls pending", || gw.mesh.pending_requests() == 20).await;
+
+    // Cut every connection and keep the gateway out until permissions return.
+    let vh = ctx.vhost.as_str();
+    rabbitmqctl_async(&["clear_permissions", "-p", vh, "guest"]).await;
+    let cut = Instant::now();
+    rabbitmqctl_async(&["close_all_connections", "-p", vh, "amqp-mesh fault test"]).await;
+    for task in in_flight {
+        let (outcome, _) = within("an in-flight call ends", task).await.expect("task");
+        match outcome {
+            Err(MeshError::Unavailable(_)) => {}
+            other => panic!("in-flight call ended with {other:?}"),
+        }
+    }
+    assert!(cut.elapsed() < Duration::from_secs(3), "in-flight calls ended {:?} after the cut", cut.elapsed());
+    assert_eq!(gw.mesh.pending_requests(), 0);
+    eventually("the gateway notices", || !gw.mesh.is_connected()).await;
+
+    // While down, calls fail at once instead of waiting.
+    let started = Instant::now();
+    let outcome = gw.mesh.request(call("svc-fault", "echo", json!({})), WAIT).await;
+    assert!(matches!(outcome, Err(MeshError::Unavailable(_))), "{outcome:?}");
+    assert!(started.elapsed() < Duration::from_millis(100), "{:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!gw.mesh.is_connected(), "refused reconnects keep it down");
+
+    rabbitmqctl_async(&["set_permissions", "-p", vh, "guest", ".*", ".*", ".*"]).await;
+    let restored = Instant::now();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), gw.mesh.connected()).await.unwrap_or(false),
+        "reconnected within 10 s"
+    );
+    let svc2 = FakeService::start(&ctx.url, "svc-fault", false).await;
+    let answer = within("a call after recovery", gw.mesh.request(call("svc-fault", "echo", json!({"back": true})), WAIT))
+        .await
+        .expect("served again");
+    assert_eq!(answer.result, json!({"back": true}));
+    println!("    (service resumed {:.2}s after permissions returned)", restored.elapsed().as_secs_f64());
+    assert!(gw.mesh.stats().reconnects >= 1);
+    gw.stop().await;
+    svc.stop().await;
+    svc2.stop().await;
+}
+
+async fn shutdown_drains_pending_requests(ctx: Ctx) {
+    let svc = FakeService::start(&ctx.url, "svc-drain", false).await;
+    let gw = ctx.start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-drain") }).await;
+    let mesh = gw.mesh.clone();
+    let slow = tokio::spawn({
+        let mesh = mesh.clone();
+        async move { mesh.request(call("svc-drain", "slow", json!({"ms": 300})), WAIT).await }
+    });
+    let never = tokio::spawn({
+        let mesh = mesh.clone();
+        async move { mesh.request(call("svc-drain", "never", json!({})), WAIT).await }
+    });
+    eventually("both pending", || mesh.pending_requests() == 2).await;
+    gw.shutdown.cancel();
+    let refused = mesh.request(call("svc-drain", "echo", json!({})), WAIT).await;
+    assert_eq!(refused, Err(MeshError::Unavailable("shutting down".into())));
+    assert_eq!(within("slow", slow).await.expect("task").expect("answered during the drain").result, json!({"ms": 300}));
+    let started = Instant::now();
+    assert!(matches!(within("never", never).await.expect("task"), Err(MeshError::Unavailable(_))));
+    assert!(started.elapsed() < Duration::from_millis(1500), "ended by drain_timeout");
+    within("closed", mesh.closed()).await;
+    assert!(!mesh.is_connected());
+    drop(gw);
+    svc.stop().await;
+}
+
+// Keeps `Gateway` used in signatures above visible to readers of this file.
+#[allow(dead_code)]
+fn _uses(_: &Gateway) {}

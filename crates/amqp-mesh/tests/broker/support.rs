@@ -1,0 +1,286 @@
+//! Test plumbing: the throw-away vhost, `rabbitmqctl`, adapter configs, a raw AMQP peer
+//! (a mesh participant written directly against lapin) and small waiting helpers.
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use serde_json::Value;
+
+use amqp_mesh::{AmqpMesh, AmqpMeshConfig};
+use handler_core::MeshInbound;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub const BROKER: &str = "127.0.0.1:5672";
+/// Bound of every wait in these tests; nothing may hang.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// Panics (fails the run) with a clear message when the broker does not answer.
+pub fn require_broker() {
+    let addr: SocketAddr = BROKER.parse().expect("broker address");
+    if let Err(e) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        panic!(
+            "RabbitMQ does not answer on {BROKER} ({e}). These tests need the local broker \
+             (guest/guest) and `rabbitmqctl` on PATH; they never skip."
+        );
+    }
+}
+
+/// Runs `rabbitmqctl` and returns its stdout; panics with its stderr on failure.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run rabbitmqctl {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `rabbitmqctl` off the async runtime's worker threads.
+pub async fn rabbitmqctl_async(args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        rabbitmqctl(&args)
+    })
+    .await
+    .expect("rabbitmqctl task")
+}
+
+/// A fresh vhost for one test run, deleted when dropped (also after failures).
+pub struct TestVhost {
+    pub name: String,
+}
+
+impl TestVhost {
+    pub fn create() -> TestVhost {
+        let name = format!("nuropb-test-{}", uuid::Uuid::new_v4().simple());
+        rabbitmqctl(&["add_vhost", &name]);
+        let vhost = TestVhost { name };
+        rabbitmqctl(&["set_permissions", "-p", &vhost.name, "guest", ".*", ".*", ".*"]);
+        vhost
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@{BROKER}/{}", self.name)
+    }
+}
+
+impl Drop for TestVhost {
+    fn drop(&mut self) {
+        // Not `rabbitmqctl()`: a panic while dropping would hide the test's own failure.
+        match Command::new("rabbitmqctl").args(["delete_vhost", &self.name]).output() {
+            Ok(out) if out.status.success() => {}
+            other => eprintln!("warning: could not delete vhost {}: {other:?}", self.name),
+        }
+    }
+}
+
+/// What every scenario gets.
+#[derive(Clone)]
+pub struct Ctx {
+    pub vhost: String,
+    pub url: String,
+}
+
+impl Ctx {
+    /// An adapter config for this vhost with test-sized timeouts and a unique instance.
+    pub fn config(&self, service_name: &str) -> AmqpMeshConfig {
+        AmqpMeshConfig {
+            service_name: service_name.to_owned(),
+            request_ttl: Duration::from_secs(10),
+            describe_timeout: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(1),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_millis(500),
+            ..AmqpMeshConfig::new(self.url.clone())
+        }
+    }
+
+    pub async fn start(&self, config: AmqpMeshConfig) -> Gateway {
+        let shutdown = CancellationToken::new();
+        let (mesh, inbound) = AmqpMesh::start(config, shutdown.clone())
+            .await
+            .expect("the adapter starts against the test vhost");
+        Gateway { mesh, inbound, shutdown }
+    }
+}
+
+/// A started adapter with its inbound channel; shuts down when dropped.
+pub struct Gateway {
+    pub mesh: AmqpMesh,
+    pub inbound: mpsc::Receiver<MeshInbound>,
+    pub shutdown: CancellationToken,
+}
+
+impl Gateway {
+    /// The next inbound message, within [`WAIT`].
+    pub async fn next_inbound(&mut self) -> MeshInbound {
+        tokio::time::timeout(WAIT, self.inbound.recv())
+            .await
+            .expect("an inbound message in time")
+            .expect("inbound channel open")
+    }
+
+    /// Cancels and waits for the adapter to close.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.mesh.closed()).await.expect("the adapter closes in time");
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Waits until `check` holds, polling; panics with `what` after [`WAIT`].
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Awaits `fut` at most [`WAIT`].
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, fut).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+pub async fn connect(url: &str) -> Connection {
+    Connection::connect(url, ConnectionProperties::default()).await.expect("test connection")
+}
+
+/// The five nuropb headers as pika writes them.
+pub fn nuropb_headers(message_type: &str, trace_id: Option<&str>, encrypted: bool) -> FieldTable {
+    let mut t = FieldTable::default();
+    let long = |s: &str| AMQPValue::LongString(LongString::from(s));
+    t.insert("nuropb_protocol".into(), long("0.1.1"));
+    t.insert("nuropb_version".into(), long("0.1.8"));
+    t.insert("nuropb_type".into(), long(message_type));
+    t.insert("trace_id".into(), trace_id.map_or(AMQPValue::Void, long));
+    t.insert("encrypted".into(), long(if encrypted { "yes" } else { "" }));
+    t
+}
+
+/// A mesh participant written straight against lapin: publishes whatever a test wants
+/// and reads responses from its own (server-named, exclusive) reply queue.
+pub struct Peer {
+    pub _connection: Connection,
+    pub channel: Channel,
+    pub reply_queue: String,
+    replies: Consumer,
+}
+
+impl Peer {
+    pub async fn new(url: &str) -> Peer {
+        let connection = connect(url).await;
+        let channel = connection.create_channel().await.expect("channel");
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .expect("reply queue");
+        let reply_queue = queue.name().as_str().to_owned();
+        let replies = channel
+            .basic_consume(
+                reply_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume replies");
+        Peer { _connection: connection, channel, reply_queue, replies }
+    }
+
+    pub async fn publish(&self, exchange: &str, routing_key: &str, props: BasicProperties, body: &[u8]) {
+        self.channel
+            .basic_publish(
+                exchange.into(),
+                ShortString::from(routing_key),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("publish written");
+    }
+
+    /// Sends a nuropb request to `service` and returns the response body.
+    pub async fn call(&mut self, service: &str, method: &str, params: Value) -> Value {
+        let correlation_id = uuid::Uuid::new_v4().simple().to_string();
+        let body = serde_json::json!({
+            "tag": "request", "service": service, "method": method, "params": params,
+            "correlation_id": correlation_id, "context": {"peer": true}, "trace_id": "peer-trace",
+        });
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_headers(nuropb_headers("request", Some("peer-trace"), false))
+            .with_correlation_id(correlation_id.as_str().into())
+            .with_reply_to(self.reply_queue.as_str().into())
+            .with_expiration("10000".into());
+        let bytes = nuropb_wire::pyjson::to_python_json(&body).expect("encode");
+        self.publish("nuropb-rpc-exchange", service, props, &bytes).await;
+        loop {
+            let delivery = within("a response to the peer", self.replies.next())
+                .await
+                .expect("reply stream open")
+                .expect("reply delivery");
+            if delivery.properties.correlation_id().as_ref().map(|c| c.as_str()) == Some(correlation_id.as_str()) {
+                return serde_json::from_slice(&delivery.data).expect("response is JSON");
+            }
+        }
+    }
+}
+
+/// Declares a queue that copies everything published to `exchange` under `routing_key`.
+pub async fn spy(channel: &Channel, exchange: &str, routing_key: &str) -> (String, Consumer) {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .expect("spy queue");
+    let name = queue.name().as_str().to_owned();
+    channel
+        .queue_bind(name.as_str().into(), exchange.into(), routing_key.into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .expect("bind spy");
+    let consumer = channel
+        .basic_consume(name.as_str().into(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .await
+        .expect("consume spy");
+    (name, consumer)
+}
+
+/// Messages waiting in `queue` right now (passive declare).
+pub async fn message_count(channel: &Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .expect("passive declare")
+        .message_count()
+}
