@@ -36,18 +36,29 @@ impl Shared {
     pub(crate) async fn request(&self, call: MeshCall) -> Result<MeshResponse, MeshError> {
         self.guard_call(&call)?;
         let link = self.link()?;
+        // Encoded (and size-checked) before the describe lookup, so that a call the guard
+        // refuses publishes nothing at all.
+        let encoded = self.encode_call(MessageType::Request, &call)?;
         let key = self.encryption_key(&link, &call).await?;
-        self.exchange(&link, &call, key.as_ref(), self.config.request_ttl).await
+        self.exchange(&link, &call, encoded, key.as_ref(), self.config.request_ttl).await
     }
 
     /// A command: published like a request, never answered.
     pub(crate) async fn command(&self, call: MeshCall) -> Result<(), MeshError> {
         self.guard_call(&call)?;
         let link = self.link()?;
+        let encoded = self.encode_call(MessageType::Command, &call)?;
         let key = self.encryption_key(&link, &call).await?;
-        let correlation_id = new_correlation_id();
-        let (body, _session) = self.request_body(MessageType::Command, &call, &correlation_id, key.as_ref())?;
-        let message = self.request_message(MessageType::Command, &call, &correlation_id, body, key.is_some(), self.config.request_ttl)?;
+        // Nobody answers a command, so its session key is not kept.
+        let (body, _session) = self.seal(encoded.json, key.as_ref())?;
+        let message = self.request_message(
+            MessageType::Command,
+            &call,
+            &encoded.correlation_id,
+            body,
+            key.is_some(),
+            self.config.request_ttl,
+        )?;
         match self.publish_bounded(&link, message).await? {
             Published::Routed => Ok(()),
             Published::Returned => Err(not_delivered(&call)),
@@ -112,11 +123,12 @@ impl Shared {
         &self,
         link: &LinkHandle,
         call: &MeshCall,
+        encoded: Encoded,
         key: Option<&ServicePublicKey>,
         ttl: Duration,
     ) -> Result<MeshResponse, MeshError> {
-        let correlation_id = new_correlation_id();
-        let (body, session) = self.request_body(MessageType::Request, call, &correlation_id, key)?;
+        let Encoded { correlation_id, json } = encoded;
+        let (body, session) = self.seal(json, key)?;
         let message = self.request_message(MessageType::Request, call, &correlation_id, body, key.is_some(), ttl)?;
         // Registered before publishing so that even an instant response finds its caller;
         // the guard removes the entry however this future ends.
@@ -132,36 +144,33 @@ impl Shared {
         Ok(self.decode_response(raw, session.as_ref(), call))
     }
 
-    /// The serialized (and possibly encrypted) body, and the session key to read the
-    /// response with.
-    fn request_body(
-        &self,
-        tag: MessageType,
-        call: &MeshCall,
-        correlation_id: &str,
-        key: Option<&ServicePublicKey>,
-    ) -> Result<(Vec<u8>, Option<SessionKey>), MeshError> {
+    /// The request or command body in Python's JSON bytes (§4, §5.1), under a fresh
+    /// correlation id; refused when larger than `max_body_bytes`.
+    fn encode_call(&self, tag: MessageType, call: &MeshCall) -> Result<Encoded, MeshError> {
+        let correlation_id = new_correlation_id();
         let body = RequestBody {
             tag,
             service: call.service.clone(),
             method: call.method.clone(),
             params: call.params.clone(),
-            correlation_id: correlation_id.to_owned(),
+            correlation_id: correlation_id.clone(),
             context: call.context.clone(),
             trace_id: Some(call.trace_id.as_str().to_owned()),
         };
         let json = to_python_json(&body).map_err(|e| MeshError::Rejected(format!("call cannot be encoded: {e}")))?;
-        let reject = |e| {
-            bump(&self.counters.rejected_by_guard);
-            e
-        };
-        guard::check_body_size(json.len(), self.limits).map_err(reject)?;
+        guard::check_body_size(json.len(), self.limits).inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
+        Ok(Encoded { correlation_id, json })
+    }
+
+    /// Encrypts the body when there is a key (§10), and returns the session key to read
+    /// the response with. The encrypted body is about 1.8 times larger and checked again.
+    fn seal(&self, json: Vec<u8>, key: Option<&ServicePublicKey>) -> Result<(Vec<u8>, Option<SessionKey>), MeshError> {
         let Some(key) = key else {
             return Ok((json, None));
         };
         let (sealed, session) = mesh_crypto::encrypt_request(key, &json)
             .map_err(|e| MeshError::Encryption(format!("cannot encrypt the request: {e}")))?;
-        guard::check_body_size(sealed.len(), self.limits).map_err(reject)?;
+        guard::check_body_size(sealed.len(), self.limits).inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
         Ok((sealed, Some(session)))
     }
 
@@ -262,7 +271,12 @@ impl Shared {
             trace_id: handler_core::TraceId::generate(),
         };
         let timeout = self.config.describe_timeout;
-        let outcome = tokio::time::timeout(timeout, self.exchange(link, &call, None, DESCRIBE_TTL)).await;
+        let encoded = match self.encode_call(MessageType::Request, &call) {
+            Ok(encoded) => encoded,
+            // Cannot happen for an empty describe call; the call itself would fail alike.
+            Err(error) => return Described::Failed(error),
+        };
+        let outcome = tokio::time::timeout(timeout, self.exchange(link, &call, encoded, None, DESCRIBE_TTL)).await;
         let unknown = |why: String| {
             warn!(service, why, "service description unavailable; calls go out in plaintext for now");
             Described::Unknown
@@ -278,6 +292,12 @@ impl Shared {
             },
         }
     }
+}
+
+/// A call serialized under its correlation id, not yet encrypted.
+struct Encoded {
+    correlation_id: String,
+    json: Vec<u8>,
 }
 
 /// The local answer to an unroutable call (§6.2).

@@ -39,7 +39,6 @@ pub struct Received {
 }
 
 pub struct FakeService {
-    pub name: String,
     pub received: Arc<Mutex<Vec<Received>>>,
     pub describes: Arc<AtomicUsize>,
     stop: CancellationToken,
@@ -98,7 +97,6 @@ impl FakeService {
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let service = FakeService {
-            name: name.to_owned(),
             received: Arc::clone(&inner.received),
             describes: Arc::clone(&inner.describes),
             stop: stop.clone(),

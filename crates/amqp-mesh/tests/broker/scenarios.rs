@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use serde_json::{Value, json};
@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fake_service::FakeService;
 use crate::support::{
-    Ctx, Gateway, Peer, WAIT, connect, eventually, message_count, nuropb_headers, rabbitmqctl_async, spy, within,
+    Ctx, Peer, WAIT, connect, eventually, message_count, nuropb_headers, rabbitmqctl_async, spy, within,
 };
 
 type Scenario = fn(Ctx) -> BoxFuture<'static, ()>;
@@ -119,7 +119,7 @@ async fn topology_matches_nuropb(ctx: Ctx) {
         rabbitmqctl_async(&["list_exchanges", "-p", vh, "name", "type", "durable", "auto_delete", "internal", "arguments", "--formatter", "json"]),
         rabbitmqctl_async(&["list_queues", "-p", vh, "name", "durable", "auto_delete", "exclusive", "arguments", "--formatter", "json"]),
         rabbitmqctl_async(&["list_bindings", "-p", vh, "source_name", "destination_name", "routing_key", "--formatter", "json"]),
-        rabbitmqctl_async(&["list_consumers", "-p", vh, "queue_name", "ack_required", "exclusive", "prefetch_count", "--formatter", "json"]),
+        rabbitmqctl_async(&["list_consumers", "-p", vh, "queue_name", "ack_required", "prefetch_count", "--formatter", "json"]),
     );
     let parse = |s: &str| -> Vec<Value> { serde_json::from_str(s).unwrap_or_else(|e| panic!("rabbitmqctl json {e}: {s}")) };
     let (exchanges, queues, bindings, consumers) = (parse(&exchanges), parse(&queues), parse(&bindings), parse(&consumers));
@@ -150,7 +150,14 @@ async fn topology_matches_nuropb(ctx: Ctx) {
 
     let consumer = |queue: &str| consumers.iter().find(|c| c["queue_name"] == queue).cloned().unwrap_or_else(|| panic!("no consumer on {queue}: {consumers:?}"));
     let rq = consumer("nuropb-gw-topo-i1-rq");
-    assert_eq!((&rq["ack_required"], &rq["exclusive"]), (&json!(false), &json!(true)), "{rq}");
+    assert_eq!(&rq["ack_required"], &json!(false), "{rq}");
+    // The response queue is consumed exclusively: a second process with the same
+    // instance id is refused, as nuropb intends (§2.3).
+    let intruder = connection.create_channel().await.expect("channel");
+    let refused = intruder
+        .basic_consume("nuropb-gw-topo-i1-rq".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await;
+    assert!(refused.is_err(), "the response queue is in exclusive use");
     let sq = consumer("nuropb-gw-topo-sq");
     assert_eq!((&sq["ack_required"], &sq["prefetch_count"]), (&json!(true), &json!(64)), "{sq}");
     let eq = consumer("nuropb-gw-topo-i1-eq");
@@ -212,10 +219,11 @@ async fn request_round_trip_matches_nuropb_bytes(ctx: Ctx) {
     assert_eq!(header(&command.properties, "nuropb_type"), Some(&long("command")));
     assert!(String::from_utf8_lossy(&command.data).starts_with(r#"{"tag": "command", "service": "svc-rt", "method": "note", "params": {"text": "remember"}, "correlation_id": ""#));
     eventually("the service received the command", || svc.received().iter().any(|r| r.plaintext.starts_with(b"{\"tag\": \"command\""))).await;
+    assert!(svc.received().iter().all(|r| r.properties.reply_to().as_ref().map(|q| q.as_str()) == Some(gw.mesh.response_queue())));
 
     let stats = gw.mesh.stats();
     assert!(stats.connected);
-    assert_eq!((stats.responses, stats.pending_requests), (3, 0), "{stats:?}");
+    assert_eq!((stats.responses, stats.pending_requests), (2, 0), "describe and echo: {stats:?}");
     gw.stop().await;
     svc.stop().await;
 }
@@ -696,7 +704,3 @@ async fn shutdown_drains_pending_requests(ctx: Ctx) {
     drop(gw);
     svc.stop().await;
 }
-
-// Keeps `Gateway` used in signatures above visible to readers of this file.
-#[allow(dead_code)]
-fn _uses(_: &Gateway) {}

@@ -49,15 +49,18 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `rabbitmqctl` off the async runtime's worker threads.
-pub async fn rabbitmqctl_async(args: &[&str]) -> String {
+/// `rabbitmqctl` off the async runtime's worker threads. The arguments are copied at
+/// once, so the future borrows nothing.
+pub fn rabbitmqctl_async(args: &[&str]) -> impl Future<Output = String> + Send + 'static {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        rabbitmqctl(&args)
-    })
-    .await
-    .expect("rabbitmqctl task")
+    async move {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            rabbitmqctl(&args)
+        })
+        .await
+        .expect("rabbitmqctl task")
+    }
 }
 
 /// A fresh vhost for one test run, deleted when dropped (also after failures).
