@@ -453,3 +453,49 @@ async fn rate_limit_answers_then_closes_abusers() {
     assert!(limited >= 3, "rate-limited frames were answered ({limited})");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_client_is_dropped_without_slowing_the_others() {
+    let mut options = Options::default();
+    options.ws.outbound_queue = 8;
+    options.ws.write_timeout = Duration::from_millis(500);
+    let gw = Gateway::start_with(options).await;
+    let (_slow, _) = gw.connect("slow").await; // never reads again
+    let (mut fast, _) = gw.connect("fast").await;
+    let big = "x".repeat(16 * 1024);
+    let fast_reader = tokio::spawn(async move {
+        let mut got = 0;
+        while got < 400 {
+            let v = fast.recv_json().await;
+            assert_eq!(v["payload"]["topic"], "broadcast.flood");
+            got += 1;
+        }
+        got
+    });
+    for i in 0..400 {
+        let event = MeshEvent {
+            topic: "broadcast.flood".into(),
+            event: json!({"i": i, "pad": big}),
+            target: None,
+            context: Default::default(),
+            trace_id: None,
+        };
+        gw.mesh.inject_event(event).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    // Every one of 400 x 16 KiB events reached the fast client, while the slow one was
+    // cut off (its socket buffers hold far less than 6 MiB).
+    let got = tokio::time::timeout(Duration::from_secs(20), fast_reader).await.unwrap().unwrap();
+    assert_eq!(got, 400);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = gw.handle.stats();
+        if stats.sessions == 1 {
+            assert!(stats.frames_dropped > 0, "{stats:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "slow session not dropped: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.stop().await;
+}
