@@ -2,6 +2,7 @@
 //! defaults. The binary fills it from its own configuration; this crate never reads the
 //! environment, files or the command line.
 
+use std::fmt;
 use std::time::Duration;
 
 use lapin::uri::AMQPUri;
@@ -24,8 +25,8 @@ pub enum EncryptionMode {
 
 /// Configuration of [`crate::AmqpMesh`]. Build with [`AmqpMeshConfig::new`] and adjust
 /// fields; [`AmqpMesh::start`](crate::AmqpMesh::start) validates it once and names the
-/// offending field on error.
-#[derive(Debug, Clone)]
+/// offending field on error. Its `Debug` output hides the URL's password.
+#[derive(Clone)]
 pub struct AmqpMeshConfig {
     /// Broker URL, `amqp://user:pass@host:port/<vhost>` or `amqps://…`. The vhost is the
     /// mesh name (nuropb's default is `nuropb`). `heartbeat` below applies unless the URL
@@ -149,6 +150,42 @@ impl Default for AmqpMeshConfig {
     }
 }
 
+impl fmt::Debug for AmqpMeshConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Written out (not derived) so that the password never reaches a log.
+        f.debug_struct("AmqpMeshConfig")
+            .field("url", &self.redacted_url())
+            .field("service_name", &self.service_name)
+            .field("instance_id", &self.instance_id)
+            .field("rpc_exchange", &self.rpc_exchange)
+            .field("events_exchange", &self.events_exchange)
+            .field("dl_exchange", &self.dl_exchange)
+            .field("event_bindings", &self.event_bindings)
+            .field("request_ttl", &self.request_ttl)
+            .field("prefetch", &self.prefetch)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("heartbeat", &self.heartbeat)
+            .field("inbound_capacity", &self.inbound_capacity)
+            .field("publish_queue_capacity", &self.publish_queue_capacity)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_inbound_body_bytes", &self.max_inbound_body_bytes)
+            .field("max_trace_id_len", &self.max_trace_id_len)
+            .field("max_json_depth", &self.max_json_depth)
+            .field("describe_ttl", &self.describe_ttl)
+            .field("describe_negative_ttl", &self.describe_negative_ttl)
+            .field("describe_timeout", &self.describe_timeout)
+            .field("describe_cache_capacity", &self.describe_cache_capacity)
+            .field("encryption", &self.encryption)
+            .field("events_queue_max_length", &self.events_queue_max_length)
+            .field("core_reply_timeout", &self.core_reply_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .finish()
+    }
+}
+
 impl AmqpMeshConfig {
     /// Defaults with the given broker URL.
     pub fn new(url: impl Into<String>) -> Self {
@@ -189,15 +226,22 @@ impl AmqpMeshConfig {
         if self.service_name.is_empty() {
             return bad("service_name", "must not be empty");
         }
-        if self.service_name.contains(['.', '*', '#']) || self.service_name.contains(char::is_whitespace) {
+        if self.service_name.contains(['.', '*', '#'])
+            || self.service_name.contains(char::is_whitespace)
+        {
             return bad("service_name", "must not contain '.', '*', '#' or whitespace");
         }
         if self.instance_id.is_empty() || self.instance_id.contains(char::is_whitespace) {
             return bad("instance_id", "must be non-empty without whitespace");
         }
         // The longest derived name decides whether the pair fits in AMQP short strings.
-        if self.response_queue().len() > MAX_SHORT_STRING || self.control_topic().len() > MAX_SHORT_STRING {
-            return bad("service_name", "service_name and instance_id are too long for queue names (255 bytes)");
+        if self.response_queue().len() > MAX_SHORT_STRING
+            || self.control_topic().len() > MAX_SHORT_STRING
+        {
+            return bad(
+                "service_name",
+                "service_name and instance_id are too long for queue names (255 bytes)",
+            );
         }
         for (field, name) in [
             ("rpc_exchange", &self.rpc_exchange),
@@ -211,7 +255,9 @@ impl AmqpMeshConfig {
         if self.event_bindings.iter().any(|b| b.is_empty() || b.len() > MAX_SHORT_STRING) {
             return bad("event_bindings", "every pattern must be 1 to 255 bytes");
         }
-        if self.request_ttl < Duration::from_millis(1) || self.request_ttl.as_millis() > u128::from(u32::MAX) {
+        if self.request_ttl < Duration::from_millis(1)
+            || self.request_ttl.as_millis() > u128::from(u32::MAX)
+        {
             return bad("request_ttl", "must be between 1 ms and about 49 days");
         }
         if self.prefetch == 0 {
@@ -261,7 +307,8 @@ impl AmqpMeshConfig {
     pub(crate) fn parse_uri(&self) -> Result<AMQPUri, AmqpMeshError> {
         let mut uri: AMQPUri = self.url.parse().map_err(|reason: String| {
             // Some parse errors quote the whole URL, password included.
-            let reason = if reason.contains(&self.url) { "not a valid amqp url".to_owned() } else { reason };
+            let reason =
+                if reason.contains(&self.url) { "not a valid amqp url".to_owned() } else { reason };
             AmqpMeshError::Config { field: "url", reason }
         })?;
         if uri.query.heartbeat.is_none() {
@@ -352,5 +399,7 @@ mod tests {
         check("amqps://u:p@h", "amqps://u:***@h");
         check("amqp://host/vh", "amqp://host/vh");
         check("garbage", "garbage");
+        let config = AmqpMeshConfig::new("amqp://guest:hunter2@host/vh");
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 }

@@ -29,7 +29,11 @@ const ANSWERED_MEMORY: usize = 4096;
 /// Runs the response-queue consumer (auto-ack) until `link` is cancelled or the consumer
 /// ends. Unbounded by prefetch (auto-ack), but responses only come for our own requests,
 /// which the core bounds; anything else is dropped at once.
-pub(crate) async fn responses(shared: Arc<Shared>, mut consumer: Consumer, link: CancellationToken) {
+pub(crate) async fn responses(
+    shared: Arc<Shared>,
+    mut consumer: Consumer,
+    link: CancellationToken,
+) {
     let mut answered = RecentIds::default();
     while let Some(delivery) = next(&mut consumer, &link, "response").await {
         on_response(&shared, &mut answered, delivery);
@@ -149,12 +153,22 @@ fn decode_event(shared: &Shared, delivery: &Delivery) -> Result<MeshInbound, Str
         _ => None,
     };
     bump(&shared.counters.events_received);
-    Ok(MeshInbound::Event(MeshEvent { topic: routing_key.to_owned(), event, target, context, trace_id }))
+    Ok(MeshInbound::Event(MeshEvent {
+        topic: routing_key.to_owned(),
+        event,
+        target,
+        context,
+        trace_id,
+    }))
 }
 
 /// The next delivery, or `None` when the link is cancelled or the consumer ended (which
 /// cancels the link: the connection or channel is gone).
-pub(crate) async fn next(consumer: &mut Consumer, link: &CancellationToken, queue: &str) -> Option<Delivery> {
+pub(crate) async fn next(
+    consumer: &mut Consumer,
+    link: &CancellationToken,
+    queue: &str,
+) -> Option<Delivery> {
     // Cancellation safety: deliveries wait in lapin's buffer until polled; dropping
     // `next` loses none.
     let delivery = tokio::select! {

@@ -38,7 +38,8 @@ pub(crate) fn encode(op: &GatewayControl) -> Value {
 /// The users a control event is about, for the event's advisory `target`.
 pub(crate) fn target(op: &GatewayControl) -> Option<Vec<Value>> {
     match op {
-        GatewayControl::PushToUsers { user_ids, .. } | GatewayControl::DisconnectUsers { user_ids, .. } => {
+        GatewayControl::PushToUsers { user_ids, .. }
+        | GatewayControl::DisconnectUsers { user_ids, .. } => {
             Some(user_ids.iter().map(|u| Value::String(u.as_str().to_owned())).collect())
         }
         GatewayControl::PushToAll { .. } => None,

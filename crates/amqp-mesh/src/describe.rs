@@ -125,7 +125,9 @@ pub(crate) fn parse_description(result: &Value) -> Result<ServiceCrypto, String>
     let object = result.as_object().ok_or("describe result is not an object")?;
     let methods = match object.get("methods") {
         Some(Value::Object(methods)) => methods,
-        None | Some(Value::Null) => return Ok(ServiceCrypto { public_key: None, encrypted_methods: HashSet::new() }),
+        None | Some(Value::Null) => {
+            return Ok(ServiceCrypto { public_key: None, encrypted_methods: HashSet::new() });
+        }
         Some(_) => return Err("describe methods is not an object".to_owned()),
     };
     let encrypted_methods: HashSet<String> = methods
@@ -134,7 +136,9 @@ pub(crate) fn parse_description(result: &Value) -> Result<ServiceCrypto, String>
         .map(|(name, _)| name.clone())
         .collect();
     let public_key = match object.get("public_key").and_then(Value::as_str) {
-        Some(pem) => Some(ServicePublicKey::from_pem(pem).map_err(|e| format!("unusable public_key: {e}"))?),
+        Some(pem) => {
+            Some(ServicePublicKey::from_pem(pem).map_err(|e| format!("unusable public_key: {e}"))?)
+        }
         None => None,
     };
     Ok(ServiceCrypto { public_key, encrypted_methods })
@@ -158,13 +162,17 @@ fn method(description: &str, properties: Vec<Value>, required: &[&str]) -> Value
 /// The gateway's answer to `nuropb_describe`, key for key what a nuropb service sends.
 pub(crate) fn gateway_description(service_name: &str) -> Value {
     let no_default = || Value::String(String::new());
-    let user_params = || {
-        vec![param("user_id", "str", Value::Null), param("user_ids", "list", Value::Null)]
-    };
-    let mut push_to_user = vec![param("topic", "str", no_default()), param("event", "Any", no_default())];
+    let user_params =
+        || vec![param("user_id", "str", Value::Null), param("user_ids", "list", Value::Null)];
+    let mut push_to_user =
+        vec![param("topic", "str", no_default()), param("event", "Any", no_default())];
     push_to_user.extend(user_params());
     let mut disconnect_user = user_params();
-    disconnect_user.push(param("reason", "str", Value::String(crate::service::DEFAULT_DISCONNECT_REASON.into())));
+    disconnect_user.push(param(
+        "reason",
+        "str",
+        Value::String(crate::service::DEFAULT_DISCONNECT_REASON.into()),
+    ));
     json!({
         "service_name": service_name,
         "service_version": env!("CARGO_PKG_VERSION"),
@@ -221,12 +229,25 @@ mod tests {
         let keys: Vec<_> = d.as_object().expect("object").keys().cloned().collect();
         assert_eq!(
             keys,
-            ["service_name", "service_version", "description", "warnings", "encrypted_methods", "public_key", "methods"]
+            [
+                "service_name",
+                "service_version",
+                "description",
+                "warnings",
+                "encrypted_methods",
+                "public_key",
+                "methods"
+            ]
         );
         let push = &d["methods"]["push_to_user"];
-        assert_eq!(push["parameters"]["properties"][0], json!(["topic", {"type": "str", "description": "", "default": ""}]));
+        assert_eq!(
+            push["parameters"]["properties"][0],
+            json!(["topic", {"type": "str", "description": "", "default": ""}])
+        );
         assert_eq!(push["parameters"]["required"], json!(["topic", "event"]));
-        assert!(parse_description(&d).expect("own description parses").encrypted_methods.is_empty());
+        assert!(
+            parse_description(&d).expect("own description parses").encrypted_methods.is_empty()
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -249,7 +270,10 @@ mod tests {
 
         let failing = || async { Described::Failed(MeshError::Unavailable("down".into())) };
         assert!(matches!(cache.get("gone", failing).await, Described::Failed(_)));
-        assert!(matches!(cache.get("gone", fetch).await, Described::Unknown), "failures are not reused");
+        assert!(
+            matches!(cache.get("gone", fetch).await, Described::Unknown),
+            "failures are not reused"
+        );
 
         for name in ["x", "y", "z"] {
             cache.get(name, fetch).await;

@@ -154,17 +154,38 @@ mod tests {
     fn request_properties_match_v01_v02_v22() {
         let hour = Some(Duration::from_secs(3600));
         let h = MeshHeaders::outgoing(MessageType::Request, Some("trace-echo".into()), false);
-        check(V01, properties(&h, "4bb8771b487c40279d5401c0a2a75dfa", CLIENT_RQ, hour).expect("props"), 0xa700);
+        check(
+            V01,
+            properties(&h, "4bb8771b487c40279d5401c0a2a75dfa", CLIENT_RQ, hour).expect("props"),
+            0xa700,
+        );
         let h = MeshHeaders::outgoing(MessageType::Request, None, false);
-        check(V02, properties(&h, "10aef9421b7a401b989dbf225cf9c30a", CLIENT_RQ, hour).expect("props"), 0xa700);
-        let h = MeshHeaders::outgoing(MessageType::Request, Some("trace-secret_encrypted".into()), true);
-        check(V22, properties(&h, "5020c083a051400caeed60cf32689245", CLIENT_RQ, hour).expect("props"), 0xa700);
+        check(
+            V02,
+            properties(&h, "10aef9421b7a401b989dbf225cf9c30a", CLIENT_RQ, hour).expect("props"),
+            0xa700,
+        );
+        let h = MeshHeaders::outgoing(
+            MessageType::Request,
+            Some("trace-secret_encrypted".into()),
+            true,
+        );
+        check(
+            V22,
+            properties(&h, "5020c083a051400caeed60cf32689245", CLIENT_RQ, hour).expect("props"),
+            0xa700,
+        );
     }
 
     #[test]
     fn event_properties_match_v16() {
-        let h = MeshHeaders::outgoing(MessageType::Event, Some("trace-event_svc_ping".into()), false);
-        check(V16, properties(&h, "f470c1bf627a4daf81c6c8ecd854bc83", "", None).expect("props"), 0xa600);
+        let h =
+            MeshHeaders::outgoing(MessageType::Event, Some("trace-event_svc_ping".into()), false);
+        check(
+            V16,
+            properties(&h, "f470c1bf627a4daf81c6c8ecd854bc83", "", None).expect("props"),
+            0xa600,
+        );
     }
 
     #[test]

@@ -63,7 +63,8 @@ mod tests {
     #[test]
     fn transient_only_for_network_failures() {
         let cause = || -> BoxError { "x".into() };
-        let check = |e: AmqpMeshError, expected: bool| assert_eq!(e.is_transient(), expected, "{e}");
+        let check =
+            |e: AmqpMeshError, expected: bool| assert_eq!(e.is_transient(), expected, "{e}");
         check(AmqpMeshError::Connect { url: "u".into(), source: cause() }, true);
         check(AmqpMeshError::ConnectTimeout { url: "u".into(), timeout: Duration::ZERO }, true);
         check(AmqpMeshError::Refused { url: "u".into(), source: cause() }, false);

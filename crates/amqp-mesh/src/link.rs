@@ -64,7 +64,10 @@ impl Link {
 }
 
 /// Connects and sets up connection `generation`.
-pub(crate) async fn establish(shared: &Arc<Shared>, generation: u64) -> Result<Link, AmqpMeshError> {
+pub(crate) async fn establish(
+    shared: &Arc<Shared>,
+    generation: u64,
+) -> Result<Link, AmqpMeshError> {
     let config = &shared.config;
     let url = config.redacted_url();
     let uri = config.parse_uri()?;
@@ -76,11 +79,12 @@ pub(crate) async fn establish(shared: &Arc<Shared>, generation: u64) -> Result<L
         .with_client_property("name".into(), config.service_name.as_str().into())
         .with_client_property("instance_id".into(), config.instance_id.as_str().into());
     let timeout = config.connect_timeout;
-    let connection = match tokio::time::timeout(timeout, Connection::connect_uri(uri, properties)).await {
-        Err(_) => return Err(AmqpMeshError::ConnectTimeout { url, timeout }),
-        Ok(Err(error)) => return Err(connect_error(url, error)),
-        Ok(Ok(connection)) => connection,
-    };
+    let connection =
+        match tokio::time::timeout(timeout, Connection::connect_uri(uri, properties)).await {
+            Err(_) => return Err(AmqpMeshError::ConnectTimeout { url, timeout }),
+            Ok(Err(error)) => return Err(connect_error(url, error)),
+            Ok(Ok(connection)) => connection,
+        };
     // Listen before anything can fail, so no connection error goes unseen.
     let events = Box::pin(connection.events_listener());
     let setup = tokio::time::timeout(timeout, setup(shared, &connection, generation)).await;
@@ -109,7 +113,11 @@ struct Ready {
     calls: Consumer,
 }
 
-async fn setup(shared: &Arc<Shared>, connection: &Connection, generation: u64) -> Result<Ready, AmqpMeshError> {
+async fn setup(
+    shared: &Arc<Shared>,
+    connection: &Connection,
+    generation: u64,
+) -> Result<Ready, AmqpMeshError> {
     let config = &shared.config;
     let channel = connection.create_channel().await.map_err(topology("open a channel"))?;
     channel
@@ -158,11 +166,18 @@ async fn setup(shared: &Arc<Shared>, connection: &Connection, generation: u64) -
 
     let events_queue = config.events_queue();
     let mut bounded = FieldTable::default();
-    bounded.insert("x-max-length".into(), AMQPValue::LongLongInt(i64::from(config.events_queue_max_length)));
+    bounded.insert(
+        "x-max-length".into(),
+        AMQPValue::LongLongInt(i64::from(config.events_queue_max_length)),
+    );
     channel
         .queue_declare(
             events_queue.as_str().into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
             bounded,
         )
         .await
@@ -212,7 +227,11 @@ async fn setup(shared: &Arc<Shared>, connection: &Connection, generation: u64) -
     )
     .await?;
     let calls = consume(service_queue, BasicConsumeOptions::default()).await?;
-    let events = consume(events_queue, BasicConsumeOptions { exclusive: true, ..BasicConsumeOptions::default() }).await?;
+    let events = consume(
+        events_queue,
+        BasicConsumeOptions { exclusive: true, ..BasicConsumeOptions::default() },
+    )
+    .await?;
     Ok(Ready { generation, channel, responses, events, calls })
 }
 
@@ -226,8 +245,11 @@ impl Ready {
         let Ready { generation, channel, responses, events: event_deliveries, calls } = self;
         let token = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let (publisher, publisher_task) =
-            publisher::channel(shared.config.publish_queue_capacity, Arc::clone(&shared.counters));
+        let (publisher, publisher_task) = publisher::channel(
+            shared.config.publish_queue_capacity,
+            Arc::clone(&shared.counters),
+            Arc::clone(&shared.pending),
+        );
         let handle = LinkHandle { generation, publisher };
 
         tasks.spawn(
@@ -235,7 +257,10 @@ impl Ready {
                 .run(channel, token.clone())
                 .instrument(info_span!("amqp.publisher", generation)),
         );
-        tasks.spawn(watch_connection(events, token.clone()).instrument(info_span!("amqp.connection", generation)));
+        tasks.spawn(
+            watch_connection(events, token.clone())
+                .instrument(info_span!("amqp.connection", generation)),
+        );
         tasks.spawn(
             consumers::responses(Arc::clone(shared), responses, token.clone())
                 .instrument(info_span!("amqp.responses", generation)),
@@ -297,5 +322,9 @@ fn connect_error(url: String, error: lapin::Error) -> AmqpMeshError {
         _ => false,
     };
     let source: BoxError = Box::new(error);
-    if refused { AmqpMeshError::Refused { url, source } } else { AmqpMeshError::Connect { url, source } }
+    if refused {
+        AmqpMeshError::Refused { url, source }
+    } else {
+        AmqpMeshError::Connect { url, source }
+    }
 }

@@ -84,6 +84,9 @@ impl AmqpMesh {
         shutdown: CancellationToken,
     ) -> Result<(AmqpMesh, mpsc::Receiver<MeshInbound>), AmqpMeshError> {
         config.validate()?;
+        if shutdown.is_cancelled() {
+            return Err(AmqpMeshError::Shutdown);
+        }
         let (inbound, inbound_rx) = mpsc::channel(config.inbound_capacity);
         let shared = Arc::new(Shared {
             response_queue: config.response_queue(),
@@ -125,9 +128,7 @@ impl AmqpMesh {
 
     /// A snapshot of the adapter's counters.
     pub fn stats(&self) -> AmqpStats {
-        self.shared
-            .counters
-            .snapshot(self.is_connected(), self.shared.pending.len())
+        self.shared.counters.snapshot(self.is_connected(), self.shared.pending.len())
     }
 
     /// Requests waiting for a response right now.

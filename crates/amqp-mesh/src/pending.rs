@@ -96,7 +96,10 @@ impl PendingTable {
         removed
     }
 
-    fn shard(&self, correlation_id: &str) -> MutexGuard<'_, HashMap<String, oneshot::Sender<Reply>>> {
+    fn shard(
+        &self,
+        correlation_id: &str,
+    ) -> MutexGuard<'_, HashMap<String, oneshot::Sender<Reply>>> {
         let hash = correlation_id
             .bytes()
             .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)));

@@ -67,7 +67,8 @@ impl Shared {
 
     /// An event on the events exchange (§5.3): not mandatory, no expiration.
     pub(crate) async fn publish_event(&self, event: MeshEvent) -> Result<(), MeshError> {
-        guard::check_event(&event, self.limits).inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
+        guard::check_event(&event, self.limits)
+            .inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
         let link = self.link()?;
         let target = event
             .target
@@ -88,11 +89,14 @@ impl Shared {
 
     /// Builds a §5.3 event ready to publish; the guard's size limit applies.
     pub(crate) fn event_message(&self, body: &EventBody) -> Result<Outgoing, MeshError> {
-        let json = to_python_json(body).map_err(|e| MeshError::Rejected(format!("event cannot be encoded: {e}")))?;
-        guard::check_body_size(json.len(), self.limits).inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
+        let json = to_python_json(body)
+            .map_err(|e| MeshError::Rejected(format!("event cannot be encoded: {e}")))?;
+        guard::check_body_size(json.len(), self.limits)
+            .inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
         let headers = MeshHeaders::outgoing(MessageType::Event, body.trace_id.clone(), false);
         let correlation_id = body.correlation_id.clone().unwrap_or_default();
-        let properties = envelope::properties(&headers, &correlation_id, "", None).map_err(MeshError::Rejected)?;
+        let properties = envelope::properties(&headers, &correlation_id, "", None)
+            .map_err(MeshError::Rejected)?;
         Ok(Outgoing {
             exchange: self.config.events_exchange.clone(),
             routing_key: body.topic.clone(),
@@ -103,11 +107,15 @@ impl Shared {
     }
 
     /// Publishes and waits for the broker at most `publish_timeout`.
-    pub(crate) async fn publish_bounded(&self, link: &LinkHandle, message: Outgoing) -> Result<Published, MeshError> {
+    pub(crate) async fn publish_bounded(
+        &self,
+        link: &LinkHandle,
+        message: Outgoing,
+    ) -> Result<Published, MeshError> {
         let timeout = self.config.publish_timeout;
-        tokio::time::timeout(timeout, link.publisher.publish(message))
-            .await
-            .unwrap_or_else(|_| Err(MeshError::Unavailable(format!("publish not confirmed within {timeout:?}"))))
+        tokio::time::timeout(timeout, link.publisher.publish(message)).await.unwrap_or_else(|_| {
+            Err(MeshError::Unavailable(format!("publish not confirmed within {timeout:?}")))
+        })
     }
 
     fn guard_call(&self, call: &MeshCall) -> Result<(), MeshError> {
@@ -129,10 +137,18 @@ impl Shared {
     ) -> Result<MeshResponse, MeshError> {
         let Encoded { correlation_id, json } = encoded;
         let (body, session) = self.seal(json, key)?;
-        let message = self.request_message(MessageType::Request, call, &correlation_id, body, key.is_some(), ttl)?;
+        let message = self.request_message(
+            MessageType::Request,
+            call,
+            &correlation_id,
+            body,
+            key.is_some(),
+            ttl,
+        )?;
         // Registered before publishing so that even an instant response finds its caller;
         // the guard removes the entry however this future ends.
-        let (_pending, response) = self.pending.register(correlation_id.clone(), link.generation)?;
+        let (_pending, response) =
+            self.pending.register(correlation_id.clone(), link.generation)?;
         match link.publisher.publish(message).await? {
             Published::Routed => {}
             Published::Returned => {
@@ -140,7 +156,14 @@ impl Shared {
                 return Err(not_delivered(call));
             }
         }
-        let raw = response.await.unwrap_or_else(|_| Err(MeshError::Unavailable("connection lost".into())))?;
+        let raw = match response.await {
+            Ok(Ok(raw)) => raw,
+            // A return that lapin attached to another message's confirmation (see
+            // `publisher`) arrives here, without our method name.
+            Ok(Err(MeshError::NotDelivered { .. })) => return Err(not_delivered(call)),
+            Ok(Err(error)) => return Err(error),
+            Err(_) => return Err(MeshError::Unavailable("connection lost".into())),
+        };
         Ok(self.decode_response(raw, session.as_ref(), call))
     }
 
@@ -157,20 +180,27 @@ impl Shared {
             context: call.context.clone(),
             trace_id: Some(call.trace_id.as_str().to_owned()),
         };
-        let json = to_python_json(&body).map_err(|e| MeshError::Rejected(format!("call cannot be encoded: {e}")))?;
-        guard::check_body_size(json.len(), self.limits).inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
+        let json = to_python_json(&body)
+            .map_err(|e| MeshError::Rejected(format!("call cannot be encoded: {e}")))?;
+        guard::check_body_size(json.len(), self.limits)
+            .inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
         Ok(Encoded { correlation_id, json })
     }
 
     /// Encrypts the body when there is a key (§10), and returns the session key to read
     /// the response with. The encrypted body is about 1.8 times larger and checked again.
-    fn seal(&self, json: Vec<u8>, key: Option<&ServicePublicKey>) -> Result<(Vec<u8>, Option<SessionKey>), MeshError> {
+    fn seal(
+        &self,
+        json: Vec<u8>,
+        key: Option<&ServicePublicKey>,
+    ) -> Result<(Vec<u8>, Option<SessionKey>), MeshError> {
         let Some(key) = key else {
             return Ok((json, None));
         };
         let (sealed, session) = mesh_crypto::encrypt_request(key, &json)
             .map_err(|e| MeshError::Encryption(format!("cannot encrypt the request: {e}")))?;
-        guard::check_body_size(sealed.len(), self.limits).inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
+        guard::check_body_size(sealed.len(), self.limits)
+            .inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
         Ok((sealed, Some(session)))
     }
 
@@ -183,14 +213,11 @@ impl Shared {
         encrypted: bool,
         ttl: Duration,
     ) -> Result<Outgoing, MeshError> {
-        let headers = MeshHeaders::outgoing(tag, Some(call.trace_id.as_str().to_owned()), encrypted);
-        let properties = envelope::properties(
-            &headers,
-            correlation_id,
-            &self.response_queue,
-            Some(ttl),
-        )
-        .map_err(MeshError::Rejected)?;
+        let headers =
+            MeshHeaders::outgoing(tag, Some(call.trace_id.as_str().to_owned()), encrypted);
+        let properties =
+            envelope::properties(&headers, correlation_id, &self.response_queue, Some(ttl))
+                .map_err(MeshError::Rejected)?;
         Ok(Outgoing {
             exchange: self.config.rpc_exchange.clone(),
             routing_key: call.service.clone(),
@@ -202,7 +229,12 @@ impl Shared {
 
     /// Turns a raw response into the service's answer. A response that cannot be read
     /// becomes an error answer rather than a hang: the service did answer, badly.
-    fn decode_response(&self, raw: RawResponse, session: Option<&SessionKey>, call: &MeshCall) -> MeshResponse {
+    fn decode_response(
+        &self,
+        raw: RawResponse,
+        session: Option<&SessionKey>,
+        call: &MeshCall,
+    ) -> MeshResponse {
         let malformed = |why: &str| {
             bump(&self.counters.garbage_rejected);
             warn!(service = %call.service, method = %call.method, trace_id = %call.trace_id, why, "malformed response");
@@ -238,7 +270,8 @@ impl Shared {
         if self.config.encryption == EncryptionMode::Off || call.method == DESCRIBE_METHOD {
             return Ok(None);
         }
-        let described = self.describe.get(&call.service, || self.fetch_description(link, &call.service)).await;
+        let described =
+            self.describe.get(&call.service, || self.fetch_description(link, &call.service)).await;
         let crypto = match described {
             Described::Known(crypto) => crypto,
             Described::Unknown => return Ok(None),
@@ -276,16 +309,25 @@ impl Shared {
             // Cannot happen for an empty describe call; the call itself would fail alike.
             Err(error) => return Described::Failed(error),
         };
-        let outcome = tokio::time::timeout(timeout, self.exchange(link, &call, encoded, None, DESCRIBE_TTL)).await;
+        let outcome =
+            tokio::time::timeout(timeout, self.exchange(link, &call, encoded, None, DESCRIBE_TTL))
+                .await;
         let unknown = |why: String| {
-            warn!(service, why, "service description unavailable; calls go out in plaintext for now");
+            warn!(
+                service,
+                why, "service description unavailable; calls go out in plaintext for now"
+            );
             Described::Unknown
         };
         match outcome {
             Err(_) => unknown(format!("no answer within {timeout:?}")),
-            Ok(Err(error @ (MeshError::NotDelivered { .. } | MeshError::Unavailable(_)))) => Described::Failed(error),
+            Ok(Err(error @ (MeshError::NotDelivered { .. } | MeshError::Unavailable(_)))) => {
+                Described::Failed(error)
+            }
             Ok(Err(other)) => unknown(other.to_string()),
-            Ok(Ok(MeshResponse { error: Some(error), .. })) => unknown(format!("{}: {}", error.error, error.description)),
+            Ok(Ok(MeshResponse { error: Some(error), .. })) => {
+                unknown(format!("{}: {}", error.error, error.description))
+            }
             Ok(Ok(MeshResponse { result, error: None })) => match parse_description(&result) {
                 Ok(crypto) => Described::Known(std::sync::Arc::new(crypto)),
                 Err(why) => unknown(why),
@@ -318,7 +360,10 @@ fn response_from_body(mut body: JsonObject) -> MeshResponse {
                 Some(other) => other.to_string(),
             };
             let name = text("error");
-            Some(ErrorObject::new(if name.is_empty() { "NuropbException".to_owned() } else { name }, text("description")))
+            Some(ErrorObject::new(
+                if name.is_empty() { "NuropbException".to_owned() } else { name },
+                text("description"),
+            ))
         }
         Some(Value::String(description)) => Some(ErrorObject::new("NuropbException", description)),
         Some(other) => Some(ErrorObject::new("NuropbException", other.to_string())),

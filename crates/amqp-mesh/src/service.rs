@@ -15,7 +15,9 @@ use handler_core::{MeshError, UserId};
 use lapin::Consumer;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
-use nuropb_wire::mesh::{DESCRIBE_METHOD, EventBody, MeshHeaders, MessageType, ResponseBody, error_name};
+use nuropb_wire::mesh::{
+    DESCRIBE_METHOD, EventBody, MeshHeaders, MessageType, ResponseBody, error_name,
+};
 use nuropb_wire::pyjson::{from_python_json, to_python_json};
 use nuropb_wire::{ErrorObject, JsonObject};
 use serde_json::{Value, json};
@@ -40,7 +42,12 @@ pub(crate) const DEFAULT_DISCONNECT_REASON: &str = "disconnected by the mesh";
 const MAX_USER_IDS: usize = 10_000;
 
 /// Runs the service-queue consumer until `link` is cancelled or the consumer ends.
-pub(crate) async fn run(shared: Arc<Shared>, mut consumer: Consumer, link_handle: LinkHandle, link: CancellationToken) {
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut consumer: Consumer,
+    link_handle: LinkHandle,
+    link: CancellationToken,
+) {
     while let Some(delivery) = next(&mut consumer, &link, "service").await {
         let handled = handle(&shared, &link_handle, &delivery).await;
         let settled = if handled {
@@ -85,10 +92,15 @@ async fn handle(shared: &Shared, link: &LinkHandle, delivery: &Delivery) -> bool
     };
     bump(&shared.counters.service_calls);
     let props = &delivery.properties;
-    let reply_to = props.reply_to().as_ref().map(|q| q.as_str().to_owned()).filter(|q| !q.is_empty());
+    let reply_to =
+        props.reply_to().as_ref().map(|q| q.as_str().to_owned()).filter(|q| !q.is_empty());
     let mut reply = ReplyTo {
         queue: reply_to.unwrap_or_default(),
-        correlation_id: props.correlation_id().as_ref().map(|c| c.as_str().to_owned()).unwrap_or_default(),
+        correlation_id: props
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.as_str().to_owned())
+            .unwrap_or_default(),
         trace_id: headers.trace_id.clone(),
         context: JsonObject::new(),
     };
@@ -108,7 +120,8 @@ async fn handle(shared: &Shared, link: &LinkHandle, delivery: &Delivery) -> bool
         }
     };
     if let Err(error) = &outcome {
-        info!(error = %error.error, description = %error.description, trace_id = ?reply.trace_id, "gateway call failed");
+        let trace_id = reply.trace_id.for_reply().unwrap_or_default();
+        info!(error = %error.error, description = %error.description, trace_id, "gateway call failed");
     }
     let ok = outcome.is_ok();
     if is_request {
@@ -120,7 +133,12 @@ async fn handle(shared: &Shared, link: &LinkHandle, delivery: &Delivery) -> bool
 }
 
 /// Runs a method. `Err` is the error object for the caller.
-async fn dispatch(shared: &Shared, link: &LinkHandle, mut body: JsonObject, trace: &TraceHeader) -> Result<Value, ErrorObject> {
+async fn dispatch(
+    shared: &Shared,
+    link: &LinkHandle,
+    mut body: JsonObject,
+    trace: &TraceHeader,
+) -> Result<Value, ErrorObject> {
     let method = match body.remove("method") {
         Some(Value::String(method)) => method,
         _ => return Err(invalid("method must be a string")),
@@ -137,7 +155,11 @@ async fn dispatch(shared: &Shared, link: &LinkHandle, mut body: JsonObject, trac
         "push_to_user" => {
             let mut p = Params::new(params, &["topic", "event", "user_id", "user_ids"])?;
             let user_ids = p.user_ids()?;
-            let op = GatewayControl::PushToUsers { user_ids, topic: p.topic()?, event: p.required("event")? };
+            let op = GatewayControl::PushToUsers {
+                user_ids,
+                topic: p.topic()?,
+                event: p.required("event")?,
+            };
             fan_out(shared, link, op, trace_id).await
         }
         "push_to_all" => {
@@ -153,7 +175,8 @@ async fn dispatch(shared: &Shared, link: &LinkHandle, mut body: JsonObject, trac
                 Some(Value::String(reason)) => reason,
                 Some(_) => return Err(invalid("reason must be a string")),
             };
-            fan_out(shared, link, GatewayControl::DisconnectUsers { user_ids, reason }, trace_id).await
+            fan_out(shared, link, GatewayControl::DisconnectUsers { user_ids, reason }, trace_id)
+                .await
         }
         "stats" => {
             Params::new(params, &[])?;
@@ -197,10 +220,18 @@ impl Params {
     /// `user_id` (one) or `user_ids` (a list), not both.
     fn user_ids(&mut self) -> Result<Vec<UserId>, ErrorObject> {
         let ids = match (self.take("user_id"), self.take("user_ids")) {
-            (Some(Value::String(id)), None | Some(Value::Null)) if !id.is_empty() => vec![UserId::new(id)],
-            (None | Some(Value::Null), Some(list)) => control::user_id_list(Some(&list)).map_err(invalid)?,
-            (None | Some(Value::Null), None) => return Err(invalid("missing parameter user_id or user_ids")),
-            (Some(Value::String(_)), Some(_)) => return Err(invalid("give user_id or user_ids, not both")),
+            (Some(Value::String(id)), None | Some(Value::Null)) if !id.is_empty() => {
+                vec![UserId::new(id)]
+            }
+            (None | Some(Value::Null), Some(list)) => {
+                control::user_id_list(Some(&list)).map_err(invalid)?
+            }
+            (None | Some(Value::Null), None) => {
+                return Err(invalid("missing parameter user_id or user_ids"));
+            }
+            (Some(Value::String(_)), Some(_)) => {
+                return Err(invalid("give user_id or user_ids, not both"));
+            }
             _ => return Err(invalid("user_id must be a non-empty string")),
         };
         if ids.len() > MAX_USER_IDS {
@@ -212,7 +243,12 @@ impl Params {
 
 /// Publishes `op` on the control topic, where every instance (this one included) picks
 /// it up from its events queue.
-async fn fan_out(shared: &Shared, link: &LinkHandle, op: GatewayControl, trace_id: Option<String>) -> Result<Value, ErrorObject> {
+async fn fan_out(
+    shared: &Shared,
+    link: &LinkHandle,
+    op: GatewayControl,
+    trace_id: Option<String>,
+) -> Result<Value, ErrorObject> {
     let event = control::encode(&op);
     // The control event is an ordinary event on a shared exchange: the same limits as for
     // anything else the gateway publishes.
@@ -232,17 +268,21 @@ async fn fan_out(shared: &Shared, link: &LinkHandle, op: GatewayControl, trace_i
         MeshError::Rejected(why) => invalid(why),
         other => ErrorObject::new(error_name::TRANSPORT, other.to_string()),
     })?;
-    shared
-        .publish_bounded(link, message)
-        .await
-        .map_err(|e| ErrorObject::new(error_name::TRANSPORT, format!("could not publish the control event: {e}")))?;
+    shared.publish_bounded(link, message).await.map_err(|e| {
+        ErrorObject::new(error_name::TRANSPORT, format!("could not publish the control event: {e}"))
+    })?;
     Ok(json!({"accepted": true}))
 }
 
 /// Asks this instance's core for its figures.
 async fn stats(shared: &Shared) -> Result<Value, ErrorObject> {
     let timeout = shared.config.core_reply_timeout;
-    let too_slow = || ErrorObject::new(error_name::TIMEOUT, format!("the gateway core did not answer within {} ms", timeout.as_millis()));
+    let too_slow = || {
+        ErrorObject::new(
+            error_name::TIMEOUT,
+            format!("the gateway core did not answer within {} ms", timeout.as_millis()),
+        )
+    };
     let (reply, answer) = oneshot::channel();
     let asked = tokio::time::timeout(timeout, async {
         shared.inbound.send(MeshInbound::Stats { reply }).await.ok()?;
@@ -250,8 +290,9 @@ async fn stats(shared: &Shared) -> Result<Value, ErrorObject> {
     })
     .await;
     match asked {
-        Ok(Some(stats)) => serde_json::to_value(stats)
-            .map_err(|e| ErrorObject::new(error_name::HANDLING, format!("cannot encode stats: {e}"))),
+        Ok(Some(stats)) => serde_json::to_value(stats).map_err(|e| {
+            ErrorObject::new(error_name::HANDLING, format!("cannot encode stats: {e}"))
+        }),
         Ok(None) => Err(ErrorObject::new(error_name::HANDLING, "the gateway core is not running")),
         Err(_) => Err(too_slow()),
     }
@@ -259,11 +300,32 @@ async fn stats(shared: &Shared) -> Result<Value, ErrorObject> {
 
 /// Publishes the response (§5.4): default exchange, routing key = the request's
 /// `reply_to`, the request's correlation id and trace id, empty `reply_to` property.
-async fn respond(shared: &Shared, link: &LinkHandle, reply: &ReplyTo, outcome: Result<Value, ErrorObject>) {
+async fn respond(
+    shared: &Shared,
+    link: &LinkHandle,
+    reply: &ReplyTo,
+    outcome: Result<Value, ErrorObject>,
+) {
     if reply.queue.is_empty() {
         debug!("request without reply_to; no response sent");
         return;
     }
+    let published = match response_message(shared, reply, outcome) {
+        Ok(message) => {
+            shared.publish_bounded(link, message).await.map(|_| ()).map_err(|e| e.to_string())
+        }
+        Err(why) => Err(why),
+    };
+    if let Err(why) = published {
+        warn!(error = %why, reply_to = %reply.queue, "could not send a response");
+    }
+}
+
+fn response_message(
+    shared: &Shared,
+    reply: &ReplyTo,
+    outcome: Result<Value, ErrorObject>,
+) -> Result<Outgoing, String> {
     let trace_id = reply.trace_id.for_reply();
     let (result, error) = match outcome {
         Ok(result) => (result, None),
@@ -279,27 +341,17 @@ async fn respond(shared: &Shared, link: &LinkHandle, reply: &ReplyTo, outcome: R
         warning: None,
         reply_to: Some(reply.queue.clone()),
     };
-    let json = match to_python_json(&body) {
-        Ok(json) => json,
-        Err(e) => return warn!(error = %e, "cannot encode a response"),
-    };
-    if let Err(e) = guard::check_body_size(json.len(), shared.limits) {
-        // Only `stats`/describe results are large, and they are tiny; log and move on.
-        return warn!(error = %e, "response too large; not sent");
-    }
+    let json = to_python_json(&body).map_err(|e| format!("cannot encode the response: {e}"))?;
+    // Our results (describe, stats, `accepted`) are small; the echoed context is what a
+    // peer sent us and could be large.
+    guard::check_body_size(json.len(), shared.limits).map_err(|e| e.to_string())?;
     let headers = MeshHeaders::outgoing(MessageType::Response, trace_id, false);
-    let properties = match envelope::properties(&headers, &reply.correlation_id, "", None) {
-        Ok(properties) => properties,
-        Err(e) => return warn!(error = %e, "cannot build response properties"),
-    };
-    let message = Outgoing {
+    let properties = envelope::properties(&headers, &reply.correlation_id, "", None)?;
+    Ok(Outgoing {
         exchange: String::new(),
         routing_key: reply.queue.clone(),
         mandatory: false,
         body: json,
         properties,
-    };
-    if let Err(error) = shared.publish_bounded(link, message).await {
-        warn!(error = %error, reply_to = %reply.queue, "could not publish a response");
-    }
+    })
 }

@@ -65,7 +65,9 @@ pub(crate) async fn run(shared: Arc<Shared>, first: Link) {
                 failures = 0;
                 current = Some(link);
             }
-            Err(error) => warn!(error = %error, attempt = failures, next_delay_ms = backoff(failures, shared.config.reconnect_min, shared.config.reconnect_max).as_millis() as u64, "mesh reconnect failed"),
+            // The error says what to fix (refused credentials, topology mismatch); the
+            // loop keeps trying, since the broker or its configuration may come back.
+            Err(error) => warn!(error = %error, attempt = failures, "mesh reconnect failed"),
         }
     }
     shared.state.send_replace(None);

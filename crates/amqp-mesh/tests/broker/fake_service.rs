@@ -5,7 +5,8 @@
 //! Methods: `nuropb_describe`, `echo`, `fail` (error + duplicate), `slow` (`ms`), `never`
 //! (acked, never answered), `secret` (requires encryption; answered encrypted),
 //! `garbage_then_echo` (three malformed envelopes first, then the real answer), `bad_body`
-//! (a well-enveloped response whose body is not JSON), `note` (for commands). Every delivery is recorded for inspection.
+//! (a well-enveloped response whose body is not JSON), `note` (for commands). Every
+//! delivery is recorded for inspection.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,28 +66,52 @@ impl FakeService {
             ("nuropb-dl-exchange", ExchangeKind::Fanout),
         ] {
             channel
-                .exchange_declare(exchange.into(), kind, ExchangeDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+                .exchange_declare(
+                    exchange.into(),
+                    kind,
+                    ExchangeDeclareOptions { durable: true, ..Default::default() },
+                    FieldTable::default(),
+                )
                 .await
                 .expect("exchange");
         }
         let queue = format!("nuropb-{name}-sq");
         let mut args = FieldTable::default();
-        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(LongString::from("nuropb-dl-exchange")));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from("nuropb-dl-exchange")),
+        );
         channel
-            .queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions { durable: true, ..Default::default() },
+                args,
+            )
             .await
             .expect("service queue");
         channel
-            .queue_bind(queue.as_str().into(), "nuropb-rpc-exchange".into(), name.into(), QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                queue.as_str().into(),
+                "nuropb-rpc-exchange".into(),
+                name.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .expect("bind");
         // More than nuropb's prefetch 1, so that slow calls do not serialise the tests.
         channel.basic_qos(32, BasicQosOptions::default()).await.expect("qos");
         let mut consumer = channel
-            .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .expect("consume");
-        let key = encrypted.then(|| ServicePrivateKey::from_pem(PRIVATE_KEY_PEM).expect("fixture key"));
+        let key =
+            encrypted.then(|| ServicePrivateKey::from_pem(PRIVATE_KEY_PEM).expect("fixture key"));
         let inner = Arc::new(Inner {
             name: name.to_owned(),
             channel,
@@ -136,7 +161,8 @@ impl Inner {
         let encrypted = matches!(headers.inner().get("encrypted"), Some(AMQPValue::LongString(s)) if s.as_bytes() == b"yes");
         let (plaintext, session) = if encrypted {
             let key = self.key.as_ref().expect("encrypted call to a service without a key");
-            let (plain, session) = mesh_crypto::decrypt_request(key, &delivery.data).expect("decrypt request");
+            let (plain, session) =
+                mesh_crypto::decrypt_request(key, &delivery.data).expect("decrypt request");
             (plain, Some(session))
         } else {
             (delivery.data.clone(), None)
@@ -195,19 +221,44 @@ impl Inner {
             "never" => {}
             "secret" => {
                 let name = params["name"].as_str().unwrap_or_default();
-                self.respond(&props, reply(json!(format!("secret for {name}")), Value::Null), session.as_ref()).await;
+                self.respond(
+                    &props,
+                    reply(json!(format!("secret for {name}")), Value::Null),
+                    session.as_ref(),
+                )
+                .await;
             }
             "garbage_then_echo" => {
                 // Envelopes a requester must drop (§7.5 / §8), then the real answer.
                 let mut bad = nuropb_headers("response", Some("x"), false);
                 bad.insert("nuropb_protocol".into(), AMQPValue::LongString("9.9.9".into()));
-                self.publish_reply(&props, Some(bad), b"{\"tag\": \"response\", \"result\": \"garbage\"}".to_vec()).await;
-                self.publish_reply(&props, None, b"{\"tag\": \"response\", \"result\": \"garbage\"}".to_vec()).await;
-                self.publish_reply(&props, Some(nuropb_headers("event", Some("x"), false)), b"{}".to_vec()).await;
+                self.publish_reply(
+                    &props,
+                    Some(bad),
+                    b"{\"tag\": \"response\", \"result\": \"garbage\"}".to_vec(),
+                )
+                .await;
+                self.publish_reply(
+                    &props,
+                    None,
+                    b"{\"tag\": \"response\", \"result\": \"garbage\"}".to_vec(),
+                )
+                .await;
+                self.publish_reply(
+                    &props,
+                    Some(nuropb_headers("event", Some("x"), false)),
+                    b"{}".to_vec(),
+                )
+                .await;
                 self.respond(&props, reply(params, Value::Null), None).await;
             }
             "bad_body" => {
-                self.publish_reply(&props, Some(nuropb_headers("response", Some("x"), false)), b"not json".to_vec()).await;
+                self.publish_reply(
+                    &props,
+                    Some(nuropb_headers("response", Some("x"), false)),
+                    b"not json".to_vec(),
+                )
+                .await;
             }
             other => {
                 let error = json!({"error": "NuropbHandlingError", "description": format!("Unknown method {other}")});
@@ -221,15 +272,26 @@ impl Inner {
         let json = nuropb_wire::pyjson::to_python_json(&body).expect("encode");
         let trace = body["trace_id"].as_str().map(str::to_owned);
         let (payload, encrypted) = match (session, &self.key) {
-            (Some(session), Some(key)) => {
-                (mesh_crypto::encrypt_response(session, &key.public_key(), &json).expect("encrypt"), true)
-            }
+            (Some(session), Some(key)) => (
+                mesh_crypto::encrypt_response(session, &key.public_key(), &json).expect("encrypt"),
+                true,
+            ),
             _ => (json, false),
         };
-        self.publish_reply(request, Some(nuropb_headers("response", trace.as_deref(), encrypted)), payload).await;
+        self.publish_reply(
+            request,
+            Some(nuropb_headers("response", trace.as_deref(), encrypted)),
+            payload,
+        )
+        .await;
     }
 
-    async fn publish_reply(&self, request: &BasicProperties, headers: Option<FieldTable>, payload: Vec<u8>) {
+    async fn publish_reply(
+        &self,
+        request: &BasicProperties,
+        headers: Option<FieldTable>,
+        payload: Vec<u8>,
+    ) {
         let Some(reply_to) = request.reply_to().clone() else { return };
         let mut props = BasicProperties::default().with_content_type("application/json".into());
         if let Some(headers) = headers {
@@ -239,7 +301,11 @@ impl Inner {
             .with_correlation_id(request.correlation_id().clone().unwrap_or_else(|| "".into()))
             .with_reply_to("".into());
         // Fails only when the connection was cut under us (fault test).
-        if let Ok(confirm) = self.channel.basic_publish("".into(), reply_to, BasicPublishOptions::default(), &payload, props).await {
+        if let Ok(confirm) = self
+            .channel
+            .basic_publish("".into(), reply_to, BasicPublishOptions::default(), &payload, props)
+            .await
+        {
             let _ = confirm.await;
         }
     }

@@ -6,8 +6,8 @@
 //! deletes it at the end, also after failures. One vhost per run instead of per test,
 //! because each `rabbitmqctl` call costs half a second of an Erlang VM start.
 //!
-//! Arguments: substrings select scenarios by name; `--list` lists them; other flags are
-//! ignored. A broker that does not answer fails the run; nothing is skipped. Set
+//! Arguments follow libtest: substrings select scenarios by name, `--skip`, `--exact` and
+//! `--list` work, other options are ignored. A broker that does not answer fails the run; nothing is skipped. Set
 //! `RUST_LOG` to see the adapter's logs.
 
 mod fake_service;
@@ -22,25 +22,80 @@ use support::{Ctx, TestVhost, require_broker};
 /// No scenario may take longer than this.
 const SCENARIO_LIMIT: Duration = Duration::from_secs(30);
 
+/// The libtest command line, as far as it applies: positional filters, `--skip`,
+/// `--exact`, `--list`, `--ignored` (there are no ignored scenarios); other options are
+/// accepted and ignored, with their values (CI passes `--test-threads 4`).
+struct Args {
+    filters: Vec<String>,
+    skips: Vec<String>,
+    exact: bool,
+    list: bool,
+    ignored: bool,
+}
+
+impl Args {
+    fn parse(args: impl IntoIterator<Item = String>) -> Args {
+        const WITH_VALUE: &[&str] = &[
+            "--test-threads",
+            "--skip",
+            "--format",
+            "--color",
+            "--logfile",
+            "-Z",
+            "--shuffle-seed",
+        ];
+        let mut parsed = Args {
+            filters: Vec::new(),
+            skips: Vec::new(),
+            exact: false,
+            list: false,
+            ignored: false,
+        };
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--list" => parsed.list = true,
+                "--exact" => parsed.exact = true,
+                "--ignored" => parsed.ignored = true,
+                "--skip" => parsed.skips.extend(args.next()),
+                option if WITH_VALUE.contains(&option) => {
+                    args.next();
+                }
+                option if option.starts_with('-') => {}
+                filter => parsed.filters.push(filter.to_owned()),
+            }
+        }
+        parsed
+    }
+
+    fn selects(&self, name: &str) -> bool {
+        let matches = |pattern: &String| {
+            if self.exact { name == pattern } else { name.contains(pattern.as_str()) }
+        };
+        !self.ignored
+            && (self.filters.is_empty() || self.filters.iter().any(matches))
+            && !self.skips.iter().any(matches)
+    }
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let filters: Vec<&str> = args.iter().filter(|a| !a.starts_with('-')).map(String::as_str).collect();
-    let selected: Vec<_> = scenarios::ALL
-        .iter()
-        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f)))
-        .collect();
-    if args.iter().any(|a| a == "--list") {
+    let args = Args::parse(std::env::args().skip(1));
+    let selected: Vec<_> = scenarios::ALL.iter().filter(|(name, _)| args.selects(name)).collect();
+    if args.list {
         for (name, _) in &selected {
             println!("{name}: test");
         }
         return ExitCode::SUCCESS;
     }
     if selected.is_empty() {
-        println!("no broker scenario matches {filters:?}");
+        println!("\nrunning 0 broker scenarios (none selected)\n");
         return ExitCode::SUCCESS;
     }
     if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().init();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .init();
     }
 
     require_broker();
@@ -53,6 +108,7 @@ fn main() -> ExitCode {
     let ctx = Ctx { vhost: vhost.name.clone(), url: vhost.url() };
     println!("\nrunning {} broker scenarios in vhost {}", selected.len(), vhost.name);
 
+    let selected_count = selected.len();
     let run_started = Instant::now();
     let mut failed = Vec::new();
     for (name, scenario) in selected {
@@ -78,12 +134,18 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(Duration::from_secs(2));
     drop(vhost);
 
+    // The closing line in libtest's format, so tools that read it count these scenarios.
     let total = run_started.elapsed().as_secs_f64();
+    let (ran, bad) = (selected_count, failed.len());
+    let status = if failed.is_empty() { "ok" } else { "FAILED" };
+    println!(
+        "\ntest result: {status}. {} passed; {bad} failed; 0 ignored; 0 measured; 0 filtered out; finished in {total:.2}s\n",
+        ran - bad
+    );
     if failed.is_empty() {
-        println!("\ntest result: ok. broker scenarios passed in {total:.2}s\n");
         ExitCode::SUCCESS
     } else {
-        println!("\ntest result: FAILED. {} failed: {failed:?} ({total:.2}s)\n", failed.len());
+        println!("failed scenarios: {failed:?}");
         ExitCode::FAILURE
     }
 }

@@ -2,11 +2,11 @@
 
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use futures::StreamExt;
+use futures::future::BoxFuture;
+use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::BasicProperties;
 use serde_json::{Value, json};
 
 use amqp_mesh::{AmqpMesh, AmqpMeshConfig, AmqpMeshError, EncryptionMode};
@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fake_service::FakeService;
 use crate::support::{
-    Ctx, Peer, WAIT, connect, eventually, message_count, nuropb_headers, rabbitmqctl_async, spy, within,
+    Ctx, Peer, WAIT, connect, eventually, message_count, nuropb_headers, rabbitmqctl_async, spy,
+    within,
 };
 
 type Scenario = fn(Ctx) -> BoxFuture<'static, ()>;
@@ -55,7 +56,9 @@ fn call(service: &str, method: &str, params: Value) -> MeshCall {
         service: service.to_owned(),
         method: method.to_owned(),
         params: object(params),
-        context: object(json!({"user_id": "alice-id", "Authorisation": "alice@example.com", "trace_id": "trace-1"})),
+        context: object(
+            json!({"user_id": "alice-id", "Authorisation": "alice@example.com", "trace_id": "trace-1"}),
+        ),
         trace_id: TraceId::new("trace-1"),
     }
 }
@@ -76,7 +79,8 @@ fn is_hex32(s: &str) -> bool {
 
 async fn start_fails_clearly(ctx: Ctx) {
     let attempt = |url: String| async move {
-        let config = AmqpMeshConfig { connect_timeout: Duration::from_secs(3), ..AmqpMeshConfig::new(url) };
+        let config =
+            AmqpMeshConfig { connect_timeout: Duration::from_secs(3), ..AmqpMeshConfig::new(url) };
         match AmqpMesh::start(config, CancellationToken::new()).await {
             Ok(_) => panic!("start should fail"),
             Err(error) => error,
@@ -110,52 +114,152 @@ async fn topology_matches_nuropb(ctx: Ctx) {
     let mut dlx = FieldTable::default();
     dlx.insert("x-dead-letter-exchange".into(), long("nuropb-dl-exchange"));
     channel
-        .queue_declare("nuropb-gw-topo-sq".into(), QueueDeclareOptions { durable: true, ..Default::default() }, dlx)
+        .queue_declare(
+            "nuropb-gw-topo-sq".into(),
+            QueueDeclareOptions { durable: true, ..Default::default() },
+            dlx,
+        )
         .await
         .expect("nuropb's declaration of the service queue is compatible");
 
     let vh = ctx.vhost.as_str();
     let (exchanges, queues, bindings, consumers) = tokio::join!(
-        rabbitmqctl_async(&["list_exchanges", "-p", vh, "name", "type", "durable", "auto_delete", "internal", "arguments", "--formatter", "json"]),
-        rabbitmqctl_async(&["list_queues", "-p", vh, "name", "durable", "auto_delete", "exclusive", "arguments", "--formatter", "json"]),
-        rabbitmqctl_async(&["list_bindings", "-p", vh, "source_name", "destination_name", "routing_key", "--formatter", "json"]),
-        rabbitmqctl_async(&["list_consumers", "-p", vh, "queue_name", "ack_required", "prefetch_count", "--formatter", "json"]),
+        rabbitmqctl_async(&[
+            "list_exchanges",
+            "-p",
+            vh,
+            "name",
+            "type",
+            "durable",
+            "auto_delete",
+            "internal",
+            "arguments",
+            "--formatter",
+            "json"
+        ]),
+        rabbitmqctl_async(&[
+            "list_queues",
+            "-p",
+            vh,
+            "name",
+            "durable",
+            "auto_delete",
+            "exclusive",
+            "arguments",
+            "--formatter",
+            "json"
+        ]),
+        rabbitmqctl_async(&[
+            "list_bindings",
+            "-p",
+            vh,
+            "source_name",
+            "destination_name",
+            "routing_key",
+            "--formatter",
+            "json"
+        ]),
+        rabbitmqctl_async(&[
+            "list_consumers",
+            "-p",
+            vh,
+            "queue_name",
+            "ack_required",
+            "prefetch_count",
+            "--formatter",
+            "json"
+        ]),
     );
-    let parse = |s: &str| -> Vec<Value> { serde_json::from_str(s).unwrap_or_else(|e| panic!("rabbitmqctl json {e}: {s}")) };
-    let (exchanges, queues, bindings, consumers) = (parse(&exchanges), parse(&queues), parse(&bindings), parse(&consumers));
+    let parse = |s: &str| -> Vec<Value> {
+        serde_json::from_str(s).unwrap_or_else(|e| panic!("rabbitmqctl json {e}: {s}"))
+    };
+    let (exchanges, queues, bindings, consumers) =
+        (parse(&exchanges), parse(&queues), parse(&bindings), parse(&consumers));
 
-    let find = |rows: &[Value], name: &str| rows.iter().find(|r| r["name"] == name).cloned().unwrap_or_else(|| panic!("{name} missing in {rows:?}"));
-    for (name, kind) in [("nuropb-rpc-exchange", "direct"), ("nuropb-events-exchange", "topic"), ("nuropb-dl-exchange", "fanout")] {
+    let find = |rows: &[Value], name: &str| {
+        rows.iter()
+            .find(|r| r["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} missing in {rows:?}"))
+    };
+    for (name, kind) in [
+        ("nuropb-rpc-exchange", "direct"),
+        ("nuropb-events-exchange", "topic"),
+        ("nuropb-dl-exchange", "fanout"),
+    ] {
         let e = find(&exchanges, name);
-        assert_eq!((e["type"].as_str(), &e["durable"], &e["auto_delete"], &e["internal"]), (Some(kind), &json!(true), &json!(false), &json!(false)), "{e}");
-        assert!(e["arguments"].as_array().is_none_or(|a| a.is_empty()) && e["arguments"].as_object().is_none_or(|a| a.is_empty()), "{e}");
+        assert_eq!(
+            (e["type"].as_str(), &e["durable"], &e["auto_delete"], &e["internal"]),
+            (Some(kind), &json!(true), &json!(false), &json!(false)),
+            "{e}"
+        );
+        assert!(
+            e["arguments"].as_array().is_none_or(|a| a.is_empty())
+                && e["arguments"].as_object().is_none_or(|a| a.is_empty()),
+            "{e}"
+        );
     }
     let rq = find(&queues, "nuropb-gw-topo-i1-rq");
-    assert_eq!((&rq["durable"], &rq["auto_delete"], &rq["exclusive"]), (&json!(false), &json!(true), &json!(false)), "{rq}");
+    assert_eq!(
+        (&rq["durable"], &rq["auto_delete"], &rq["exclusive"]),
+        (&json!(false), &json!(true), &json!(false)),
+        "{rq}"
+    );
     let sq = find(&queues, "nuropb-gw-topo-sq");
-    assert_eq!((&sq["durable"], &sq["auto_delete"], &sq["exclusive"]), (&json!(true), &json!(false), &json!(false)), "{sq}");
-    assert!(sq["arguments"].to_string().contains("x-dead-letter-exchange") && sq["arguments"].to_string().contains("nuropb-dl-exchange"), "{sq}");
+    assert_eq!(
+        (&sq["durable"], &sq["auto_delete"], &sq["exclusive"]),
+        (&json!(true), &json!(false), &json!(false)),
+        "{sq}"
+    );
+    assert!(
+        sq["arguments"].to_string().contains("x-dead-letter-exchange")
+            && sq["arguments"].to_string().contains("nuropb-dl-exchange"),
+        "{sq}"
+    );
     let eq = find(&queues, "nuropb-gw-topo-i1-eq");
-    assert_eq!((&eq["durable"], &eq["auto_delete"], &eq["exclusive"]), (&json!(false), &json!(true), &json!(true)), "{eq}");
+    assert_eq!(
+        (&eq["durable"], &eq["auto_delete"], &eq["exclusive"]),
+        (&json!(false), &json!(true), &json!(true)),
+        "{eq}"
+    );
     assert!(eq["arguments"].to_string().contains("x-max-length"), "{eq}");
 
     let bound = |source: &str, destination: &str, key: &str| {
-        bindings.iter().any(|b| b["source_name"] == source && b["destination_name"] == destination && b["routing_key"] == key)
+        bindings.iter().any(|b| {
+            b["source_name"] == source
+                && b["destination_name"] == destination
+                && b["routing_key"] == key
+        })
     };
     assert!(bound("nuropb-rpc-exchange", "nuropb-gw-topo-sq", "gw-topo"), "{bindings:?}");
     for key in ["topo.#", "other.*.x", "nuropb-gateway.gw-topo.control"] {
-        assert!(bound("nuropb-events-exchange", "nuropb-gw-topo-i1-eq", key), "{key} not bound: {bindings:?}");
+        assert!(
+            bound("nuropb-events-exchange", "nuropb-gw-topo-i1-eq", key),
+            "{key} not bound: {bindings:?}"
+        );
     }
-    assert!(!bindings.iter().any(|b| b["source_name"] == "nuropb-events-exchange" && b["destination_name"] == "nuropb-gw-topo-sq"));
+    assert!(!bindings.iter().any(|b| b["source_name"] == "nuropb-events-exchange"
+        && b["destination_name"] == "nuropb-gw-topo-sq"));
 
-    let consumer = |queue: &str| consumers.iter().find(|c| c["queue_name"] == queue).cloned().unwrap_or_else(|| panic!("no consumer on {queue}: {consumers:?}"));
+    let consumer = |queue: &str| {
+        consumers
+            .iter()
+            .find(|c| c["queue_name"] == queue)
+            .cloned()
+            .unwrap_or_else(|| panic!("no consumer on {queue}: {consumers:?}"))
+    };
     let rq = consumer("nuropb-gw-topo-i1-rq");
     assert_eq!(&rq["ack_required"], &json!(false), "{rq}");
     // The response queue is consumed exclusively: a second process with the same
     // instance id is refused, as nuropb intends (§2.3).
     let intruder = connection.create_channel().await.expect("channel");
     let refused = intruder
-        .basic_consume("nuropb-gw-topo-i1-rq".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            "nuropb-gw-topo-i1-rq".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await;
     assert!(refused.is_err(), "the response queue is in exclusive use");
     let sq = consumer("nuropb-gw-topo-sq");
@@ -171,14 +275,18 @@ async fn request_round_trip_matches_nuropb_bytes(ctx: Ctx) {
     let peer = Peer::new(&ctx.url).await;
     let (_spy, mut spied) = spy(&peer.channel, "nuropb-rpc-exchange", "svc-rt").await;
 
-    let params = json!({"text": "h\u{e9}llo \u{2713}", "n": 1, "nested": {"list": [1, 2.5, null, true]}});
-    let answer = within("echo", gw.mesh.request(call("svc-rt", "echo", params.clone()), WAIT)).await.expect("echo answered");
+    let params =
+        json!({"text": "h\u{e9}llo \u{2713}", "n": 1, "nested": {"list": [1, 2.5, null, true]}});
+    let answer = within("echo", gw.mesh.request(call("svc-rt", "echo", params.clone()), WAIT))
+        .await
+        .expect("echo answered");
     assert_eq!(answer.result, params);
     assert_eq!(answer.error, None);
 
     // First the describe lookup (encryption is on by default), exactly as nuropb's
     // describe_service sends it: params {}, context {}, TTL 60000.
-    let describe = within("spied describe", spied.next()).await.expect("spy open").expect("delivery");
+    let describe =
+        within("spied describe", spied.next()).await.expect("spy open").expect("delivery");
     let cid = describe.properties.correlation_id().as_ref().expect("correlation id").to_string();
     let trace = match header(&describe.properties, "trace_id") {
         Some(AMQPValue::LongString(t)) => String::from_utf8(t.as_bytes().to_vec()).expect("utf8"),
@@ -186,16 +294,25 @@ async fn request_round_trip_matches_nuropb_bytes(ctx: Ctx) {
     };
     assert_eq!(
         String::from_utf8(describe.data.clone()).expect("utf8"),
-        format!(r#"{{"tag": "request", "service": "svc-rt", "method": "nuropb_describe", "params": {{}}, "correlation_id": "{cid}", "context": {{}}, "trace_id": "{trace}"}}"#)
+        format!(
+            r#"{{"tag": "request", "service": "svc-rt", "method": "nuropb_describe", "params": {{}}, "correlation_id": "{cid}", "context": {{}}, "trace_id": "{trace}"}}"#
+        )
     );
     assert_eq!(describe.properties.expiration().as_ref().map(|e| e.as_str()), Some("60000"));
 
     let request = within("spied request", spied.next()).await.expect("spy open").expect("delivery");
     let props = &request.properties;
-    assert_eq!(props.bitmask(), 0xa700, "content_type, headers, correlation_id, reply_to, expiration only");
+    assert_eq!(
+        props.bitmask(),
+        0xa700,
+        "content_type, headers, correlation_id, reply_to, expiration only"
+    );
     assert_eq!(props.content_type().as_ref().map(|c| c.as_str()), Some("application/json"));
     assert_eq!(props.reply_to().as_ref().map(|r| r.as_str()), Some(gw.mesh.response_queue()));
-    assert!(gw.mesh.response_queue().starts_with("nuropb-gw-rt-") && gw.mesh.response_queue().ends_with("-rq"));
+    assert!(
+        gw.mesh.response_queue().starts_with("nuropb-gw-rt-")
+            && gw.mesh.response_queue().ends_with("-rq")
+    );
     assert_eq!(props.expiration().as_ref().map(|e| e.as_str()), Some("10000"), "request_ttl in ms");
     let cid = props.correlation_id().as_ref().expect("correlation id").to_string();
     assert!(is_hex32(&cid), "{cid}");
@@ -213,13 +330,21 @@ async fn request_round_trip_matches_nuropb_bytes(ctx: Ctx) {
     assert_eq!(String::from_utf8(request.data.clone()).expect("ascii"), expected);
 
     // A command: same envelope and body with tag/type "command".
-    within("command", gw.mesh.command(call("svc-rt", "note", json!({"text": "remember"})))).await.expect("command published");
+    within("command", gw.mesh.command(call("svc-rt", "note", json!({"text": "remember"}))))
+        .await
+        .expect("command published");
     let command = within("spied command", spied.next()).await.expect("spy open").expect("delivery");
     assert_eq!(command.properties.bitmask(), 0xa700);
     assert_eq!(header(&command.properties, "nuropb_type"), Some(&long("command")));
     assert!(String::from_utf8_lossy(&command.data).starts_with(r#"{"tag": "command", "service": "svc-rt", "method": "note", "params": {"text": "remember"}, "correlation_id": ""#));
-    eventually("the service received the command", || svc.received().iter().any(|r| r.plaintext.starts_with(b"{\"tag\": \"command\""))).await;
-    assert!(svc.received().iter().all(|r| r.properties.reply_to().as_ref().map(|q| q.as_str()) == Some(gw.mesh.response_queue())));
+    eventually("the service received the command", || {
+        svc.received().iter().any(|r| r.plaintext.starts_with(b"{\"tag\": \"command\""))
+    })
+    .await;
+    assert!(
+        svc.received().iter().all(|r| r.properties.reply_to().as_ref().map(|q| q.as_str())
+            == Some(gw.mesh.response_queue()))
+    );
 
     let stats = gw.mesh.stats();
     assert!(stats.connected);
@@ -229,31 +354,62 @@ async fn request_round_trip_matches_nuropb_bytes(ctx: Ctx) {
 }
 
 async fn unknown_service_is_not_delivered_within_500ms(ctx: Ctx) {
-    let gw = ctx.start(ctx.config("gw-nd")).await;
     for encryption in [EncryptionMode::Auto, EncryptionMode::Off] {
-        let gw = if encryption == EncryptionMode::Off {
-            ctx.start(AmqpMeshConfig { encryption, ..ctx.config("gw-nd") }).await
-        } else {
-            ctx.start(ctx.config("gw-nd")).await
-        };
+        let gw = ctx.start(AmqpMeshConfig { encryption, ..ctx.config("gw-nd") }).await;
         let started = Instant::now();
         let outcome = gw.mesh.request(call("no-such-svc", "echo", json!({})), WAIT).await;
         let took = started.elapsed();
-        assert_eq!(outcome, Err(MeshError::NotDelivered { service: "no-such-svc".into(), method: "echo".into() }));
+        assert_eq!(
+            outcome,
+            Err(MeshError::NotDelivered { service: "no-such-svc".into(), method: "echo".into() })
+        );
         assert!(took < Duration::from_millis(500), "basic.return took {took:?} ({encryption:?})");
         assert_eq!(gw.mesh.pending_requests(), 0);
+        let outcome =
+            within("command", gw.mesh.command(call("no-such-svc", "note", json!({})))).await;
+        assert!(matches!(outcome, Err(MeshError::NotDelivered { .. })), "{outcome:?}");
         gw.stop().await;
     }
-    let outcome = within("command", gw.mesh.command(call("no-such-svc", "note", json!({})))).await;
-    assert!(matches!(outcome, Err(MeshError::NotDelivered { .. })), "{outcome:?}");
-    assert!(gw.mesh.stats().returned >= 1);
+
+    // Under load the broker confirms several publishes at once and lapin may attach a
+    // return to another message's confirmation: every call must still get its own outcome.
+    let svc = FakeService::start(&ctx.url, "svc-mixed", false).await;
+    let gw =
+        ctx.start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-nd") }).await;
+    let calls = (0..300).map(|i| {
+        let service = if i % 2 == 0 { "svc-mixed" } else { "no-such-svc" };
+        gw.mesh.request(call(service, "echo", json!({"i": i})), WAIT)
+    });
+    let outcomes = within("300 mixed calls", futures::future::join_all(calls)).await;
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        if i % 2 == 0 {
+            assert_eq!(outcome.expect("routable call answered").result, json!({"i": i}));
+        } else {
+            assert_eq!(
+                outcome,
+                Err(MeshError::NotDelivered {
+                    service: "no-such-svc".into(),
+                    method: "echo".into()
+                })
+            );
+        }
+    }
+    let stats = gw.mesh.stats();
+    assert_eq!(
+        (stats.returned, stats.responses, stats.pending_requests),
+        (150, 150, 0),
+        "{stats:?}"
+    );
     gw.stop().await;
+    svc.stop().await;
 }
 
 async fn duplicate_responses_first_wins(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-dup", false).await;
     let gw = ctx.start(ctx.config("gw-dup")).await;
-    let answer = within("fail", gw.mesh.request(call("svc-dup", "fail", json!({})), WAIT)).await.expect("answered");
+    let answer = within("fail", gw.mesh.request(call("svc-dup", "fail", json!({})), WAIT))
+        .await
+        .expect("answered");
     assert_eq!(answer.result, Value::Null, "the first (error) response wins");
     let error = answer.error.expect("error object");
     assert_eq!(error.error, "NuropbException");
@@ -271,12 +427,15 @@ async fn timeouts_and_dropped_calls_leave_nothing_pending(ctx: Ctx) {
     within("echo", gw.mesh.request(call("svc-to", "echo", json!({})), WAIT)).await.expect("echo");
 
     let started = Instant::now();
-    let outcome = gw.mesh.request(call("svc-to", "never", json!({})), Duration::from_millis(300)).await;
+    let outcome =
+        gw.mesh.request(call("svc-to", "never", json!({})), Duration::from_millis(300)).await;
     assert_eq!(outcome, Err(MeshError::Timeout(Duration::from_millis(300))));
     assert!(started.elapsed() < Duration::from_millis(1000), "{:?}", started.elapsed());
     assert_eq!(gw.mesh.pending_requests(), 0, "a timed-out call leaves no entry");
 
-    let many = (0..50).map(|i| gw.mesh.request(call("svc-to", "never", json!({"i": i})), Duration::from_millis(200)));
+    let many = (0..50).map(|i| {
+        gw.mesh.request(call("svc-to", "never", json!({"i": i})), Duration::from_millis(200))
+    });
     let outcomes = within("50 timeouts", futures::future::join_all(many)).await;
     assert!(outcomes.iter().all(|o| matches!(o, Err(MeshError::Timeout(_)))));
     assert_eq!(gw.mesh.pending_requests(), 0);
@@ -286,7 +445,10 @@ async fn timeouts_and_dropped_calls_leave_nothing_pending(ctx: Ctx) {
     let slow = gw.mesh.request(call("svc-to", "slow", json!({"ms": 300})), WAIT);
     assert!(tokio::time::timeout(Duration::from_millis(100), slow).await.is_err());
     assert_eq!(gw.mesh.pending_requests(), 0, "a dropped call leaves no entry");
-    eventually("the late response is counted as a stray", || gw.mesh.stats().strays_dropped == strays + 1).await;
+    eventually("the late response is counted as a stray", || {
+        gw.mesh.stats().strays_dropped == strays + 1
+    })
+    .await;
     gw.stop().await;
     svc.stop().await;
 }
@@ -298,13 +460,23 @@ async fn guard_rejects_before_publishing(ctx: Ctx) {
     // A consumer-less spy: every message published for svc-guard or on the events
     // exchange would wait in it.
     let queue = channel
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, ..Default::default() },
+            FieldTable::default(),
+        )
         .await
         .expect("spy");
     let spy_queue = queue.name().as_str().to_owned();
     for (exchange, key) in [("nuropb-rpc-exchange", "svc-guard"), ("nuropb-events-exchange", "#")] {
         channel
-            .queue_bind(spy_queue.as_str().into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                spy_queue.as_str().into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .expect("bind");
     }
@@ -318,11 +490,17 @@ async fn guard_rejects_before_publishing(ctx: Ctx) {
         call("", "echo", json!({})),
         call("svc-guard", "", json!({})),
         call(&"s".repeat(256), "echo", json!({})),
-        MeshCall { trace_id: TraceId::new("t".repeat(300)), ..call("svc-guard", "echo", json!({})) },
+        MeshCall {
+            trace_id: TraceId::new("t".repeat(300)),
+            ..call("svc-guard", "echo", json!({}))
+        },
     ];
     for c in calls {
         let what = format!("{}/{}", c.service.len(), c.method.len());
-        assert!(matches!(gw.mesh.request(c.clone(), WAIT).await, Err(MeshError::Rejected(_))), "request {what}");
+        assert!(
+            matches!(gw.mesh.request(c.clone(), WAIT).await, Err(MeshError::Rejected(_))),
+            "request {what}"
+        );
         assert!(matches!(gw.mesh.command(c).await, Err(MeshError::Rejected(_))), "command {what}");
     }
     let event = |topic: &str, payload: Value| MeshEvent {
@@ -332,7 +510,11 @@ async fn guard_rejects_before_publishing(ctx: Ctx) {
         context: JsonObject::new(),
         trace_id: None,
     };
-    for e in [event("", json!(1)), event("t.x", json!({"blob": "x".repeat(2 * 1024 * 1024)})), event("t.x", json!({"deep": deep}))] {
+    for e in [
+        event("", json!(1)),
+        event("t.x", json!({"blob": "x".repeat(2 * 1024 * 1024)})),
+        event("t.x", json!({"deep": deep})),
+    ] {
         assert!(matches!(gw.mesh.publish_event(e).await, Err(MeshError::Rejected(_))));
     }
     assert_eq!(gw.mesh.stats().rejected_by_guard, 15);
@@ -359,7 +541,9 @@ async fn encrypted_call_uses_describe(ctx: Ctx) {
     assert_eq!(alice.expect("alice").result, json!("secret for alice"));
     assert_eq!(bob.expect("bob").result, json!("secret for bob"));
     assert_eq!(svc.describes.load(std::sync::atomic::Ordering::SeqCst), 1, "one shared describe");
-    let plain = within("echo", gw.mesh.request(call("svc-enc", "echo", json!({"a": 1})), WAIT)).await.expect("echo");
+    let plain = within("echo", gw.mesh.request(call("svc-enc", "echo", json!({"a": 1})), WAIT))
+        .await
+        .expect("echo");
     assert_eq!(plain.result, json!({"a": 1}));
     assert_eq!(svc.describes.load(std::sync::atomic::Ordering::SeqCst), 1, "cached");
 
@@ -376,7 +560,11 @@ async fn encrypted_call_uses_describe(ctx: Ctx) {
     }
     let decrypted: Vec<_> = svc.received().into_iter().filter(|r| r.body != r.plaintext).collect();
     assert_eq!(decrypted.len(), 2);
-    assert!(decrypted.iter().all(|r| r.plaintext.starts_with(b"{\"tag\": \"request\", \"service\": \"svc-enc\", \"method\": \"secret\"")));
+    assert!(
+        decrypted.iter().all(|r| r.plaintext.starts_with(
+            b"{\"tag\": \"request\", \"service\": \"svc-enc\", \"method\": \"secret\""
+        ))
+    );
     assert_eq!(gw.mesh.pending_requests(), 0);
     gw.stop().await;
     svc.stop().await;
@@ -402,7 +590,11 @@ async fn events_reach_every_instance(ctx: Ctx) {
             MeshInbound::Event(e) => {
                 assert_eq!(e.topic, "ev.user.msg");
                 assert_eq!(e.event, json!({"m": 1}));
-                assert_eq!(e.target, Some(vec![UserId::new("u1"), UserId::new("u2")]), "non-strings ignored");
+                assert_eq!(
+                    e.target,
+                    Some(vec![UserId::new("u1"), UserId::new("u2")]),
+                    "non-strings ignored"
+                );
                 assert_eq!(e.trace_id, Some(TraceId::new("t1")));
                 assert_eq!(e.context, object(json!({"by": "svc"})));
             }
@@ -411,7 +603,13 @@ async fn events_reach_every_instance(ctx: Ctx) {
     }
 
     // An event the gateway publishes reaches every instance, itself included.
-    let event = MeshEvent { topic: "ev.all".into(), event: json!({"hello": "w\u{f6}rld"}), target: None, context: JsonObject::new(), trace_id: None };
+    let event = MeshEvent {
+        topic: "ev.all".into(),
+        event: json!({"hello": "w\u{f6}rld"}),
+        target: None,
+        context: JsonObject::new(),
+        trace_id: None,
+    };
     within("publish", a.mesh.publish_event(event.clone())).await.expect("published");
     for gw in [&mut a, &mut b] {
         match gw.next_inbound().await {
@@ -422,13 +620,19 @@ async fn events_reach_every_instance(ctx: Ctx) {
     let wire = within("spied event", spied.next()).await.expect("open").expect("delivery");
     assert_eq!(wire.properties.bitmask(), 0xa600, "no expiration on events");
     assert_eq!(wire.properties.reply_to().as_ref().map(|r| r.as_str()), Some(""));
-    assert_eq!(header(&wire.properties, "trace_id"), Some(&AMQPValue::Void), "None travels as void");
+    assert_eq!(
+        header(&wire.properties, "trace_id"),
+        Some(&AMQPValue::Void),
+        "None travels as void"
+    );
     assert_eq!(header(&wire.properties, "nuropb_type"), Some(&long("event")));
     let cid = wire.properties.correlation_id().as_ref().expect("cid").to_string();
     assert!(is_hex32(&cid));
     assert_eq!(
         String::from_utf8(wire.data.clone()).expect("ascii"),
-        format!(r#"{{"tag": "event", "topic": "ev.all", "event": {{"hello": "w\u00f6rld"}}, "context": {{}}, "trace_id": null, "correlation_id": "{cid}", "target": null}}"#)
+        format!(
+            r#"{{"tag": "event", "topic": "ev.all", "event": {{"hello": "w\u00f6rld"}}, "context": {{}}, "trace_id": null, "correlation_id": "{cid}", "target": null}}"#
+        )
     );
 
     // Garbage on the events queue is dropped and counted; the queue keeps flowing.
@@ -439,7 +643,9 @@ async fn events_reach_every_instance(ctx: Ctx) {
     peer.publish("nuropb-events-exchange", "ev.after", props, after).await;
     for gw in [&mut a, &mut b] {
         match gw.next_inbound().await {
-            MeshInbound::Event(e) => assert_eq!((e.topic.as_str(), e.event, e.target), ("ev.after", json!(2), None)),
+            MeshInbound::Event(e) => {
+                assert_eq!((e.topic.as_str(), e.event, e.target), ("ev.after", json!(2), None))
+            }
             other => panic!("expected an event, got {other:?}"),
         }
         assert_eq!(gw.mesh.stats().garbage_rejected, 2);
@@ -456,7 +662,10 @@ async fn gateway_methods_and_fan_out(ctx: Ctx) {
 
     let describe = peer.call("gw-svc", "nuropb_describe", json!({})).await;
     let keys: Vec<_> = describe.as_object().expect("object").keys().cloned().collect();
-    assert_eq!(keys, ["tag", "result", "error", "correlation_id", "trace_id", "context", "warning", "reply_to"]);
+    assert_eq!(
+        keys,
+        ["tag", "result", "error", "correlation_id", "trace_id", "context", "warning", "reply_to"]
+    );
     assert_eq!(describe["error"], Value::Null);
     assert_eq!(describe["trace_id"], "peer-trace");
     assert_eq!(describe["context"], json!({"peer": true}));
@@ -468,9 +677,22 @@ async fn gateway_methods_and_fan_out(ctx: Ctx) {
     let methods: Vec<_> = result["methods"].as_object().expect("methods").keys().cloned().collect();
     assert_eq!(methods, ["disconnect_user", "push_to_all", "push_to_user", "stats"]);
 
-    let accepted = peer.call("gw-svc", "push_to_user", json!({"user_id": "u1", "topic": "chat", "event": {"m": 1}})).await;
-    assert_eq!((&accepted["result"], &accepted["error"]), (&json!({"accepted": true}), &Value::Null));
-    let expected = GatewayControl::PushToUsers { user_ids: vec!["u1".into()], topic: "chat".into(), event: json!({"m": 1}) };
+    let accepted = peer
+        .call(
+            "gw-svc",
+            "push_to_user",
+            json!({"user_id": "u1", "topic": "chat", "event": {"m": 1}}),
+        )
+        .await;
+    assert_eq!(
+        (&accepted["result"], &accepted["error"]),
+        (&json!({"accepted": true}), &Value::Null)
+    );
+    let expected = GatewayControl::PushToUsers {
+        user_ids: vec!["u1".into()],
+        topic: "chat".into(),
+        event: json!({"m": 1}),
+    };
     for gw in [&mut a, &mut b] {
         match gw.next_inbound().await {
             MeshInbound::Control { op, reply: None } => assert_eq!(op, expected),
@@ -487,10 +709,16 @@ async fn gateway_methods_and_fan_out(ctx: Ctx) {
                 other => panic!("expected a control, got {other:?}"),
             })
             .collect();
-        assert_eq!(ops, [
-            GatewayControl::PushToAll { topic: "news".into(), event: json!("hi") },
-            GatewayControl::DisconnectUsers { user_ids: vec!["u1".into(), "u2".into()], reason: "disconnected by the mesh".into() },
-        ]);
+        assert_eq!(
+            ops,
+            [
+                GatewayControl::PushToAll { topic: "news".into(), event: json!("hi") },
+                GatewayControl::DisconnectUsers {
+                    user_ids: vec!["u1".into(), "u2".into()],
+                    reason: "disconnected by the mesh".into()
+                },
+            ]
+        );
     }
 
     // `stats` is answered by whichever instance takes the call, from its own core.
@@ -527,13 +755,32 @@ async fn gateway_methods_and_fan_out(ctx: Ctx) {
     for (method, params, error, description) in [
         ("_private", json!({}), "NuropbHandlingError", "Unknown method _private"),
         ("nope", json!({}), "NuropbHandlingError", "Unknown method nope"),
-        ("push_to_user", json!({"topic": "t", "event": 1}), "NuropbValidationError", "missing parameter user_id or user_ids"),
-        ("push_to_all", json!({"topic": "t", "event": 1, "x": 1}), "NuropbValidationError", "unexpected parameter x"),
-        ("push_to_user", json!({"user_ids": [], "topic": "t", "event": 1}), "NuropbValidationError", "user_ids must not be empty"),
+        (
+            "push_to_user",
+            json!({"topic": "t", "event": 1}),
+            "NuropbValidationError",
+            "missing parameter user_id or user_ids",
+        ),
+        (
+            "push_to_all",
+            json!({"topic": "t", "event": 1, "x": 1}),
+            "NuropbValidationError",
+            "unexpected parameter x",
+        ),
+        (
+            "push_to_user",
+            json!({"user_ids": [], "topic": "t", "event": 1}),
+            "NuropbValidationError",
+            "user_ids must not be empty",
+        ),
     ] {
         let answer = peer.call("gw-svc", method, params).await;
         assert_eq!(answer["result"], Value::Null);
-        assert_eq!(answer["error"], json!({"error": error, "description": description}), "{method}");
+        assert_eq!(
+            answer["error"],
+            json!({"error": error, "description": description}),
+            "{method}"
+        );
     }
     assert_eq!(a.mesh.stats().service_calls + b.mesh.stats().service_calls, 10);
     a.stop().await;
@@ -547,12 +794,22 @@ async fn garbage_on_service_queue_is_rejected_and_queue_flows(ctx: Ctx) {
     let mut peer = Peer::new(&ctx.url).await;
     let dead = peer
         .channel
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, ..Default::default() },
+            FieldTable::default(),
+        )
         .await
         .expect("dead-letter spy");
     let dead = dead.name().as_str().to_owned();
     peer.channel
-        .queue_bind(dead.as_str().into(), "nuropb-dl-exchange".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(
+            dead.as_str().into(),
+            "nuropb-dl-exchange".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .expect("bind");
 
@@ -585,7 +842,8 @@ async fn garbage_on_service_queue_is_rejected_and_queue_flows(ctx: Ctx) {
     let describe = peer.call("gw-garbage", "nuropb_describe", json!({})).await;
     assert_eq!(describe["result"]["service_name"], "gw-garbage", "the queue still flows");
     assert_eq!(gw.mesh.stats().garbage_rejected, 4, "{:?}", gw.mesh.stats());
-    eventually_async("7 dead letters", || async { message_count(&peer.channel, &dead).await == 7 }).await;
+    eventually_async("7 dead letters", || async { message_count(&peer.channel, &dead).await == 7 })
+        .await;
     gw.stop().await;
 }
 
@@ -603,14 +861,20 @@ where
 
 async fn garbage_on_response_queue_is_dropped(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-gr", false).await;
-    let gw = ctx.start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-gr") }).await;
-    let answer = within("garbage_then_echo", gw.mesh.request(call("svc-gr", "garbage_then_echo", json!({"ok": 1})), WAIT))
-        .await
-        .expect("answered");
+    let gw =
+        ctx.start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-gr") }).await;
+    let answer = within(
+        "garbage_then_echo",
+        gw.mesh.request(call("svc-gr", "garbage_then_echo", json!({"ok": 1})), WAIT),
+    )
+    .await
+    .expect("answered");
     assert_eq!(answer.result, json!({"ok": 1}), "malformed envelopes do not count as the response");
     assert_eq!(gw.mesh.stats().garbage_rejected, 3);
 
-    let answer = within("bad_body", gw.mesh.request(call("svc-gr", "bad_body", json!({})), WAIT)).await.expect("answered");
+    let answer = within("bad_body", gw.mesh.request(call("svc-gr", "bad_body", json!({})), WAIT))
+        .await
+        .expect("answered");
     let error = answer.error.expect("an error answer, not a hang");
     assert_eq!(error.error, "NuropbTransportError");
     assert!(error.description.contains("malformed response from svc-gr.bad_body"), "{error:?}");
@@ -621,8 +885,12 @@ async fn garbage_on_response_queue_is_dropped(ctx: Ctx) {
 
 async fn connection_loss_fails_fast_and_recovers(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-fault", false).await;
-    let gw = ctx.start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-fault") }).await;
-    within("warm-up", gw.mesh.request(call("svc-fault", "echo", json!({})), WAIT)).await.expect("echo");
+    let gw = ctx
+        .start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-fault") })
+        .await;
+    within("warm-up", gw.mesh.request(call("svc-fault", "echo", json!({})), WAIT))
+        .await
+        .expect("echo");
 
     // Twenty calls in flight that the service answers only after 3 s.
     let in_flight: Vec<_> = (0..20)
@@ -630,7 +898,12 @@ async fn connection_loss_fails_fast_and_recovers(ctx: Ctx) {
             let mesh = gw.mesh.clone();
             tokio::spawn(async move {
                 let started = Instant::now();
-                let outcome = mesh.request(call("svc-fault", "slow", json!({"ms": 3000, "i": i})), Duration::from_secs(10)).await;
+                let outcome = mesh
+                    .request(
+                        call("svc-fault", "slow", json!({"ms": 3000, "i": i})),
+                        Duration::from_secs(10),
+                    )
+                    .await;
                 (outcome, started.elapsed())
             })
         })
@@ -649,7 +922,11 @@ async fn connection_loss_fails_fast_and_recovers(ctx: Ctx) {
             other => panic!("in-flight call ended with {other:?}"),
         }
     }
-    assert!(cut.elapsed() < Duration::from_secs(3), "in-flight calls ended {:?} after the cut", cut.elapsed());
+    assert!(
+        cut.elapsed() < Duration::from_secs(3),
+        "in-flight calls ended {:?} after the cut",
+        cut.elapsed()
+    );
     assert_eq!(gw.mesh.pending_requests(), 0);
     eventually("the gateway notices", || !gw.mesh.is_connected()).await;
 
@@ -668,11 +945,17 @@ async fn connection_loss_fails_fast_and_recovers(ctx: Ctx) {
         "reconnected within 10 s"
     );
     let svc2 = FakeService::start(&ctx.url, "svc-fault", false).await;
-    let answer = within("a call after recovery", gw.mesh.request(call("svc-fault", "echo", json!({"back": true})), WAIT))
-        .await
-        .expect("served again");
+    let answer = within(
+        "a call after recovery",
+        gw.mesh.request(call("svc-fault", "echo", json!({"back": true})), WAIT),
+    )
+    .await
+    .expect("served again");
     assert_eq!(answer.result, json!({"back": true}));
-    println!("    (service resumed {:.2}s after permissions returned)", restored.elapsed().as_secs_f64());
+    println!(
+        "    (service resumed {:.2}s after permissions returned)",
+        restored.elapsed().as_secs_f64()
+    );
     assert!(gw.mesh.stats().reconnects >= 1);
     gw.stop().await;
     svc.stop().await;
@@ -681,7 +964,9 @@ async fn connection_loss_fails_fast_and_recovers(ctx: Ctx) {
 
 async fn shutdown_drains_pending_requests(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-drain", false).await;
-    let gw = ctx.start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-drain") }).await;
+    let gw = ctx
+        .start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-drain") })
+        .await;
     let mesh = gw.mesh.clone();
     let slow = tokio::spawn({
         let mesh = mesh.clone();
@@ -695,7 +980,10 @@ async fn shutdown_drains_pending_requests(ctx: Ctx) {
     gw.shutdown.cancel();
     let refused = mesh.request(call("svc-drain", "echo", json!({})), WAIT).await;
     assert_eq!(refused, Err(MeshError::Unavailable("shutting down".into())));
-    assert_eq!(within("slow", slow).await.expect("task").expect("answered during the drain").result, json!({"ms": 300}));
+    assert_eq!(
+        within("slow", slow).await.expect("task").expect("answered during the drain").result,
+        json!({"ms": 300})
+    );
     let started = Instant::now();
     assert!(matches!(within("never", never).await.expect("task"), Err(MeshError::Unavailable(_))));
     assert!(started.elapsed() < Duration::from_millis(1500), "ended by drain_timeout");

@@ -3,8 +3,8 @@
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::options::{
@@ -34,19 +34,46 @@ pub fn require_broker() {
     }
 }
 
-/// Runs `rabbitmqctl` and returns its stdout; panics with its stderr on failure.
+/// Bound on one `rabbitmqctl` call (each boots an Erlang VM, about half a second).
+const CTL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs `rabbitmqctl` and returns its stdout; panics with its output on failure or when it
+/// takes longer than [`CTL_TIMEOUT`].
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
+    match run_bounded(args) {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Ok(out) => panic!(
+            "rabbitmqctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(why) => panic!("rabbitmqctl {args:?}: {why}"),
+    }
+}
+
+fn run_bounded(args: &[&str]) -> Result<Output, String> {
+    let mut child = Command::new("rabbitmqctl")
         .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run rabbitmqctl {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run it: {e}"))?;
+    let deadline = Instant::now() + CTL_TIMEOUT;
+    // Its output is a few kilobytes at most, far below a pipe's buffer, so polling for the
+    // exit before reading cannot deadlock.
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return child.wait_with_output().map_err(|e| e.to_string()),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                // Best effort: it is being abandoned either way.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("no answer within {CTL_TIMEOUT:?}"));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 /// `rabbitmqctl` off the async runtime's worker threads. The arguments are copied at
@@ -85,7 +112,7 @@ impl TestVhost {
 impl Drop for TestVhost {
     fn drop(&mut self) {
         // Not `rabbitmqctl()`: a panic while dropping would hide the test's own failure.
-        match Command::new("rabbitmqctl").args(["delete_vhost", &self.name]).output() {
+        match run_bounded(&["delete_vhost", &self.name]) {
             Ok(out) if out.status.success() => {}
             other => eprintln!("warning: could not delete vhost {}: {other:?}", self.name),
         }
@@ -215,7 +242,13 @@ impl Peer {
         Peer { _connection: connection, channel, reply_queue, replies }
     }
 
-    pub async fn publish(&self, exchange: &str, routing_key: &str, props: BasicProperties, body: &[u8]) {
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        props: BasicProperties,
+        body: &[u8],
+    ) {
         self.channel
             .basic_publish(
                 exchange.into(),
@@ -250,7 +283,9 @@ impl Peer {
                 .await
                 .expect("reply stream open")
                 .expect("reply delivery");
-            if delivery.properties.correlation_id().as_ref().map(|c| c.as_str()) == Some(correlation_id.as_str()) {
+            if delivery.properties.correlation_id().as_ref().map(|c| c.as_str())
+                == Some(correlation_id.as_str())
+            {
                 return serde_json::from_slice(&delivery.data).expect("response is JSON");
             }
         }
@@ -269,11 +304,22 @@ pub async fn spy(channel: &Channel, exchange: &str, routing_key: &str) -> (Strin
         .expect("spy queue");
     let name = queue.name().as_str().to_owned();
     channel
-        .queue_bind(name.as_str().into(), exchange.into(), routing_key.into(), QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(
+            name.as_str().into(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .expect("bind spy");
     let consumer = channel
-        .basic_consume(name.as_str().into(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .basic_consume(
+            name.as_str().into(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
         .await
         .expect("consume spy");
     (name, consumer)
@@ -282,7 +328,11 @@ pub async fn spy(channel: &Channel, exchange: &str, routing_key: &str) -> (Strin
 /// Messages waiting in `queue` right now (passive declare).
 pub async fn message_count(channel: &Channel, queue: &str) -> u32 {
     channel
-        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
         .await
         .expect("passive declare")
         .message_count()
