@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::handler::{CloseCode, CloseReason, Handler, Outbound, SharedFrame};
-use crate::handler_manager::{HandlerManager, HandlerManagerConfig};
+use crate::handler_manager::{HandlerManager, HandlerManagerConfig, SubscribeError};
 use crate::ids::SessionId;
 use crate::mesh::{
     ControlOutcome, GatewayControl, GatewayStats, MeshEvent, MeshInbound, ServiceMesh,
@@ -307,26 +307,12 @@ impl CoordinatorHandle {
                 }
             }
             ClientMessage::Subscribe { topics } => {
-                let frame = match s.handlers.subscribe(session_id, &topics) {
-                    Ok(topics) => ServerFrame::Message(ServerMessage::Subscribed { topics }),
-                    Err(e) => ServerFrame::Error(ErrorFrame {
-                        error: error_name::VALIDATION.to_owned(),
-                        description: e.to_string(),
-                        trace_id: None,
-                    }),
-                };
-                s.reply(session_id, frame, encoding);
+                let result = s.handlers.subscribe(session_id, &topics);
+                s.reply(session_id, subscription_frame(result), encoding);
             }
             ClientMessage::Unsubscribe { topics } => {
-                let frame = match s.handlers.unsubscribe(session_id, &topics) {
-                    Ok(topics) => ServerFrame::Message(ServerMessage::Subscribed { topics }),
-                    Err(e) => ServerFrame::Error(ErrorFrame {
-                        error: error_name::VALIDATION.to_owned(),
-                        description: e.to_string(),
-                        trace_id: None,
-                    }),
-                };
-                s.reply(session_id, frame, encoding);
+                let result = s.handlers.unsubscribe(session_id, &topics);
+                s.reply(session_id, subscription_frame(result), encoding);
             }
             ClientMessage::Ping => {
                 s.reply(session_id, ServerFrame::Message(ServerMessage::Pong {}), encoding);
@@ -343,6 +329,18 @@ impl CoordinatorHandle {
     /// Whether shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.shared.shutdown.is_cancelled()
+    }
+}
+
+/// The answer to subscribe/unsubscribe: the session's patterns now, or why not.
+fn subscription_frame(result: Result<Vec<String>, SubscribeError>) -> ServerFrame {
+    match result {
+        Ok(topics) => ServerFrame::Message(ServerMessage::Subscribed { topics }),
+        Err(e) => ServerFrame::Error(ErrorFrame {
+            error: error_name::VALIDATION.to_owned(),
+            description: e.to_string(),
+            trace_id: None,
+        }),
     }
 }
 

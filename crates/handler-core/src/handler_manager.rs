@@ -153,18 +153,21 @@ impl HandlerManager {
 
     /// Sends one frame to every session of these users. Returns the sessions reached.
     pub fn send_to_users(&self, users: &[UserId], frame: Arc<SharedFrame>) -> usize {
-        let handlers: Vec<Arc<dyn Handler>> = {
-            let reg = self.read();
-            let mut seen = HashSet::new();
-            users
-                .iter()
-                .filter(|u| seen.insert(*u))
-                .filter_map(|u| reg.by_user.get(u))
-                .flatten()
-                .filter_map(|sid| reg.sessions.get(sid).map(|s| Arc::clone(&s.handler)))
-                .collect()
-        };
+        let handlers = self.handlers_of(users);
         self.deliver_all(&handlers, &frame)
+    }
+
+    /// The handlers of every session of these users (each user counted once).
+    fn handlers_of(&self, users: &[UserId]) -> Vec<Arc<dyn Handler>> {
+        let reg = self.read();
+        let mut seen = HashSet::new();
+        users
+            .iter()
+            .filter(|u| seen.insert(*u))
+            .filter_map(|u| reg.by_user.get(u))
+            .flatten()
+            .filter_map(|sid| reg.sessions.get(sid).map(|s| Arc::clone(&s.handler)))
+            .collect()
     }
 
     /// Sends one frame to every session. Returns the sessions reached.
@@ -234,17 +237,7 @@ impl HandlerManager {
 
     /// Closes every session of these users. Returns the sessions closed.
     pub fn close_users(&self, users: &[UserId], reason: CloseReason) -> usize {
-        let handlers: Vec<Arc<dyn Handler>> = {
-            let reg = self.read();
-            users
-                .iter()
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .filter_map(|u| reg.by_user.get(u))
-                .flatten()
-                .filter_map(|sid| reg.sessions.get(sid).map(|s| Arc::clone(&s.handler)))
-                .collect()
-        };
+        let handlers = self.handlers_of(users);
         for h in &handlers {
             h.close(reason.clone());
         }

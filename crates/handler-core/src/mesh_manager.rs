@@ -68,6 +68,12 @@ impl SubmitError {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+enum CallKind {
+    Request,
+    Command,
+}
+
 struct PendingSession {
     in_flight: usize,
     cancel: CancellationToken,
@@ -228,62 +234,7 @@ impl ServiceMeshManager {
         call: ClientCall,
         encoding: Encoding,
     ) -> Result<TraceId, SubmitError> {
-        let (slot, cancel) = self.acquire(session_id)?;
-        let call = Self::mesh_call(identity, call);
-        let trace_id = call.trace_id.clone();
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let mesh = Arc::clone(&self.mesh);
-        let deliveries = self.deliveries.clone();
-        let counters = Arc::clone(&self.counters);
-        let timeout = self.config.request_timeout;
-        let session_id = session_id.clone();
-        let span = tracing::debug_span!(
-            "mesh_request",
-            session.id = %session_id,
-            trace_id = %call.trace_id,
-            service = %call.service,
-            method = %call.method,
-        );
-        self.tracker.spawn(
-            async move {
-                let _slot = slot;
-                let reply_trace = Some(call.trace_id.to_string());
-                // The adapter applies `timeout` itself; the outer deadline only guards
-                // against an adapter that fails to.
-                let outcome = tokio::select! {
-                    // Cancel-safe: dropping the request future forgets the pending call.
-                    _ = cancel.cancelled() => {
-                        tracing::debug!("session closed; request abandoned");
-                        return;
-                    }
-                    r = tokio::time::timeout(timeout + Duration::from_millis(250), mesh.request(call, timeout)) => {
-                        r.unwrap_or(Err(MeshError::Timeout(timeout)))
-                    }
-                };
-                let (result, error) = match outcome {
-                    Ok(resp) => (resp.result, resp.error),
-                    Err(e) => {
-                        if matches!(e, MeshError::Timeout(_)) {
-                            counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            counters.failures.fetch_add(1, Ordering::Relaxed);
-                        }
-                        tracing::debug!(error = %e, "request failed");
-                        (Value::Null, Some(e.to_error_object()))
-                    }
-                };
-                let frame = ServerFrame::Message(ServerMessage::Response {
-                    trace_id: reply_trace,
-                    result,
-                    error,
-                });
-                // The coordinator only stops reading at shutdown; a lost delivery then is
-                // moot because the connection is closing too.
-                let _ = deliveries.send(SessionDelivery { session_id, frame, encoding }).await;
-            }
-            .instrument(span),
-        );
-        Ok(trace_id)
+        self.submit(session_id, identity, call, encoding, CallKind::Request)
     }
 
     /// Publishes a command. Delivers `accepted` once published, or an error `response`.
@@ -294,37 +245,91 @@ impl ServiceMeshManager {
         call: ClientCall,
         encoding: Encoding,
     ) -> Result<TraceId, SubmitError> {
+        self.submit(session_id, identity, call, encoding, CallKind::Command)
+    }
+
+    fn submit(
+        &self,
+        session_id: &SessionId,
+        identity: &Identity,
+        call: ClientCall,
+        encoding: Encoding,
+        kind: CallKind,
+    ) -> Result<TraceId, SubmitError> {
         let (slot, cancel) = self.acquire(session_id)?;
         let call = Self::mesh_call(identity, call);
         let trace_id = call.trace_id.clone();
-        self.counters.commands.fetch_add(1, Ordering::Relaxed);
+        match kind {
+            CallKind::Request => self.counters.requests.fetch_add(1, Ordering::Relaxed),
+            CallKind::Command => self.counters.commands.fetch_add(1, Ordering::Relaxed),
+        };
         let mesh = Arc::clone(&self.mesh);
         let deliveries = self.deliveries.clone();
+        let counters = Arc::clone(&self.counters);
         let timeout = self.config.request_timeout;
         let session_id = session_id.clone();
-        let span = tracing::debug_span!("mesh_command", session.id = %session_id, trace_id = %call.trace_id);
+        let span = tracing::debug_span!(
+            "mesh_call",
+            kind = ?kind,
+            session.id = %session_id,
+            trace_id = %call.trace_id,
+            service = %call.service,
+            method = %call.method,
+        );
         self.tracker.spawn(
             async move {
                 let _slot = slot;
                 let reply_trace = Some(call.trace_id.to_string());
+                // The adapter applies `timeout` to requests itself; the outer deadline only
+                // guards against an adapter that fails to.
+                let work = async {
+                    match kind {
+                        CallKind::Request => tokio::time::timeout(
+                            timeout + Duration::from_millis(250),
+                            mesh.request(call, timeout),
+                        )
+                        .await
+                        .unwrap_or(Err(MeshError::Timeout(timeout)))
+                        .map(Some),
+                        CallKind::Command => tokio::time::timeout(timeout, mesh.command(call))
+                            .await
+                            .unwrap_or(Err(MeshError::Timeout(timeout)))
+                            .map(|()| None),
+                    }
+                };
                 let outcome = tokio::select! {
-                    // Cancel-safe: a command not yet published is simply not published.
-                    _ = cancel.cancelled() => return,
-                    r = tokio::time::timeout(timeout, mesh.command(call)) => {
-                        r.unwrap_or(Err(MeshError::Timeout(timeout)))
+                    // Cancel-safe: dropping the mesh future forgets the pending call (a
+                    // command not yet published is simply not published).
+                    _ = cancel.cancelled() => {
+                        tracing::debug!("session closed; call abandoned");
+                        return;
                     }
+                    r = work => r,
                 };
-                let frame = match outcome {
-                    Ok(()) => {
-                        ServerFrame::Message(ServerMessage::Accepted { trace_id: reply_trace })
-                    }
-                    Err(e) => ServerFrame::Message(ServerMessage::Response {
+                let message = match outcome {
+                    Ok(Some(resp)) => ServerMessage::Response {
                         trace_id: reply_trace,
-                        result: Value::Null,
-                        error: Some(e.to_error_object()),
-                    }),
+                        result: resp.result,
+                        error: resp.error,
+                    },
+                    Ok(None) => ServerMessage::Accepted { trace_id: reply_trace },
+                    Err(e) => {
+                        let counter = match e {
+                            MeshError::Timeout(_) => &counters.timeouts,
+                            _ => &counters.failures,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(error = %e, "call failed");
+                        ServerMessage::Response {
+                            trace_id: reply_trace,
+                            result: Value::Null,
+                            error: Some(e.to_error_object()),
+                        }
+                    }
                 };
-                // See `request` for why a failed delivery is ignored.
+                let frame = ServerFrame::Message(message);
+                // The coordinator only stops reading at shutdown; a lost delivery then is
+                // moot because the connection is closing too.
                 let _ = deliveries.send(SessionDelivery { session_id, frame, encoding }).await;
             }
             .instrument(span),
