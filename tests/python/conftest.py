@@ -73,6 +73,9 @@ class Gateway:
     def __init__(self, process: ManagedProcess, service_name: str) -> None:
         self.process = process
         self.service_name = service_name
+        argv = process.argv
+        # Names the gateway's AMQP connection (`<service_name>/<instance_id>`) and queues.
+        self.instance_id: Optional[str] = argv[argv.index("--instance-id") + 1] if "--instance-id" in argv else None
 
     @property
     def port(self) -> int:
@@ -113,6 +116,14 @@ def start_gateway(cfg: InteropConfig, name: str, argv: List[str], env: Optional[
     process = ManagedProcess(name, argv, cfg.log_dir / f"{name}.log", LISTENING_RE, env=env)
     _PROCESSES.append(process)
     return process.start()
+
+
+def start_extra_gateway(cfg: InteropConfig, name: str, service_name: str, **flags: str) -> Gateway:
+    """Another gateway process on the suite's vhost (logged as `<name>.log`). `flags` override
+    or add command-line flags, keyed by the flag itself: `**{"--reconnect-max-ms": "1000"}`.
+    The caller stops it (`gateway.process.stop()`)."""
+    process = start_gateway(cfg, name, gateway_argv(cfg, service_name, **flags))
+    return Gateway(process, service_name)
 
 
 @pytest.fixture(scope="session")
@@ -170,8 +181,10 @@ class Mesh:
         self.tokens = tokens
         self.service = SERVICE
 
-    async def connect(self, user_id: str, label: Optional[str] = None, **kw) -> WsClient:
-        return await WsClient.open(self.gateway.url, self.tokens(user_id), label=label or user_id, **kw)
+    async def connect(self, user_id: str, label: Optional[str] = None, gateway: Optional[Gateway] = None, **kw) -> WsClient:
+        """A session of `user_id` on `gateway` (default: the suite's gateway)."""
+        gw = gateway or self.gateway
+        return await WsClient.open(gw.url, self.tokens(user_id), label=label or user_id, **kw)
 
     def mesh_client(self) -> MeshClient:
         return MeshClient(self.cfg.amqp_url)
@@ -192,14 +205,15 @@ def mesh(config: InteropConfig, gateway: Gateway, service: ManagedProcess, token
         problems.append(f"the Python service exited with {service.proc.returncode}")
     if not problems:
         try:
-            run(_echo_round_trip(gateway, tokens), timeout=15)
+            run(echo_round_trip(gateway, tokens), timeout=15)
         except Exception as err:
             problems.append(f"echo round trip after the test failed: {err}")
     if problems:
         pytest.fail("health check after the test: " + "; ".join(problems), pytrace=False)
 
 
-async def _echo_round_trip(gateway: Gateway, tokens: Tokens) -> None:
+async def echo_round_trip(gateway: Gateway, tokens: Tokens) -> None:
+    """One session on `gateway`, one echo through it to the Python service."""
     client = await WsClient.open(gateway.url, tokens(unique("health")), label="health")
     try:
         marker = unique("alive")

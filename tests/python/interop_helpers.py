@@ -1,6 +1,7 @@
 """Helpers for the interop suite: managed child processes (gateway, service), JWTs, a
-WebSocket client that buffers frames so tests can wait for the one they want, and a nuropb
-client-only mesh connection. Every wait is bounded."""
+WebSocket client that buffers frames so tests can wait for the one they want, a nuropb
+client-only mesh connection, and broker administration through `rabbitmqctl` (there is no
+management API). Every wait is bounded."""
 
 import asyncio
 import ctypes
@@ -11,6 +12,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +205,8 @@ class WsClient:
         self.label = label
         self.frames: List[Frame] = []  # not yet taken by `expect`
         self.history: List[Frame] = []  # everything received, for failure messages
+        # (time.monotonic() at arrival, frame) for everything received, for latency checks.
+        self.timeline: List[Tuple[float, Frame]] = []
         self.changed = asyncio.Event()
         self.close_info: Optional[Tuple[Optional[int], str]] = None
         self.hello: Optional[Hello] = None
@@ -265,6 +269,7 @@ class WsClient:
     def _push(self, frame: Frame) -> None:
         self.frames.append(frame)
         self.history.append(frame)
+        self.timeline.append((time.monotonic(), frame))
         self.changed.set()
 
     async def send(self, frame: Any) -> None:
@@ -399,6 +404,59 @@ class MeshClient:
         response = await self.request(service, method, params, timeout)
         assert response.get("error") is None, f"mesh call {service}.{method} failed: {response}"
         return response.get("result")
+
+
+# --- broker administration (rabbitmqctl) ----------------------------------------------------
+
+RABBITMQCTL_TIMEOUT = 30.0
+
+
+def vhost_of(amqp_url: str) -> str:
+    """The vhost named by an AMQP URL (`/` when the path is empty)."""
+    path = urllib.parse.urlsplit(amqp_url).path
+    return urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def rabbitmqctl(*args: str, timeout: float = RABBITMQCTL_TIMEOUT) -> str:
+    """Runs `rabbitmqctl -q <args>` (bounded) and returns its stdout; fails loudly."""
+    argv = ["rabbitmqctl", "-q", *args]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed with {done.returncode}: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+@dataclass
+class BrokerConnection:
+    pid: str  # as close_connection takes it: <rabbit@host.N.N.N>
+    name: str  # the peer addresses, e.g. 127.0.0.1:35414 -> 127.0.0.1:5672
+    client_properties: str  # rabbitmqctl's rendering: [{"connection_name","svc/instance"},...]
+
+
+def list_connections(vhost: str) -> List[BrokerConnection]:
+    out = rabbitmqctl("--no-table-headers", "list_connections", "-p", vhost, "pid", "name", "client_properties")
+    connections = []
+    for line in out.splitlines():
+        fields = line.split("\t", 2)
+        if len(fields) == 3:
+            connections.append(BrokerConnection(*fields))
+    return connections
+
+
+def gateway_connections(vhost: str, service_name: str, instance_id: str) -> List[BrokerConnection]:
+    """The AMQP connections of one gateway instance: it names its connection
+    `<service_name>/<instance_id>` and sets the client property product=nuropb-gateway."""
+    name = f'{{"connection_name","{service_name}/{instance_id}"}}'
+    product = '{"product","nuropb-gateway"}'
+    return [c for c in list_connections(vhost) if name in c.client_properties and product in c.client_properties]
+
+
+def close_connection(pid: str, reason: str) -> None:
+    """Has the broker close one connection (the client sees CONNECTION_FORCED)."""
+    rabbitmqctl("close_connection", pid, reason)
 
 
 def env_required(name: str) -> str:

@@ -121,9 +121,10 @@ impl Gateway {
     pub async fn start_with(options: Options) -> Gateway {
         let (mesh, inbound) = test_mesh();
         let counting = Arc::new(CountingMesh { inner: mesh.clone(), calls: AtomicUsize::new(0) });
-        let auth =
-            JwtAuthenticator::new(JwtConfig::new(JwtKey::Hs256Secret(SECRET.as_bytes().to_vec())))
-                .unwrap();
+        let mut jwt = JwtConfig::new(JwtKey::Hs256Secret(SECRET.as_bytes().to_vec()));
+        // No clock-skew leeway, so expiry tests take seconds, not half a minute.
+        jwt.leeway_secs = 0;
+        let auth = JwtAuthenticator::new(jwt).unwrap();
         let shutdown = CancellationToken::new();
         let core = CoreConfig {
             mesh: MeshManagerConfig {

@@ -499,3 +499,65 @@ async fn a_slow_client_is_dropped_without_slowing_the_others() {
     }
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn expired_tokens_close_the_session_unless_refreshed() {
+    let gw = Gateway::start().await;
+    let short = |user: &str| {
+        token_with(
+            json!({"sub": user, "username": user, "exp": jsonwebtoken::get_current_timestamp() + 2}),
+            SECRET,
+        )
+    };
+    let connect = |t: String| {
+        let url = gw.url.clone();
+        async move {
+            let mut c =
+                Client::connect(&url, &[("Authorization", &format!("Bearer {t}"))]).await.unwrap();
+            assert_eq!(c.recv_json().await["payload"]["topic"], "hello");
+            c
+        }
+    };
+    let mut expiring = connect(short("alice")).await;
+    let mut refreshed = connect(short("alice")).await;
+
+    // Another user's token cannot take over the session.
+    refreshed.send_json(&json!({"type": "refresh", "payload": {"token": token("bob")}})).await;
+    let r = refreshed.recv_json().await;
+    assert_eq!(r["error"], "NuropbAuthorizationError", "{r}");
+    refreshed.send_json(&json!({"type": "refresh", "payload": {"token": "garbage"}})).await;
+    assert_eq!(refreshed.recv_json().await["error"], "NuropbAuthorizationError");
+
+    refreshed.send_json(&json!({"type": "refresh", "payload": {"token": token("alice")}})).await;
+    let r = refreshed.recv_json().await;
+    assert_eq!(r["type"], "refreshed", "{r}");
+    assert!(
+        r["payload"]["expires_at"].as_u64().unwrap() > jsonwebtoken::get_current_timestamp() + 500
+    );
+
+    let close = expiring.recv_close().await.expect("close frame");
+    assert_eq!(u16::from(close.code), 4003);
+
+    // The refreshed session outlives its first token, and services now get the new one.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    refreshed.request("svc", "whoami", json!({}), "after-refresh").await;
+    let r = refreshed.recv_json().await;
+    assert_eq!(r["payload"]["result"]["Authorization"], format!("Bearer {}", token_from(&r)));
+    gw.stop().await;
+}
+
+/// The token a `whoami` result carries, checked to be a fresh alice token (exp > 500 s).
+fn token_from(r: &Value) -> String {
+    let t =
+        r["payload"]["result"]["Authorization"].as_str().unwrap().strip_prefix("Bearer ").unwrap();
+    let claims = jsonwebtoken::decode::<Value>(
+        t,
+        &jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()),
+        &jsonwebtoken::Validation::default(),
+    )
+    .unwrap()
+    .claims;
+    assert_eq!(claims["sub"], "alice");
+    assert!(claims["exp"].as_u64().unwrap() > jsonwebtoken::get_current_timestamp() + 500);
+    t.to_owned()
+}

@@ -16,6 +16,9 @@ pub struct Identity {
     pub username: String,
     /// The raw bearer token, forwarded to services as `Authorization: Bearer <token>`.
     pub token: String,
+    /// When the token stops being accepted (Unix seconds: its `exp` plus the configured
+    /// leeway); the session is closed then unless the client refreshes it. `None`: never.
+    pub expires_at: Option<u64>,
 }
 
 impl fmt::Debug for Identity {
@@ -24,6 +27,7 @@ impl fmt::Debug for Identity {
         f.debug_struct("Identity")
             .field("user_id", &self.user_id)
             .field("username", &self.username)
+            .field("expires_at", &self.expires_at)
             .finish_non_exhaustive()
     }
 }
@@ -180,7 +184,17 @@ impl Authenticator for JwtAuthenticator {
             Some(Value::String(s)) => s.clone(),
             _ => user_id.clone(),
         };
-        Ok(Identity { user_id: UserId::new(user_id), username, token: token.to_owned() })
+        // The last second the token is still accepted (its `exp` plus the clock-skew leeway).
+        let expires_at = claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .map(|e| e.saturating_add(self.validation.leeway));
+        Ok(Identity {
+            user_id: UserId::new(user_id),
+            username,
+            token: token.to_owned(),
+            expires_at,
+        })
     }
 }
 
@@ -318,6 +332,7 @@ mod tests {
         assert_eq!(id.user_id, UserId::new("alice-id"));
         assert_eq!(id.username, "alice@example.com");
         assert_eq!(id.token, token);
+        assert!(id.expires_at.is_some_and(|e| e >= now() + 59));
     }
 
     #[test]

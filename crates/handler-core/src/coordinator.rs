@@ -101,10 +101,20 @@ impl Coordinator {
     pub async fn run(mut self, drain: Duration) {
         let shutdown = self.shared.shutdown.clone();
         let mut inbound_open = true;
+        // Tokens expire while sessions are open: once a second, sessions whose token expired
+        // (and was not refreshed) are closed with 4003.
+        let mut expiry = tokio::time::interval(Duration::from_secs(1));
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
-                // All three branches are cancel-safe: `recv` loses nothing when not chosen.
+                // All branches are cancel-safe: `recv` and `tick` lose nothing when not chosen.
                 _ = shutdown.cancelled() => break,
+                _ = expiry.tick() => {
+                    let closed = self.shared.handlers.close_expired(unix_now());
+                    if closed > 0 {
+                        tracing::info!(sessions = closed, "closed sessions with expired tokens");
+                    }
+                }
                 d = self.deliveries.recv() => match d {
                     Some(d) => self.shared.deliver(d),
                     // Unreachable while `shared` holds a sender; stop cleanly anyway.
@@ -314,6 +324,19 @@ impl CoordinatorHandle {
                 let result = s.handlers.unsubscribe(session_id, &topics);
                 s.reply(session_id, subscription_frame(result), encoding);
             }
+            ClientMessage::Refresh { token } => {
+                let frame = match s.authenticator.authenticate(&token) {
+                    Ok(new) => {
+                        let expires_at = new.expires_at;
+                        match s.handlers.refresh_identity(session_id, new) {
+                            Ok(()) => ServerFrame::Message(ServerMessage::Refreshed { expires_at }),
+                            Err(e) => refusal(error_name::AUTHORIZATION, e.to_string()),
+                        }
+                    }
+                    Err(e) => refusal(error_name::AUTHORIZATION, format!("refresh refused: {e}")),
+                };
+                s.reply(session_id, frame, encoding);
+            }
             ClientMessage::Ping => {
                 s.reply(session_id, ServerFrame::Message(ServerMessage::Pong {}), encoding);
             }
@@ -336,12 +359,17 @@ impl CoordinatorHandle {
 fn subscription_frame(result: Result<Vec<String>, SubscribeError>) -> ServerFrame {
     match result {
         Ok(topics) => ServerFrame::Message(ServerMessage::Subscribed { topics }),
-        Err(e) => ServerFrame::Error(ErrorFrame {
-            error: error_name::VALIDATION.to_owned(),
-            description: e.to_string(),
-            trace_id: None,
-        }),
+        Err(e) => refusal(error_name::VALIDATION, e.to_string()),
     }
+}
+
+/// A top-level error frame.
+fn refusal(error: &str, description: String) -> ServerFrame {
+    ServerFrame::Error(ErrorFrame { error: error.to_owned(), description, trace_id: None })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn new_trace() -> String {

@@ -65,6 +65,8 @@ pub enum CloseCode {
     TryAgainLater,
     /// 4001: disconnected by a mesh peer (`disconnect_user`).
     Kicked,
+    /// 4003: the session's token expired and was not refreshed.
+    TokenExpired,
 }
 
 impl CloseCode {
@@ -77,6 +79,7 @@ impl CloseCode {
             CloseCode::Internal => 1011,
             CloseCode::TryAgainLater => 1013,
             CloseCode::Kicked => 4001,
+            CloseCode::TokenExpired => 4003,
         }
     }
 }

@@ -42,6 +42,15 @@ struct Registry {
     by_user: HashMap<UserId, HashSet<SessionId>>,
 }
 
+/// Replacing a session's identity failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefreshError {
+    #[error("unknown session")]
+    UnknownSession,
+    #[error("the new token belongs to another user")]
+    OtherUser,
+}
+
 /// Subscribing failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubscribeError {
@@ -189,6 +198,37 @@ impl HandlerManager {
         self.deliver_all(&handlers, &frame)
     }
 
+    /// Replaces a session's identity with a refreshed one of the same user.
+    pub fn refresh_identity(
+        &self,
+        session_id: &SessionId,
+        identity: Identity,
+    ) -> Result<(), RefreshError> {
+        let mut reg = self.write();
+        let session = reg.sessions.get_mut(session_id).ok_or(RefreshError::UnknownSession)?;
+        if session.identity.user_id != identity.user_id {
+            return Err(RefreshError::OtherUser);
+        }
+        session.identity = identity;
+        Ok(())
+    }
+
+    /// Closes every session whose token expired at or before `now` (Unix seconds) with
+    /// 4003. Returns how many.
+    pub fn close_expired(&self, now: u64) -> usize {
+        let handlers: Vec<Arc<dyn Handler>> = self
+            .read()
+            .sessions
+            .values()
+            .filter(|s| s.identity.expires_at.is_some_and(|e| e <= now))
+            .map(|s| Arc::clone(&s.handler))
+            .collect();
+        for h in &handlers {
+            h.close(CloseReason::new(CloseCode::TokenExpired, "token expired"));
+        }
+        handlers.len()
+    }
+
     /// Adds topic patterns to a session; returns its subscriptions afterwards.
     pub fn subscribe(
         &self,
@@ -324,7 +364,12 @@ mod tests {
     }
 
     fn identity(user: &str) -> Identity {
-        Identity { user_id: UserId::new(user), username: format!("{user}@x"), token: "t".into() }
+        Identity {
+            user_id: UserId::new(user),
+            username: format!("{user}@x"),
+            token: "t".into(),
+            expires_at: None,
+        }
     }
 
     fn frame() -> Arc<SharedFrame> {
@@ -406,6 +451,30 @@ mod tests {
         assert!(r["s3"].closed().is_empty());
         assert!(m.close_session(&SessionId::new("s3"), CloseReason::new(CloseCode::Normal, "")));
         assert_eq!(m.close_all(CloseReason::new(CloseCode::GoingAway, "")), 3);
+    }
+
+    #[test]
+    fn refresh_keeps_the_user_and_expiry_closes_with_4003() {
+        let m = HandlerManager::new(HandlerManagerConfig::default());
+        let (a, b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+        let expiring = |user: &str, at: u64| Identity { expires_at: Some(at), ..identity(user) };
+        m.register(SessionId::new("a"), expiring("u1", 100), a.clone());
+        m.register(SessionId::new("b"), expiring("u2", 200), b.clone());
+        assert_eq!(
+            m.refresh_identity(&SessionId::new("a"), expiring("u2", 500)),
+            Err(RefreshError::OtherUser)
+        );
+        assert_eq!(m.close_expired(99), 0);
+        assert_eq!(m.close_expired(100), 1);
+        assert_eq!(a.closed()[0].code, CloseCode::TokenExpired);
+        assert_eq!(m.refresh_identity(&SessionId::new("b"), expiring("u2", 500)), Ok(()));
+        assert_eq!(m.close_expired(300), 1, "a is still registered until its task unregisters it");
+        assert!(b.closed().is_empty(), "the refreshed session lives on");
+        assert_eq!(m.identity(&SessionId::new("b")).and_then(|i| i.expires_at), Some(500));
+        assert_eq!(
+            m.refresh_identity(&SessionId::new("zz"), expiring("u2", 1)),
+            Err(RefreshError::UnknownSession)
+        );
     }
 
     #[test]

@@ -357,7 +357,12 @@ mod tests {
     use crate::mesh::{MeshResponse, MockServiceMesh};
 
     fn identity() -> Identity {
-        Identity { user_id: UserId::new("alice"), username: "alice@x".into(), token: "tok".into() }
+        Identity {
+            user_id: UserId::new("alice"),
+            username: "alice@x".into(),
+            token: "tok".into(),
+            expires_at: None,
+        }
     }
 
     fn call(trace: Option<&str>) -> ClientCall {

@@ -32,6 +32,8 @@ pub struct ClientLimits {
     pub max_topics_per_frame: usize,
     /// Longest topic pattern, in bytes (an AMQP routing key is a short string).
     pub max_topic_len: usize,
+    /// Longest token in a `refresh` frame, in bytes.
+    pub max_token_len: usize,
 }
 
 impl Default for ClientLimits {
@@ -42,6 +44,7 @@ impl Default for ClientLimits {
             max_name_len: 255,
             max_topics_per_frame: 64,
             max_topic_len: 255,
+            max_token_len: 8192,
         }
     }
 }
@@ -71,6 +74,9 @@ pub enum ClientMessage {
     Unsubscribe { topics: Vec<String> },
     /// `{"type":"ping"}` — answered by `pong`; an application-level liveness check.
     Ping,
+    /// `{"type":"refresh","payload":{"token":"<jwt>"}}` — replaces the session's token
+    /// before it expires (same user only); answered by `refreshed`.
+    Refresh { token: String },
 }
 
 /// What went wrong with a client frame.
@@ -309,11 +315,48 @@ fn validate_frame(value: Value, limits: &ClientLimits) -> Result<ClientMessage, 
             })
         }
         "ping" => Ok(ClientMessage::Ping),
+        "refresh" => {
+            let token = match payload {
+                Some(Value::Object(mut p)) => match p.remove("token") {
+                    Some(Value::String(t)) if t.is_empty() => {
+                        return Err(ClientFrameError::new(
+                            Invalid,
+                            "`payload.token` must not be empty",
+                        ));
+                    }
+                    Some(Value::String(t)) if t.len() > limits.max_token_len => {
+                        return Err(ClientFrameError::new(
+                            TooLarge,
+                            format!(
+                                "`payload.token` is longer than {} bytes",
+                                limits.max_token_len
+                            ),
+                        ));
+                    }
+                    Some(Value::String(t)) => t,
+                    Some(other) => {
+                        return Err(ClientFrameError::new(
+                            Invalid,
+                            format!("`payload.token` must be a string, got {}", type_name(&other)),
+                        ));
+                    }
+                    None => return Err(ClientFrameError::new(Invalid, "missing `payload.token`")),
+                },
+                Some(other) => {
+                    return Err(ClientFrameError::new(
+                        Invalid,
+                        format!("`payload` must be an object, got {}", type_name(&other)),
+                    ));
+                }
+                None => return Err(ClientFrameError::new(Invalid, "missing `payload`")),
+            };
+            Ok(ClientMessage::Refresh { token })
+        }
         other => Err(ClientFrameError::new(
             Invalid,
             format!(
                 "unknown `type` {other:?}; expected one of request, command, subscribe, \
-                 unsubscribe, ping"
+                 unsubscribe, ping, refresh"
             ),
         )),
     }
@@ -445,6 +488,9 @@ pub enum ServerMessage {
     Subscribed { topics: Vec<String> },
     /// The answer to `ping`.
     Pong {},
+    /// The session's token was replaced; `expires_at` is the new token's `exp` (Unix
+    /// seconds), after which the session is closed (4003) unless refreshed again.
+    Refreshed { expires_at: Option<u64> },
 }
 
 /// Everything the gateway sends to a client.
@@ -606,11 +652,11 @@ mod tests {
             (r#"{"type": ["request"]}"#.into(), err(Invalid, "`type` must be a string, got array")),
             (
                 r#"{"type": "query"}"#.into(),
-                err(Invalid, "unknown `type` \"query\"; expected one of request, command, subscribe, unsubscribe, ping"),
+                err(Invalid, "unknown `type` \"query\"; expected one of request, command, subscribe, unsubscribe, ping, refresh"),
             ),
             (
                 r#"{"type": "Request", "payload": {"trace_id": "t9"}}"#.into(),
-                err_traced(Invalid, "unknown `type` \"Request\"; expected one of request, command, subscribe, unsubscribe, ping", "t9"),
+                err_traced(Invalid, "unknown `type` \"Request\"; expected one of request, command, subscribe, unsubscribe, ping, refresh", "t9"),
             ),
             // `payload`.
             (r#"{"type": "request"}"#.into(), err(Invalid, "missing `payload`")),
@@ -704,6 +750,19 @@ mod tests {
             (r#"{"type": "ping"}"#.into(), Expect::Ok(ClientMessage::Ping)),
             (r#"{"type": "ping", "payload": {"x": 1}}"#.into(), Expect::Ok(ClientMessage::Ping)),
             (r#"{"type": "ping", "payload": null}"#.into(), Expect::Ok(ClientMessage::Ping)),
+            // `refresh`.
+            (
+                r#"{"type": "refresh", "payload": {"token": "abc"}}"#.into(),
+                Expect::Ok(ClientMessage::Refresh { token: "abc".into() }),
+            ),
+            (r#"{"type": "refresh"}"#.into(), err(Invalid, "missing `payload`")),
+            (r#"{"type": "refresh", "payload": {}}"#.into(), err(Invalid, "missing `payload.token`")),
+            (r#"{"type": "refresh", "payload": {"token": ""}}"#.into(), err(Invalid, "`payload.token` must not be empty")),
+            (r#"{"type": "refresh", "payload": {"token": 5}}"#.into(), err(Invalid, "`payload.token` must be a string, got number")),
+            (
+                format!(r#"{{"type": "refresh", "payload": {{"token": "{}"}}}}"#, "t".repeat(8193)),
+                err(TooLarge, "`payload.token` is longer than 8192 bytes"),
+            ),
         ]
     }
 

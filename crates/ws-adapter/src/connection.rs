@@ -104,7 +104,7 @@ pub(crate) async fn run(
     config: Arc<WsConfig>,
     coordinator: CoordinatorHandle,
 ) {
-    let _permit = permit.as_ref();
+    // `permit` (a connection slot) is held until this function returns.
     let mut identity = None;
     let have_capacity = permit.is_some();
     let callback = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
