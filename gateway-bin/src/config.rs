@@ -153,8 +153,9 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_DEMO_TICK_SECS", default_value_t = 10)]
     pub demo_tick_secs: u64,
 
-    /// Log filter (tracing env-filter syntax), e.g. `info` or `ws_adapter=debug`.
-    #[arg(long, env = "NUROPB_LOG", default_value = "info")]
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `ws_adapter=debug`. lapin's
+    /// own logs are off by default: the mesh adapter reports connection loss and recovery.
+    #[arg(long, env = "NUROPB_LOG", default_value = "info,lapin=off")]
     pub log: String,
 }
 

@@ -2,6 +2,7 @@
 //! layering rules, all tests including integration and interop); `integration`, `interop`
 //! and `bench` run one part.
 
+mod bench;
 mod broker;
 mod ci;
 mod interop;
@@ -23,9 +24,7 @@ fn main() -> Result<()> {
         Some("test") => ci::unit_and_e2e_tests(),
         Some("integration") => ci::integration(),
         Some("interop") => interop::run(&root),
-        Some("bench") => {
-            run(cargo().args(["run", "--release", "-p", "e2e-tests", "--bin", "bench"]))
-        }
+        Some("bench") => bench::run(),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
             Ok(())

@@ -1,11 +1,25 @@
-//! `cargo xtask bench`: WebSocket round-trip benchmarks over loopback, printed as a table.
-//! The baseline is a bare tokio-tungstenite echo server driven by the same client code in the
-//! same run; the gateway rows are ratios against it, so machine speed cancels out.
+//! `cargo xtask bench`: round-trip benchmarks over loopback, printed as one table.
 //!
-//! Loops are bounded in count and in time (each scenario stops at its deadline).
+//! Two pairs of rows, each a baseline and the gateway, measured in the same run with the same
+//! client code, so the ratios cancel out machine speed:
+//! - A: a bare tokio-tungstenite echo server, then the gateway on its in-memory mesh;
+//! - B: direct AMQP RPC to a Rust echo service over RabbitMQ, then G: the gateway on
+//!   `AmqpMesh` in front of the same service (see `bench/amqp.rs`).
+//!
+//! The AMQP pair needs a broker: `cargo xtask bench` makes sure RabbitMQ runs, creates a
+//! throw-away vhost and passes its URL in [`AMQP_URL_ENV`]; without it those rows are
+//! skipped with a note. Loops are bounded in count and in time (each scenario stops at its
+//! deadline).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "a benchmark: a failure aborts it")]
 #![allow(clippy::print_stdout, reason = "the benchmark prints its table")]
+
+// A crate root's modules live beside it, not in a directory named after it; `bench/` keeps
+// them out of `src/bin/`, where cargo would take each file for a binary of its own.
+#[path = "bench/amqp.rs"]
+mod amqp;
+#[path = "bench/echo_service.rs"]
+mod echo_service;
 
 use std::time::{Duration, Instant};
 
@@ -20,12 +34,43 @@ const SEQUENTIAL: usize = 2_000;
 const CLIENTS: usize = 16;
 const PER_CLIENT: usize = 1_000;
 const DEADLINE: Duration = Duration::from_secs(30);
+/// The broker URL (with its throw-away vhost) for the AMQP rows; set by `cargo xtask bench`.
+const AMQP_URL_ENV: &str = "NUROPB_BENCH_AMQP_URL";
 
 struct Row {
-    name: &'static str,
+    name: String,
     p50_us: f64,
     p99_us: f64,
     throughput: f64,
+    /// Round trips behind the percentiles (fewer than asked when the deadline struck).
+    sequential: usize,
+    /// Successful responses behind the throughput, out of `expected`.
+    completed: usize,
+    expected: usize,
+    /// Error responses (and unroutable requests) during the throughput run.
+    errors: usize,
+}
+
+/// Runs `round_trip` for `0..count` one at a time until the deadline; the latencies in µs,
+/// sorted.
+async fn sequential(count: usize, mut round_trip: impl AsyncFnMut(usize)) -> Vec<f64> {
+    let mut lat = Vec::with_capacity(count);
+    let start = Instant::now();
+    for i in 0..count {
+        if start.elapsed() > DEADLINE {
+            break;
+        }
+        let t = Instant::now();
+        round_trip(i).await;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(f64::total_cmp);
+    lat
+}
+
+/// The `p` quantile (0..=1) of sorted values, nearest rank below.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p) as usize]
 }
 
 async fn echo_server() -> String {
@@ -84,22 +129,14 @@ async fn next_text(ws: &mut Ws) {
     }
 }
 
-async fn measure(name: &'static str, url: &str, skip_hello: bool) -> Row {
+async fn measure(name: &str, url: &str, skip_hello: bool) -> Row {
     // Latency: one client, one request at a time.
     let mut ws = connect(url, skip_hello).await;
-    let mut lat = Vec::with_capacity(SEQUENTIAL);
-    let start = Instant::now();
-    for i in 0..SEQUENTIAL {
-        if start.elapsed() > DEADLINE {
-            break;
-        }
-        let t = Instant::now();
+    let lat = sequential(SEQUENTIAL, async |i| {
         ws.send(frame(i)).await.unwrap();
         next_text(&mut ws).await;
-        lat.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize];
+    })
+    .await;
 
     // Throughput: many clients, each sending all its requests without waiting.
     let start = Instant::now();
@@ -135,7 +172,17 @@ async fn measure(name: &'static str, url: &str, skip_hello: bool) -> Row {
         total += t.await.unwrap();
     }
     let throughput = total as f64 / start.elapsed().as_secs_f64();
-    Row { name, p50_us: pct(0.5), p99_us: pct(0.99), throughput }
+    Row {
+        name: name.to_owned(),
+        p50_us: percentile(&lat, 0.5),
+        p99_us: percentile(&lat, 0.99),
+        throughput,
+        sequential: lat.len(),
+        completed: total,
+        expected: CLIENTS * PER_CLIENT,
+        // Any text frame counts here; the in-memory echo does not fail.
+        errors: 0,
+    }
 }
 
 #[tokio::main]
@@ -150,26 +197,75 @@ async fn main() {
 
     let baseline = measure("baseline: bare tungstenite echo", &baseline_url, false).await;
     let gw = measure("gateway, in-memory mesh (svc.echo)", &gateway.url, true).await;
+    gateway.stop().await;
+
+    let amqp_url = std::env::var(AMQP_URL_ENV).ok().filter(|u| !u.is_empty());
+    let amqp_rows = match &amqp_url {
+        Some(url) => Some(amqp::run(url).await),
+        None => None,
+    };
 
     println!();
     println!(
-        "| scenario | p50 latency | p99 latency | throughput | latency ratio (p50) | throughput ratio |"
+        "| scenario | p50 latency | p99 latency | throughput | p50 ratio | p99 ratio | throughput ratio | ratios against |"
     );
-    println!("|---|---|---|---|---|---|");
-    for r in [&baseline, &gw] {
-        println!(
-            "| {} | {:.0} µs | {:.0} µs | {:.0} req/s | {:.2}x | {:.2}x |",
-            r.name,
-            r.p50_us,
-            r.p99_us,
-            r.throughput,
-            r.p50_us / baseline.p50_us,
-            r.throughput / baseline.throughput
-        );
+    println!("|---|---|---|---|---|---|---|---|");
+    print_row(&baseline, &baseline, "baseline");
+    print_row(&gw, &baseline, "baseline");
+    if let Some((direct, through_gateway)) = &amqp_rows {
+        print_row(direct, direct, "B");
+        print_row(through_gateway, direct, "B");
     }
     println!();
     println!(
-        "{SEQUENTIAL} sequential round trips on one connection; {CLIENTS} clients x {PER_CLIENT} requests, all sent without waiting (the gateway serves them concurrently)."
+        "In-memory rows: {SEQUENTIAL} sequential round trips on one connection; {CLIENTS} clients x {PER_CLIENT} requests, all sent without waiting (the gateway serves them concurrently)."
     );
-    gateway.stop().await;
+    if amqp_rows.is_some() {
+        println!(
+            "B/G rows: {} unrecorded warm-up calls, then {SEQUENTIAL} sequential round trips with one client; {} clients x {} requests with {} outstanding per client, all connected before the clock starts. \
+             The echo service is a Rust nuropb look-alike over lapin (manual ack, ack then answer to reply_to with correlation_id and nuropb headers) but with prefetch {} and concurrent answers instead of nuropb's prefetch 1, so it is not the bottleneck. \
+             B publishes as the gateway does (confirm mode, mandatory, expiration, confirmation awaited before the response), one connection per client; the gateway uses one connection for all. \
+             RabbitMQ, the clients, the gateway and the service share this machine's {} cores.",
+            amqp::WARMUP,
+            amqp::CLIENTS,
+            amqp::PER_CLIENT,
+            amqp::WINDOW,
+            echo_service::PREFETCH,
+            std::thread::available_parallelism().map_or(0, usize::from),
+        );
+    } else {
+        println!(
+            "B/G rows (AMQP) skipped: {AMQP_URL_ENV} is not set; `cargo xtask bench` starts RabbitMQ and sets it."
+        );
+    }
+    let mut rows = vec![&baseline, &gw];
+    rows.extend(amqp_rows.iter().flat_map(|(direct, through_gateway)| [direct, through_gateway]));
+    for r in rows {
+        if r.completed < r.expected || r.errors > 0 {
+            println!(
+                "warning: {}: {} of {} throughput responses succeeded, {} errors (deadline {DEADLINE:?})",
+                r.name, r.completed, r.expected, r.errors
+            );
+        }
+    }
+}
+
+fn print_row(r: &Row, base: &Row, base_name: &str) {
+    let sequential = if r.sequential < SEQUENTIAL {
+        format!(" (only {} sequential)", r.sequential)
+    } else {
+        String::new()
+    };
+    println!(
+        "| {}{} | {:.0} µs | {:.0} µs | {:.0} req/s | {:.2}x | {:.2}x | {:.2}x | {} |",
+        r.name,
+        sequential,
+        r.p50_us,
+        r.p99_us,
+        r.throughput,
+        r.p50_us / base.p50_us,
+        r.p99_us / base.p99_us,
+        r.throughput / base.throughput,
+        base_name,
+    );
 }
