@@ -15,6 +15,7 @@
 //! [`CLIENTS`] clients, all connected before the clock starts, each keeping [`WINDOW`]
 //! requests outstanding for throughput.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use amqp_mesh::{AmqpMesh, AmqpMeshConfig};
@@ -30,10 +31,10 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
     PublisherConfirm,
 };
+use nuropb_wire::JsonObject;
 use nuropb_wire::mesh::{MessageType, RequestBody, ResponseBody};
 use nuropb_wire::pyjson::{from_python_json, to_python_json};
 use serde_json::json;
-use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -168,14 +169,16 @@ impl DirectPublisher {
     async fn publish(&self, i: usize) -> (String, PublisherConfirm) {
         let correlation_id = format!("bench-{:02}-{i:06}", self.id);
         let trace_id = format!("t{i}");
-        let params = json!({"i": i, "text": "hello benchmark"});
-        let context =
-            json!({"user_id": "bench", "Authorization": self.authorization, "trace_id": trace_id});
-        let (serde_json::Value::Object(params), serde_json::Value::Object(context)) =
-            (params, context)
-        else {
-            unreachable!("json! objects are objects")
-        };
+        // The same params as the WebSocket frames, and the context the gateway builds.
+        let params = JsonObject::from_iter([
+            ("i".to_owned(), json!(i)),
+            ("text".to_owned(), json!("hello benchmark")),
+        ]);
+        let context = JsonObject::from_iter([
+            ("user_id".to_owned(), json!("bench")),
+            ("Authorization".to_owned(), json!(self.authorization)),
+            ("trace_id".to_owned(), json!(trace_id)),
+        ]);
         let body = RequestBody {
             tag: MessageType::Request,
             service: SERVICE.to_owned(),
@@ -212,9 +215,7 @@ fn direct_response_ok(body: &[u8]) -> bool {
 
 async fn measure_direct(url: &str) -> Row {
     let mut client = DirectClient::connect(url, 0).await;
-    for i in 0..WARMUP {
-        client.round_trip(i).await;
-    }
+    super::sequential(WARMUP, async |i| client.round_trip(i).await).await;
     let latencies = super::sequential(SEQUENTIAL, async |i| client.round_trip(i).await).await;
 
     let mut clients = Vec::with_capacity(CLIENTS);
@@ -348,9 +349,7 @@ async fn gateway_pipelined(ws: Ws, deadline: Instant) -> Tally {
 
 async fn measure_gateway(url: &str) -> Row {
     let mut ws = connect(url, true).await;
-    for i in 0..WARMUP {
-        gateway_round_trip(&mut ws, i).await;
-    }
+    super::sequential(WARMUP, async |i| gateway_round_trip(&mut ws, i).await).await;
     let latencies =
         super::sequential(SEQUENTIAL, async |i| gateway_round_trip(&mut ws, i).await).await;
 
