@@ -28,6 +28,11 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Address of the operations HTTP endpoint: `/healthz`, `/readyz` and Prometheus
+    /// `/metrics` (off when unset). It has no authentication: keep it on a private network.
+    #[arg(long, env = "NUROPB_OPS_LISTEN")]
+    pub ops_listen: Option<SocketAddr>,
+
     /// RabbitMQ URL of the mesh (amqp:// or amqps://; the vhost is the mesh name). Without
     /// it the gateway runs on the embedded in-memory demo mesh.
     #[arg(long, env = "NUROPB_AMQP_URL")]
@@ -166,6 +171,9 @@ impl Cli {
 
     /// Checks what clap cannot; every message names the option.
     pub fn validate(&self) -> Result<()> {
+        if self.ops_listen.is_some_and(|ops| ops == self.listen && ops.port() != 0) {
+            bail!("--ops-listen must differ from --listen ({})", self.listen);
+        }
         if self.request_timeout_ms == 0 {
             bail!("--request-timeout-ms must be greater than 0");
         }
@@ -175,8 +183,10 @@ impl Cli {
         if self.max_in_flight == 0 || self.max_in_flight_total == 0 {
             bail!("--max-in-flight and --max-in-flight-total must be greater than 0");
         }
-        if self.outbound_queue == 0 {
-            bail!("--outbound-queue must be greater than 0");
+        // Responses to one connection's own requests must always fit its queue; otherwise a
+        // client pipelining up to its in-flight limit would be closed as "too slow".
+        if self.outbound_queue < self.max_in_flight {
+            bail!("--outbound-queue must be at least --max-in-flight ({})", self.max_in_flight);
         }
         if self.max_message_bytes < 1024 {
             bail!("--max-message-bytes must be at least 1024");

@@ -1,9 +1,11 @@
 //! The `nuropb-gateway` binary, a composition root only: parse and validate config, install
-//! the tracing subscriber, build the mesh adapter and the core, serve WebSockets, and on
-//! Ctrl-C/SIGTERM drain in-flight requests before closing every session.
+//! the tracing subscriber, build the mesh adapter and the core, serve WebSockets (and the
+//! operations endpoint when asked), and on Ctrl-C/SIGTERM drain in-flight requests before
+//! closing every session.
 
 mod config;
 mod demo;
+mod ops;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use handler_core::handler_manager::HandlerManagerConfig;
 use handler_core::mesh_manager::MeshManagerConfig;
 use handler_core::{Coordinator, JwtAuthenticator, JwtConfig, OriginPolicy, ServiceMesh};
 use nuropb_wire::client::ClientLimits;
+use ops_http::OpsConfig;
 use ws_adapter::{AuthSources, WsConfig};
 
 use crate::config::Cli;
@@ -73,14 +76,14 @@ async fn run(cli: Cli) -> Result<()> {
     let background = TaskTracker::new();
 
     // The mesh: RabbitMQ when configured, else the in-memory demo.
-    let (mesh, inbound, demo_mode): (Arc<dyn ServiceMesh>, _, bool) = match &cli.amqp_url {
+    let (mesh, inbound, amqp): (Arc<dyn ServiceMesh>, _, _) = match &cli.amqp_url {
         Some(url) => {
             let config = amqp_config(&cli, url);
             tracing::info!(url = %config.redacted_url(), service = %config.service_name, "connecting to the mesh");
             let (mesh, inbound) = amqp_mesh::AmqpMesh::start(config, shutdown.clone())
                 .await
                 .context("cannot connect to the mesh (--amqp-url)")?;
-            (Arc::new(mesh), inbound, false)
+            (Arc::new(mesh.clone()), inbound, Some(mesh))
         }
         None => {
             let (mesh, inbound) = demo::demo_mesh();
@@ -91,9 +94,10 @@ async fn run(cli: Cli) -> Result<()> {
                     shutdown.clone(),
                 ));
             }
-            (Arc::new(mesh), inbound, true)
+            (Arc::new(mesh), inbound, None)
         }
     };
+    let demo_mode = amqp.is_none();
 
     let (jwt, dev_secret) = match cli.jwt_config()? {
         Some(c) => (c, None),
@@ -141,6 +145,31 @@ async fn run(cli: Cli) -> Result<()> {
         .with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
     let addr = listener.local_addr().context("cannot read the listening address")?;
     say!("nuropb-gateway listening on ws://{addr}/");
+
+    // The operations endpoint stops only after the drain, on its own signal: meanwhile
+    // /readyz answers 503 ("shutting down") and /metrics can still be scraped.
+    let ops_shutdown = CancellationToken::new();
+    let ops_server = match cli.ops_listen {
+        Some(ops_addr) => {
+            let listener = TcpListener::bind(ops_addr)
+                .await
+                .with_context(|| format!("cannot listen on {ops_addr} (--ops-listen)"))?;
+            let ops_addr = listener.local_addr().context("cannot read the ops address")?;
+            say!("nuropb-gateway ops on http://{ops_addr}/");
+            let source = Arc::new(ops::GatewayOps::new(handle.clone(), amqp));
+            let serve =
+                ops_http::serve(listener, OpsConfig::default(), source, ops_shutdown.clone());
+            Some(tokio::spawn(async move {
+                if let Err(e) = serve.await {
+                    tracing::error!(
+                        error = format!("{:#}", anyhow::Error::new(e)),
+                        "operations endpoint failed"
+                    );
+                }
+            }))
+        }
+        None => None,
+    };
     if demo_mode {
         print_demo_banner(&addr.to_string(), dev_secret.as_deref(), cli.jwt_secret.as_deref())?;
     }
@@ -179,6 +208,12 @@ async fn run(cli: Cli) -> Result<()> {
     .is_err()
     {
         tracing::warn!("some connections did not close in time");
+    }
+    ops_shutdown.cancel();
+    if let Some(ops) = ops_server
+        && let Err(e) = ops.await
+    {
+        tracing::error!(error = %e, "operations endpoint task panicked");
     }
     tracing::info!("stopped");
     Ok(())

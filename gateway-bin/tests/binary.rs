@@ -1,9 +1,9 @@
 //! The real `nuropb-gateway` binary: start-up banner, the embedded demo end to end over a
-//! real WebSocket, `--help`, config errors, and SIGTERM shutdown.
+//! real WebSocket, the operations endpoint, `--help`, config errors, and SIGTERM shutdown.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests: a failure is a failed test")]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,23 @@ impl Drop for Running {
 
 /// Starts the binary on a free loopback port; returns it, its URL and the demo token.
 fn start(extra: &[&str]) -> (Running, String, String) {
+    let (running, banner) = launch(extra);
+    (running, banner.url, banner.token)
+}
+
+/// What the binary printed at start.
+struct Banner {
+    /// The WebSocket URL, `ws://…/ws`.
+    url: String,
+    token: String,
+    /// The operations endpoint, `http://…/`, when `--ops-listen` is in the arguments.
+    ops: Option<String>,
+}
+
+/// Starts the binary on a free loopback port and reads its banner (including the ops line
+/// when `extra` has `--ops-listen`).
+fn launch(extra: &[&str]) -> (Running, Banner) {
+    let want_ops = extra.contains(&"--ops-listen");
     let mut child = Command::new(BIN)
         .args(["--listen", "127.0.0.1:0", "--log", "warn"])
         .args(extra)
@@ -44,9 +61,9 @@ fn start(extra: &[&str]) -> (Running, String, String) {
             let _ = tx.send(line);
         }
     });
-    let (mut url, mut token) = (None, None);
+    let (mut url, mut token, mut ops) = (None, None, None);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while url.is_none() || token.is_none() {
+    while url.is_none() || token.is_none() || (want_ops && ops.is_none()) {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("banner lines within 20 s");
@@ -56,8 +73,27 @@ fn start(extra: &[&str]) -> (Running, String, String) {
         if let Some(rest) = line.strip_prefix("demo token (user demo-user, 24 h): ") {
             token = Some(rest.trim().to_owned());
         }
+        if let Some(rest) = line.strip_prefix("nuropb-gateway ops on ") {
+            ops = Some(rest.trim().to_owned());
+        }
     }
-    (running, url.unwrap(), token.unwrap())
+    (running, Banner { url: url.unwrap(), token: token.unwrap(), ops })
+}
+
+/// `GET base + path` over a plain loopback socket: the status and the body.
+fn http_get(base: &str, path: &str) -> (u16, String) {
+    let authority = base.strip_prefix("http://").unwrap().trim_end_matches('/');
+    let mut stream = std::net::TcpStream::connect(authority).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {authority}\r\n\r\n").unwrap();
+    // The server closes the connection after every response.
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.to_ascii_lowercase().contains("\r\nconnection: close"), "{head}");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
 }
 
 async fn recv(
@@ -123,6 +159,65 @@ async fn demo_mode_serves_a_websocket_client_and_stops_on_sigterm() {
     assert!(exit.success(), "exit status {exit}");
 }
 
+#[tokio::test]
+async fn ops_endpoint_reports_health_readiness_and_metrics() {
+    let (mut running, banner) = launch(&["--ops-listen", "127.0.0.1:0", "--demo-tick-secs", "0"]);
+    let ops = banner.ops.expect("ops banner line");
+    assert!(ops.starts_with("http://127.0.0.1:") && ops.ends_with('/'), "{ops}");
+    assert_eq!(http_get(&ops, "/healthz"), (200, "ok".to_owned()));
+    assert_eq!(http_get(&ops, "/readyz"), (200, "ok".to_owned()));
+    assert_eq!(http_get(&ops, "/nope").0, 404);
+
+    // One WebSocket session shows up in the metrics.
+    let mut request = banner.url.as_str().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Authorization", format!("Bearer {}", banner.token).parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.expect("connect");
+    assert_eq!(recv(&mut ws).await["payload"]["topic"], "hello");
+    let (status, metrics) = http_get(&ops, "/metrics");
+    assert_eq!(status, 200);
+    for line in [
+        "# TYPE nuropb_gateway_sessions gauge\nnuropb_gateway_sessions 1\n",
+        "nuropb_gateway_users 1\n",
+        "nuropb_gateway_mesh_connected 1\n",
+        "# TYPE nuropb_gateway_requests_total counter\n",
+    ] {
+        assert!(metrics.contains(line), "{line:?} missing from:\n{metrics}");
+    }
+    assert!(!metrics.contains("nuropb_gateway_amqp_"), "no AMQP figures in demo mode");
+
+    // While a slow call drains after SIGTERM, the gateway says it is not ready.
+    let sleep = json!({"type": "request", "payload": {"service": "demo", "method": "sleep", "params": {"seconds": 3}, "trace_id": "slow"}});
+    ws.send(Message::Text(sleep.to_string().into())).await.unwrap();
+    let status =
+        Command::new("kill").args(["-TERM", &running.0.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let mut readiness = (0, String::new());
+    for _ in 0..40 {
+        readiness = http_get(&ops, "/readyz");
+        if readiness.0 == 503 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(readiness, (503, "not ready: shutting down".to_owned()));
+    let response = recv(&mut ws).await;
+    assert_eq!(response["payload"]["result"], "slept 3", "{response}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(s) = running.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit}");
+    // The ops listener is gone with the process.
+    let authority = ops.strip_prefix("http://").unwrap().trim_end_matches('/');
+    assert!(std::net::TcpStream::connect(authority).is_err());
+}
+
 #[test]
 fn help_documents_every_option_with_its_environment_variable() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
@@ -137,6 +232,7 @@ fn help_documents_every_option_with_its_environment_variable() {
         "NUROPB_REQUEST_TIMEOUT_MS",
         "NUROPB_ALLOWED_ORIGINS",
         "NUROPB_EVENT_BINDINGS",
+        "NUROPB_OPS_LISTEN",
     ] {
         assert!(help.contains(env), "--help lacks {env}");
     }
@@ -152,6 +248,8 @@ fn invalid_config_exits_2_naming_the_option() {
         (vec!["--request-timeout-ms", "0"], "--request-timeout-ms"),
         (vec!["--amqp-url", "amqp://127.0.0.1:1/x"], "--jwt-secret"),
         (vec!["--jwt-secret", "short"], "--jwt-secret"),
+        (vec!["--outbound-queue", "8", "--max-in-flight", "64"], "--outbound-queue"),
+        (vec!["--listen", "127.0.0.1:9", "--ops-listen", "127.0.0.1:9"], "--ops-listen"),
     ] {
         let out = Command::new(BIN).args(&args).env_remove("NUROPB_JWT_SECRET").output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -64,6 +64,12 @@ const FORBIDDEN: &[(&str, &str)] = &[
     ("amqp-mesh", "tokio-tungstenite"),
     ("amqp-mesh", "tungstenite"),
     ("amqp-mesh", "ws-adapter"),
+    ("ops-http", "lapin"),
+    ("ops-http", "tokio-tungstenite"),
+    ("ops-http", "tungstenite"),
+    ("ops-http", "amqp-mesh"),
+    ("ops-http", "handler-core"),
+    ("ops-http", "ws-adapter"),
 ];
 
 /// Checks that no crate depends (normally, transitively) on what it must not.

@@ -1,0 +1,123 @@
+//! The operations endpoint of nuropb-gateway: a tiny HTTP/1.1 server on its own listener,
+//! so probes and scrapes never compete with WebSocket clients for the gateway's port.
+//!
+//! - `GET /healthz`: 200 `ok` while the process runs (liveness);
+//! - `GET /readyz`: 200 `ok` when [`OpsSource::ready`] says so, else 503 with the reason;
+//! - `GET /metrics`: [`OpsSource::metrics`] in the Prometheus text format 0.0.4;
+//! - `HEAD` on each of them; 404 for other paths, 405 for other methods, 400 for
+//!   anything that is not HTTP/1.x, 431 for a head over the size limit, 505 for other
+//!   HTTP versions. Every response carries `Connection: close`.
+//!
+//! Hand-rolled on purpose: three fixed routes need no HTTP framework, and each dependency
+//! is something to audit on a production gateway. Code map: `config` ([`OpsConfig`],
+//! every limit with its default), `source` (the [`OpsSource`] seam and [`Metric`]),
+//! `exposition` (the text format), `http` (head parsing, responses), `connection` (one
+//! task per connection).
+//!
+//! Architecture invariant: no dependency on lapin, tungstenite or any other gateway crate;
+//! what is reported comes in through [`OpsSource`].
+
+mod config;
+mod connection;
+mod exposition;
+mod http;
+mod source;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use config::OpsConfig;
+pub use exposition::{CONTENT_TYPE, encode};
+pub use source::{Metric, MetricKind, OpsSource};
+
+/// Errors of the operations endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// A limit in [`OpsConfig`] is out of range.
+    #[error("invalid ops configuration: `{field}` {rule}")]
+    Config { field: &'static str, rule: &'static str },
+    /// The listener failed for good.
+    #[error("cannot accept ops connections")]
+    Accept(#[source] std::io::Error),
+}
+
+/// Serves the operations endpoint on `listener` until `shutdown` fires (or the listener
+/// fails), one tracked task per connection, at most `config.max_connections` at a time.
+///
+/// On return the listener is closed and every connection task has ended: they are
+/// cancelled, not drained (an ops response has nothing worth finishing). Keep `shutdown`
+/// separate from the gateway's own drain signal if `/readyz` should keep answering 503
+/// while the gateway drains.
+pub async fn serve(
+    listener: TcpListener,
+    config: OpsConfig,
+    source: Arc<dyn OpsSource>,
+    shutdown: CancellationToken,
+) -> Result<(), OpsError> {
+    config.validate()?;
+    let config = Arc::new(config);
+    let permits = Arc::new(Semaphore::new(config.max_connections));
+    let tracker = TaskTracker::new();
+    // Cancelled with `shutdown`, and also when this function returns for another reason,
+    // so no connection task outlives `serve`.
+    let connections = shutdown.child_token();
+    let mut next_conn_id: u64 = 0;
+    let result = loop {
+        // A slot first, then a connection: beyond the limit, connections wait in the listen
+        // backlog, each slot being freed within the timeouts of `OpsConfig`.
+        let permit = tokio::select! {
+            // Cancel-safe: an acquire that is not chosen takes no permit.
+            () = shutdown.cancelled() => break Ok(()),
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                // Only a closed semaphore fails, and this one is never closed.
+                Err(_closed) => break Ok(()),
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            // Cancel-safe: `accept` loses no connection when not chosen.
+            () = shutdown.cancelled() => break Ok(()),
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) if is_transient_accept_error(&e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "ops accept failed; retrying shortly");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => break Err(OpsError::Accept(e)),
+            },
+        };
+        next_conn_id += 1;
+        let span = tracing::debug_span!("ops.conn", conn.id = next_conn_id, peer = %peer);
+        tracker.spawn(
+            connection::run(
+                stream,
+                permit,
+                Arc::clone(&config),
+                Arc::clone(&source),
+                connections.clone(),
+            )
+            .instrument(span),
+        );
+    };
+    // Refuse new connections before waiting for the current ones.
+    drop(listener);
+    connections.cancel();
+    tracker.close();
+    tracker.wait().await;
+    result
+}
+
+/// Accept errors that concern one connection or a passing shortage, not the listener.
+fn is_transient_accept_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
+        || e.raw_os_error().is_some_and(|c| c == 23 || c == 24) // ENFILE, EMFILE (Linux)
+}
