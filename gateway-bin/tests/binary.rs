@@ -148,15 +148,20 @@ async fn demo_mode_serves_a_websocket_client_and_stops_on_sigterm() {
         }
     };
     assert_eq!(close.map(|c| u16::from(c.code)), Some(1001));
+    let exit = wait_for_exit(&mut running);
+    assert!(exit.success(), "exit status {exit}");
+}
+
+/// Waits (at most 10 s) for the gateway to exit after SIGTERM.
+fn wait_for_exit(running: &mut Running) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let exit = loop {
+    loop {
         if let Some(s) = running.0.try_wait().unwrap() {
-            break s;
+            return s;
         }
         assert!(Instant::now() < deadline, "did not exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(exit.success(), "exit status {exit}");
+    }
 }
 
 #[tokio::test]
@@ -204,14 +209,7 @@ async fn ops_endpoint_reports_health_readiness_and_metrics() {
     assert_eq!(readiness, (503, "not ready: shutting down".to_owned()));
     let response = recv(&mut ws).await;
     assert_eq!(response["payload"]["result"], "slept 3", "{response}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let exit = loop {
-        if let Some(s) = running.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let exit = wait_for_exit(&mut running);
     assert!(exit.success(), "exit status {exit}");
     // The ops listener is gone with the process.
     let authority = ops.strip_prefix("http://").unwrap().trim_end_matches('/');
