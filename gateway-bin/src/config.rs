@@ -50,6 +50,12 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_EVENT_BINDINGS", value_delimiter = ',')]
     pub event_bindings: Vec<String>,
 
+    /// Topic patterns clients may subscribe to, comma separated; `{user_id}` stands for the
+    /// session's user id (e.g. `news.#,users.{user_id}.#`). A requested pattern must be
+    /// covered by one of these. None by default (in-memory demo mode: `demo.#`).
+    #[arg(long, env = "NUROPB_SUBSCRIBABLE_TOPICS", value_delimiter = ',')]
+    pub subscribable_topics: Vec<String>,
+
     /// Topic patterns whose untargeted events go to every session, comma separated.
     #[arg(long, env = "NUROPB_BROADCAST_TOPICS", value_delimiter = ',')]
     pub broadcast_topics: Vec<String>,

@@ -43,8 +43,13 @@ fn main() -> ExitCode {
         eprintln!("nuropb-gateway: invalid configuration: {e:#}");
         return ExitCode::from(2);
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("nuropb-gateway: invalid configuration: --log {:?}: {e}", cli.log);
+            return ExitCode::from(2);
+        }
+    };
     // Colours only on a terminal: logs piped to files or collectors stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
@@ -70,7 +75,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    // Shutdown order: `shutdown` stops accepting and refuses new calls; the coordinator then
+    // drains in-flight calls and closes sessions; only then does the mesh stop
+    // (`mesh_shutdown`), and last the operations endpoint (`ops_shutdown`).
     let shutdown = CancellationToken::new();
+    let mesh_shutdown = CancellationToken::new();
     let calls = TaskTracker::new();
     let connections = TaskTracker::new();
     let background = TaskTracker::new();
@@ -80,7 +89,7 @@ async fn run(cli: Cli) -> Result<()> {
         Some(url) => {
             let config = amqp_config(&cli, url);
             tracing::info!(url = %config.redacted_url(), service = %config.service_name, "connecting to the mesh");
-            let (mesh, inbound) = amqp_mesh::AmqpMesh::start(config, shutdown.clone())
+            let (mesh, inbound) = amqp_mesh::AmqpMesh::start(config, mesh_shutdown.clone())
                 .await
                 .context("cannot connect to the mesh (--amqp-url)")?;
             (Arc::new(mesh.clone()), inbound, Some(mesh))
@@ -98,6 +107,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
     };
     let demo_mode = amqp.is_none();
+    let amqp_for_close = amqp.clone();
 
     let (jwt, dev_secret) = match cli.jwt_config()? {
         Some(c) => (c, None),
@@ -108,12 +118,20 @@ async fn run(cli: Cli) -> Result<()> {
     };
     let authenticator = Arc::new(JwtAuthenticator::new(jwt).context("invalid JWT key")?);
 
+    // The demo is meant to be explored: its topics are open to subscription by default.
+    let subscribable = if cli.subscribable_topics.is_empty() && demo_mode {
+        vec!["demo.#".to_owned()]
+    } else {
+        cli.subscribable_topics.clone()
+    };
     let core = CoreConfig {
-        handlers: HandlerManagerConfig::default(),
+        handlers: HandlerManagerConfig { subscribable, ..HandlerManagerConfig::default() },
         mesh: MeshManagerConfig {
             request_timeout: cli.request_timeout(),
             max_in_flight_per_session: cli.max_in_flight,
             max_in_flight_total: cli.max_in_flight_total,
+            // The gateway's own methods are for mesh peers, never for clients.
+            reserved_services: vec![cli.service_name.clone()],
         },
         client_limits: ClientLimits::default(),
         broadcast_topics: cli.broadcast_topics.clone(),
@@ -159,7 +177,7 @@ async fn run(cli: Cli) -> Result<()> {
             let source = Arc::new(ops::GatewayOps::new(handle.clone(), amqp));
             let serve =
                 ops_http::serve(listener, OpsConfig::default(), source, ops_shutdown.clone());
-            Some(tokio::spawn(async move {
+            Some(background.spawn(async move {
                 if let Err(e) = serve.await {
                     tracing::error!(
                         error = format!("{:#}", anyhow::Error::new(e)),
@@ -176,7 +194,7 @@ async fn run(cli: Cli) -> Result<()> {
 
     let drain = Duration::from_secs(cli.drain_timeout_secs);
     let routing = tokio::spawn(coordinator.run(drain));
-    let server = tokio::spawn(ws_adapter::serve(
+    let mut server = tokio::spawn(ws_adapter::serve(
         listener,
         ws,
         handle,
@@ -184,11 +202,24 @@ async fn run(cli: Cli) -> Result<()> {
         connections.clone(),
     ));
 
-    wait_for_signal().await;
+    // A WebSocket server that stops on its own (it only should at shutdown) takes the
+    // gateway down with it rather than leaving a process that serves nobody.
+    let mut failure = None;
+    let server_result = tokio::select! {
+        // Both are cancel-safe waits; the server handle is awaited below if not here.
+        () = wait_for_signal() => None,
+        r = &mut server => Some(r),
+    };
     tracing::info!("shutting down: draining in-flight requests");
     shutdown.cancel();
-
-    match server.await {
+    let server_result = match server_result {
+        Some(r) => {
+            failure = Some("the WebSocket server stopped unexpectedly");
+            r
+        }
+        None => server.await,
+    };
+    match server_result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "WebSocket server failed"),
         Err(e) => tracing::error!(error = %e, "WebSocket server task panicked"),
@@ -196,27 +227,34 @@ async fn run(cli: Cli) -> Result<()> {
     if let Err(e) = routing.await {
         tracing::error!(error = %e, "routing task panicked");
     }
+    // In-flight calls are settled; now the mesh may go.
+    mesh_shutdown.cancel();
+    if let Some(amqp) = &amqp_for_close
+        && tokio::time::timeout(Duration::from_secs(10), amqp.closed()).await.is_err()
+    {
+        tracing::warn!("mesh connection did not close in time");
+    }
     // Sessions were told to close; give their tasks a moment to send the close frames.
     connections.close();
-    background.close();
-    let grace = Duration::from_secs(5);
-    if tokio::time::timeout(grace, async {
-        connections.wait().await;
-        background.wait().await;
-    })
-    .await
-    .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(5), connections.wait()).await.is_err() {
         tracing::warn!("some connections did not close in time");
     }
+    // Last the operations endpoint (it reported "shutting down" throughout) and the demo.
     ops_shutdown.cancel();
     if let Some(ops) = ops_server
         && let Err(e) = ops.await
     {
         tracing::error!(error = %e, "operations endpoint task panicked");
     }
+    background.close();
+    if tokio::time::timeout(Duration::from_secs(2), background.wait()).await.is_err() {
+        tracing::warn!("background tasks did not stop in time");
+    }
     tracing::info!("stopped");
-    Ok(())
+    match failure {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
 }
 
 fn amqp_config(cli: &Cli, url: &str) -> amqp_mesh::AmqpMeshConfig {
@@ -230,6 +268,7 @@ fn amqp_config(cli: &Cli, url: &str) -> amqp_mesh::AmqpMeshConfig {
     c.prefetch = cli.prefetch;
     c.reconnect_min = Duration::from_millis(cli.reconnect_min_ms);
     c.reconnect_max = Duration::from_millis(cli.reconnect_max_ms);
+    c.drain_timeout = Duration::from_secs(cli.drain_timeout_secs);
     c
 }
 

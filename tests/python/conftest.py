@@ -34,6 +34,7 @@ GATEWAY = "interop-gw"
 # Events on these topics reach the gateway's queue; the service binds interop.to-service.#.
 GATEWAY_EVENT_BINDINGS = "interop.#"
 BROADCAST_TOPICS = "interop.broadcast.#"
+SUBSCRIBABLE_TOPICS = "interop.sub.#,interop.users.{user_id}.#"
 ALLOWED_ORIGIN = "https://app.example.com"
 REQUEST_TIMEOUT_MS = 5000
 
@@ -100,6 +101,7 @@ def gateway_argv(cfg: InteropConfig, service_name: str, **overrides: str) -> Lis
         "--instance-id": uuid.uuid4().hex,
         "--event-bindings": GATEWAY_EVENT_BINDINGS,
         "--broadcast-topics": BROADCAST_TOPICS,
+        "--subscribable-topics": SUBSCRIBABLE_TOPICS,
         "--request-timeout-ms": str(REQUEST_TIMEOUT_MS),
         "--allowed-origins": ALLOWED_ORIGIN,
     }

@@ -138,3 +138,31 @@ def test_event_to_service_binding_still_reaches_service(mesh):
         await alice.close()
 
     run(scenario())
+
+
+def test_per_user_subscription_template_and_refusals(mesh):
+    """`--subscribable-topics interop.users.{user_id}.#`: a user may subscribe to their own
+    topics only; other users' topics, wildcards over users and unlisted topics are refused."""
+
+    async def scenario():
+        alice_id, bob_id, alice1, alice2, bob = await _three_sessions(mesh)
+        for pattern in (f"interop.users.{alice_id}.#", "interop.users.*.notify", "interop.#", "#"):
+            await bob.send({"type": "subscribe", "payload": {"topics": [pattern]}})
+            frame = await bob.expect(lambda f: "error" in f, what=f"refusal of {pattern}")
+            assert frame["error"] == "NuropbValidationError", frame
+            assert "not open to subscription" in frame["description"], frame
+
+        own = f"interop.users.{alice_id}.notify"
+        await alice1.send({"type": "subscribe", "payload": {"topics": [own]}})
+        frame = await alice1.expect(lambda f: f.get("type") == "subscribed", what="subscribed")
+        assert own in frame["payload"]["topics"]
+        await bob.call_ok(mesh.service, "publish", {"topic": own, "event": {"otp": "492113"}})
+        frame = await alice1.expect(is_event(own), what="alice's own notification")
+        assert frame["payload"]["event"] == {"otp": "492113"}
+        marker = f"interop.broadcast.{unique('marker')}"
+        await bob.call_ok(mesh.service, "publish", {"topic": marker, "event": {}})
+        for client in (alice2, bob):
+            await _next_event_is_marker(client, marker)
+        await _close(alice1, alice2, bob)
+
+    run(scenario())

@@ -98,3 +98,27 @@ def test_disconnect_user_from_python(mesh):
         await bob.close()
 
     run(scenario())
+
+
+def test_websocket_clients_cannot_call_the_gateways_own_methods(mesh):
+    """The gateway's methods are for mesh peers: a WebSocket client naming the gateway's
+    service is refused before anything is published, and nobody is pushed to or kicked."""
+
+    async def scenario():
+        alice_id, bob_id, alice1, alice2, bob = await _connect_three(mesh)
+        gw = mesh.gateway.service_name
+        for method, params in (
+            ("push_to_all", {"topic": "hello", "event": {"msg": "re-enter your password"}}),
+            ("disconnect_user", {"user_id": alice_id, "reason": "kicked by bob"}),
+            ("stats", {}),
+        ):
+            response = await bob.request(gw, method, params)
+            assert response["error"]["error"] == "NuropbAuthorizationError", response
+        # Alice was neither pushed to nor disconnected: her sessions still answer.
+        for alice in (alice1, alice2):
+            await alice.expect_none(lambda f: f.get("type") == "event", within=0.3, what="a forged push")
+            await alice.ping()
+        for c in (alice1, alice2, bob):
+            await c.close()
+
+    run(scenario())

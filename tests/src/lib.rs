@@ -68,6 +68,10 @@ pub struct Options {
     pub request_timeout: Duration,
     pub broadcast_topics: Vec<String>,
     pub max_in_flight: usize,
+    /// Patterns clients may subscribe to (`{user_id}` = the session's user).
+    pub subscribable: Vec<String>,
+    /// Services clients may not call.
+    pub reserved_services: Vec<String>,
 }
 
 impl Default for Options {
@@ -77,6 +81,8 @@ impl Default for Options {
             request_timeout: Duration::from_secs(2),
             broadcast_topics: vec!["broadcast.#".into()],
             max_in_flight: 64,
+            subscribable: vec!["news.#".into(), "users.{user_id}.#".into()],
+            reserved_services: vec!["gateway-self".into()],
         }
     }
 }
@@ -130,7 +136,12 @@ impl Gateway {
             mesh: MeshManagerConfig {
                 request_timeout: options.request_timeout,
                 max_in_flight_per_session: options.max_in_flight,
+                reserved_services: options.reserved_services.clone(),
                 ..MeshManagerConfig::default()
+            },
+            handlers: handler_core::handler_manager::HandlerManagerConfig {
+                subscribable: options.subscribable.clone(),
+                ..Default::default()
             },
             broadcast_topics: options.broadcast_topics.clone(),
             ..CoreConfig::default()

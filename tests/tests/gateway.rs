@@ -561,3 +561,43 @@ fn token_from(r: &Value) -> String {
     assert!(claims["exp"].as_u64().unwrap() > jsonwebtoken::get_current_timestamp() + 500);
     t.to_owned()
 }
+
+#[tokio::test]
+async fn subscriptions_are_limited_to_subscribable_patterns() {
+    let gw = Gateway::start().await;
+    let (mut alice, _) = gw.connect("alice").await;
+    let (mut mallory, _) = gw.connect("mallory").await;
+    for pattern in ["users.alice.#", "users.*.notify", "#", "secret.stuff"] {
+        mallory.send_json(&json!({"type": "subscribe", "payload": {"topics": [pattern]}})).await;
+        let r = mallory.recv_json().await;
+        assert_eq!(r["error"], "NuropbValidationError", "{pattern}: {r}");
+        assert!(r["description"].as_str().unwrap().contains("not open to subscription"), "{r}");
+    }
+    alice
+        .send_json(&json!({"type": "subscribe", "payload": {"topics": ["users.alice.notify"]}}))
+        .await;
+    assert_eq!(alice.recv_json().await["type"], "subscribed");
+    let event = MeshEvent {
+        topic: "users.alice.notify".into(),
+        event: json!({"otp": "492113"}),
+        target: None,
+        context: Default::default(),
+        trace_id: None,
+    };
+    gw.mesh.inject_event(event).await.unwrap();
+    assert_eq!(alice.recv_json().await["payload"]["event"]["otp"], "492113");
+    mallory.expect_silence(Duration::from_millis(200)).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn clients_cannot_call_the_gateways_own_service() {
+    let gw = Gateway::start().await;
+    let (mut c, _) = gw.connect("mallory").await;
+    c.request("gateway-self", "push_to_all", json!({"topic": "hello", "event": {}}), "evil").await;
+    let r = c.recv_json().await;
+    assert_eq!(r["payload"]["trace_id"], "evil");
+    assert_eq!(r["payload"]["error"]["error"], "NuropbAuthorizationError", "{r}");
+    assert_eq!(gw.mesh_calls(), 0, "nothing reached the mesh");
+    gw.stop().await;
+}

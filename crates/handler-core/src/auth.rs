@@ -213,11 +213,19 @@ pub fn strip_bearer(value: &str) -> &str {
 
 /// Allowed browser origins: a host matches an entry when it equals it or is a subdomain of
 /// it on a dot boundary (`app.example.com` matches `example.com`, `evil-example.com` does
-/// not). An entry with a port matches only that port. `*` allows every origin.
+/// not). An entry with a port matches only that port, one with a scheme
+/// (`https://example.com`) only that scheme. `*` allows every origin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OriginPolicy {
     allow_all: bool,
-    entries: HashSet<(String, Option<u16>)>,
+    entries: HashSet<OriginEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct OriginEntry {
+    scheme: Option<String>,
+    host: String,
+    port: Option<u16>,
 }
 
 impl OriginPolicy {
@@ -230,8 +238,8 @@ impl OriginPolicy {
             let e = e.as_ref().trim();
             if e == "*" {
                 allow_all = true;
-            } else if let Some(hp) = parse_host_port(e) {
-                set.insert(hp);
+            } else if let Some((host, port)) = parse_host_port(e) {
+                set.insert(OriginEntry { scheme: scheme_of(e), host, port });
             }
         }
         OriginPolicy { allow_all, entries: set }
@@ -250,15 +258,23 @@ impl OriginPolicy {
         let Some((host, port)) = parse_host_port(origin) else {
             return false;
         };
-        self.entries.iter().any(|(allowed, allowed_port)| {
+        let scheme = scheme_of(origin);
+        self.entries.iter().any(|entry| {
+            let allowed = &entry.host;
             let host_ok = host == *allowed
                 || (host.len() > allowed.len()
                     && host.ends_with(allowed.as_str())
                     && host.as_bytes()[host.len() - allowed.len() - 1] == b'.');
-            let port_ok = allowed_port.is_none() || *allowed_port == port;
-            host_ok && port_ok
+            let port_ok = entry.port.is_none() || entry.port == port;
+            let scheme_ok = entry.scheme.is_none() || entry.scheme == scheme;
+            host_ok && port_ok && scheme_ok
         })
     }
+}
+
+/// The lowercase scheme of `scheme://…`, if any.
+fn scheme_of(s: &str) -> Option<String> {
+    s.find("://").map(|i| s[..i].to_ascii_lowercase())
 }
 
 /// `scheme://host:port/path` or `host:port` → (lowercase host, port).
@@ -471,6 +487,10 @@ mod tests {
             assert_eq!(policy.allows(origin), allowed, "origin {origin:?}");
         }
         assert!(OriginPolicy::new(&["*"]).allows("https://anything.test"));
+        let https_only = OriginPolicy::new(&["https://example.com"]);
+        assert!(https_only.allows("https://app.example.com"));
+        assert!(https_only.allows("HTTPS://example.com"));
+        assert!(!https_only.allows("http://example.com"), "scheme pinned by the entry");
         assert!(!OriginPolicy::new::<&str>(&[]).allows("https://example.com"));
     }
 }

@@ -259,8 +259,13 @@ impl CoordinatorHandle {
                 "username": identity.username,
             }),
         });
-        tracing::info!(session.id = %session_id, user.id = %identity.user_id, "session opened");
-        self.shared.handlers.register(session_id.clone(), identity, handler);
+        let user_id = identity.user_id.clone();
+        // Registration itself refuses sessions once shutdown closed them all, so a session
+        // racing with shutdown either gets its 1001 or is never opened.
+        if self.shared.handlers.register(session_id.clone(), identity, handler).is_err() {
+            return Err(SessionError::ShuttingDown);
+        }
+        tracing::info!(session.id = %session_id, user.id = %user_id, "session opened");
         self.shared.reply(&session_id, hello, Encoding::Json);
         Ok(session_id)
     }

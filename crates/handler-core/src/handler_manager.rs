@@ -12,34 +12,48 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::auth::Identity;
 use crate::handler::{CloseCode, CloseReason, Handler, Outbound, SendError, SharedFrame};
 use crate::ids::{SessionId, UserId};
-use crate::topic::topic_matches;
+use crate::topic::{TopicPattern, pattern_covers};
 
 /// Bounds of the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerManagerConfig {
     /// Most topic patterns one session may subscribe to (default 64).
     pub max_subscriptions_per_session: usize,
+    /// Patterns clients may subscribe to (AMQP topic syntax): a requested pattern is
+    /// accepted only when one of these covers every topic it matches. `{user_id}` stands for
+    /// the session's user id, e.g. `users.{user_id}.notify`. Default: none (deny).
+    pub subscribable: Vec<String>,
 }
 
 impl Default for HandlerManagerConfig {
     fn default() -> Self {
-        HandlerManagerConfig { max_subscriptions_per_session: 64 }
+        HandlerManagerConfig { max_subscriptions_per_session: 64, subscribable: Vec::new() }
     }
 }
 
 /// A live session as the registry keeps it.
 struct Session {
-    identity: Identity,
+    identity: Arc<Identity>,
     handler: Arc<dyn Handler>,
-    subscriptions: Vec<String>,
+    subscriptions: Vec<TopicPattern>,
 }
 
 #[derive(Default)]
 struct Registry {
+    // Set by `close_all`: no session registers after the gateway began closing them, so
+    // none can miss its close.
+    closed: bool,
     sessions: HashMap<SessionId, Session>,
     // Invariant: `by_user[u]` is exactly the set of sessions whose identity has user id `u`,
     // and no entry holds an empty set.
     by_user: HashMap<UserId, HashSet<SessionId>>,
+}
+
+/// Registering a session failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    #[error("gateway shutting down")]
+    Closed,
 }
 
 /// Replacing a session's identity failed.
@@ -56,6 +70,8 @@ pub enum RefreshError {
 pub enum SubscribeError {
     #[error("unknown session")]
     UnknownSession,
+    #[error("topic pattern `{0}` is not open to subscription")]
+    NotAllowed(String),
     #[error("at most {0} subscriptions per session")]
     TooMany(usize),
 }
@@ -90,10 +106,20 @@ impl HandlerManager {
         self.registry.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a session. Replaces nothing: session ids are fresh random ids.
-    pub fn register(&self, session_id: SessionId, identity: Identity, handler: Arc<dyn Handler>) {
+    /// Registers a session. Replaces nothing: session ids are fresh random ids. Refused once
+    /// `close_all` has run (shutdown).
+    pub fn register(
+        &self,
+        session_id: SessionId,
+        identity: Identity,
+        handler: Arc<dyn Handler>,
+    ) -> Result<(), RegisterError> {
+        let identity = Arc::new(identity);
         let count = {
             let mut reg = self.write();
+            if reg.closed {
+                return Err(RegisterError::Closed);
+            }
             reg.by_user.entry(identity.user_id.clone()).or_default().insert(session_id.clone());
             reg.sessions
                 .insert(session_id, Session { identity, handler, subscriptions: Vec::new() });
@@ -103,10 +129,11 @@ impl HandlerManager {
         if count > previous {
             tracing::debug!(sessions = count, "new session high-water mark");
         }
+        Ok(())
     }
 
     /// Removes a session. Returns its identity if it was registered.
-    pub fn unregister(&self, session_id: &SessionId) -> Option<Identity> {
+    pub fn unregister(&self, session_id: &SessionId) -> Option<Arc<Identity>> {
         let mut reg = self.write();
         let session = reg.sessions.remove(session_id)?;
         let user = &session.identity.user_id;
@@ -120,8 +147,8 @@ impl HandlerManager {
     }
 
     /// The identity of a live session.
-    pub fn identity(&self, session_id: &SessionId) -> Option<Identity> {
-        self.read().sessions.get(session_id).map(|s| s.identity.clone())
+    pub fn identity(&self, session_id: &SessionId) -> Option<Arc<Identity>> {
+        self.read().sessions.get(session_id).map(|s| Arc::clone(&s.identity))
     }
 
     pub fn session_count(&self) -> usize {
@@ -188,11 +215,12 @@ impl HandlerManager {
 
     /// Sends one frame to every session subscribed to a pattern matching `topic`.
     pub fn send_to_subscribers(&self, topic: &str, frame: Arc<SharedFrame>) -> usize {
+        let words: Vec<&str> = topic.split('.').collect();
         let handlers: Vec<Arc<dyn Handler>> = self
             .read()
             .sessions
             .values()
-            .filter(|s| s.subscriptions.iter().any(|p| topic_matches(p, topic)))
+            .filter(|s| s.subscriptions.iter().any(|p| p.matches(&words)))
             .map(|s| Arc::clone(&s.handler))
             .collect();
         self.deliver_all(&handlers, &frame)
@@ -209,7 +237,7 @@ impl HandlerManager {
         if session.identity.user_id != identity.user_id {
             return Err(RefreshError::OtherUser);
         }
-        session.identity = identity;
+        session.identity = Arc::new(identity);
         Ok(())
     }
 
@@ -229,7 +257,8 @@ impl HandlerManager {
         handlers.len()
     }
 
-    /// Adds topic patterns to a session; returns its subscriptions afterwards.
+    /// Adds topic patterns to a session; returns its subscriptions afterwards. Every
+    /// pattern must be covered by a `subscribable` pattern (all or nothing).
     pub fn subscribe(
         &self,
         session_id: &SessionId,
@@ -237,18 +266,40 @@ impl HandlerManager {
     ) -> Result<Vec<String>, SubscribeError> {
         let mut reg = self.write();
         let session = reg.sessions.get_mut(session_id).ok_or(SubscribeError::UnknownSession)?;
+        if let Some(refused) =
+            topics.iter().find(|t| !self.may_subscribe(&session.identity.user_id, t))
+        {
+            return Err(SubscribeError::NotAllowed(refused.clone()));
+        }
         let new: Vec<&String> = {
             let mut seen = HashSet::new();
             topics
                 .iter()
-                .filter(|t| !session.subscriptions.contains(t) && seen.insert(*t))
+                .filter(|t| {
+                    !session.subscriptions.iter().any(|p| p.as_str() == t.as_str())
+                        && seen.insert(*t)
+                })
                 .collect()
         };
         if session.subscriptions.len() + new.len() > self.config.max_subscriptions_per_session {
             return Err(SubscribeError::TooMany(self.config.max_subscriptions_per_session));
         }
-        session.subscriptions.extend(new.into_iter().cloned());
-        Ok(session.subscriptions.clone())
+        session.subscriptions.extend(new.into_iter().map(|t| TopicPattern::new(t)));
+        Ok(session.subscriptions.iter().map(|p| p.as_str().to_owned()).collect())
+    }
+
+    /// Whether `user` may subscribe to `pattern`. `{user_id}` is only substituted with ids
+    /// that are plain topic words, so an id such as `*` or `a.b` cannot widen a template.
+    fn may_subscribe(&self, user: &UserId, pattern: &str) -> bool {
+        let id = user.as_str();
+        let plain_word = !id.is_empty() && !id.contains(['.', '*', '#']);
+        self.config.subscribable.iter().any(|template| {
+            if template.contains("{user_id}") {
+                plain_word && pattern_covers(&template.replace("{user_id}", id), pattern)
+            } else {
+                pattern_covers(template, pattern)
+            }
+        })
     }
 
     /// Removes topic patterns from a session; returns its subscriptions afterwards.
@@ -259,8 +310,8 @@ impl HandlerManager {
     ) -> Result<Vec<String>, SubscribeError> {
         let mut reg = self.write();
         let session = reg.sessions.get_mut(session_id).ok_or(SubscribeError::UnknownSession)?;
-        session.subscriptions.retain(|t| !topics.contains(t));
-        Ok(session.subscriptions.clone())
+        session.subscriptions.retain(|p| !topics.iter().any(|t| t == p.as_str()));
+        Ok(session.subscriptions.iter().map(|p| p.as_str().to_owned()).collect())
     }
 
     /// Closes one session (it unregisters itself when its connection ends).
@@ -284,10 +335,13 @@ impl HandlerManager {
         handlers.len()
     }
 
-    /// Closes every session.
+    /// Closes every session, and refuses new ones from now on.
     pub fn close_all(&self, reason: CloseReason) -> usize {
-        let handlers: Vec<Arc<dyn Handler>> =
-            self.read().sessions.values().map(|s| Arc::clone(&s.handler)).collect();
+        let handlers: Vec<Arc<dyn Handler>> = {
+            let mut reg = self.write();
+            reg.closed = true;
+            reg.sessions.values().map(|s| Arc::clone(&s.handler)).collect()
+        };
         for h in &handlers {
             h.close(reason.clone());
         }
@@ -384,7 +438,7 @@ mod tests {
         let mut recs = HashMap::new();
         for (sid, user) in sessions {
             let r = Arc::new(Recorder::default());
-            m.register(SessionId::new(*sid), identity(user), r.clone());
+            m.register(SessionId::new(*sid), identity(user), r.clone()).expect("register");
             recs.insert((*sid).to_owned(), r);
         }
         (m, recs)
@@ -401,7 +455,7 @@ mod tests {
         assert_eq!(alice, vec![SessionId::new("s1"), SessionId::new("s2")]);
 
         assert_eq!(
-            m.unregister(&SessionId::new("s1")).map(|i| i.user_id),
+            m.unregister(&SessionId::new("s1")).map(|i| i.user_id.clone()),
             Some(UserId::new("alice"))
         );
         assert_eq!(m.unregister(&SessionId::new("s1")), None, "second unregister is a no-op");
@@ -458,8 +512,8 @@ mod tests {
         let m = HandlerManager::new(HandlerManagerConfig::default());
         let (a, b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
         let expiring = |user: &str, at: u64| Identity { expires_at: Some(at), ..identity(user) };
-        m.register(SessionId::new("a"), expiring("u1", 100), a.clone());
-        m.register(SessionId::new("b"), expiring("u2", 200), b.clone());
+        m.register(SessionId::new("a"), expiring("u1", 100), a.clone()).expect("register");
+        m.register(SessionId::new("b"), expiring("u2", 200), b.clone()).expect("register");
         assert_eq!(
             m.refresh_identity(&SessionId::new("a"), expiring("u2", 500)),
             Err(RefreshError::OtherUser)
@@ -479,11 +533,14 @@ mod tests {
 
     #[test]
     fn subscriptions_route_by_pattern_and_are_bounded() {
-        let m = HandlerManager::new(HandlerManagerConfig { max_subscriptions_per_session: 2 });
+        let m = HandlerManager::new(HandlerManagerConfig {
+            max_subscriptions_per_session: 2,
+            subscribable: vec!["#".into()],
+        });
         let a = Arc::new(Recorder::default());
         let b = Arc::new(Recorder::default());
-        m.register(SessionId::new("a"), identity("u1"), a.clone());
-        m.register(SessionId::new("b"), identity("u2"), b.clone());
+        m.register(SessionId::new("a"), identity("u1"), a.clone()).expect("register");
+        m.register(SessionId::new("b"), identity("u2"), b.clone()).expect("register");
         let subs =
             m.subscribe(&SessionId::new("a"), &["news.*".into(), "news.*".into()]).expect("ok");
         assert_eq!(subs, vec!["news.*".to_owned()]);
@@ -501,12 +558,57 @@ mod tests {
     }
 
     #[test]
+    fn only_subscribable_patterns_are_accepted() {
+        let m = HandlerManager::new(HandlerManagerConfig {
+            subscribable: vec!["news.#".into(), "users.{user_id}.notify".into()],
+            ..Default::default()
+        });
+        m.register(SessionId::new("a"), identity("alice"), Arc::new(Recorder::default()))
+            .expect("register");
+        m.register(SessionId::new("w"), identity("*"), Arc::new(Recorder::default()))
+            .expect("register");
+        let a = SessionId::new("a");
+        for (pattern, ok) in [
+            ("news.sport", true),
+            ("news.*", true),
+            ("news.#", true),
+            ("users.alice.notify", true),
+            ("users.bob.notify", false),
+            ("users.*.notify", false),
+            ("users.#", false),
+            ("#", false),
+            ("weather.today", false),
+        ] {
+            let r = m.subscribe(&a, &[pattern.to_owned()]);
+            assert_eq!(r.is_ok(), ok, "{pattern}: {r:?}");
+        }
+        // All or nothing: one refused pattern refuses the frame.
+        assert_eq!(
+            m.subscribe(&a, &["news.a".into(), "secret".into()]),
+            Err(SubscribeError::NotAllowed("secret".into()))
+        );
+        // A user id that is a wildcard cannot widen `{user_id}`.
+        assert!(m.subscribe(&SessionId::new("w"), &["users.*.notify".into()]).is_err());
+        assert!(m.subscribe(&SessionId::new("w"), &["users.bob.notify".into()]).is_err());
+    }
+
+    #[test]
+    fn no_registration_after_close_all() {
+        let m = HandlerManager::new(HandlerManagerConfig::default());
+        m.close_all(CloseReason::new(CloseCode::GoingAway, ""));
+        assert_eq!(
+            m.register(SessionId::new("late"), identity("u"), Arc::new(Recorder::default())),
+            Err(RegisterError::Closed)
+        );
+    }
+
+    #[test]
     fn full_queue_drops_counts_and_closes_the_slow_session_only() {
         let m = HandlerManager::new(HandlerManagerConfig::default());
         let slow = Arc::new(Recorder { capacity: Some(1), ..Default::default() });
         let fast = Arc::new(Recorder::default());
-        m.register(SessionId::new("slow"), identity("u1"), slow.clone());
-        m.register(SessionId::new("fast"), identity("u2"), fast.clone());
+        m.register(SessionId::new("slow"), identity("u1"), slow.clone()).expect("register");
+        m.register(SessionId::new("fast"), identity("u2"), fast.clone()).expect("register");
         assert_eq!(m.send_to_all(frame()), 2);
         assert_eq!(m.send_to_all(frame()), 1);
         assert_eq!(m.frames_dropped(), 1);

@@ -31,6 +31,9 @@ pub struct MeshManagerConfig {
     pub max_in_flight_per_session: usize,
     /// Most requests and commands in flight across the gateway (default 10 000).
     pub max_in_flight_total: usize,
+    /// Services clients may never call: the gateway's own NuroPb service name (its methods
+    /// push to and disconnect users, for mesh peers only). Default: none.
+    pub reserved_services: Vec<String>,
 }
 
 impl Default for MeshManagerConfig {
@@ -39,6 +42,7 @@ impl Default for MeshManagerConfig {
             request_timeout: Duration::from_secs(30),
             max_in_flight_per_session: 64,
             max_in_flight_total: 10_000,
+            reserved_services: Vec::new(),
         }
     }
 }
@@ -60,11 +64,18 @@ pub enum SubmitError {
     GatewayLimit(usize),
     #[error("gateway shutting down")]
     ShuttingDown,
+    #[error("service {0} cannot be called through the gateway")]
+    Reserved(String),
 }
 
 impl SubmitError {
     pub fn to_error_object(&self) -> ErrorObject {
-        ErrorObject::new(error_name::OVERLOADED, self.to_string())
+        let name = match self {
+            SubmitError::SessionLimit(_) | SubmitError::GatewayLimit(_) => error_name::OVERLOADED,
+            SubmitError::ShuttingDown => error_name::TRANSPORT,
+            SubmitError::Reserved(_) => error_name::AUTHORIZATION,
+        };
+        ErrorObject::new(name, self.to_string())
     }
 }
 
@@ -256,6 +267,9 @@ impl ServiceMeshManager {
         encoding: Encoding,
         kind: CallKind,
     ) -> Result<TraceId, SubmitError> {
+        if self.config.reserved_services.iter().any(|s| *s == call.service) {
+            return Err(SubmitError::Reserved(call.service));
+        }
         let (slot, cancel) = self.acquire(session_id)?;
         let call = Self::mesh_call(identity, call);
         let trace_id = call.trace_id.clone();
@@ -512,6 +526,7 @@ mod tests {
                 request_timeout: Duration::from_secs(5),
                 max_in_flight_per_session: 2,
                 max_in_flight_total: 3,
+                ..Default::default()
             },
             tx,
             TaskTracker::new(),
@@ -530,6 +545,25 @@ mod tests {
             m.request(&b, &id, call(None), Encoding::Json),
             Err(SubmitError::GatewayLimit(3))
         );
+    }
+
+    #[tokio::test]
+    async fn reserved_services_are_refused_before_the_mesh() {
+        let (m, _rx, _) = manager(
+            MockServiceMesh::new(), // any call to it would panic: no expectations
+            MeshManagerConfig { reserved_services: vec!["gw".into()], ..Default::default() },
+        );
+        let mut c = call(None);
+        c.service = "gw".into();
+        let e = m.request(&SessionId::new("a"), &identity(), c.clone(), Encoding::Json);
+        assert_eq!(e, Err(SubmitError::Reserved("gw".into())));
+        assert_eq!(
+            e.unwrap_err().to_error_object().error,
+            error_name::AUTHORIZATION,
+            "clients see an authorization error"
+        );
+        assert!(m.command(&SessionId::new("a"), &identity(), c, Encoding::Json).is_err());
+        assert_eq!(m.in_flight(), 0);
     }
 
     #[tokio::test]

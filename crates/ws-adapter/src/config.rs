@@ -1,5 +1,6 @@
 //! `WsConfig`: every limit of the WebSocket side, with its default. Nothing here trusts a
-//! library default (tungstenite's write buffer, for one, is unlimited unless set).
+//! library default (tungstenite's write buffer, for one, is unlimited unless set; its
+//! origin-less defaults would allow every browser origin).
 
 use std::time::Duration;
 
@@ -32,16 +33,31 @@ impl Default for AuthSources {
 /// Limits and policies of the WebSocket side.
 #[derive(Debug, Clone)]
 pub struct WsConfig {
-    /// Most concurrent connections (default 10 000); beyond it upgrades get 503.
+    /// Most concurrent connections (default 10 000). A connection over it holds no slot:
+    /// it is told 503 within `max_refusals_in_flight` and `refusal_handshake_timeout`, or
+    /// closed at once.
     pub max_connections: usize,
+    /// Connections over `max_connections` being told 503 at the same time (default 64).
+    /// When these are all in progress, further connections over the limit are closed at
+    /// once without an answer (counted in `WsStats::connections_shed`), so a flood of idle
+    /// sockets cannot pile up tasks and file descriptors.
+    pub max_refusals_in_flight: usize,
+    /// Time a connection over `max_connections` gets to send its upgrade request and read
+    /// the 503 (default 1 s).
+    pub refusal_handshake_timeout: Duration,
     /// Largest client message, in bytes, after reassembly (default 1 MiB); larger → 1009.
     pub max_message_size: usize,
     /// Largest single frame, in bytes (default 1 MiB).
     pub max_frame_size: usize,
     /// Bytes buffered before a write is flushed (default 128 KiB).
     pub write_buffer_size: usize,
-    /// Most bytes buffered for writing before writes fail (default 4 MiB).
-    pub max_write_buffer_size: usize,
+    /// Largest frame the gateway sends, in bytes once encoded (default 8 MiB). A response
+    /// over it is replaced by an error response with the same `trace_id` (`LimitExceeded`);
+    /// any other frame over it (an event, say) is dropped, logged and counted in
+    /// `WsStats::frames_too_large_dropped`. The connection stays open either way.
+    /// tungstenite's write buffer limit is derived from it (see [`WsConfig::tungstenite`]),
+    /// so a frame within it never fails for want of buffer space.
+    pub max_outbound_message_size: usize,
     /// Frames queued per connection before the client counts as too slow and is closed with
     /// 1013 (default 256).
     pub outbound_queue: usize,
@@ -62,7 +78,10 @@ pub struct WsConfig {
     /// Bad frames (invalid input, over rate) tolerated per connection before it is closed
     /// with 1008 (default 100).
     pub max_protocol_errors: u32,
-    /// Allowed browser origins. Requests without `Origin` are allowed.
+    /// Allowed browser origins (default: none, so every upgrade carrying an `Origin`
+    /// header gets 403). Requests without `Origin` (non-browser clients) are allowed. Cookie
+    /// credentials are on by default and browsers send them cross-site, so allowing origins
+    /// is a decision for the deployment, not a library default.
     pub origins: OriginPolicy,
     pub auth: AuthSources,
 }
@@ -71,10 +90,12 @@ impl Default for WsConfig {
     fn default() -> Self {
         WsConfig {
             max_connections: 10_000,
+            max_refusals_in_flight: 64,
+            refusal_handshake_timeout: Duration::from_secs(1),
             max_message_size: 1 << 20,
             max_frame_size: 1 << 20,
             write_buffer_size: 128 << 10,
-            max_write_buffer_size: 4 << 20,
+            max_outbound_message_size: 8 << 20,
             outbound_queue: 256,
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
@@ -83,21 +104,70 @@ impl Default for WsConfig {
             rate_per_second: 100,
             rate_burst: 200,
             max_protocol_errors: 100,
-            origins: OriginPolicy::allow_all(),
+            origins: OriginPolicy::new::<&str>(&[]),
             auth: AuthSources::default(),
         }
     }
 }
 
+/// Room in tungstenite's write buffer beyond one largest frame's payload: the frame header
+/// (at most 14 bytes) and the control frames tungstenite queues itself (a pong, a close
+/// frame: at most 131 bytes each), with a wide margin.
+const WRITE_BUFFER_SLACK: usize = 64 << 10;
+
 impl WsConfig {
     /// The tungstenite limits, every one set explicitly.
+    ///
+    /// `max_write_buffer_size` is `write_buffer_size + max_outbound_message_size + 64 KiB`:
+    /// tungstenite refuses a frame (`WriteBufferFull`) when buffered bytes plus the frame
+    /// would exceed it, even on an empty buffer, so a fixed limit below the largest frame
+    /// would make that frame unsendable. Every write is flushed before the next one starts,
+    /// so the buffer never holds more than one frame plus tungstenite's control frames.
     pub(crate) fn tungstenite(&self) -> WebSocketConfig {
+        let max_write_buffer_size = self
+            .write_buffer_size
+            .saturating_add(self.max_outbound_message_size)
+            .saturating_add(WRITE_BUFFER_SLACK);
         WebSocketConfig::default()
             .read_buffer_size(128 << 10)
             .write_buffer_size(self.write_buffer_size)
-            .max_write_buffer_size(self.max_write_buffer_size.max(self.write_buffer_size + 1))
+            .max_write_buffer_size(max_write_buffer_size)
             .max_message_size(Some(self.max_message_size))
             .max_frame_size(Some(self.max_frame_size))
             .accept_unmasked_frames(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_allows_no_browser_origin() {
+        let origins = WsConfig::default().origins;
+        for origin in ["https://example.com", "http://localhost:3000", "null"] {
+            assert!(!origins.allows(origin), "{origin}");
+        }
+    }
+
+    #[test]
+    fn write_buffer_holds_the_largest_outbound_frame() {
+        for (write_buffer_size, max_outbound_message_size) in
+            [(128 << 10, 8 << 20), (0, 0), (1, 64 << 20), (128 << 10, usize::MAX)]
+        {
+            let config = WsConfig {
+                write_buffer_size,
+                max_outbound_message_size,
+                ..WsConfig::default()
+            };
+            let t = config.tungstenite();
+            // tungstenite asserts this when the socket is created.
+            assert!(t.max_write_buffer_size > t.write_buffer_size);
+            assert!(
+                t.max_write_buffer_size
+                    >= write_buffer_size.saturating_add(max_outbound_message_size).saturating_add(14),
+                "{write_buffer_size} {max_outbound_message_size}"
+            );
+        }
     }
 }

@@ -6,57 +6,83 @@
 
 mod config;
 mod connection;
+mod stats;
 mod upgrade;
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use config::{AuthSources, WsConfig};
+pub use stats::{WsStats, WsStatsHandle};
 
 use handler_core::CoordinatorHandle;
 
-/// Errors of the WebSocket adapter.
+use crate::connection::Admission;
+
+/// Errors of the WebSocket adapter. There is no variant today: `serve` retries every
+/// accept error and ends only on shutdown. The type stays so that callers need not change
+/// when a real failure is added.
 #[derive(Debug, thiserror::Error)]
-pub enum WsError {
-    #[error("cannot accept connections")]
-    Accept(#[source] std::io::Error),
-}
+#[non_exhaustive]
+pub enum WsError {}
 
 /// Accepts connections on `listener` until `shutdown`, one tracked task per connection.
-/// Returns when the listener stops; connection tasks are left to the tracker's drain.
+/// Returns when `shutdown` fires; connection tasks are left to the tracker's drain.
+///
+/// Overload policy: at most `max_connections` sessions; beyond that at most
+/// `max_refusals_in_flight` connections are told 503 (within `refusal_handshake_timeout`)
+/// and the rest are closed at once. Accept errors (out of file descriptors or buffers, a
+/// connection aborted before it was accepted, a firewall's EPERM …) are retried with a
+/// backoff of up to one second and logged at most once per interval. `stats` counts what
+/// was refused, shed or dropped.
 pub async fn serve(
     listener: TcpListener,
     config: WsConfig,
     coordinator: CoordinatorHandle,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    stats: WsStatsHandle,
 ) -> Result<(), WsError> {
     let config = Arc::new(config);
-    let permits = Arc::new(Semaphore::new(config.max_connections));
+    // `Semaphore::new` panics above `MAX_PERMITS`; no deployment gets near it.
+    let sessions = Arc::new(Semaphore::new(config.max_connections.min(Semaphore::MAX_PERMITS)));
+    let refusals =
+        Arc::new(Semaphore::new(config.max_refusals_in_flight.min(Semaphore::MAX_PERMITS)));
+    let mut backoff = AcceptBackoff::default();
     let mut next_conn_id: u64 = 0;
     loop {
-        let (stream, peer) = tokio::select! {
-            // Cancel-safe: `accept` loses no connection when not chosen.
-            _ = shutdown.cancelled() => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) if is_transient_accept_error(&e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed; retrying shortly");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-                Err(e) => return Err(WsError::Accept(e)),
-            },
+        let accept = || listener.accept();
+        let Some((stream, peer)) = accept_with_backoff(accept, &mut backoff, &shutdown, &stats).await
+        else {
+            return Ok(());
         };
         next_conn_id += 1;
-        // No permit: the connection is still upgraded far enough to be told 503.
-        let permit = Arc::clone(&permits).try_acquire_owned().ok();
+        let admission = match Arc::clone(&sessions).try_acquire_owned() {
+            Ok(permit) => Admission::Session(permit),
+            Err(_) => match Arc::clone(&refusals).try_acquire_owned() {
+                Ok(permit) => {
+                    stats.connection_refused();
+                    Admission::Refusal(permit)
+                }
+                Err(_) => {
+                    // Closing at once is the only answer that costs nothing: a task per
+                    // connection here is what a flood of idle sockets would exploit.
+                    stats.connection_shed();
+                    tracing::debug!(conn.id = next_conn_id, peer = %peer, "over the connection limit; closed unanswered");
+                    drop(stream);
+                    continue;
+                }
+            },
+        };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
@@ -67,14 +93,109 @@ pub async fn serve(
             session.id = tracing::field::Empty
         );
         tracker.spawn(
-            connection::run(stream, permit, Arc::clone(&config), coordinator.clone())
-                .instrument(span),
+            connection::run(
+                stream,
+                admission,
+                Arc::clone(&config),
+                coordinator.clone(),
+                stats.clone(),
+            )
+            .instrument(span),
         );
     }
 }
 
-fn is_transient_accept_error(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
-    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
-        || e.raw_os_error().is_some_and(|c| c == 23 || c == 24) // ENFILE, EMFILE
+/// Accepts the next connection, retrying every error after a backoff; `None` on shutdown.
+/// Generic over the accept call so that tests can script its errors.
+async fn accept_with_backoff<S, F, Fut>(
+    mut accept: F,
+    backoff: &mut AcceptBackoff,
+    shutdown: &CancellationToken,
+    stats: &WsStatsHandle,
+) -> Option<(S, SocketAddr)>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::io::Result<(S, SocketAddr)>>,
+{
+    loop {
+        let result = tokio::select! {
+            // Cancel-safe: `TcpListener::accept` loses no connection when not chosen.
+            _ = shutdown.cancelled() => return None,
+            r = accept() => r,
+        };
+        let e = match result {
+            Ok(accepted) => {
+                backoff.succeeded();
+                return Some(accepted);
+            }
+            Err(e) => e,
+        };
+        // Every accept error is treated as transient. Most concern one connection (aborted,
+        // EPROTO, EPERM from a firewall, network errors Linux passes on); the rest are a
+        // resource shortage (EMFILE, ENFILE, ENOBUFS, ENOMEM) that passes. Giving up would
+        // leave the process running without a listener.
+        stats.accept_error();
+        let now = Instant::now();
+        let pause = backoff.failed(now);
+        match backoff.should_log(now) {
+            Some(suppressed) => tracing::warn!(
+                error = %e,
+                retry_in_ms = pause.as_millis() as u64,
+                suppressed,
+                "accept failed; retrying"
+            ),
+            None => tracing::debug!(error = %e, "accept failed; retrying"),
+        }
+        tokio::select! {
+            // Cancel-safe: a sleep.
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Backoff and log rate limit for accept errors: the pause doubles from 10 ms to 1 s while
+/// errors repeat and starts over after a success; at most one warning per 10 s.
+#[derive(Debug)]
+struct AcceptBackoff {
+    pause: Duration,
+    last_warning: Option<Instant>,
+    // Errors not logged at warn since the last warning.
+    suppressed: u64,
+}
+
+impl AcceptBackoff {
+    const FIRST_PAUSE: Duration = Duration::from_millis(10);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+    const WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+    fn succeeded(&mut self) {
+        self.pause = Self::FIRST_PAUSE;
+    }
+
+    /// The pause before the next attempt.
+    fn failed(&mut self, _now: Instant) -> Duration {
+        let pause = self.pause;
+        self.pause = (self.pause * 2).min(Self::MAX_PAUSE);
+        pause
+    }
+
+    /// `Some(errors suppressed since the last warning)` when this error is to be logged at
+    /// warn.
+    fn should_log(&mut self, now: Instant) -> Option<u64> {
+        let due = self.last_warning.is_none_or(|t| now.duration_since(t) >= Self::WARNING_INTERVAL);
+        if due {
+            self.last_warning = Some(now);
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff { pause: Self::FIRST_PAUSE, last_warning: None, suppressed: 0 }
+    }
 }

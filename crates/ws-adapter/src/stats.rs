@@ -1,0 +1,80 @@
+//! Counters of the WebSocket side: plain atomics bumped by the accept loop and the
+//! connection tasks (each counter is its own figure; nobody needs a consistent cut across
+//! them), read as a [`WsStats`] snapshot through a [`WsStatsHandle`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of the WebSocket side's counters. Every counter only grows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WsStats {
+    /// Connections over `max_connections` that were given a short handshake to be told 503
+    /// (`max_refusals_in_flight` had room).
+    pub connections_refused: u64,
+    /// Connections over `max_connections` closed at once, unanswered, because
+    /// `max_refusals_in_flight` refusals were already in progress.
+    pub connections_shed: u64,
+    /// Failed `accept` calls, each followed by a backoff.
+    pub accept_errors: u64,
+    /// Responses over `max_outbound_message_size`, replaced by a `LimitExceeded` error
+    /// response with the same trace id.
+    pub responses_too_large: u64,
+    /// Events and other non-response frames over `max_outbound_message_size`, dropped (one
+    /// per session the frame was meant for).
+    pub frames_too_large_dropped: u64,
+}
+
+/// The live counters behind [`WsStats`]; clones share them. Create one, pass a clone to
+/// [`serve`](crate::serve) and read [`stats`](Self::stats) from anywhere (e.g. `/metrics`).
+#[derive(Debug, Clone, Default)]
+pub struct WsStatsHandle {
+    counters: Arc<Counters>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    connections_refused: AtomicU64,
+    connections_shed: AtomicU64,
+    accept_errors: AtomicU64,
+    responses_too_large: AtomicU64,
+    frames_too_large_dropped: AtomicU64,
+}
+
+impl WsStatsHandle {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn stats(&self) -> WsStats {
+        let c = &*self.counters;
+        // Relaxed: independent counters, read for reporting only.
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        WsStats {
+            connections_refused: get(&c.connections_refused),
+            connections_shed: get(&c.connections_shed),
+            accept_errors: get(&c.accept_errors),
+            responses_too_large: get(&c.responses_too_large),
+            frames_too_large_dropped: get(&c.frames_too_large_dropped),
+        }
+    }
+
+    pub(crate) fn connection_refused(&self) {
+        self.counters.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_shed(&self) {
+        self.counters.connections_shed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn accept_error(&self) {
+        self.counters.accept_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn response_too_large(&self) {
+        self.counters.responses_too_large.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn frame_too_large_dropped(&self) {
+        self.counters.frames_too_large_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
