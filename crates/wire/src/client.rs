@@ -488,8 +488,9 @@ pub enum ServerMessage {
     Subscribed { topics: Vec<String> },
     /// The answer to `ping`.
     Pong {},
-    /// The session's token was replaced; `expires_at` is the new token's `exp` (Unix
-    /// seconds), after which the session is closed (4003) unless refreshed again.
+    /// The session's token was replaced; `expires_at` (Unix seconds) is when the new token
+    /// stops being accepted (its `exp` plus the gateway's clock-skew leeway), at which point
+    /// the session is closed (4003) unless refreshed again.
     Refreshed { expires_at: Option<u64> },
 }
 

@@ -135,9 +135,8 @@ where
         // resource shortage (EMFILE, ENFILE, ENOBUFS, ENOMEM) that passes. Giving up would
         // leave the process running without a listener.
         stats.accept_error();
-        let now = Instant::now();
-        let pause = backoff.failed(now);
-        match backoff.should_log(now) {
+        let pause = backoff.failed();
+        match backoff.should_log(Instant::now()) {
             Some(suppressed) => tracing::warn!(
                 error = %e,
                 retry_in_ms = pause.as_millis() as u64,
@@ -174,7 +173,7 @@ impl AcceptBackoff {
     }
 
     /// The pause before the next attempt.
-    fn failed(&mut self, _now: Instant) -> Duration {
+    fn failed(&mut self) -> Duration {
         let pause = self.pause;
         self.pause = (self.pause * 2).min(Self::MAX_PAUSE);
         pause
@@ -197,5 +196,81 @@ impl AcceptBackoff {
 impl Default for AcceptBackoff {
     fn default() -> Self {
         AcceptBackoff { pause: Self::FIRST_PAUSE, last_warning: None, suppressed: 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use std::collections::VecDeque;
+    use std::io;
+
+    use super::*;
+
+    fn addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_accept_error_is_retried_with_backoff() {
+        // ENOBUFS, ENOMEM, EPROTO, EPERM: the errors that used to end `serve`.
+        let mut script: VecDeque<io::Result<((), SocketAddr)>> = [105, 12, 71, 1]
+            .into_iter()
+            .map(|code| Err(io::Error::from_raw_os_error(code)))
+            .chain([Err(io::ErrorKind::ConnectionAborted.into()), Ok(((), addr()))])
+            .collect();
+        let stats = WsStatsHandle::new();
+        let mut backoff = AcceptBackoff::default();
+        let shutdown = CancellationToken::new();
+        let started = Instant::now();
+        let accept = || {
+            let next = script.pop_front().unwrap();
+            async move { next }
+        };
+        let accepted = accept_with_backoff(accept, &mut backoff, &shutdown, &stats).await;
+        assert_eq!(accepted.map(|(_, a)| a), Some(addr()));
+        assert_eq!(started.elapsed(), Duration::from_millis(10 + 20 + 40 + 80 + 160));
+        assert_eq!(stats.stats().accept_errors, 5);
+        // A success starts the backoff over.
+        assert_eq!(backoff.pause, AcceptBackoff::FIRST_PAUSE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_the_retries() {
+        let stats = WsStatsHandle::new();
+        let mut backoff = AcceptBackoff::default();
+        let shutdown = CancellationToken::new();
+        let cancel = shutdown.clone();
+        let tracker = TaskTracker::new();
+        tracker.spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            cancel.cancel();
+        });
+        let started = Instant::now();
+        let accept = || async { Err::<((), SocketAddr), _>(io::Error::from_raw_os_error(24)) };
+        assert!(accept_with_backoff(accept, &mut backoff, &shutdown, &stats).await.is_none());
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        // 10 + 20 + … + 640 ms, then one per second: 7 + 4 errors before the 5 s mark
+        // (the pause in progress is cut short).
+        assert_eq!(stats.stats().accept_errors, 11);
+        assert_eq!(backoff.pause, AcceptBackoff::MAX_PAUSE);
+    }
+
+    #[test]
+    fn warnings_are_rate_limited() {
+        let mut backoff = AcceptBackoff::default();
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        for (at, expected) in [
+            (s(0), Some(0)),
+            (s(1), None),
+            (s(9), None),
+            (s(10), Some(2)),
+            (s(15), None),
+            (s(30), Some(1)),
+        ] {
+            assert_eq!(backoff.should_log(t0 + at), expected, "{at:?}");
+        }
     }
 }
