@@ -10,6 +10,18 @@ use clap::{ArgAction, Parser, ValueEnum};
 
 use handler_core::auth::{JwtConfig, JwtKey};
 
+/// How calls to methods that require encryption are handled (AMQP mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Encryption {
+    /// Never encrypt, never fetch service descriptions (like nuropb-gw 0.1.4).
+    Off,
+    /// Encrypt when the service's description says so; a service never described
+    /// successfully gets plaintext (like nuropb's own requester).
+    Auto,
+    /// As auto, but a service never described successfully gets no calls until it is.
+    Required,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum JwtAlgorithm {
     Hs256,
@@ -63,6 +75,16 @@ pub struct Cli {
     /// How long a request waits for its response, in milliseconds.
     #[arg(long, env = "NUROPB_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,
+
+    /// Encryption of calls to methods marked `requires_encryption` (found through a cached
+    /// `nuropb_describe` of the target service).
+    #[arg(long, env = "NUROPB_ENCRYPTION", value_enum, default_value = "auto")]
+    pub encryption: Encryption,
+
+    /// Largest frame sent to a client, in bytes; a larger response becomes a
+    /// `LimitExceeded` error, a larger event is dropped and counted.
+    #[arg(long, env = "NUROPB_MAX_OUTBOUND_MESSAGE_BYTES", default_value_t = 8 << 20)]
+    pub max_outbound_message_bytes: usize,
 
     /// AMQP prefetch of the gateway's own queues.
     #[arg(long, env = "NUROPB_PREFETCH", default_value_t = 64)]
@@ -196,6 +218,9 @@ impl Cli {
         }
         if self.max_message_bytes < 1024 {
             bail!("--max-message-bytes must be at least 1024");
+        }
+        if self.max_outbound_message_bytes < 1024 {
+            bail!("--max-outbound-message-bytes must be at least 1024");
         }
         if self.rate_per_second == 0 || self.rate_burst == 0 {
             bail!("--rate-per-second and --rate-burst must be greater than 0");

@@ -24,7 +24,7 @@ use handler_core::mesh_manager::MeshManagerConfig;
 use handler_core::{Coordinator, JwtAuthenticator, JwtConfig, OriginPolicy, ServiceMesh};
 use nuropb_wire::client::ClientLimits;
 use ops_http::OpsConfig;
-use ws_adapter::{AuthSources, WsConfig};
+use ws_adapter::{AuthSources, WsConfig, WsStatsHandle};
 
 use crate::config::Cli;
 
@@ -145,6 +145,7 @@ async fn run(cli: Cli) -> Result<()> {
         max_message_size: cli.max_message_bytes,
         max_frame_size: cli.max_message_bytes,
         outbound_queue: cli.outbound_queue,
+        max_outbound_message_size: cli.max_outbound_message_bytes,
         ping_interval: Duration::from_secs(cli.ping_interval_secs),
         idle_timeout: Duration::from_secs(cli.idle_timeout_secs),
         rate_per_second: cli.rate_per_second,
@@ -167,6 +168,7 @@ async fn run(cli: Cli) -> Result<()> {
     // The operations endpoint stops only after the drain, on its own signal: meanwhile
     // /readyz answers 503 ("shutting down") and /metrics can still be scraped.
     let ops_shutdown = CancellationToken::new();
+    let ws_stats = WsStatsHandle::new();
     let ops_server = match cli.ops_listen {
         Some(ops_addr) => {
             let listener = TcpListener::bind(ops_addr)
@@ -174,7 +176,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("cannot listen on {ops_addr} (--ops-listen)"))?;
             let ops_addr = listener.local_addr().context("cannot read the ops address")?;
             say!("nuropb-gateway ops on http://{ops_addr}/");
-            let source = Arc::new(ops::GatewayOps::new(handle.clone(), amqp));
+            let source = Arc::new(ops::GatewayOps::new(handle.clone(), ws_stats.clone(), amqp));
             let serve =
                 ops_http::serve(listener, OpsConfig::default(), source, ops_shutdown.clone());
             Some(background.spawn(async move {
@@ -200,6 +202,7 @@ async fn run(cli: Cli) -> Result<()> {
         handle,
         shutdown.clone(),
         connections.clone(),
+        ws_stats,
     ));
 
     // A WebSocket server that stops on its own (it only should at shutdown) takes the
@@ -269,6 +272,13 @@ fn amqp_config(cli: &Cli, url: &str) -> amqp_mesh::AmqpMeshConfig {
     c.reconnect_min = Duration::from_millis(cli.reconnect_min_ms);
     c.reconnect_max = Duration::from_millis(cli.reconnect_max_ms);
     c.drain_timeout = Duration::from_secs(cli.drain_timeout_secs);
+    c.encryption = match cli.encryption {
+        config::Encryption::Off => amqp_mesh::EncryptionMode::Off,
+        config::Encryption::Auto => amqp_mesh::EncryptionMode::Auto,
+        config::Encryption::Required => amqp_mesh::EncryptionMode::Required,
+    };
+    // Nothing larger than a client may receive is worth taking off the broker.
+    c.max_inbound_body_bytes = cli.max_outbound_message_bytes;
     c
 }
 

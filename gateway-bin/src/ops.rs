@@ -6,17 +6,23 @@ use amqp_mesh::{AmqpMesh, AmqpStats};
 use handler_core::CoordinatorHandle;
 use handler_core::mesh::GatewayStats;
 use ops_http::{Metric, OpsSource};
+use ws_adapter::{WsStats, WsStatsHandle};
 
 /// The [`OpsSource`] of the gateway: reads the core (and the AMQP adapter) on each request.
 pub struct GatewayOps {
     coordinator: CoordinatorHandle,
+    ws: WsStatsHandle,
     /// `None` on the in-memory demo mesh.
     amqp: Option<AmqpMesh>,
 }
 
 impl GatewayOps {
-    pub fn new(coordinator: CoordinatorHandle, amqp: Option<AmqpMesh>) -> GatewayOps {
-        GatewayOps { coordinator, amqp }
+    pub fn new(
+        coordinator: CoordinatorHandle,
+        ws: WsStatsHandle,
+        amqp: Option<AmqpMesh>,
+    ) -> GatewayOps {
+        GatewayOps { coordinator, ws, amqp }
     }
 }
 
@@ -27,6 +33,7 @@ impl OpsSource for GatewayOps {
 
     fn metrics(&self) -> Vec<Metric> {
         let mut metrics = gateway_metrics(self.coordinator.stats());
+        metrics.extend(ws_metrics(self.ws.stats()));
         if let Some(amqp) = &self.amqp {
             metrics.extend(amqp_metrics(amqp.stats()));
         }
@@ -105,6 +112,44 @@ fn gateway_metrics(stats: GatewayStats) -> Vec<Metric> {
 }
 
 /// The AMQP adapter's figures, exhaustively as above.
+/// The WebSocket side's figures; exhaustive like `gateway_metrics`.
+fn ws_metrics(stats: WsStats) -> Vec<Metric> {
+    let WsStats {
+        connections_refused,
+        connections_shed,
+        accept_errors,
+        responses_too_large,
+        frames_too_large_dropped,
+    } = stats;
+    vec![
+        Metric::counter(
+            "nuropb_gateway_ws_connections_refused_total",
+            "Connections over the limit answered with HTTP 503.",
+            connections_refused as f64,
+        ),
+        Metric::counter(
+            "nuropb_gateway_ws_connections_shed_total",
+            "Connections over the limit closed unanswered (refusal budget exhausted).",
+            connections_shed as f64,
+        ),
+        Metric::counter(
+            "nuropb_gateway_ws_accept_errors_total",
+            "Failed accepts on the WebSocket listener.",
+            accept_errors as f64,
+        ),
+        Metric::counter(
+            "nuropb_gateway_ws_responses_too_large_total",
+            "Responses over the outbound size limit, replaced by a LimitExceeded error.",
+            responses_too_large as f64,
+        ),
+        Metric::counter(
+            "nuropb_gateway_ws_frames_too_large_dropped_total",
+            "Events over the outbound size limit, dropped (per session).",
+            frames_too_large_dropped as f64,
+        ),
+    ]
+}
+
 fn amqp_metrics(stats: AmqpStats) -> Vec<Metric> {
     let AmqpStats {
         connected,
@@ -231,10 +276,14 @@ mod tests {
     fn every_field_becomes_one_valid_metric() {
         let amqp =
             AmqpStats { connected: true, published: 11, reconnects: 2, ..AmqpStats::default() };
-        let metrics: Vec<Metric> =
-            gateway_metrics(stats()).into_iter().chain(amqp_metrics(amqp)).collect();
-        // 9 GatewayStats fields and 14 AmqpStats fields.
-        assert_eq!(metrics.len(), 9 + 14);
+        let ws = WsStats { connections_refused: 6, ..WsStats::default() };
+        let metrics: Vec<Metric> = gateway_metrics(stats())
+            .into_iter()
+            .chain(ws_metrics(ws))
+            .chain(amqp_metrics(amqp))
+            .collect();
+        // 9 GatewayStats fields, 5 WsStats fields and 14 AmqpStats fields.
+        assert_eq!(metrics.len(), 9 + 5 + 14);
         let mut names = HashSet::new();
         for m in &metrics {
             assert_eq!(m.check(), Ok(()), "{m:?}");
@@ -254,6 +303,7 @@ mod tests {
             "nuropb_gateway_amqp_published_total 11\n",
             "nuropb_gateway_amqp_reconnects_total 2\n",
             "nuropb_gateway_amqp_pending_requests 0\n",
+            "nuropb_gateway_ws_connections_refused_total 6\n",
         ] {
             assert!(text.contains(line), "{line:?} missing from:\n{text}");
         }

@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use ws_adapter::WsConfig;
+use ws_adapter::{WsConfig, WsStatsHandle};
 
 pub const SECRET: &str = "e2e-secret-0123456789abcdef";
 /// Every wait for a frame is bounded by this.
@@ -90,16 +90,21 @@ impl Default for Options {
 /// A running gateway on 127.0.0.1 with the test service `svc`.
 pub struct Gateway {
     pub url: String,
+    /// The listening address (`url` without scheme and path), for raw TCP clients.
+    pub addr: std::net::SocketAddr,
     pub mesh: InMemoryMesh,
     pub counting: Arc<CountingMesh>,
     pub handle: CoordinatorHandle,
     pub shutdown: CancellationToken,
+    /// The WebSocket side's counters (refused, shed, oversized frames …).
+    pub ws_stats: WsStatsHandle,
     routing: JoinHandle<()>,
     server: JoinHandle<()>,
 }
 
 /// The test service: `svc.echo`, `svc.sleep` (params.ms), `svc.fail`, `svc.whoami`
-/// (returns the context it got), `svc.never` (never answers).
+/// (returns the context it got), `svc.never` (never answers), `svc.big` (returns a string
+/// of params.bytes bytes, at most 64 MiB: responses larger than any request can be).
 pub fn test_mesh() -> (InMemoryMesh, tokio::sync::mpsc::Receiver<handler_core::MeshInbound>) {
     InMemoryMesh::builder()
         .sync_method("svc", "echo", |c| Ok(Value::Object(c.params)))
@@ -116,6 +121,10 @@ pub fn test_mesh() -> (InMemoryMesh, tokio::sync::mpsc::Receiver<handler_core::M
         })
         .sync_method("svc", "whoami", |c| Ok(Value::Object(c.context)))
         .method("svc", "never", |_| std::future::pending())
+        .sync_method("svc", "big", |c| {
+            let bytes = c.params.get("bytes").and_then(Value::as_u64).unwrap_or(0).min(64 << 20);
+            Ok(Value::String("x".repeat(bytes as usize)))
+        })
         .build()
 }
 
@@ -155,17 +164,26 @@ impl Gateway {
             shutdown.clone(),
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap();
+        let url = format!("ws://{addr}/ws");
         let routing = tokio::spawn(coordinator.run(Duration::from_secs(5)));
+        let ws_stats = WsStatsHandle::new();
         let server = {
-            let (handle, shutdown) = (handle.clone(), shutdown.clone());
+            let (handle, shutdown, stats) = (handle.clone(), shutdown.clone(), ws_stats.clone());
             tokio::spawn(async move {
-                ws_adapter::serve(listener, options.ws, handle, shutdown, TaskTracker::new())
-                    .await
-                    .unwrap();
+                ws_adapter::serve(
+                    listener,
+                    options.ws,
+                    handle,
+                    shutdown,
+                    TaskTracker::new(),
+                    stats,
+                )
+                .await
+                .unwrap();
             })
         };
-        Gateway { url, mesh, counting, handle, shutdown, routing, server }
+        Gateway { url, addr, mesh, counting, handle, shutdown, ws_stats, routing, server }
     }
 
     /// Starts shutdown and waits for the routing task (drain) and the server to end.
@@ -316,5 +334,25 @@ impl Client {
                 Ok(other) => panic!("expected silence, got {other:?}"),
             }
         }
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds; panics with `what` after `wait`.
+pub async fn eventually(what: &str, wait: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + wait;
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "not within {wait:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asserts that the peer closes `stream` (EOF or reset) within `wait`, sending nothing.
+pub async fn expect_tcp_closed(stream: &mut TcpStream, wait: Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    match tokio::time::timeout(wait, stream.read(&mut buf)).await {
+        Err(_) => panic!("connection still open after {wait:?}"),
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => panic!("expected a bare close, got {:?}", String::from_utf8_lossy(&buf[..n])),
     }
 }

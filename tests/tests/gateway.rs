@@ -601,3 +601,182 @@ async fn clients_cannot_call_the_gateways_own_service() {
     assert_eq!(gw.mesh_calls(), 0, "nothing reached the mesh");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn frames_over_the_former_4_mib_write_buffer_are_delivered() {
+    // 5 MiB: tungstenite refused such frames under the old fixed 4 MiB write buffer limit,
+    // and the connection ended without a close frame. The default limit is now 8 MiB.
+    const BIG: usize = 5 << 20;
+    let gw = Gateway::start().await;
+    let (mut alice, _) = gw.connect("alice").await;
+    let (mut bob, _) = gw.connect("bob").await;
+    alice.request("svc", "big", json!({"bytes": BIG}), "big").await;
+    let r = alice.recv_json().await;
+    assert_eq!(r["payload"]["trace_id"], "big");
+    assert_eq!(r["payload"]["result"].as_str().map(str::len), Some(BIG));
+    let event = MeshEvent {
+        topic: "broadcast.big".into(),
+        event: json!("x".repeat(BIG)),
+        target: None,
+        context: Default::default(),
+        trace_id: None,
+    };
+    gw.mesh.inject_event(event).await.unwrap();
+    for c in [&mut alice, &mut bob] {
+        let e = c.recv_json().await;
+        assert_eq!(e["payload"]["topic"], "broadcast.big");
+        assert_eq!(e["payload"]["event"].as_str().map(str::len), Some(BIG));
+    }
+    assert_eq!(gw.ws_stats.stats(), ws_adapter::WsStats::default());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_responses_become_errors_and_oversized_events_are_dropped() {
+    let mut options = Options::default();
+    options.ws.max_outbound_message_size = 64 << 10;
+    let gw = Gateway::start_with(options).await;
+    let (mut c, _) = gw.connect("alice").await;
+
+    c.request("svc", "big", json!({"bytes": 100_000}), "too-big").await;
+    let r = c.recv_json().await;
+    assert_eq!(r["type"], "response", "{r}");
+    assert_eq!(r["payload"]["trace_id"], "too-big");
+    assert_eq!(r["payload"]["result"], Value::Null);
+    assert_eq!(r["payload"]["error"]["error"], "LimitExceeded");
+    let description = r["payload"]["error"]["description"].as_str().unwrap();
+    let size: usize = description
+        .strip_prefix("response of ")
+        .and_then(|d| d.strip_suffix(" bytes exceeds the limit of 65536 bytes"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected description {description:?}"));
+    assert!(size > 100_000, "{description}");
+
+    // The same in MessagePack.
+    let request = json!({"type": "request", "payload": {"service": "svc", "method": "big", "params": {"bytes": 100_000}, "trace_id": "too-big-mp"}});
+    c.send_binary(rmp_serde::to_vec_named(&request).unwrap()).await;
+    let r = c.recv_msgpack().await;
+    assert_eq!(r["payload"]["trace_id"], "too-big-mp");
+    assert_eq!(r["payload"]["error"]["error"], "LimitExceeded");
+
+    // Back to JSON; the connection is still usable.
+    c.request("svc", "echo", json!({"small": true}), "small").await;
+    assert_eq!(c.recv_json().await["payload"]["result"], json!({"small": true}));
+
+    // An oversized event is dropped for this session; the next event still arrives.
+    for (topic, size) in [("broadcast.big", 100_000), ("broadcast.small", 10)] {
+        let event = MeshEvent {
+            topic: topic.into(),
+            event: json!("x".repeat(size)),
+            target: None,
+            context: Default::default(),
+            trace_id: None,
+        };
+        gw.mesh.inject_event(event).await.unwrap();
+    }
+    assert_eq!(c.recv_json().await["payload"]["topic"], "broadcast.small");
+    let stats = gw.ws_stats.stats();
+    assert_eq!((stats.responses_too_large, stats.frames_too_large_dropped), (2, 1), "{stats:?}");
+    assert_eq!(gw.handle.stats().sessions, 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_close_is_answered_with_the_servers_close_frame() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let gw = Gateway::start().await;
+    let (mut c, _) = gw.connect("alice").await;
+    c.ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() })).await.unwrap();
+    // The server's reply echoes the code; before the fix the socket was dropped (1006).
+    let reply = c.recv_close().await.expect("the server's close frame");
+    assert_eq!((reply.code, reply.reason.as_str()), (CloseCode::Normal, "bye"));
+    let end = tokio::time::timeout(e2e_tests::FRAME_WAIT, c.ws.next()).await.expect("stream end");
+    assert!(end.is_none(), "the close handshake completes cleanly: {end:?}");
+    e2e_tests::eventually("session removed", Duration::from_secs(5), || {
+        gw.handle.stats().sessions == 0
+    })
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_refused_or_shed_never_held() {
+    use e2e_tests::{eventually, expect_tcp_closed};
+    use tokio::net::TcpStream;
+
+    let mut options = Options::default();
+    options.ws.max_connections = 2;
+    options.ws.max_refusals_in_flight = 1;
+    options.ws.refusal_handshake_timeout = Duration::from_secs(2);
+    let gw = Gateway::start_with(options).await;
+    let (mut alice, _) = gw.connect("alice").await;
+    let (_bob, _) = gw.connect("bob").await;
+    let auth = format!("Bearer {}", token("carol"));
+
+    // Over the limit, with the refusal budget free: a clear 503.
+    let err = Client::connect(&gw.url, &[("Authorization", &auth)])
+        .await
+        .err()
+        .expect("connected over the limit");
+    assert_eq!(http_status(&err), Some(503), "{err}");
+
+    // An idle socket takes the one refusal slot ...
+    let mut idle = TcpStream::connect(gw.addr).await.unwrap();
+    eventually("idle socket accepted", Duration::from_secs(5), || {
+        gw.ws_stats.stats().connections_refused == 2
+    })
+    .await;
+    // ... so further sockets over the limit are closed at once, long before the refusal
+    // handshake timeout: no task, no buffers, no held descriptor.
+    let mut extra = Vec::new();
+    for _ in 0..20 {
+        extra.push(TcpStream::connect(gw.addr).await.unwrap());
+    }
+    let started = tokio::time::Instant::now();
+    for s in &mut extra {
+        expect_tcp_closed(s, Duration::from_secs(1)).await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert_eq!(gw.ws_stats.stats().connections_shed, 20);
+
+    // The idle socket is dropped after the refusal handshake timeout, freeing the slot.
+    expect_tcp_closed(&mut idle, Duration::from_secs(4)).await;
+    let err = Client::connect(&gw.url, &[("Authorization", &auth)])
+        .await
+        .err()
+        .expect("connected over the limit");
+    assert_eq!(http_status(&err), Some(503), "{err}");
+
+    // The sessions were never disturbed.
+    alice.request("svc", "echo", json!({}), "still-here").await;
+    assert_eq!(alice.recv_json().await["payload"]["trace_id"], "still-here");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn the_default_config_allows_no_browser_origin() {
+    let gw =
+        Gateway::start_with(Options { ws: ws_adapter::WsConfig::default(), ..Options::default() })
+            .await;
+    let auth = format!("Bearer {}", token("alice"));
+    let cookie = format!("Authorization={}", token("alice"));
+    for (credentials, origin) in [
+        (("Authorization", auth.as_str()), "https://example.com"),
+        (("Authorization", auth.as_str()), "http://localhost:3000"),
+        // Cross-site WebSocket hijacking: the browser sends the cookie on its own.
+        (("Cookie", cookie.as_str()), "https://evil.example"),
+    ] {
+        let err = Client::connect(&gw.url, &[credentials, ("Origin", origin)])
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{origin} accepted"));
+        assert_eq!(http_status(&err), Some(403), "{origin}: {err}");
+    }
+    // Non-browser clients send no Origin and still connect.
+    let mut c = Client::connect(&gw.url, &[("Authorization", &auth)]).await.expect("no Origin");
+    assert_eq!(c.recv_json().await["payload"]["topic"], "hello");
+    gw.stop().await;
+}

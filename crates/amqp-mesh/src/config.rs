@@ -12,15 +12,30 @@ use crate::error::AmqpMeshError;
 /// AMQP short strings (queue names, routing keys, correlation ids) hold at most 255 bytes.
 pub(crate) const MAX_SHORT_STRING: usize = 255;
 
-/// Whether `request()` encrypts bodies for methods that ask for it (spec §10).
+/// Whether requests and commands are encrypted for methods that ask for it (spec §10).
+///
+/// In `Auto` and `Required` the target service's `nuropb_describe` decides: a method it
+/// marks `requires_encryption: true` is always sent encrypted with the service's public
+/// key, or not at all (`MeshError::Encryption` if the service publishes no key). Once a
+/// service has described itself, that description stays in use until a later lookup
+/// succeeds: expired descriptions are refreshed in the background and a failed refresh
+/// (timeout, error answer) keeps the old one, so a busy service never turns encryption
+/// off. The modes differ only for a service that has never described itself
+/// successfully since the adapter started (describe timed out, answered an error or
+/// garbage), for `describe_negative_ttl` after each failed lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EncryptionMode {
     /// Never encrypt and never fetch service descriptions (what nuropb-gw 0.1.4 does).
     Off,
-    /// Fetch each target service's `nuropb_describe` (cached for `describe_ttl`) and
-    /// encrypt calls to methods with `requires_encryption: true` when the service
-    /// publishes a public key.
+    /// A service never described successfully gets its calls in plaintext, including
+    /// calls to methods that may require encryption (the lookup failure is logged at
+    /// `warn` with the service name). What nuropb's own requester does.
     Auto,
+    /// A service never described successfully gets no calls: they fail with
+    /// `MeshError::Encryption` until a lookup succeeds. Choose this when some service
+    /// must never receive plaintext, at the price of failing calls to a service too busy
+    /// to answer its first describe within `describe_timeout`.
+    Required,
 }
 
 /// Configuration of [`crate::AmqpMesh`]. Build with [`AmqpMeshConfig::new`] and adjust
@@ -92,17 +107,28 @@ pub struct AmqpMeshConfig {
     /// decoder dies on very deep documents (a fatal message for a service, §7.5) and
     /// serde_json refuses more than 127 levels. Default: 64.
     pub max_json_depth: usize,
-    /// How long a service description (for encryption) is reused. Default: 5 min.
+    /// How long a service description (for encryption) is used before it is refreshed.
+    /// The refresh runs in the background; the expired description stays in use meanwhile
+    /// and for good if the refresh fails. Default: 5 min.
     pub describe_ttl: Duration,
-    /// How long a failed description lookup is remembered, so that a service without a
-    /// working describe does not cost an extra round trip per call. Default: 10 s.
+    /// How long a failed description lookup is remembered before the next attempt, so
+    /// that a service without a working describe does not cost an extra round trip per
+    /// call. For a service never described successfully, this is how long its calls get
+    /// `encryption`'s fallback (plaintext in `Auto`, refusal in `Required`); for one
+    /// described before, how long its last known description is used before the next
+    /// refresh attempt. Default: 10 s.
     pub describe_negative_ttl: Duration,
-    /// Timeout of one `nuropb_describe` call. Default: 2 s.
+    /// Timeout of one `nuropb_describe` call. A first lookup delays the calls waiting for
+    /// it by at most this much; refreshes delay nobody. Default: 2 s.
     pub describe_timeout: Duration,
-    /// Services whose description is cached; past it, expired and then arbitrary entries
-    /// are evicted (clients choose service names, so this must be bounded). Default: 256.
+    /// Services whose description is cached; past it, entries without a known
+    /// description go first, then arbitrary ones (clients choose service names, so this
+    /// must be bounded; an evicted service starts over with a first lookup).
+    /// Default: 256.
     pub describe_cache_capacity: usize,
-    /// Whether requests are encrypted for methods that require it. Default: `Auto`.
+    /// Whether requests and commands are encrypted for methods that require it, and what
+    /// happens when a service's description is unavailable (see [`EncryptionMode`]).
+    /// Default: `Auto`.
     pub encryption: EncryptionMode,
     /// Bound of this instance's events queue on the broker (`x-max-length`); when the
     /// core falls that far behind, the oldest events are dropped by the broker.
@@ -110,8 +136,10 @@ pub struct AmqpMeshConfig {
     pub events_queue_max_length: u32,
     /// Longest wait for the core to answer a `stats` call from the mesh. Default: 2 s.
     pub core_reply_timeout: Duration,
-    /// On shutdown, how long pending requests may still receive their responses before
-    /// the connection is closed and they fail. Default: 5 s.
+    /// On shutdown, how long pending requests may still receive their responses, and
+    /// published messages (commands, events, responses) their broker confirmations, before
+    /// the connection is closed and what is left fails with `MeshError::Unavailable`.
+    /// The drain ends as soon as nothing is outstanding. Default: 5 s.
     pub drain_timeout: Duration,
 }
 

@@ -1,9 +1,16 @@
 //! Service descriptions (`nuropb_describe`, spec §6.4): the cache of other services'
 //! descriptions that decides whether a call is encrypted (§10), and the gateway's own
 //! description in nuropb's exact shape.
+//!
+//! The cache is stale-while-revalidate: once a service has described itself, its
+//! description is kept for good (until evicted) and only refreshed. A refresh runs in the
+//! background while callers keep using the last known description, and a refresh that
+//! fails (a busy service missing `describe_timeout`, an error answer) leaves it in use.
+//! Without this, one slow describe answer turned encryption off for a while.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -12,6 +19,8 @@ use mesh_crypto::ServicePublicKey;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// What a service's description says about encryption.
 #[derive(Debug)]
@@ -25,78 +34,169 @@ pub(crate) struct ServiceCrypto {
 /// The outcome of one describe lookup, shared by everyone who asked at the same time.
 #[derive(Debug, Clone)]
 pub(crate) enum Described {
-    /// The service described itself.
+    /// The service described itself (now, or at some earlier lookup).
     Known(Arc<ServiceCrypto>),
-    /// The lookup failed in a way that says nothing about the call itself (no answer in
-    /// time, an error response, a malformed result): calls go out in plaintext.
+    /// The service has never described itself successfully, and the lookup failed in a
+    /// way that says nothing about the call itself (no answer in time, an error response,
+    /// a malformed result): the caller applies `EncryptionMode`'s fallback.
     Unknown,
     /// The lookup failed in a way the call would too (unroutable, connection lost): the
     /// call fails the same way without being published.
     Failed(MeshError),
 }
 
+/// Why a lookup runs; the fetch logs differently for each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lookup {
+    /// Nothing is known about the service: callers wait for this lookup.
+    First,
+    /// A description is known but expired: callers keep using it meanwhile.
+    Refresh,
+}
+
+/// One lookup of one service, and what earlier lookups learnt.
 #[derive(Debug, Default)]
 struct Slot {
+    /// This lookup's outcome, with the instant it stops being used.
     cell: OnceCell<(Described, Instant)>,
+    /// The description an earlier lookup got, served while this one runs and after it
+    /// fails. `None` until the service has described itself once.
+    last_known: Option<Arc<ServiceCrypto>>,
+    /// Whether the background refresh of this slot was started (only with `last_known`).
+    refresh_started: AtomicBool,
+}
+
+impl Slot {
+    /// What callers get from this slot's finished lookup: a failed refresh falls back to
+    /// the last known description.
+    fn answer(&self, described: &Described) -> Described {
+        match (described, &self.last_known) {
+            (Described::Known(_), _) | (_, None) => described.clone(),
+            (Described::Unknown | Described::Failed(_), Some(known)) => {
+                Described::Known(Arc::clone(known))
+            }
+        }
+    }
+
+    /// The newest description this slot knows, carried into the next lookup's slot.
+    fn known(&self) -> Option<Arc<ServiceCrypto>> {
+        match self.cell.get() {
+            Some((Described::Known(crypto), _)) => Some(Arc::clone(crypto)),
+            _ => self.last_known.clone(),
+        }
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        self.cell.get().is_some_and(|(_, expires)| *expires <= now)
+    }
 }
 
 /// Descriptions by service name. One lookup per service runs at a time: concurrent first
 /// callers wait for the same fetch (`OnceCell`; if the fetching caller is cancelled, the
-/// next waiter fetches). Bounded: clients choose service names.
+/// next waiter fetches), later refreshes run in a tracked background task. Bounded:
+/// clients choose service names.
 #[derive(Debug)]
 pub(crate) struct DescribeCache {
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     capacity: usize,
     ttl: Duration,
     negative_ttl: Duration,
+    /// Runs the background refreshes; the adapter's tracker, so that `closed()` also
+    /// waits for them (each is bounded by `describe_timeout`).
+    tracker: TaskTracker,
 }
 
 impl DescribeCache {
-    pub(crate) fn new(capacity: usize, ttl: Duration, negative_ttl: Duration) -> Self {
-        DescribeCache { slots: Mutex::default(), capacity, ttl, negative_ttl }
+    pub(crate) fn new(
+        capacity: usize,
+        ttl: Duration,
+        negative_ttl: Duration,
+        tracker: TaskTracker,
+    ) -> Self {
+        DescribeCache { slots: Mutex::default(), capacity, ttl, negative_ttl, tracker }
     }
 
-    /// The cached description of `service`, or the result of `fetch` (called at most once
-    /// per expiry for all concurrent callers).
+    /// What is known about `service`'s encryption, fetching with `fetch` when needed
+    /// (at most one fetch per service at a time, for all callers).
+    ///
+    /// - fresh entry: returned as is;
+    /// - expired known description: returned at once, and a background refresh starts;
+    /// - nothing known yet (first lookup, or the negative result expired): the caller
+    ///   waits for the lookup, shared with concurrent callers.
     pub(crate) async fn get<F, Fut>(&self, service: &str, fetch: F) -> Described
     where
-        F: Fn() -> Fut,
-        Fut: Future<Output = Described>,
+        F: Fn(Lookup) -> Fut + Send + 'static,
+        Fut: Future<Output = Described> + Send + 'static,
     {
-        // Two rounds: a stale entry found in the first is replaced and fetched in the second.
-        for _ in 0..2 {
+        // An expired slot is replaced and the loop looks at its successor; a third round
+        // only happens when a concurrent caller's lookup finished and expired in between
+        // (a failure, which expires at once). The last round answers whatever it finds.
+        const ROUNDS: usize = 3;
+        let mut round = 0;
+        loop {
+            round += 1;
             let slot = self.slot(service);
-            let (described, expires) = slot
+            if let Some((described, expires)) = slot.cell.get() {
+                if Instant::now() < *expires || round == ROUNDS {
+                    return slot.answer(described);
+                }
+                self.replace(service, &slot);
+                continue;
+            }
+            if let Some(known) = &slot.last_known {
+                if !slot.refresh_started.swap(true, Ordering::SeqCst) {
+                    self.spawn_refresh(service, Arc::clone(&slot), fetch);
+                }
+                return Described::Known(Arc::clone(known));
+            }
+            let (ttl, negative_ttl) = (self.ttl, self.negative_ttl);
+            let (described, _) = slot
                 .cell
                 .get_or_init(|| async {
-                    let described = fetch().await;
-                    let ttl = match &described {
-                        Described::Known(_) => self.ttl,
-                        Described::Unknown => self.negative_ttl,
-                        // Shared with concurrent callers, never reused afterwards: the
-                        // service may appear (or the connection return) any moment.
-                        Described::Failed(_) => Duration::ZERO,
-                    };
-                    (described, Instant::now() + ttl)
+                    let described = fetch(Lookup::First).await;
+                    let expires = Instant::now() + ttl_of(&described, false, ttl, negative_ttl);
+                    (described, expires)
                 })
-                .await
-                .clone();
-            if Instant::now() < expires {
-                return described;
-            }
-            {
-                let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-                if slots.get(service).is_some_and(|current| Arc::ptr_eq(current, &slot)) {
-                    slots.remove(service);
-                }
-            }
-            // A failure was for the callers that waited on it, not for the next ones.
-            if matches!(described, Described::Failed(_)) {
-                return described;
-            }
+                .await;
+            // Returned even if already expired (a failure): it is this caller's answer.
+            return slot.answer(described);
         }
-        // Only reached if the fresh fetch expired at once (a zero TTL).
-        Described::Unknown
+    }
+
+    fn spawn_refresh<F, Fut>(&self, service: &str, slot: Arc<Slot>, fetch: F)
+    where
+        F: Fn(Lookup) -> Fut + Send + 'static,
+        Fut: Future<Output = Described> + Send + 'static,
+    {
+        let (ttl, negative_ttl) = (self.ttl, self.negative_ttl);
+        let span = tracing::info_span!("amqp.describe_refresh", service);
+        self.tracker.spawn(
+            async move {
+                let refresh = fetch(Lookup::Refresh);
+                // The outcome stays in the slot for later callers, which is all this task
+                // is for. Nobody else initialises this slot: callers see `last_known`
+                // and return without waiting.
+                let _ = slot
+                    .cell
+                    .get_or_init(|| async move {
+                        let described = refresh.await;
+                        let expires = Instant::now() + ttl_of(&described, true, ttl, negative_ttl);
+                        (described, expires)
+                    })
+                    .await;
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Replaces an expired `slot` (unless a concurrent caller already did) by a fresh one
+    /// that remembers the last known description.
+    fn replace(&self, service: &str, slot: &Arc<Slot>) {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        if slots.get(service).is_some_and(|current| Arc::ptr_eq(current, slot)) {
+            let next = Slot { last_known: slot.known(), ..Slot::default() };
+            slots.insert(service.to_owned(), Arc::new(next));
+        }
     }
 
     fn slot(&self, service: &str) -> Arc<Slot> {
@@ -105,18 +205,40 @@ impl DescribeCache {
             return Arc::clone(slot);
         }
         if slots.len() >= self.capacity {
+            // Expired entries that never described anything go first: nothing is lost
+            // with them. Known descriptions go last: losing one means a first lookup
+            // again, and with it the plaintext fallback if that lookup fails.
             let now = Instant::now();
-            slots.retain(|_, slot| slot.cell.get().is_none_or(|(_, expires)| *expires > now));
-            // Still full of live entries: drop one; it is only a cache.
-            if slots.len() >= self.capacity
-                && let Some(victim) = slots.keys().next().cloned()
-            {
-                slots.remove(&victim);
+            slots.retain(|_, slot| !(slot.expired(now) && slot.known().is_none()));
+            if slots.len() >= self.capacity {
+                let victim = slots
+                    .iter()
+                    .find(|(_, slot)| slot.known().is_none())
+                    .or_else(|| slots.iter().next())
+                    .map(|(name, _)| name.clone());
+                if let Some(victim) = victim {
+                    slots.remove(&victim);
+                }
             }
         }
         let slot = Arc::new(Slot::default());
         slots.insert(service.to_owned(), Arc::clone(&slot));
         slot
+    }
+}
+
+/// How long a lookup's outcome is used; `refresh` when a description was known before.
+fn ttl_of(described: &Described, refresh: bool, ttl: Duration, negative_ttl: Duration) -> Duration {
+    match described {
+        Described::Known(_) => ttl,
+        // Remembered so that a service without a working describe does not cost a round
+        // trip per call, and a failing refresh is not retried per call; the last known
+        // description (if any) stays in use meanwhile.
+        Described::Unknown => negative_ttl,
+        Described::Failed(_) if refresh => negative_ttl,
+        // Shared with concurrent callers, never reused afterwards: the service may appear
+        // (or the connection return) any moment.
+        Described::Failed(_) => Duration::ZERO,
     }
 }
 
@@ -203,7 +325,7 @@ pub(crate) fn gateway_description(service_name: &str) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use futures::future::BoxFuture;
 
     use super::*;
 
@@ -250,34 +372,165 @@ mod tests {
         );
     }
 
+    fn cache(capacity: usize) -> DescribeCache {
+        DescribeCache::new(
+            capacity,
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+            TaskTracker::new(),
+        )
+    }
+
+    fn known(method: &str) -> Described {
+        Described::Known(Arc::new(ServiceCrypto {
+            public_key: None,
+            encrypted_methods: HashSet::from([method.to_owned()]),
+        }))
+    }
+
+    /// The encrypted method a `Known` answer names (`known(m)` above), or what it is.
+    fn seen(described: &Described) -> String {
+        match described {
+            Described::Known(crypto) => {
+                crypto.encrypted_methods.iter().next().cloned().unwrap_or_default()
+            }
+            Described::Unknown => "unknown".into(),
+            Described::Failed(_) => "failed".into(),
+        }
+    }
+
+    /// A scripted describe: each fetch takes 10 ms and returns the next outcome (the last
+    /// one forever); it records which kinds of lookup were made.
+    #[derive(Clone)]
+    struct Script {
+        outcomes: Arc<Mutex<Vec<Described>>>,
+        lookups: Arc<Mutex<Vec<Lookup>>>,
+    }
+
+    impl Script {
+        fn new(outcomes: Vec<Described>) -> Script {
+            Script { outcomes: Arc::new(Mutex::new(outcomes)), lookups: Arc::default() }
+        }
+
+        fn fetch(&self) -> impl Fn(Lookup) -> BoxFuture<'static, Described> + Send + 'static {
+            let script = self.clone();
+            move |lookup| {
+                let script = script.clone();
+                Box::pin(async move {
+                    script.lookups.lock().expect("lock").push(lookup);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let mut outcomes = script.outcomes.lock().expect("lock");
+                    if outcomes.len() > 1 { outcomes.remove(0) } else { outcomes[0].clone() }
+                })
+            }
+        }
+
+        fn lookups(&self) -> Vec<Lookup> {
+            self.lookups.lock().expect("lock").clone()
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn concurrent_callers_share_one_fetch_and_entries_expire() {
-        let cache = DescribeCache::new(2, Duration::from_secs(60), Duration::from_secs(5));
-        let fetches = AtomicUsize::new(0);
-        let fetch = || async {
-            fetches.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            Described::Unknown
-        };
-        let (a, b) = tokio::join!(cache.get("svc", fetch), cache.get("svc", fetch));
-        assert!(matches!((a, b), (Described::Unknown, Described::Unknown)));
-        assert_eq!(fetches.load(Ordering::SeqCst), 1);
-        cache.get("svc", fetch).await;
-        assert_eq!(fetches.load(Ordering::SeqCst), 1, "negative result cached");
+        let cache = cache(2);
+        let script = Script::new(vec![Described::Unknown]);
+        let (a, b) =
+            tokio::join!(cache.get("svc", script.fetch()), cache.get("svc", script.fetch()));
+        assert_eq!((seen(&a), seen(&b)), ("unknown".into(), "unknown".into()));
+        assert_eq!(script.lookups(), [Lookup::First]);
+        cache.get("svc", script.fetch()).await;
+        assert_eq!(script.lookups().len(), 1, "negative result cached");
         tokio::time::advance(Duration::from_secs(6)).await;
-        cache.get("svc", fetch).await;
-        assert_eq!(fetches.load(Ordering::SeqCst), 2, "negative result expired");
+        cache.get("svc", script.fetch()).await;
+        assert_eq!(
+            script.lookups(),
+            [Lookup::First, Lookup::First],
+            "negative result expired; never described, so the caller waits again"
+        );
 
-        let failing = || async { Described::Failed(MeshError::Unavailable("down".into())) };
-        assert!(matches!(cache.get("gone", failing).await, Described::Failed(_)));
-        assert!(
-            matches!(cache.get("gone", fetch).await, Described::Unknown),
+        let failing = Script::new(vec![Described::Failed(MeshError::Unavailable("down".into()))]);
+        assert_eq!(seen(&cache.get("gone", failing.fetch()).await), "failed");
+        assert_eq!(
+            seen(&cache.get("gone", script.fetch()).await),
+            "unknown",
             "failures are not reused"
         );
 
         for name in ["x", "y", "z"] {
-            cache.get(name, fetch).await;
+            cache.get(name, script.fetch()).await;
         }
         assert!(cache.slots.lock().expect("lock").len() <= 2, "bounded");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_known_description_outlives_its_ttl_and_failed_refreshes() {
+        let cache = cache(8);
+        // Described once, then the service stops answering describe, then answers anew.
+        let script =
+            Script::new(vec![known("v1"), Described::Unknown, Described::Unknown, known("v2")]);
+        assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v1");
+
+        tokio::time::advance(Duration::from_secs(61)).await;
+        // Expired: answered at once from the stale description, refreshed in the background.
+        let started = Instant::now();
+        assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v1");
+        assert_eq!(started.elapsed(), Duration::ZERO, "nobody waits for a refresh");
+        assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v1", "while refreshing");
+        cache.tracker.close();
+        cache.tracker.wait().await;
+        assert_eq!(script.lookups(), [Lookup::First, Lookup::Refresh], "one refresh at a time");
+
+        // The refresh failed: the stale description stays, and no new refresh is tried
+        // before describe_negative_ttl.
+        assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v1");
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v1");
+        assert_eq!(script.lookups().len(), 2);
+
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v1");
+        cache.tracker.wait().await;
+        assert_eq!(script.lookups().len(), 3, "retried after describe_negative_ttl");
+        assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v1", "second refresh failed");
+
+        tokio::time::advance(Duration::from_secs(6)).await;
+        cache.get("svc", script.fetch()).await;
+        cache.tracker.wait().await;
+        assert_eq!(
+            seen(&cache.get("svc", script.fetch()).await),
+            "v2",
+            "a good refresh replaces it"
+        );
+        assert_eq!(script.lookups().last(), Some(&Lookup::Refresh));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_refresh_keeps_the_description() {
+        let cache = cache(8);
+        let down = Described::Failed(MeshError::Unavailable("connection lost".into()));
+        let script = Script::new(vec![known("v1"), down]);
+        cache.get("svc", script.fetch()).await;
+        tokio::time::advance(Duration::from_secs(61)).await;
+        cache.get("svc", script.fetch()).await;
+        cache.tracker.close();
+        cache.tracker.wait().await;
+        assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v1");
+        assert_eq!(script.lookups().len(), 2, "not retried per call");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eviction_keeps_known_descriptions_longest() {
+        let cache = cache(2);
+        cache.get("known", Script::new(vec![known("k")]).fetch()).await;
+        let unknown = Script::new(vec![Described::Unknown]);
+        cache.get("a", unknown.fetch()).await;
+        cache.get("b", unknown.fetch()).await;
+        tokio::time::advance(Duration::from_secs(120)).await;
+        for name in ["c", "d", "e"] {
+            cache.get(name, unknown.fetch()).await;
+        }
+        let slots = cache.slots.lock().expect("lock");
+        assert!(slots.len() <= 2);
+        assert!(slots.contains_key("known"), "{:?}", slots.keys().collect::<Vec<_>>());
     }
 }

@@ -3,7 +3,7 @@
 //! service cannot decode kills or wedges it (spec §7.5), so the adapter checks again.
 //! By construction the adapter always writes all five headers, protocol `0.1.1`, a
 //! `request`/`command`/`event` type and a JSON object body; what is left to check is the
-//! caller-supplied content.
+//! caller-supplied content, and that the call does not target the gateway itself.
 
 use handler_core::{MeshCall, MeshError, MeshEvent};
 use serde_json::Value;
@@ -18,8 +18,25 @@ pub(crate) struct Limits {
     pub(crate) max_json_depth: usize,
 }
 
-/// Checks a request or command before it is serialized.
-pub(crate) fn check_call(call: &MeshCall, limits: Limits) -> Result<(), MeshError> {
+/// Checks a request or command before it is serialized. `own_service` is the gateway's
+/// own service name (`AmqpMeshConfig::service_name`).
+///
+/// Architecture invariant: calls that reach this adapter come from WebSocket clients, so
+/// they never target the gateway's own service. Its methods (`push_to_all`,
+/// `disconnect_user`, `stats`, …) are for mesh peers, which publish to its service queue
+/// directly; routed from here they would run on behalf of an untrusted client.
+pub(crate) fn check_call(
+    call: &MeshCall,
+    limits: Limits,
+    own_service: &str,
+) -> Result<(), MeshError> {
+    // Direct-exchange routing keys match byte for byte, so equality is exactly the set of
+    // calls that would land on our own service queue.
+    if call.service == own_service {
+        return Err(MeshError::Rejected(format!(
+            "service {own_service} cannot be called through the gateway"
+        )));
+    }
     check_name("service", &call.service)?;
     check_name("method", &call.method)?;
     check_trace_id(call.trace_id.as_str(), limits)?;
@@ -135,7 +152,8 @@ mod tests {
 
     #[test]
     fn calls() {
-        let check = |c: MeshCall, ok: bool| assert_eq!(check_call(&c, LIMITS).is_ok(), ok, "{c:?}");
+        let check =
+            |c: MeshCall, ok: bool| assert_eq!(check_call(&c, LIMITS, "gw").is_ok(), ok, "{c:?}");
         check(call("svc", "m", json!({"a": [1]}), "t"), true);
         check(call("", "m", json!({}), "t"), false);
         check(call("svc", "", json!({}), "t"), false);
@@ -146,6 +164,21 @@ mod tests {
         check(call("svc", "m", json!({"a": [[1]]}), "t"), true);
         check(call("svc", "m", json!({"a": [[[1]]]}), "t"), false);
         check(call("svc", "m", json!({"a": [1]}), "t"), true);
+        // The gateway's own service, whatever the method; names that merely resemble it
+        // route elsewhere and pass.
+        check(call("gw", "push_to_all", json!({}), "t"), false);
+        check(call("gw", "nuropb_describe", json!({}), "t"), false);
+        check(call("GW", "stats", json!({}), "t"), true);
+        check(call("gw ", "stats", json!({}), "t"), true);
+    }
+
+    #[test]
+    fn own_service_error_names_it() {
+        let refused = check_call(&call("gw", "stats", json!({}), "t"), LIMITS, "gw");
+        assert_eq!(
+            refused,
+            Err(MeshError::Rejected("service gw cannot be called through the gateway".into()))
+        );
     }
 
     #[test]

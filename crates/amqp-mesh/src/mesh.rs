@@ -88,6 +88,7 @@ impl AmqpMesh {
             return Err(AmqpMeshError::Shutdown);
         }
         let (inbound, inbound_rx) = mpsc::channel(config.inbound_capacity);
+        let tracker = TaskTracker::new();
         let shared = Arc::new(Shared {
             response_queue: config.response_queue(),
             control_topic: config.control_topic(),
@@ -102,11 +103,12 @@ impl AmqpMesh {
                 config.describe_cache_capacity,
                 config.describe_ttl,
                 config.describe_negative_ttl,
+                tracker.clone(),
             ),
             state: watch::Sender::new(None),
             inbound,
             shutdown: shutdown.clone(),
-            tracker: TaskTracker::new(),
+            tracker,
             config,
         });
         let span = tracing::info_span!(
@@ -121,7 +123,9 @@ impl AmqpMesh {
         };
         shared.state.send_replace(Some(first.handle.clone()));
         shared.tracker.spawn(supervisor::run(Arc::clone(&shared), first).instrument(span));
-        // Nothing else is ever spawned on this tracker; closing it lets `closed` finish.
+        // Closed now so that `closed` finishes once the supervisor and any describe refresh
+        // (the only other tasks spawned here) are done. A refresh spawned after shutdown
+        // finds no connection (`Shared::link`) and ends at once.
         shared.tracker.close();
         Ok((AmqpMesh { shared }, inbound_rx))
     }
@@ -148,8 +152,15 @@ impl AmqpMesh {
     }
 
     /// Waits until the adapter has shut down after the `shutdown` token fired: pending
-    /// requests drained (up to `drain_timeout`) or failed, the connection closed, every
-    /// task finished.
+    /// requests and unconfirmed publishes (commands, events, responses) drained or failed,
+    /// the connection closed, every task finished.
+    ///
+    /// Bounded: the drain ends when nothing is outstanding, when the connection drops, or
+    /// after `drain_timeout`. Then the connection's tasks stop at once (once the publisher
+    /// is gone, a publish fails immediately), except one handling a peer's `stats` call,
+    /// which waits at most `core_reply_timeout` for the core; closing the connection takes
+    /// at most 2 s (a broker that does not answer `connection.close`). With nothing
+    /// outstanding it resolves within a broker round trip.
     pub async fn closed(&self) {
         self.shared.tracker.wait().await;
     }

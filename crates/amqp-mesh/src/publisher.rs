@@ -10,33 +10,53 @@
 //!
 //! lapin pairs returned messages with confirmations by arrival order, and when the broker
 //! acknowledges several publishes at once (`multiple`), in hash-map order: a return can
-//! ride on another message's confirmation. So a return counts for the message whose
-//! correlation id it carries; one that arrives on someone else's confirmation is handed to
-//! the waiting request directly, through the pending table.
+//! ride on another message's confirmation, resolved before or after the returned message's
+//! own. So a return counts for the message whose correlation id it carries, and the task
+//! keeps a [`Ledger`] of the requests and commands it has published:
+//! - a return for one still awaiting its confirmation marks it; its confirmation then
+//!   reports `Returned`;
+//! - a command's `Routed` verdict is held until every confirmation that is already
+//!   resolved has been read (a return on one of them reaches the command first), and for
+//!   [`SUSPECT_GRACE`] when its own confirmation carried someone else's return (its own
+//!   return may then be on a confirmation lapin resolves just after);
+//! - a request gets its verdict at once: it waits for its response anyway, so a return
+//!   that arrives later reaches it through the pending table.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::Duration;
 
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{Stream, StreamExt};
 use handler_core::MeshError;
 use lapin::message::BasicReturnMessage;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation};
+use nuropb_wire::mesh::MessageType;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::pending::PendingTable;
 use crate::stats::{Counters, bump};
 
+/// How long a command's `Routed` verdict is held when its own confirmation carried
+/// another message's return. lapin resolves the confirmations of one `basic.ack` frame in
+/// a single pass, within microseconds; this only has to outlast that pass.
+const SUSPECT_GRACE: Duration = Duration::from_millis(20);
+
 /// A message ready for the wire.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
+    /// Requests and commands are published `mandatory` (the broker returns them when no
+    /// queue is bound); events and responses are not.
+    pub(crate) kind: MessageType,
     pub(crate) exchange: String,
     pub(crate) routing_key: String,
-    /// `true` for requests and commands: the broker returns them when no queue is bound.
-    pub(crate) mandatory: bool,
     pub(crate) body: Vec<u8>,
     pub(crate) properties: BasicProperties,
 }
@@ -55,7 +75,40 @@ type Verdict = Result<Published, MeshError>;
 #[derive(Debug)]
 struct Command {
     message: Outgoing,
-    reply: oneshot::Sender<Verdict>,
+    reply: Reply,
+}
+
+/// Where a message's verdict goes. Counts as unsettled (see [`Publisher::unsettled`])
+/// until the verdict is sent or the reply is dropped, wherever that happens: in the
+/// queue, in the task, or with the task.
+#[derive(Debug)]
+struct Reply {
+    tx: oneshot::Sender<Verdict>,
+    _ticket: Ticket,
+}
+
+impl Reply {
+    fn send(self, verdict: Verdict) {
+        // The caller may have given up; the verdict is counted anyway.
+        let _ = self.tx.send(verdict);
+    }
+}
+
+/// One unit of [`Publisher::unsettled`], given back when dropped.
+#[derive(Debug)]
+struct Ticket(Arc<AtomicUsize>);
+
+impl Ticket {
+    fn new(unsettled: &Arc<AtomicUsize>) -> Ticket {
+        unsettled.fetch_add(1, Ordering::SeqCst);
+        Ticket(Arc::clone(unsettled))
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The way in to a connection's publisher task.
@@ -63,6 +116,7 @@ struct Command {
 pub(crate) struct Publisher {
     tx: mpsc::Sender<Command>,
     counters: Arc<Counters>,
+    unsettled: Arc<AtomicUsize>,
 }
 
 impl Publisher {
@@ -72,11 +126,12 @@ impl Publisher {
     /// Cancellation safe: a dropped call leaves the message to the task, which still
     /// collects its confirmation.
     pub(crate) async fn publish(&self, message: Outgoing) -> Verdict {
-        let (reply, verdict) = oneshot::channel();
+        let (tx, verdict) = oneshot::channel();
         let failed = |why: &str| {
             bump(&self.counters.publish_failures);
             Err(MeshError::Unavailable(why.to_owned()))
         };
+        let reply = Reply { tx, _ticket: Ticket::new(&self.unsettled) };
         match self.tx.try_send(Command { message, reply }) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => return failed("publish queue full"),
@@ -84,6 +139,13 @@ impl Publisher {
         }
         // The task drops the reply only when its connection is going away.
         verdict.await.unwrap_or_else(|_| failed("connection lost"))
+    }
+
+    /// Messages handed to the publisher task whose verdict is not given yet (queued,
+    /// awaiting the broker's confirmation, or held for a late return). The drain on
+    /// shutdown waits for this to reach zero.
+    pub(crate) fn unsettled(&self) -> usize {
+        self.unsettled.load(Ordering::SeqCst)
     }
 }
 
@@ -95,7 +157,7 @@ pub(crate) fn channel(
     pending: Arc<PendingTable>,
 ) -> (Publisher, PublisherTask) {
     let (tx, rx) = mpsc::channel(capacity);
-    let publisher = Publisher { tx, counters: Arc::clone(&counters) };
+    let publisher = Publisher { tx, counters: Arc::clone(&counters), unsettled: Arc::default() };
     (publisher, PublisherTask { rx, capacity, counters, pending })
 }
 
@@ -113,14 +175,28 @@ impl PublisherTask {
     /// means the channel is broken: it cancels `link` so the supervisor reconnects.
     pub(crate) async fn run(mut self, channel: Channel, link: CancellationToken) {
         let mut unconfirmed = FuturesUnordered::new();
+        let mut ledger = Ledger::default();
         loop {
+            let release_at = ledger.next_release();
             // Cancellation safety: `recv` and `FuturesUnordered::next` lose nothing when
-            // another branch wins; `cancelled` is a plain notification.
+            // another branch wins; `cancelled` and the sleep are plain notifications.
             tokio::select! {
                 biased;
                 () = link.cancelled() => break,
-                Some(()) = unconfirmed.next(), if !unconfirmed.is_empty() => {}
-                command = self.rx.recv(), if unconfirmed.len() < self.capacity => {
+                Some((seq, confirmation)) = unconfirmed.next(), if !unconfirmed.is_empty() => {
+                    ledger.confirmed(seq, confirmation, Instant::now(), &self.counters, &self.pending);
+                    // Whatever lapin resolved before this confirmation is ready now too:
+                    // read it all before releasing held verdicts, so that a return riding
+                    // on any of it reaches its command first.
+                    while let Some((seq, confirmation)) = ready_now(&mut unconfirmed).await {
+                        ledger.confirmed(seq, confirmation, Instant::now(), &self.counters, &self.pending);
+                    }
+                    ledger.release(Instant::now(), &self.counters);
+                }
+                () = tokio::time::sleep_until(release_at.unwrap_or_else(Instant::now)), if release_at.is_some() => {
+                    ledger.release(Instant::now(), &self.counters);
+                }
+                command = self.rx.recv(), if ledger.len() < self.capacity => {
                     let Some(Command { message, reply }) = command else { break };
                     let (exchange, routing_key) = match (
                         ShortString::try_new(message.exchange.as_str()),
@@ -131,8 +207,7 @@ impl PublisherTask {
                         // lapin's `ShortString::from` panic.
                         _ => {
                             let why = "exchange or routing key longer than 255 bytes";
-                            // The caller may be gone; nothing else to tell.
-                            let _ = reply.send(Err(MeshError::Rejected(why.into())));
+                            reply.send(Err(MeshError::Rejected(why.into())));
                             continue;
                         }
                     };
@@ -142,7 +217,8 @@ impl PublisherTask {
                         .as_ref()
                         .map(|c| c.as_str().to_owned())
                         .unwrap_or_default();
-                    let options = BasicPublishOptions { mandatory: message.mandatory, immediate: false };
+                    let mandatory = is_mandatory(message.kind);
+                    let options = BasicPublishOptions { mandatory, immediate: false };
                     let publish = channel.basic_publish(
                         exchange,
                         routing_key.clone(),
@@ -158,20 +234,13 @@ impl PublisherTask {
                     };
                     match confirm {
                         Ok(confirm) => {
-                            let counters = Arc::clone(&self.counters);
-                            let pending = Arc::clone(&self.pending);
-                            unconfirmed.push(async move {
-                                let confirmation = confirm.await;
-                                let verdict = verdict(confirmation, &correlation_id, &counters, &pending);
-                                // The caller may have given up; the verdict is counted anyway.
-                                let _ = reply.send(verdict);
-                            });
+                            let seq = ledger.sent(message.kind, correlation_id, reply);
+                            unconfirmed.push(async move { (seq, confirm.await) });
                         }
                         Err(error) => {
                             warn!(error = %error, routing_key = %routing_key, "publish failed, dropping the connection");
                             bump(&self.counters.publish_failures);
-                            // The caller learns it from the error; it may have gone.
-                            let _ = reply.send(Err(MeshError::Unavailable("publish failed".into())));
+                            reply.send(Err(MeshError::Unavailable("publish failed".into())));
                             link.cancel();
                             break;
                         }
@@ -179,73 +248,198 @@ impl PublisherTask {
                 }
             }
         }
-        debug!(unconfirmed = unconfirmed.len(), "publisher stopped");
-        // Unconfirmed publishes die with the channel; their callers see "connection lost"
-        // when the replies are dropped here.
+        // Held commands were confirmed by the broker: they get their verdict. Unconfirmed
+        // publishes die with the channel; their callers see "connection lost" when the
+        // replies are dropped here.
+        ledger.release_all(&self.counters);
+        debug!(unconfirmed = ledger.len(), "publisher stopped");
     }
 }
 
-/// The broker's verdict on the message published under `correlation_id`.
-fn verdict(
-    confirmation: lapin::Result<Confirmation>,
-    correlation_id: &str,
-    counters: &Counters,
-    pending: &PendingTable,
-) -> Verdict {
-    let (acked, returned) = match confirmation {
-        Ok(Confirmation::Ack(returned)) => (true, returned),
-        Ok(Confirmation::Nack(returned)) => (false, returned),
-        // Confirm mode is always on for our channel; NotRequested would mean it was not.
-        Ok(Confirmation::NotRequested) => (true, None),
-        Err(error) => {
-            debug!(error = %error, "publish not confirmed");
-            bump(&counters.publish_failures);
-            return Err(MeshError::Unavailable(
-                "connection lost before the broker confirmed".into(),
-            ));
+/// Requests and commands are the messages the broker can return.
+fn is_mandatory(kind: MessageType) -> bool {
+    matches!(kind, MessageType::Request | MessageType::Command)
+}
+
+/// The next item of `stream` if it is ready now, without waiting (with the task's own
+/// waker, so a `FuturesUnordered` keeps waking this task).
+async fn ready_now<S: Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
+    std::future::poll_fn(|cx| match stream.poll_next_unpin(cx) {
+        Poll::Ready(item) => Poll::Ready(item),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+/// One published message whose verdict is not given yet.
+#[derive(Debug)]
+struct Entry {
+    kind: MessageType,
+    correlation_id: String,
+    reply: Reply,
+    /// A `basic.return` carrying this message's correlation id arrived (possibly on
+    /// another message's confirmation).
+    returned: bool,
+}
+
+/// The publisher task's record of what it published and has not settled. Owned by the
+/// task alone, so no lock.
+///
+/// Invariant: `returnable` maps the correlation id of every request and command in
+/// `entries` to its sequence number; `held` names only entries of `entries`.
+#[derive(Debug, Default)]
+struct Ledger {
+    next_seq: u64,
+    entries: HashMap<u64, Entry>,
+    returnable: HashMap<String, u64>,
+    /// Commands the broker confirmed without a return, with when they get `Routed`.
+    held: Vec<(u64, Instant)>,
+}
+
+impl Ledger {
+    /// Messages awaiting their confirmation or a held verdict.
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Records a message handed to lapin; returns its sequence number.
+    fn sent(&mut self, kind: MessageType, correlation_id: String, reply: Reply) -> u64 {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        if is_mandatory(kind) {
+            // Correlation ids of requests and commands are fresh uuids; were one reused,
+            // the newer message would get the returns, which is the best guess anyway.
+            self.returnable.insert(correlation_id.clone(), seq);
         }
-    };
-    let own_return =
-        returned.is_some_and(|returned| claim_return(returned, correlation_id, counters, pending));
-    if !acked {
-        bump(&counters.publish_failures);
-        return Err(MeshError::Unavailable("the broker refused the message".into()));
+        self.entries.insert(seq, Entry { kind, correlation_id, reply, returned: false });
+        seq
     }
-    if own_return {
-        Ok(Published::Returned)
-    } else {
-        bump(&counters.published);
-        Ok(Published::Routed)
+
+    /// The broker's confirmation of message `seq`, with any return lapin attached to it.
+    fn confirmed(
+        &mut self,
+        seq: u64,
+        confirmation: lapin::Result<Confirmation>,
+        now: Instant,
+        counters: &Counters,
+        pending: &PendingTable,
+    ) {
+        let Some(mut entry) = self.take(seq) else {
+            return;
+        };
+        let (acked, carried) = match confirmation {
+            Ok(Confirmation::Ack(returned)) => (true, returned),
+            Ok(Confirmation::Nack(returned)) => (false, returned),
+            // Confirm mode is always on for our channel; NotRequested would mean it was not.
+            Ok(Confirmation::NotRequested) => (true, None),
+            Err(error) => {
+                debug!(error = %error, "publish not confirmed");
+                bump(&counters.publish_failures);
+                entry.reply.send(Err(MeshError::Unavailable(
+                    "connection lost before the broker confirmed".into(),
+                )));
+                return;
+            }
+        };
+        let mut suspect = false;
+        if let Some(returned) = carried {
+            bump(&counters.returned);
+            let theirs = returned_correlation_id(&returned);
+            debug!(
+                reply_code = returned.reply_code,
+                routing_key = %returned.delivery.routing_key,
+                correlation_id = theirs,
+                "message returned by the broker"
+            );
+            if is_mandatory(entry.kind) && theirs == entry.correlation_id {
+                entry.returned = true;
+            } else {
+                suspect = true;
+                self.claim(&returned, pending);
+            }
+        }
+        if !acked {
+            bump(&counters.publish_failures);
+            entry.reply.send(Err(MeshError::Unavailable("the broker refused the message".into())));
+        } else if entry.returned {
+            entry.reply.send(Ok(Published::Returned));
+        } else if entry.kind == MessageType::Command {
+            let release = if suspect { now + SUSPECT_GRACE } else { now };
+            self.hold(seq, entry, release);
+        } else {
+            bump(&counters.published);
+            entry.reply.send(Ok(Published::Routed));
+        }
+    }
+
+    /// A return that lapin attached to someone else's confirmation.
+    fn claim(&mut self, returned: &BasicReturnMessage, pending: &PendingTable) {
+        let theirs = returned_correlation_id(returned);
+        debug!(correlation_id = theirs, "return arrived on another message's confirmation");
+        if let Some(entry) = self.returnable.get(theirs).and_then(|seq| self.entries.get_mut(seq)) {
+            entry.returned = true;
+            return;
+        }
+        // Settled already: a request still waits for its response and learns it there
+        // (the request path puts its own method name into the error).
+        let not_delivered = MeshError::NotDelivered {
+            service: returned.delivery.routing_key.as_str().to_owned(),
+            method: String::new(),
+        };
+        if !pending.complete(theirs, Err(not_delivered)) {
+            debug!(correlation_id = theirs, "return for a message already settled");
+        }
+    }
+
+    fn hold(&mut self, seq: u64, entry: Entry, release: Instant) {
+        if is_mandatory(entry.kind) {
+            self.returnable.insert(entry.correlation_id.clone(), seq);
+        }
+        self.entries.insert(seq, entry);
+        self.held.push((seq, release));
+    }
+
+    /// When the next held verdict is due.
+    fn next_release(&self) -> Option<Instant> {
+        self.held.iter().map(|(_, at)| *at).min()
+    }
+
+    /// Gives the held verdicts due at `now`.
+    fn release(&mut self, now: Instant, counters: &Counters) {
+        let (due, later): (Vec<_>, Vec<_>) = self.held.drain(..).partition(|(_, at)| *at <= now);
+        self.held = later;
+        for (seq, _) in due {
+            if let Some(entry) = self.take(seq) {
+                if entry.returned {
+                    entry.reply.send(Ok(Published::Returned));
+                } else {
+                    bump(&counters.published);
+                    entry.reply.send(Ok(Published::Routed));
+                }
+            }
+        }
+    }
+
+    /// Gives every held verdict now (the task is stopping).
+    fn release_all(&mut self, counters: &Counters) {
+        let last = self.held.iter().map(|(_, at)| *at).max();
+        if let Some(last) = last {
+            self.release(last, counters);
+        }
+    }
+
+    /// Removes entry `seq` and its correlation id.
+    fn take(&mut self, seq: u64) -> Option<Entry> {
+        let entry = self.entries.remove(&seq)?;
+        if self.returnable.get(&entry.correlation_id) == Some(&seq) {
+            self.returnable.remove(&entry.correlation_id);
+        }
+        Some(entry)
     }
 }
 
-/// Whether `returned` is the message published under `correlation_id`; if it is another
-/// one, its waiting request (if any) is told directly.
-fn claim_return(
-    returned: BasicReturnMessage,
-    correlation_id: &str,
-    counters: &Counters,
-    pending: &PendingTable,
-) -> bool {
-    bump(&counters.returned);
-    let properties = &returned.delivery.properties;
-    let theirs = properties.correlation_id().as_ref().map(|c| c.as_str()).unwrap_or_default();
-    let routing_key = returned.delivery.routing_key.as_str();
-    debug!(
-        reply_code = returned.reply_code,
-        routing_key,
-        correlation_id = theirs,
-        "message returned by the broker"
-    );
-    if theirs == correlation_id {
-        return true;
-    }
-    debug!(correlation_id = theirs, "return arrived on another message's confirmation");
-    // The request path puts its own method name into the error.
-    let not_delivered =
-        MeshError::NotDelivered { service: routing_key.to_owned(), method: String::new() };
-    pending.complete(theirs, Err(not_delivered));
-    false
+fn returned_correlation_id(returned: &BasicReturnMessage) -> &str {
+    returned.delivery.properties.correlation_id().as_ref().map(|c| c.as_str()).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -261,28 +455,139 @@ mod tests {
         BasicReturnMessage { delivery, reply_code: 312, reply_text: "NO_ROUTE".into() }
     }
 
+    /// A ledger with its collaborators and the receiving ends of every reply.
+    struct Fixture {
+        ledger: Ledger,
+        counters: Counters,
+        pending: Arc<PendingTable>,
+        unsettled: Arc<AtomicUsize>,
+        verdicts: HashMap<&'static str, oneshot::Receiver<Verdict>>,
+        seqs: HashMap<&'static str, u64>,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            Fixture {
+                ledger: Ledger::default(),
+                counters: Counters::default(),
+                pending: Arc::new(PendingTable::default()),
+                unsettled: Arc::default(),
+                verdicts: HashMap::new(),
+                seqs: HashMap::new(),
+            }
+        }
+
+        fn sent(&mut self, kind: MessageType, id: &'static str) {
+            let (tx, rx) = oneshot::channel();
+            let reply = Reply { tx, _ticket: Ticket::new(&self.unsettled) };
+            let seq = self.ledger.sent(kind, id.to_owned(), reply);
+            self.verdicts.insert(id, rx);
+            self.seqs.insert(id, seq);
+        }
+
+        fn confirmed(&mut self, id: &str, carrying: Option<&str>, now: Instant) {
+            let confirmation = Ok(Confirmation::Ack(carrying.map(returned)));
+            let seq = self.seqs[id];
+            self.ledger.confirmed(seq, confirmation, now, &self.counters, &self.pending);
+        }
+
+        /// The verdict given to `id` so far, if any.
+        fn verdict(&mut self, id: &str) -> Option<Verdict> {
+            self.verdicts.get_mut(id).and_then(|rx| rx.try_recv().ok())
+        }
+    }
+
     #[test]
     fn returns_count_for_the_message_they_carry() {
-        let counters = Counters::default();
-        let pending = Arc::new(PendingTable::default());
-        let (_guard, mut waiting) = pending.register("theirs".into(), 1).expect("register");
+        let mut f = Fixture::new();
+        let now = Instant::now();
+        f.sent(MessageType::Request, "mine");
+        f.confirmed("mine", Some("mine"), now);
+        assert_eq!(f.verdict("mine"), Some(Ok(Published::Returned)));
 
-        let own =
-            verdict(Ok(Confirmation::Ack(Some(returned("mine")))), "mine", &counters, &pending);
-        assert_eq!(own, Ok(Published::Returned));
-
-        // A return riding on another message's confirmation goes to its own request.
-        let other =
-            verdict(Ok(Confirmation::Ack(Some(returned("theirs")))), "mine", &counters, &pending);
-        assert_eq!(other, Ok(Published::Routed));
+        // A return riding on another message's confirmation, for a request that already
+        // has its verdict and waits for its response: it learns it through the table.
+        let (_guard, mut waiting) = f.pending.register("theirs".into(), 1).expect("register");
+        f.sent(MessageType::Event, "event");
+        f.confirmed("event", Some("theirs"), now);
+        assert_eq!(f.verdict("event"), Some(Ok(Published::Routed)));
         match waiting.try_recv() {
             Ok(Err(MeshError::NotDelivered { service, .. })) => assert_eq!(service, "gone"),
             other => panic!("the waiting request was not told: {other:?}"),
         }
 
-        let refused = verdict(Ok(Confirmation::Nack(None)), "mine", &counters, &pending);
-        assert!(matches!(refused, Err(MeshError::Unavailable(_))));
-        let snapshot = counters.snapshot(true, 0);
+        f.sent(MessageType::Command, "refused");
+        let seq = f.seqs["refused"];
+        f.ledger.confirmed(seq, Ok(Confirmation::Nack(None)), now, &f.counters, &f.pending);
+        assert!(matches!(f.verdict("refused"), Some(Err(MeshError::Unavailable(_)))));
+        let snapshot = f.counters.snapshot(true, 0);
         assert_eq!((snapshot.returned, snapshot.published, snapshot.publish_failures), (2, 1, 1));
+        assert_eq!(f.ledger.len(), 0);
+        assert_eq!(f.unsettled.load(Ordering::SeqCst), 0, "every reply settled");
+    }
+
+    #[test]
+    fn a_command_returned_on_another_confirmation_is_not_delivered() {
+        let check = |command_first: bool| {
+            let mut f = Fixture::new();
+            let now = Instant::now();
+            f.sent(MessageType::Command, "cmd");
+            f.sent(MessageType::Request, "req");
+            // lapin resolves both in one pass and hands the command's return to the
+            // request's confirmation; the task may read them in either order.
+            if command_first {
+                f.confirmed("cmd", None, now);
+                assert_eq!(f.verdict("cmd"), None, "held until the batch is read");
+                f.confirmed("req", Some("cmd"), now);
+            } else {
+                f.confirmed("req", Some("cmd"), now);
+                f.confirmed("cmd", None, now);
+            }
+            f.ledger.release(now, &f.counters);
+            assert_eq!(f.verdict("cmd"), Some(Ok(Published::Returned)), "{command_first}");
+            assert_eq!(f.verdict("req"), Some(Ok(Published::Routed)));
+            assert_eq!(f.ledger.len(), 0);
+            assert_eq!(f.unsettled.load(Ordering::SeqCst), 0);
+        };
+        check(true);
+        check(false);
+    }
+
+    #[test]
+    fn a_command_carrying_another_return_waits_a_grace_period() {
+        let mut f = Fixture::new();
+        let now = Instant::now();
+        for id in ["a", "b", "c"] {
+            f.sent(MessageType::Command, id);
+        }
+        // a's confirmation carries b's return: a's own return may come next.
+        f.confirmed("a", Some("b"), now);
+        f.confirmed("c", None, now);
+        f.ledger.release(now, &f.counters);
+        assert_eq!(f.verdict("c"), Some(Ok(Published::Routed)));
+        assert_eq!(f.verdict("a"), None, "suspect: held");
+        assert_eq!(f.ledger.next_release(), Some(now + SUSPECT_GRACE));
+        f.confirmed("b", Some("a"), now + Duration::from_millis(1));
+        assert_eq!(f.verdict("b"), Some(Ok(Published::Returned)));
+        f.ledger.release(now + SUSPECT_GRACE, &f.counters);
+        assert_eq!(f.verdict("a"), Some(Ok(Published::Returned)));
+        assert_eq!(f.ledger.len(), 0);
+    }
+
+    #[test]
+    fn held_commands_are_routed_when_nothing_claims_them() {
+        let mut f = Fixture::new();
+        let now = Instant::now();
+        f.sent(MessageType::Command, "a");
+        f.sent(MessageType::Command, "b");
+        f.confirmed("a", None, now);
+        f.confirmed("b", Some("elsewhere"), now);
+        f.ledger.release(now, &f.counters);
+        assert_eq!(f.verdict("a"), Some(Ok(Published::Routed)));
+        assert_eq!(f.unsettled.load(Ordering::SeqCst), 1, "b is still held");
+        f.ledger.release_all(&f.counters);
+        assert_eq!(f.verdict("b"), Some(Ok(Published::Routed)));
+        assert_eq!(f.counters.snapshot(true, 0).published, 2);
+        assert_eq!(f.unsettled.load(Ordering::SeqCst), 0);
     }
 }

@@ -1,6 +1,7 @@
 //! The requester side (spec §13 items 1–8): requests with their responses, commands,
 //! events, and the describe lookups that decide encryption.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use handler_core::{MeshCall, MeshError, MeshEvent, MeshResponse};
@@ -14,7 +15,7 @@ use serde_json::Value;
 use tracing::{debug, warn};
 
 use crate::config::EncryptionMode;
-use crate::describe::{Described, parse_description};
+use crate::describe::{Described, Lookup, parse_description};
 use crate::envelope;
 use crate::guard;
 use crate::mesh::{LinkHandle, Shared};
@@ -33,22 +34,27 @@ pub(crate) fn new_correlation_id() -> String {
 impl Shared {
     /// A request, answered by its first response. The caller (`AmqpMesh::request`) bounds
     /// it with the request timeout; every await here is cancellation safe.
-    pub(crate) async fn request(&self, call: MeshCall) -> Result<MeshResponse, MeshError> {
+    pub(crate) async fn request(
+        self: &Arc<Self>,
+        call: MeshCall,
+    ) -> Result<MeshResponse, MeshError> {
         self.guard_call(&call)?;
         let link = self.link()?;
         // Encoded (and size-checked) before the describe lookup, so that a call the guard
         // refuses publishes nothing at all.
         let encoded = self.encode_call(MessageType::Request, &call)?;
-        let key = self.encryption_key(&link, &call).await?;
+        let key = self.encryption_key(&call).await?;
         self.exchange(&link, &call, encoded, key.as_ref(), self.config.request_ttl).await
     }
 
-    /// A command: published like a request, never answered.
-    pub(crate) async fn command(&self, call: MeshCall) -> Result<(), MeshError> {
+    /// A command: published like a request, never answered. `Ok` means the broker
+    /// confirmed it and routed it to a queue (see `publisher` for returns that arrive on
+    /// another message's confirmation).
+    pub(crate) async fn command(self: &Arc<Self>, call: MeshCall) -> Result<(), MeshError> {
         self.guard_call(&call)?;
         let link = self.link()?;
         let encoded = self.encode_call(MessageType::Command, &call)?;
-        let key = self.encryption_key(&link, &call).await?;
+        let key = self.encryption_key(&call).await?;
         // Nobody answers a command, so its session key is not kept.
         let (body, _session) = self.seal(encoded.json, key.as_ref())?;
         let message = self.request_message(
@@ -98,9 +104,9 @@ impl Shared {
         let properties = envelope::properties(&headers, &correlation_id, "", None)
             .map_err(MeshError::Rejected)?;
         Ok(Outgoing {
+            kind: MessageType::Event,
             exchange: self.config.events_exchange.clone(),
             routing_key: body.topic.clone(),
-            mandatory: false,
             body: json,
             properties,
         })
@@ -119,7 +125,7 @@ impl Shared {
     }
 
     fn guard_call(&self, call: &MeshCall) -> Result<(), MeshError> {
-        guard::check_call(call, self.limits).inspect_err(|e| {
+        guard::check_call(call, self.limits, &self.config.service_name).inspect_err(|e| {
             bump(&self.counters.rejected_by_guard);
             debug!(service = %call.service, method = %call.method, trace_id = %call.trace_id, error = %e, "call rejected before publishing");
         })
@@ -219,9 +225,9 @@ impl Shared {
             envelope::properties(&headers, correlation_id, &self.response_queue, Some(ttl))
                 .map_err(MeshError::Rejected)?;
         Ok(Outgoing {
+            kind: tag,
             exchange: self.config.rpc_exchange.clone(),
             routing_key: call.service.clone(),
-            mandatory: true,
             body,
             properties,
         })
@@ -262,19 +268,43 @@ impl Shared {
     }
 
     /// The public key to encrypt `call` with, if its method requires encryption (§10).
+    ///
+    /// Decided by the target service's description (see `describe`): a method the
+    /// description marks `requires_encryption` is always encrypted, or the call fails.
+    /// Only a service that has never described itself successfully falls back, per
+    /// `EncryptionMode`: plaintext (`Auto`) or refusal (`Required`).
     async fn encryption_key(
-        &self,
-        link: &LinkHandle,
+        self: &Arc<Self>,
         call: &MeshCall,
     ) -> Result<Option<ServicePublicKey>, MeshError> {
-        if self.config.encryption == EncryptionMode::Off || call.method == DESCRIBE_METHOD {
+        let mode = self.config.encryption;
+        if mode == EncryptionMode::Off || call.method == DESCRIBE_METHOD {
             return Ok(None);
         }
-        let described =
-            self.describe.get(&call.service, || self.fetch_description(link, &call.service)).await;
-        let crypto = match described {
+        let fetch = {
+            let shared = Arc::clone(self);
+            let service = call.service.clone();
+            move |lookup| {
+                let shared = Arc::clone(&shared);
+                let service = service.clone();
+                async move { shared.fetch_description(&service, lookup).await }
+            }
+        };
+        let crypto = match self.describe.get(&call.service, fetch).await {
             Described::Known(crypto) => crypto,
-            Described::Unknown => return Ok(None),
+            Described::Unknown => {
+                return match mode {
+                    EncryptionMode::Required => Err(MeshError::Encryption(format!(
+                        "{} has not described itself, so whether {} requires encryption is unknown; not sent",
+                        call.service, call.method
+                    ))),
+                    // Warned once per failed lookup (`fetch_description`), not per call.
+                    EncryptionMode::Auto | EncryptionMode::Off => {
+                        debug!(service = %call.service, method = %call.method, trace_id = %call.trace_id, "service not described; call sent in plaintext");
+                        Ok(None)
+                    }
+                };
+            }
             Described::Failed(MeshError::NotDelivered { service, .. }) => {
                 return Err(MeshError::NotDelivered { service, method: call.method.clone() });
             }
@@ -294,8 +324,14 @@ impl Shared {
     }
 
     /// One `nuropb_describe` call as `RMQAPI.describe_service` makes it (§6.4): params
-    /// `{}`, context `{}`, a fresh trace id; bounded by `describe_timeout`.
-    async fn fetch_description(&self, link: &LinkHandle, service: &str) -> Described {
+    /// `{}`, context `{}`, a fresh trace id; bounded by `describe_timeout`. Runs in the
+    /// caller's task for a first lookup and in a background task for a refresh, so it
+    /// takes the live connection itself.
+    async fn fetch_description(&self, service: &str, lookup: Lookup) -> Described {
+        let link = match self.link() {
+            Ok(link) => link,
+            Err(error) => return Described::Failed(error),
+        };
         let call = MeshCall {
             service: service.to_owned(),
             method: DESCRIBE_METHOD.to_owned(),
@@ -310,18 +346,38 @@ impl Shared {
             Err(error) => return Described::Failed(error),
         };
         let outcome =
-            tokio::time::timeout(timeout, self.exchange(link, &call, encoded, None, DESCRIBE_TTL))
+            tokio::time::timeout(timeout, self.exchange(&link, &call, encoded, None, DESCRIBE_TTL))
                 .await;
+        let retry_in = self.config.describe_negative_ttl;
         let unknown = |why: String| {
-            warn!(
-                service,
-                why, "service description unavailable; calls go out in plaintext for now"
-            );
+            match (lookup, self.config.encryption) {
+                (Lookup::Refresh, _) => warn!(
+                    service,
+                    why,
+                    ?retry_in,
+                    "refreshing the service description failed; the last known one stays in use"
+                ),
+                (Lookup::First, EncryptionMode::Required) => warn!(
+                    service,
+                    why,
+                    ?retry_in,
+                    "service description unavailable; calls to the service are refused until a lookup succeeds (encryption: required)"
+                ),
+                (Lookup::First, EncryptionMode::Auto | EncryptionMode::Off) => warn!(
+                    service,
+                    why,
+                    ?retry_in,
+                    "service description unavailable; calls to the service go out UNENCRYPTED, even to methods that require encryption, until a lookup succeeds (encryption: auto)"
+                ),
+            }
             Described::Unknown
         };
         match outcome {
             Err(_) => unknown(format!("no answer within {timeout:?}")),
             Ok(Err(error @ (MeshError::NotDelivered { .. } | MeshError::Unavailable(_)))) => {
+                if lookup == Lookup::Refresh {
+                    warn!(service, error = %error, ?retry_in, "refreshing the service description failed; the last known one stays in use");
+                }
                 Described::Failed(error)
             }
             Ok(Err(other)) => unknown(other.to_string()),
@@ -329,7 +385,7 @@ impl Shared {
                 unknown(format!("{}: {}", error.error, error.description))
             }
             Ok(Ok(MeshResponse { result, error: None })) => match parse_description(&result) {
-                Ok(crypto) => Described::Known(std::sync::Arc::new(crypto)),
+                Ok(crypto) => Described::Known(Arc::new(crypto)),
                 Err(why) => unknown(why),
             },
         }

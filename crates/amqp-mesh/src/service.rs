@@ -348,9 +348,9 @@ fn response_message(
     let headers = MeshHeaders::outgoing(MessageType::Response, trace_id, false);
     let properties = envelope::properties(&headers, &reply.correlation_id, "", None)?;
     Ok(Outgoing {
+        kind: MessageType::Response,
         exchange: String::new(),
         routing_key: reply.queue.clone(),
-        mandatory: false,
         body: json,
         properties,
     })

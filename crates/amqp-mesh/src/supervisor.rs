@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use handler_core::MeshError;
 use rand::Rng;
-use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::link::{self, Link};
 use crate::mesh::Shared;
@@ -29,8 +28,9 @@ pub(crate) async fn run(shared: Arc<Shared>, first: Link) {
             };
             if shutting_down {
                 // New calls are refused from here on (`Shared::link`); let those in flight
-                // receive their responses while the consumers still run.
-                drain(&shared).await;
+                // receive their responses and confirmations while the consumers and the
+                // publisher still run.
+                drain(&shared, &link).await;
             } else {
                 warn!(generation, "mesh connection lost");
             }
@@ -75,18 +75,37 @@ pub(crate) async fn run(shared: Arc<Shared>, first: Link) {
     info!("mesh stopped");
 }
 
-/// Waits until no request is pending, at most `drain_timeout`.
-async fn drain(shared: &Shared) {
-    let deadline = Instant::now() + shared.config.drain_timeout;
-    let pending = shared.pending.len();
-    if pending > 0 {
-        info!(pending, "draining pending requests");
+/// Waits until no request is pending and the publisher has settled everything it was
+/// given (commands and events awaiting their confirmation included), at most
+/// `drain_timeout`, and no longer than the connection lives.
+async fn drain(shared: &Shared, link: &Link) {
+    let publisher = &link.handle.publisher;
+    let outstanding = || (shared.pending.len(), publisher.unsettled());
+    let timeout = shared.config.drain_timeout;
+    let (pending, unconfirmed) = outstanding();
+    if (pending, unconfirmed) != (0, 0) {
+        info!(pending, unconfirmed, ?timeout, "draining");
     }
-    // Polling is enough here: this runs once per process, for a few seconds at most.
-    while shared.pending.len() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let drained = async {
+        // Polling is enough here: this runs once per process, for a few seconds at most.
+        while outstanding() != (0, 0) {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    };
+    // Cancellation safety: the drain future holds nothing; the other two are timers and
+    // notifications.
+    tokio::select! {
+        () = drained => {}
+        () = tokio::time::sleep(timeout) => {
+            let (pending, unconfirmed) = outstanding();
+            warn!(pending, unconfirmed, "drain timed out; failing what is left");
+        }
+        () = link.token.cancelled() => debug!("connection lost while draining"),
     }
 }
+
+/// How often the drain looks at what is outstanding.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
 
 /// The delay before reconnect attempt `failures` (0-based): `min · 2^failures`, capped at
 /// `max`, then jittered uniformly down to half of it so that many gateways cut off at once

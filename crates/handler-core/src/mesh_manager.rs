@@ -267,7 +267,7 @@ impl ServiceMeshManager {
         encoding: Encoding,
         kind: CallKind,
     ) -> Result<TraceId, SubmitError> {
-        if self.config.reserved_services.iter().any(|s| *s == call.service) {
+        if self.config.reserved_services.contains(&call.service) {
             return Err(SubmitError::Reserved(call.service));
         }
         let (slot, cancel) = self.acquire(session_id)?;

@@ -33,9 +33,9 @@ impl Default for AuthSources {
 /// Limits and policies of the WebSocket side.
 #[derive(Debug, Clone)]
 pub struct WsConfig {
-    /// Most concurrent connections (default 10 000). A connection over it holds no slot:
-    /// it is told 503 within `max_refusals_in_flight` and `refusal_handshake_timeout`, or
-    /// closed at once.
+    /// Most concurrent connections (default 10 000). A connection over it gets no session
+    /// slot: while fewer than `max_refusals_in_flight` refusals are in progress it is told
+    /// 503 (within `refusal_handshake_timeout`), otherwise it is closed at once.
     pub max_connections: usize,
     /// Connections over `max_connections` being told 503 at the same time (default 64).
     /// When these are all in progress, further connections over the limit are closed at
@@ -55,8 +55,8 @@ pub struct WsConfig {
     /// over it is replaced by an error response with the same `trace_id` (`LimitExceeded`);
     /// any other frame over it (an event, say) is dropped, logged and counted in
     /// `WsStats::frames_too_large_dropped`. The connection stays open either way.
-    /// tungstenite's write buffer limit is derived from it (see [`WsConfig::tungstenite`]),
-    /// so a frame within it never fails for want of buffer space.
+    /// tungstenite's write buffer limit is derived from it (`write_buffer_size` + this +
+    /// 64 KiB), so a frame within it never fails for want of buffer space.
     pub max_outbound_message_size: usize,
     /// Frames queued per connection before the client counts as too slow and is closed with
     /// 1013 (default 256).
@@ -155,17 +155,16 @@ mod tests {
         for (write_buffer_size, max_outbound_message_size) in
             [(128 << 10, 8 << 20), (0, 0), (1, 64 << 20), (128 << 10, usize::MAX)]
         {
-            let config = WsConfig {
-                write_buffer_size,
-                max_outbound_message_size,
-                ..WsConfig::default()
-            };
+            let config =
+                WsConfig { write_buffer_size, max_outbound_message_size, ..WsConfig::default() };
             let t = config.tungstenite();
             // tungstenite asserts this when the socket is created.
             assert!(t.max_write_buffer_size > t.write_buffer_size);
             assert!(
                 t.max_write_buffer_size
-                    >= write_buffer_size.saturating_add(max_outbound_message_size).saturating_add(14),
+                    >= write_buffer_size
+                        .saturating_add(max_outbound_message_size)
+                        .saturating_add(14),
                 "{write_buffer_size} {max_outbound_message_size}"
             );
         }

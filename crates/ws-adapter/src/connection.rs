@@ -1,6 +1,7 @@
 //! One task per connection: upgrade, register with the core, then `select!` over the socket,
 //! the bounded outbound queue, the close signal, the ping timer and shutdown. The task owns
-//! the socket; the core holds only a [`WsHandle`].
+//! the socket; the core holds only a [`WsHandle`]. Connections over the limit get a task
+//! too, but only to be told 503 within a short, separately bounded handshake.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,12 +19,24 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 use handler_core::{
-    CloseCode, CloseReason, CoordinatorHandle, Handler, Outbound, SendError, SessionId,
+    CloseCode, CloseReason, CoordinatorHandle, Handler, Outbound, SendError, SessionId, SharedFrame,
 };
-use nuropb_wire::client::{Encoding, ErrorFrame, ServerFrame};
+use nuropb_wire::ErrorObject;
+use nuropb_wire::client::{Encoding, ErrorFrame, ServerFrame, ServerMessage};
 
 use crate::config::WsConfig;
+use crate::stats::WsStatsHandle;
 use crate::upgrade::check_upgrade;
+
+/// Why a connection task exists. The permit is never read: the slot is freed when it drops,
+/// at the end of the task.
+pub(crate) enum Admission {
+    /// A connection slot (`max_connections`): a session if the upgrade checks pass.
+    Session { _permit: OwnedSemaphorePermit },
+    /// Over `max_connections`, a refusal slot (`max_refusals_in_flight`): the client is told
+    /// 503 within `refusal_handshake_timeout`.
+    Refusal { _permit: OwnedSemaphorePermit },
+}
 
 /// The core's handle on one connection: a bounded queue in, a close signal.
 struct WsHandle {
@@ -100,13 +113,17 @@ impl RateLimiter {
 #[allow(clippy::result_large_err, reason = "tungstenite's Callback fixes the error type")]
 pub(crate) async fn run(
     stream: TcpStream,
-    permit: Option<OwnedSemaphorePermit>,
+    admission: Admission,
     config: Arc<WsConfig>,
     coordinator: CoordinatorHandle,
+    stats: WsStatsHandle,
 ) {
-    // `permit` (a connection slot) is held until this function returns.
+    // `admission` (and its permit) is held until this function returns.
     let mut identity = None;
-    let have_capacity = permit.is_some();
+    let (have_capacity, handshake_timeout) = match &admission {
+        Admission::Session { .. } => (true, config.handshake_timeout),
+        Admission::Refusal { .. } => (false, config.refusal_handshake_timeout),
+    };
     let callback = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
         let id =
             check_upgrade(request, have_capacity, &config.origins, &config.auth, &coordinator)?;
@@ -118,7 +135,7 @@ pub(crate) async fn run(
         callback,
         Some(config.tungstenite()),
     );
-    let ws = match tokio::time::timeout(config.handshake_timeout, handshake).await {
+    let ws = match tokio::time::timeout(handshake_timeout, handshake).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "handshake failed");
@@ -150,7 +167,7 @@ pub(crate) async fn run(
         }
     };
     tracing::Span::current().record("session.id", tracing::field::display(&session_id));
-    session_loop(ws, rx, &close, &config, &coordinator, &session_id).await;
+    session_loop(ws, rx, &close, &config, &coordinator, &session_id, &stats).await;
     coordinator.close_session(&session_id);
 }
 
@@ -161,7 +178,9 @@ async fn session_loop(
     config: &WsConfig,
     coordinator: &CoordinatorHandle,
     session_id: &SessionId,
+    stats: &WsStatsHandle,
 ) {
+    let limit = config.max_outbound_message_size;
     let mut preferred = Encoding::Json;
     let mut limiter = RateLimiter::new(config.rate_per_second, config.rate_burst);
     let mut protocol_errors: u32 = 0;
@@ -181,11 +200,13 @@ async fn session_loop(
                 // a drain) still go out, within one write timeout in all.
                 let deadline = Instant::now() + config.write_timeout;
                 while let Ok(out) = rx.try_recv() {
-                    let Some(message) = to_message(&out, out.encoding.unwrap_or(preferred)) else {
+                    let encoding = out.encoding.unwrap_or(preferred);
+                    let Some(message) = outbound_message(&out, encoding, limit, stats) else {
                         continue;
                     };
                     let left = deadline.saturating_duration_since(Instant::now());
-                    if write(&mut ws, message, left).await.is_err() {
+                    if let Err(e) = write(&mut ws, message, left).await {
+                        tracing::info!(error = %e, "write failed while closing");
                         break;
                     }
                 }
@@ -196,19 +217,22 @@ async fn session_loop(
                     break CloseReason::new(CloseCode::Internal, "session ended");
                 };
                 let encoding = out.encoding.unwrap_or(preferred);
-                let Some(message) = to_message(&out, encoding) else { continue };
+                let Some(message) = outbound_message(&out, encoding, limit, stats) else {
+                    continue;
+                };
                 if let Err(e) = write(&mut ws, message, config.write_timeout).await {
-                    tracing::debug!(error = %e, "write failed");
-                    return;
+                    tracing::info!(error = %e, "write failed; closing");
+                    break write_failed();
                 }
             }
             _ = ping.tick() => {
                 if last_seen.elapsed() > config.idle_timeout {
                     break CloseReason::new(CloseCode::GoingAway, "idle timeout");
                 }
-                if let Err(e) = write(&mut ws, Message::Ping(Bytes::new()), config.write_timeout).await {
-                    tracing::debug!(error = %e, "ping failed");
-                    return;
+                let ping = Message::Ping(Bytes::new());
+                if let Err(e) = write(&mut ws, ping, config.write_timeout).await {
+                    tracing::info!(error = %e, "ping failed; closing");
+                    break write_failed();
                 }
             }
             incoming = ws.next() => {
@@ -228,7 +252,23 @@ async fn session_loop(
                 let (bytes, encoding) = match &message {
                     Message::Text(t) => (t.as_bytes(), Encoding::Json),
                     Message::Binary(b) => (b.as_ref(), Encoding::MessagePack),
-                    Message::Close(_) => return,
+                    Message::Close(_) => {
+                        // tungstenite queued the close reply while reading this frame, but
+                        // only a later write or flush sends it; without this the client
+                        // sees 1006. The flush ends with `ConnectionClosed`, which
+                        // tokio-tungstenite reports as success.
+                        let flush = SinkExt::flush(&mut ws);
+                        match tokio::time::timeout(config.write_timeout, flush).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "cannot complete the close handshake");
+                            }
+                            Err(_) => {
+                                tracing::debug!("close handshake timed out: client not reading");
+                            }
+                        }
+                        return;
+                    }
                     // Pings are answered by tungstenite; pongs only refresh `last_seen`.
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
                 };
@@ -244,12 +284,12 @@ async fn session_loop(
                         ),
                         trace_id: None,
                     });
-                    let out = Outbound { frame: handler_core::SharedFrame::new(frame), encoding: Some(encoding) };
-                    if let Some(m) = to_message(&out, encoding)
+                    let out = Outbound { frame: SharedFrame::new(frame), encoding: Some(encoding) };
+                    if let Some(m) = outbound_message(&out, encoding, limit, stats)
                         && let Err(e) = write(&mut ws, m, config.write_timeout).await
                     {
-                        tracing::debug!(error = %e, "write failed");
-                        return;
+                        tracing::info!(error = %e, "write failed; closing");
+                        break write_failed();
                     }
                     false
                 };
@@ -279,8 +319,77 @@ async fn write(
     }
 }
 
-fn to_message(out: &Outbound, encoding: Encoding) -> Option<Message> {
-    let bytes = Bytes::from_owner(out.frame.encoded(encoding)?);
+/// The close reason after a failed write. The close frame that follows is best effort: after
+/// an I/O error it fails at once, after a timeout it waits one more write timeout.
+fn write_failed() -> CloseReason {
+    CloseReason::new(CloseCode::Internal, "write failed")
+}
+
+/// The message to write for `out`, or `None` when nothing is to be sent: the frame cannot
+/// be encoded, or it is over `limit` (`max_outbound_message_size`) and is not a response.
+/// A response over the limit becomes an error response with the same trace id, so the
+/// client's call does not hang; dropping anything else keeps the connection usable.
+fn outbound_message(
+    out: &Outbound,
+    encoding: Encoding,
+    limit: usize,
+    stats: &WsStatsHandle,
+) -> Option<Message> {
+    let bytes = out.frame.encoded(encoding)?;
+    if bytes.len() <= limit {
+        return to_message(bytes, encoding);
+    }
+    let size = bytes.len();
+    match out.frame.frame() {
+        ServerFrame::Message(ServerMessage::Response { trace_id, .. }) => {
+            stats.response_too_large();
+            let trace_id_field = trace_id.as_deref();
+            let what = "response over max_outbound_message_size; sending an error instead";
+            if stats.oversized_warning_due() {
+                tracing::warn!(trace_id = trace_id_field, size, limit, "{what}");
+            } else {
+                tracing::debug!(trace_id = trace_id_field, size, limit, "{what}");
+            }
+            let error = ServerFrame::Message(ServerMessage::Response {
+                trace_id: trace_id.clone(),
+                // `Value::Null`, as in every error response.
+                result: Default::default(),
+                error: Some(ErrorObject::new(
+                    "LimitExceeded",
+                    format!("response of {size} bytes exceeds the limit of {limit} bytes"),
+                )),
+            });
+            let replacement = SharedFrame::new(error).encoded(encoding)?;
+            if replacement.len() > limit {
+                // Only with an absurdly small limit; the error cannot be sent either.
+                tracing::warn!(
+                    size = replacement.len(),
+                    limit,
+                    "error response over the limit too; dropped"
+                );
+                return None;
+            }
+            to_message(replacement, encoding)
+        }
+        frame => {
+            stats.frame_too_large_dropped();
+            let topic = match frame {
+                ServerFrame::Message(ServerMessage::Event { topic, .. }) => Some(topic.as_str()),
+                _ => None,
+            };
+            let what = "frame over max_outbound_message_size dropped";
+            if stats.oversized_warning_due() {
+                tracing::warn!(topic, size, limit, "{what}");
+            } else {
+                tracing::debug!(topic, size, limit, "{what}");
+            }
+            None
+        }
+    }
+}
+
+fn to_message(bytes: std::sync::Arc<[u8]>, encoding: Encoding) -> Option<Message> {
+    let bytes = Bytes::from_owner(bytes);
     match encoding {
         Encoding::Json => match Utf8Bytes::try_from(bytes) {
             Ok(text) => Some(Message::Text(text)),
@@ -304,4 +413,87 @@ fn close_frame(reason: CloseReason) -> CloseFrame {
         text.truncate(end);
     }
     CloseFrame { code: WsCloseCode::from(reason.code.as_u16()), reason: text.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use nuropb_wire::client::decode_server_frame;
+
+    use super::*;
+    use crate::stats::WsStats;
+
+    fn outbound(message: ServerMessage) -> Outbound {
+        Outbound { frame: SharedFrame::new(ServerFrame::Message(message)), encoding: None }
+    }
+
+    fn response(trace_id: &str, result: &str) -> Outbound {
+        outbound(ServerMessage::Response {
+            trace_id: Some(trace_id.to_owned()),
+            result: result.into(),
+            error: None,
+        })
+    }
+
+    fn decoded(message: Message, encoding: Encoding) -> ServerFrame {
+        decode_server_frame(&message.into_data(), encoding).unwrap()
+    }
+
+    #[test]
+    fn frames_within_the_limit_pass_unchanged() {
+        let stats = WsStatsHandle::new();
+        for encoding in [Encoding::Json, Encoding::MessagePack] {
+            let out = response("t", &"x".repeat(100));
+            let size = out.frame.encoded(encoding).unwrap().len();
+            let m = outbound_message(&out, encoding, size, &stats).unwrap();
+            assert_eq!(decoded(m, encoding), *out.frame.frame());
+        }
+        assert_eq!(stats.stats(), WsStats::default());
+    }
+
+    #[test]
+    fn responses_over_the_limit_become_limit_exceeded_errors() {
+        let stats = WsStatsHandle::new();
+        for encoding in [Encoding::Json, Encoding::MessagePack] {
+            let out = response("big-1", &"x".repeat(2000));
+            let size = out.frame.encoded(encoding).unwrap().len();
+            let m = outbound_message(&out, encoding, 1000, &stats).unwrap();
+            let expected = ServerFrame::Message(ServerMessage::Response {
+                trace_id: Some("big-1".into()),
+                result: Default::default(),
+                error: Some(ErrorObject::new(
+                    "LimitExceeded",
+                    format!("response of {size} bytes exceeds the limit of 1000 bytes"),
+                )),
+            });
+            assert_eq!(decoded(m, encoding), expected, "{encoding:?}");
+        }
+        // A limit too small even for the error: nothing is sent.
+        assert!(outbound_message(&response("t", "xx"), Encoding::Json, 10, &stats).is_none());
+        assert_eq!(stats.stats(), WsStats { responses_too_large: 3, ..WsStats::default() });
+    }
+
+    #[test]
+    fn other_frames_over_the_limit_are_dropped_and_counted() {
+        let stats = WsStatsHandle::new();
+        let event = outbound(ServerMessage::Event {
+            topic: "broadcast.big".into(),
+            event: "x".repeat(2000).into(),
+        });
+        let error = Outbound {
+            frame: SharedFrame::new(ServerFrame::Error(ErrorFrame {
+                error: "E".into(),
+                description: "x".repeat(2000),
+                trace_id: None,
+            })),
+            encoding: None,
+        };
+        for out in [&event, &error] {
+            for encoding in [Encoding::Json, Encoding::MessagePack] {
+                assert!(outbound_message(out, encoding, 1000, &stats).is_none());
+            }
+        }
+        assert_eq!(stats.stats(), WsStats { frames_too_large_dropped: 4, ..WsStats::default() });
+    }
 }

@@ -2,7 +2,7 @@
 //! origin and credentials during the HTTP upgrade (403 / 401 before any WebSocket exists),
 //! then run one task per connection that owns its socket and talks to the core through a
 //! [`CoordinatorHandle`]. The core reaches a connection only through its bounded outbound
-//! queue ([`Handler`] implementation below).
+//! queue (its [`handler_core::Handler`] implementation is in `connection`).
 
 mod config;
 mod connection;
@@ -61,23 +61,28 @@ pub async fn serve(
     let mut next_conn_id: u64 = 0;
     loop {
         let accept = || listener.accept();
-        let Some((stream, peer)) = accept_with_backoff(accept, &mut backoff, &shutdown, &stats).await
+        let Some((stream, peer)) =
+            accept_with_backoff(accept, &mut backoff, &shutdown, &stats).await
         else {
             return Ok(());
         };
         next_conn_id += 1;
         let admission = match Arc::clone(&sessions).try_acquire_owned() {
-            Ok(permit) => Admission::Session(permit),
+            Ok(permit) => Admission::Session { _permit: permit },
             Err(_) => match Arc::clone(&refusals).try_acquire_owned() {
                 Ok(permit) => {
                     stats.connection_refused();
-                    Admission::Refusal(permit)
+                    Admission::Refusal { _permit: permit }
                 }
                 Err(_) => {
                     // Closing at once is the only answer that costs nothing: a task per
                     // connection here is what a flood of idle sockets would exploit.
                     stats.connection_shed();
-                    tracing::debug!(conn.id = next_conn_id, peer = %peer, "over the connection limit; closed unanswered");
+                    tracing::debug!(
+                        conn.id = next_conn_id,
+                        peer = %peer,
+                        "over the connection limit and the refusal budget; closed unanswered"
+                    );
                     drop(stream);
                     continue;
                 }

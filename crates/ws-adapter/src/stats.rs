@@ -4,6 +4,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// A snapshot of the WebSocket side's counters. Every counter only grows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,14 +34,34 @@ pub struct WsStatsHandle {
     counters: Arc<Counters>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counters {
     connections_refused: AtomicU64,
     connections_shed: AtomicU64,
     accept_errors: AtomicU64,
     responses_too_large: AtomicU64,
     frames_too_large_dropped: AtomicU64,
+    /// Milliseconds since `epoch` before which no oversized-frame warning is logged.
+    next_oversized_warning_ms: AtomicU64,
+    epoch: Instant,
 }
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            connections_refused: AtomicU64::new(0),
+            connections_shed: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
+            responses_too_large: AtomicU64::new(0),
+            frames_too_large_dropped: AtomicU64::new(0),
+            next_oversized_warning_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+/// At most one oversized-frame warning per interval, across all connections.
+const OVERSIZED_WARNING_INTERVAL: Duration = Duration::from_secs(1);
 
 impl WsStatsHandle {
     pub fn new() -> Self {
@@ -76,5 +99,43 @@ impl WsStatsHandle {
 
     pub(crate) fn frame_too_large_dropped(&self) {
         self.counters.frames_too_large_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether an oversized frame may be logged at warn now (else at debug). One big
+    /// broadcast event is dropped once per session; this keeps it to one warning, while the
+    /// counters keep the full count.
+    pub(crate) fn oversized_warning_due(&self) -> bool {
+        let c = &*self.counters;
+        let now = u64::try_from(c.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = c.next_oversized_warning_ms.load(Ordering::Relaxed);
+        let interval = OVERSIZED_WARNING_INTERVAL.as_millis() as u64;
+        // Only the connection that moves the mark forward warns.
+        now >= next
+            && c.next_oversized_warning_ms
+                .compare_exchange(
+                    next,
+                    now.saturating_add(interval),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn oversized_warnings_are_rate_limited_across_clones() {
+        let stats = WsStatsHandle::new();
+        let other = stats.clone();
+        assert!(stats.oversized_warning_due());
+        assert!(!other.oversized_warning_due());
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(!stats.oversized_warning_due());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(other.oversized_warning_due());
+        assert!(!stats.oversized_warning_due());
     }
 }

@@ -6,9 +6,10 @@
 //! (acked, never answered), `secret` (requires encryption; answered encrypted),
 //! `garbage_then_echo` (three malformed envelopes first, then the real answer), `bad_body`
 //! (a well-enveloped response whose body is not JSON), `note` (for commands). Every
-//! delivery is recorded for inspection.
+//! delivery is recorded for inspection. Clearing `answer_describe` makes it ack describe
+//! calls without answering, like a nuropb service too busy to answer in time.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +43,7 @@ pub struct Received {
 pub struct FakeService {
     pub received: Arc<Mutex<Vec<Received>>>,
     pub describes: Arc<AtomicUsize>,
+    pub answer_describe: Arc<AtomicBool>,
     stop: CancellationToken,
     tasks: TaskTracker,
     _connection: Connection,
@@ -53,6 +55,7 @@ struct Inner {
     key: Option<ServicePrivateKey>,
     received: Arc<Mutex<Vec<Received>>>,
     describes: Arc<AtomicUsize>,
+    answer_describe: Arc<AtomicBool>,
 }
 
 impl FakeService {
@@ -118,12 +121,14 @@ impl FakeService {
             key,
             received: Arc::default(),
             describes: Arc::default(),
+            answer_describe: Arc::new(AtomicBool::new(true)),
         });
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let service = FakeService {
             received: Arc::clone(&inner.received),
             describes: Arc::clone(&inner.describes),
+            answer_describe: Arc::clone(&inner.answer_describe),
             stop: stop.clone(),
             tasks: tasks.clone(),
             _connection: connection,
@@ -196,6 +201,9 @@ impl Inner {
         match method.as_str() {
             "nuropb_describe" => {
                 self.describes.fetch_add(1, Ordering::SeqCst);
+                if !self.answer_describe.load(Ordering::SeqCst) {
+                    return;
+                }
                 let public_key = self.key.as_ref().map(|k| k.public_key_pem().expect("pem"));
                 let result = json!({
                     "service_name": self.name, "service_version": "1.2.3", "description": "fake",

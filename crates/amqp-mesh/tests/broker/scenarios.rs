@@ -38,13 +38,16 @@ scenarios!(
     duplicate_responses_first_wins,
     timeouts_and_dropped_calls_leave_nothing_pending,
     guard_rejects_before_publishing,
+    own_service_is_refused_before_publishing,
     encrypted_call_uses_describe,
+    encryption_survives_a_describe_outage,
     events_reach_every_instance,
     gateway_methods_and_fan_out,
     garbage_on_service_queue_is_rejected_and_queue_flows,
     garbage_on_response_queue_is_dropped,
     connection_loss_fails_fast_and_recovers,
     shutdown_drains_pending_requests,
+    shutdown_settles_unconfirmed_commands,
 );
 
 fn object(value: Value) -> JsonObject {
@@ -400,6 +403,28 @@ async fn unknown_service_is_not_delivered_within_500ms(ctx: Ctx) {
         (150, 150, 0),
         "{stats:?}"
     );
+
+    // The same for commands, whose verdict is all their caller ever gets: a return that
+    // rides on another message's confirmation must still fail its own command.
+    let commands = (0..300).map(|i| {
+        let service = if i % 2 == 0 { "svc-mixed" } else { "no-such-svc" };
+        gw.mesh.command(call(service, "note", json!({"i": i})))
+    });
+    let outcomes = within("300 mixed commands", futures::future::join_all(commands)).await;
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        let expected = if i % 2 == 0 {
+            Ok(())
+        } else {
+            Err(MeshError::NotDelivered { service: "no-such-svc".into(), method: "note".into() })
+        };
+        assert_eq!(outcome, expected, "command {i}");
+    }
+    assert_eq!(gw.mesh.stats().returned, 300);
+    eventually("the service received the 150 routable commands", || {
+        svc.received().iter().filter(|r| r.plaintext.starts_with(b"{\"tag\": \"command\"")).count()
+            == 150
+    })
+    .await;
     gw.stop().await;
     svc.stop().await;
 }
@@ -523,6 +548,65 @@ async fn guard_rejects_before_publishing(ctx: Ctx) {
     gw.stop().await;
 }
 
+async fn own_service_is_refused_before_publishing(ctx: Ctx) {
+    // Encryption on (the default): not even a describe lookup may reach our own queue.
+    let mut gw = ctx.start(ctx.config("gw-self")).await;
+    let connection = connect(&ctx.url).await;
+    let channel = connection.create_channel().await.expect("channel");
+    // A consumer-less spy bound like the gateway's service queue: whatever would reach
+    // that queue waits here too.
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .expect("spy");
+    let spy_queue = queue.name().as_str().to_owned();
+    channel
+        .queue_bind(
+            spy_queue.as_str().into(),
+            "nuropb-rpc-exchange".into(),
+            "gw-self".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+
+    let refused =
+        MeshError::Rejected("service gw-self cannot be called through the gateway".into());
+    for (method, params) in [
+        ("push_to_all", json!({"topic": "t", "event": "from a client"})),
+        ("disconnect_user", json!({"user_id": "bob-id"})),
+        ("stats", json!({})),
+        ("nuropb_describe", json!({})),
+    ] {
+        let request = gw.mesh.request(call("gw-self", method, params.clone()), WAIT).await;
+        assert_eq!(request.err(), Some(refused.clone()), "request {method}");
+        let command = gw.mesh.command(call("gw-self", method, params)).await;
+        assert_eq!(command, Err(refused.clone()), "command {method}");
+    }
+    let stats = gw.mesh.stats();
+    assert_eq!((stats.rejected_by_guard, stats.service_calls), (8, 0), "{stats:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(message_count(&channel, &spy_queue).await, 0, "nothing was published");
+    assert!(gw.inbound.try_recv().is_err(), "nothing reached the core");
+
+    // Mesh peers still call the gateway's methods through its service queue.
+    let mut peer = Peer::new(&ctx.url).await;
+    let answer = peer.call("gw-self", "push_to_all", json!({"topic": "t", "event": 1})).await;
+    assert_eq!(answer["result"], json!({"accepted": true}));
+    match gw.next_inbound().await {
+        MeshInbound::Control { op: GatewayControl::PushToAll { topic, .. }, .. } => {
+            assert_eq!(topic, "t")
+        }
+        other => panic!("expected a control, got {other:?}"),
+    }
+    gw.stop().await;
+}
+
 async fn encrypted_call_uses_describe(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-enc", true).await;
     let gw = ctx.start(ctx.config("gw-enc")).await;
@@ -567,6 +651,70 @@ async fn encrypted_call_uses_describe(ctx: Ctx) {
     );
     assert_eq!(gw.mesh.pending_requests(), 0);
     gw.stop().await;
+    svc.stop().await;
+}
+
+async fn encryption_survives_a_describe_outage(ctx: Ctx) {
+    let svc = FakeService::start(&ctx.url, "svc-busy", true).await;
+    let config = |encryption| AmqpMeshConfig {
+        encryption,
+        describe_ttl: Duration::from_millis(200),
+        describe_timeout: Duration::from_millis(300),
+        ..ctx.config("gw-busy")
+    };
+    let describes = || svc.describes.load(std::sync::atomic::Ordering::SeqCst);
+    let secret = |name: &str| call("svc-busy", "secret", json!({"name": name}));
+    let gw = ctx.start(config(EncryptionMode::Auto)).await;
+    let a = within("secret a", gw.mesh.request(secret("a"), WAIT)).await.expect("a");
+    assert_eq!(a.result, json!("secret for a"));
+    assert_eq!(describes(), 1);
+
+    // The service becomes too busy to answer describe, and the description expires.
+    svc.answer_describe.store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let started = Instant::now();
+    let b = within("secret b", gw.mesh.request(secret("b"), WAIT)).await.expect("b");
+    assert_eq!(b.result, json!("secret for b"));
+    assert!(started.elapsed() < Duration::from_millis(250), "waited for the refresh");
+    eventually("a background refresh", || describes() == 2).await;
+    // Past describe_timeout the refresh has failed; the last description stays in use
+    // and is not refreshed again per call.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let c = within("secret c", gw.mesh.request(secret("c"), WAIT)).await.expect("c");
+    assert_eq!(c.result, json!("secret for c"));
+    within("command d", gw.mesh.command(secret("d"))).await.expect("command d");
+    assert_eq!(describes(), 2, "retried only after describe_negative_ttl");
+
+    // Never described since start: `Required` refuses, `Auto` falls back to plaintext
+    // (the documented fallback, logged at warn).
+    let required = ctx.start(config(EncryptionMode::Required)).await;
+    let refused = within("secret e", required.mesh.request(secret("e"), WAIT)).await;
+    assert!(
+        matches!(&refused, Err(MeshError::Encryption(why)) if why.contains("svc-busy")),
+        "{refused:?}"
+    );
+    let refused =
+        within("echo", required.mesh.request(call("svc-busy", "echo", json!({})), WAIT)).await;
+    assert!(matches!(refused, Err(MeshError::Encryption(_))), "{refused:?}");
+    let auto = ctx.start(config(EncryptionMode::Auto)).await;
+    let f = within("secret f", auto.mesh.request(secret("f"), WAIT)).await.expect("f");
+    assert_eq!(f.result, json!("secret for f"));
+
+    let secrets: Vec<_> = svc
+        .received()
+        .into_iter()
+        .filter(|r| String::from_utf8_lossy(&r.plaintext).contains(r#""method": "secret""#))
+        .collect();
+    let encrypted = |r: &crate::fake_service::Received| {
+        header(&r.properties, "encrypted") == Some(&long("yes")) && r.body != r.plaintext
+    };
+    assert_eq!(secrets.len(), 5, "a, b, c, d and f");
+    let (sealed, plain): (Vec<_>, Vec<_>) = secrets.iter().partition(|r| encrypted(r));
+    assert_eq!(sealed.len(), 4, "every call of the gateway that had a description");
+    assert!(String::from_utf8_lossy(&plain[0].plaintext).contains(r#""name": "f""#));
+    for gw in [gw, required, auto] {
+        gw.stop().await;
+    }
     svc.stop().await;
 }
 
@@ -989,6 +1137,41 @@ async fn shutdown_drains_pending_requests(ctx: Ctx) {
     assert!(started.elapsed() < Duration::from_millis(1500), "ended by drain_timeout");
     within("closed", mesh.closed()).await;
     assert!(!mesh.is_connected());
+    drop(gw);
+    svc.stop().await;
+}
+
+async fn shutdown_settles_unconfirmed_commands(ctx: Ctx) {
+    // Nothing outstanding: closing follows the cancellation within a broker round trip.
+    let idle = ctx.start(ctx.config("gw-idle")).await;
+    let cancelled = Instant::now();
+    idle.shutdown.cancel();
+    within("idle closed", idle.mesh.closed()).await;
+    assert!(cancelled.elapsed() < Duration::from_millis(300), "{:?}", cancelled.elapsed());
+
+    let svc = FakeService::start(&ctx.url, "svc-settle", false).await;
+    let gw = ctx
+        .start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-settle") })
+        .await;
+    let mesh = gw.mesh.clone();
+    let mut commands = Box::pin(futures::future::join_all(
+        (0..200).map(|i| mesh.command(call("svc-settle", "note", json!({"i": i})))),
+    ));
+    // One poll hands every command to the publisher; then the token fires with most of
+    // them still awaiting the broker's confirmation.
+    assert!(futures::poll!(&mut commands).is_pending());
+    let cancelled = Instant::now();
+    gw.shutdown.cancel();
+    let outcomes = within("200 commands", commands).await;
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.is_err()).collect();
+    assert!(failed.is_empty(), "{} commands failed, e.g. {:?}", failed.len(), failed.first());
+    within("closed", mesh.closed()).await;
+    assert!(
+        cancelled.elapsed() < Duration::from_millis(900),
+        "well within drain_timeout (1 s): {:?}",
+        cancelled.elapsed()
+    );
+    eventually("the service received all 200", || svc.received().len() == 200).await;
     drop(gw);
     svc.stop().await;
 }

@@ -276,7 +276,8 @@ impl AmqpGateway {
         let server = tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
-                ws_adapter::serve(listener, ws, handle, shutdown, TaskTracker::new())
+                let stats = ws_adapter::WsStatsHandle::new();
+                ws_adapter::serve(listener, ws, handle, shutdown, TaskTracker::new(), stats)
                     .await
                     .expect("serve");
             }
