@@ -124,13 +124,9 @@ pub struct Cli {
     pub jwt_username_claim: String,
 
     /// Allowed browser origins, comma separated: a host allows itself and its subdomains;
-    /// `host:port` pins a port; `*` allows all. Clients sending no Origin are allowed.
-    #[arg(
-        long,
-        env = "NUROPB_ALLOWED_ORIGINS",
-        value_delimiter = ',',
-        default_value = "localhost,127.0.0.1"
-    )]
+    /// `host:port` pins a port, `https://host` the scheme; `*` allows all. Clients sending no
+    /// Origin are allowed. None by default (in-memory demo mode: `localhost,127.0.0.1`).
+    #[arg(long, env = "NUROPB_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
     /// Accept the token from the `Authorization` cookie (browsers send cookies cross-site,

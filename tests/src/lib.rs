@@ -72,6 +72,8 @@ pub struct Options {
     pub subscribable: Vec<String>,
     /// Services clients may not call.
     pub reserved_services: Vec<String>,
+    /// How long shutdown waits for pending calls.
+    pub drain: Duration,
 }
 
 impl Default for Options {
@@ -83,6 +85,7 @@ impl Default for Options {
             max_in_flight: 64,
             subscribable: vec!["news.#".into(), "users.{user_id}.#".into()],
             reserved_services: vec!["gateway-self".into()],
+            drain: Duration::from_secs(5),
         }
     }
 }
@@ -166,7 +169,7 @@ impl Gateway {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let url = format!("ws://{addr}/ws");
-        let routing = tokio::spawn(coordinator.run(Duration::from_secs(5)));
+        let routing = tokio::spawn(coordinator.run(options.drain));
         let ws_stats = WsStatsHandle::new();
         let server = {
             let (handle, shutdown, stats) = (handle.clone(), shutdown.clone(), ws_stats.clone());

@@ -780,3 +780,53 @@ async fn the_default_config_allows_no_browser_origin() {
     assert_eq!(c.recv_json().await["payload"]["topic"], "hello");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn calls_still_pending_at_the_drain_deadline_are_answered_before_1001() {
+    let gw = Gateway::start_with(Options {
+        drain: Duration::from_millis(300),
+        request_timeout: Duration::from_secs(10),
+        ..Options::default()
+    })
+    .await;
+    let (mut c, _) = gw.connect("alice").await;
+    c.request("svc", "sleep", json!({"ms": 5000}), "too-slow").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    gw.shutdown.cancel();
+    let r = c.recv_json().await;
+    assert_eq!(r["payload"]["trace_id"], "too-slow");
+    assert_eq!(
+        r["payload"]["error"],
+        json!({"error": "NuropbTransportError", "description": "mesh unavailable: gateway shutting down"})
+    );
+    let close = c.recv_close().await.expect("close frame");
+    assert_eq!(u16::from(close.code), 1001);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn the_hello_frame_is_always_first_even_during_a_broadcast_storm() {
+    let gw = Gateway::start().await;
+    let mesh = gw.mesh.clone();
+    let storm = tokio::spawn(async move {
+        for i in 0..2_000 {
+            let event = MeshEvent {
+                topic: "broadcast.storm".into(),
+                event: json!(i),
+                target: None,
+                context: Default::default(),
+                trace_id: None,
+            };
+            if mesh.inject_event(event).await.is_err() {
+                break;
+            }
+        }
+    });
+    for _ in 0..20 {
+        // `connect` asserts that the first frame is the hello.
+        let (_c, hello) = gw.connect("alice").await;
+        assert_eq!(hello["payload"]["topic"], "hello");
+    }
+    storm.await.unwrap();
+    gw.stop().await;
+}

@@ -185,10 +185,13 @@ impl Authenticator for JwtAuthenticator {
             _ => user_id.clone(),
         };
         // The last second the token is still accepted (its `exp` plus the clock-skew leeway).
-        let expires_at = claims
-            .get("exp")
-            .and_then(Value::as_u64)
-            .map(|e| e.saturating_add(self.validation.leeway));
+        // `exp` may be a decimal (PyJWT writes `time.time() + n`); it is rounded up. A token
+        // whose `exp` cannot be read has no expiry we could enforce, so it is refused.
+        let exp = match claims.get("exp").and_then(Value::as_f64) {
+            Some(e) if e.is_finite() && e >= 0.0 => e.ceil() as u64,
+            _ => return Err(AuthError::Malformed("`exp` is not a number".into())),
+        };
+        let expires_at = Some(exp.saturating_add(self.validation.leeway));
         Ok(Identity {
             user_id: UserId::new(user_id),
             username,
@@ -446,6 +449,15 @@ mod tests {
             }
             out
         }
+    }
+
+    #[test]
+    fn decimal_exp_is_rounded_up_and_enforced() {
+        let auth = hs_auth(|_| {});
+        let exp = now() as f64 + 60.5;
+        let t = hs_token(json!({"sub": "u", "exp": exp}), SECRET);
+        let id = auth.authenticate(&t).expect("a decimal exp is valid");
+        assert_eq!(id.expires_at, Some(exp.ceil() as u64));
     }
 
     #[test]

@@ -129,16 +129,27 @@ impl Coordinator {
                 },
             }
         }
-        // Drain: call tasks see `ShuttingDown` for new work and finish their pending calls
-        // (each bounded by the request timeout); their outcomes are still delivered.
+        // Drain: new calls are refused (`ShuttingDown`); pending ones finish, each bounded by
+        // the request timeout, and their outcomes are delivered. Mesh traffic is still routed
+        // meanwhile (a `disconnect_user` must not wait for the drain). At the deadline the
+        // calls still pending are answered with an error, then sessions are closed.
         self.tracker.close();
         let deadline = tokio::time::sleep(drain);
         tokio::pin!(deadline);
+        let mut aborted = false;
         loop {
             tokio::select! {
+                // All branches are cancel-safe (`sleep` is re-polled, `recv`/`wait` lose
+                // nothing).
                 _ = &mut deadline => {
-                    tracing::warn!(in_flight = self.shared.mesh.in_flight(), "drain deadline reached");
-                    break;
+                    if aborted {
+                        tracing::warn!("aborted calls did not all finish; closing anyway");
+                        break;
+                    }
+                    tracing::warn!(in_flight = self.shared.mesh.in_flight(), "drain deadline reached; answering pending calls with an error");
+                    self.shared.mesh.abort_pending();
+                    aborted = true;
+                    deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
                 }
                 _ = self.tracker.wait() => {
                     // Deliver whatever the finished tasks left in the channel.
@@ -148,6 +159,10 @@ impl Coordinator {
                     break;
                 }
                 Some(d) = self.deliveries.recv() => self.shared.deliver(d),
+                m = self.inbound.recv(), if inbound_open => match m {
+                    Some(m) => self.shared.on_inbound(m),
+                    None => inbound_open = false,
+                },
             }
         }
         self.shared
@@ -260,13 +275,18 @@ impl CoordinatorHandle {
             }),
         });
         let user_id = identity.user_id.clone();
+        // The hello is queued before the session is visible to fan-out, so it is always the
+        // first frame the client gets.
+        let hello = Outbound { frame: SharedFrame::new(hello), encoding: Some(Encoding::Json) };
+        if handler.send(hello).is_err() {
+            return Err(SessionError::ShuttingDown);
+        }
         // Registration itself refuses sessions once shutdown closed them all, so a session
         // racing with shutdown either gets its 1001 or is never opened.
         if self.shared.handlers.register(session_id.clone(), identity, handler).is_err() {
             return Err(SessionError::ShuttingDown);
         }
         tracing::info!(session.id = %session_id, user.id = %user_id, "session opened");
-        self.shared.reply(&session_id, hello, Encoding::Json);
         Ok(session_id)
     }
 
@@ -307,6 +327,17 @@ impl CoordinatorHandle {
         let Some(identity) = s.handlers.identity(session_id) else {
             return true;
         };
+        // Between the token's expiry and the next sweep (at most a second), nothing but a
+        // refresh is served with it.
+        let expired = identity.expires_at.is_some_and(|e| e <= unix_now());
+        if expired && !matches!(message, ClientMessage::Refresh { .. }) {
+            let frame = refusal(
+                error_name::AUTHORIZATION,
+                "token expired; send `refresh` with a new token".into(),
+            );
+            s.reply(session_id, frame, encoding);
+            return false;
+        }
         match message {
             ClientMessage::Request(mut call) => {
                 // A trace id is generated here when absent, so even a refusal can name it.

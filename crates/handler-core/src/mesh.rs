@@ -59,6 +59,9 @@ pub enum MeshError {
     /// Encrypting the request or decrypting the response failed.
     #[error("encryption failed: {0}")]
     Encryption(String),
+    /// The service's response is larger than the gateway forwards.
+    #[error("response of {bytes} bytes exceeds the limit of {limit} bytes")]
+    ResponseTooLarge { bytes: usize, limit: usize },
 }
 
 impl MeshError {
@@ -68,7 +71,9 @@ impl MeshError {
             MeshError::NotDelivered { .. } | MeshError::Timeout(_) | MeshError::Unavailable(_) => {
                 true
             }
-            MeshError::Rejected(_) | MeshError::Encryption(_) => false,
+            MeshError::Rejected(_)
+            | MeshError::Encryption(_)
+            | MeshError::ResponseTooLarge { .. } => false,
         }
     }
 
@@ -92,6 +97,9 @@ impl MeshError {
             MeshError::Rejected(why) => ErrorObject::new(n::VALIDATION, why.clone()),
             MeshError::Encryption(why) => {
                 ErrorObject::new(n::TRANSPORT, format!("encryption failed: {why}"))
+            }
+            MeshError::ResponseTooLarge { .. } => {
+                ErrorObject::new("LimitExceeded", self.to_string())
             }
         }
     }

@@ -106,6 +106,8 @@ pub struct ServiceMeshManager {
     deliveries: mpsc::Sender<SessionDelivery>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    // Fired at the drain deadline: calls still pending end with an error response.
+    abort: CancellationToken,
     counters: Arc<Counters>,
 }
 
@@ -158,6 +160,7 @@ impl ServiceMeshManager {
             deliveries,
             tracker,
             shutdown,
+            abort: CancellationToken::new(),
             counters: Arc::new(Counters::default()),
         }
     }
@@ -280,6 +283,7 @@ impl ServiceMeshManager {
         let mesh = Arc::clone(&self.mesh);
         let deliveries = self.deliveries.clone();
         let counters = Arc::clone(&self.counters);
+        let abort = self.abort.clone();
         let timeout = self.config.request_timeout;
         let session_id = session_id.clone();
         let span = tracing::debug_span!(
@@ -318,6 +322,8 @@ impl ServiceMeshManager {
                         tracing::debug!("session closed; call abandoned");
                         return;
                     }
+                    // The drain deadline passed: the client still gets an answer.
+                    _ = abort.cancelled() => Err(MeshError::Unavailable("gateway shutting down".into())),
                     r = work => r,
                 };
                 let message = match outcome {
@@ -349,6 +355,12 @@ impl ServiceMeshManager {
             .instrument(span),
         );
         Ok(trace_id)
+    }
+
+    /// Ends every pending call now with a "gateway shutting down" error response (the drain
+    /// deadline passed).
+    pub fn abort_pending(&self) {
+        self.abort.cancel();
     }
 
     /// Forgets a closed session: its pending calls are cancelled.

@@ -273,6 +273,11 @@ async fn session_loop(
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
                 };
                 preferred = encoding;
+                // `select!` picks among ready branches at random: once the session was told
+                // to close (kicked, token expired), no further client frame is served.
+                if close.fired.is_cancelled() {
+                    continue;
+                }
                 let accepted = if limiter.allow() {
                     coordinator.on_frame(session_id, bytes, encoding)
                 } else {
