@@ -81,6 +81,12 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_ENCRYPTION", value_enum, default_value = "auto")]
     pub encryption: Encryption,
 
+    /// Seconds a service's public key may be used before it is fetched again through
+    /// `nuropb_describe` (0: before every encrypted call). nuropb services often make a new
+    /// key when they restart, and an undecryptable message takes a Python service off the mesh.
+    #[arg(long, env = "NUROPB_ENCRYPTION_KEY_TTL_SECS", default_value_t = 30)]
+    pub encryption_key_ttl_secs: u64,
+
     /// Largest frame sent to a client, in bytes; a larger response becomes a
     /// `LimitExceeded` error, a larger event is dropped and counted.
     #[arg(long, env = "NUROPB_MAX_OUTBOUND_MESSAGE_BYTES", default_value_t = 8 << 20)]

@@ -283,6 +283,7 @@ fn amqp_config(cli: &Cli, url: &str) -> amqp_mesh::AmqpMeshConfig {
         config::Encryption::Auto => amqp_mesh::EncryptionMode::Auto,
         config::Encryption::Required => amqp_mesh::EncryptionMode::Required,
     };
+    c.encryption_key_ttl = Duration::from_secs(cli.encryption_key_ttl_secs);
     // Nothing larger than a client may receive is worth taking off the broker.
     c.max_inbound_body_bytes = cli.max_outbound_message_bytes;
     c

@@ -16,6 +16,7 @@ Environment:
 
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -137,25 +138,45 @@ def gateway(config: InteropConfig):
     process.stop()
 
 
-@pytest.fixture(scope="session")
-def service(config: InteropConfig, gateway: Gateway):
+def service_process(cfg: InteropConfig, name: str, service_name: str, *extra_args: str) -> ManagedProcess:
+    """An interop service process (not started yet), logged as `<name>.log`."""
     process = ManagedProcess(
-        "service",
+        name,
         [
             sys.executable,
             str(HERE / "interop_service.py"),
             "--amqp-url",
-            config.amqp_url,
+            cfg.amqp_url,
             "--service-name",
-            SERVICE,
+            service_name,
             "--jwt-secret",
-            config.jwt_secret,
+            cfg.jwt_secret,
+            *extra_args,
         ],
-        config.log_dir / "service.log",
+        cfg.log_dir / f"{name}.log",
         r"interop-service ready",
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     _PROCESSES.append(process)
+    return process
+
+
+def start_extra_service(cfg: InteropConfig, name: str, service_name: str) -> ManagedProcess:
+    """Another interop service process under its own service name, without event bindings
+    (logged as `<name>.log`). Each start generates a new RSA key, as the suite's service does.
+    The caller stops it (`process.stop()`)."""
+    return service_process(cfg, name, service_name, "--event-bindings", "").start()
+
+
+def gateway_has_flag(cfg: InteropConfig, flag: str) -> bool:
+    """Whether the gateway binary under test knows `flag` (from its `--help`)."""
+    done = subprocess.run([cfg.gateway_bin, "--help"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    return flag in done.stdout
+
+
+@pytest.fixture(scope="session")
+def service(config: InteropConfig, gateway: Gateway):
+    process = service_process(config, "service", SERVICE)
     process.start()
     yield process
     process.stop()

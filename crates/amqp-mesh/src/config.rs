@@ -12,6 +12,9 @@ use crate::error::AmqpMeshError;
 /// AMQP short strings (queue names, routing keys, correlation ids) hold at most 255 bytes.
 pub(crate) const MAX_SHORT_STRING: usize = 255;
 
+/// Length of the per-connection token in queue names (lowercase hex).
+pub(crate) const CONNECTION_TOKEN_LEN: usize = 8;
+
 /// Whether requests and commands are encrypted for methods that ask for it (spec §10).
 ///
 /// In `Auto` and `Required` the target service's `nuropb_describe` decides: a method it
@@ -51,8 +54,9 @@ pub struct AmqpMeshConfig {
     /// peers call it under this name. Must not contain `.`, `*` or `#` (it is a word of
     /// the control topic). Default: `nuropb-gateway`.
     pub service_name: String,
-    /// This process's instance id, part of its response and events queue names. Two live
-    /// processes must not share one. Default: a fresh `uuid4` in 32 lowercase hex.
+    /// This process's instance id, part of its response, events and control queue names
+    /// (with a fresh token per connection, see [`AmqpMeshConfig::response_queue`]). Two
+    /// live processes should not share one. Default: a fresh `uuid4` in 32 lowercase hex.
     pub instance_id: String,
     /// Direct exchange for requests and commands. Default: `nuropb-rpc-exchange`.
     pub rpc_exchange: String,
@@ -109,8 +113,21 @@ pub struct AmqpMeshConfig {
     pub max_json_depth: usize,
     /// How long a service description (for encryption) is used before it is refreshed.
     /// The refresh runs in the background; the expired description stays in use meanwhile
-    /// and for good if the refresh fails. Default: 5 min.
+    /// and for good if the refresh fails, but only to decide that a method requires
+    /// encryption: its public key is used for at most `encryption_key_ttl`. Default: 5 min.
     pub describe_ttl: Duration,
+    /// Oldest public key a call is encrypted with. A service may restart with a new key
+    /// (nuropb services often generate one at start), and a nuropb service that receives a
+    /// body it cannot decrypt drops off the mesh for good (spec §7.5), so a key older than
+    /// this is fetched again (`nuropb_describe`) before the next encrypted call, which
+    /// waits for it (at most `describe_timeout`, one lookup shared by concurrent callers).
+    /// If that lookup fails, the call is refused with `MeshError::Encryption` rather than
+    /// encrypted with the old key. A key is also dropped at once when an encrypted request
+    /// to its service gets no response in time. Shorter means a smaller window in which a
+    /// restarted service can receive a body for its old key, at the price of one describe
+    /// round trip per service per period; zero means a describe before every encrypted
+    /// call. Default: 30 s.
+    pub encryption_key_ttl: Duration,
     /// How long a failed description lookup is remembered before the next attempt, so
     /// that a service without a working describe does not cost an extra round trip per
     /// call. For a service never described successfully, this is how long its calls get
@@ -134,6 +151,12 @@ pub struct AmqpMeshConfig {
     /// core falls that far behind, the oldest events are dropped by the broker.
     /// Default: 10 000.
     pub events_queue_max_length: u32,
+    /// Bound of this instance's control queue on the broker (`x-max-length` with
+    /// `x-overflow: reject-publish`), which carries the fan-out operations (`push_to_user`,
+    /// `push_to_all`, `disconnect_user`) to this instance. When the core falls that far
+    /// behind, the broker refuses new operations instead of dropping accepted ones, and
+    /// the peer that asked gets an error instead of `accepted`. Default: 1 000.
+    pub control_queue_max_length: u32,
     /// Longest wait for the core to answer a `stats` call from the mesh. Default: 2 s.
     pub core_reply_timeout: Duration,
     /// On shutdown, how long pending requests may still receive their responses, and
@@ -170,8 +193,10 @@ impl Default for AmqpMeshConfig {
             describe_negative_ttl: Duration::from_secs(10),
             describe_timeout: Duration::from_secs(2),
             describe_cache_capacity: 256,
+            encryption_key_ttl: Duration::from_secs(30),
             encryption: EncryptionMode::Auto,
             events_queue_max_length: 10_000,
+            control_queue_max_length: 1_000,
             core_reply_timeout: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(5),
         }
@@ -206,8 +231,10 @@ impl fmt::Debug for AmqpMeshConfig {
             .field("describe_negative_ttl", &self.describe_negative_ttl)
             .field("describe_timeout", &self.describe_timeout)
             .field("describe_cache_capacity", &self.describe_cache_capacity)
+            .field("encryption_key_ttl", &self.encryption_key_ttl)
             .field("encryption", &self.encryption)
             .field("events_queue_max_length", &self.events_queue_max_length)
+            .field("control_queue_max_length", &self.control_queue_max_length)
             .field("core_reply_timeout", &self.core_reply_timeout)
             .field("drain_timeout", &self.drain_timeout)
             .finish()
@@ -220,14 +247,25 @@ impl AmqpMeshConfig {
         AmqpMeshConfig { url: url.into(), ..AmqpMeshConfig::default() }
     }
 
-    /// This instance's response queue, `nuropb-<service_name>-<instance_id>-rq` (§2.3).
-    pub fn response_queue(&self) -> String {
-        format!("nuropb-{}-{}-rq", self.service_name, self.instance_id)
+    /// The response queue of one connection of this instance,
+    /// `nuropb-<service_name>-<instance_id>-<connection>-rq`: nuropb's naming (§2.3) with
+    /// `<instance_id>-<connection>` as the instance id. `connection` is a fresh token per
+    /// connection (8 lowercase hex), so that a reconnect never
+    /// needs a queue the broker may still hold for the previous, half-dead connection
+    /// (an exclusive queue or consumer is only released once the broker notices, after up
+    /// to two heartbeats).
+    pub fn response_queue(&self, connection: &str) -> String {
+        format!("nuropb-{}-{}-{connection}-rq", self.service_name, self.instance_id)
     }
 
-    /// This instance's events queue, `nuropb-<service_name>-<instance_id>-eq`.
-    pub fn events_queue(&self) -> String {
-        format!("nuropb-{}-{}-eq", self.service_name, self.instance_id)
+    /// The events queue of one connection, `nuropb-<service_name>-<instance_id>-<connection>-eq`.
+    pub fn events_queue(&self, connection: &str) -> String {
+        format!("nuropb-{}-{}-{connection}-eq", self.service_name, self.instance_id)
+    }
+
+    /// The control queue of one connection, `nuropb-<service_name>-<instance_id>-<connection>-cq`.
+    pub fn control_queue(&self, connection: &str) -> String {
+        format!("nuropb-{}-{}-{connection}-cq", self.service_name, self.instance_id)
     }
 
     /// The gateway's service queue, shared by all instances: `nuropb-<service_name>-sq`.
@@ -263,7 +301,8 @@ impl AmqpMeshConfig {
             return bad("instance_id", "must be non-empty without whitespace");
         }
         // The longest derived name decides whether the pair fits in AMQP short strings.
-        if self.response_queue().len() > MAX_SHORT_STRING
+        let token = "0".repeat(CONNECTION_TOKEN_LEN);
+        if self.response_queue(&token).len() > MAX_SHORT_STRING
             || self.control_topic().len() > MAX_SHORT_STRING
         {
             return bad(
@@ -328,6 +367,9 @@ impl AmqpMeshConfig {
         if self.events_queue_max_length == 0 {
             return bad("events_queue_max_length", "must be at least 1");
         }
+        if self.control_queue_max_length == 0 {
+            return bad("control_queue_max_length", "must be at least 1");
+        }
         Ok(())
     }
 
@@ -381,8 +423,10 @@ mod tests {
     fn defaults_are_valid_and_named_like_nuropb() {
         let c = AmqpMeshConfig { instance_id: "i1".into(), ..AmqpMeshConfig::default() };
         assert_eq!(field_of(&c), None);
-        assert_eq!(c.response_queue(), "nuropb-nuropb-gateway-i1-rq");
-        assert_eq!(c.events_queue(), "nuropb-nuropb-gateway-i1-eq");
+        assert_eq!(c.response_queue("0a1b2c3d"), "nuropb-nuropb-gateway-i1-0a1b2c3d-rq");
+        assert_eq!(c.events_queue("0a1b2c3d"), "nuropb-nuropb-gateway-i1-0a1b2c3d-eq");
+        assert_eq!(c.control_queue("0a1b2c3d"), "nuropb-nuropb-gateway-i1-0a1b2c3d-cq");
+        assert_eq!(c.encryption_key_ttl, Duration::from_secs(30));
         assert_eq!(c.service_queue(), "nuropb-nuropb-gateway-sq");
         assert_eq!(c.control_topic(), "nuropb-gateway.nuropb-gateway.control");
         assert_eq!(AmqpMeshConfig::default().instance_id.len(), 32);
@@ -409,6 +453,17 @@ mod tests {
         check(|c| c.inbound_capacity = 0, "inbound_capacity");
         check(|c| c.max_json_depth = 500, "max_json_depth");
         check(|c| c.publish_timeout = Duration::ZERO, "publish_timeout");
+        check(|c| c.control_queue_max_length = 0, "control_queue_max_length");
+        // The connection token counts: 255 bytes in all, or refused.
+        check(
+            |c| c.instance_id = "i".repeat(255 - "nuropb-nuropb-gateway--12345678-rq".len() + 1),
+            "service_name",
+        );
+        let fits = AmqpMeshConfig {
+            instance_id: "i".repeat(255 - "nuropb-nuropb-gateway--12345678-rq".len()),
+            ..AmqpMeshConfig::default()
+        };
+        assert_eq!(field_of(&fits), None);
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! The response-queue and events-queue consumers: lapin deliveries become pending-request
-//! completions and [`MeshInbound`] messages here, at the adapter's edge.
+//! The response-, events- and control-queue consumers: lapin deliveries become
+//! pending-request completions and [`MeshInbound`] messages here, at the adapter's edge.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use futures::StreamExt;
 use handler_core::mesh::MeshInbound;
-use handler_core::{MeshEvent, TraceId, UserId};
+use handler_core::{MeshError, MeshEvent, TraceId, UserId};
 use lapin::Consumer;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
@@ -45,9 +45,6 @@ fn on_response(shared: &Shared, answered: &mut RecentIds, delivery: Delivery) {
         bump(&shared.counters.garbage_rejected);
         debug!(why, "dropped a malformed message on the response queue");
     };
-    if delivery.data.len() > shared.config.max_inbound_body_bytes {
-        return garbage("body too large");
-    }
     let headers = match read_headers(&delivery.properties) {
         Ok(headers) if headers.message_type == MessageType::Response => headers,
         Ok(_) => return garbage("not a response"),
@@ -57,6 +54,30 @@ fn on_response(shared: &Shared, answered: &mut RecentIds, delivery: Delivery) {
         return garbage("no correlation_id");
     };
     let correlation_id = correlation_id.as_str();
+    let (bytes, limit) = (delivery.data.len(), shared.config.max_inbound_body_bytes);
+    if bytes > limit {
+        // The body is dropped unread, but the request it answers ends now, not at its
+        // timeout. Counted with the other deliveries dropped as unusable.
+        bump(&shared.counters.garbage_rejected);
+        if shared
+            .pending
+            .complete(correlation_id, Err(MeshError::ResponseTooLarge { bytes, limit }))
+        {
+            warn!(
+                correlation_id,
+                bytes, limit, "response larger than max_inbound_body_bytes; its request fails"
+            );
+            answered.insert(correlation_id);
+        } else {
+            debug!(
+                correlation_id,
+                bytes,
+                limit,
+                "dropped a response larger than max_inbound_body_bytes that nobody waits for"
+            );
+        }
+        return;
+    }
     let raw = RawResponse { body: delivery.data, encrypted: headers.encrypted };
     if shared.pending.complete(correlation_id, Ok(raw)) {
         bump(&shared.counters.responses);
@@ -70,20 +91,50 @@ fn on_response(shared: &Shared, answered: &mut RecentIds, delivery: Delivery) {
     }
 }
 
-/// Runs the events-queue consumer (manual ack, bounded by prefetch) until `link` is
-/// cancelled or the consumer ends.
+/// Which per-instance queue a consumer reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Inbound {
+    /// The events queue: events matching `event_bindings`.
+    Events,
+    /// The control queue: fan-out operations on the control topic.
+    Controls,
+}
+
+impl Inbound {
+    fn queue(self) -> &'static str {
+        match self {
+            Inbound::Events => "events",
+            Inbound::Controls => "control",
+        }
+    }
+}
+
+/// Runs the events- or control-queue consumer (manual ack, bounded by prefetch) until
+/// `link` is cancelled or the consumer ends.
 ///
 /// Overload policy: when the channel to the core is full this task waits, so no more
 /// deliveries are acknowledged and the broker stops after `prefetch` unacknowledged ones;
-/// the events queue then absorbs the backlog up to `events_queue_max_length`, after which
-/// the broker drops the oldest. Memory here stays bounded either way.
-pub(crate) async fn events(shared: Arc<Shared>, mut consumer: Consumer, link: CancellationToken) {
-    while let Some(delivery) = next(&mut consumer, &link, "events").await {
-        let inbound = match decode_event(&shared, &delivery) {
-            Ok(inbound) => inbound,
+/// the queue then absorbs the backlog up to its `x-max-length`. Beyond it the broker
+/// drops the oldest events, and refuses new control operations (the peer that asked is
+/// told). Memory here stays bounded either way.
+pub(crate) async fn inbound(
+    shared: Arc<Shared>,
+    mut consumer: Consumer,
+    kind: Inbound,
+    link: CancellationToken,
+) {
+    while let Some(delivery) = next(&mut consumer, &link, kind.queue()).await {
+        let inbound = match decode_inbound(&shared, &delivery, kind) {
+            Ok(Some(inbound)) => inbound,
+            Ok(None) => {
+                if !settle(delivery.ack(BasicAckOptions::default()).await, &link) {
+                    return;
+                }
+                continue;
+            }
             Err(why) => {
                 bump(&shared.counters.garbage_rejected);
-                debug!(why = %why, routing_key = %delivery.routing_key, "rejected a malformed event");
+                debug!(why = %why, queue = kind.queue(), routing_key = %delivery.routing_key, "rejected a malformed message");
                 if !settle(delivery.reject(BasicRejectOptions { requeue: false }).await, &link) {
                     return;
                 }
@@ -97,7 +148,7 @@ pub(crate) async fn events(shared: Arc<Shared>, mut consumer: Consumer, link: Ca
             sent = shared.inbound.send(inbound) => sent.is_ok(),
         };
         if !sent {
-            debug!("the core no longer listens; event dropped");
+            debug!(queue = kind.queue(), "the core no longer listens; message dropped");
         }
         if !settle(delivery.ack(BasicAckOptions::default()).await, &link) {
             return;
@@ -105,8 +156,22 @@ pub(crate) async fn events(shared: Arc<Shared>, mut consumer: Consumer, link: Ca
     }
 }
 
-/// Turns an events-queue delivery into a message for the core.
-fn decode_event(shared: &Shared, delivery: &Delivery) -> Result<MeshInbound, String> {
+/// Turns an events- or control-queue delivery into a message for the core; `None` for
+/// one to acknowledge and skip.
+fn decode_inbound(
+    shared: &Shared,
+    delivery: &Delivery,
+    kind: Inbound,
+) -> Result<Option<MeshInbound>, String> {
+    let routing_key = delivery.routing_key.as_str();
+    let is_control = routing_key == shared.control_topic;
+    match (kind, is_control) {
+        (Inbound::Events, false) | (Inbound::Controls, true) => {}
+        // An `event_bindings` pattern that matches the control topic (`#`, say) brings
+        // control operations here too; they are carried out from the control queue.
+        (Inbound::Events, true) => return Ok(None),
+        (Inbound::Controls, false) => return Err("not on the control topic".into()),
+    }
     if delivery.data.len() > shared.config.max_inbound_body_bytes {
         return Err("body too large".into());
     }
@@ -119,12 +184,11 @@ fn decode_event(shared: &Shared, delivery: &Delivery) -> Result<MeshInbound, Str
     let Ok(Value::Object(mut body)) = from_python_json::<Value>(&delivery.data) else {
         return Err("body is not a JSON object".into());
     };
-    let routing_key = delivery.routing_key.as_str();
     let event = body.remove("event").unwrap_or(Value::Null);
-    if routing_key == shared.control_topic {
+    if is_control {
         let op = control::decode(&event)?;
         bump(&shared.counters.controls_received);
-        return Ok(MeshInbound::Control { op, reply: None });
+        return Ok(Some(MeshInbound::Control { op, reply: None }));
     }
     // The routing key is what matched our bindings; an event claiming another topic is
     // not delivered under a topic we never subscribed to.
@@ -153,13 +217,13 @@ fn decode_event(shared: &Shared, delivery: &Delivery) -> Result<MeshInbound, Str
         _ => None,
     };
     bump(&shared.counters.events_received);
-    Ok(MeshInbound::Event(MeshEvent {
+    Ok(Some(MeshInbound::Event(MeshEvent {
         topic: routing_key.to_owned(),
         event,
         target,
         context,
         trace_id,
-    }))
+    })))
 }
 
 /// The next delivery, or `None` when the link is cancelled or the consumer ended (which

@@ -2,15 +2,23 @@
 //! descriptions that decides whether a call is encrypted (§10), and the gateway's own
 //! description in nuropb's exact shape.
 //!
-//! The cache is stale-while-revalidate: once a service has described itself, its
-//! description is kept for good (until evicted) and only refreshed. A refresh runs in the
-//! background while callers keep using the last known description, and a refresh that
-//! fails (a busy service missing `describe_timeout`, an error answer) leaves it in use.
-//! Without this, one slow describe answer turned encryption off for a while.
+//! The cache is stale-while-revalidate for one decision only: whether a method requires
+//! encryption. Once a service has described itself, its description is kept for good
+//! (until evicted) and only refreshed. A refresh runs in the background while callers
+//! keep using the last known description, and a refresh that fails (a busy service
+//! missing `describe_timeout`, an error answer) leaves it in use. Without this, one slow
+//! describe answer turned encryption off for a while ([`DescribeCache::get`]).
+//!
+//! The public key is another matter: a service may restart with a new one, and a nuropb
+//! service handed a body it cannot decrypt drops off the mesh (§7.5). So encrypting takes
+//! a description no older than `encryption_key_ttl`, waiting for a lookup when the newest
+//! one is older, and never falling back to an older one ([`DescribeCache::current`]); a
+//! key whose service stopped answering encrypted calls is dropped
+//! ([`DescribeCache::forget_key`]).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -52,16 +60,42 @@ pub(crate) enum Lookup {
     First,
     /// A description is known but expired: callers keep using it meanwhile.
     Refresh,
+    /// A call is about to be encrypted and the key it would use is too old (or was
+    /// dropped): the call waits for this lookup, and is refused if it fails.
+    Key,
+}
+
+/// A description an earlier lookup got, carried from slot to slot.
+#[derive(Debug, Clone)]
+struct KnownAt {
+    crypto: Arc<ServiceCrypto>,
+    /// When that lookup finished: the age of its public key. `None` once the key was
+    /// dropped ([`DescribeCache::forget_key`]): the description still decides whether to
+    /// encrypt, but its key is not used any more.
+    key_fetched: Option<Instant>,
+}
+
+/// A finished lookup.
+#[derive(Debug)]
+struct Outcome {
+    described: Described,
+    /// When the lookup finished: the age of the public key in a `Known` description.
+    at: Instant,
+    /// When the outcome stops being used for the encryption decision.
+    expires: Instant,
 }
 
 /// One lookup of one service, and what earlier lookups learnt.
 #[derive(Debug, Default)]
 struct Slot {
-    /// This lookup's outcome, with the instant it stops being used.
-    cell: OnceCell<(Described, Instant)>,
+    /// Orders the slots of the cache: a slot with a higher number was created later, so
+    /// its lookup started later.
+    seq: u64,
+    /// This lookup's outcome.
+    cell: OnceCell<Outcome>,
     /// The description an earlier lookup got, served while this one runs and after it
     /// fails. `None` until the service has described itself once.
-    last_known: Option<Arc<ServiceCrypto>>,
+    last_known: Option<KnownAt>,
     /// Whether the background refresh of this slot was started (only with `last_known`).
     refresh_started: AtomicBool,
 }
@@ -73,21 +107,55 @@ impl Slot {
         match (described, &self.last_known) {
             (Described::Known(_), _) | (_, None) => described.clone(),
             (Described::Unknown | Described::Failed(_), Some(known)) => {
-                Described::Known(Arc::clone(known))
+                Described::Known(Arc::clone(&known.crypto))
             }
         }
     }
 
     /// The newest description this slot knows, carried into the next lookup's slot.
-    fn known(&self) -> Option<Arc<ServiceCrypto>> {
+    fn known(&self) -> Option<KnownAt> {
         match self.cell.get() {
-            Some((Described::Known(crypto), _)) => Some(Arc::clone(crypto)),
+            Some(Outcome { described: Described::Known(crypto), at, .. }) => {
+                Some(KnownAt { crypto: Arc::clone(crypto), key_fetched: Some(*at) })
+            }
             _ => self.last_known.clone(),
         }
     }
 
+    /// The newest description this slot knows if its key is at most `max_age` old.
+    fn young_key(&self, now: Instant, max_age: Duration) -> Option<Arc<ServiceCrypto>> {
+        let known = self.known()?;
+        let fetched = known.key_fetched?;
+        (now.saturating_duration_since(fetched) <= max_age).then_some(known.crypto)
+    }
+
     fn expired(&self, now: Instant) -> bool {
-        self.cell.get().is_some_and(|(_, expires)| *expires <= now)
+        self.cell.get().is_some_and(|outcome| outcome.expires <= now)
+    }
+
+    /// Runs this slot's lookup, or waits for the one already running (a caller's or a
+    /// background refresh); with tokio's `OnceCell`, if the caller running it is
+    /// cancelled, the next waiter runs its own `fetch`.
+    async fn lookup<F, Fut>(&self, lookup: Lookup, fetch: &F, cache: &DescribeCache) -> &Outcome
+    where
+        F: Fn(Lookup) -> Fut,
+        Fut: Future<Output = Described>,
+    {
+        let refresh = self.last_known.is_some();
+        self.cell
+            .get_or_init(|| async {
+                let described = fetch(lookup).await;
+                Outcome::new(described, refresh, cache.ttl, cache.negative_ttl)
+            })
+            .await
+    }
+}
+
+impl Outcome {
+    fn new(described: Described, refresh: bool, ttl: Duration, negative_ttl: Duration) -> Self {
+        let at = Instant::now();
+        let expires = at + ttl_of(&described, refresh, ttl, negative_ttl);
+        Outcome { described, at, expires }
     }
 }
 
@@ -98,6 +166,8 @@ impl Slot {
 #[derive(Debug)]
 pub(crate) struct DescribeCache {
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// The number of the next slot created.
+    next_seq: AtomicU64,
     capacity: usize,
     ttl: Duration,
     negative_ttl: Duration,
@@ -113,7 +183,14 @@ impl DescribeCache {
         negative_ttl: Duration,
         tracker: TaskTracker,
     ) -> Self {
-        DescribeCache { slots: Mutex::default(), capacity, ttl, negative_ttl, tracker }
+        DescribeCache {
+            slots: Mutex::default(),
+            next_seq: AtomicU64::new(1),
+            capacity,
+            ttl,
+            negative_ttl,
+            tracker,
+        }
     }
 
     /// What is known about `service`'s encryption, fetching with `fetch` when needed
@@ -136,9 +213,9 @@ impl DescribeCache {
         loop {
             round += 1;
             let slot = self.slot(service);
-            if let Some((described, expires)) = slot.cell.get() {
-                if Instant::now() < *expires || round == ROUNDS {
-                    return slot.answer(described);
+            if let Some(outcome) = slot.cell.get() {
+                if Instant::now() < outcome.expires || round == ROUNDS {
+                    return slot.answer(&outcome.described);
                 }
                 self.replace(service, &slot);
                 continue;
@@ -147,19 +224,76 @@ impl DescribeCache {
                 if !slot.refresh_started.swap(true, Ordering::SeqCst) {
                     self.spawn_refresh(service, Arc::clone(&slot), fetch);
                 }
-                return Described::Known(Arc::clone(known));
+                return Described::Known(Arc::clone(&known.crypto));
             }
-            let (ttl, negative_ttl) = (self.ttl, self.negative_ttl);
-            let (described, _) = slot
-                .cell
-                .get_or_init(|| async {
-                    let described = fetch(Lookup::First).await;
-                    let expires = Instant::now() + ttl_of(&described, false, ttl, negative_ttl);
-                    (described, expires)
-                })
-                .await;
+            let outcome = slot.lookup(Lookup::First, &fetch, self).await;
             // Returned even if already expired (a failure): it is this caller's answer.
-            return slot.answer(described);
+            return slot.answer(&outcome.described);
+        }
+    }
+
+    /// A description of `service` whose public key is at most `max_age` old, for
+    /// encrypting a call: the newest known description if it is that recent (and its key
+    /// was not dropped), or else the outcome of a lookup this caller waits for (shared
+    /// with concurrent callers and with a background refresh running at the time). Never
+    /// an older description: a failed lookup is this caller's answer (`Unknown` or
+    /// `Failed`).
+    ///
+    /// A failed key lookup that says nothing about the call (`Unknown`: no answer in
+    /// time, an error answer) is remembered like a failed refresh, for
+    /// `describe_negative_ttl`, so that a struggling service does not get one describe per
+    /// call; one that does (`Failed`: unroutable, connection lost) is only shared with the
+    /// callers that waited for it, since the service may be back any moment.
+    pub(crate) async fn current<F, Fut>(
+        &self,
+        service: &str,
+        max_age: Duration,
+        fetch: F,
+    ) -> Described
+    where
+        F: Fn(Lookup) -> Fut + Send + 'static,
+        Fut: Future<Output = Described> + Send + 'static,
+    {
+        // The slot current when this caller arrived. A lookup in a later slot started after
+        // the caller arrived: as fresh as it can ask for, whatever its outcome.
+        let mut first_seen = None;
+        // The second round always finds a later slot; the bound only guards the loop.
+        const ROUNDS: usize = 3;
+        for _ in 0..ROUNDS {
+            let slot = self.slot(service);
+            let now = Instant::now();
+            if let Some(crypto) = slot.young_key(now, max_age) {
+                return Described::Known(crypto);
+            }
+            let Some(outcome) = slot.cell.get() else {
+                return slot.lookup(Lookup::Key, &fetch, self).await.described.clone();
+            };
+            let later = first_seen.is_some_and(|first| slot.seq > first);
+            let remembered =
+                matches!(outcome.described, Described::Unknown) && now < outcome.expires;
+            if later || remembered {
+                return outcome.described.clone();
+            }
+            // A description with an old key, a failure, or an expired failure.
+            first_seen.get_or_insert(slot.seq);
+            self.replace(service, &slot);
+        }
+        Described::Unknown
+    }
+
+    /// Forgets `used`, the description whose key an encrypted call to `service` was sent
+    /// with, when that call got no response: the service may have restarted with a new
+    /// key (and died of the old one, §7.5). The next encrypted call then waits for a
+    /// fresh lookup; the encryption decision keeps using `used` meanwhile. Nothing happens
+    /// when a newer lookup already replaced it.
+    pub(crate) fn forget_key(&self, service: &str, used: &Arc<ServiceCrypto>) {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let newest = slots.get(service).and_then(|slot| slot.known());
+        if newest.is_some_and(|known| Arc::ptr_eq(&known.crypto, used)) {
+            // Also when a lookup is running in that slot: its waiters still get its
+            // outcome, and the next caller starts another (one describe too many at worst).
+            let dropped = KnownAt { crypto: Arc::clone(used), key_fetched: None };
+            slots.insert(service.to_owned(), self.new_slot(Some(dropped)));
         }
     }
 
@@ -174,15 +308,14 @@ impl DescribeCache {
             async move {
                 let refresh = fetch(Lookup::Refresh);
                 // The outcome stays in the slot for later callers, which is all this task
-                // is for. Nobody else initialises this slot: callers see `last_known`
-                // and return without waiting.
+                // is for. `get` callers see `last_known` and return without waiting; a
+                // `current` caller may run this slot's lookup first, and then this one
+                // finds it done.
                 let _ = slot
                     .cell
-                    .get_or_init(|| async move {
-                        let described = refresh.await;
-                        let expires = Instant::now() + ttl_of(&described, true, ttl, negative_ttl);
-                        (described, expires)
-                    })
+                    .get_or_init(
+                        || async move { Outcome::new(refresh.await, true, ttl, negative_ttl) },
+                    )
                     .await;
             }
             .instrument(span),
@@ -194,8 +327,7 @@ impl DescribeCache {
     fn replace(&self, service: &str, slot: &Arc<Slot>) {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         if slots.get(service).is_some_and(|current| Arc::ptr_eq(current, slot)) {
-            let next = Slot { last_known: slot.known(), ..Slot::default() };
-            slots.insert(service.to_owned(), Arc::new(next));
+            slots.insert(service.to_owned(), self.new_slot(slot.known()));
         }
     }
 
@@ -221,9 +353,14 @@ impl DescribeCache {
                 }
             }
         }
-        let slot = Arc::new(Slot::default());
+        let slot = self.new_slot(None);
         slots.insert(service.to_owned(), Arc::clone(&slot));
         slot
+    }
+
+    fn new_slot(&self, last_known: Option<KnownAt>) -> Arc<Slot> {
+        let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+        Arc::new(Slot { seq, last_known, ..Slot::default() })
     }
 }
 
@@ -516,6 +653,120 @@ mod tests {
         cache.tracker.wait().await;
         assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v1");
         assert_eq!(script.lookups().len(), 2, "not retried per call");
+    }
+
+    const KEY_TTL: Duration = Duration::from_secs(30);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_older_than_its_ttl_is_looked_up_before_encrypting() {
+        let cache = cache(8);
+        let script = Script::new(vec![known("v1"), known("v2"), known("v3")]);
+        assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v1");
+        assert_eq!(seen(&cache.current("svc", KEY_TTL, script.fetch()).await), "v1", "fresh");
+        assert_eq!(script.lookups(), [Lookup::First]);
+
+        // Within describe_ttl, but past the key's: the decision needs no lookup, the key does,
+        // and the caller waits for it (one lookup for concurrent callers).
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v1");
+        assert_eq!(script.lookups().len(), 1);
+        let started = Instant::now();
+        let (a, b) = tokio::join!(
+            cache.current("svc", KEY_TTL, script.fetch()),
+            cache.current("svc", KEY_TTL, script.fetch())
+        );
+        assert_eq!((seen(&a), seen(&b)), ("v2".into(), "v2".into()));
+        assert_eq!(started.elapsed(), Duration::from_millis(10), "waited for the lookup");
+        assert_eq!(script.lookups(), [Lookup::First, Lookup::Key]);
+        assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v2", "the decision follows");
+
+        // Past describe_ttl too: the background refresh and the key lookup are one fetch.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v2", "stale for the decision");
+        assert_eq!(seen(&cache.current("svc", KEY_TTL, script.fetch()).await), "v3");
+        cache.tracker.close();
+        cache.tracker.wait().await;
+        assert_eq!(script.lookups().len(), 3, "{:?}", script.lookups());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_young_key_is_used_while_its_description_is_refreshed() {
+        let cache = cache(8);
+        // describe_ttl (60 s) shorter than the key's: an expired description whose key is
+        // young enough serves at once, during the refresh and after it failed.
+        let script = Script::new(vec![known("v1"), Described::Unknown]);
+        cache.get("svc", script.fetch()).await;
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v1");
+        let long = Duration::from_secs(120);
+        let started = Instant::now();
+        assert_eq!(seen(&cache.current("svc", long, script.fetch()).await), "v1");
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        cache.tracker.close();
+        cache.tracker.wait().await;
+        assert_eq!(seen(&cache.current("svc", long, script.fetch()).await), "v1");
+        assert_eq!(script.lookups(), [Lookup::First, Lookup::Refresh]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_key_lookup_refuses_rather_than_falls_back() {
+        let cache = cache(8);
+        let script = Script::new(vec![known("v1"), Described::Unknown, known("v2")]);
+        cache.get("svc", script.fetch()).await;
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(seen(&cache.current("svc", KEY_TTL, script.fetch()).await), "unknown");
+        assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v1", "the decision stays");
+        // Remembered for describe_negative_ttl, like a failed refresh.
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(seen(&cache.current("svc", KEY_TTL, script.fetch()).await), "unknown");
+        assert_eq!(script.lookups().len(), 2);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(seen(&cache.current("svc", KEY_TTL, script.fetch()).await), "v2");
+        assert_eq!(script.lookups(), [Lookup::First, Lookup::Key, Lookup::Key]);
+
+        // An unroutable service or a lost connection is not remembered: the next caller
+        // looks again, the service may be back.
+        let down = Described::Failed(MeshError::Unavailable("connection lost".into()));
+        let script = Script::new(vec![known("v1"), down, known("v2")]);
+        cache.get("other", script.fetch()).await;
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(seen(&cache.current("other", KEY_TTL, script.fetch()).await), "failed");
+        assert_eq!(seen(&cache.current("other", KEY_TTL, script.fetch()).await), "v2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forgotten_key_is_looked_up_again() {
+        let cache = cache(8);
+        let script = Script::new(vec![known("v1"), known("v2")]);
+        let Described::Known(v1) = cache.get("svc", script.fetch()).await else {
+            panic!("described")
+        };
+        cache.forget_key("svc", &v1);
+        assert_eq!(seen(&cache.get("svc", script.fetch()).await), "v1", "the decision stays");
+        assert_eq!(seen(&cache.current("svc", KEY_TTL, script.fetch()).await), "v2");
+        let lookups = script.lookups().len();
+        // A stale forget (v1 was already replaced) changes nothing.
+        cache.forget_key("svc", &v1);
+        assert_eq!(seen(&cache.current("svc", KEY_TTL, script.fetch()).await), "v2");
+        assert_eq!(script.lookups().len(), lookups);
+        cache.forget_key("unknown-service", &v1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_key_ttl_looks_up_before_every_encrypted_call() {
+        let cache = cache(8);
+        let script = Script::new(vec![known("v1")]);
+        cache.get("svc", script.fetch()).await;
+        tokio::time::advance(Duration::from_millis(1)).await;
+        for _ in 0..3 {
+            let (a, b) = tokio::join!(
+                cache.current("svc", Duration::ZERO, script.fetch()),
+                cache.current("svc", Duration::ZERO, script.fetch())
+            );
+            assert_eq!((seen(&a), seen(&b)), ("v1".into(), "v1".into()));
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        assert_eq!(script.lookups().len(), 4, "one shared lookup per round");
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,8 +3,14 @@
 //! knows how the headers are typed on the wire (long strings, `trace_id` void for `None`).
 //!
 //! lapin keeps header tables in a `BTreeMap`, so headers go out sorted by name
-//! (`encrypted, nuropb_protocol, nuropb_type, nuropb_version, trace_id`) rather than in
-//! pika's insertion order. Receivers index by name (§3: order is not significant).
+//! (`encrypted, nuropb_protocol, nuropb_type, nuropb_version, trace_id`, and
+//! `x-nuropb-gateway` last when present) rather than in pika's insertion order. Receivers
+//! index by name (§3: order is not significant).
+//!
+//! Requests and commands published on behalf of a WebSocket client carry one header
+//! beyond nuropb's five, [`GATEWAY_HEADER`], naming the gateway that relayed them. nuropb
+//! ignores unknown headers (§3, capture `extra_headers_and_fields`); gateways use it to
+//! refuse their own privileged methods to client-relayed calls (see `service`).
 
 use std::time::Duration;
 
@@ -18,10 +24,15 @@ pub(crate) const CONTENT_TYPE: &str = "application/json";
 /// What a receiver copies into its reply when a request has no `trace_id` header (§3).
 pub(crate) const UNKNOWN_TRACE_ID: &str = "unknown";
 
+/// The header marking a request or command that a gateway published on behalf of one of
+/// its WebSocket clients; its value (a long string) is that gateway's service name.
+pub(crate) const GATEWAY_HEADER: &str = "x-nuropb-gateway";
+
 /// Builds the property set of §3: content type, the five headers, correlation id and
 /// reply-to always (`reply_to` is present but empty on events and responses), expiration
 /// only for requests and commands. Nothing else is set: no delivery mode (transient
-/// messages, like nuropb), no message id, no timestamp.
+/// messages, like nuropb), no message id, no timestamp. `relayed_by` (the gateway's
+/// service name, for calls made on behalf of a client) adds [`GATEWAY_HEADER`].
 ///
 /// Fails only if a short string is too long, which the guard and config validation rule
 /// out for everything the gateway builds itself.
@@ -30,6 +41,7 @@ pub(crate) fn properties(
     correlation_id: &str,
     reply_to: &str,
     expiration: Option<Duration>,
+    relayed_by: Option<&str>,
 ) -> Result<BasicProperties, String> {
     let mut table = FieldTable::default();
     let long = |s: &str| AMQPValue::LongString(LongString::from(s));
@@ -39,6 +51,9 @@ pub(crate) fn properties(
     let trace = headers.trace_id.as_deref().map_or(AMQPValue::Void, long);
     table.insert(header::TRACE_ID.into(), trace);
     table.insert(header::ENCRYPTED.into(), long(headers.encrypted_value()));
+    if let Some(gateway) = relayed_by {
+        table.insert(GATEWAY_HEADER.into(), long(gateway));
+    }
 
     let short = |what: &str, s: &str| {
         ShortString::try_new(s).map_err(|_| format!("{what} is longer than 255 bytes"))
@@ -81,6 +96,9 @@ pub(crate) struct InboundHeaders {
     pub(crate) message_type: MessageType,
     pub(crate) trace_id: TraceHeader,
     pub(crate) encrypted: bool,
+    /// [`GATEWAY_HEADER`]: the gateway that relayed this call for a client. Any value
+    /// counts, whatever its type (a non-string one reads as `"?"`).
+    pub(crate) relayed_by: Option<String>,
 }
 
 /// Reads and checks the headers the way nuropb's `decode_rmq_body` does: a headers table
@@ -107,7 +125,8 @@ pub(crate) fn read_headers(props: &BasicProperties) -> Result<InboundHeaders, &'
     let encrypted = get(header::ENCRYPTED)
         .and_then(text)
         .is_some_and(|v| v == nuropb_wire::mesh::ENCRYPTED_YES);
-    Ok(InboundHeaders { message_type, trace_id, encrypted })
+    let relayed_by = get(GATEWAY_HEADER).map(|v| text(v).unwrap_or_else(|| "?".to_owned()));
+    Ok(InboundHeaders { message_type, trace_id, encrypted, relayed_by })
 }
 
 /// A header's string value: pika writes long strings; short strings are accepted too.
@@ -156,13 +175,15 @@ mod tests {
         let h = MeshHeaders::outgoing(MessageType::Request, Some("trace-echo".into()), false);
         check(
             V01,
-            properties(&h, "4bb8771b487c40279d5401c0a2a75dfa", CLIENT_RQ, hour).expect("props"),
+            properties(&h, "4bb8771b487c40279d5401c0a2a75dfa", CLIENT_RQ, hour, None)
+                .expect("props"),
             0xa700,
         );
         let h = MeshHeaders::outgoing(MessageType::Request, None, false);
         check(
             V02,
-            properties(&h, "10aef9421b7a401b989dbf225cf9c30a", CLIENT_RQ, hour).expect("props"),
+            properties(&h, "10aef9421b7a401b989dbf225cf9c30a", CLIENT_RQ, hour, None)
+                .expect("props"),
             0xa700,
         );
         let h = MeshHeaders::outgoing(
@@ -172,8 +193,47 @@ mod tests {
         );
         check(
             V22,
-            properties(&h, "5020c083a051400caeed60cf32689245", CLIENT_RQ, hour).expect("props"),
+            properties(&h, "5020c083a051400caeed60cf32689245", CLIENT_RQ, hour, None)
+                .expect("props"),
             0xa700,
+        );
+    }
+
+    /// A client-relayed request is pika's request plus exactly one header: the marker, a
+    /// long string. The five nuropb headers keep their values and types, and the property
+    /// flag word is unchanged (the marker lives inside the headers table). So the vectors
+    /// are compared with the marker taken out, and the marker is checked on its own.
+    #[test]
+    fn relayed_request_is_v01_plus_the_gateway_header() {
+        let hour = Some(Duration::from_secs(3600));
+        let h = MeshHeaders::outgoing(MessageType::Request, Some("trace-echo".into()), false);
+        let cid = "4bb8771b487c40279d5401c0a2a75dfa";
+        let marked = properties(&h, cid, CLIENT_RQ, hour, Some("gw-a")).expect("props");
+        let mut table = marked.headers().clone().expect("headers");
+        assert_eq!(table.inner().len(), 6);
+        assert_eq!(
+            table.inner().get(GATEWAY_HEADER),
+            Some(&AMQPValue::LongString(LongString::from("gw-a")))
+        );
+        assert_eq!(
+            table.inner().keys().last().map(|k| k.as_str()),
+            Some(GATEWAY_HEADER),
+            "lapin sorts the table: the marker goes last"
+        );
+        let mut without = FieldTable::default();
+        for (key, value) in table.inner() {
+            if key.as_str() != GATEWAY_HEADER {
+                without.insert(key.clone(), value.clone());
+            }
+        }
+        table = without;
+        check(V01, marked.with_headers(table), 0xa700);
+        assert_eq!(
+            read_headers(&properties(&h, cid, CLIENT_RQ, hour, Some("gw-a")).expect("props"))
+                .expect("valid")
+                .relayed_by
+                .as_deref(),
+            Some("gw-a")
         );
     }
 
@@ -183,7 +243,7 @@ mod tests {
             MeshHeaders::outgoing(MessageType::Event, Some("trace-event_svc_ping".into()), false);
         check(
             V16,
-            properties(&h, "f470c1bf627a4daf81c6c8ecd854bc83", "", None).expect("props"),
+            properties(&h, "f470c1bf627a4daf81c6c8ecd854bc83", "", None, None).expect("props"),
             0xa600,
         );
     }
@@ -211,6 +271,21 @@ mod tests {
         assert!(read_headers(&with(header::TYPE, "query")).is_err());
         let minimal = read_headers(&with("x-origin", "test")).expect("minimal headers are fine");
         assert_eq!(minimal.trace_id, TraceHeader::Missing);
+        assert_eq!(minimal.relayed_by, None);
+        assert_eq!(h.relayed_by, None, "pika's requests carry no marker");
+        let relayed = read_headers(&with(GATEWAY_HEADER, "gw-b")).expect("valid");
+        assert_eq!(relayed.relayed_by.as_deref(), Some("gw-b"));
+        let mut odd = with("x", "y");
+        if let Some(table) = odd.headers().clone() {
+            let mut table = table;
+            table.insert(GATEWAY_HEADER.into(), AMQPValue::Boolean(true));
+            odd = odd.with_headers(table);
+        }
+        assert_eq!(
+            read_headers(&odd).expect("valid").relayed_by.as_deref(),
+            Some("?"),
+            "any value marks"
+        );
         assert!(read_headers(&with(header::ENCRYPTED, "yes")).expect("valid").encrypted);
     }
 }

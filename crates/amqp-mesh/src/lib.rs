@@ -4,7 +4,7 @@
 //! [`AmqpMesh::start`] connects, declares the topology and returns the mesh together with
 //! the channel on which events, control operations and stats requests reach the core.
 //! The gateway is a requester (requests, commands, events), a subscriber (per-instance
-//! events queue) and a NuroPb service of its own (`push_to_user`, `stats`, …).
+//! events and control queues) and a NuroPb service of its own (`push_to_user`, `stats`, …).
 //!
 //! Code map:
 //! - `config`: [`AmqpMeshConfig`], every limit with its default;
@@ -12,7 +12,7 @@
 //!   connection, its topology and tasks;
 //! - `requester`: requests/commands/events and describe-driven encryption; `pending`: the
 //!   correlation table; `publisher`: the publisher task (confirms, `basic.return`);
-//! - `consumers`: response and events queues; `service`: the gateway's own methods;
+//! - `consumers`: response, events and control queues; `service`: the gateway's own methods;
 //!   `control`: the fan-out payload; `describe`: descriptions, ours and others';
 //! - `envelope`: AMQP properties and headers; `guard`: checks before publishing.
 //!
@@ -26,6 +26,19 @@
 //! [`AmqpMeshConfig::service_name`] with `MeshError::Rejected` before anything is
 //! published. Peers reach those methods through the service queue as before.
 //!
+//! Architecture invariant: no client reaches any gateway's methods, this deployment's or
+//! another's on the same vhost. Every request and command this adapter publishes carries
+//! the header `x-nuropb-gateway: <service_name>` (nuropb ignores unknown headers, spec §3),
+//! and the gateway's own service answers such a call only for `nuropb_describe`; anything
+//! else gets `NuropbAuthorizationError` (and a command is rejected).
+//!
+//! Queues are named per connection (`nuropb-<service_name>-<instance_id>-<token>-rq`,
+//! `-eq`, `-cq`, with a fresh 8-hex token per connection), so a reconnect never waits for
+//! the broker to let go of the previous connection's exclusive queues. Fan-out operations
+//! travel on their own control queue, which refuses new operations when full
+//! (`control_queue_max_length`) rather than drop accepted ones as the events queue does;
+//! the peer that asked is then answered `NuropbOverloadedError` instead of `accepted`.
+//!
 //! Encryption (spec §10), with [`EncryptionMode::Auto`] or [`EncryptionMode::Required`]:
 //! before a call, the target service's `nuropb_describe` is looked up (shared by
 //! concurrent callers, bounded by `describe_timeout`) and cached.
@@ -37,6 +50,31 @@
 //!   garbage, connection lost) keeps the last known description, and is retried after
 //!   `describe_negative_ttl`. So once a service has described itself, calls to its
 //!   encrypted methods are never downgraded, however busy it gets.
+//! - The stale description only decides *that* a method is encrypted. The key it is
+//!   encrypted with comes from a lookup at most `encryption_key_ttl` old (default 30 s):
+//!   an older key is looked up again first, the call waiting for it (at most
+//!   `describe_timeout`, one lookup shared by concurrent callers), and if that lookup
+//!   fails the call is refused with `MeshError::Encryption("public key of <service> could
+//!   not be refreshed")` (a failure remembered for `describe_negative_ttl`), never sent
+//!   under the old key. An encrypted request that gets no response in time drops its
+//!   service's key at once, so the next encrypted call looks it up again.
+//!
+//! Why the key matters: nuropb services often generate a fresh RSA key at start, and a
+//! nuropb 0.1.8 service handed a body it cannot decrypt rejects it twice and drops off
+//! the mesh for good (spec §7.5). What remains after the rules above, because nuropb
+//! gives a requester no way to learn which key will read a message:
+//! - after a service restarts with a new key, calls encrypted within `encryption_key_ttl`
+//!   of the last lookup (or until an encrypted call times out) still use the old key, and
+//!   the first one kills the new instance;
+//! - with several instances of a service, each with its own random key, `nuropb_describe`
+//!   is answered by one instance and the encrypted call may be routed to another, which
+//!   cannot read it and dies, whatever the TTL. nuropb's own requester has the same
+//!   problem.
+//!
+//! So services with encrypted methods should keep their private key across restarts and
+//! share one key across their instances (load `_private_key` from a secret, rather than
+//! generate it at start). Then neither case arises, and `encryption_key_ttl` only bounds
+//! how long a deliberate key rotation takes to reach the gateway.
 //! - Only a service that has never described itself successfully since start (or was
 //!   evicted from the cache of `describe_cache_capacity` services) has no description:
 //!   for `describe_negative_ttl` after each failed lookup, `Auto` sends its calls in

@@ -1,17 +1,28 @@
 //! One connection to the broker: connecting, declaring the topology, and starting the
 //! per-connection tasks. Everything lapin-specific about connections lives here.
 //!
-//! Topology (declared on every connect, all idempotent):
+//! Topology (declared on every connect, all idempotent). `<conn>` is a fresh random token
+//! per connection: a reconnect after a loss that only this side noticed (a half-open TCP
+//! connection) would otherwise be refused (`RESOURCE_LOCKED`, `ACCESS_REFUSED`) until the
+//! broker drops the old connection, up to two heartbeats later, because the old queues
+//! are exclusive or consumed exclusively.
 //! - exchanges exactly as `configure_nuropb_rmq` makes them (§2.2): rpc direct, events
 //!   topic, dead-letter fanout; durable, not auto-delete, not internal, no arguments;
-//! - `nuropb-<svc>-<instance>-rq`: the response queue (§2.3), non-durable, auto-delete,
-//!   consumed with auto-ack by an exclusive consumer;
+//! - `nuropb-<svc>-<instance>-<conn>-rq`: the response queue (§2.3), non-durable,
+//!   auto-delete, consumed with auto-ack by an exclusive consumer. Responses that arrive
+//!   late at an old connection's queue go down with it (the requests waiting for them
+//!   were failed when it was lost), or are dropped by the broker once it is deleted;
 //! - `nuropb-<svc>-sq`: the gateway's service queue, durable with `x-dead-letter-exchange`
 //!   like every nuropb service's, bound to the rpc exchange under the service name,
 //!   consumed with manual ack;
-//! - `nuropb-<svc>-<instance>-eq`: this instance's events queue (exclusive, auto-delete,
-//!   `x-max-length`), bound to each `event_bindings` pattern and to the control topic, so
-//!   every instance receives every event (§13.9), consumed with manual ack.
+//! - `nuropb-<svc>-<instance>-<conn>-eq`: this instance's events queue (exclusive,
+//!   auto-delete, `x-max-length`, the broker drops the oldest beyond it), bound to each
+//!   `event_bindings` pattern, so every instance receives every event (§13.9), consumed
+//!   with manual ack;
+//! - `nuropb-<svc>-<instance>-<conn>-cq`: this instance's control queue (exclusive,
+//!   auto-delete, `x-max-length` with `x-overflow: reject-publish`, so the broker refuses
+//!   new operations rather than dropping accepted ones), bound to the control topic only,
+//!   consumed with manual ack.
 //!
 //! One channel carries everything, as in nuropb (§2.5); it runs in confirm mode (see
 //! `publisher`). A channel error therefore ends the whole connection, which the
@@ -32,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::consumers::Inbound;
 use crate::error::{AmqpMeshError, BoxError};
 use crate::mesh::{LinkHandle, Shared};
 use crate::{consumers, publisher, service};
@@ -61,6 +73,12 @@ impl Link {
             warn!(generation = self.handle.generation, "connection tasks did not stop in time");
         }
     }
+}
+
+/// A fresh token for one connection's queue names (8 lowercase hex): unique enough next
+/// to the instance id, short enough to leave room for long service names.
+fn connection_token() -> String {
+    format!("{:08x}", rand::random::<u32>())
 }
 
 /// Connects and sets up connection `generation`.
@@ -107,9 +125,11 @@ pub(crate) async fn establish(
 /// A connection with its topology declared and its consumers registered.
 struct Ready {
     generation: u64,
+    response_queue: String,
     channel: Channel,
     responses: Consumer,
     events: Consumer,
+    controls: Consumer,
     calls: Consumer,
 }
 
@@ -139,10 +159,11 @@ async fn setup(
 
     // Declaration order of nuropb (§2.3): response queue, service queue, bindings, qos,
     // consumers.
-    let response_queue = shared.response_queue.as_str();
+    let token = connection_token();
+    let response_queue = config.response_queue(&token);
     channel
         .queue_declare(
-            response_queue.into(),
+            response_queue.as_str().into(),
             QueueDeclareOptions { auto_delete: true, ..QueueDeclareOptions::default() },
             FieldTable::default(),
         )
@@ -164,24 +185,34 @@ async fn setup(
         .await
         .map_err(topology(&format!("declare queue {service_queue}")))?;
 
-    let events_queue = config.events_queue();
-    let mut bounded = FieldTable::default();
-    bounded.insert(
+    let private = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    let events_queue = config.events_queue(&token);
+    let mut drop_oldest = FieldTable::default();
+    drop_oldest.insert(
         "x-max-length".into(),
         AMQPValue::LongLongInt(i64::from(config.events_queue_max_length)),
     );
     channel
-        .queue_declare(
-            events_queue.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            bounded,
-        )
+        .queue_declare(events_queue.as_str().into(), private, drop_oldest)
         .await
         .map_err(topology(&format!("declare queue {events_queue}")))?;
+
+    let control_queue = config.control_queue(&token);
+    let mut refuse_newest = FieldTable::default();
+    refuse_newest.insert(
+        "x-max-length".into(),
+        AMQPValue::LongLongInt(i64::from(config.control_queue_max_length)),
+    );
+    refuse_newest
+        .insert("x-overflow".into(), AMQPValue::LongString(LongString::from("reject-publish")));
+    channel
+        .queue_declare(control_queue.as_str().into(), private, refuse_newest)
+        .await
+        .map_err(topology(&format!("declare queue {control_queue}")))?;
 
     channel
         .queue_bind(
@@ -193,17 +224,22 @@ async fn setup(
         )
         .await
         .map_err(topology(&format!("bind {service_queue}")))?;
-    for pattern in config.event_bindings.iter().chain(std::iter::once(&shared.control_topic)) {
+    let bindings = config
+        .event_bindings
+        .iter()
+        .map(|pattern| (&events_queue, pattern))
+        .chain(std::iter::once((&control_queue, &shared.control_topic)));
+    for (queue, pattern) in bindings {
         channel
             .queue_bind(
-                events_queue.as_str().into(),
+                queue.as_str().into(),
                 config.events_exchange.as_str().into(),
                 pattern.as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
             .await
-            .map_err(topology(&format!("bind {events_queue} to {pattern}")))?;
+            .map_err(topology(&format!("bind {queue} to {pattern}")))?;
     }
 
     // Per consumer (global = false): bounds each manual-ack consumer separately.
@@ -222,17 +258,15 @@ async fn setup(
         }
     };
     let responses = consume(
-        response_queue.to_owned(),
+        response_queue.clone(),
         BasicConsumeOptions { no_ack: true, exclusive: true, ..BasicConsumeOptions::default() },
     )
     .await?;
     let calls = consume(service_queue, BasicConsumeOptions::default()).await?;
-    let events = consume(
-        events_queue,
-        BasicConsumeOptions { exclusive: true, ..BasicConsumeOptions::default() },
-    )
-    .await?;
-    Ok(Ready { generation, channel, responses, events, calls })
+    let exclusive = BasicConsumeOptions { exclusive: true, ..BasicConsumeOptions::default() };
+    let events = consume(events_queue, exclusive).await?;
+    let controls = consume(control_queue, exclusive).await?;
+    Ok(Ready { generation, response_queue, channel, responses, events, controls, calls })
 }
 
 impl Ready {
@@ -242,7 +276,15 @@ impl Ready {
         shared: &Arc<Shared>,
         events: impl futures::Stream<Item = lapin::Event> + Send + Unpin + 'static,
     ) -> (LinkHandle, CancellationToken, TaskTracker) {
-        let Ready { generation, channel, responses, events: event_deliveries, calls } = self;
+        let Ready {
+            generation,
+            response_queue,
+            channel,
+            responses,
+            events: event_deliveries,
+            controls,
+            calls,
+        } = self;
         let token = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (publisher, publisher_task) = publisher::channel(
@@ -250,7 +292,8 @@ impl Ready {
             Arc::clone(&shared.counters),
             Arc::clone(&shared.pending),
         );
-        let handle = LinkHandle { generation, publisher };
+        debug!(generation, response_queue = %response_queue, "connection queues declared");
+        let handle = LinkHandle { generation, response_queue: response_queue.into(), publisher };
 
         tasks.spawn(
             publisher_task
@@ -266,8 +309,17 @@ impl Ready {
                 .instrument(info_span!("amqp.responses", generation)),
         );
         tasks.spawn(
-            consumers::events(Arc::clone(shared), event_deliveries, token.clone())
-                .instrument(info_span!("amqp.events", generation)),
+            consumers::inbound(
+                Arc::clone(shared),
+                event_deliveries,
+                Inbound::Events,
+                token.clone(),
+            )
+            .instrument(info_span!("amqp.events", generation)),
+        );
+        tasks.spawn(
+            consumers::inbound(Arc::clone(shared), controls, Inbound::Controls, token.clone())
+                .instrument(info_span!("amqp.controls", generation)),
         );
         tasks.spawn(
             service::run(Arc::clone(shared), calls, handle.clone(), token.clone())

@@ -3,7 +3,7 @@
 //!
 //! Task layout (all tracked, each with its own span): one supervisor for the life of the
 //! adapter; per connection a publisher, a connection watcher, and one consumer each for
-//! the response, events and service queues. Any of them failing cancels the connection's
+//! the response, events, control and service queues. Any of them failing cancels the connection's
 //! token; the supervisor then fails pending requests, closes the connection and
 //! reconnects with backoff.
 
@@ -31,6 +31,9 @@ use crate::{link, supervisor};
 pub(crate) struct LinkHandle {
     /// Counts connections; pending requests are failed per generation.
     pub(crate) generation: u64,
+    /// This connection's response queue (its name changes with every connection, see
+    /// `AmqpMeshConfig::response_queue`): the `reply_to` of requests published on it.
+    pub(crate) response_queue: Arc<str>,
     pub(crate) publisher: Publisher,
 }
 
@@ -38,7 +41,6 @@ pub(crate) struct LinkHandle {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: AmqpMeshConfig,
-    pub(crate) response_queue: String,
     pub(crate) control_topic: String,
     pub(crate) limits: Limits,
     pub(crate) counters: Arc<Counters>,
@@ -90,7 +92,6 @@ impl AmqpMesh {
         let (inbound, inbound_rx) = mpsc::channel(config.inbound_capacity);
         let tracker = TaskTracker::new();
         let shared = Arc::new(Shared {
-            response_queue: config.response_queue(),
             control_topic: config.control_topic(),
             limits: Limits {
                 max_body_bytes: config.max_body_bytes,
@@ -165,9 +166,11 @@ impl AmqpMesh {
         self.shared.tracker.wait().await;
     }
 
-    /// The gateway's response queue, e.g. for diagnostics.
-    pub fn response_queue(&self) -> &str {
-        &self.shared.response_queue
+    /// The response queue of the current connection, e.g. for diagnostics; `None` while
+    /// disconnected. Each connection has its own (see
+    /// [`AmqpMeshConfig::response_queue`]).
+    pub fn response_queue(&self) -> Option<String> {
+        self.shared.state.borrow().as_ref().map(|link| link.response_queue.to_string())
     }
 }
 
@@ -176,9 +179,7 @@ impl ServiceMesh for AmqpMesh {
     async fn request(&self, call: MeshCall, timeout: Duration) -> Result<MeshResponse, MeshError> {
         // The gateway's own deadline: nuropb requesters have none, and services never
         // report an expired request (§11). The pending entry goes with the future.
-        tokio::time::timeout(timeout, self.shared.request(call))
-            .await
-            .unwrap_or(Err(MeshError::Timeout(timeout)))
+        self.shared.request(call, timeout).await
     }
 
     async fn command(&self, call: MeshCall) -> Result<(), MeshError> {

@@ -12,15 +12,20 @@
 //! acknowledges several publishes at once (`multiple`), in hash-map order: a return can
 //! ride on another message's confirmation, resolved before or after the returned message's
 //! own. So a return counts for the message whose correlation id it carries, and the task
-//! keeps a [`Ledger`] of the requests and commands it has published:
+//! keeps a [`Ledger`] of the mandatory messages it has published (requests, commands,
+//! control events):
 //! - a return for one still awaiting its confirmation marks it; its confirmation then
 //!   reports `Returned`;
-//! - a command's `Routed` verdict is held until every confirmation that is already
-//!   resolved has been read (a return on one of them reaches the command first), and for
-//!   [`SUSPECT_GRACE`] when its own confirmation carried someone else's return (its own
-//!   return may then be on a confirmation lapin resolves just after);
+//! - the `Routed` verdict of a command or control event ([`Mode::Mandatory`]) is held
+//!   until every confirmation that is already resolved has been read (a return on one of
+//!   them reaches it first), and for [`SUSPECT_GRACE`] when its own confirmation carried
+//!   someone else's return (its own return may then be on a confirmation lapin resolves
+//!   just after);
 //! - a request gets its verdict at once: it waits for its response anyway, so a return
 //!   that arrives later reaches it through the pending table.
+//!
+//! A negative acknowledgement (the broker refused the message, e.g. a queue with
+//! `x-overflow: reject-publish` is full) is the verdict `Refused`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,7 +40,6 @@ use lapin::message::BasicReturnMessage;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation};
-use nuropb_wire::mesh::MessageType;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -49,12 +53,32 @@ use crate::stats::{Counters, bump};
 /// a single pass, within microseconds; this only has to outlast that pass.
 const SUSPECT_GRACE: Duration = Duration::from_millis(20);
 
+/// How a message is published and how a return reaches its sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// A request: `mandatory`. Its verdict is given at once; a return that arrives later
+    /// reaches the waiting request through the pending table.
+    Request,
+    /// A command or a control event: `mandatory`, and the verdict is all its sender ever
+    /// learns, so `Routed` is held until returns riding on other confirmations are read.
+    Mandatory,
+    /// An event or a response: not mandatory (nuropb publishes them so, §3).
+    Plain,
+}
+
+impl Mode {
+    fn is_mandatory(self) -> bool {
+        match self {
+            Mode::Request | Mode::Mandatory => true,
+            Mode::Plain => false,
+        }
+    }
+}
+
 /// A message ready for the wire.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
-    /// Requests and commands are published `mandatory` (the broker returns them when no
-    /// queue is bound); events and responses are not.
-    pub(crate) kind: MessageType,
+    pub(crate) mode: Mode,
     pub(crate) exchange: String,
     pub(crate) routing_key: String,
     pub(crate) body: Vec<u8>,
@@ -68,6 +92,10 @@ pub(crate) enum Published {
     Routed,
     /// Returned as unroutable (`basic.return`, 312 NO_ROUTE).
     Returned,
+    /// Refused by the broker (`basic.nack`): a queue it was routed to rejected it, e.g.
+    /// one with `x-overflow: reject-publish` that is full. Queues that could take it may
+    /// still have received it.
+    Refused,
 }
 
 type Verdict = Result<Published, MeshError>;
@@ -217,7 +245,7 @@ impl PublisherTask {
                         .as_ref()
                         .map(|c| c.as_str().to_owned())
                         .unwrap_or_default();
-                    let mandatory = is_mandatory(message.kind);
+                    let mandatory = message.mode.is_mandatory();
                     let options = BasicPublishOptions { mandatory, immediate: false };
                     let publish = channel.basic_publish(
                         exchange,
@@ -234,7 +262,7 @@ impl PublisherTask {
                     };
                     match confirm {
                         Ok(confirm) => {
-                            let seq = ledger.sent(message.kind, correlation_id, reply);
+                            let seq = ledger.sent(message.mode, correlation_id, reply);
                             unconfirmed.push(async move { (seq, confirm.await) });
                         }
                         Err(error) => {
@@ -256,11 +284,6 @@ impl PublisherTask {
     }
 }
 
-/// Requests and commands are the messages the broker can return.
-fn is_mandatory(kind: MessageType) -> bool {
-    matches!(kind, MessageType::Request | MessageType::Command)
-}
-
 /// The next item of `stream` if it is ready now, without waiting (with the task's own
 /// waker, so a `FuturesUnordered` keeps waking this task).
 async fn ready_now<S: Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
@@ -274,7 +297,7 @@ async fn ready_now<S: Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
 /// One published message whose verdict is not given yet.
 #[derive(Debug)]
 struct Entry {
-    kind: MessageType,
+    mode: Mode,
     correlation_id: String,
     reply: Reply,
     /// A `basic.return` carrying this message's correlation id arrived (possibly on
@@ -285,14 +308,15 @@ struct Entry {
 /// The publisher task's record of what it published and has not settled. Owned by the
 /// task alone, so no lock.
 ///
-/// Invariant: `returnable` maps the correlation id of every request and command in
+/// Invariant: `returnable` maps the correlation id of every mandatory message in
 /// `entries` to its sequence number; `held` names only entries of `entries`.
 #[derive(Debug, Default)]
 struct Ledger {
     next_seq: u64,
     entries: HashMap<u64, Entry>,
     returnable: HashMap<String, u64>,
-    /// Commands the broker confirmed without a return, with when they get `Routed`.
+    /// [`Mode::Mandatory`] messages the broker confirmed without a return, with when they
+    /// get `Routed`.
     held: Vec<(u64, Instant)>,
 }
 
@@ -303,15 +327,15 @@ impl Ledger {
     }
 
     /// Records a message handed to lapin; returns its sequence number.
-    fn sent(&mut self, kind: MessageType, correlation_id: String, reply: Reply) -> u64 {
+    fn sent(&mut self, mode: Mode, correlation_id: String, reply: Reply) -> u64 {
         self.next_seq += 1;
         let seq = self.next_seq;
-        if is_mandatory(kind) {
-            // Correlation ids of requests and commands are fresh uuids; were one reused,
-            // the newer message would get the returns, which is the best guess anyway.
+        if mode.is_mandatory() {
+            // Correlation ids of mandatory messages are fresh uuids; were one reused, the
+            // newer message would get the returns, which is the best guess anyway.
             self.returnable.insert(correlation_id.clone(), seq);
         }
-        self.entries.insert(seq, Entry { kind, correlation_id, reply, returned: false });
+        self.entries.insert(seq, Entry { mode, correlation_id, reply, returned: false });
         seq
     }
 
@@ -351,7 +375,7 @@ impl Ledger {
                 correlation_id = theirs,
                 "message returned by the broker"
             );
-            if is_mandatory(entry.kind) && theirs == entry.correlation_id {
+            if entry.mode.is_mandatory() && theirs == entry.correlation_id {
                 entry.returned = true;
             } else {
                 suspect = true;
@@ -360,10 +384,10 @@ impl Ledger {
         }
         if !acked {
             bump(&counters.publish_failures);
-            entry.reply.send(Err(MeshError::Unavailable("the broker refused the message".into())));
+            entry.reply.send(Ok(Published::Refused));
         } else if entry.returned {
             entry.reply.send(Ok(Published::Returned));
-        } else if entry.kind == MessageType::Command {
+        } else if entry.mode == Mode::Mandatory {
             let release = if suspect { now + SUSPECT_GRACE } else { now };
             self.hold(seq, entry, release);
         } else {
@@ -392,7 +416,7 @@ impl Ledger {
     }
 
     fn hold(&mut self, seq: u64, entry: Entry, release: Instant) {
-        if is_mandatory(entry.kind) {
+        if entry.mode.is_mandatory() {
             self.returnable.insert(entry.correlation_id.clone(), seq);
         }
         self.entries.insert(seq, entry);
@@ -477,10 +501,10 @@ mod tests {
             }
         }
 
-        fn sent(&mut self, kind: MessageType, id: &'static str) {
+        fn sent(&mut self, mode: Mode, id: &'static str) {
             let (tx, rx) = oneshot::channel();
             let reply = Reply { tx, _ticket: Ticket::new(&self.unsettled) };
-            let seq = self.ledger.sent(kind, id.to_owned(), reply);
+            let seq = self.ledger.sent(mode, id.to_owned(), reply);
             self.verdicts.insert(id, rx);
             self.seqs.insert(id, seq);
         }
@@ -501,14 +525,14 @@ mod tests {
     fn returns_count_for_the_message_they_carry() {
         let mut f = Fixture::new();
         let now = Instant::now();
-        f.sent(MessageType::Request, "mine");
+        f.sent(Mode::Request, "mine");
         f.confirmed("mine", Some("mine"), now);
         assert_eq!(f.verdict("mine"), Some(Ok(Published::Returned)));
 
         // A return riding on another message's confirmation, for a request that already
         // has its verdict and waits for its response: it learns it through the table.
         let (_guard, mut waiting) = f.pending.register("theirs".into(), 1).expect("register");
-        f.sent(MessageType::Event, "event");
+        f.sent(Mode::Plain, "event");
         f.confirmed("event", Some("theirs"), now);
         assert_eq!(f.verdict("event"), Some(Ok(Published::Routed)));
         match waiting.try_recv() {
@@ -516,10 +540,10 @@ mod tests {
             other => panic!("the waiting request was not told: {other:?}"),
         }
 
-        f.sent(MessageType::Command, "refused");
+        f.sent(Mode::Mandatory, "refused");
         let seq = f.seqs["refused"];
         f.ledger.confirmed(seq, Ok(Confirmation::Nack(None)), now, &f.counters, &f.pending);
-        assert!(matches!(f.verdict("refused"), Some(Err(MeshError::Unavailable(_)))));
+        assert_eq!(f.verdict("refused"), Some(Ok(Published::Refused)));
         let snapshot = f.counters.snapshot(true, 0);
         assert_eq!((snapshot.returned, snapshot.published, snapshot.publish_failures), (2, 1, 1));
         assert_eq!(f.ledger.len(), 0);
@@ -531,8 +555,8 @@ mod tests {
         let check = |command_first: bool| {
             let mut f = Fixture::new();
             let now = Instant::now();
-            f.sent(MessageType::Command, "cmd");
-            f.sent(MessageType::Request, "req");
+            f.sent(Mode::Mandatory, "cmd");
+            f.sent(Mode::Request, "req");
             // lapin resolves both in one pass and hands the command's return to the
             // request's confirmation; the task may read them in either order.
             if command_first {
@@ -558,7 +582,7 @@ mod tests {
         let mut f = Fixture::new();
         let now = Instant::now();
         for id in ["a", "b", "c"] {
-            f.sent(MessageType::Command, id);
+            f.sent(Mode::Mandatory, id);
         }
         // a's confirmation carries b's return: a's own return may come next.
         f.confirmed("a", Some("b"), now);
@@ -578,8 +602,8 @@ mod tests {
     fn held_commands_are_routed_when_nothing_claims_them() {
         let mut f = Fixture::new();
         let now = Instant::now();
-        f.sent(MessageType::Command, "a");
-        f.sent(MessageType::Command, "b");
+        f.sent(Mode::Mandatory, "a");
+        f.sent(Mode::Mandatory, "b");
         f.confirmed("a", None, now);
         f.confirmed("b", Some("elsewhere"), now);
         f.ledger.release(now, &f.counters);

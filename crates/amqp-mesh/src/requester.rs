@@ -1,5 +1,10 @@
 //! The requester side (spec §13 items 1–8): requests with their responses, commands,
 //! events, and the describe lookups that decide encryption.
+//!
+//! Every request and command published here is made on behalf of a WebSocket client
+//! (client calls, and the describe lookups they trigger), and carries the
+//! `x-nuropb-gateway` header (see `envelope`), so that other gateways refuse it their
+//! privileged methods.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,12 +20,12 @@ use serde_json::Value;
 use tracing::{debug, warn};
 
 use crate::config::EncryptionMode;
-use crate::describe::{Described, Lookup, parse_description};
+use crate::describe::{Described, Lookup, ServiceCrypto, parse_description};
 use crate::envelope;
 use crate::guard;
 use crate::mesh::{LinkHandle, Shared};
 use crate::pending::RawResponse;
-use crate::publisher::{Outgoing, Published};
+use crate::publisher::{Mode, Outgoing, Published};
 use crate::stats::bump;
 
 /// AMQP expiration of describe requests, as `RMQAPI.describe_service` sends them (§6.4).
@@ -31,20 +36,47 @@ pub(crate) fn new_correlation_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
+/// The key an encrypted call is sealed with, and the description it came from (to drop
+/// it if the call gets no response).
+struct Sealing {
+    key: ServicePublicKey,
+    described: Arc<ServiceCrypto>,
+}
+
 impl Shared {
-    /// A request, answered by its first response. The caller (`AmqpMesh::request`) bounds
-    /// it with the request timeout; every await here is cancellation safe.
+    /// A request, answered by its first response, or `MeshError::Timeout` after `timeout`
+    /// (describe lookup included). Every await here is cancellation safe.
     pub(crate) async fn request(
         self: &Arc<Self>,
         call: MeshCall,
+        timeout: Duration,
     ) -> Result<MeshResponse, MeshError> {
+        let deadline = tokio::time::Instant::now() + timeout;
         self.guard_call(&call)?;
         let link = self.link()?;
         // Encoded (and size-checked) before the describe lookup, so that a call the guard
         // refuses publishes nothing at all.
         let encoded = self.encode_call(MessageType::Request, &call)?;
-        let key = self.encryption_key(&call).await?;
-        self.exchange(&link, &call, encoded, key.as_ref(), self.config.request_ttl).await
+        let Ok(sealing) = tokio::time::timeout_at(deadline, self.encryption_key(&call)).await
+        else {
+            return Err(MeshError::Timeout(timeout));
+        };
+        let sealing = sealing?;
+        let key = sealing.as_ref().map(|s| &s.key);
+        let exchange = self.exchange(&link, &call, encoded, key, self.config.request_ttl);
+        match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                if let Some(sealing) = &sealing {
+                    // Perhaps the service restarted with a new key and could not read this
+                    // body (a nuropb service then drops off the mesh, §7.5): the next
+                    // encrypted call fetches the key again rather than risk another.
+                    warn!(service = %call.service, method = %call.method, trace_id = %call.trace_id, "no response to an encrypted call; the service's public key is dropped and fetched again before the next encrypted call");
+                    self.describe.forget_key(&call.service, &sealing.described);
+                }
+                Err(MeshError::Timeout(timeout))
+            }
+        }
     }
 
     /// A command: published like a request, never answered. `Ok` means the broker
@@ -54,10 +86,12 @@ impl Shared {
         self.guard_call(&call)?;
         let link = self.link()?;
         let encoded = self.encode_call(MessageType::Command, &call)?;
-        let key = self.encryption_key(&call).await?;
+        let sealing = self.encryption_key(&call).await?;
+        let key = sealing.as_ref().map(|s| &s.key);
         // Nobody answers a command, so its session key is not kept.
-        let (body, _session) = self.seal(encoded.json, key.as_ref())?;
+        let (body, _session) = self.seal(encoded.json, key)?;
         let message = self.request_message(
+            &link,
             MessageType::Command,
             &call,
             &encoded.correlation_id,
@@ -68,6 +102,9 @@ impl Shared {
         match self.publish_bounded(&link, message).await? {
             Published::Routed => Ok(()),
             Published::Returned => Err(not_delivered(&call)),
+            Published::Refused => {
+                Err(MeshError::Unavailable("the broker refused the command".into()))
+            }
         }
     }
 
@@ -90,10 +127,17 @@ impl Shared {
             target,
         };
         let message = self.event_message(&body)?;
-        self.publish_bounded(&link, message).await.map(|_| ())
+        match self.publish_bounded(&link, message).await? {
+            // Events are not mandatory: an event nobody subscribed to is not an error.
+            Published::Routed | Published::Returned => Ok(()),
+            Published::Refused => {
+                Err(MeshError::Unavailable("the broker refused the event".into()))
+            }
+        }
     }
 
-    /// Builds a §5.3 event ready to publish; the guard's size limit applies.
+    /// Builds a §5.3 event ready to publish (not mandatory); the guard's size limit
+    /// applies.
     pub(crate) fn event_message(&self, body: &EventBody) -> Result<Outgoing, MeshError> {
         let json = to_python_json(body)
             .map_err(|e| MeshError::Rejected(format!("event cannot be encoded: {e}")))?;
@@ -101,10 +145,10 @@ impl Shared {
             .inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
         let headers = MeshHeaders::outgoing(MessageType::Event, body.trace_id.clone(), false);
         let correlation_id = body.correlation_id.clone().unwrap_or_default();
-        let properties = envelope::properties(&headers, &correlation_id, "", None)
+        let properties = envelope::properties(&headers, &correlation_id, "", None, None)
             .map_err(MeshError::Rejected)?;
         Ok(Outgoing {
-            kind: MessageType::Event,
+            mode: Mode::Plain,
             exchange: self.config.events_exchange.clone(),
             routing_key: body.topic.clone(),
             body: json,
@@ -144,6 +188,7 @@ impl Shared {
         let Encoded { correlation_id, json } = encoded;
         let (body, session) = self.seal(json, key)?;
         let message = self.request_message(
+            link,
             MessageType::Request,
             call,
             &correlation_id,
@@ -160,6 +205,9 @@ impl Shared {
             Published::Returned => {
                 debug!(service = %call.service, method = %call.method, trace_id = %call.trace_id, "request returned: no queue bound for the service");
                 return Err(not_delivered(call));
+            }
+            Published::Refused => {
+                return Err(MeshError::Unavailable("the broker refused the request".into()));
             }
         }
         let raw = match response.await {
@@ -210,8 +258,15 @@ impl Shared {
         Ok((sealed, Some(session)))
     }
 
+    /// A request or command as published on behalf of a client: `reply_to` is the
+    /// connection's response queue, and the gateway marks it as relayed.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call site per message type; a struct would only rename them"
+    )]
     fn request_message(
         &self,
+        link: &LinkHandle,
         tag: MessageType,
         call: &MeshCall,
         correlation_id: &str,
@@ -221,11 +276,20 @@ impl Shared {
     ) -> Result<Outgoing, MeshError> {
         let headers =
             MeshHeaders::outgoing(tag, Some(call.trace_id.as_str().to_owned()), encrypted);
-        let properties =
-            envelope::properties(&headers, correlation_id, &self.response_queue, Some(ttl))
-                .map_err(MeshError::Rejected)?;
+        let properties = envelope::properties(
+            &headers,
+            correlation_id,
+            &link.response_queue,
+            Some(ttl),
+            Some(&self.config.service_name),
+        )
+        .map_err(MeshError::Rejected)?;
+        let mode = match tag {
+            MessageType::Request => Mode::Request,
+            _ => Mode::Mandatory,
+        };
         Ok(Outgoing {
-            kind: tag,
+            mode,
             exchange: self.config.rpc_exchange.clone(),
             routing_key: call.service.clone(),
             body,
@@ -269,28 +333,23 @@ impl Shared {
 
     /// The public key to encrypt `call` with, if its method requires encryption (§10).
     ///
-    /// Decided by the target service's description (see `describe`): a method the
-    /// description marks `requires_encryption` is always encrypted, or the call fails.
-    /// Only a service that has never described itself successfully falls back, per
+    /// Decided by the target service's description (see `describe`): a method the newest
+    /// known description marks `requires_encryption` is always encrypted, or the call
+    /// fails, however old that description is. The key itself comes from a description at
+    /// most `encryption_key_ttl` old, looked up now if need be; if that lookup fails, the
+    /// call fails too (`MeshError::Encryption`, or the lookup's own error when the service
+    /// is unroutable or the connection is lost) rather than go out under an old key. Only
+    /// a service that has never described itself successfully falls back, per
     /// `EncryptionMode`: plaintext (`Auto`) or refusal (`Required`).
     async fn encryption_key(
         self: &Arc<Self>,
         call: &MeshCall,
-    ) -> Result<Option<ServicePublicKey>, MeshError> {
+    ) -> Result<Option<Sealing>, MeshError> {
         let mode = self.config.encryption;
         if mode == EncryptionMode::Off || call.method == DESCRIBE_METHOD {
             return Ok(None);
         }
-        let fetch = {
-            let shared = Arc::clone(self);
-            let service = call.service.clone();
-            move |lookup| {
-                let shared = Arc::clone(&shared);
-                let service = service.clone();
-                async move { shared.fetch_description(&service, lookup).await }
-            }
-        };
-        let crypto = match self.describe.get(&call.service, fetch).await {
+        let crypto = match self.describe.get(&call.service, self.describe_fetch(call)).await {
             Described::Known(crypto) => crypto,
             Described::Unknown => {
                 return match mode {
@@ -305,21 +364,49 @@ impl Shared {
                     }
                 };
             }
-            Described::Failed(MeshError::NotDelivered { service, .. }) => {
-                return Err(MeshError::NotDelivered { service, method: call.method.clone() });
-            }
-            Described::Failed(other) => return Err(other),
+            Described::Failed(error) => return Err(for_call(error, call)),
         };
         if !crypto.encrypted_methods.contains(&call.method) {
             return Ok(None);
         }
-        // The service says the method requires encryption: never fall back to plaintext.
+        // The service said the method requires encryption: never plaintext from here on,
+        // unless a current description says otherwise. Only a current key will do.
+        let max_age = self.config.encryption_key_ttl;
+        let crypto =
+            match self.describe.current(&call.service, max_age, self.describe_fetch(call)).await {
+                Described::Known(crypto) => crypto,
+                Described::Unknown => {
+                    return Err(MeshError::Encryption(format!(
+                        "public key of {} could not be refreshed",
+                        call.service
+                    )));
+                }
+                Described::Failed(error) => return Err(for_call(error, call)),
+            };
+        if !crypto.encrypted_methods.contains(&call.method) {
+            debug!(service = %call.service, method = %call.method, "the current description no longer requires encryption");
+            return Ok(None);
+        }
         match &crypto.public_key {
-            Some(key) => Ok(Some(key.clone())),
+            Some(key) => Ok(Some(Sealing { key: key.clone(), described: Arc::clone(&crypto) })),
             None => Err(MeshError::Encryption(format!(
                 "{}.{} requires encryption but the service publishes no public key",
                 call.service, call.method
             ))),
+        }
+    }
+
+    /// The describe lookup of `call`'s service, for the cache to run when it needs one.
+    fn describe_fetch(
+        self: &Arc<Self>,
+        call: &MeshCall,
+    ) -> impl Fn(Lookup) -> futures::future::BoxFuture<'static, Described> + Send + 'static {
+        let shared = Arc::clone(self);
+        let service = call.service.clone();
+        move |lookup| {
+            let shared = Arc::clone(&shared);
+            let service = service.clone();
+            Box::pin(async move { shared.fetch_description(&service, lookup).await })
         }
     }
 
@@ -351,6 +438,12 @@ impl Shared {
         let retry_in = self.config.describe_negative_ttl;
         let unknown = |why: String| {
             match (lookup, self.config.encryption) {
+                (Lookup::Key, _) => warn!(
+                    service,
+                    why,
+                    ?retry_in,
+                    "refreshing the service's public key failed; calls to its encrypted methods are refused until a lookup succeeds"
+                ),
                 (Lookup::Refresh, _) => warn!(
                     service,
                     why,
@@ -375,8 +468,14 @@ impl Shared {
         match outcome {
             Err(_) => unknown(format!("no answer within {timeout:?}")),
             Ok(Err(error @ (MeshError::NotDelivered { .. } | MeshError::Unavailable(_)))) => {
-                if lookup == Lookup::Refresh {
-                    warn!(service, error = %error, ?retry_in, "refreshing the service description failed; the last known one stays in use");
+                match lookup {
+                    Lookup::Refresh => {
+                        warn!(service, error = %error, ?retry_in, "refreshing the service description failed; the last known one stays in use")
+                    }
+                    Lookup::Key => {
+                        warn!(service, error = %error, "refreshing the service's public key failed")
+                    }
+                    Lookup::First => {}
                 }
                 Described::Failed(error)
             }
@@ -396,6 +495,17 @@ impl Shared {
 struct Encoded {
     correlation_id: String,
     json: Vec<u8>,
+}
+
+/// A failed describe lookup's error as the call's own: an unroutable service is reported
+/// under the call's method.
+fn for_call(error: MeshError, call: &MeshCall) -> MeshError {
+    match error {
+        MeshError::NotDelivered { service, .. } => {
+            MeshError::NotDelivered { service, method: call.method.clone() }
+        }
+        other => other,
+    }
 }
 
 /// The local answer to an unroutable call (§6.2).

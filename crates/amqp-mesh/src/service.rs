@@ -7,6 +7,13 @@
 //! otherwise, including response-typed and undecodable messages, which would wedge or kill
 //! a Python service (§7.5). Deliveries are handled one at a time; each step is bounded
 //! (`publish_timeout`, `core_reply_timeout`), so one call cannot stall the queue for long.
+//!
+//! Architecture invariant: these methods are for mesh peers, never for WebSocket clients.
+//! A gateway marks every call it relays for a client with `x-nuropb-gateway` (see
+//! `envelope`); such a call may only ask for `nuropb_describe`, anything else is answered
+//! with `NuropbAuthorizationError` and rejected. Without this, a client of one gateway
+//! deployment could reach another deployment's `disconnect_user` on the same vhost by
+//! naming its service (the guard only stops calls to the relaying gateway's own name).
 
 use std::sync::Arc;
 
@@ -31,7 +38,7 @@ use crate::describe::gateway_description;
 use crate::envelope::{self, TraceHeader, read_headers};
 use crate::guard::{self, json_depth};
 use crate::mesh::{LinkHandle, Shared};
-use crate::publisher::Outgoing;
+use crate::publisher::{Mode, Outgoing, Published};
 use crate::requester::new_correlation_id;
 use crate::stats::bump;
 
@@ -114,7 +121,10 @@ async fn handle(shared: &Shared, link: &LinkHandle, delivery: &Delivery) -> bool
                 if let Some(Value::Object(context)) = body.remove("context") {
                     reply.context = context;
                 }
-                dispatch(shared, link, body, &headers.trace_id).await
+                match &headers.relayed_by {
+                    Some(gateway) => only_describe(shared, body, gateway),
+                    None => dispatch(shared, link, body, &headers.trace_id).await,
+                }
             }
             _ => Err(ErrorObject::new(error_name::VALIDATION, "body is not a JSON object")),
         }
@@ -130,6 +140,28 @@ async fn handle(shared: &Shared, link: &LinkHandle, delivery: &Delivery) -> bool
         respond(shared, link, &reply, outcome).await;
     }
     ok
+}
+
+/// A call some gateway relayed for one of its clients: only `nuropb_describe` is answered.
+fn only_describe(
+    shared: &Shared,
+    mut body: JsonObject,
+    gateway: &str,
+) -> Result<Value, ErrorObject> {
+    let method = match body.remove("method") {
+        Some(Value::String(method)) => method,
+        _ => return Err(invalid("method must be a string")),
+    };
+    if method == DESCRIBE_METHOD {
+        return Ok(gateway_description(&shared.config.service_name));
+    }
+    warn!(method, relayed_by = gateway, "refused a client-relayed call to a gateway method");
+    Err(ErrorObject::new(
+        error_name::AUTHORIZATION,
+        format!(
+            "{method} is for mesh peers; it cannot be called on behalf of a client of gateway {gateway}"
+        ),
+    ))
 }
 
 /// Runs a method. `Err` is the error object for the caller.
@@ -242,7 +274,10 @@ impl Params {
 }
 
 /// Publishes `op` on the control topic, where every instance (this one included) picks
-/// it up from its events queue.
+/// it up from its control queue. Published `mandatory` and confirmed: `accepted` means
+/// every instance's control queue took it. A full control queue refuses it (the broker
+/// nacks), and the caller gets `NuropbOverloadedError` instead; instances whose queue had
+/// room may still carry it out, so a retry may repeat it there.
 async fn fan_out(
     shared: &Shared,
     link: &LinkHandle,
@@ -264,14 +299,30 @@ async fn fan_out(
         correlation_id: Some(new_correlation_id()),
         target: control::target(&op),
     };
-    let message = shared.event_message(&body).map_err(|e| match e {
+    let mut message = shared.event_message(&body).map_err(|e| match e {
         MeshError::Rejected(why) => invalid(why),
         other => ErrorObject::new(error_name::TRANSPORT, other.to_string()),
     })?;
-    shared.publish_bounded(link, message).await.map_err(|e| {
+    message.mode = Mode::Mandatory;
+    let published = shared.publish_bounded(link, message).await.map_err(|e| {
         ErrorObject::new(error_name::TRANSPORT, format!("could not publish the control event: {e}"))
     })?;
-    Ok(json!({"accepted": true}))
+    match published {
+        Published::Routed => Ok(json!({"accepted": true})),
+        // Our own control queue is bound while we are connected; this means it was lost
+        // an instant ago.
+        Published::Returned => Err(ErrorObject::new(
+            error_name::TRANSPORT,
+            "no gateway instance receives control operations right now; not accepted",
+        )),
+        Published::Refused => {
+            warn!("a gateway instance's control queue is full; control operation refused");
+            Err(ErrorObject::new(
+                error_name::OVERLOADED,
+                "a gateway instance's control queue is full; the operation was not accepted",
+            ))
+        }
+    }
 }
 
 /// Asks this instance's core for its figures.
@@ -311,9 +362,12 @@ async fn respond(
         return;
     }
     let published = match response_message(shared, reply, outcome) {
-        Ok(message) => {
-            shared.publish_bounded(link, message).await.map(|_| ()).map_err(|e| e.to_string())
-        }
+        Ok(message) => match shared.publish_bounded(link, message).await {
+            // Not mandatory: a response to a queue that is gone is dropped by the broker.
+            Ok(Published::Routed | Published::Returned) => Ok(()),
+            Ok(Published::Refused) => Err("the broker refused it".to_owned()),
+            Err(e) => Err(e.to_string()),
+        },
         Err(why) => Err(why),
     };
     if let Err(why) = published {
@@ -346,9 +400,9 @@ fn response_message(
     // peer sent us and could be large.
     guard::check_body_size(json.len(), shared.limits).map_err(|e| e.to_string())?;
     let headers = MeshHeaders::outgoing(MessageType::Response, trace_id, false);
-    let properties = envelope::properties(&headers, &reply.correlation_id, "", None)?;
+    let properties = envelope::properties(&headers, &reply.correlation_id, "", None, None)?;
     Ok(Outgoing {
-        kind: MessageType::Response,
+        mode: Mode::Plain,
         exchange: String::new(),
         routing_key: reply.queue.clone(),
         body: json,

@@ -13,7 +13,8 @@ pub struct AmqpStats {
     pub pending_requests: usize,
     /// Messages the broker confirmed (requests, commands, events, responses).
     pub published: u64,
-    /// Publishes that failed (channel down, broker nack, publish queue full, timeout).
+    /// Publishes that failed (channel down, broker nack, publish queue full, timeout). A
+    /// fan-out operation refused by a full control queue is a broker nack.
     pub publish_failures: u64,
     /// Calls refused by the validation guard before anything was published.
     pub rejected_by_guard: u64,
@@ -26,13 +27,16 @@ pub struct AmqpStats {
     /// Requests and commands the broker returned as unroutable (`basic.return`).
     pub returned: u64,
     /// Malformed deliveries on any of our queues (bad headers, wrong type, not JSON, too
-    /// big), dropped or rejected without requeue.
+    /// big), dropped or rejected without requeue. A response over
+    /// `max_inbound_body_bytes` counts here too, and fails its request at once
+    /// (`MeshError::ResponseTooLarge`).
     pub garbage_rejected: u64,
     /// Events forwarded to the core.
     pub events_received: u64,
     /// Control operations forwarded to the core.
     pub controls_received: u64,
-    /// Requests and commands handled on the gateway's service queue.
+    /// Requests and commands handled on the gateway's service queue (client-relayed ones
+    /// refused with `NuropbAuthorizationError` included).
     pub service_calls: u64,
     /// Successful reconnects after a lost connection.
     pub reconnects: u64,

@@ -7,7 +7,9 @@
 //! `garbage_then_echo` (three malformed envelopes first, then the real answer), `bad_body`
 //! (a well-enveloped response whose body is not JSON), `note` (for commands). Every
 //! delivery is recorded for inspection. Clearing `answer_describe` makes it ack describe
-//! calls without answering, like a nuropb service too busy to answer in time.
+//! calls without answering, like a nuropb service too busy to answer in time. A body it
+//! cannot decrypt (encrypted for another key) is counted in `undecryptable`, rejected and
+//! never answered: a nuropb service would drop off the mesh there (§7.5).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +18,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -30,6 +32,8 @@ use crate::support::{connect, nuropb_headers};
 
 /// The throw-away key of the capture run (spec vectors), 2048-bit.
 pub const PRIVATE_KEY_PEM: &str = include_str!("../fixtures/service_private_key.pem");
+/// Another throw-away 2048-bit key: the same service after a restart with a new key.
+pub const OTHER_PRIVATE_KEY_PEM: &str = include_str!("../fixtures/service_private_key_2.pem");
 
 /// One delivery as the service received it.
 #[derive(Debug, Clone)]
@@ -44,9 +48,10 @@ pub struct FakeService {
     pub received: Arc<Mutex<Vec<Received>>>,
     pub describes: Arc<AtomicUsize>,
     pub answer_describe: Arc<AtomicBool>,
+    pub undecryptable: Arc<AtomicUsize>,
     stop: CancellationToken,
     tasks: TaskTracker,
-    _connection: Connection,
+    connection: Connection,
 }
 
 struct Inner {
@@ -56,10 +61,17 @@ struct Inner {
     received: Arc<Mutex<Vec<Received>>>,
     describes: Arc<AtomicUsize>,
     answer_describe: Arc<AtomicBool>,
+    undecryptable: Arc<AtomicUsize>,
 }
 
 impl FakeService {
+    /// Encrypted services use the capture run's key ([`PRIVATE_KEY_PEM`]).
     pub async fn start(url: &str, name: &str, encrypted: bool) -> FakeService {
+        FakeService::start_with(url, name, encrypted.then_some(PRIVATE_KEY_PEM)).await
+    }
+
+    /// A service with the given private key (PEM), or none.
+    pub async fn start_with(url: &str, name: &str, key_pem: Option<&str>) -> FakeService {
         let connection = connect(url).await;
         let channel = connection.create_channel().await.expect("channel");
         // What `configure_mesh` declares out of band (§2.2); idempotent.
@@ -113,8 +125,7 @@ impl FakeService {
             )
             .await
             .expect("consume");
-        let key =
-            encrypted.then(|| ServicePrivateKey::from_pem(PRIVATE_KEY_PEM).expect("fixture key"));
+        let key = key_pem.map(|pem| ServicePrivateKey::from_pem(pem).expect("fixture key"));
         let inner = Arc::new(Inner {
             name: name.to_owned(),
             channel,
@@ -122,6 +133,7 @@ impl FakeService {
             received: Arc::default(),
             describes: Arc::default(),
             answer_describe: Arc::new(AtomicBool::new(true)),
+            undecryptable: Arc::default(),
         });
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -129,9 +141,10 @@ impl FakeService {
             received: Arc::clone(&inner.received),
             describes: Arc::clone(&inner.describes),
             answer_describe: Arc::clone(&inner.answer_describe),
+            undecryptable: Arc::clone(&inner.undecryptable),
             stop: stop.clone(),
             tasks: tasks.clone(),
-            _connection: connection,
+            connection,
         };
         let spawner = tasks.clone();
         tasks.spawn(async move {
@@ -152,10 +165,16 @@ impl FakeService {
         self.received.lock().expect("lock").clone()
     }
 
+    /// Stops consuming and closes the connection, so that the broker hands the queue's
+    /// messages to whoever consumes it next (a restarted service).
     pub async fn stop(self) {
         self.stop.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
+        // Best effort: the test may have cut the connection already.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), self.connection.close(200, "OK".into()))
+                .await;
     }
 }
 
@@ -166,8 +185,12 @@ impl Inner {
         let encrypted = matches!(headers.inner().get("encrypted"), Some(AMQPValue::LongString(s)) if s.as_bytes() == b"yes");
         let (plaintext, session) = if encrypted {
             let key = self.key.as_ref().expect("encrypted call to a service without a key");
-            let (plain, session) =
-                mesh_crypto::decrypt_request(key, &delivery.data).expect("decrypt request");
+            let Ok((plain, session)) = mesh_crypto::decrypt_request(key, &delivery.data) else {
+                self.undecryptable.fetch_add(1, Ordering::SeqCst);
+                // Best effort; the test looks at the counter.
+                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                return;
+            };
             (plain, Some(session))
         } else {
             (delivery.data.clone(), None)

@@ -15,10 +15,10 @@ use handler_core::{MeshCall, MeshError, MeshEvent, ServiceMesh, TraceId, UserId}
 use nuropb_wire::JsonObject;
 use tokio_util::sync::CancellationToken;
 
-use crate::fake_service::FakeService;
+use crate::fake_service::{FakeService, OTHER_PRIVATE_KEY_PEM, PRIVATE_KEY_PEM};
 use crate::support::{
-    Ctx, Peer, WAIT, connect, eventually, message_count, nuropb_headers, rabbitmqctl_async, spy,
-    within,
+    Ctx, HalfOpenProxy, Peer, WAIT, connect, eventually, message_count, nuropb_headers,
+    rabbitmqctl_async, spy, within,
 };
 
 type Scenario = fn(Ctx) -> BoxFuture<'static, ()>;
@@ -41,11 +41,16 @@ scenarios!(
     own_service_is_refused_before_publishing,
     encrypted_call_uses_describe,
     encryption_survives_a_describe_outage,
+    encryption_key_follows_a_restarted_service,
     events_reach_every_instance,
     gateway_methods_and_fan_out,
+    client_relayed_calls_cannot_use_another_gateways_methods,
+    control_operations_survive_event_load_and_overflow_is_refused,
     garbage_on_service_queue_is_rejected_and_queue_flows,
     garbage_on_response_queue_is_dropped,
+    oversized_response_fails_its_request_at_once,
     connection_loss_fails_fast_and_recovers,
+    reconnect_after_a_half_open_loss_is_immediate,
     shutdown_drains_pending_requests,
     shutdown_settles_unconfirmed_commands,
 );
@@ -202,7 +207,24 @@ async fn topology_matches_nuropb(ctx: Ctx) {
             "{e}"
         );
     }
-    let rq = find(&queues, "nuropb-gw-topo-i1-rq");
+    // Per-connection names: `nuropb-<svc>-<instance>-<8 hex>-{rq,eq,cq}`, one token for all three.
+    let named = |suffix: &str| {
+        let names: Vec<String> = queues
+            .iter()
+            .filter_map(|q| q["name"].as_str())
+            .filter(|n| n.starts_with("nuropb-gw-topo-i1-") && n.ends_with(suffix))
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(names.len(), 1, "{suffix}: {names:?}");
+        let token = &names[0]["nuropb-gw-topo-i1-".len()..names[0].len() - suffix.len()];
+        assert!(token.len() == 8 && token.bytes().all(|b| b.is_ascii_hexdigit()), "{}", names[0]);
+        names[0].clone()
+    };
+    let (rq_name, eq_name, cq_name) = (named("-rq"), named("-eq"), named("-cq"));
+    assert_eq!(rq_name[..rq_name.len() - 3], eq_name[..eq_name.len() - 3]);
+    assert_eq!(rq_name[..rq_name.len() - 3], cq_name[..cq_name.len() - 3]);
+    assert_eq!(gw.mesh.response_queue().as_deref(), Some(rq_name.as_str()));
+    let rq = find(&queues, &rq_name);
     assert_eq!(
         (&rq["durable"], &rq["auto_delete"], &rq["exclusive"]),
         (&json!(false), &json!(true), &json!(false)),
@@ -219,13 +241,25 @@ async fn topology_matches_nuropb(ctx: Ctx) {
             && sq["arguments"].to_string().contains("nuropb-dl-exchange"),
         "{sq}"
     );
-    let eq = find(&queues, "nuropb-gw-topo-i1-eq");
+    let eq = find(&queues, &eq_name);
     assert_eq!(
         (&eq["durable"], &eq["auto_delete"], &eq["exclusive"]),
         (&json!(false), &json!(true), &json!(true)),
         "{eq}"
     );
     assert!(eq["arguments"].to_string().contains("x-max-length"), "{eq}");
+    assert!(!eq["arguments"].to_string().contains("x-overflow"), "drop-head: {eq}");
+    let cq = find(&queues, &cq_name);
+    assert_eq!(
+        (&cq["durable"], &cq["auto_delete"], &cq["exclusive"]),
+        (&json!(false), &json!(true), &json!(true)),
+        "{cq}"
+    );
+    assert!(
+        cq["arguments"].to_string().contains("x-max-length")
+            && cq["arguments"].to_string().contains("reject-publish"),
+        "{cq}"
+    );
 
     let bound = |source: &str, destination: &str, key: &str| {
         bindings.iter().any(|b| {
@@ -235,12 +269,13 @@ async fn topology_matches_nuropb(ctx: Ctx) {
         })
     };
     assert!(bound("nuropb-rpc-exchange", "nuropb-gw-topo-sq", "gw-topo"), "{bindings:?}");
-    for key in ["topo.#", "other.*.x", "nuropb-gateway.gw-topo.control"] {
-        assert!(
-            bound("nuropb-events-exchange", "nuropb-gw-topo-i1-eq", key),
-            "{key} not bound: {bindings:?}"
-        );
+    for key in ["topo.#", "other.*.x"] {
+        assert!(bound("nuropb-events-exchange", &eq_name, key), "{key} not bound: {bindings:?}");
+        assert!(!bound("nuropb-events-exchange", &cq_name, key), "{key} on the control queue");
     }
+    let control = "nuropb-gateway.gw-topo.control";
+    assert!(bound("nuropb-events-exchange", &cq_name, control), "{bindings:?}");
+    assert!(!bound("nuropb-events-exchange", &eq_name, control), "control on the events queue");
     assert!(!bindings.iter().any(|b| b["source_name"] == "nuropb-events-exchange"
         && b["destination_name"] == "nuropb-gw-topo-sq"));
 
@@ -251,14 +286,14 @@ async fn topology_matches_nuropb(ctx: Ctx) {
             .cloned()
             .unwrap_or_else(|| panic!("no consumer on {queue}: {consumers:?}"))
     };
-    let rq = consumer("nuropb-gw-topo-i1-rq");
+    let rq = consumer(&rq_name);
     assert_eq!(&rq["ack_required"], &json!(false), "{rq}");
-    // The response queue is consumed exclusively: a second process with the same
-    // instance id is refused, as nuropb intends (§2.3).
+    // The response queue is consumed exclusively (§2.3): nobody else can read our
+    // responses.
     let intruder = connection.create_channel().await.expect("channel");
     let refused = intruder
         .basic_consume(
-            "nuropb-gw-topo-i1-rq".into(),
+            rq_name.as_str().into(),
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -267,8 +302,10 @@ async fn topology_matches_nuropb(ctx: Ctx) {
     assert!(refused.is_err(), "the response queue is in exclusive use");
     let sq = consumer("nuropb-gw-topo-sq");
     assert_eq!((&sq["ack_required"], &sq["prefetch_count"]), (&json!(true), &json!(64)), "{sq}");
-    let eq = consumer("nuropb-gw-topo-i1-eq");
+    let eq = consumer(&eq_name);
     assert_eq!(&eq["ack_required"], &json!(true), "{eq}");
+    let cq = consumer(&cq_name);
+    assert_eq!(&cq["ack_required"], &json!(true), "{cq}");
     gw.stop().await;
 }
 
@@ -311,21 +348,23 @@ async fn request_round_trip_matches_nuropb_bytes(ctx: Ctx) {
         "content_type, headers, correlation_id, reply_to, expiration only"
     );
     assert_eq!(props.content_type().as_ref().map(|c| c.as_str()), Some("application/json"));
-    assert_eq!(props.reply_to().as_ref().map(|r| r.as_str()), Some(gw.mesh.response_queue()));
-    assert!(
-        gw.mesh.response_queue().starts_with("nuropb-gw-rt-")
-            && gw.mesh.response_queue().ends_with("-rq")
-    );
+    let response_queue = gw.mesh.response_queue().expect("connected");
+    assert_eq!(props.reply_to().as_ref().map(|r| r.as_str()), Some(response_queue.as_str()));
+    assert!(response_queue.starts_with("nuropb-gw-rt-") && response_queue.ends_with("-rq"));
     assert_eq!(props.expiration().as_ref().map(|e| e.as_str()), Some("10000"), "request_ttl in ms");
     let cid = props.correlation_id().as_ref().expect("correlation id").to_string();
     assert!(is_hex32(&cid), "{cid}");
+    // nuropb's five headers, as pika types them, and the relay marker (a long string
+    // naming this gateway), which nuropb ignores (§3).
     let headers = props.headers().as_ref().expect("headers");
-    assert_eq!(headers.inner().len(), 5, "{headers:?}");
+    assert_eq!(headers.inner().len(), 6, "{headers:?}");
     assert_eq!(header(props, "nuropb_protocol"), Some(&long("0.1.1")));
     assert_eq!(header(props, "nuropb_version"), Some(&long("0.1.8")));
     assert_eq!(header(props, "nuropb_type"), Some(&long("request")));
     assert_eq!(header(props, "trace_id"), Some(&long("trace-1")));
     assert_eq!(header(props, "encrypted"), Some(&long("")));
+    assert_eq!(header(props, "x-nuropb-gateway"), Some(&long("gw-rt")));
+    assert_eq!(header(&describe.properties, "x-nuropb-gateway"), Some(&long("gw-rt")));
     // Python json.dumps bytes: ", "/": " separators, \uXXXX escapes, nuropb's key order.
     let expected = format!(
         r#"{{"tag": "request", "service": "svc-rt", "method": "echo", "params": {{"text": "h\u00e9llo \u2713", "n": 1, "nested": {{"list": [1, 2.5, null, true]}}}}, "correlation_id": "{cid}", "context": {{"user_id": "alice-id", "Authorisation": "alice@example.com", "trace_id": "trace-1"}}, "trace_id": "trace-1"}}"#
@@ -346,7 +385,7 @@ async fn request_round_trip_matches_nuropb_bytes(ctx: Ctx) {
     .await;
     assert!(
         svc.received().iter().all(|r| r.properties.reply_to().as_ref().map(|q| q.as_str())
-            == Some(gw.mesh.response_queue()))
+            == Some(response_queue.as_str()))
     );
 
     let stats = gw.mesh.stats();
@@ -1173,5 +1212,276 @@ async fn shutdown_settles_unconfirmed_commands(ctx: Ctx) {
     );
     eventually("the service received all 200", || svc.received().len() == 200).await;
     drop(gw);
+    svc.stop().await;
+}
+
+async fn encryption_key_follows_a_restarted_service(ctx: Ctx) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let key_ttl = Duration::from_millis(400);
+    let gw = ctx
+        .start(AmqpMeshConfig {
+            encryption_key_ttl: key_ttl,
+            describe_timeout: Duration::from_millis(300),
+            ..ctx.config("gw-rekey")
+        })
+        .await;
+    let secret = |name: &str| call("svc-rekey", "secret", json!({"name": name}));
+    let v1 = FakeService::start_with(&ctx.url, "svc-rekey", Some(PRIVATE_KEY_PEM)).await;
+    let a = within("secret a", gw.mesh.request(secret("a"), WAIT)).await.expect("a");
+    assert_eq!(a.result, json!("secret for a"));
+
+    // The service restarts with a new key. Within the key's TTL the gateway still uses
+    // the old one (the residual window, documented): the service cannot read the body
+    // (a nuropb service would die here) and the call times out. That drops the key.
+    v1.stop().await;
+    let v2 = FakeService::start_with(&ctx.url, "svc-rekey", Some(OTHER_PRIVATE_KEY_PEM)).await;
+    let lost = gw.mesh.request(secret("lost"), Duration::from_millis(300)).await;
+    assert_eq!(lost, Err(MeshError::Timeout(Duration::from_millis(300))));
+    eventually("the new instance got an undecryptable body", || v2.undecryptable.load(SeqCst) == 1)
+        .await;
+    // The next encrypted call fetches the key again first, however young the old one was.
+    let b = within("secret b", gw.mesh.request(secret("b"), WAIT)).await.expect("b");
+    assert_eq!(b.result, json!("secret for b"));
+    assert_eq!(v2.describes.load(SeqCst), 1);
+
+    // Past the key's TTL, an encrypted call waits for a describe; plaintext calls do not.
+    tokio::time::sleep(key_ttl + Duration::from_millis(100)).await;
+    within("echo", gw.mesh.request(call("svc-rekey", "echo", json!({})), WAIT))
+        .await
+        .expect("echo");
+    assert_eq!(v2.describes.load(SeqCst), 1, "plaintext methods need no current key");
+    let c = within("secret c", gw.mesh.request(secret("c"), WAIT)).await.expect("c");
+    assert_eq!(c.result, json!("secret for c"));
+    assert_eq!(v2.describes.load(SeqCst), 2);
+
+    // If that describe fails, the call is refused: never the old key, never plaintext.
+    v2.answer_describe.store(false, SeqCst);
+    tokio::time::sleep(key_ttl + Duration::from_millis(100)).await;
+    let refused =
+        Err(MeshError::Encryption("public key of svc-rekey could not be refreshed".into()));
+    let started = Instant::now();
+    assert_eq!(within("secret d", gw.mesh.request(secret("d"), WAIT)).await, refused);
+    assert!(started.elapsed() >= Duration::from_millis(300), "waited for the describe");
+    // Remembered for describe_negative_ttl: refused at once, without another describe.
+    let started = Instant::now();
+    assert_eq!(within("command e", gw.mesh.command(secret("e"))).await, refused.map(|_| ()));
+    assert!(started.elapsed() < Duration::from_millis(100), "{:?}", started.elapsed());
+    assert_eq!(v2.describes.load(SeqCst), 3);
+    let secrets_received = v2
+        .received()
+        .iter()
+        .filter(|r| String::from_utf8_lossy(&r.plaintext).contains(r#""method": "secret""#))
+        .count();
+    assert_eq!(secrets_received, 2, "only b and c reached the service");
+    assert_eq!(v2.undecryptable.load(SeqCst), 1);
+    assert_eq!(gw.mesh.pending_requests(), 0);
+    gw.stop().await;
+    v2.stop().await;
+}
+
+async fn client_relayed_calls_cannot_use_another_gateways_methods(ctx: Ctx) {
+    // Two gateway deployments on one vhost; a client of A names B's service.
+    let a = ctx.start(ctx.config("gw-rel-a")).await;
+    let mut b = ctx.start(ctx.config("gw-rel-b")).await;
+    for (method, params) in [
+        ("disconnect_user", json!({"user_id": "bob-id"})),
+        ("push_to_all", json!({"topic": "t", "event": "from a client of A"})),
+        ("push_to_user", json!({"user_id": "bob-id", "topic": "t", "event": 1})),
+        ("stats", json!({})),
+    ] {
+        let answer = within(method, a.mesh.request(call("gw-rel-b", method, params.clone()), WAIT))
+            .await
+            .expect("B answers");
+        assert_eq!(answer.result, Value::Null, "{method}");
+        let error = answer.error.expect("an error answer");
+        assert_eq!(error.error, "NuropbAuthorizationError", "{method}");
+        assert!(error.description.contains("gw-rel-a"), "{error:?}");
+        // A command is routed (B's queue exists) and refused there, without an answer.
+        within("command", a.mesh.command(call("gw-rel-b", method, params))).await.expect("routed");
+    }
+    let described =
+        within("describe", a.mesh.request(call("gw-rel-b", "nuropb_describe", json!({})), WAIT))
+            .await
+            .expect("describe answered");
+    assert_eq!(described.result["service_name"], "gw-rel-b", "describe stays allowed");
+    eventually("B handled the 9 calls and A's describe lookup", || {
+        b.mesh.stats().service_calls == 10
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(b.inbound.try_recv().is_err(), "nothing reached B's core");
+
+    // Mesh peers (no marker) still reach B's methods.
+    let mut peer = Peer::new(&ctx.url).await;
+    let answer = peer.call("gw-rel-b", "disconnect_user", json!({"user_id": "bob-id"})).await;
+    assert_eq!(answer["result"], json!({"accepted": true}));
+    match b.next_inbound().await {
+        MeshInbound::Control { op: GatewayControl::DisconnectUsers { user_ids, .. }, .. } => {
+            assert_eq!(user_ids, vec![UserId::new("bob-id")])
+        }
+        other => panic!("expected a control, got {other:?}"),
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn control_operations_survive_event_load_and_overflow_is_refused(ctx: Ctx) {
+    // A core that does not read: one message in the channel, one held by each consumer.
+    // The second binding also brings the control topic to the events queue: those copies
+    // are skipped there (each operation is carried out once, from the control queue).
+    let mut gw = ctx
+        .start(AmqpMeshConfig {
+            event_bindings: vec!["load.#".into(), "nuropb-gateway.#".into()],
+            events_queue_max_length: 5,
+            control_queue_max_length: 3,
+            prefetch: 1,
+            inbound_capacity: 1,
+            encryption: EncryptionMode::Off,
+            ..ctx.config("gw-ctl")
+        })
+        .await;
+    let mut peer = Peer::new(&ctx.url).await;
+    let event = br#"{"tag": "event", "topic": "load.x", "event": 1, "context": {}, "trace_id": null, "correlation_id": "c", "target": null}"#;
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_headers(nuropb_headers("event", None, false))
+        .with_correlation_id("c".into())
+        .with_reply_to("".into());
+    // Event load: far beyond the events queue's bound, which drops the oldest.
+    for _ in 0..50 {
+        peer.publish("nuropb-events-exchange", "load.x", props.clone(), event).await;
+    }
+    let (mut accepted, mut refused) = (Vec::new(), 0);
+    for i in 0..8 {
+        let user = format!("u{i}");
+        let answer = peer.call("gw-ctl", "disconnect_user", json!({"user_id": user})).await;
+        if answer["result"] == json!({"accepted": true}) {
+            assert_eq!(refused, 0, "accepted after a refusal: {answer}");
+            accepted.push(user);
+        } else {
+            assert_eq!(answer["error"]["error"], "NuropbOverloadedError", "{answer}");
+            refused += 1;
+        }
+    }
+    assert!(accepted.len() >= 3 && refused >= 1, "accepted {accepted:?}, refused {refused}");
+
+    // Every accepted operation reaches the core, however many events were dropped; no
+    // refused one does.
+    let mut disconnected = Vec::new();
+    let mut events = 0;
+    while disconnected.len() < accepted.len() {
+        match gw.next_inbound().await {
+            MeshInbound::Control {
+                op: GatewayControl::DisconnectUsers { user_ids, .. }, ..
+            } => disconnected.extend(user_ids.into_iter().map(|u| u.as_str().to_owned())),
+            MeshInbound::Event(_) => events += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(disconnected, accepted);
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(300), gw.inbound.recv()).await
+    {
+        match message {
+            MeshInbound::Event(_) => events += 1,
+            other => panic!("a refused operation arrived: {other:?}"),
+        }
+    }
+    assert!(events < 50, "the events queue dropped the oldest ({events} arrived)");
+    // With room again, operations are accepted.
+    let answer = peer.call("gw-ctl", "push_to_all", json!({"topic": "t", "event": 1})).await;
+    assert_eq!(answer["result"], json!({"accepted": true}));
+    assert!(matches!(gw.next_inbound().await, MeshInbound::Control { .. }));
+    assert!(gw.mesh.stats().publish_failures >= 1, "the refusals are counted");
+    gw.stop().await;
+}
+
+async fn oversized_response_fails_its_request_at_once(ctx: Ctx) {
+    let svc = FakeService::start(&ctx.url, "svc-big", false).await;
+    let gw = ctx
+        .start(AmqpMeshConfig {
+            max_inbound_body_bytes: 2000,
+            encryption: EncryptionMode::Off,
+            ..ctx.config("gw-big")
+        })
+        .await;
+    let started = Instant::now();
+    let outcome = within(
+        "a too large answer",
+        gw.mesh.request(call("svc-big", "echo", json!({"blob": "x".repeat(5000)})), WAIT),
+    )
+    .await;
+    match outcome {
+        Err(MeshError::ResponseTooLarge { bytes, limit }) => {
+            assert!(bytes > 5000, "{bytes}");
+            assert_eq!(limit, 2000);
+        }
+        other => panic!("expected ResponseTooLarge, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(1), "not the timeout: {:?}", started.elapsed());
+    assert_eq!(gw.mesh.pending_requests(), 0);
+    let small = within("echo", gw.mesh.request(call("svc-big", "echo", json!({"a": 1})), WAIT))
+        .await
+        .expect("a small answer");
+    assert_eq!(small.result, json!({"a": 1}));
+    let stats = gw.mesh.stats();
+    assert_eq!((stats.garbage_rejected, stats.responses, stats.strays_dropped), (1, 1, 0));
+    gw.stop().await;
+    svc.stop().await;
+}
+
+async fn reconnect_after_a_half_open_loss_is_immediate(ctx: Ctx) {
+    let svc = FakeService::start(&ctx.url, "svc-half", false).await;
+    let proxy = HalfOpenProxy::start().await;
+    // The default heartbeat (20 s): the broker holds on to a silent connection for about
+    // 40 s, and with it any exclusive queue or consumer of it.
+    let config = AmqpMeshConfig {
+        url: proxy.url(&ctx.url),
+        encryption: EncryptionMode::Off,
+        ..ctx.config("gw-half")
+    };
+    let connection_name = format!("gw-half/{}", config.instance_id);
+    let gw = ctx.start(config).await;
+    within("warm-up", gw.mesh.request(call("svc-half", "echo", json!({})), WAIT))
+        .await
+        .expect("echo");
+    let first_queue = gw.mesh.response_queue().expect("connected");
+    let in_flight = tokio::spawn({
+        let mesh = gw.mesh.clone();
+        async move { mesh.request(call("svc-half", "slow", json!({"ms": 600})), WAIT).await }
+    });
+    eventually("the slow call pending", || gw.mesh.pending_requests() == 1).await;
+
+    proxy.sever();
+    let outcome = within("the in-flight call", in_flight).await.expect("task");
+    assert!(matches!(outcome, Err(MeshError::Unavailable(_))), "{outcome:?}");
+    let cut = Instant::now();
+    eventually("reconnected", || gw.mesh.stats().reconnects == 1 && gw.mesh.is_connected()).await;
+    assert!(cut.elapsed() < Duration::from_secs(3), "reconnect took {:?}", cut.elapsed());
+    assert_eq!(proxy.held(), 1, "the old connection is half-open");
+    // Each of our connections names itself `<service>/<instance>` in its client properties.
+    let connections = rabbitmqctl_async(&[
+        "list_connections",
+        "-p",
+        &ctx.vhost,
+        "client_properties",
+        "--formatter",
+        "json",
+    ])
+    .await;
+    let ours = connections.matches(&connection_name).count();
+    assert_eq!(ours, 2, "the broker still holds the old connection: {connections}");
+
+    let second_queue = gw.mesh.response_queue().expect("connected");
+    assert_ne!(first_queue, second_queue, "a fresh response queue per connection");
+    let answer =
+        within("echo", gw.mesh.request(call("svc-half", "echo", json!({"back": 1})), WAIT)).await;
+    assert_eq!(answer.expect("served").result, json!({"back": 1}));
+    // The slow call's late answer goes to the old connection's queue: harmless.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let stats = gw.mesh.stats();
+    assert_eq!((stats.strays_dropped, stats.pending_requests), (0, 0), "{stats:?}");
+    gw.stop().await;
+    drop(proxy);
     svc.stop().await;
 }

@@ -337,3 +337,69 @@ pub async fn message_count(channel: &Channel, queue: &str) -> u32 {
         .expect("passive declare")
         .message_count()
 }
+
+/// A TCP proxy in front of the broker that can make the gateway's connections half-open:
+/// [`HalfOpenProxy::sever`] closes the gateway's side of every connection made so far but
+/// keeps the broker's side open and silent, so only the gateway notices the loss; the
+/// broker keeps the old connection (and its exclusive queues and consumers) until its
+/// heartbeat timeout. New connections pass through as before.
+pub struct HalfOpenProxy {
+    pub port: u16,
+    sever: tokio::sync::watch::Sender<u64>,
+    held: std::sync::Arc<std::sync::Mutex<Vec<tokio::net::TcpStream>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl HalfOpenProxy {
+    pub async fn start() -> HalfOpenProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
+        let port = listener.local_addr().expect("proxy address").port();
+        let (sever, severed) = tokio::sync::watch::channel(0u64);
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = std::sync::Arc::clone(&held);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut upstream =
+                    tokio::net::TcpStream::connect(BROKER).await.expect("proxy upstream");
+                let mut severed = severed.clone();
+                // Only severs coming after this connection was made count.
+                severed.borrow_and_update();
+                let keep = std::sync::Arc::clone(&keep);
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                        _ = severed.changed() => {
+                            // The client side goes now; the broker side stays open, unread.
+                            drop(client);
+                            keep.lock().expect("lock").push(upstream);
+                        }
+                    }
+                });
+            }
+        });
+        HalfOpenProxy { port, sever, held, accept }
+    }
+
+    /// `url` with the broker's address replaced by the proxy's.
+    pub fn url(&self, url: &str) -> String {
+        url.replace(BROKER, &format!("127.0.0.1:{}", self.port))
+    }
+
+    /// Closes the client side of every connection made so far.
+    pub fn sever(&self) {
+        self.sever.send_modify(|n| *n += 1);
+    }
+
+    /// Broker-side sockets kept open after a sever.
+    pub fn held(&self) -> usize {
+        self.held.lock().expect("lock").len()
+    }
+}
+
+impl Drop for HalfOpenProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        // Closing the held sockets lets the broker drop the old connections now.
+        self.held.lock().map(|mut h| h.clear()).unwrap_or_default();
+    }
+}
