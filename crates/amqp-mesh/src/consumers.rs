@@ -165,11 +165,16 @@ fn decode_inbound(
 ) -> Result<Option<MeshInbound>, String> {
     let routing_key = delivery.routing_key.as_str();
     let is_control = routing_key == shared.control_topic;
+    // Any gateway deployment's control topic (ours or another's on the same vhost): its
+    // payloads (user ids, reasons) are operations, never events for clients.
+    let is_any_control =
+        routing_key.starts_with("nuropb-gateway.") && routing_key.ends_with(".control");
     match (kind, is_control) {
-        (Inbound::Events, false) | (Inbound::Controls, true) => {}
-        // An `event_bindings` pattern that matches the control topic (`#`, say) brings
-        // control operations here too; they are carried out from the control queue.
-        (Inbound::Events, true) => return Ok(None),
+        (Inbound::Events, false) if !is_any_control => {}
+        (Inbound::Controls, true) => {}
+        // An `event_bindings` pattern that matches a control topic (`#`, say) brings
+        // control operations here too; ours are carried out from the control queue.
+        (Inbound::Events, _) => return Ok(None),
         (Inbound::Controls, false) => return Err("not on the control topic".into()),
     }
     if delivery.data.len() > shared.config.max_inbound_body_bytes {

@@ -395,9 +395,15 @@ fn response_message(
         warning: None,
         reply_to: Some(reply.queue.clone()),
     };
-    let json = to_python_json(&body).map_err(|e| format!("cannot encode the response: {e}"))?;
+    let mut body = body;
+    let mut json = to_python_json(&body).map_err(|e| format!("cannot encode the response: {e}"))?;
     // Our results (describe, stats, `accepted`) are small; the echoed context is what a
-    // peer sent us and could be large.
+    // peer sent us and could be large. Rather than leave the peer waiting forever (nuropb
+    // requesters have no timeout), the context is dropped from an oversized response.
+    if guard::check_body_size(json.len(), shared.limits).is_err() {
+        body.context = Default::default();
+        json = to_python_json(&body).map_err(|e| format!("cannot encode the response: {e}"))?;
+    }
     guard::check_body_size(json.len(), shared.limits).map_err(|e| e.to_string())?;
     let headers = MeshHeaders::outgoing(MessageType::Response, trace_id, false);
     let properties = envelope::properties(&headers, &reply.correlation_id, "", None, None)?;

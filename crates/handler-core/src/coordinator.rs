@@ -163,6 +163,9 @@ impl Coordinator {
                     Some(m) => self.shared.on_inbound(m),
                     None => inbound_open = false,
                 },
+                _ = expiry.tick() => {
+                    self.shared.handlers.close_expired(unix_now());
+                }
             }
         }
         self.shared
