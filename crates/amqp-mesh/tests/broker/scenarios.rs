@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::fake_service::{FakeService, OTHER_PRIVATE_KEY_PEM, PRIVATE_KEY_PEM};
 use crate::support::{
     Ctx, HalfOpenProxy, Peer, WAIT, connect, eventually, message_count, nuropb_headers,
-    rabbitmqctl_async, spy, within,
+    rabbitmqctl_async, silent_spy, spy, within,
 };
 
 type Scenario = fn(Ctx) -> BoxFuture<'static, ()>;
@@ -523,27 +523,11 @@ async fn guard_rejects_before_publishing(ctx: Ctx) {
     let channel = connection.create_channel().await.expect("channel");
     // A consumer-less spy: every message published for svc-guard or on the events
     // exchange would wait in it.
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("spy");
-    let spy_queue = queue.name().as_str().to_owned();
-    for (exchange, key) in [("nuropb-rpc-exchange", "svc-guard"), ("nuropb-events-exchange", "#")] {
-        channel
-            .queue_bind(
-                spy_queue.as_str().into(),
-                exchange.into(),
-                key.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
-    }
+    let spy_queue = silent_spy(
+        &channel,
+        &[("nuropb-rpc-exchange", "svc-guard"), ("nuropb-events-exchange", "#")],
+    )
+    .await;
     let mut deep = json!(1);
     for _ in 0..100 {
         deep = json!([deep]);
@@ -594,25 +578,7 @@ async fn own_service_is_refused_before_publishing(ctx: Ctx) {
     let channel = connection.create_channel().await.expect("channel");
     // A consumer-less spy bound like the gateway's service queue: whatever would reach
     // that queue waits here too.
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("spy");
-    let spy_queue = queue.name().as_str().to_owned();
-    channel
-        .queue_bind(
-            spy_queue.as_str().into(),
-            "nuropb-rpc-exchange".into(),
-            "gw-self".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
+    let spy_queue = silent_spy(&channel, &[("nuropb-rpc-exchange", "gw-self")]).await;
 
     let refused =
         MeshError::Rejected("service gw-self cannot be called through the gateway".into());

@@ -292,6 +292,33 @@ impl Peer {
     }
 }
 
+/// Declares a consumer-less queue bound as given: whatever is published there waits in it,
+/// so a test can count what was published.
+pub async fn silent_spy(channel: &Channel, bindings: &[(&str, &str)]) -> String {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .expect("spy");
+    let name = queue.name().as_str().to_owned();
+    for (exchange, key) in bindings {
+        channel
+            .queue_bind(
+                name.as_str().into(),
+                (*exchange).into(),
+                (*key).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+    }
+    name
+}
+
 /// Declares a queue that copies everything published to `exchange` under `routing_key`.
 pub async fn spy(channel: &Channel, exchange: &str, routing_key: &str) -> (String, Consumer) {
     let queue = channel
