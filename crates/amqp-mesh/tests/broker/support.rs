@@ -221,24 +221,8 @@ impl Peer {
     pub async fn new(url: &str) -> Peer {
         let connection = connect(url).await;
         let channel = connection.create_channel().await.expect("channel");
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .expect("reply queue");
-        let reply_queue = queue.name().as_str().to_owned();
-        let replies = channel
-            .basic_consume(
-                reply_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions { no_ack: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume replies");
+        let reply_queue = temp_queue(&channel).await;
+        let replies = consume_no_ack(&channel, &reply_queue).await;
         Peer { _connection: connection, channel, reply_queue, replies }
     }
 
@@ -292,18 +276,36 @@ impl Peer {
     }
 }
 
-/// Declares a consumer-less queue bound as given: whatever is published there waits in it,
-/// so a test can count what was published.
-pub async fn silent_spy(channel: &Channel, bindings: &[(&str, &str)]) -> String {
+/// A server-named queue that lives as long as the test's connection.
+async fn temp_queue(channel: &Channel) -> String {
     let queue = channel
         .queue_declare(
             "".into(),
-            QueueDeclareOptions { exclusive: true, ..Default::default() },
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
             FieldTable::default(),
         )
         .await
-        .expect("spy");
-    let name = queue.name().as_str().to_owned();
+        .expect("temporary queue");
+    queue.name().as_str().to_owned()
+}
+
+/// Consumes `queue` with auto-ack.
+async fn consume_no_ack(channel: &Channel, queue: &str) -> Consumer {
+    channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume")
+}
+
+/// Declares a consumer-less queue bound as given: whatever is published there waits in it,
+/// so a test can count what was published.
+pub async fn silent_spy(channel: &Channel, bindings: &[(&str, &str)]) -> String {
+    let name = temp_queue(channel).await;
     for (exchange, key) in bindings {
         channel
             .queue_bind(
@@ -321,34 +323,8 @@ pub async fn silent_spy(channel: &Channel, bindings: &[(&str, &str)]) -> String 
 
 /// Declares a queue that copies everything published to `exchange` under `routing_key`.
 pub async fn spy(channel: &Channel, exchange: &str, routing_key: &str) -> (String, Consumer) {
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("spy queue");
-    let name = queue.name().as_str().to_owned();
-    channel
-        .queue_bind(
-            name.as_str().into(),
-            exchange.into(),
-            routing_key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind spy");
-    let consumer = channel
-        .basic_consume(
-            name.as_str().into(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume spy");
+    let name = silent_spy(channel, &[(exchange, routing_key)]).await;
+    let consumer = consume_no_ack(channel, &name).await;
     (name, consumer)
 }
 
