@@ -213,7 +213,6 @@ async fn run(cli: Cli) -> Result<()> {
 
     // A WebSocket server that stops on its own (it only should at shutdown) takes the
     // gateway down with it rather than leaving a process that serves nobody.
-    let mut failure = None;
     let server_result = tokio::select! {
         // Both are cancel-safe waits; the server handle is awaited below if not here.
         () = wait_for_signal() => None,
@@ -221,11 +220,9 @@ async fn run(cli: Cli) -> Result<()> {
     };
     tracing::info!("shutting down: draining in-flight requests");
     shutdown.cancel();
+    let stopped_early = server_result.is_some();
     let server_result = match server_result {
-        Some(r) => {
-            failure = Some("the WebSocket server stopped unexpectedly");
-            r
-        }
+        Some(r) => r,
         None => server.await,
     };
     match server_result {
@@ -260,10 +257,10 @@ async fn run(cli: Cli) -> Result<()> {
         tracing::warn!("background tasks did not stop in time");
     }
     tracing::info!("stopped");
-    match failure {
-        Some(why) => Err(anyhow::anyhow!(why)),
-        None => Ok(()),
+    if stopped_early {
+        anyhow::bail!("the WebSocket server stopped unexpectedly");
     }
+    Ok(())
 }
 
 fn amqp_config(cli: &Cli, url: &str) -> amqp_mesh::AmqpMeshConfig {

@@ -101,26 +101,9 @@ fn object_depth(object: &serde_json::Map<String, Value>) -> usize {
     1 + object.values().map(json_depth).max().unwrap_or(0)
 }
 
-/// Nesting depth of arrays and objects (a scalar is 0, `{}` and `[]` are 1). Iterative,
-/// so a hostile document cannot overflow the stack here.
-pub(crate) fn json_depth(value: &Value) -> usize {
-    let mut deepest = 0;
-    let mut stack = vec![(value, 0usize)];
-    while let Some((value, depth)) = stack.pop() {
-        match value {
-            Value::Array(items) => {
-                deepest = deepest.max(depth + 1);
-                stack.extend(items.iter().map(|v| (v, depth + 1)));
-            }
-            Value::Object(map) => {
-                deepest = deepest.max(depth + 1);
-                stack.extend(map.values().map(|v| (v, depth + 1)));
-            }
-            Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
-        }
-    }
-    deepest
-}
+/// Nesting depth of arrays and objects (a scalar is 0, `{}` and `[]` are 1): the same
+/// measure the client frame validator uses.
+pub(crate) use nuropb_wire::client::depth as json_depth;
 
 #[cfg(test)]
 mod tests {

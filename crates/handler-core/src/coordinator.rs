@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use nuropb_wire::ErrorObject;
 use nuropb_wire::client::{
     ClientLimits, ClientMessage, Encoding, ErrorFrame, ServerFrame, ServerMessage,
     decode_client_message,
@@ -176,8 +177,7 @@ impl Coordinator {
 
 impl Shared {
     fn deliver(&self, d: SessionDelivery) {
-        let outbound = Outbound { frame: SharedFrame::new(d.frame), encoding: Some(d.encoding) };
-        if !self.handlers.send_to_session(&d.session_id, outbound) {
+        if !self.reply(&d.session_id, d.frame, d.encoding) {
             tracing::debug!(session.id = %d.session_id, "outcome for a closed session dropped");
         }
     }
@@ -247,9 +247,10 @@ impl Shared {
         }
     }
 
-    fn reply(&self, session_id: &SessionId, frame: ServerFrame, encoding: Encoding) {
+    /// Queues a frame for one session, in the given encoding; `false` if it is gone.
+    fn reply(&self, session_id: &SessionId, frame: ServerFrame, encoding: Encoding) -> bool {
         let outbound = Outbound { frame: SharedFrame::new(frame), encoding: Some(encoding) };
-        self.handlers.send_to_session(session_id, outbound);
+        self.handlers.send_to_session(session_id, outbound)
     }
 }
 
@@ -310,20 +311,7 @@ impl CoordinatorHandle {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(session.id = %session_id, error = %e, "bad client frame");
-                let frame = match e.trace_id.clone() {
-                    // The client can match this to its request.
-                    Some(t) => ServerFrame::Message(ServerMessage::Response {
-                        trace_id: Some(t),
-                        result: Value::Null,
-                        error: Some(e.to_error_object()),
-                    }),
-                    None => ServerFrame::Error(ErrorFrame {
-                        error: e.error_name().to_owned(),
-                        description: e.message.clone(),
-                        trace_id: None,
-                    }),
-                };
-                s.reply(session_id, frame, encoding);
+                s.reply(session_id, error_frame(e.trace_id.clone(), e.to_error_object()), encoding);
                 return false;
             }
         };
@@ -346,13 +334,13 @@ impl CoordinatorHandle {
                 // A trace id is generated here when absent, so even a refusal can name it.
                 let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
                 if let Err(e) = s.mesh.request(session_id, &identity, call, encoding) {
-                    s.reply(session_id, overloaded(trace, &e.to_error_object()), encoding);
+                    s.reply(session_id, error_frame(trace, e.to_error_object()), encoding);
                 }
             }
             ClientMessage::Command(mut call) => {
                 let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
                 if let Err(e) = s.mesh.command(session_id, &identity, call, encoding) {
-                    s.reply(session_id, overloaded(trace, &e.to_error_object()), encoding);
+                    s.reply(session_id, error_frame(trace, e.to_error_object()), encoding);
                 }
             }
             ClientMessage::Subscribe { topics } => {
@@ -402,9 +390,9 @@ fn subscription_frame(result: Result<Vec<String>, SubscribeError>) -> ServerFram
     }
 }
 
-/// A top-level error frame.
+/// A top-level error frame, for errors no request is waiting on.
 fn refusal(error: &str, description: String) -> ServerFrame {
-    ServerFrame::Error(ErrorFrame { error: error.to_owned(), description, trace_id: None })
+    error_frame(None, ErrorObject::new(error, description))
 }
 
 fn unix_now() -> u64 {
@@ -415,16 +403,18 @@ fn new_trace() -> String {
     crate::ids::TraceId::generate().into_string()
 }
 
-fn overloaded(trace_id: Option<String>, error: &nuropb_wire::ErrorObject) -> ServerFrame {
+/// An error the client can match to its request (a `response` carrying its trace id), or
+/// the top-level `{"error", "description"}` frame when there is no trace id.
+fn error_frame(trace_id: Option<String>, error: ErrorObject) -> ServerFrame {
     match trace_id {
         Some(t) => ServerFrame::Message(ServerMessage::Response {
             trace_id: Some(t),
             result: Value::Null,
-            error: Some(error.clone()),
+            error: Some(error),
         }),
         None => ServerFrame::Error(ErrorFrame {
-            error: error.error.clone(),
-            description: error.description.clone(),
+            error: error.error,
+            description: error.description,
             trace_id: None,
         }),
     }

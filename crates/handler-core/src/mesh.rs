@@ -99,7 +99,7 @@ impl MeshError {
                 ErrorObject::new(n::TRANSPORT, format!("encryption failed: {why}"))
             }
             MeshError::ResponseTooLarge { .. } => {
-                ErrorObject::new("LimitExceeded", self.to_string())
+                ErrorObject::new(n::LIMIT_EXCEEDED, self.to_string())
             }
         }
     }

@@ -110,7 +110,7 @@ impl ClientFrameError {
         match self.kind {
             FrameErrorKind::Decode => "DecodeError",
             FrameErrorKind::Invalid => crate::mesh::error_name::VALIDATION,
-            FrameErrorKind::TooLarge => "LimitExceeded",
+            FrameErrorKind::TooLarge => crate::mesh::error_name::LIMIT_EXCEEDED,
         }
     }
 

@@ -195,6 +195,8 @@ pub mod error_name {
     pub const HANDLING: &str = "NuropbHandlingError";
     /// A limit was hit (too many in-flight requests, rate).
     pub const OVERLOADED: &str = "NuropbOverloadedError";
+    /// A size or count bound was exceeded (client frame, or a response too large to send).
+    pub const LIMIT_EXCEEDED: &str = "LimitExceeded";
 }
 
 #[cfg(test)]

@@ -19,9 +19,9 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 use handler_core::{
-    CloseCode, CloseReason, CoordinatorHandle, Handler, Outbound, SendError, SessionId, SharedFrame,
+    CloseCode, CloseReason, CoordinatorHandle, Handler, MeshError, Outbound, SendError, SessionId,
+    SharedFrame,
 };
-use nuropb_wire::ErrorObject;
 use nuropb_wire::client::{Encoding, ErrorFrame, ServerFrame, ServerMessage};
 
 use crate::config::WsConfig;
@@ -359,10 +359,8 @@ fn outbound_message(
                 trace_id: trace_id.clone(),
                 // `Value::Null`, as in every error response.
                 result: Default::default(),
-                error: Some(ErrorObject::new(
-                    "LimitExceeded",
-                    format!("response of {size} bytes exceeds the limit of {limit} bytes"),
-                )),
+                // The same error a response refused by the mesh adapter gets.
+                error: Some(MeshError::ResponseTooLarge { bytes: size, limit }.to_error_object()),
             });
             let replacement = SharedFrame::new(error).encoded(encoding)?;
             if replacement.len() > limit {
@@ -424,6 +422,7 @@ fn close_frame(reason: CloseReason) -> CloseFrame {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
 
+    use nuropb_wire::ErrorObject;
     use nuropb_wire::client::decode_server_frame;
 
     use super::*;
