@@ -296,7 +296,8 @@ fn print_demo_banner(addr: &str, dev_secret: Option<&str>, configured: Option<&s
         }
         say!("demo token (user demo-user, 24 h): {token}");
         say!("try:");
-        say!("  websocat -H 'Authorization: Bearer {token}' ws://{addr}/ws");
+        // The URL first: websocat 1.14's `-H` swallows the argument after its value.
+        say!("  websocat ws://{addr}/ws -H 'Authorization: Bearer {token}'");
         say!(
             "  {{\"type\":\"request\",\"payload\":{{\"service\":\"demo\",\"method\":\"add\",\"params\":{{\"a\":2,\"b\":40}}}}}}"
         );

@@ -6,6 +6,9 @@ mod bench;
 mod broker;
 mod ci;
 mod interop;
+mod layering;
+#[cfg(test)]
+mod tidy;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,7 +23,7 @@ fn main() -> Result<()> {
         Some("ci") => ci::run(&root),
         Some("fmt") => ci::fmt_check(),
         Some("clippy") => ci::clippy(),
-        Some("layering") => ci::layering(),
+        Some("layering") => layering::check(),
         Some("test") => ci::unit_and_e2e_tests(),
         Some("integration") => ci::integration(),
         Some("interop") => interop::run(&root),

@@ -1,5 +1,5 @@
 //! The `ServiceMesh` adapter over RabbitMQ (lapin 4), byte-compatible with unmodified
-//! Python nuropb 0.1.8 services (wire protocol `0.1.1`, spec `nuropb-protocol.md`).
+//! Python nuropb 0.1.8 services (wire protocol `0.1.1`, spec `docs/NUROPB-WIRE.md`).
 //!
 //! [`AmqpMesh::start`] connects, declares the topology and returns the mesh together with
 //! the channel on which events, control operations and stats requests reach the core.

@@ -11,15 +11,15 @@ use mesh_crypto::{
 };
 
 const PRIVATE_KEY_PEM: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/spec/vectors/service_private_key.pem");
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../spec/vectors/service_private_key.pem");
 
 /// The capture run's throw-away key; generating a 2048-bit key per test is slow in
 /// debug builds.
 fn service_key() -> ServicePrivateKey {
     let pem = std::fs::read_to_string(PRIVATE_KEY_PEM).unwrap_or_else(|e| {
         panic!(
-            "cannot read {PRIVATE_KEY_PEM}: {e}. The shared/ directory must be checked out \
-             beside the repository."
+            "cannot read {PRIVATE_KEY_PEM}: {e}. The NuroPb spec vectors are committed \
+             under the repository's spec/vectors/."
         )
     });
     ServicePrivateKey::from_pem(&pem).unwrap()

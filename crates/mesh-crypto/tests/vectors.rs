@@ -9,14 +9,14 @@ use mesh_crypto::{
 };
 use serde_json::Value;
 
-const VECTORS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/spec/vectors/");
+const VECTORS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../spec/vectors/");
 
 fn read_vector_file(name: &str) -> String {
     let path = format!("{VECTORS_DIR}{name}");
     std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
-            "cannot read test vector file {path}: {e}. The shared/ directory (spec and \
-             vectors) must be checked out beside the repository."
+            "cannot read test vector file {path}: {e}. The NuroPb spec vectors are \
+             committed under the repository's spec/vectors/."
         )
     })
 }

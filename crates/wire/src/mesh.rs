@@ -206,8 +206,7 @@ mod tests {
     use super::*;
     use crate::pyjson::{from_python_json, to_python_json};
 
-    const VECTORS: &str =
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/spec/vectors/vectors.json");
+    const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../spec/vectors/vectors.json");
 
     #[test]
     fn message_type_names_round_trip() {

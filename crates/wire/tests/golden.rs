@@ -1,9 +1,9 @@
-//! Golden tests: the captured NuroPb traffic (spec §14, `shared/spec/vectors/`) through the
+//! Golden tests: the captured NuroPb traffic (spec §14, `spec/vectors/`) through the
 //! mesh types and the Python JSON dialect, and byte-exact fixtures of the client protocol
 //! (`tests/fixtures/server_frames/`).
 //!
-//! The spec vectors are read from the repository's `shared/` folder, which sits beside the
-//! clone (`…/shared` next to `…/main`). Fixtures are committed; after a deliberate change to
+//! The spec vectors are the repository's `spec/vectors/` (captured traffic, kept byte for
+//! byte; docs/NUROPB-WIRE.md §14). Fixtures are committed; after a deliberate change to
 //! the client protocol, regenerate them with `NUROPB_BLESS=1 cargo test -p nuropb-wire --test
 //! golden` and review the diff.
 
@@ -21,29 +21,27 @@ use nuropb_wire::pyjson::{from_python_json, to_python_json};
 use nuropb_wire::{ErrorObject, JsonObject};
 use serde_json::{Value, json};
 
-const VECTORS: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/spec/vectors/vectors.json");
+const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../spec/vectors/vectors.json");
 const TRANSCRIPT: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/spec/vectors/ws_transcript.jsonl");
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../spec/vectors/ws_transcript.jsonl");
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/server_frames");
 
-fn read_shared(path: &str) -> Vec<u8> {
+fn read_vector(path: &str) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| {
         panic!(
-            "cannot read {path}: {e}\nThe NuroPb spec vectors live in the repository's shared/ \
-             folder, which must sit beside this clone (shared/spec/vectors/ next to the \
-             workspace root's parent)."
+            "cannot read {path}: {e}\nThe NuroPb spec vectors are committed under the \
+             repository's spec/vectors/."
         )
     })
 }
 
 fn vectors() -> Value {
-    serde_json::from_slice(&read_shared(VECTORS)).expect("vectors.json is JSON")
+    serde_json::from_slice(&read_vector(VECTORS)).expect("vectors.json is JSON")
 }
 
 /// The transcript's records, in order.
 fn transcript() -> Vec<Value> {
-    let text = String::from_utf8(read_shared(TRANSCRIPT)).expect("transcript is UTF-8");
+    let text = String::from_utf8(read_vector(TRANSCRIPT)).expect("transcript is UTF-8");
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).expect("transcript line is JSON"))
