@@ -1,7 +1,10 @@
-//! Wire types: the NuroPb mesh messages (`mesh`), the gateway's client protocol (`client`),
-//! and the JSON dialects both sides speak (`pyjson`). Pure data and codecs, no I/O.
+//! Wire types: the NuroPb mesh messages (`mesh`), the gateway-to-gateway control payload
+//! (`control`), the gateway's client protocol (`client`), the JSON dialects both sides
+//! speak (`pyjson`) and serde helpers for lenient decoding (`lenient`). Pure data and codecs, no I/O.
 
 pub mod client;
+pub mod control;
+pub mod lenient;
 pub mod mesh;
 pub mod pyjson;
 

@@ -2,10 +2,14 @@
 //! the four body shapes. Field order in each struct is the order Python `RMQAPI` writes them,
 //! so serialising a struct reproduces nuropb's key order.
 
-use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use crate::JsonObject;
+use crate::lenient::{OrDefault, or_default, text};
 
 /// The only wire protocol version nuropb 0.1.8 accepts (`nuropb_protocol` header).
 pub const PROTOCOL_VERSION: &str = "0.1.1";
@@ -107,40 +111,110 @@ pub struct RequestBody {
 }
 
 /// An `event` body (§5.3), key order of `RMQAPI.publish_event`.
+///
+/// Decoding is lenient, as receivers go by the `nuropb_type` header (§3) and a subscriber
+/// reads only what it needs: a missing `tag` reads as `event`, a missing `event` as `null`,
+/// and a missing or mistyped `topic`, `context`, `trace_id`, `correlation_id` or `target`
+/// as its default (`""`, `{}`, `None`). Well-formed bodies re-encode byte for byte.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventBody {
+    #[serde(default = "tag::event", deserialize_with = "tag::event_or")]
     pub tag: MessageType,
+    #[serde(default, deserialize_with = "or_default")]
     pub topic: String,
+    #[serde(default)]
     pub event: Value,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub context: JsonObject,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub trace_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub correlation_id: Option<String>,
-    /// Advisory audience (user ids); `null` for most events.
-    #[serde(default)]
+    /// Advisory audience (user ids); `null` for most events. Kept as raw JSON so that a
+    /// body re-encodes as it came; receivers skip items that are not strings.
+    #[serde(default, deserialize_with = "or_default")]
     pub target: Option<Vec<Value>>,
 }
 
 /// A `response` body (§5.4), key order of a successful call.
+///
+/// Decoding is lenient, as a requester only needs `result` and `error` (the AMQP
+/// properties carry the rest, §3): a missing `tag` reads as `response`, mistyped optional
+/// fields as their defaults, and `error` as nuropb's requester reads it (see
+/// [`error_leniently`]). Well-formed bodies re-encode byte for byte.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResponseBody {
+    #[serde(default = "tag::response", deserialize_with = "tag::response_or")]
     pub tag: MessageType,
     #[serde(default)]
     pub result: Value,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "error_leniently")]
     pub error: Option<ErrorObject>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub correlation_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub trace_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub context: JsonObject,
     #[serde(default)]
     pub warning: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub reply_to: Option<String>,
+}
+
+/// The error name of an error that does not name itself.
+const UNNAMED_ERROR: &str = "NuropbException";
+
+/// A response's `error` read leniently: nuropb always sends an `{"error", "description"}`
+/// object, but a foreign peer might not. `null` is no error; an object with a missing or
+/// empty `error` is a `NuropbException`, non-string members read as their JSON text; a
+/// string or any other value is the description of a `NuropbException`.
+fn error_leniently<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<ErrorObject>, D::Error> {
+    #[derive(Deserialize)]
+    struct Loose {
+        #[serde(default, deserialize_with = "text")]
+        error: String,
+        #[serde(default, deserialize_with = "text")]
+        description: String,
+    }
+    // Buffered so that the shape decides, not serde's struct-from-array reading.
+    Ok(match Value::deserialize(deserializer)? {
+        Value::Null => None,
+        object @ Value::Object(_) => {
+            let Loose { error, description } =
+                Loose::deserialize(object).map_err(D::Error::custom)?;
+            let name = if error.is_empty() { UNNAMED_ERROR.to_owned() } else { error };
+            Some(ErrorObject::new(name, description))
+        }
+        Value::String(description) => Some(ErrorObject::new(UNNAMED_ERROR, description)),
+        other => Some(ErrorObject::new(UNNAMED_ERROR, other.to_string())),
+    })
+}
+
+/// Defaults for the `tag` of bodies whose type the header already tells.
+mod tag {
+    use serde::Deserializer;
+
+    use super::MessageType;
+    use crate::lenient::or_default;
+
+    pub(super) fn event() -> MessageType {
+        MessageType::Event
+    }
+
+    pub(super) fn response() -> MessageType {
+        MessageType::Response
+    }
+
+    pub(super) fn event_or<'de, D: Deserializer<'de>>(d: D) -> Result<MessageType, D::Error> {
+        Ok(or_default::<_, Option<MessageType>>(d)?.unwrap_or(MessageType::Event))
+    }
+
+    pub(super) fn response_or<'de, D: Deserializer<'de>>(d: D) -> Result<MessageType, D::Error> {
+        Ok(or_default::<_, Option<MessageType>>(d)?.unwrap_or(MessageType::Response))
+    }
 }
 
 /// The NuroPb error object (§7.2): always exactly these two keys on the wire.
@@ -177,6 +251,66 @@ pub struct DescribeResult {
     /// JSON: the `parameters.properties` member is an array of `[name, spec]` pairs, not an
     /// object (§6.4 quirks, N16).
     pub methods: JsonObject,
+}
+
+/// What a requester needs of a `nuropb_describe` result (§10): which methods require
+/// encryption, and the key to encrypt them with. Read leniently, as a requester only
+/// decides with it: a missing or `null` `methods` means nothing is encrypted, a method spec
+/// that is not an object or whose `requires_encryption` is not a boolean is not encrypted,
+/// and a `public_key` that is not a string is no key. A `methods` of another type, or a
+/// result that is not an object, is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DescribeEncryption {
+    pub methods: Option<BTreeMap<String, MethodEncryption>>,
+    /// PEM `SubjectPublicKeyInfo`.
+    pub public_key: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for DescribeEncryption {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Fields {
+            #[serde(default, deserialize_with = "methods_leniently")]
+            methods: Option<BTreeMap<String, MethodEncryption>>,
+            #[serde(default, deserialize_with = "or_default")]
+            public_key: Option<String>,
+        }
+        // Only an object: serde would also read a struct out of an array (`[]` included).
+        let value = Value::deserialize(deserializer)?;
+        if !value.is_object() {
+            return Err(D::Error::custom("describe result is not an object"));
+        }
+        let Fields { methods, public_key } =
+            Fields::deserialize(value).map_err(D::Error::custom)?;
+        Ok(DescribeEncryption { methods, public_key })
+    }
+}
+
+impl DescribeEncryption {
+    /// The methods whose spec says `requires_encryption: true`.
+    pub fn encrypted_methods(&self) -> impl Iterator<Item = &str> {
+        self.methods
+            .iter()
+            .flatten()
+            .filter(|(_, spec)| spec.requires_encryption)
+            .map(|(name, _)| name.as_str())
+    }
+}
+
+/// The part of a method spec in a describe result that decides encryption.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct MethodEncryption {
+    #[serde(default, deserialize_with = "or_default")]
+    pub requires_encryption: bool,
+}
+
+fn methods_leniently<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<BTreeMap<String, MethodEncryption>>, D::Error> {
+    let methods: Option<BTreeMap<String, OrDefault<MethodEncryption>>> =
+        Option::deserialize(deserializer)?;
+    Ok(methods
+        .map(|methods| methods.into_iter().map(|(name, OrDefault(spec))| (name, spec)).collect()))
 }
 
 /// Error names the gateway itself produces (nuropb's names where one exists).
@@ -306,6 +440,62 @@ mod tests {
             r#"{"tag": "query", "service": "s", "method": "m", "params": {}}"#,
         ] {
             assert!(from_python_json::<RequestBody>(text.as_bytes()).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn reads_responses_like_nuropb() {
+        let check = |v: Value, result: Value, error: Option<(&str, &str)>| {
+            let r: ResponseBody = serde_json::from_value(v.clone()).expect("decodes");
+            assert_eq!(r.result, result, "{v}");
+            assert_eq!(r.error, error.map(|(e, d)| ErrorObject::new(e, d)), "{v}");
+        };
+        check(serde_json::json!({"tag": "response", "result": 5, "error": null}), 5.into(), None);
+        check(
+            serde_json::json!({"result": null, "error": {"error": "NuropbHandlingError", "description": "Unknown method x"}}),
+            Value::Null,
+            Some(("NuropbHandlingError", "Unknown method x")),
+        );
+        check(serde_json::json!({"error": "boom"}), Value::Null, Some(("NuropbException", "boom")));
+        check(
+            serde_json::json!({"error": {"description": 3}}),
+            Value::Null,
+            Some(("NuropbException", "3")),
+        );
+        check(serde_json::json!({"error": [1]}), Value::Null, Some(("NuropbException", "[1]")));
+        check(serde_json::json!({"result": 1, "context": null, "trace_id": 7}), 1.into(), None);
+    }
+
+    #[test]
+    fn reads_event_bodies_leniently() {
+        let body: EventBody = serde_json::from_value(serde_json::json!({
+            "topic": "t", "context": [], "trace_id": 1, "target": "u"
+        }))
+        .expect("decodes");
+        assert_eq!(body.tag, MessageType::Event);
+        assert_eq!((body.topic.as_str(), &body.event), ("t", &Value::Null));
+        assert!(body.context.is_empty() && body.trace_id.is_none() && body.target.is_none());
+    }
+
+    #[test]
+    fn reads_describe_encryption_leniently() {
+        let check = |v: Value, methods: Option<&[&str]>, key: Option<&str>| {
+            let d: DescribeEncryption = serde_json::from_value(v.clone()).expect("decodes");
+            let found: Vec<&str> = d.encrypted_methods().collect();
+            assert_eq!(methods.map(|_| found.as_slice()), methods, "{v}");
+            assert_eq!(d.public_key.as_deref(), key, "{v}");
+        };
+        check(
+            serde_json::json!({"methods": {"a": {"requires_encryption": false}, "b": {"requires_encryption": true}, "c": {}, "d": 1, "e": {"requires_encryption": "yes"}}, "public_key": null}),
+            Some(&["b"]),
+            None,
+        );
+        check(serde_json::json!({"methods": null, "public_key": 5}), Some(&[]), None);
+        check(serde_json::json!({"public_key": "pem"}), Some(&[]), Some("pem"));
+        for bad in
+            [serde_json::json!([]), serde_json::json!({"methods": [1]}), serde_json::json!("x")]
+        {
+            assert!(serde_json::from_value::<DescribeEncryption>(bad.clone()).is_err(), "{bad}");
         }
     }
 }
