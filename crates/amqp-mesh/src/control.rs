@@ -1,36 +1,28 @@
-//! The payload of control events: how a fan-out operation received by one gateway
-//! instance (on the shared service queue) reaches every instance (each one's events queue
-//! is bound to the control topic). The payload is the `event` of an ordinary NuroPb event,
-//! so a Python service that happens to bind `#` receives a well-formed event.
-//!
-//! ```json
-//! {"op": "push_to_users", "user_ids": ["u1"], "topic": "t", "event": {…}}
-//! {"op": "push_to_all", "topic": "t", "event": {…}}
-//! {"op": "disconnect_users", "user_ids": ["u1"], "reason": "…"}
-//! ```
+//! Control operations between the gateway core's [`GatewayControl`] and the wire's
+//! [`ControlOp`] (`nuropb_wire::control`): how a fan-out operation received by one gateway
+//! instance (on the shared service queue) reaches every instance (each one's control
+//! queue is bound to the control topic). The payload is the `event` of an ordinary NuroPb
+//! event, so a Python service that happens to bind `#` receives a well-formed event.
 
 use handler_core::UserId;
 use handler_core::mesh::GatewayControl;
-use serde_json::{Map, Value, json};
+use nuropb_wire::control::ControlOp;
+use serde_json::Value;
 
-const PUSH_TO_USERS: &str = "push_to_users";
-const PUSH_TO_ALL: &str = "push_to_all";
-const DISCONNECT_USERS: &str = "disconnect_users";
-
-/// The event payload for `op`.
-pub(crate) fn encode(op: &GatewayControl) -> Value {
-    let ids = |user_ids: &[UserId]| -> Value {
-        user_ids.iter().map(|u| Value::String(u.as_str().to_owned())).collect()
-    };
+/// The wire payload for `op`.
+pub(crate) fn to_wire(op: &GatewayControl) -> ControlOp {
+    let ids = |user_ids: &[UserId]| user_ids.iter().map(|u| u.as_str().to_owned()).collect();
     match op {
-        GatewayControl::PushToUsers { user_ids, topic, event } => {
-            json!({"op": PUSH_TO_USERS, "user_ids": ids(user_ids), "topic": topic, "event": event})
-        }
+        GatewayControl::PushToUsers { user_ids, topic, event } => ControlOp::PushToUsers {
+            user_ids: ids(user_ids),
+            topic: topic.clone(),
+            event: event.clone(),
+        },
         GatewayControl::PushToAll { topic, event } => {
-            json!({"op": PUSH_TO_ALL, "topic": topic, "event": event})
+            ControlOp::PushToAll { topic: topic.clone(), event: event.clone() }
         }
         GatewayControl::DisconnectUsers { user_ids, reason } => {
-            json!({"op": DISCONNECT_USERS, "user_ids": ids(user_ids), "reason": reason})
+            ControlOp::DisconnectUsers { user_ids: ids(user_ids), reason: reason.clone() }
         }
     }
 }
@@ -46,55 +38,60 @@ pub(crate) fn target(op: &GatewayControl) -> Option<Vec<Value>> {
     }
 }
 
-/// Reads a control payload; `Err` says what is wrong with it.
-pub(crate) fn decode(payload: &Value) -> Result<GatewayControl, String> {
-    let object = payload.as_object().ok_or("control payload is not an object")?;
-    let op = object.get("op").and_then(Value::as_str).ok_or("control payload has no op")?;
-    match op {
-        PUSH_TO_USERS => Ok(GatewayControl::PushToUsers {
-            user_ids: user_id_list(object.get("user_ids"))?,
-            topic: string(object, "topic")?,
-            event: object.get("event").cloned().unwrap_or(Value::Null),
-        }),
-        PUSH_TO_ALL => Ok(GatewayControl::PushToAll {
-            topic: string(object, "topic")?,
-            event: object.get("event").cloned().unwrap_or(Value::Null),
-        }),
-        DISCONNECT_USERS => Ok(GatewayControl::DisconnectUsers {
-            user_ids: user_id_list(object.get("user_ids"))?,
-            reason: string(object, "reason")?,
-        }),
-        other => Err(format!("unknown control op {other}")),
-    }
+/// A decoded payload as an operation; `Err` says what is wrong with it.
+pub(crate) fn from_wire(op: ControlOp) -> Result<GatewayControl, String> {
+    Ok(match op {
+        ControlOp::PushToUsers { user_ids, topic, event } => {
+            GatewayControl::PushToUsers { user_ids: user_ids_of(user_ids)?, topic, event }
+        }
+        ControlOp::PushToAll { topic, event } => GatewayControl::PushToAll { topic, event },
+        ControlOp::DisconnectUsers { user_ids, reason } => {
+            GatewayControl::DisconnectUsers { user_ids: user_ids_of(user_ids)?, reason }
+        }
+    })
 }
 
-fn string(object: &Map<String, Value>, key: &str) -> Result<String, String> {
-    object
-        .get(key)
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| format!("{key} must be a string"))
-}
-
-/// A non-empty list of non-empty strings.
-pub(crate) fn user_id_list(value: Option<&Value>) -> Result<Vec<UserId>, String> {
-    let items = value.and_then(Value::as_array).ok_or("user_ids must be a list of strings")?;
-    let ids = items
-        .iter()
-        .map(|v| match v.as_str() {
-            Some(s) if !s.is_empty() => Ok(UserId::new(s)),
-            _ => Err("user_ids must be a list of non-empty strings".to_owned()),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+/// A non-empty list of non-empty ids.
+fn user_ids_of(ids: Vec<String>) -> Result<Vec<UserId>, String> {
     if ids.is_empty() {
         return Err("user_ids must not be empty".to_owned());
     }
-    Ok(ids)
+    ids.into_iter()
+        .map(|id| {
+            if id.is_empty() {
+                Err("user_ids must be a list of non-empty strings".to_owned())
+            } else {
+                Ok(UserId::new(id))
+            }
+        })
+        .collect()
+}
+
+/// The `user_ids` parameter of a gateway method: a non-empty list of non-empty strings.
+pub(crate) fn user_id_list(value: Value) -> Result<Vec<UserId>, String> {
+    let ids: Vec<Value> = match value {
+        Value::Array(items) => items,
+        _ => return Err("user_ids must be a list of strings".to_owned()),
+    };
+    let ids = ids
+        .into_iter()
+        .map(|v| match v {
+            Value::String(s) if !s.is_empty() => Ok(s),
+            _ => Err("user_ids must be a list of non-empty strings".to_owned()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    user_ids_of(ids)
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+
+    fn decode(v: Value) -> Result<GatewayControl, String> {
+        serde_json::from_value::<ControlOp>(v).map_err(|e| e.to_string()).and_then(from_wire)
+    }
 
     #[test]
     fn round_trip() {
@@ -108,18 +105,28 @@ mod tests {
             GatewayControl::DisconnectUsers { user_ids: vec!["u1".into()], reason: "bye".into() },
         ];
         for op in ops {
-            assert_eq!(decode(&encode(&op)), Ok(op));
+            let encoded = serde_json::to_value(to_wire(&op)).expect("encodes");
+            assert_eq!(decode(encoded), Ok(op));
         }
     }
 
     #[test]
     fn rejects_malformed() {
-        let check = |v: Value| assert!(decode(&v).is_err(), "{v}");
+        let check = |v: Value| assert!(decode(v.clone()).is_err(), "{v}");
         check(json!([]));
         check(json!({"op": "explode"}));
         check(json!({"op": "push_to_users", "user_ids": [], "topic": "t"}));
         check(json!({"op": "push_to_users", "user_ids": [1], "topic": "t"}));
+        check(json!({"op": "push_to_users", "user_ids": [""], "topic": "t"}));
         check(json!({"op": "push_to_all"}));
         check(json!({"op": "disconnect_users", "user_ids": ["u"]}));
+    }
+
+    #[test]
+    fn user_id_parameters() {
+        assert_eq!(user_id_list(json!(["a"])), Ok(vec![UserId::new("a")]));
+        for bad in [json!("a"), json!([]), json!([""]), json!([1])] {
+            assert!(user_id_list(bad.clone()).is_err(), "{bad}");
+        }
     }
 }

@@ -1,6 +1,6 @@
-//! Service descriptions (`nuropb_describe`, spec §6.4): the cache of other services'
-//! descriptions that decides whether a call is encrypted (§10), and the gateway's own
-//! description in nuropb's exact shape.
+//! Other services' descriptions (`nuropb_describe`, spec §6.4): the cache that decides
+//! whether a call is encrypted (§10). The gateway's own description is in
+//! `gateway_description`.
 //!
 //! The cache is stale-while-revalidate for one decision only: whether a method requires
 //! encryption. Once a service has described itself, its description is kept for good
@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use handler_core::MeshError;
 use mesh_crypto::ServicePublicKey;
-use serde_json::{Value, json};
+use nuropb_wire::mesh::DescribeEncryption;
+use serde_json::Value;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -379,134 +380,43 @@ fn ttl_of(described: &Described, refresh: bool, ttl: Duration, negative_ttl: Dur
     }
 }
 
-/// Reads a describe result. `Err` says why it is unusable.
-pub(crate) fn parse_description(result: &Value) -> Result<ServiceCrypto, String> {
-    let object = result.as_object().ok_or("describe result is not an object")?;
-    let methods = match object.get("methods") {
-        Some(Value::Object(methods)) => methods,
-        None | Some(Value::Null) => {
-            return Ok(ServiceCrypto { public_key: None, encrypted_methods: HashSet::new() });
-        }
-        Some(_) => return Err("describe methods is not an object".to_owned()),
-    };
-    let encrypted_methods: HashSet<String> = methods
-        .iter()
-        .filter(|(_, spec)| spec.get("requires_encryption").and_then(Value::as_bool) == Some(true))
-        .map(|(name, _)| name.clone())
-        .collect();
-    let public_key = match object.get("public_key").and_then(Value::as_str) {
-        Some(pem) => {
-            Some(ServicePublicKey::from_pem(pem).map_err(|e| format!("unusable public_key: {e}"))?)
-        }
-        None => None,
-    };
-    Ok(ServiceCrypto { public_key, encrypted_methods })
-}
-
-/// One parameter in nuropb's describe shape: `[name, {"type", "description", "default"}]`.
-fn param(name: &str, kind: &str, default: Value) -> Value {
-    json!([name, {"type": kind, "description": "", "default": default}])
-}
-
-/// A method spec in nuropb's shape (§6.4): `properties` is a list of pairs, a required
-/// parameter shows `"default": ""`.
-fn method(description: &str, properties: Vec<Value>, required: &[&str]) -> Value {
-    json!({
-        "description": description,
-        "requires_encryption": false,
-        "parameters": {"type": "object", "properties": properties, "required": required},
-    })
-}
-
-/// The gateway's answer to `nuropb_describe`, key for key what a nuropb service sends.
-pub(crate) fn gateway_description(service_name: &str) -> Value {
-    let no_default = || Value::String(String::new());
-    let user_params =
-        || vec![param("user_id", "str", Value::Null), param("user_ids", "list", Value::Null)];
-    let mut push_to_user =
-        vec![param("topic", "str", no_default()), param("event", "Any", no_default())];
-    push_to_user.extend(user_params());
-    let mut disconnect_user = user_params();
-    disconnect_user.push(param(
-        "reason",
-        "str",
-        Value::String(crate::service::DEFAULT_DISCONNECT_REASON.into()),
-    ));
-    json!({
-        "service_name": service_name,
-        "service_version": env!("CARGO_PKG_VERSION"),
-        "description": "nuropb-gateway: WebSocket gateway to the NuroPb mesh. Fan-out methods reach every gateway instance.",
-        "warnings": [],
-        "encrypted_methods": false,
-        "public_key": null,
-        "methods": {
-            "disconnect_user": method(
-                "Close every session of the given users (user_id or user_ids) on every gateway instance.",
-                disconnect_user,
-                &[],
+impl ServiceCrypto {
+    /// Reads a describe result (§6.4) leniently (see `DescribeEncryption`). `Err` says
+    /// why it is unusable.
+    pub(crate) fn from_result(result: Value) -> Result<ServiceCrypto, String> {
+        let description: DescribeEncryption =
+            serde_json::from_value(result).map_err(|e| format!("unusable describe result: {e}"))?;
+        let encrypted_methods = description.encrypted_methods().map(str::to_owned).collect();
+        let public_key = match &description.public_key {
+            Some(pem) => Some(
+                ServicePublicKey::from_pem(pem).map_err(|e| format!("unusable public_key: {e}"))?,
             ),
-            "push_to_all": method(
-                "Send an event under a topic to every connected session on every gateway instance.",
-                vec![param("topic", "str", no_default()), param("event", "Any", no_default())],
-                &["topic", "event"],
-            ),
-            "push_to_user": method(
-                "Send an event under a topic to every session of the given users (user_id or user_ids).",
-                push_to_user,
-                &["topic", "event"],
-            ),
-            "stats": method("Live figures of the gateway instance that answers.", vec![], &[]),
-        },
-    })
+            None => None,
+        };
+        Ok(ServiceCrypto { public_key, encrypted_methods })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use futures::future::BoxFuture;
+    use serde_json::json;
 
     use super::*;
 
     #[test]
-    fn parses_nuropb_descriptions() {
-        let d = parse_description(&json!({"methods": {
+    fn reads_what_decides_encryption() {
+        let d = ServiceCrypto::from_result(json!({"methods": {
             "a": {"requires_encryption": false}, "b": {"requires_encryption": true}, "c": {}
         }, "public_key": null}))
         .expect("valid");
         assert!(d.public_key.is_none());
         assert_eq!(d.encrypted_methods, HashSet::from(["b".to_owned()]));
-        assert!(parse_description(&json!([])).is_err());
-        assert!(parse_description(&json!({"methods": {}, "public_key": "not pem"})).is_err());
-        assert!(parse_description(&json!({"methods": null})).is_ok());
-    }
-
-    #[test]
-    fn gateway_description_has_nuropb_shape() {
-        let d = gateway_description("gw");
-        assert_eq!(d["service_name"], "gw");
-        assert_eq!(d["encrypted_methods"], false);
-        assert_eq!(d["public_key"], Value::Null);
-        let keys: Vec<_> = d.as_object().expect("object").keys().cloned().collect();
-        assert_eq!(
-            keys,
-            [
-                "service_name",
-                "service_version",
-                "description",
-                "warnings",
-                "encrypted_methods",
-                "public_key",
-                "methods"
-            ]
-        );
-        let push = &d["methods"]["push_to_user"];
-        assert_eq!(
-            push["parameters"]["properties"][0],
-            json!(["topic", {"type": "str", "description": "", "default": ""}])
-        );
-        assert_eq!(push["parameters"]["required"], json!(["topic", "event"]));
+        assert!(ServiceCrypto::from_result(json!([])).is_err());
         assert!(
-            parse_description(&d).expect("own description parses").encrypted_methods.is_empty()
+            ServiceCrypto::from_result(json!({"methods": {}, "public_key": "not pem"})).is_err()
         );
+        assert!(ServiceCrypto::from_result(json!({"methods": null})).is_ok());
     }
 
     fn cache(capacity: usize) -> DescribeCache {

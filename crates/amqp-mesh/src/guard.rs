@@ -8,7 +8,7 @@
 use handler_core::{MeshCall, MeshError, MeshEvent};
 use serde_json::Value;
 
-use crate::config::MAX_SHORT_STRING;
+use crate::config::{AmqpMeshConfig, MAX_SHORT_STRING};
 
 /// The limits the guard enforces (copied from the config).
 #[derive(Debug, Clone, Copy)]
@@ -16,6 +16,16 @@ pub(crate) struct Limits {
     pub(crate) max_body_bytes: usize,
     pub(crate) max_trace_id_len: usize,
     pub(crate) max_json_depth: usize,
+}
+
+impl Limits {
+    pub(crate) fn of(config: &AmqpMeshConfig) -> Limits {
+        Limits {
+            max_body_bytes: config.max_body_bytes,
+            max_trace_id_len: config.max_trace_id_len,
+            max_json_depth: config.max_json_depth,
+        }
+    }
 }
 
 /// Checks a request or command before it is serialized. `own_service` is the gateway's

@@ -88,20 +88,28 @@
 //! outstanding or `drain_timeout`; then the rest fails with `MeshError::Unavailable` and
 //! the connection closes. [`AmqpMesh::closed`] resolves when all of it is done.
 
+// Floors, bottom to top; a module only uses modules on floors below its own (see
+// docs/ARCHITECTURE.md).
 mod config;
-mod consumers;
 mod control;
+mod delivery;
 mod describe;
 mod envelope;
 mod error;
+mod gateway_description;
 mod guard;
+mod ids;
 mod link;
+mod link_state;
 mod mesh;
+mod messages;
 mod pending;
 mod publisher;
 mod requester;
+mod responses;
 mod service;
 mod stats;
+mod subscriber;
 mod supervisor;
 
 pub use config::{AmqpMeshConfig, EncryptionMode};

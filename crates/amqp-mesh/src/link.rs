@@ -43,10 +43,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::consumers::Inbound;
+use crate::config::AmqpMeshConfig;
 use crate::error::{AmqpMeshError, BoxError};
-use crate::mesh::{LinkHandle, Shared};
-use crate::{consumers, publisher, service};
+use crate::link_state::LinkHandle;
+use crate::pending::PendingTable;
+use crate::responses::ResponseConsumer;
+use crate::service::GatewayService;
+use crate::stats::Counters;
+use crate::subscriber::{Inbound, Subscriber};
+use crate::{publisher, responses, service, subscriber};
 
 /// How long closing a connection may take before we stop waiting for the broker.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -81,45 +86,57 @@ fn connection_token() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
 
-/// Connects and sets up connection `generation`.
-pub(crate) async fn establish(
-    shared: &Arc<Shared>,
-    generation: u64,
-) -> Result<Link, AmqpMeshError> {
-    let config = &shared.config;
-    let url = config.redacted_url();
-    let uri = config.parse_uri()?;
-    let properties = ConnectionProperties::default()
-        .with_connection_name(format!("{}/{}", config.service_name, config.instance_id).into())
-        .with_client_property("product".into(), "nuropb-gateway".into())
-        .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into())
-        .with_client_property("protocol".into(), PROTOCOL_VERSION.into())
-        .with_client_property("name".into(), config.service_name.as_str().into())
-        .with_client_property("instance_id".into(), config.instance_id.as_str().into());
-    let timeout = config.connect_timeout;
-    let connection =
-        match tokio::time::timeout(timeout, Connection::connect_uri(uri, properties)).await {
-            Err(_) => return Err(AmqpMeshError::ConnectTimeout { url, timeout }),
-            Ok(Err(error)) => return Err(connect_error(url, error)),
-            Ok(Ok(connection)) => connection,
+/// What every connection is made of: the config it is declared from, and the roles its
+/// tasks run (each built once, shared by every connection).
+#[derive(Debug)]
+pub(crate) struct Connector {
+    pub(crate) config: Arc<AmqpMeshConfig>,
+    pub(crate) counters: Arc<Counters>,
+    /// Handed to each connection's publisher, for returns that reach waiting requests.
+    pub(crate) pending: Arc<PendingTable>,
+    pub(crate) responses: Arc<ResponseConsumer>,
+    pub(crate) subscriber: Arc<Subscriber>,
+    pub(crate) service: Arc<GatewayService>,
+}
+
+impl Connector {
+    /// Connects and sets up connection `generation`.
+    pub(crate) async fn establish(&self, generation: u64) -> Result<Link, AmqpMeshError> {
+        let config = &self.config;
+        let url = config.redacted_url();
+        let uri = config.parse_uri()?;
+        let properties = ConnectionProperties::default()
+            .with_connection_name(format!("{}/{}", config.service_name, config.instance_id).into())
+            .with_client_property("product".into(), "nuropb-gateway".into())
+            .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into())
+            .with_client_property("protocol".into(), PROTOCOL_VERSION.into())
+            .with_client_property("name".into(), config.service_name.as_str().into())
+            .with_client_property("instance_id".into(), config.instance_id.as_str().into());
+        let timeout = config.connect_timeout;
+        let connection =
+            match tokio::time::timeout(timeout, Connection::connect_uri(uri, properties)).await {
+                Err(_) => return Err(AmqpMeshError::ConnectTimeout { url, timeout }),
+                Ok(Err(error)) => return Err(connect_error(url, error)),
+                Ok(Ok(connection)) => connection,
+            };
+        // Listen before anything can fail, so no connection error goes unseen.
+        let events = Box::pin(connection.events_listener());
+        let setup = tokio::time::timeout(timeout, setup(config, &connection, generation)).await;
+        let (handle, token, tasks) = match setup {
+            Ok(Ok(ready)) => ready.start(self, events),
+            Ok(Err(error)) => {
+                // Best effort: the broker may already have closed it.
+                let _ = connection.close(200, "OK".into()).await;
+                return Err(error);
+            }
+            Err(_) => {
+                let _ = connection.close(200, "OK".into()).await;
+                return Err(AmqpMeshError::ConnectTimeout { url, timeout });
+            }
         };
-    // Listen before anything can fail, so no connection error goes unseen.
-    let events = Box::pin(connection.events_listener());
-    let setup = tokio::time::timeout(timeout, setup(shared, &connection, generation)).await;
-    let (handle, token, tasks) = match setup {
-        Ok(Ok(ready)) => ready.start(shared, events),
-        Ok(Err(error)) => {
-            // Best effort: the broker may already have closed it.
-            let _ = connection.close(200, "OK".into()).await;
-            return Err(error);
-        }
-        Err(_) => {
-            let _ = connection.close(200, "OK".into()).await;
-            return Err(AmqpMeshError::ConnectTimeout { url, timeout });
-        }
-    };
-    debug!(generation, "topology declared");
-    Ok(Link { handle, token, connection, tasks })
+        debug!(generation, "topology declared");
+        Ok(Link { handle, token, connection, tasks })
+    }
 }
 
 /// A connection with its topology declared and its consumers registered.
@@ -134,11 +151,11 @@ struct Ready {
 }
 
 async fn setup(
-    shared: &Arc<Shared>,
+    config: &AmqpMeshConfig,
     connection: &Connection,
     generation: u64,
 ) -> Result<Ready, AmqpMeshError> {
-    let config = &shared.config;
+    let control_topic = config.control_topic();
     let channel = connection.create_channel().await.map_err(topology("open a channel"))?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -228,7 +245,7 @@ async fn setup(
         .event_bindings
         .iter()
         .map(|pattern| (&events_queue, pattern))
-        .chain(std::iter::once((&control_queue, &shared.control_topic)));
+        .chain(std::iter::once((&control_queue, &control_topic)));
     for (queue, pattern) in bindings {
         channel
             .queue_bind(
@@ -273,7 +290,7 @@ impl Ready {
     /// Spawns the connection's tasks.
     fn start(
         self,
-        shared: &Arc<Shared>,
+        connector: &Connector,
         events: impl futures::Stream<Item = lapin::Event> + Send + Unpin + 'static,
     ) -> (LinkHandle, CancellationToken, TaskTracker) {
         let Ready {
@@ -288,9 +305,9 @@ impl Ready {
         let token = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (publisher, publisher_task) = publisher::channel(
-            shared.config.publish_queue_capacity,
-            Arc::clone(&shared.counters),
-            Arc::clone(&shared.pending),
+            connector.config.publish_queue_capacity,
+            Arc::clone(&connector.counters),
+            Arc::clone(&connector.pending),
         );
         debug!(generation, response_queue = %response_queue, "connection queues declared");
         let handle = LinkHandle { generation, response_queue: response_queue.into(), publisher };
@@ -305,12 +322,12 @@ impl Ready {
                 .instrument(info_span!("amqp.connection", generation)),
         );
         tasks.spawn(
-            consumers::responses(Arc::clone(shared), responses, token.clone())
+            responses::run(Arc::clone(&connector.responses), responses, token.clone())
                 .instrument(info_span!("amqp.responses", generation)),
         );
         tasks.spawn(
-            consumers::inbound(
-                Arc::clone(shared),
+            subscriber::run(
+                Arc::clone(&connector.subscriber),
                 event_deliveries,
                 Inbound::Events,
                 token.clone(),
@@ -318,12 +335,22 @@ impl Ready {
             .instrument(info_span!("amqp.events", generation)),
         );
         tasks.spawn(
-            consumers::inbound(Arc::clone(shared), controls, Inbound::Controls, token.clone())
-                .instrument(info_span!("amqp.controls", generation)),
+            subscriber::run(
+                Arc::clone(&connector.subscriber),
+                controls,
+                Inbound::Controls,
+                token.clone(),
+            )
+            .instrument(info_span!("amqp.controls", generation)),
         );
         tasks.spawn(
-            service::run(Arc::clone(shared), calls, handle.clone(), token.clone())
-                .instrument(info_span!("amqp.service", generation)),
+            service::run(
+                Arc::clone(&connector.service),
+                calls,
+                handle.publisher.clone(),
+                token.clone(),
+            )
+            .instrument(info_span!("amqp.service", generation)),
         );
         tasks.close();
         (handle, token, tasks)

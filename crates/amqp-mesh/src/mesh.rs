@@ -1,5 +1,6 @@
-//! [`AmqpMesh`]: the `ServiceMesh` port implemented over RabbitMQ, and the state its
-//! clones and background tasks share.
+//! [`AmqpMesh`]: the façade that implements the `ServiceMesh` port over RabbitMQ. It
+//! builds the roles from the config, makes the first connection, and hands the rest to
+//! the supervisor.
 //!
 //! Task layout (all tracked, each with its own span): one supervisor for the life of the
 //! adapter; per connection a publisher, a connection watcher, and one consumer each for
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use handler_core::{MeshCall, MeshError, MeshEvent, MeshInbound, MeshResponse, ServiceMesh};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -20,57 +21,24 @@ use tracing::Instrument;
 use crate::config::AmqpMeshConfig;
 use crate::describe::DescribeCache;
 use crate::error::AmqpMeshError;
-use crate::guard::Limits;
+use crate::link::Connector;
+use crate::link_state::LinkWatch;
 use crate::pending::PendingTable;
-use crate::publisher::Publisher;
+use crate::requester::Requester;
+use crate::responses::ResponseConsumer;
+use crate::service::GatewayService;
 use crate::stats::{AmqpStats, Counters};
-use crate::{link, supervisor};
-
-/// What requests need of the live connection.
-#[derive(Debug, Clone)]
-pub(crate) struct LinkHandle {
-    /// Counts connections; pending requests are failed per generation.
-    pub(crate) generation: u64,
-    /// This connection's response queue (its name changes with every connection, see
-    /// `AmqpMeshConfig::response_queue`): the `reply_to` of requests published on it.
-    pub(crate) response_queue: Arc<str>,
-    pub(crate) publisher: Publisher,
-}
-
-/// State shared by every clone of [`AmqpMesh`] and by the background tasks.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: AmqpMeshConfig,
-    pub(crate) control_topic: String,
-    pub(crate) limits: Limits,
-    pub(crate) counters: Arc<Counters>,
-    pub(crate) pending: Arc<PendingTable>,
-    pub(crate) describe: DescribeCache,
-    /// The live connection, `None` while disconnected. Written only by the supervisor.
-    pub(crate) state: watch::Sender<Option<LinkHandle>>,
-    pub(crate) inbound: mpsc::Sender<MeshInbound>,
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) tracker: TaskTracker,
-}
-
-impl Shared {
-    /// The live connection, or an immediate `Unavailable`: calls never wait for a
-    /// reconnect.
-    pub(crate) fn link(&self) -> Result<LinkHandle, MeshError> {
-        if self.shutdown.is_cancelled() {
-            return Err(MeshError::Unavailable("shutting down".into()));
-        }
-        self.state
-            .borrow()
-            .clone()
-            .ok_or_else(|| MeshError::Unavailable("not connected to the broker".into()))
-    }
-}
+use crate::subscriber::Subscriber;
+use crate::supervisor::{self, Supervisor};
 
 /// The RabbitMQ service mesh. Cheap to clone; all clones share one connection.
 #[derive(Debug, Clone)]
 pub struct AmqpMesh {
-    shared: Arc<Shared>,
+    requester: Arc<Requester>,
+    link: LinkWatch,
+    counters: Arc<Counters>,
+    pending: Arc<PendingTable>,
+    tracker: TaskTracker,
 }
 
 impl AmqpMesh {
@@ -89,67 +57,84 @@ impl AmqpMesh {
         if shutdown.is_cancelled() {
             return Err(AmqpMeshError::Shutdown);
         }
+        let config = Arc::new(config);
         let (inbound, inbound_rx) = mpsc::channel(config.inbound_capacity);
         let tracker = TaskTracker::new();
-        let shared = Arc::new(Shared {
-            control_topic: config.control_topic(),
-            limits: Limits {
-                max_body_bytes: config.max_body_bytes,
-                max_trace_id_len: config.max_trace_id_len,
-                max_json_depth: config.max_json_depth,
-            },
-            counters: Arc::default(),
-            pending: Arc::default(),
-            describe: DescribeCache::new(
-                config.describe_cache_capacity,
-                config.describe_ttl,
-                config.describe_negative_ttl,
-                tracker.clone(),
-            ),
-            state: watch::Sender::new(None),
-            inbound,
-            shutdown: shutdown.clone(),
-            tracker,
-            config,
-        });
+        let counters = Arc::<Counters>::default();
+        let pending = Arc::<PendingTable>::default();
+        let link = LinkWatch::new(shutdown.clone());
+        let describe = DescribeCache::new(
+            config.describe_cache_capacity,
+            config.describe_ttl,
+            config.describe_negative_ttl,
+            tracker.clone(),
+        );
+        let requester = Arc::new(Requester::new(
+            &config,
+            Arc::clone(&counters),
+            Arc::clone(&pending),
+            describe,
+            link.clone(),
+        ));
+        let connector = Connector {
+            responses: Arc::new(ResponseConsumer {
+                pending: Arc::clone(&pending),
+                counters: Arc::clone(&counters),
+                max_inbound_body_bytes: config.max_inbound_body_bytes,
+            }),
+            subscriber: Arc::new(Subscriber {
+                control_topic: config.control_topic(),
+                max_inbound_body_bytes: config.max_inbound_body_bytes,
+                counters: Arc::clone(&counters),
+                inbound: inbound.clone(),
+            }),
+            service: Arc::new(GatewayService::new(&config, Arc::clone(&counters), inbound)),
+            counters: Arc::clone(&counters),
+            pending: Arc::clone(&pending),
+            config: Arc::clone(&config),
+        };
         let span = tracing::info_span!(
             "amqp.mesh",
-            service = %shared.config.service_name,
-            instance = %shared.config.instance_id,
+            service = %config.service_name,
+            instance = %config.instance_id,
         );
         // Cancellation safety: dropping a half-made connection closes it.
         let first = tokio::select! {
-            link = link::establish(&shared, 1).instrument(span.clone()) => link?,
+            link = connector.establish(1).instrument(span.clone()) => link?,
             () = shutdown.cancelled() => return Err(AmqpMeshError::Shutdown),
         };
-        shared.state.send_replace(Some(first.handle.clone()));
-        shared.tracker.spawn(supervisor::run(Arc::clone(&shared), first).instrument(span));
+        link.set(Some(first.handle.clone()));
+        let supervisor = Supervisor {
+            connector,
+            link: link.clone(),
+            pending: Arc::clone(&pending),
+            reconnect_min: config.reconnect_min,
+            reconnect_max: config.reconnect_max,
+            drain_timeout: config.drain_timeout,
+            shutdown,
+        };
+        tracker.spawn(supervisor::run(supervisor, first).instrument(span));
         // Closed now so that `closed` finishes once the supervisor and any describe refresh
         // (the only other tasks spawned here) are done. A refresh spawned after shutdown
-        // finds no connection (`Shared::link`) and ends at once.
-        shared.tracker.close();
-        Ok((AmqpMesh { shared }, inbound_rx))
+        // finds no connection (`LinkWatch::current`) and ends at once.
+        tracker.close();
+        Ok((AmqpMesh { requester, link, counters, pending, tracker }, inbound_rx))
     }
 
     /// A snapshot of the adapter's counters.
     pub fn stats(&self) -> AmqpStats {
-        self.shared.counters.snapshot(self.is_connected(), self.shared.pending.len())
+        self.counters.snapshot(self.is_connected(), self.pending.len())
     }
 
     /// Requests waiting for a response right now.
     pub fn pending_requests(&self) -> usize {
-        self.shared.pending.len()
+        self.pending.len()
     }
 
     /// Waits until the mesh is connected (returns at once if it is), or until shutdown.
     /// Returns whether it is connected.
     pub async fn connected(&self) -> bool {
-        let mut state = self.shared.state.subscribe();
-        // Cancellation safety: `wait_for` and `cancelled` hold no data.
-        tokio::select! {
-            up = state.wait_for(Option::is_some) => up.is_ok(),
-            () = self.shared.shutdown.cancelled() => false,
-        }
+        self.link.connected().await
     }
 
     /// Waits until the adapter has shut down after the `shutdown` token fired: pending
@@ -163,14 +148,14 @@ impl AmqpMesh {
     /// at most 2 s (a broker that does not answer `connection.close`). With nothing
     /// outstanding it resolves within a broker round trip.
     pub async fn closed(&self) {
-        self.shared.tracker.wait().await;
+        self.tracker.wait().await;
     }
 
     /// The response queue of the current connection, e.g. for diagnostics; `None` while
     /// disconnected. Each connection has its own (see
     /// [`AmqpMeshConfig::response_queue`]).
     pub fn response_queue(&self) -> Option<String> {
-        self.shared.state.borrow().as_ref().map(|link| link.response_queue.to_string())
+        self.link.response_queue()
     }
 }
 
@@ -179,18 +164,18 @@ impl ServiceMesh for AmqpMesh {
     async fn request(&self, call: MeshCall, timeout: Duration) -> Result<MeshResponse, MeshError> {
         // The gateway's own deadline: nuropb requesters have none, and services never
         // report an expired request (§11). The pending entry goes with the future.
-        self.shared.request(call, timeout).await
+        self.requester.request(call, timeout).await
     }
 
     async fn command(&self, call: MeshCall) -> Result<(), MeshError> {
-        self.shared.command(call).await
+        self.requester.command(call).await
     }
 
     async fn publish_event(&self, event: MeshEvent) -> Result<(), MeshError> {
-        self.shared.publish_event(event).await
+        self.requester.publish_event(event).await
     }
 
     fn is_connected(&self) -> bool {
-        !self.shared.shutdown.is_cancelled() && self.shared.state.borrow().is_some()
+        self.link.is_connected()
     }
 }

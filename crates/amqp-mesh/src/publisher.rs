@@ -169,6 +169,13 @@ impl Publisher {
         verdict.await.unwrap_or_else(|_| failed("connection lost"))
     }
 
+    /// [`Publisher::publish`], waiting for the broker at most `timeout`.
+    pub(crate) async fn publish_within(&self, message: Outgoing, timeout: Duration) -> Verdict {
+        tokio::time::timeout(timeout, self.publish(message)).await.unwrap_or_else(|_| {
+            Err(MeshError::Unavailable(format!("publish not confirmed within {timeout:?}")))
+        })
+    }
+
     /// Messages handed to the publisher task whose verdict is not given yet (queued,
     /// awaiting the broker's confirmation, or held for a late return). The drain on
     /// shutdown waits for this to reach zero.

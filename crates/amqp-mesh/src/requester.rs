@@ -11,30 +11,24 @@ use std::time::Duration;
 
 use handler_core::{MeshCall, MeshError, MeshEvent, MeshResponse};
 use mesh_crypto::{ServicePublicKey, SessionKey};
-use nuropb_wire::mesh::{
-    DESCRIBE_METHOD, EventBody, MeshHeaders, MessageType, RequestBody, error_name,
-};
-use nuropb_wire::pyjson::{from_python_json, to_python_json};
+use nuropb_wire::mesh::{DESCRIBE_METHOD, EventBody, MessageType, ResponseBody, error_name};
+use nuropb_wire::pyjson::from_python_json;
 use nuropb_wire::{ErrorObject, JsonObject};
 use serde_json::Value;
 use tracing::{debug, warn};
 
-use crate::config::EncryptionMode;
-use crate::describe::{Described, Lookup, ServiceCrypto, parse_description};
-use crate::envelope;
-use crate::guard;
-use crate::mesh::{LinkHandle, Shared};
-use crate::pending::RawResponse;
-use crate::publisher::{Mode, Outgoing, Published};
-use crate::stats::bump;
+use crate::config::{AmqpMeshConfig, EncryptionMode};
+use crate::describe::{DescribeCache, Described, Lookup, ServiceCrypto};
+use crate::guard::{self, Limits};
+use crate::ids::new_correlation_id;
+use crate::link_state::{LinkHandle, LinkWatch};
+use crate::messages::{self, CallRoute, Encoded};
+use crate::pending::{PendingTable, RawResponse};
+use crate::publisher::{Outgoing, Published};
+use crate::stats::{Counters, bump};
 
 /// AMQP expiration of describe requests, as `RMQAPI.describe_service` sends them (§6.4).
 const DESCRIBE_TTL: Duration = Duration::from_secs(60);
-
-/// A fresh correlation id: 32 lowercase hex, like nuropb's `uuid4().hex`.
-pub(crate) fn new_correlation_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
-}
 
 /// The key an encrypted call is sealed with, and the description it came from (to drop
 /// it if the call gets no response).
@@ -43,7 +37,55 @@ struct Sealing {
     described: Arc<ServiceCrypto>,
 }
 
-impl Shared {
+/// The settings of [`AmqpMeshConfig`] the requester uses (see there for each).
+#[derive(Debug, Clone)]
+struct Settings {
+    service_name: String,
+    rpc_exchange: String,
+    events_exchange: String,
+    request_ttl: Duration,
+    publish_timeout: Duration,
+    encryption: EncryptionMode,
+    encryption_key_ttl: Duration,
+    describe_timeout: Duration,
+    describe_negative_ttl: Duration,
+}
+
+/// The requester: publishes requests, commands and events on the live connection, and
+/// keeps the describe cache that decides encryption. Responses reach it through
+/// `pending`, filled by the response consumer.
+#[derive(Debug)]
+pub(crate) struct Requester {
+    settings: Settings,
+    limits: Limits,
+    counters: Arc<Counters>,
+    pending: Arc<PendingTable>,
+    describe: DescribeCache,
+    link: LinkWatch,
+}
+
+impl Requester {
+    pub(crate) fn new(
+        config: &AmqpMeshConfig,
+        counters: Arc<Counters>,
+        pending: Arc<PendingTable>,
+        describe: DescribeCache,
+        link: LinkWatch,
+    ) -> Self {
+        let settings = Settings {
+            service_name: config.service_name.clone(),
+            rpc_exchange: config.rpc_exchange.clone(),
+            events_exchange: config.events_exchange.clone(),
+            request_ttl: config.request_ttl,
+            publish_timeout: config.publish_timeout,
+            encryption: config.encryption,
+            encryption_key_ttl: config.encryption_key_ttl,
+            describe_timeout: config.describe_timeout,
+            describe_negative_ttl: config.describe_negative_ttl,
+        };
+        Requester { settings, limits: Limits::of(config), counters, pending, describe, link }
+    }
+
     /// A request, answered by its first response, or `MeshError::Timeout` after `timeout`
     /// (describe lookup included). Every await here is cancellation safe.
     pub(crate) async fn request(
@@ -53,17 +95,18 @@ impl Shared {
     ) -> Result<MeshResponse, MeshError> {
         let deadline = tokio::time::Instant::now() + timeout;
         self.guard_call(&call)?;
-        let link = self.link()?;
+        let link = self.link.current()?;
         // Encoded (and size-checked) before the describe lookup, so that a call the guard
         // refuses publishes nothing at all.
-        let encoded = self.encode_call(MessageType::Request, &call)?;
+        let encoded =
+            messages::encode_call(MessageType::Request, &call, self.limits, &self.counters)?;
         let Ok(sealing) = tokio::time::timeout_at(deadline, self.encryption_key(&call)).await
         else {
             return Err(MeshError::Timeout(timeout));
         };
         let sealing = sealing?;
         let key = sealing.as_ref().map(|s| &s.key);
-        let exchange = self.exchange(&link, &call, encoded, key, self.config.request_ttl);
+        let exchange = self.exchange(&link, &call, encoded, key, self.settings.request_ttl);
         match tokio::time::timeout_at(deadline, exchange).await {
             Ok(outcome) => outcome,
             Err(_) => {
@@ -84,8 +127,9 @@ impl Shared {
     /// another message's confirmation).
     pub(crate) async fn command(self: &Arc<Self>, call: MeshCall) -> Result<(), MeshError> {
         self.guard_call(&call)?;
-        let link = self.link()?;
-        let encoded = self.encode_call(MessageType::Command, &call)?;
+        let link = self.link.current()?;
+        let encoded =
+            messages::encode_call(MessageType::Command, &call, self.limits, &self.counters)?;
         let sealing = self.encryption_key(&call).await?;
         let key = sealing.as_ref().map(|s| &s.key);
         // Nobody answers a command, so its session key is not kept.
@@ -97,7 +141,7 @@ impl Shared {
             &encoded.correlation_id,
             body,
             key.is_some(),
-            self.config.request_ttl,
+            self.settings.request_ttl,
         )?;
         match self.publish_bounded(&link, message).await? {
             Published::Routed => Ok(()),
@@ -112,7 +156,7 @@ impl Shared {
     pub(crate) async fn publish_event(&self, event: MeshEvent) -> Result<(), MeshError> {
         guard::check_event(&event, self.limits)
             .inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
-        let link = self.link()?;
+        let link = self.link.current()?;
         let target = event
             .target
             .map(|ids| ids.into_iter().map(|u| Value::String(u.into_string())).collect());
@@ -126,7 +170,8 @@ impl Shared {
             correlation_id: Some(new_correlation_id()),
             target,
         };
-        let message = self.event_message(&body)?;
+        let message =
+            messages::event(&body, &self.settings.events_exchange, self.limits, &self.counters)?;
         match self.publish_bounded(&link, message).await? {
             // Events are not mandatory: an event nobody subscribed to is not an error.
             Published::Routed | Published::Returned => Ok(()),
@@ -136,40 +181,17 @@ impl Shared {
         }
     }
 
-    /// Builds a §5.3 event ready to publish (not mandatory); the guard's size limit
-    /// applies.
-    pub(crate) fn event_message(&self, body: &EventBody) -> Result<Outgoing, MeshError> {
-        let json = to_python_json(body)
-            .map_err(|e| MeshError::Rejected(format!("event cannot be encoded: {e}")))?;
-        guard::check_body_size(json.len(), self.limits)
-            .inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
-        let headers = MeshHeaders::outgoing(MessageType::Event, body.trace_id.clone(), false);
-        let correlation_id = body.correlation_id.clone().unwrap_or_default();
-        let properties = envelope::properties(&headers, &correlation_id, "", None, None)
-            .map_err(MeshError::Rejected)?;
-        Ok(Outgoing {
-            mode: Mode::Plain,
-            exchange: self.config.events_exchange.clone(),
-            routing_key: body.topic.clone(),
-            body: json,
-            properties,
-        })
-    }
-
     /// Publishes and waits for the broker at most `publish_timeout`.
-    pub(crate) async fn publish_bounded(
+    async fn publish_bounded(
         &self,
         link: &LinkHandle,
         message: Outgoing,
     ) -> Result<Published, MeshError> {
-        let timeout = self.config.publish_timeout;
-        tokio::time::timeout(timeout, link.publisher.publish(message)).await.unwrap_or_else(|_| {
-            Err(MeshError::Unavailable(format!("publish not confirmed within {timeout:?}")))
-        })
+        link.publisher.publish_within(message, self.settings.publish_timeout).await
     }
 
     fn guard_call(&self, call: &MeshCall) -> Result<(), MeshError> {
-        guard::check_call(call, self.limits, &self.config.service_name).inspect_err(|e| {
+        guard::check_call(call, self.limits, &self.settings.service_name).inspect_err(|e| {
             bump(&self.counters.rejected_by_guard);
             debug!(service = %call.service, method = %call.method, trace_id = %call.trace_id, error = %e, "call rejected before publishing");
         })
@@ -221,26 +243,6 @@ impl Shared {
         Ok(self.decode_response(raw, session.as_ref(), call))
     }
 
-    /// The request or command body in Python's JSON bytes (§4, §5.1), under a fresh
-    /// correlation id; refused when larger than `max_body_bytes`.
-    fn encode_call(&self, tag: MessageType, call: &MeshCall) -> Result<Encoded, MeshError> {
-        let correlation_id = new_correlation_id();
-        let body = RequestBody {
-            tag,
-            service: call.service.clone(),
-            method: call.method.clone(),
-            params: call.params.clone(),
-            correlation_id: correlation_id.clone(),
-            context: call.context.clone(),
-            trace_id: Some(call.trace_id.as_str().to_owned()),
-        };
-        let json = to_python_json(&body)
-            .map_err(|e| MeshError::Rejected(format!("call cannot be encoded: {e}")))?;
-        guard::check_body_size(json.len(), self.limits)
-            .inspect_err(|_| bump(&self.counters.rejected_by_guard))?;
-        Ok(Encoded { correlation_id, json })
-    }
-
     /// Encrypts the body when there is a key (§10), and returns the session key to read
     /// the response with. The encrypted body is about 1.8 times larger and checked again.
     fn seal(
@@ -274,27 +276,13 @@ impl Shared {
         encrypted: bool,
         ttl: Duration,
     ) -> Result<Outgoing, MeshError> {
-        let headers =
-            MeshHeaders::outgoing(tag, Some(call.trace_id.as_str().to_owned()), encrypted);
-        let properties = envelope::properties(
-            &headers,
-            correlation_id,
-            &link.response_queue,
-            Some(ttl),
-            Some(&self.config.service_name),
-        )
-        .map_err(MeshError::Rejected)?;
-        let mode = match tag {
-            MessageType::Request => Mode::Request,
-            _ => Mode::Mandatory,
+        let route = CallRoute {
+            exchange: &self.settings.rpc_exchange,
+            reply_to: &link.response_queue,
+            ttl,
+            relayed_by: &self.settings.service_name,
         };
-        Ok(Outgoing {
-            mode,
-            exchange: self.config.rpc_exchange.clone(),
-            routing_key: call.service.clone(),
-            body,
-            properties,
-        })
+        messages::call(tag, call, correlation_id, body, encrypted, route)
     }
 
     /// Turns a raw response into the service's answer. A response that cannot be read
@@ -324,8 +312,13 @@ impl Shared {
             },
             (true, None) => return malformed("encrypted response to a plaintext request"),
         };
+        // An object always reads as a response body (see `ResponseBody`): the shape is
+        // checked first so that an array is not read as one.
         match from_python_json::<Value>(&plain) {
-            Ok(Value::Object(body)) => response_from_body(body),
+            Ok(body @ Value::Object(_)) => match serde_json::from_value::<ResponseBody>(body) {
+                Ok(ResponseBody { result, error, .. }) => MeshResponse { result, error },
+                Err(_) => malformed("body is not a response"),
+            },
             Ok(_) => malformed("body is not a JSON object"),
             Err(_) => malformed("body is not JSON"),
         }
@@ -345,7 +338,7 @@ impl Shared {
         self: &Arc<Self>,
         call: &MeshCall,
     ) -> Result<Option<Sealing>, MeshError> {
-        let mode = self.config.encryption;
+        let mode = self.settings.encryption;
         if mode == EncryptionMode::Off || call.method == DESCRIBE_METHOD {
             return Ok(None);
         }
@@ -371,7 +364,7 @@ impl Shared {
         }
         // The service said the method requires encryption: never plaintext from here on,
         // unless a current description says otherwise. Only a current key will do.
-        let max_age = self.config.encryption_key_ttl;
+        let max_age = self.settings.encryption_key_ttl;
         let crypto =
             match self.describe.current(&call.service, max_age, self.describe_fetch(call)).await {
                 Described::Known(crypto) => crypto,
@@ -401,12 +394,12 @@ impl Shared {
         self: &Arc<Self>,
         call: &MeshCall,
     ) -> impl Fn(Lookup) -> futures::future::BoxFuture<'static, Described> + Send + 'static {
-        let shared = Arc::clone(self);
+        let requester = Arc::clone(self);
         let service = call.service.clone();
         move |lookup| {
-            let shared = Arc::clone(&shared);
+            let requester = Arc::clone(&requester);
             let service = service.clone();
-            Box::pin(async move { shared.fetch_description(&service, lookup).await })
+            Box::pin(async move { requester.fetch_description(&service, lookup).await })
         }
     }
 
@@ -415,7 +408,7 @@ impl Shared {
     /// caller's task for a first lookup and in a background task for a refresh, so it
     /// takes the live connection itself.
     async fn fetch_description(&self, service: &str, lookup: Lookup) -> Described {
-        let link = match self.link() {
+        let link = match self.link.current() {
             Ok(link) => link,
             Err(error) => return Described::Failed(error),
         };
@@ -426,18 +419,19 @@ impl Shared {
             context: JsonObject::new(),
             trace_id: handler_core::TraceId::generate(),
         };
-        let timeout = self.config.describe_timeout;
-        let encoded = match self.encode_call(MessageType::Request, &call) {
-            Ok(encoded) => encoded,
-            // Cannot happen for an empty describe call; the call itself would fail alike.
-            Err(error) => return Described::Failed(error),
-        };
+        let timeout = self.settings.describe_timeout;
+        let encoded =
+            match messages::encode_call(MessageType::Request, &call, self.limits, &self.counters) {
+                Ok(encoded) => encoded,
+                // Cannot happen for an empty describe call; the call itself would fail alike.
+                Err(error) => return Described::Failed(error),
+            };
         let outcome =
             tokio::time::timeout(timeout, self.exchange(&link, &call, encoded, None, DESCRIBE_TTL))
                 .await;
-        let retry_in = self.config.describe_negative_ttl;
+        let retry_in = self.settings.describe_negative_ttl;
         let unknown = |why: String| {
-            match (lookup, self.config.encryption) {
+            match (lookup, self.settings.encryption) {
                 (Lookup::Key, _) => warn!(
                     service,
                     why,
@@ -483,18 +477,14 @@ impl Shared {
             Ok(Ok(MeshResponse { error: Some(error), .. })) => {
                 unknown(format!("{}: {}", error.error, error.description))
             }
-            Ok(Ok(MeshResponse { result, error: None })) => match parse_description(&result) {
-                Ok(crypto) => Described::Known(Arc::new(crypto)),
-                Err(why) => unknown(why),
-            },
+            Ok(Ok(MeshResponse { result, error: None })) => {
+                match ServiceCrypto::from_result(result) {
+                    Ok(crypto) => Described::Known(Arc::new(crypto)),
+                    Err(why) => unknown(why),
+                }
+            }
         }
     }
-}
-
-/// A call serialized under its correlation id, not yet encrypted.
-struct Encoded {
-    correlation_id: String,
-    json: Vec<u8>,
 }
 
 /// A failed describe lookup's error as the call's own: an unroutable service is reported
@@ -511,63 +501,4 @@ fn for_call(error: MeshError, call: &MeshCall) -> MeshError {
 /// The local answer to an unroutable call (§6.2).
 fn not_delivered(call: &MeshCall) -> MeshError {
     MeshError::NotDelivered { service: call.service.clone(), method: call.method.clone() }
-}
-
-/// `result` and `error` of a response body, read leniently: nuropb always sends an
-/// `{"error", "description"}` object, but a foreign peer might not.
-fn response_from_body(mut body: JsonObject) -> MeshResponse {
-    let result = body.remove("result").unwrap_or(Value::Null);
-    let error = match body.remove("error") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(error)) => {
-            let text = |key: &str| match error.get(key) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Null) | None => String::new(),
-                Some(other) => other.to_string(),
-            };
-            let name = text("error");
-            Some(ErrorObject::new(
-                if name.is_empty() { "NuropbException".to_owned() } else { name },
-                text("description"),
-            ))
-        }
-        Some(Value::String(description)) => Some(ErrorObject::new("NuropbException", description)),
-        Some(other) => Some(ErrorObject::new("NuropbException", other.to_string())),
-    };
-    MeshResponse { result, error }
-}
-
-#[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    use super::*;
-
-    fn body(v: Value) -> JsonObject {
-        v.as_object().cloned().expect("object")
-    }
-
-    #[test]
-    fn reads_responses_like_nuropb() {
-        let check = |v: Value, result: Value, error: Option<(&str, &str)>| {
-            let r = response_from_body(body(v));
-            assert_eq!(r.result, result);
-            assert_eq!(r.error, error.map(|(e, d)| ErrorObject::new(e, d)));
-        };
-        check(json!({"tag": "response", "result": 5, "error": null}), json!(5), None);
-        check(
-            json!({"result": null, "error": {"error": "NuropbHandlingError", "description": "Unknown method x"}}),
-            Value::Null,
-            Some(("NuropbHandlingError", "Unknown method x")),
-        );
-        check(json!({"error": "boom"}), Value::Null, Some(("NuropbException", "boom")));
-        check(json!({"error": {"description": 3}}), Value::Null, Some(("NuropbException", "3")));
-    }
-
-    #[test]
-    fn correlation_ids_are_uuid_hex() {
-        let id = new_correlation_id();
-        assert_eq!(id.len(), 32);
-        assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
-    }
 }

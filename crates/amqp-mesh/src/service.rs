@@ -16,47 +16,80 @@
 //! naming its service (the guard only stops calls to the relaying gateway's own name).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use handler_core::mesh::{GatewayControl, MeshInbound};
 use handler_core::{MeshError, UserId};
 use lapin::Consumer;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
-use nuropb_wire::mesh::{
-    DESCRIBE_METHOD, EventBody, MeshHeaders, MessageType, ResponseBody, error_name,
-};
-use nuropb_wire::pyjson::{from_python_json, to_python_json};
+use nuropb_wire::mesh::{DESCRIBE_METHOD, EventBody, MessageType, error_name};
+use nuropb_wire::pyjson::from_python_json;
 use nuropb_wire::{ErrorObject, JsonObject};
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::consumers::{next, settle};
+use crate::config::AmqpMeshConfig;
 use crate::control;
-use crate::describe::gateway_description;
-use crate::envelope::{self, TraceHeader, read_headers};
-use crate::guard::{self, json_depth};
-use crate::mesh::{LinkHandle, Shared};
-use crate::publisher::{Mode, Outgoing, Published};
-use crate::requester::new_correlation_id;
-use crate::stats::bump;
+use crate::delivery::{next, settle};
+use crate::envelope::{TraceHeader, read_headers};
+use crate::gateway_description::{DEFAULT_DISCONNECT_REASON, gateway_description};
+use crate::guard::{Limits, json_depth};
+use crate::ids::new_correlation_id;
+use crate::messages::{self, ReplyTo};
+use crate::publisher::{Mode, Published, Publisher};
+use crate::stats::{Counters, bump};
 
-/// `reason` of `disconnect_user` when the caller gives none.
-pub(crate) const DEFAULT_DISCONNECT_REASON: &str = "disconnected by the mesh";
+/// The gateway's own service: what its methods need, and nothing of the requester.
+#[derive(Debug)]
+pub(crate) struct GatewayService {
+    service_name: String,
+    /// Where fan-out operations are published (`AmqpMeshConfig::control_topic`).
+    control_topic: String,
+    events_exchange: String,
+    limits: Limits,
+    max_inbound_body_bytes: usize,
+    publish_timeout: Duration,
+    core_reply_timeout: Duration,
+    counters: Arc<Counters>,
+    /// The way to this instance's core, for `stats`.
+    inbound: mpsc::Sender<MeshInbound>,
+}
+
+impl GatewayService {
+    pub(crate) fn new(
+        config: &AmqpMeshConfig,
+        counters: Arc<Counters>,
+        inbound: mpsc::Sender<MeshInbound>,
+    ) -> Self {
+        GatewayService {
+            service_name: config.service_name.clone(),
+            control_topic: config.control_topic(),
+            events_exchange: config.events_exchange.clone(),
+            limits: Limits::of(config),
+            max_inbound_body_bytes: config.max_inbound_body_bytes,
+            publish_timeout: config.publish_timeout,
+            core_reply_timeout: config.core_reply_timeout,
+            counters,
+            inbound,
+        }
+    }
+}
 
 /// Most users one fan-out call may name.
 const MAX_USER_IDS: usize = 10_000;
 
 /// Runs the service-queue consumer until `link` is cancelled or the consumer ends.
 pub(crate) async fn run(
-    shared: Arc<Shared>,
+    service: Arc<GatewayService>,
     mut consumer: Consumer,
-    link_handle: LinkHandle,
+    publisher: Publisher,
     link: CancellationToken,
 ) {
     while let Some(delivery) = next(&mut consumer, &link, "service").await {
-        let handled = handle(&shared, &link_handle, &delivery).await;
+        let handled = handle(&service, &publisher, &delivery).await;
         let settled = if handled {
             delivery.ack(BasicAckOptions::default()).await
         } else {
@@ -68,22 +101,14 @@ pub(crate) async fn run(
     }
 }
 
-/// Where a request's answer goes.
-struct ReplyTo {
-    queue: String,
-    correlation_id: String,
-    trace_id: TraceHeader,
-    context: JsonObject,
-}
-
 /// Handles one delivery; `true` means ack, `false` reject.
-async fn handle(shared: &Shared, link: &LinkHandle, delivery: &Delivery) -> bool {
+async fn handle(gateway: &GatewayService, publisher: &Publisher, delivery: &Delivery) -> bool {
     let garbage = |why: &str| {
-        bump(&shared.counters.garbage_rejected);
+        bump(&gateway.counters.garbage_rejected);
         warn!(why, routing_key = %delivery.routing_key, "rejected a malformed message on the service queue");
         false
     };
-    if delivery.data.len() > shared.config.max_inbound_body_bytes {
+    if delivery.data.len() > gateway.max_inbound_body_bytes {
         return garbage("body too large");
     }
     let headers = match read_headers(&delivery.properties) {
@@ -97,7 +122,7 @@ async fn handle(shared: &Shared, link: &LinkHandle, delivery: &Delivery) -> bool
         // (they go to the per-instance events queue), nuropb rejects them too (V26).
         MessageType::Response | MessageType::Event => return garbage("not a request or command"),
     };
-    bump(&shared.counters.service_calls);
+    bump(&gateway.counters.service_calls);
     let props = &delivery.properties;
     let reply_to =
         props.reply_to().as_ref().map(|q| q.as_str().to_owned()).filter(|q| !q.is_empty());
@@ -122,8 +147,8 @@ async fn handle(shared: &Shared, link: &LinkHandle, delivery: &Delivery) -> bool
                     reply.context = context;
                 }
                 match &headers.relayed_by {
-                    Some(gateway) => only_describe(shared, body, gateway),
-                    None => dispatch(shared, link, body, &headers.trace_id).await,
+                    Some(relaying) => only_describe(gateway, body, relaying),
+                    None => dispatch(gateway, publisher, body, &headers.trace_id).await,
                 }
             }
             _ => Err(ErrorObject::new(error_name::VALIDATION, "body is not a JSON object")),
@@ -137,37 +162,37 @@ async fn handle(shared: &Shared, link: &LinkHandle, delivery: &Delivery) -> bool
     if is_request {
         // Answer first, then ack (the caller's `run`): a crash in between costs at most a
         // duplicate response, which requesters drop, never a lost one.
-        respond(shared, link, &reply, outcome).await;
+        respond(gateway, publisher, &reply, outcome).await;
     }
     ok
 }
 
 /// A call some gateway relayed for one of its clients: only `nuropb_describe` is answered.
 fn only_describe(
-    shared: &Shared,
+    gateway: &GatewayService,
     mut body: JsonObject,
-    gateway: &str,
+    relaying: &str,
 ) -> Result<Value, ErrorObject> {
     let method = match body.remove("method") {
         Some(Value::String(method)) => method,
         _ => return Err(invalid("method must be a string")),
     };
     if method == DESCRIBE_METHOD {
-        return Ok(gateway_description(&shared.config.service_name));
+        return Ok(gateway_description(&gateway.service_name));
     }
-    warn!(method, relayed_by = gateway, "refused a client-relayed call to a gateway method");
+    warn!(method, relayed_by = relaying, "refused a client-relayed call to a gateway method");
     Err(ErrorObject::new(
         error_name::AUTHORIZATION,
         format!(
-            "{method} is for mesh peers; it cannot be called on behalf of a client of gateway {gateway}"
+            "{method} is for mesh peers; it cannot be called on behalf of a client of gateway {relaying}"
         ),
     ))
 }
 
 /// Runs a method. `Err` is the error object for the caller.
 async fn dispatch(
-    shared: &Shared,
-    link: &LinkHandle,
+    gateway: &GatewayService,
+    publisher: &Publisher,
     mut body: JsonObject,
     trace: &TraceHeader,
 ) -> Result<Value, ErrorObject> {
@@ -183,7 +208,7 @@ async fn dispatch(
     debug!(method, "gateway call");
     let trace_id = trace.for_reply();
     match method.as_str() {
-        DESCRIBE_METHOD => Ok(gateway_description(&shared.config.service_name)),
+        DESCRIBE_METHOD => Ok(gateway_description(&gateway.service_name)),
         "push_to_user" => {
             let mut p = Params::new(params, &["topic", "event", "user_id", "user_ids"])?;
             let user_ids = p.user_ids()?;
@@ -192,12 +217,12 @@ async fn dispatch(
                 topic: p.topic()?,
                 event: p.required("event")?,
             };
-            fan_out(shared, link, op, trace_id).await
+            fan_out(gateway, publisher, op, trace_id).await
         }
         "push_to_all" => {
             let mut p = Params::new(params, &["topic", "event"])?;
             let op = GatewayControl::PushToAll { topic: p.topic()?, event: p.required("event")? };
-            fan_out(shared, link, op, trace_id).await
+            fan_out(gateway, publisher, op, trace_id).await
         }
         "disconnect_user" => {
             let mut p = Params::new(params, &["user_id", "user_ids", "reason"])?;
@@ -207,12 +232,17 @@ async fn dispatch(
                 Some(Value::String(reason)) => reason,
                 Some(_) => return Err(invalid("reason must be a string")),
             };
-            fan_out(shared, link, GatewayControl::DisconnectUsers { user_ids, reason }, trace_id)
-                .await
+            fan_out(
+                gateway,
+                publisher,
+                GatewayControl::DisconnectUsers { user_ids, reason },
+                trace_id,
+            )
+            .await
         }
         "stats" => {
             Params::new(params, &[])?;
-            stats(shared).await
+            stats(gateway).await
         }
         // nuropb's answer for private, missing and non-callable methods (§7.2).
         other => Err(ErrorObject::new(error_name::HANDLING, format!("Unknown method {other}"))),
@@ -256,7 +286,7 @@ impl Params {
                 vec![UserId::new(id)]
             }
             (None | Some(Value::Null), Some(list)) => {
-                control::user_id_list(Some(&list)).map_err(invalid)?
+                control::user_id_list(list).map_err(invalid)?
             }
             (None | Some(Value::Null), None) => {
                 return Err(invalid("missing parameter user_id or user_ids"));
@@ -279,34 +309,41 @@ impl Params {
 /// nacks), and the caller gets `NuropbOverloadedError` instead; instances whose queue had
 /// room may still carry it out, so a retry may repeat it there.
 async fn fan_out(
-    shared: &Shared,
-    link: &LinkHandle,
+    gateway: &GatewayService,
+    publisher: &Publisher,
     op: GatewayControl,
     trace_id: Option<String>,
 ) -> Result<Value, ErrorObject> {
-    let event = control::encode(&op);
-    // The control event is an ordinary event on a shared exchange: the same limits as for
+    let event = serde_json::to_value(control::to_wire(&op))
+        .map_err(|e| invalid(format!("control operation cannot be encoded: {e}")))?;
+    // The control event is an ordinary event on a gateway exchange: the same limits as for
     // anything else the gateway publishes.
-    if 1 + json_depth(&event) > shared.limits.max_json_depth {
+    if 1 + json_depth(&event) > gateway.limits.max_json_depth {
         return Err(invalid("event nests too deeply"));
     }
     let body = EventBody {
         tag: MessageType::Event,
-        topic: shared.control_topic.clone(),
+        topic: gateway.control_topic.clone(),
         event,
         context: JsonObject::new(),
-        trace_id: trace_id.filter(|t| t.len() <= shared.limits.max_trace_id_len),
+        trace_id: trace_id.filter(|t| t.len() <= gateway.limits.max_trace_id_len),
         correlation_id: Some(new_correlation_id()),
         target: control::target(&op),
     };
-    let mut message = shared.event_message(&body).map_err(|e| match e {
-        MeshError::Rejected(why) => invalid(why),
-        other => ErrorObject::new(error_name::TRANSPORT, other.to_string()),
-    })?;
+    let mut message =
+        messages::event(&body, &gateway.events_exchange, gateway.limits, &gateway.counters)
+            .map_err(|e| match e {
+                MeshError::Rejected(why) => invalid(why),
+                other => ErrorObject::new(error_name::TRANSPORT, other.to_string()),
+            })?;
     message.mode = Mode::Mandatory;
-    let published = shared.publish_bounded(link, message).await.map_err(|e| {
-        ErrorObject::new(error_name::TRANSPORT, format!("could not publish the control event: {e}"))
-    })?;
+    let published =
+        publisher.publish_within(message, gateway.publish_timeout).await.map_err(|e| {
+            ErrorObject::new(
+                error_name::TRANSPORT,
+                format!("could not publish the control event: {e}"),
+            )
+        })?;
     match published {
         Published::Routed => Ok(json!({"accepted": true})),
         // Our own control queue is bound while we are connected; this means it was lost
@@ -326,8 +363,8 @@ async fn fan_out(
 }
 
 /// Asks this instance's core for its figures.
-async fn stats(shared: &Shared) -> Result<Value, ErrorObject> {
-    let timeout = shared.config.core_reply_timeout;
+async fn stats(gateway: &GatewayService) -> Result<Value, ErrorObject> {
+    let timeout = gateway.core_reply_timeout;
     let too_slow = || {
         ErrorObject::new(
             error_name::TIMEOUT,
@@ -336,7 +373,7 @@ async fn stats(shared: &Shared) -> Result<Value, ErrorObject> {
     };
     let (reply, answer) = oneshot::channel();
     let asked = tokio::time::timeout(timeout, async {
-        shared.inbound.send(MeshInbound::Stats { reply }).await.ok()?;
+        gateway.inbound.send(MeshInbound::Stats { reply }).await.ok()?;
         answer.await.ok()
     })
     .await;
@@ -352,8 +389,8 @@ async fn stats(shared: &Shared) -> Result<Value, ErrorObject> {
 /// Publishes the response (§5.4): default exchange, routing key = the request's
 /// `reply_to`, the request's correlation id and trace id, empty `reply_to` property.
 async fn respond(
-    shared: &Shared,
-    link: &LinkHandle,
+    gateway: &GatewayService,
+    publisher: &Publisher,
     reply: &ReplyTo,
     outcome: Result<Value, ErrorObject>,
 ) {
@@ -361,8 +398,8 @@ async fn respond(
         debug!("request without reply_to; no response sent");
         return;
     }
-    let published = match response_message(shared, reply, outcome) {
-        Ok(message) => match shared.publish_bounded(link, message).await {
+    let published = match messages::response(reply, outcome, gateway.limits) {
+        Ok(message) => match publisher.publish_within(message, gateway.publish_timeout).await {
             // Not mandatory: a response to a queue that is gone is dropped by the broker.
             Ok(Published::Routed | Published::Returned) => Ok(()),
             Ok(Published::Refused) => Err("the broker refused it".to_owned()),
@@ -373,45 +410,4 @@ async fn respond(
     if let Err(why) = published {
         warn!(error = %why, reply_to = %reply.queue, "could not send a response");
     }
-}
-
-fn response_message(
-    shared: &Shared,
-    reply: &ReplyTo,
-    outcome: Result<Value, ErrorObject>,
-) -> Result<Outgoing, String> {
-    let trace_id = reply.trace_id.for_reply();
-    let (result, error) = match outcome {
-        Ok(result) => (result, None),
-        Err(error) => (Value::Null, Some(error)),
-    };
-    let body = ResponseBody {
-        tag: MessageType::Response,
-        result,
-        error,
-        correlation_id: Some(reply.correlation_id.clone()),
-        trace_id: trace_id.clone(),
-        context: reply.context.clone(),
-        warning: None,
-        reply_to: Some(reply.queue.clone()),
-    };
-    let mut body = body;
-    let mut json = to_python_json(&body).map_err(|e| format!("cannot encode the response: {e}"))?;
-    // Our results (describe, stats, `accepted`) are small; the echoed context is what a
-    // peer sent us and could be large. Rather than leave the peer waiting forever (nuropb
-    // requesters have no timeout), the context is dropped from an oversized response.
-    if guard::check_body_size(json.len(), shared.limits).is_err() {
-        body.context = Default::default();
-        json = to_python_json(&body).map_err(|e| format!("cannot encode the response: {e}"))?;
-    }
-    guard::check_body_size(json.len(), shared.limits).map_err(|e| e.to_string())?;
-    let headers = MeshHeaders::outgoing(MessageType::Response, trace_id, false);
-    let properties = envelope::properties(&headers, &reply.correlation_id, "", None, None)?;
-    Ok(Outgoing {
-        mode: Mode::Plain,
-        exchange: String::new(),
-        routing_key: reply.queue.clone(),
-        body: json,
-        properties,
-    })
 }

@@ -6,62 +6,77 @@ use std::time::Duration;
 
 use handler_core::MeshError;
 use rand::Rng;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::link::{self, Link};
-use crate::mesh::Shared;
+use crate::link::{Connector, Link};
+use crate::link_state::LinkWatch;
+use crate::pending::PendingTable;
 use crate::stats::bump;
 
+/// What the supervisor needs: how to connect, where to announce the live connection, the
+/// requests to fail when it is lost, its timings, and the shutdown signal.
+#[derive(Debug)]
+pub(crate) struct Supervisor {
+    pub(crate) connector: Connector,
+    pub(crate) link: LinkWatch,
+    pub(crate) pending: Arc<PendingTable>,
+    pub(crate) reconnect_min: Duration,
+    pub(crate) reconnect_max: Duration,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) shutdown: CancellationToken,
+}
+
 /// Runs until shutdown, starting with the connection `start` made.
-pub(crate) async fn run(shared: Arc<Shared>, first: Link) {
+pub(crate) async fn run(supervisor: Supervisor, first: Link) {
     let mut current = Some(first);
     let mut generation = current.as_ref().map_or(1, |l| l.handle.generation);
     let mut failures: u32 = 0;
     loop {
         if let Some(link) = current.take() {
-            shared.state.send_replace(Some(link.handle.clone()));
+            supervisor.link.set(Some(link.handle.clone()));
             info!(generation, "mesh connected");
             // Cancellation safety: both branches are plain notifications.
             let shutting_down = tokio::select! {
                 () = link.token.cancelled() => false,
-                () = shared.shutdown.cancelled() => true,
+                () = supervisor.shutdown.cancelled() => true,
             };
             if shutting_down {
-                // New calls are refused from here on (`Shared::link`); let those in flight
+                // New calls are refused from here on (`LinkWatch::current`); let those in flight
                 // receive their responses and confirmations while the consumers and the
                 // publisher still run.
-                drain(&shared, &link).await;
+                drain(&supervisor, &link).await;
             } else {
                 warn!(generation, "mesh connection lost");
             }
-            shared.state.send_replace(None);
+            supervisor.link.set(None);
             let (through, why) = if shutting_down {
                 (u64::MAX, "shutting down")
             } else {
                 (generation, "connection lost")
             };
-            shared.pending.fail_through(through, &MeshError::Unavailable(why.into()));
+            supervisor.pending.fail_through(through, &MeshError::Unavailable(why.into()));
             link.close().await;
         }
-        if shared.shutdown.is_cancelled() {
+        if supervisor.shutdown.is_cancelled() {
             break;
         }
-        let delay = backoff(failures, shared.config.reconnect_min, shared.config.reconnect_max);
+        let delay = backoff(failures, supervisor.reconnect_min, supervisor.reconnect_max);
         failures = failures.saturating_add(1);
         // Cancellation safety: the sleep and the establish future own nothing that must
         // survive; a half-made connection is closed when dropped.
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = shared.shutdown.cancelled() => break,
+            () = supervisor.shutdown.cancelled() => break,
         }
         generation += 1;
         let attempt = tokio::select! {
-            attempt = link::establish(&shared, generation) => attempt,
-            () = shared.shutdown.cancelled() => break,
+            attempt = supervisor.connector.establish(generation) => attempt,
+            () = supervisor.shutdown.cancelled() => break,
         };
         match attempt {
             Ok(link) => {
-                bump(&shared.counters.reconnects);
+                bump(&supervisor.connector.counters.reconnects);
                 failures = 0;
                 current = Some(link);
             }
@@ -70,18 +85,18 @@ pub(crate) async fn run(shared: Arc<Shared>, first: Link) {
             Err(error) => warn!(error = %error, attempt = failures, "mesh reconnect failed"),
         }
     }
-    shared.state.send_replace(None);
-    shared.pending.fail_through(u64::MAX, &MeshError::Unavailable("shutting down".into()));
+    supervisor.link.set(None);
+    supervisor.pending.fail_through(u64::MAX, &MeshError::Unavailable("shutting down".into()));
     info!("mesh stopped");
 }
 
 /// Waits until no request is pending and the publisher has settled everything it was
 /// given (commands and events awaiting their confirmation included), at most
 /// `drain_timeout`, and no longer than the connection lives.
-async fn drain(shared: &Shared, link: &Link) {
+async fn drain(supervisor: &Supervisor, link: &Link) {
     let publisher = &link.handle.publisher;
-    let outstanding = || (shared.pending.len(), publisher.unsettled());
-    let timeout = shared.config.drain_timeout;
+    let outstanding = || (supervisor.pending.len(), publisher.unsettled());
+    let timeout = supervisor.drain_timeout;
     let (pending, unconfirmed) = outstanding();
     if (pending, unconfirmed) != (0, 0) {
         info!(pending, unconfirmed, ?timeout, "draining");
