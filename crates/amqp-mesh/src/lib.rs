@@ -6,18 +6,24 @@
 //! The gateway is a requester (requests, commands, events), a subscriber (per-instance
 //! events and control queues) and a NuroPb service of its own (`push_to_user`, `stats`, …).
 //!
-//! Code map:
-//! - `config`: [`AmqpMeshConfig`], every limit with its default;
-//! - `mesh`: [`AmqpMesh`] and the shared state; `supervisor`: reconnects; `link`: one
-//!   connection, its topology and tasks;
-//! - `requester`: requests/commands/events and describe-driven encryption; `pending`: the
-//!   correlation table; `publisher`: the publisher task (confirms, `basic.return`);
-//! - `consumers`: response, events and control queues; `service`: the gateway's own methods;
-//!   `control`: the fan-out payload; `describe`: descriptions, ours and others';
-//! - `envelope`: AMQP properties and headers; `guard`: checks before publishing.
+//! Code map, by floor from the top; a module uses only modules on lower floors:
+//! - `mesh`: [`AmqpMesh`], the façade that builds the roles and starts the supervisor;
+//! - `supervisor`: keeps one connection up, reconnects, drains;
+//! - `link`: one connection, the topology it declares, and the tasks it runs;
+//! - roles, each built from what it uses: `requester` (requests, commands, events,
+//!   describe-driven encryption), `responses` (the response queue), `subscriber` (events
+//!   and control queues), `service` (the gateway's own methods);
+//! - pure parts: `config` ([`AmqpMeshConfig`], every limit with its default), `envelope`
+//!   (AMQP properties and headers), `messages` (request, event and response builders),
+//!   `guard` (checks before publishing), `control` (fan-out operations to and from the
+//!   wire), `pending` (the correlation table), `publisher` (the publisher task: confirms,
+//!   `basic.return`), `describe` (the cache of others' descriptions),
+//!   `gateway_description` (ours), `delivery` (consumer helpers), `ids`, `link_state`
+//!   (the link watch), `stats`, `error`.
 //!
 //! Architecture invariant: no lapin type appears in the public API; lapin deliveries are
-//! turned into `handler_core` types in `consumers` and `service`.
+//! turned into `handler_core` types in `responses`, `subscriber` and `service`, their
+//! bodies read into the wire crate's types.
 //!
 //! Architecture invariant: calls handed to this adapter (`ServiceMesh::request` and
 //! `command`) never reach the gateway's own service. They come from WebSocket clients,
