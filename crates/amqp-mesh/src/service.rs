@@ -23,7 +23,8 @@ use handler_core::{MeshError, UserId};
 use lapin::Consumer;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
-use nuropb_wire::mesh::{DESCRIBE_METHOD, EventBody, MessageType, error_name};
+use nuropb_wire::lenient::Field;
+use nuropb_wire::mesh::{DESCRIBE_METHOD, EventBody, MessageType, ReceivedCall, error_name};
 use nuropb_wire::pyjson::from_python_json;
 use nuropb_wire::{ErrorObject, JsonObject};
 use serde_json::{Value, json};
@@ -141,17 +142,26 @@ async fn handle(gateway: &GatewayService, publisher: &Publisher, delivery: &Deli
         // The gateway publishes no public key, so nobody should encrypt for it.
         Err(ErrorObject::new(error_name::HANDLING, "the gateway does not accept encrypted calls"))
     } else {
-        match from_python_json::<Value>(&delivery.data) {
-            Ok(Value::Object(mut body)) => {
-                if let Some(Value::Object(context)) = body.remove("context") {
-                    reply.context = context;
-                }
-                match &headers.relayed_by {
-                    Some(relaying) => only_describe(gateway, body, relaying),
-                    None => dispatch(gateway, publisher, body, &headers.trace_id).await,
+        // An object always reads as a call (see `ReceivedCall`); the shape is checked
+        // first so that an array is not read as one.
+        let call = match from_python_json::<Value>(&delivery.data) {
+            Ok(body @ Value::Object(_)) => serde_json::from_value::<ReceivedCall>(body).ok(),
+            _ => None,
+        };
+        match call {
+            Some(ReceivedCall { method, params, context }) => {
+                reply.context = context;
+                match (&headers.relayed_by, method) {
+                    (_, Field::Absent | Field::Invalid) => Err(invalid("method must be a string")),
+                    (Some(relaying), Field::Valid(method)) => {
+                        only_describe(gateway, method, relaying)
+                    }
+                    (None, Field::Valid(method)) => {
+                        dispatch(gateway, publisher, method, params, &headers.trace_id).await
+                    }
                 }
             }
-            _ => Err(ErrorObject::new(error_name::VALIDATION, "body is not a JSON object")),
+            None => Err(ErrorObject::new(error_name::VALIDATION, "body is not a JSON object")),
         }
     };
     if let Err(error) = &outcome {
@@ -170,13 +180,9 @@ async fn handle(gateway: &GatewayService, publisher: &Publisher, delivery: &Deli
 /// A call some gateway relayed for one of its clients: only `nuropb_describe` is answered.
 fn only_describe(
     gateway: &GatewayService,
-    mut body: JsonObject,
+    method: String,
     relaying: &str,
 ) -> Result<Value, ErrorObject> {
-    let method = match body.remove("method") {
-        Some(Value::String(method)) => method,
-        _ => return Err(invalid("method must be a string")),
-    };
     if method == DESCRIBE_METHOD {
         return Ok(gateway_description(&gateway.service_name));
     }
@@ -193,17 +199,14 @@ fn only_describe(
 async fn dispatch(
     gateway: &GatewayService,
     publisher: &Publisher,
-    mut body: JsonObject,
+    method: String,
+    params: Field<JsonObject>,
     trace: &TraceHeader,
 ) -> Result<Value, ErrorObject> {
-    let method = match body.remove("method") {
-        Some(Value::String(method)) => method,
-        _ => return Err(invalid("method must be a string")),
-    };
-    let params = match body.remove("params") {
-        Some(Value::Object(params)) => params,
-        None | Some(Value::Null) => JsonObject::new(),
-        Some(_) => return Err(invalid("params must be an object")),
+    let params = match params {
+        Field::Valid(params) => params,
+        Field::Absent => JsonObject::new(),
+        Field::Invalid => return Err(invalid("params must be an object")),
     };
     debug!(method, "gateway call");
     let trace_id = trace.for_reply();
@@ -254,6 +257,11 @@ fn invalid(why: impl Into<String>) -> ErrorObject {
 }
 
 /// Method parameters; unknown names are refused, as Python refuses unexpected kwargs.
+///
+/// Read by name from the JSON object rather than decoded into a struct per method: each
+/// answer names the parameter that is wrong (`missing parameter topic`, `unexpected
+/// parameter x`, `topic must be a non-empty string`), as peers have always been told, and
+/// `event` is any JSON value anyway.
 struct Params(JsonObject);
 
 impl Params {

@@ -30,6 +30,25 @@ impl<'de, T: DeserializeOwned + Default> Deserialize<'de> for OrDefault<T> {
     }
 }
 
+/// A field a receiver answers differently when it is absent (or `null`), of its type, or
+/// of another type. Use with `#[serde(default)]` (absent reads as [`Field::Absent`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Field<T> {
+    #[default]
+    Absent,
+    Valid(T),
+    Invalid,
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Field<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(match Value::deserialize(deserializer)? {
+            Value::Null => Field::Absent,
+            value => T::deserialize(value).map_or(Field::Invalid, Field::Valid),
+        })
+    }
+}
+
 /// `deserialize_with` for a text field that takes any scalar: a string as it is, `null`
 /// as `""`, anything else as its JSON text (so `3` reads as `"3"`).
 pub fn text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
@@ -55,6 +74,8 @@ mod tests {
         name: String,
         #[serde(default)]
         list: Vec<OrDefault<u8>>,
+        #[serde(default)]
+        field: Field<String>,
     }
 
     #[test]
@@ -72,5 +93,17 @@ mod tests {
         check(json!({"flag": true, "name": "n", "list": [1, 2]}), true, "n", &[1, 2]);
         check(json!({"flag": "yes", "name": 3, "list": [1, "x"]}), false, "3", &[1, 0]);
         check(json!({"flag": null, "name": null}), false, "", &[]);
+    }
+
+    #[test]
+    fn fields_tell_absent_from_invalid() {
+        let check = |v: Value, expected: Field<String>| {
+            let probe: Probe = serde_json::from_value(v.clone()).expect("decodes");
+            assert_eq!(probe.field, expected, "{v}");
+        };
+        check(json!({}), Field::Absent);
+        check(json!({"field": null}), Field::Absent);
+        check(json!({"field": "x"}), Field::Valid("x".into()));
+        check(json!({"field": 1}), Field::Invalid);
     }
 }

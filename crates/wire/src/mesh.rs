@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use crate::JsonObject;
-use crate::lenient::{OrDefault, or_default, text};
+use crate::lenient::{Field, OrDefault, or_default, text};
 
 /// The only wire protocol version nuropb 0.1.8 accepts (`nuropb_protocol` header).
 pub const PROTOCOL_VERSION: &str = "0.1.1";
@@ -108,6 +108,21 @@ pub struct RequestBody {
     pub context: JsonObject,
     #[serde(default)]
     pub trace_id: Option<String>,
+}
+
+/// A `request` or `command` body as a service reads it from any peer: only what it acts
+/// on, each field told apart as absent, well-typed or not, so that the service can answer
+/// a malformed call with what is wrong rather than drop it (§7.2). [`RequestBody`] is
+/// the strict form, for bodies the gateway writes or checks against the capture.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct ReceivedCall {
+    #[serde(default)]
+    pub method: Field<String>,
+    #[serde(default)]
+    pub params: Field<JsonObject>,
+    /// Echoed in the response; anything but an object reads as `{}`.
+    #[serde(default, deserialize_with = "or_default")]
+    pub context: JsonObject,
 }
 
 /// An `event` body (§5.3), key order of `RMQAPI.publish_event`.
@@ -497,5 +512,20 @@ mod tests {
         {
             assert!(serde_json::from_value::<DescribeEncryption>(bad.clone()).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn reads_received_calls_leniently() {
+        let call: ReceivedCall = serde_json::from_value(serde_json::json!({
+            "tag": "request", "method": "m", "params": [1], "context": "c"
+        }))
+        .expect("decodes");
+        assert_eq!(call.method, Field::Valid("m".to_owned()));
+        assert_eq!(call.params, Field::Invalid);
+        assert!(call.context.is_empty());
+        let call: ReceivedCall =
+            serde_json::from_value(serde_json::json!({"method": 1, "params": null}))
+                .expect("decodes");
+        assert_eq!((call.method, call.params), (Field::Invalid, Field::Absent));
     }
 }
