@@ -38,8 +38,20 @@ pub(crate) fn target(op: &GatewayControl) -> Option<Vec<Value>> {
     }
 }
 
+/// Reads a control payload (the `event` of a control event); `Err` says what is wrong
+/// with it.
+pub(crate) fn decode(payload: Value) -> Result<GatewayControl, String> {
+    // Only an object: serde would also read the tagged enum out of an array.
+    if !payload.is_object() {
+        return Err("control payload is not an object".into());
+    }
+    serde_json::from_value::<ControlOp>(payload)
+        .map_err(|e| format!("malformed control payload: {e}"))
+        .and_then(from_wire)
+}
+
 /// A decoded payload as an operation; `Err` says what is wrong with it.
-pub(crate) fn from_wire(op: ControlOp) -> Result<GatewayControl, String> {
+fn from_wire(op: ControlOp) -> Result<GatewayControl, String> {
     Ok(match op {
         ControlOp::PushToUsers { user_ids, topic, event } => {
             GatewayControl::PushToUsers { user_ids: user_ids_of(user_ids)?, topic, event }
@@ -89,10 +101,6 @@ mod tests {
 
     use super::*;
 
-    fn decode(v: Value) -> Result<GatewayControl, String> {
-        serde_json::from_value::<ControlOp>(v).map_err(|e| e.to_string()).and_then(from_wire)
-    }
-
     #[test]
     fn round_trip() {
         let ops = [
@@ -114,6 +122,7 @@ mod tests {
     fn rejects_malformed() {
         let check = |v: Value| assert!(decode(v.clone()).is_err(), "{v}");
         check(json!([]));
+        check(json!(["push_to_all", "t"]));
         check(json!({"op": "explode"}));
         check(json!({"op": "push_to_users", "user_ids": [], "topic": "t"}));
         check(json!({"op": "push_to_users", "user_ids": [1], "topic": "t"}));

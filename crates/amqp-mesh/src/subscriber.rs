@@ -9,7 +9,6 @@ use handler_core::{MeshEvent, TraceId, UserId};
 use lapin::Consumer;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
-use nuropb_wire::control::ControlOp;
 use nuropb_wire::mesh::{EventBody, MessageType};
 use nuropb_wire::pyjson::from_python_json;
 use serde_json::Value;
@@ -133,9 +132,7 @@ impl Subscriber {
         };
         let EventBody { topic, event, context, trace_id, target, .. } = body;
         if is_control {
-            let op = serde_json::from_value::<ControlOp>(event)
-                .map_err(|e| format!("malformed control payload: {e}"))
-                .and_then(control::from_wire)?;
+            let op = control::decode(event)?;
             bump(&self.counters.controls_received);
             return Ok(Some(MeshInbound::Control { op, reply: None }));
         }
