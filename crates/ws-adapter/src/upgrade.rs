@@ -5,10 +5,11 @@
 use http::{HeaderMap, StatusCode};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request};
 
+use handler_core::CoordinatorHandle;
 use handler_core::auth::{AuthError, Identity, strip_bearer};
-use handler_core::{CoordinatorHandle, OriginPolicy};
 
 use crate::config::AuthSources;
+use crate::origin::OriginPolicy;
 
 /// The outcome of the checks: who connected, or the HTTP refusal to send.
 #[allow(clippy::result_large_err, reason = "tungstenite's Callback fixes the error type")]
