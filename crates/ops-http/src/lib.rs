@@ -18,6 +18,10 @@
 //! Architecture invariant: no dependency on lapin, tungstenite or any other gateway crate;
 //! what is reported comes in through [`OpsSource`].
 
+// Crate-level because `[lints] workspace = true` takes no additions: a `pub` item that is
+// not reachable from outside the crate is dead public API or should say `pub(crate)`.
+#![warn(unreachable_pub)]
+
 mod config;
 mod connection;
 mod exposition;
@@ -34,7 +38,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use config::OpsConfig;
-pub use exposition::{CONTENT_TYPE, encode};
+pub use exposition::encode;
 pub use source::{Metric, MetricKind, OpsSource};
 
 /// Errors of the operations endpoint.

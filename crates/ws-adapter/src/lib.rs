@@ -4,6 +4,10 @@
 //! [`CoordinatorHandle`]. The core reaches a connection only through its bounded outbound
 //! queue (its [`handler_core::Handler`] implementation is in `connection`).
 
+// Crate-level because `[lints] workspace = true` takes no additions: a `pub` item that is
+// not reachable from outside the crate is dead public API or should say `pub(crate)`.
+#![warn(unreachable_pub)]
+
 mod config;
 mod connection;
 mod origin;

@@ -54,11 +54,6 @@ impl OriginPolicy {
         Ok(policy)
     }
 
-    /// Every origin allowed (an `*` entry).
-    pub fn allow_all() -> Self {
-        OriginPolicy { allow_all: true, entries: HashSet::new() }
-    }
-
     /// Whether an `Origin` header value is allowed. Requests without `Origin` are not
     /// browser cross-origin requests and are decided by the caller (allowed, as nuropb-gw).
     pub fn allows(&self, origin: &str) -> bool {
@@ -195,7 +190,6 @@ mod tests {
             assert_eq!(policy.allows(origin), allowed, "origin {origin:?}");
         }
         assert!(self::policy(&["*"]).allows("https://anything.test"));
-        assert!(OriginPolicy::allow_all().allows("https://anything.test"));
         let https_only = self::policy(&["https://example.com"]);
         assert!(https_only.allows("https://app.example.com"));
         assert!(https_only.allows("HTTPS://example.com"));
