@@ -130,9 +130,10 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_JWT_USERNAME_CLAIM", default_value = "username")]
     pub jwt_username_claim: String,
 
-    /// Allowed browser origins, comma separated: a host allows itself and its subdomains;
-    /// `host:port` pins a port, `https://host` the scheme; `*` allows all. Clients sending no
-    /// Origin are allowed. None by default (in-memory demo mode: `localhost,127.0.0.1`).
+    /// Allowed browser origins, comma separated: a host allows itself and its subdomains,
+    /// `.host` only its subdomains; `host:port` pins a port, `https://host` the scheme; `*`
+    /// allows all; anything else is refused at start-up. Clients sending no Origin are
+    /// allowed. None by default (in-memory demo mode: `localhost,127.0.0.1`).
     #[arg(long, env = "NUROPB_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
