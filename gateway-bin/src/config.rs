@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{ArgAction, Parser, ValueEnum};
 
 use handler_core::auth::{JwtConfig, JwtKey};
+use ws_adapter::OriginPolicy;
 
 /// How calls to methods that require encryption are handled (AMQP mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -129,9 +130,10 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_JWT_USERNAME_CLAIM", default_value = "username")]
     pub jwt_username_claim: String,
 
-    /// Allowed browser origins, comma separated: a host allows itself and its subdomains;
-    /// `host:port` pins a port, `https://host` the scheme; `*` allows all. Clients sending no
-    /// Origin are allowed. None by default (in-memory demo mode: `localhost,127.0.0.1`).
+    /// Allowed browser origins, comma separated: a host allows itself and its subdomains,
+    /// `.host` only its subdomains; `host:port` pins a port, `https://host` the scheme; `*`
+    /// allows all; anything else is refused at start-up. Clients sending no Origin are
+    /// allowed. None by default (in-memory demo mode: `localhost,127.0.0.1`).
     #[arg(long, env = "NUROPB_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
@@ -248,7 +250,20 @@ impl Cli {
         if self.service_name.is_empty() || self.service_name.len() > 200 {
             bail!("--service-name must be 1 to 200 bytes");
         }
+        self.origin_policy()?;
         Ok(())
+    }
+
+    /// The browser origins allowed at the upgrade. In-memory demo mode (no --amqp-url)
+    /// with no --allowed-origins allows pages on this machine; anywhere else, origins are
+    /// opt-in.
+    pub fn origin_policy(&self) -> Result<OriginPolicy> {
+        let demo_mode = self.amqp_url.is_none();
+        if self.allowed_origins.is_empty() && demo_mode {
+            return OriginPolicy::new(&["localhost", "127.0.0.1"])
+                .context("--allowed-origins (demo default)");
+        }
+        OriginPolicy::new(&self.allowed_origins).context("--allowed-origins")
     }
 
     /// The JWT verification config, or `None` when no key is configured.

@@ -21,7 +21,7 @@ use handler_core::auth::JwtKey;
 use handler_core::coordinator::CoreConfig;
 use handler_core::handler_manager::HandlerManagerConfig;
 use handler_core::mesh_manager::MeshManagerConfig;
-use handler_core::{Coordinator, JwtAuthenticator, JwtConfig, OriginPolicy, ServiceMesh};
+use handler_core::{Coordinator, JwtAuthenticator, JwtConfig, ServiceMesh};
 use nuropb_wire::client::ClientLimits;
 use ops_http::OpsConfig;
 use ws_adapter::{AuthSources, WsConfig, WsStatsHandle};
@@ -140,12 +140,6 @@ async fn run(cli: Cli) -> Result<()> {
     let (coordinator, handle) =
         Coordinator::new(core, authenticator, mesh, inbound, calls, shutdown.clone());
 
-    // Browser pages on this machine may try the demo; anywhere else, origins are opt-in.
-    let origins = if cli.allowed_origins.is_empty() && demo_mode {
-        vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
-    } else {
-        cli.allowed_origins.clone()
-    };
     let ws = WsConfig {
         max_connections: cli.max_connections,
         max_message_size: cli.max_message_bytes,
@@ -156,7 +150,8 @@ async fn run(cli: Cli) -> Result<()> {
         idle_timeout: Duration::from_secs(cli.idle_timeout_secs),
         rate_per_second: cli.rate_per_second,
         rate_burst: cli.rate_burst,
-        origins: OriginPolicy::new(&origins),
+        // Already checked by `validate`.
+        origins: cli.origin_policy()?,
         auth: AuthSources {
             cookie: cli.cookie_auth.then(|| "Authorization".to_owned()),
             query_param: cli.token_query_param.clone(),

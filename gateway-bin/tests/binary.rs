@@ -255,3 +255,23 @@ fn invalid_config_exits_2_naming_the_option() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn an_origin_entry_that_cannot_be_parsed_is_refused_by_name() {
+    let out = Command::new(BIN)
+        .args(["--allowed-origins", "example.com,*.example.org"])
+        .env_remove("NUROPB_AMQP_URL")
+        .env_remove("NUROPB_JWT_SECRET")
+        .env_remove("NUROPB_ALLOWED_ORIGINS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "invalid configuration: --allowed-origins: cannot parse origin entry \"*.example.org\""
+        ),
+        "{err}"
+    );
+    assert!(err.contains("no wildcards"), "{err}");
+}

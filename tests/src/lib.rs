@@ -19,7 +19,7 @@ use handler_core::in_memory::InMemoryMesh;
 use handler_core::mesh_manager::MeshManagerConfig;
 use handler_core::{
     Coordinator, CoordinatorHandle, JwtAuthenticator, JwtConfig, MeshCall, MeshError, MeshEvent,
-    MeshResponse, OriginPolicy, ServiceMesh,
+    MeshResponse, ServiceMesh,
 };
 use nuropb_wire::ErrorObject;
 use serde_json::{Value, json};
@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use ws_adapter::{WsConfig, WsStatsHandle};
+use ws_adapter::{OriginPolicy, WsConfig, WsStatsHandle};
 
 pub const SECRET: &str = "e2e-secret-0123456789abcdef";
 /// Every wait for a frame is bounded by this.
@@ -79,7 +79,10 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            ws: WsConfig { origins: OriginPolicy::new(&["example.com"]), ..WsConfig::default() },
+            ws: WsConfig {
+                origins: OriginPolicy::new(&["example.com"]).unwrap(),
+                ..WsConfig::default()
+            },
             request_timeout: Duration::from_secs(2),
             broadcast_topics: vec!["broadcast.#".into()],
             max_in_flight: 64,

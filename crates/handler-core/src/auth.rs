@@ -1,7 +1,6 @@
 //! Authorization: the `Authenticator` port and its JWT implementation. A token is checked
 //! once, at the WebSocket upgrade; the resulting [`Identity`] lives with the session.
 
-use std::collections::HashSet;
 use std::fmt;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -214,108 +213,6 @@ pub fn strip_bearer(value: &str) -> &str {
     value
 }
 
-/// Allowed browser origins: a host matches an entry when it equals it or is a subdomain of
-/// it on a dot boundary (`app.example.com` matches `example.com`, `evil-example.com` does
-/// not). An entry with a port matches only that port, one with a scheme
-/// (`https://example.com`) only that scheme. `*` allows every origin.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OriginPolicy {
-    allow_all: bool,
-    entries: HashSet<OriginEntry>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct OriginEntry {
-    scheme: Option<String>,
-    host: String,
-    port: Option<u16>,
-}
-
-impl OriginPolicy {
-    /// Builds the policy from entries such as `example.com`, `https://example.com`,
-    /// `localhost:3000` or `*`.
-    pub fn new<S: AsRef<str>>(entries: &[S]) -> Self {
-        let mut allow_all = false;
-        let mut set = HashSet::new();
-        for e in entries {
-            let e = e.as_ref().trim();
-            if e == "*" {
-                allow_all = true;
-            } else if let Some((host, port)) = parse_host_port(e) {
-                set.insert(OriginEntry { scheme: scheme_of(e), host, port });
-            }
-        }
-        OriginPolicy { allow_all, entries: set }
-    }
-
-    pub fn allow_all() -> Self {
-        OriginPolicy { allow_all: true, entries: HashSet::new() }
-    }
-
-    /// Whether an `Origin` header value is allowed. Requests without `Origin` are not
-    /// browser cross-origin requests and are decided by the caller (allowed, as nuropb-gw).
-    pub fn allows(&self, origin: &str) -> bool {
-        if self.allow_all {
-            return true;
-        }
-        let Some((host, port)) = parse_host_port(origin) else {
-            return false;
-        };
-        let scheme = scheme_of(origin);
-        self.entries.iter().any(|entry| {
-            let allowed = &entry.host;
-            let host_ok = host == *allowed
-                || (host.len() > allowed.len()
-                    && host.ends_with(allowed.as_str())
-                    && host.as_bytes()[host.len() - allowed.len() - 1] == b'.');
-            let port_ok = entry.port.is_none() || entry.port == port;
-            let scheme_ok = entry.scheme.is_none() || entry.scheme == scheme;
-            host_ok && port_ok && scheme_ok
-        })
-    }
-}
-
-/// The lowercase scheme of `scheme://…`, if any.
-fn scheme_of(s: &str) -> Option<String> {
-    s.find("://").map(|i| s[..i].to_ascii_lowercase())
-}
-
-/// `scheme://host:port/path` or `host:port` → (lowercase host, port).
-fn parse_host_port(s: &str) -> Option<(String, Option<u16>)> {
-    let rest = match s.find("://") {
-        Some(i) => &s[i + 3..],
-        None => s,
-    };
-    let authority = rest.split(['/', '?', '#']).next()?;
-    // Drop userinfo, which has no place in an Origin but must not fool the match.
-    let authority = authority.rsplit('@').next()?;
-    if authority.is_empty() {
-        return None;
-    }
-    let (host, port) = if let Some(stripped) = authority.strip_prefix('[') {
-        // IPv6 literal.
-        let end = stripped.find(']')?;
-        let host = &stripped[..end];
-        let port = stripped[end + 1..].strip_prefix(':').map(str::parse::<u16>);
-        (host.to_owned(), port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_owned(), Some(p.parse::<u16>())),
-            None => (authority.to_owned(), None),
-        }
-    };
-    let port = match port {
-        None => None,
-        Some(Ok(p)) => Some(p),
-        Some(Err(_)) => return None,
-    };
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    if host.is_empty() {
-        return None;
-    }
-    Some((host, port))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,36 +370,5 @@ mod tests {
         ] {
             assert_eq!(strip_bearer(input), expected, "input {input:?}");
         }
-    }
-
-    #[test]
-    fn origin_matching() {
-        let policy = OriginPolicy::new(&["example.com", "localhost:3000"]);
-        for (origin, allowed) in [
-            ("https://example.com", true),
-            ("https://app.example.com", true),
-            ("https://a.b.example.com", true),
-            ("https://APP.Example.COM", true),
-            ("https://example.com:8443", true),
-            ("https://evil-example.com", false),
-            ("https://example.com.evil.org", false),
-            ("https://notexample.com", false),
-            ("https://example.org", false),
-            ("http://localhost:3000", true),
-            ("http://localhost:3001", false),
-            ("http://localhost", false),
-            ("https://example.com@evil.org", false),
-            ("null", false),
-            ("", false),
-            ("https://", false),
-        ] {
-            assert_eq!(policy.allows(origin), allowed, "origin {origin:?}");
-        }
-        assert!(OriginPolicy::new(&["*"]).allows("https://anything.test"));
-        let https_only = OriginPolicy::new(&["https://example.com"]);
-        assert!(https_only.allows("https://app.example.com"));
-        assert!(https_only.allows("HTTPS://example.com"));
-        assert!(!https_only.allows("http://example.com"), "scheme pinned by the entry");
-        assert!(!OriginPolicy::new::<&str>(&[]).allows("https://example.com"));
     }
 }

@@ -15,7 +15,7 @@ pub mod topic;
 #[cfg(feature = "in-memory")]
 pub mod in_memory;
 
-pub use auth::{Authenticator, Identity, JwtAuthenticator, JwtConfig, JwtKey, OriginPolicy};
+pub use auth::{Authenticator, Identity, JwtAuthenticator, JwtConfig, JwtKey};
 pub use coordinator::{Coordinator, CoordinatorHandle, CoreConfig};
 pub use handler::{CloseCode, CloseReason, Handler, Outbound, SendError, SharedFrame};
 pub use handler_manager::HandlerManager;

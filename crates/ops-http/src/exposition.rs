@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use crate::source::Metric;
 
 /// The `Content-Type` of [`encode`]'s output.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Renders `metrics` in the text format. Invalid metrics and repeated names are skipped
 /// with a warning: one bad entry must not make Prometheus reject the whole scrape.

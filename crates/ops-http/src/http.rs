@@ -1,6 +1,6 @@
 //! Just enough HTTP/1.1 for a few fixed `GET` endpoints: find where a request head ends,
-//! parse the request line, check the header lines (RFC 9112), and render responses that
-//! always close the connection. Request bodies are never read.
+//! parse it with `httparse` (RFC 9112), and render responses that always close the
+//! connection. Request bodies are never read.
 
 /// The `Allow` value of 405 responses.
 pub(crate) const ALLOWED_METHODS: &str = "GET, HEAD";
@@ -40,69 +40,78 @@ pub(crate) enum HeadError {
     UnsupportedVersion,
 }
 
-/// Parses a complete request head (as delimited by [`head_end`]).
+/// Parses a complete request head (as delimited by [`head_end`]) with `httparse`, which
+/// checks the request line and the header lines (RFC 9112: tokens, no whitespace before a
+/// colon, no obsolete line folding, no control characters in values). What it leaves to us:
+/// the origin form of the target, and telling another HTTP version (505) from garbage (400).
 pub(crate) fn parse_head(head: &[u8]) -> Result<RequestHead<'_>, HeadError> {
     use HeadError::Malformed;
-    let mut lines = head.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    // RFC 9112 §2.2: empty lines before the request line are ignored.
-    let request_line = lines.by_ref().find(|l| !l.is_empty()).ok_or(Malformed("empty request"))?;
-    let mut parts = request_line.split(|&b| b == b' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    // A header line ends with `\n`, so there are never more headers than line ends: the
+    // head's size stays the only limit on how many it may carry.
+    let line_ends = head.iter().filter(|&&b| b == b'\n').count();
+    let mut headers = vec![httparse::EMPTY_HEADER; line_ends];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        // `head_end` found the empty line; httparse skips empty lines before the request
+        // line (RFC 9112 §2.2), so only a head of empty lines, or nothing, gets here.
+        Ok(httparse::Status::Partial) => return Err(Malformed("empty request")),
+        Err(httparse::Error::Version) => return Err(version_error(head)),
+        Err(e) => return Err(Malformed(describe(e))),
+    }
+    let (Some(method), Some(target)) = (request.method, request.path) else {
+        // A complete parse always has both.
         return Err(Malformed("bad request line"));
     };
-    if method.is_empty() || !method.iter().copied().all(is_tchar) {
-        return Err(Malformed("bad method"));
-    }
-    // Origin form only (`/path?query`): no absolute URLs, no `*`.
-    if target.first() != Some(&b'/') || !target.iter().all(|b| (0x21..=0x7e).contains(b)) {
+    // Origin form only (`/path?query`): no absolute URLs, no `*`; ASCII only, which
+    // httparse does not require.
+    if !is_origin_form(target.as_bytes()) {
         return Err(Malformed("bad request target"));
     }
-    match version {
-        b"HTTP/1.1" | b"HTTP/1.0" => {}
-        [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
-            if major.is_ascii_digit() && minor.is_ascii_digit() =>
-        {
-            return Err(HeadError::UnsupportedVersion);
-        }
-        _ => return Err(Malformed("bad HTTP version")),
-    }
-    for line in lines {
-        if line.is_empty() {
-            break;
-        }
-        check_header_line(line)?;
-    }
-    // Both are ASCII by now, so these conversions cannot fail.
-    let method = std::str::from_utf8(method).map_err(|_| Malformed("bad method"))?;
-    let target = std::str::from_utf8(target).map_err(|_| Malformed("bad request target"))?;
     let path = target.split_once('?').map_or(target, |(path, _query)| path);
     Ok(RequestHead { method, path })
 }
 
-/// `name: value`, the name a token right before the colon (RFC 9112 §5.1: whitespace there
-/// must be refused), the value without control characters other than tab.
-fn check_header_line(line: &[u8]) -> Result<(), HeadError> {
-    use HeadError::Malformed;
-    if line.starts_with(b" ") || line.starts_with(b"\t") {
-        return Err(Malformed("obsolete line folding"));
+/// httparse only knows HTTP/1.0 and 1.1 and reports anything else in the version place as
+/// one error. A well-formed `HTTP/d.d` after a valid target is another version (505);
+/// everything else, the HTTP/2 preface (`PRI * HTTP/2.0`) included, is not HTTP/1.x (400).
+fn version_error(head: &[u8]) -> HeadError {
+    let request_line = head
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .find(|l| !l.is_empty())
+        .unwrap_or_default();
+    let mut parts = request_line.split(|&b| b == b' ');
+    let (_method, target, version) = (parts.next(), parts.next(), parts.next());
+    if !target.is_some_and(is_origin_form) {
+        return HeadError::Malformed("bad request target");
     }
-    let colon =
-        line.iter().position(|&b| b == b':').ok_or(Malformed("header line without a colon"))?;
-    let (name, value) = (&line[..colon], &line[colon + 1..]);
-    if name.is_empty() || !name.iter().copied().all(is_tchar) {
-        return Err(Malformed("bad header name"));
+    match version {
+        Some([b'H', b'T', b'T', b'P', b'/', major, b'.', minor])
+            if major.is_ascii_digit() && minor.is_ascii_digit() =>
+        {
+            HeadError::UnsupportedVersion
+        }
+        _ => HeadError::Malformed("bad HTTP version"),
     }
-    if value.iter().any(|&b| b != b'\t' && (b < 0x20 || b == 0x7f)) {
-        return Err(Malformed("control character in a header value"));
-    }
-    Ok(())
 }
 
-/// RFC 9110 `tchar`.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+fn is_origin_form(target: &[u8]) -> bool {
+    target.first() == Some(&b'/') && target.iter().all(|b| (0x21..=0x7e).contains(b))
+}
+
+/// The reason given in a 400 for an httparse error.
+fn describe(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::Token => "bad request line",
+        httparse::Error::NewLine => "bad line ending",
+        httparse::Error::HeaderName => "bad header name",
+        httparse::Error::HeaderValue => "bad header value",
+        httparse::Error::Version => "bad HTTP version",
+        httparse::Error::Status => "bad request line",
+        // Not reached: there is a header slot for every line.
+        httparse::Error::TooManyHeaders => "too many headers",
+    }
 }
 
 /// The statuses the endpoint answers with.
@@ -219,26 +228,23 @@ mod tests {
         check("\r\n\r\n", Err(Malformed("empty request")));
         check("hello\r\n\r\n", Err(Malformed("bad request line")));
         check("GET  / HTTP/1.1\r\n\r\n", Err(Malformed("bad request line")));
-        check("GET / HTTP/1.1 extra\r\n\r\n", Err(Malformed("bad request line")));
-        check("G(T / HTTP/1.1\r\n\r\n", Err(Malformed("bad method")));
+        check("GET / HTTP/1.1 extra\r\n\r\n", Err(Malformed("bad line ending")));
+        check("G(T / HTTP/1.1\r\n\r\n", Err(Malformed("bad request line")));
         check("GET http://a/ HTTP/1.1\r\n\r\n", Err(Malformed("bad request target")));
         check("OPTIONS * HTTP/1.1\r\n\r\n", Err(Malformed("bad request target")));
         check("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Err(Malformed("bad request target")));
         check("GET / HTTP/2.0\r\n\r\n", Err(UnsupportedVersion));
-        check("GET / HTTP/1.1x\r\n\r\n", Err(Malformed("bad HTTP version")));
+        check("GET / HTTP/3.0\r\nHost: x\r\n\r\n", Err(UnsupportedVersion));
+        check("GET /caf\u{e9} HTTP/1.1\r\n\r\n", Err(Malformed("bad request target")));
+        check("GET / HTTP/1.1\r\nA: \u{7f}\r\n\r\n", Err(Malformed("bad header value")));
+        check("GET / HTTP/1.1x\r\n\r\n", Err(Malformed("bad line ending")));
         check("GET / http/1.1\r\n\r\n", Err(Malformed("bad HTTP version")));
-        check("GET / HTTP/1.1\r\nNoColon\r\n\r\n", Err(Malformed("header line without a colon")));
+        check("GET / HTTP/1.1\r\nNoColon\r\n\r\n", Err(Malformed("bad header name")));
         check("GET / HTTP/1.1\r\nHost : x\r\n\r\n", Err(Malformed("bad header name")));
         check("GET / HTTP/1.1\r\n: x\r\n\r\n", Err(Malformed("bad header name")));
-        check("GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n", Err(Malformed("obsolete line folding")));
-        check(
-            "GET / HTTP/1.1\r\nA: b\rc\r\n\r\n",
-            Err(Malformed("control character in a header value")),
-        );
-        check(
-            "GET / HTTP/1.1\r\nA: \0\r\n\r\n",
-            Err(Malformed("control character in a header value")),
-        );
+        check("GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n", Err(Malformed("bad header name")));
+        check("GET / HTTP/1.1\r\nA: b\rc\r\n\r\n", Err(Malformed("bad header value")));
+        check("GET / HTTP/1.1\r\nA: \0\r\n\r\n", Err(Malformed("bad header value")));
     }
 
     #[test]

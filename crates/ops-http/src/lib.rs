@@ -8,14 +8,19 @@
 //!   anything that is not HTTP/1.x, 431 for a head over the size limit, 505 for other
 //!   HTTP versions. Every response carries `Connection: close`.
 //!
-//! Hand-rolled on purpose: three fixed routes need no HTTP framework, and each dependency
-//! is something to audit on a production gateway. Code map: `config` ([`OpsConfig`],
+//! No HTTP framework on purpose: three fixed routes need none, and each dependency is
+//! something to audit on a production gateway. Only the head parser, `httparse`, comes
+//! from outside (it is in the tree through tungstenite anyway). Code map: `config` ([`OpsConfig`],
 //! every limit with its default), `source` (the [`OpsSource`] seam and [`Metric`]),
-//! `exposition` (the text format), `http` (head parsing, responses), `connection` (one
+//! `exposition` (the text format), `http` (head framing and parsing, responses), `connection` (one
 //! task per connection).
 //!
 //! Architecture invariant: no dependency on lapin, tungstenite or any other gateway crate;
 //! what is reported comes in through [`OpsSource`].
+
+// Crate-level because `[lints] workspace = true` takes no additions: a `pub` item that is
+// not reachable from outside the crate is dead public API or should say `pub(crate)`.
+#![warn(unreachable_pub)]
 
 mod config;
 mod connection;
@@ -33,7 +38,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use config::OpsConfig;
-pub use exposition::{CONTENT_TYPE, encode};
+pub use exposition::encode;
 pub use source::{Metric, MetricKind, OpsSource};
 
 /// Errors of the operations endpoint.

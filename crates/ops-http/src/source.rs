@@ -29,7 +29,7 @@ pub enum MetricKind {
 
 impl MetricKind {
     /// The word of the `# TYPE` line.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             MetricKind::Counter => "counter",
             MetricKind::Gauge => "gauge",

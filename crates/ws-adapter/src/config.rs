@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use handler_core::OriginPolicy;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::origin::OriginPolicy;
 
 /// Where credentials may come from during the upgrade.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +105,7 @@ impl Default for WsConfig {
             rate_per_second: 100,
             rate_burst: 200,
             max_protocol_errors: 100,
-            origins: OriginPolicy::new::<&str>(&[]),
+            origins: OriginPolicy::default(),
             auth: AuthSources::default(),
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -110,14 +110,19 @@ impl RateLimiter {
     }
 }
 
+/// Runs one connection from the HTTP upgrade to the close. Generic over the byte stream so
+/// that tests drive it over `tokio::io::duplex` under paused time (`session_tests`); `serve`
+/// passes a `TcpStream`.
 #[allow(clippy::result_large_err, reason = "tungstenite's Callback fixes the error type")]
-pub(crate) async fn run(
-    stream: TcpStream,
+pub(crate) async fn run<S>(
+    stream: S,
     admission: Admission,
     config: Arc<WsConfig>,
     coordinator: CoordinatorHandle,
     stats: WsStatsHandle,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     // `admission` (and its permit) is held until this function returns.
     let mut identity = None;
     let (have_capacity, handshake_timeout) = match &admission {
@@ -171,8 +176,8 @@ pub(crate) async fn run(
     coordinator.close_session(&session_id);
 }
 
-async fn session_loop(
-    mut ws: WebSocketStream<TcpStream>,
+async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
+    mut ws: WebSocketStream<S>,
     mut rx: mpsc::Receiver<Outbound>,
     close: &CloseSignal,
     config: &WsConfig,
@@ -312,8 +317,8 @@ async fn session_loop(
     let _ = tokio::time::timeout(config.write_timeout, ws.close(Some(close_frame(reason)))).await;
 }
 
-async fn write(
-    ws: &mut WebSocketStream<TcpStream>,
+async fn write<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
     message: Message,
     timeout: Duration,
 ) -> Result<(), String> {
@@ -417,6 +422,9 @@ fn close_frame(reason: CloseReason) -> CloseFrame {
     }
     CloseFrame { code: WsCloseCode::from(reason.code.as_u16()), reason: text.into() }
 }
+
+#[cfg(test)]
+mod session_tests;
 
 #[cfg(test)]
 mod tests {

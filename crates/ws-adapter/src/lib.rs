@@ -4,8 +4,13 @@
 //! [`CoordinatorHandle`]. The core reaches a connection only through its bounded outbound
 //! queue (its [`handler_core::Handler`] implementation is in `connection`).
 
+// Crate-level because `[lints] workspace = true` takes no additions: a `pub` item that is
+// not reachable from outside the crate is dead public API or should say `pub(crate)`.
+#![warn(unreachable_pub)]
+
 mod config;
 mod connection;
+mod origin;
 mod stats;
 mod upgrade;
 
@@ -22,18 +27,22 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use config::{AuthSources, WsConfig};
+pub use origin::OriginPolicy;
 pub use stats::{WsStats, WsStatsHandle};
 
 use handler_core::CoordinatorHandle;
 
 use crate::connection::Admission;
 
-/// Errors of the WebSocket adapter. There is no variant today: `serve` retries every
-/// accept error and ends only on shutdown. The type stays so that callers need not change
-/// when a real failure is added.
+/// Errors of the WebSocket adapter. `serve` has none today (it retries every accept error
+/// and ends only on shutdown); configuration does.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum WsError {}
+pub enum WsError {
+    /// An [`OriginPolicy`] entry that is not a host with an optional scheme and port.
+    #[error("cannot parse origin entry {entry:?}: {reason}")]
+    InvalidOrigin { entry: String, reason: &'static str },
+}
 
 /// Accepts connections on `listener` until `shutdown`, one tracked task per connection.
 /// Returns when `shutdown` fires; connection tasks are left to the tracker's drain.

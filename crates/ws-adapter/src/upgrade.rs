@@ -5,10 +5,11 @@
 use http::{HeaderMap, StatusCode};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request};
 
+use handler_core::CoordinatorHandle;
 use handler_core::auth::{AuthError, Identity, strip_bearer};
-use handler_core::{CoordinatorHandle, OriginPolicy};
 
 use crate::config::AuthSources;
+use crate::origin::OriginPolicy;
 
 /// The outcome of the checks: who connected, or the HTTP refusal to send.
 #[allow(clippy::result_large_err, reason = "tungstenite's Callback fixes the error type")]
@@ -85,33 +86,9 @@ fn find_token(headers: &HeaderMap, query: Option<&str>, auth: &AuthSources) -> O
 }
 
 /// Decodes `%XX` escapes (cookie values written by `encodeURIComponent`, query strings).
-/// Invalid escapes are kept as they are.
+/// Invalid escapes are kept as they are, bytes that are not UTF-8 become U+FFFD.
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push(h * 16 + l);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
 }
 
 fn refuse(status: StatusCode, body: &str) -> ErrorResponse {
@@ -175,5 +152,8 @@ mod tests {
         assert_eq!(percent_decode("a%20b"), "a b");
         assert_eq!(percent_decode("a%2"), "a%2");
         assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%41%"), "A%");
+        assert_eq!(percent_decode("%ff"), "\u{fffd}");
+        assert_eq!(percent_decode("Bearer%20a%2Eb"), "Bearer a.b");
     }
 }
