@@ -11,15 +11,15 @@ use nuropb_wire::client::{
     ClientLimits, ClientMessage, Encoding, ErrorFrame, ServerFrame, ServerMessage,
     decode_client_message,
 };
-use nuropb_wire::mesh::error_name;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthError, Authenticator, Identity};
-use crate::handler::{CloseCode, CloseReason, Handler, Outbound, SharedFrame};
-use crate::handler_manager::{HandlerManager, HandlerManagerConfig, SubscribeError};
+use crate::error::CoreError;
+use crate::handler::{Handler, Outbound, SharedFrame};
+use crate::handler_manager::{HandlerManager, HandlerManagerConfig};
 use crate::ids::SessionId;
 use crate::mesh::{
     ControlOutcome, GatewayControl, GatewayStats, MeshEvent, MeshInbound, ServiceMesh,
@@ -37,13 +37,6 @@ pub struct CoreConfig {
     pub broadcast_topics: Vec<String>,
     /// Capacity of the channel carrying call outcomes to the coordinator (default 1024).
     pub delivery_capacity: Option<usize>,
-}
-
-/// Opening a session failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SessionError {
-    #[error("gateway shutting down")]
-    ShuttingDown,
 }
 
 struct Shared {
@@ -169,9 +162,7 @@ impl Coordinator {
                 }
             }
         }
-        self.shared
-            .handlers
-            .close_all(CloseReason::new(CloseCode::GoingAway, "gateway shutting down"));
+        self.shared.handlers.close_all(CoreError::ShuttingDown.closing());
     }
 }
 
@@ -227,7 +218,7 @@ impl Shared {
                 SharedFrame::new(ServerFrame::Message(ServerMessage::Event { topic, event })),
             ),
             GatewayControl::DisconnectUsers { user_ids, reason } => {
-                self.handlers.close_users(&user_ids, CloseReason::new(CloseCode::Kicked, reason))
+                self.handlers.close_users(&user_ids, CoreError::Kicked(reason).closing())
             }
         };
         ControlOutcome { sessions }
@@ -244,6 +235,34 @@ impl Shared {
             events_delivered: self.events_delivered.load(std::sync::atomic::Ordering::Relaxed),
             frames_dropped: self.handlers.frames_dropped(),
             mesh_connected: self.mesh.mesh().is_connected(),
+        }
+    }
+
+    /// Answers a refused frame: a `response` with the error when the client can match it
+    /// to a request (`trace_id`), the top-level error frame otherwise.
+    fn refuse(
+        &self,
+        session_id: &SessionId,
+        trace_id: Option<String>,
+        e: CoreError,
+        encoding: Encoding,
+    ) {
+        self.reply(session_id, error_frame(trace_id, e.to_error_object()), encoding);
+    }
+
+    /// The answer to subscribe/unsubscribe: the session's patterns now, or why not.
+    fn subscribed(
+        &self,
+        session_id: &SessionId,
+        result: Result<Vec<String>, CoreError>,
+        encoding: Encoding,
+    ) {
+        match result {
+            Ok(topics) => {
+                let frame = ServerFrame::Message(ServerMessage::Subscribed { topics });
+                self.reply(session_id, frame, encoding);
+            }
+            Err(e) => self.refuse(session_id, None, e, encoding),
         }
     }
 
@@ -265,9 +284,9 @@ impl CoordinatorHandle {
         &self,
         identity: Identity,
         handler: Arc<dyn Handler>,
-    ) -> Result<SessionId, SessionError> {
+    ) -> Result<SessionId, CoreError> {
         if self.shared.shutdown.is_cancelled() {
-            return Err(SessionError::ShuttingDown);
+            return Err(CoreError::ShuttingDown);
         }
         let session_id = SessionId::generate();
         let hello = ServerFrame::Message(ServerMessage::Event {
@@ -283,12 +302,12 @@ impl CoordinatorHandle {
         // first frame the client gets.
         let hello = Outbound { frame: SharedFrame::new(hello), encoding: Some(Encoding::Json) };
         if handler.send(hello).is_err() {
-            return Err(SessionError::ShuttingDown);
+            return Err(CoreError::ShuttingDown);
         }
         // Registration itself refuses sessions once shutdown closed them all, so a session
         // racing with shutdown either gets its 1001 or is never opened.
         if self.shared.handlers.register(session_id.clone(), identity, handler).is_err() {
-            return Err(SessionError::ShuttingDown);
+            return Err(CoreError::ShuttingDown);
         }
         tracing::info!(session.id = %session_id, user.id = %user_id, "session opened");
         Ok(session_id)
@@ -311,7 +330,7 @@ impl CoordinatorHandle {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(session.id = %session_id, error = %e, "bad client frame");
-                s.reply(session_id, error_frame(e.trace_id.clone(), e.to_error_object()), encoding);
+                s.refuse(session_id, e.trace_id.clone(), e.into(), encoding);
                 return false;
             }
         };
@@ -322,11 +341,7 @@ impl CoordinatorHandle {
         // refresh is served with it.
         let expired = identity.expires_at.is_some_and(|e| e <= unix_now());
         if expired && !matches!(message, ClientMessage::Refresh { .. }) {
-            let frame = refusal(
-                error_name::AUTHORIZATION,
-                "token expired; send `refresh` with a new token".into(),
-            );
-            s.reply(session_id, frame, encoding);
+            s.refuse(session_id, None, CoreError::TokenExpired, encoding);
             return false;
         }
         match message {
@@ -334,35 +349,39 @@ impl CoordinatorHandle {
                 // A trace id is generated here when absent, so even a refusal can name it.
                 let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
                 if let Err(e) = s.mesh.request(session_id, &identity, call, encoding) {
-                    s.reply(session_id, error_frame(trace, e.to_error_object()), encoding);
+                    s.refuse(session_id, trace, e, encoding);
                 }
             }
             ClientMessage::Command(mut call) => {
                 let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
                 if let Err(e) = s.mesh.command(session_id, &identity, call, encoding) {
-                    s.reply(session_id, error_frame(trace, e.to_error_object()), encoding);
+                    s.refuse(session_id, trace, e, encoding);
                 }
             }
             ClientMessage::Subscribe { topics } => {
                 let result = s.handlers.subscribe(session_id, &topics);
-                s.reply(session_id, subscription_frame(result), encoding);
+                s.subscribed(session_id, result, encoding);
             }
             ClientMessage::Unsubscribe { topics } => {
                 let result = s.handlers.unsubscribe(session_id, &topics);
-                s.reply(session_id, subscription_frame(result), encoding);
+                s.subscribed(session_id, result, encoding);
             }
             ClientMessage::Refresh { token } => {
-                let frame = match s.authenticator.authenticate(&token) {
-                    Ok(new) => {
+                let refreshed = s
+                    .authenticator
+                    .authenticate(&token)
+                    .map_err(CoreError::RefreshRefused)
+                    .and_then(|new| {
                         let expires_at = new.expires_at;
-                        match s.handlers.refresh_identity(session_id, new) {
-                            Ok(()) => ServerFrame::Message(ServerMessage::Refreshed { expires_at }),
-                            Err(e) => refusal(error_name::AUTHORIZATION, e.to_string()),
-                        }
+                        s.handlers.refresh_identity(session_id, new).map(|()| expires_at)
+                    });
+                match refreshed {
+                    Ok(expires_at) => {
+                        let frame = ServerFrame::Message(ServerMessage::Refreshed { expires_at });
+                        s.reply(session_id, frame, encoding);
                     }
-                    Err(e) => refusal(error_name::AUTHORIZATION, format!("refresh refused: {e}")),
-                };
-                s.reply(session_id, frame, encoding);
+                    Err(e) => s.refuse(session_id, None, e, encoding),
+                }
             }
             ClientMessage::Ping => {
                 s.reply(session_id, ServerFrame::Message(ServerMessage::Pong {}), encoding);
@@ -380,19 +399,6 @@ impl CoordinatorHandle {
     pub fn is_shutting_down(&self) -> bool {
         self.shared.shutdown.is_cancelled()
     }
-}
-
-/// The answer to subscribe/unsubscribe: the session's patterns now, or why not.
-fn subscription_frame(result: Result<Vec<String>, SubscribeError>) -> ServerFrame {
-    match result {
-        Ok(topics) => ServerFrame::Message(ServerMessage::Subscribed { topics }),
-        Err(e) => refusal(error_name::VALIDATION, e.to_string()),
-    }
-}
-
-/// A top-level error frame, for errors no request is waiting on.
-fn refusal(error: &str, description: String) -> ServerFrame {
-    error_frame(None, ErrorObject::new(error, description))
 }
 
 fn unix_now() -> u64 {

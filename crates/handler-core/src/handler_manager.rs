@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::auth::Identity;
-use crate::handler::{CloseCode, CloseReason, Handler, Outbound, SendError, SharedFrame};
+use crate::error::CoreError;
+use crate::handler::{CloseReason, Handler, Outbound, SendError, SharedFrame};
 use crate::ids::{SessionId, UserId};
 use crate::topic::{TopicPattern, pattern_covers};
 
@@ -47,33 +48,6 @@ struct Registry {
     // Invariant: `by_user[u]` is exactly the set of sessions whose identity has user id `u`,
     // and no entry holds an empty set.
     by_user: HashMap<UserId, HashSet<SessionId>>,
-}
-
-/// Registering a session failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RegisterError {
-    #[error("gateway shutting down")]
-    Closed,
-}
-
-/// Replacing a session's identity failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RefreshError {
-    #[error("unknown session")]
-    UnknownSession,
-    #[error("the new token belongs to another user")]
-    OtherUser,
-}
-
-/// Subscribing failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SubscribeError {
-    #[error("unknown session")]
-    UnknownSession,
-    #[error("topic pattern `{0}` is not open to subscription")]
-    NotAllowed(String),
-    #[error("at most {0} subscriptions per session")]
-    TooMany(usize),
 }
 
 /// Session registry and fan-out.
@@ -113,12 +87,12 @@ impl HandlerManager {
         session_id: SessionId,
         identity: Identity,
         handler: Arc<dyn Handler>,
-    ) -> Result<(), RegisterError> {
+    ) -> Result<(), CoreError> {
         let identity = Arc::new(identity);
         let count = {
             let mut reg = self.write();
             if reg.closed {
-                return Err(RegisterError::Closed);
+                return Err(CoreError::ShuttingDown);
             }
             reg.by_user.entry(identity.user_id.clone()).or_default().insert(session_id.clone());
             reg.sessions
@@ -231,11 +205,11 @@ impl HandlerManager {
         &self,
         session_id: &SessionId,
         identity: Identity,
-    ) -> Result<(), RefreshError> {
+    ) -> Result<(), CoreError> {
         let mut reg = self.write();
-        let session = reg.sessions.get_mut(session_id).ok_or(RefreshError::UnknownSession)?;
+        let session = reg.sessions.get_mut(session_id).ok_or(CoreError::UnknownSession)?;
         if session.identity.user_id != identity.user_id {
-            return Err(RefreshError::OtherUser);
+            return Err(CoreError::OtherUser);
         }
         session.identity = Arc::new(identity);
         Ok(())
@@ -251,8 +225,9 @@ impl HandlerManager {
             .filter(|s| s.identity.expires_at.is_some_and(|e| e <= now))
             .map(|s| Arc::clone(&s.handler))
             .collect();
+        let reason = CoreError::TokenExpired.closing();
         for h in &handlers {
-            h.close(CloseReason::new(CloseCode::TokenExpired, "token expired"));
+            h.close(reason.clone());
         }
         handlers.len()
     }
@@ -263,13 +238,13 @@ impl HandlerManager {
         &self,
         session_id: &SessionId,
         topics: &[String],
-    ) -> Result<Vec<String>, SubscribeError> {
+    ) -> Result<Vec<String>, CoreError> {
         let mut reg = self.write();
-        let session = reg.sessions.get_mut(session_id).ok_or(SubscribeError::UnknownSession)?;
+        let session = reg.sessions.get_mut(session_id).ok_or(CoreError::UnknownSession)?;
         if let Some(refused) =
             topics.iter().find(|t| !self.may_subscribe(&session.identity.user_id, t))
         {
-            return Err(SubscribeError::NotAllowed(refused.clone()));
+            return Err(CoreError::NotSubscribable(refused.clone()));
         }
         let new: Vec<&String> = {
             let mut seen = HashSet::new();
@@ -282,7 +257,7 @@ impl HandlerManager {
                 .collect()
         };
         if session.subscriptions.len() + new.len() > self.config.max_subscriptions_per_session {
-            return Err(SubscribeError::TooMany(self.config.max_subscriptions_per_session));
+            return Err(CoreError::TooManySubscriptions(self.config.max_subscriptions_per_session));
         }
         session.subscriptions.extend(new.into_iter().map(|t| TopicPattern::new(t)));
         Ok(session.subscriptions.iter().map(|p| p.as_str().to_owned()).collect())
@@ -307,9 +282,9 @@ impl HandlerManager {
         &self,
         session_id: &SessionId,
         topics: &[String],
-    ) -> Result<Vec<String>, SubscribeError> {
+    ) -> Result<Vec<String>, CoreError> {
         let mut reg = self.write();
-        let session = reg.sessions.get_mut(session_id).ok_or(SubscribeError::UnknownSession)?;
+        let session = reg.sessions.get_mut(session_id).ok_or(CoreError::UnknownSession)?;
         session.subscriptions.retain(|p| !topics.iter().any(|t| t == p.as_str()));
         Ok(session.subscriptions.iter().map(|p| p.as_str().to_owned()).collect())
     }
@@ -366,10 +341,7 @@ impl HandlerManager {
             }
             Err(SendError::Full) => {
                 self.frames_dropped.fetch_add(1, Ordering::Relaxed);
-                handler.close(CloseReason::new(
-                    CloseCode::TryAgainLater,
-                    "outbound queue full: client too slow",
-                ));
+                handler.close(CoreError::SlowClient.closing());
                 false
             }
             Err(SendError::Closed) => false,
@@ -385,6 +357,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::handler::CloseCode;
 
     /// A handler that records what it is given; `capacity` frames fit before `Full`.
     #[derive(Default)]
@@ -516,7 +489,7 @@ mod tests {
         m.register(SessionId::new("b"), expiring("u2", 200), b.clone()).expect("register");
         assert_eq!(
             m.refresh_identity(&SessionId::new("a"), expiring("u2", 500)),
-            Err(RefreshError::OtherUser)
+            Err(CoreError::OtherUser)
         );
         assert_eq!(m.close_expired(99), 0);
         assert_eq!(m.close_expired(100), 1);
@@ -527,7 +500,7 @@ mod tests {
         assert_eq!(m.identity(&SessionId::new("b")).and_then(|i| i.expires_at), Some(500));
         assert_eq!(
             m.refresh_identity(&SessionId::new("zz"), expiring("u2", 1)),
-            Err(RefreshError::UnknownSession)
+            Err(CoreError::UnknownSession)
         );
     }
 
@@ -550,11 +523,11 @@ mod tests {
         assert_eq!((a.count(), b.count()), (1, 2));
         assert_eq!(
             m.subscribe(&SessionId::new("a"), &["x".into(), "y".into()]),
-            Err(SubscribeError::TooMany(2))
+            Err(CoreError::TooManySubscriptions(2))
         );
         assert_eq!(m.unsubscribe(&SessionId::new("a"), &["news.*".into()]), Ok(vec![]));
         assert_eq!(m.send_to_subscribers("news.sport", frame()), 1);
-        assert_eq!(m.subscribe(&SessionId::new("zz"), &[]), Err(SubscribeError::UnknownSession));
+        assert_eq!(m.subscribe(&SessionId::new("zz"), &[]), Err(CoreError::UnknownSession));
     }
 
     #[test]
@@ -585,7 +558,7 @@ mod tests {
         // All or nothing: one refused pattern refuses the frame.
         assert_eq!(
             m.subscribe(&a, &["news.a".into(), "secret".into()]),
-            Err(SubscribeError::NotAllowed("secret".into()))
+            Err(CoreError::NotSubscribable("secret".into()))
         );
         // A user id that is a wildcard cannot widen `{user_id}`.
         assert!(m.subscribe(&SessionId::new("w"), &["users.*.notify".into()]).is_err());
@@ -598,7 +571,7 @@ mod tests {
         m.close_all(CloseReason::new(CloseCode::GoingAway, ""));
         assert_eq!(
             m.register(SessionId::new("late"), identity("u"), Arc::new(Recorder::default())),
-            Err(RegisterError::Closed)
+            Err(CoreError::ShuttingDown)
         );
     }
 

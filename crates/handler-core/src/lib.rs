@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod coordinator;
+pub mod error;
 pub mod handler;
 pub mod handler_manager;
 pub mod ids;
@@ -17,6 +18,7 @@ pub mod in_memory;
 
 pub use auth::{Authenticator, Identity, JwtAuthenticator, JwtConfig, JwtKey, OriginPolicy};
 pub use coordinator::{Coordinator, CoordinatorHandle, CoreConfig};
+pub use error::CoreError;
 pub use handler::{CloseCode, CloseReason, Handler, Outbound, SendError, SharedFrame};
 pub use handler_manager::HandlerManager;
 pub use ids::{SessionId, TraceId, UserId};

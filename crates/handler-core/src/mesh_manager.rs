@@ -8,9 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use nuropb_wire::JsonObject;
 use nuropb_wire::client::{ClientCall, Encoding, ServerFrame, ServerMessage};
-use nuropb_wire::mesh::error_name;
-use nuropb_wire::{ErrorObject, JsonObject};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::auth::Identity;
+use crate::error::CoreError;
 use crate::ids::{SessionId, TraceId};
 use crate::mesh::{MeshCall, MeshError, ServiceMesh};
 
@@ -53,30 +53,6 @@ pub struct SessionDelivery {
     pub session_id: SessionId,
     pub frame: ServerFrame,
     pub encoding: Encoding,
-}
-
-/// A call was refused before reaching the mesh.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SubmitError {
-    #[error("too many requests in flight for this connection (limit {0})")]
-    SessionLimit(usize),
-    #[error("gateway overloaded: too many requests in flight (limit {0})")]
-    GatewayLimit(usize),
-    #[error("gateway shutting down")]
-    ShuttingDown,
-    #[error("service {0} cannot be called through the gateway")]
-    Reserved(String),
-}
-
-impl SubmitError {
-    pub fn to_error_object(&self) -> ErrorObject {
-        let name = match self {
-            SubmitError::SessionLimit(_) | SubmitError::GatewayLimit(_) => error_name::OVERLOADED,
-            SubmitError::ShuttingDown => error_name::TRANSPORT,
-            SubmitError::Reserved(_) => error_name::AUTHORIZATION,
-        };
-        ErrorObject::new(name, self.to_string())
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -192,23 +168,20 @@ impl ServiceMeshManager {
     }
 
     /// Takes an in-flight slot for the session, or says why not.
-    fn acquire(
-        &self,
-        session_id: &SessionId,
-    ) -> Result<(SlotGuard, CancellationToken), SubmitError> {
+    fn acquire(&self, session_id: &SessionId) -> Result<(SlotGuard, CancellationToken), CoreError> {
         if self.shutdown.is_cancelled() {
-            return Err(SubmitError::ShuttingDown);
+            return Err(CoreError::ShuttingDown);
         }
         let mut p = lock(&self.pending);
         if p.total >= self.config.max_in_flight_total {
-            return Err(SubmitError::GatewayLimit(self.config.max_in_flight_total));
+            return Err(CoreError::GatewayLimit(self.config.max_in_flight_total));
         }
         let entry = p
             .sessions
             .entry(session_id.clone())
             .or_insert_with(|| PendingSession { in_flight: 0, cancel: CancellationToken::new() });
         if entry.in_flight >= self.config.max_in_flight_per_session {
-            return Err(SubmitError::SessionLimit(self.config.max_in_flight_per_session));
+            return Err(CoreError::SessionLimit(self.config.max_in_flight_per_session));
         }
         entry.in_flight += 1;
         let cancel = entry.cancel.clone();
@@ -247,7 +220,7 @@ impl ServiceMeshManager {
         identity: &Identity,
         call: ClientCall,
         encoding: Encoding,
-    ) -> Result<TraceId, SubmitError> {
+    ) -> Result<TraceId, CoreError> {
         self.submit(session_id, identity, call, encoding, CallKind::Request)
     }
 
@@ -258,7 +231,7 @@ impl ServiceMeshManager {
         identity: &Identity,
         call: ClientCall,
         encoding: Encoding,
-    ) -> Result<TraceId, SubmitError> {
+    ) -> Result<TraceId, CoreError> {
         self.submit(session_id, identity, call, encoding, CallKind::Command)
     }
 
@@ -269,9 +242,9 @@ impl ServiceMeshManager {
         call: ClientCall,
         encoding: Encoding,
         kind: CallKind,
-    ) -> Result<TraceId, SubmitError> {
+    ) -> Result<TraceId, CoreError> {
         if self.config.reserved_services.contains(&call.service) {
-            return Err(SubmitError::Reserved(call.service));
+            return Err(CoreError::Reserved(call.service));
         }
         let (slot, cancel) = self.acquire(session_id)?;
         let call = Self::mesh_call(identity, call);
@@ -343,7 +316,7 @@ impl ServiceMeshManager {
                         ServerMessage::Response {
                             trace_id: reply_trace,
                             result: Value::Null,
-                            error: Some(e.to_error_object()),
+                            error: Some(CoreError::from(e).to_error_object()),
                         }
                     }
                 };
@@ -381,6 +354,8 @@ mod tests {
     use super::*;
     use crate::ids::UserId;
     use crate::mesh::{MeshResponse, MockServiceMesh};
+    use nuropb_wire::ErrorObject;
+    use nuropb_wire::mesh::error_name;
 
     fn identity() -> Identity {
         Identity {
@@ -548,15 +523,9 @@ mod tests {
         let id = identity();
         assert!(m.request(&a, &id, call(None), Encoding::Json).is_ok());
         assert!(m.command(&a, &id, call(None), Encoding::Json).is_ok());
-        assert_eq!(
-            m.request(&a, &id, call(None), Encoding::Json),
-            Err(SubmitError::SessionLimit(2))
-        );
+        assert_eq!(m.request(&a, &id, call(None), Encoding::Json), Err(CoreError::SessionLimit(2)));
         assert!(m.request(&b, &id, call(None), Encoding::Json).is_ok());
-        assert_eq!(
-            m.request(&b, &id, call(None), Encoding::Json),
-            Err(SubmitError::GatewayLimit(3))
-        );
+        assert_eq!(m.request(&b, &id, call(None), Encoding::Json), Err(CoreError::GatewayLimit(3)));
     }
 
     #[tokio::test]
@@ -568,7 +537,7 @@ mod tests {
         let mut c = call(None);
         c.service = "gw".into();
         let e = m.request(&SessionId::new("a"), &identity(), c.clone(), Encoding::Json);
-        assert_eq!(e, Err(SubmitError::Reserved("gw".into())));
+        assert_eq!(e, Err(CoreError::Reserved("gw".into())));
         assert_eq!(
             e.unwrap_err().to_error_object().error,
             error_name::AUTHORIZATION,
@@ -592,7 +561,7 @@ mod tests {
         shutdown.cancel();
         assert_eq!(
             m.request(&SessionId::new("a"), &identity(), call(None), Encoding::Json),
-            Err(SubmitError::ShuttingDown)
+            Err(CoreError::ShuttingDown)
         );
     }
 }

@@ -200,6 +200,8 @@ pub mod error_name {
     /// The client sent frames faster than its per-connection rate allows; the frame was
     /// dropped (a gateway name, not nuropb's).
     pub const RATE_LIMITED: &str = "RateLimited";
+    /// A client frame that is not JSON / MessagePack at all.
+    pub const DECODE: &str = "DecodeError";
 }
 
 #[cfg(test)]
