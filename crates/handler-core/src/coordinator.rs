@@ -1,8 +1,10 @@
 //! The coordinator: owns the `HandlerManager` and the `ServiceMeshManager` and is the only
-//! place they meet. Transports talk to it through a cloneable [`CoordinatorHandle`]; the
-//! mesh talks to it through the inbound channel given at construction; one task
-//! ([`Coordinator::run`]) routes mesh traffic and call outcomes to sessions.
+//! place they meet. Transports talk to it through a cloneable [`CoordinatorHandle`]; a call
+//! is given its session's handle when submitted and answers it from its own task; the mesh
+//! talks to the core through the inbound channel given at construction, which one task
+//! ([`Coordinator::run`]) routes to sessions, besides sweeping expired tokens and draining.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,12 +21,12 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::error::CoreError;
 use crate::handler::{Handler, Outbound, SharedFrame};
-use crate::handler_manager::{HandlerManager, HandlerManagerConfig};
+use crate::handler_manager::{HandlerManager, HandlerManagerConfig, SessionHandle};
 use crate::ids::SessionId;
 use crate::mesh::{
     ControlOutcome, GatewayControl, GatewayStats, MeshEvent, MeshInbound, ServiceMesh,
 };
-use crate::mesh_manager::{MeshManagerConfig, ServiceMeshManager, SessionDelivery};
+use crate::mesh_manager::{MeshManagerConfig, ServiceMeshManager};
 use crate::topic::topic_matches;
 
 /// Everything the core is configured with.
@@ -35,8 +37,6 @@ pub struct CoreConfig {
     pub client_limits: ClientLimits,
     /// Topic patterns whose untargeted events go to every session (default none).
     pub broadcast_topics: Vec<String>,
-    /// Capacity of the channel carrying call outcomes to the coordinator (default 1024).
-    pub delivery_capacity: Option<usize>,
 }
 
 struct Shared {
@@ -59,7 +59,10 @@ pub struct CoordinatorHandle {
 pub struct Coordinator {
     shared: Arc<Shared>,
     inbound: mpsc::Receiver<MeshInbound>,
-    deliveries: mpsc::Receiver<SessionDelivery>,
+    // Invariant: `false` once `inbound` returned `None`; it is not polled again.
+    inbound_open: bool,
+    // Once a second, sessions whose token expired (and was not refreshed) are closed.
+    expiry: tokio::time::Interval,
     tracker: TaskTracker,
 }
 
@@ -74,10 +77,9 @@ impl Coordinator {
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> (Coordinator, CoordinatorHandle) {
-        let (tx, deliveries) = mpsc::channel(config.delivery_capacity.unwrap_or(1024));
         let shared = Arc::new(Shared {
             handlers: HandlerManager::new(config.handlers),
-            mesh: ServiceMeshManager::new(mesh, config.mesh, tx, tracker.clone(), shutdown.clone()),
+            mesh: ServiceMeshManager::new(mesh, config.mesh, tracker.clone(), shutdown.clone()),
             authenticator,
             limits: config.client_limits,
             broadcast_topics: config.broadcast_topics,
@@ -85,94 +87,81 @@ impl Coordinator {
             events_delivered: Default::default(),
         });
         (
-            Coordinator { shared: Arc::clone(&shared), inbound, deliveries, tracker },
+            Coordinator {
+                shared: Arc::clone(&shared),
+                inbound,
+                inbound_open: true,
+                expiry: expiry_sweep(),
+                tracker,
+            },
             CoordinatorHandle { shared },
         )
     }
 
-    /// Routes mesh traffic and call outcomes until shutdown, then drains in-flight calls for
-    /// at most `drain` and closes every session with 1001.
+    /// Routes mesh traffic and sweeps expired tokens until shutdown, then drains: intake is
+    /// already stopped (the shutdown token refuses new sessions and calls), the pending
+    /// calls get `drain` to finish, those left are aborted (answered with an error), and
+    /// every session is closed with 1001.
     pub async fn run(mut self, drain: Duration) {
         let shutdown = self.shared.shutdown.clone();
-        let mut inbound_open = true;
-        // Tokens expire while sessions are open: once a second, sessions whose token expired
-        // (and was not refreshed) are closed with 4003.
-        let mut expiry = tokio::time::interval(Duration::from_secs(1));
-        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        self.route_until(shutdown.cancelled()).await;
+
+        // Mesh traffic is still routed while draining: a `disconnect_user` must not wait
+        // for the drain. Each call task answers its session itself before it ends, so an
+        // empty tracker means every pending call has been answered.
+        self.tracker.close();
+        let tracker = self.tracker.clone();
+        if self.route_until(tokio::time::timeout(drain, tracker.wait())).await.is_err() {
+            let in_flight = self.shared.mesh.in_flight();
+            tracing::warn!(
+                in_flight,
+                "drain deadline reached; answering pending calls with an error"
+            );
+            self.shared.mesh.abort_pending();
+            // Aborted calls answer at once; the second deadline only guards against a call
+            // task stuck outside its `select!` (it would be a bug).
+            let aborted = tokio::time::timeout(Duration::from_secs(1), tracker.wait());
+            if self.route_until(aborted).await.is_err() {
+                tracing::warn!("aborted calls did not all finish; closing anyway");
+            }
+        }
+        self.shared.handlers.close_all(CoreError::ShuttingDown.closing());
+    }
+
+    /// Routes mesh traffic and sweeps expired tokens until `until` completes.
+    async fn route_until<T>(&mut self, until: impl Future<Output = T>) -> T {
+        tokio::pin!(until);
         loop {
             tokio::select! {
-                // All branches are cancel-safe: `recv` and `tick` lose nothing when not chosen.
-                _ = shutdown.cancelled() => break,
-                _ = expiry.tick() => {
+                // All branches are cancel-safe: `until` is pinned and re-polled, `recv` and
+                // `tick` lose nothing when not chosen.
+                t = &mut until => return t,
+                _ = self.expiry.tick() => {
                     let closed = self.shared.handlers.close_expired(unix_now());
                     if closed > 0 {
                         tracing::info!(sessions = closed, "closed sessions with expired tokens");
                     }
                 }
-                d = self.deliveries.recv() => match d {
-                    Some(d) => self.shared.deliver(d),
-                    // Unreachable while `shared` holds a sender; stop cleanly anyway.
-                    None => break,
-                },
-                m = self.inbound.recv(), if inbound_open => match m {
+                m = self.inbound.recv(), if self.inbound_open => match m {
                     Some(m) => self.shared.on_inbound(m),
                     None => {
                         tracing::warn!("mesh inbound channel closed; no more mesh events");
-                        inbound_open = false;
+                        self.inbound_open = false;
                     }
                 },
             }
         }
-        // Drain: new calls are refused (`ShuttingDown`); pending ones finish, each bounded by
-        // the request timeout, and their outcomes are delivered. Mesh traffic is still routed
-        // meanwhile (a `disconnect_user` must not wait for the drain). At the deadline the
-        // calls still pending are answered with an error, then sessions are closed.
-        self.tracker.close();
-        let deadline = tokio::time::sleep(drain);
-        tokio::pin!(deadline);
-        let mut aborted = false;
-        loop {
-            tokio::select! {
-                // All branches are cancel-safe (`sleep` is re-polled, `recv`/`wait` lose
-                // nothing).
-                _ = &mut deadline => {
-                    if aborted {
-                        tracing::warn!("aborted calls did not all finish; closing anyway");
-                        break;
-                    }
-                    tracing::warn!(in_flight = self.shared.mesh.in_flight(), "drain deadline reached; answering pending calls with an error");
-                    self.shared.mesh.abort_pending();
-                    aborted = true;
-                    deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
-                }
-                _ = self.tracker.wait() => {
-                    // Deliver whatever the finished tasks left in the channel.
-                    while let Ok(d) = self.deliveries.try_recv() {
-                        self.shared.deliver(d);
-                    }
-                    break;
-                }
-                Some(d) = self.deliveries.recv() => self.shared.deliver(d),
-                m = self.inbound.recv(), if inbound_open => match m {
-                    Some(m) => self.shared.on_inbound(m),
-                    None => inbound_open = false,
-                },
-                _ = expiry.tick() => {
-                    self.shared.handlers.close_expired(unix_now());
-                }
-            }
-        }
-        self.shared.handlers.close_all(CoreError::ShuttingDown.closing());
     }
 }
 
-impl Shared {
-    fn deliver(&self, d: SessionDelivery) {
-        if !self.reply(&d.session_id, d.frame, d.encoding) {
-            tracing::debug!(session.id = %d.session_id, "outcome for a closed session dropped");
-        }
-    }
+/// The token-expiry sweep's timer: once a second; a late tick is skipped, not caught up.
+fn expiry_sweep() -> tokio::time::Interval {
+    let mut expiry = tokio::time::interval(Duration::from_secs(1));
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    expiry
+}
 
+impl Shared {
     fn on_inbound(&self, m: MeshInbound) {
         match m {
             MeshInbound::Event(e) => self.on_event(e),
@@ -237,40 +226,6 @@ impl Shared {
             mesh_connected: self.mesh.mesh().is_connected(),
         }
     }
-
-    /// Answers a refused frame: a `response` with the error when the client can match it
-    /// to a request (`trace_id`), the top-level error frame otherwise.
-    fn refuse(
-        &self,
-        session_id: &SessionId,
-        trace_id: Option<String>,
-        e: CoreError,
-        encoding: Encoding,
-    ) {
-        self.reply(session_id, error_frame(trace_id, e.to_error_object()), encoding);
-    }
-
-    /// The answer to subscribe/unsubscribe: the session's patterns now, or why not.
-    fn subscribed(
-        &self,
-        session_id: &SessionId,
-        result: Result<Vec<String>, CoreError>,
-        encoding: Encoding,
-    ) {
-        match result {
-            Ok(topics) => {
-                let frame = ServerFrame::Message(ServerMessage::Subscribed { topics });
-                self.reply(session_id, frame, encoding);
-            }
-            Err(e) => self.refuse(session_id, None, e, encoding),
-        }
-    }
-
-    /// Queues a frame for one session, in the given encoding; `false` if it is gone.
-    fn reply(&self, session_id: &SessionId, frame: ServerFrame, encoding: Encoding) -> bool {
-        let outbound = Outbound { frame: SharedFrame::new(frame), encoding: Some(encoding) };
-        self.handlers.send_to_session(session_id, outbound)
-    }
 }
 
 impl CoordinatorHandle {
@@ -326,45 +281,48 @@ impl CoordinatorHandle {
     /// protocol-error budget).
     pub fn on_frame(&self, session_id: &SessionId, bytes: &[u8], encoding: Encoding) -> bool {
         let s = &self.shared;
-        let message = match decode_client_message(bytes, encoding, &s.limits) {
+        let decoded = decode_client_message(bytes, encoding, &s.limits);
+        // The session's handle is taken once: every answer to this frame, now or from the
+        // call's task later, goes through it.
+        let Some((identity, session)) = s.handlers.session(session_id) else {
+            return decoded.is_ok();
+        };
+        let message = match decoded {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(session.id = %session_id, error = %e, "bad client frame");
-                s.refuse(session_id, e.trace_id.clone(), e.into(), encoding);
+                refuse(&session, e.trace_id.clone(), e.into(), encoding);
                 return false;
             }
-        };
-        let Some(identity) = s.handlers.identity(session_id) else {
-            return true;
         };
         // Between the token's expiry and the next sweep (at most a second), nothing but a
         // refresh is served with it.
         let expired = identity.expires_at.is_some_and(|e| e <= unix_now());
         if expired && !matches!(message, ClientMessage::Refresh { .. }) {
-            s.refuse(session_id, None, CoreError::TokenExpired, encoding);
+            refuse(&session, None, CoreError::TokenExpired, encoding);
             return false;
         }
         match message {
             ClientMessage::Request(mut call) => {
                 // A trace id is generated here when absent, so even a refusal can name it.
                 let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
-                if let Err(e) = s.mesh.request(session_id, &identity, call, encoding) {
-                    s.refuse(session_id, trace, e, encoding);
+                if let Err(e) = s.mesh.request(&session, &identity, call, encoding) {
+                    refuse(&session, trace, e, encoding);
                 }
             }
             ClientMessage::Command(mut call) => {
                 let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
-                if let Err(e) = s.mesh.command(session_id, &identity, call, encoding) {
-                    s.refuse(session_id, trace, e, encoding);
+                if let Err(e) = s.mesh.command(&session, &identity, call, encoding) {
+                    refuse(&session, trace, e, encoding);
                 }
             }
             ClientMessage::Subscribe { topics } => {
                 let result = s.handlers.subscribe(session_id, &topics);
-                s.subscribed(session_id, result, encoding);
+                subscribed(&session, result, encoding);
             }
             ClientMessage::Unsubscribe { topics } => {
                 let result = s.handlers.unsubscribe(session_id, &topics);
-                s.subscribed(session_id, result, encoding);
+                subscribed(&session, result, encoding);
             }
             ClientMessage::Refresh { token } => {
                 let refreshed = s
@@ -378,13 +336,13 @@ impl CoordinatorHandle {
                 match refreshed {
                     Ok(expires_at) => {
                         let frame = ServerFrame::Message(ServerMessage::Refreshed { expires_at });
-                        s.reply(session_id, frame, encoding);
+                        reply(&session, frame, encoding);
                     }
-                    Err(e) => s.refuse(session_id, None, e, encoding),
+                    Err(e) => refuse(&session, None, e, encoding),
                 }
             }
             ClientMessage::Ping => {
-                s.reply(session_id, ServerFrame::Message(ServerMessage::Pong {}), encoding);
+                reply(&session, ServerFrame::Message(ServerMessage::Pong {}), encoding);
             }
         }
         true
@@ -398,6 +356,28 @@ impl CoordinatorHandle {
     /// Whether shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.shared.shutdown.is_cancelled()
+    }
+}
+
+/// Queues a frame for one session, in the given encoding; `false` if it is gone (or was
+/// just closed as too slow).
+fn reply(session: &SessionHandle, frame: ServerFrame, encoding: Encoding) -> bool {
+    session.send(Outbound { frame: SharedFrame::new(frame), encoding: Some(encoding) })
+}
+
+/// Answers a refused frame: a `response` with the error when the client can match it to a
+/// request (`trace_id`), the top-level error frame otherwise.
+fn refuse(session: &SessionHandle, trace_id: Option<String>, e: CoreError, encoding: Encoding) {
+    reply(session, error_frame(trace_id, e.to_error_object()), encoding);
+}
+
+/// The answer to subscribe/unsubscribe: the session's patterns now, or why not.
+fn subscribed(session: &SessionHandle, result: Result<Vec<String>, CoreError>, encoding: Encoding) {
+    match result {
+        Ok(topics) => {
+            reply(session, ServerFrame::Message(ServerMessage::Subscribed { topics }), encoding);
+        }
+        Err(e) => refuse(session, None, e, encoding),
     }
 }
 

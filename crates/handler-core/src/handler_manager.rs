@@ -1,8 +1,10 @@
 //! `HandlerManager`: the registry of live sessions, by id and by user, with their topic
 //! subscriptions, and the fan-out paths (one session, a set of users, subscribers, all).
+//! [`SessionHandle`] is one session's way out, with the slow-client policy; a pending call
+//! holds one, so its answer goes to its session without passing through the registry.
 //!
 //! Locking: one `RwLock` over the registry, held only to look up or change entries, never
-//! across `.await` and never while calling into a `Handler` (handlers are collected first,
+//! across `.await` and never while calling into a `Handler` (handles are collected first,
 //! then sent to outside the lock).
 
 use std::collections::{HashMap, HashSet};
@@ -35,8 +37,56 @@ impl Default for HandlerManagerConfig {
 /// A live session as the registry keeps it.
 struct Session {
     identity: Arc<Identity>,
-    handler: Arc<dyn Handler>,
+    handle: SessionHandle,
     subscriptions: Vec<TopicPattern>,
+}
+
+/// Frames queued and dropped, shared by every [`SessionHandle`] of one registry.
+#[derive(Default)]
+struct FrameCounters {
+    sent: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// One session's way out: its [`Handler`] with the slow-client policy applied on every
+/// send. Taken from the registry ([`HandlerManager::session`]) and cheap to clone; a call
+/// in flight keeps one to answer its session directly.
+#[derive(Clone)]
+pub struct SessionHandle {
+    session_id: SessionId,
+    handler: Arc<dyn Handler>,
+    counters: Arc<FrameCounters>,
+}
+
+impl SessionHandle {
+    pub fn session_id(&self) -> &SessionId {
+        &self.session_id
+    }
+
+    /// Queues a frame. Returns whether it was queued.
+    ///
+    /// Overload policy: a full outbound queue means the client does not keep up. The frame
+    /// is dropped, counted, and the session closed with 1013 so the client knows to
+    /// reconnect — nothing is lost silently, and one slow client never blocks the others.
+    pub fn send(&self, outbound: Outbound) -> bool {
+        match self.handler.send(outbound) {
+            Ok(()) => {
+                self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(SendError::Full) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                self.handler.close(CoreError::SlowClient.closing());
+                false
+            }
+            Err(SendError::Closed) => false,
+        }
+    }
+
+    /// Asks the session's connection to close (idempotent).
+    pub fn close(&self, reason: CloseReason) {
+        self.handler.close(reason);
+    }
 }
 
 #[derive(Default)]
@@ -55,8 +105,7 @@ pub struct HandlerManager {
     config: HandlerManagerConfig,
     registry: RwLock<Registry>,
     high_water: AtomicUsize,
-    frames_sent: AtomicU64,
-    frames_dropped: AtomicU64,
+    counters: Arc<FrameCounters>,
 }
 
 impl HandlerManager {
@@ -65,8 +114,7 @@ impl HandlerManager {
             config,
             registry: RwLock::new(Registry::default()),
             high_water: AtomicUsize::new(0),
-            frames_sent: AtomicU64::new(0),
-            frames_dropped: AtomicU64::new(0),
+            counters: Arc::default(),
         }
     }
 
@@ -95,8 +143,13 @@ impl HandlerManager {
                 return Err(CoreError::ShuttingDown);
             }
             reg.by_user.entry(identity.user_id.clone()).or_default().insert(session_id.clone());
+            let handle = SessionHandle {
+                session_id: session_id.clone(),
+                handler,
+                counters: Arc::clone(&self.counters),
+            };
             reg.sessions
-                .insert(session_id, Session { identity, handler, subscriptions: Vec::new() });
+                .insert(session_id, Session { identity, handle, subscriptions: Vec::new() });
             reg.sessions.len()
         };
         let previous = self.high_water.fetch_max(count, Ordering::Relaxed);
@@ -120,6 +173,13 @@ impl HandlerManager {
         Some(session.identity)
     }
 
+    /// A live session's identity and handle.
+    pub fn session(&self, session_id: &SessionId) -> Option<(Arc<Identity>, SessionHandle)> {
+        let reg = self.read();
+        let s = reg.sessions.get(session_id)?;
+        Some((Arc::clone(&s.identity), s.handle.clone()))
+    }
+
     /// The identity of a live session.
     pub fn identity(&self, session_id: &SessionId) -> Option<Arc<Identity>> {
         self.read().sessions.get(session_id).map(|s| Arc::clone(&s.identity))
@@ -139,12 +199,12 @@ impl HandlerManager {
     }
 
     pub fn frames_sent(&self) -> u64 {
-        self.frames_sent.load(Ordering::Relaxed)
+        self.counters.sent.load(Ordering::Relaxed)
     }
 
     /// Frames not delivered because a session's queue was full (the session is then closed).
     pub fn frames_dropped(&self) -> u64 {
-        self.frames_dropped.load(Ordering::Relaxed)
+        self.counters.dropped.load(Ordering::Relaxed)
     }
 
     /// Sessions of a user.
@@ -154,11 +214,8 @@ impl HandlerManager {
 
     /// Sends to one session. Returns whether it was queued.
     pub fn send_to_session(&self, session_id: &SessionId, outbound: Outbound) -> bool {
-        let handler = self.read().sessions.get(session_id).map(|s| Arc::clone(&s.handler));
-        match handler {
-            Some(h) => self.deliver(&h, outbound),
-            None => false,
-        }
+        let handle = self.read().sessions.get(session_id).map(|s| s.handle.clone());
+        handle.is_some_and(|h| h.send(outbound))
     }
 
     /// Sends one frame to every session of these users. Returns the sessions reached.
@@ -167,8 +224,8 @@ impl HandlerManager {
         self.deliver_all(&handlers, &frame)
     }
 
-    /// The handlers of every session of these users (each user counted once).
-    fn handlers_of(&self, users: &[UserId]) -> Vec<Arc<dyn Handler>> {
+    /// The handles of every session of these users (each user counted once).
+    fn handlers_of(&self, users: &[UserId]) -> Vec<SessionHandle> {
         let reg = self.read();
         let mut seen = HashSet::new();
         users
@@ -176,26 +233,26 @@ impl HandlerManager {
             .filter(|u| seen.insert(*u))
             .filter_map(|u| reg.by_user.get(u))
             .flatten()
-            .filter_map(|sid| reg.sessions.get(sid).map(|s| Arc::clone(&s.handler)))
+            .filter_map(|sid| reg.sessions.get(sid).map(|s| s.handle.clone()))
             .collect()
     }
 
     /// Sends one frame to every session. Returns the sessions reached.
     pub fn send_to_all(&self, frame: Arc<SharedFrame>) -> usize {
-        let handlers: Vec<Arc<dyn Handler>> =
-            self.read().sessions.values().map(|s| Arc::clone(&s.handler)).collect();
+        let handlers: Vec<SessionHandle> =
+            self.read().sessions.values().map(|s| s.handle.clone()).collect();
         self.deliver_all(&handlers, &frame)
     }
 
     /// Sends one frame to every session subscribed to a pattern matching `topic`.
     pub fn send_to_subscribers(&self, topic: &str, frame: Arc<SharedFrame>) -> usize {
         let words: Vec<&str> = topic.split('.').collect();
-        let handlers: Vec<Arc<dyn Handler>> = self
+        let handlers: Vec<SessionHandle> = self
             .read()
             .sessions
             .values()
             .filter(|s| s.subscriptions.iter().any(|p| p.matches(&words)))
-            .map(|s| Arc::clone(&s.handler))
+            .map(|s| s.handle.clone())
             .collect();
         self.deliver_all(&handlers, &frame)
     }
@@ -218,12 +275,12 @@ impl HandlerManager {
     /// Closes every session whose token expired at or before `now` (Unix seconds) with
     /// 4003. Returns how many.
     pub fn close_expired(&self, now: u64) -> usize {
-        let handlers: Vec<Arc<dyn Handler>> = self
+        let handlers: Vec<SessionHandle> = self
             .read()
             .sessions
             .values()
             .filter(|s| s.identity.expires_at.is_some_and(|e| e <= now))
-            .map(|s| Arc::clone(&s.handler))
+            .map(|s| s.handle.clone())
             .collect();
         let reason = CoreError::TokenExpired.closing();
         for h in &handlers {
@@ -291,8 +348,8 @@ impl HandlerManager {
 
     /// Closes one session (it unregisters itself when its connection ends).
     pub fn close_session(&self, session_id: &SessionId, reason: CloseReason) -> bool {
-        let handler = self.read().sessions.get(session_id).map(|s| Arc::clone(&s.handler));
-        match handler {
+        let handle = self.read().sessions.get(session_id).map(|s| s.handle.clone());
+        match handle {
             Some(h) => {
                 h.close(reason);
                 true
@@ -312,10 +369,10 @@ impl HandlerManager {
 
     /// Closes every session, and refuses new ones from now on.
     pub fn close_all(&self, reason: CloseReason) -> usize {
-        let handlers: Vec<Arc<dyn Handler>> = {
+        let handlers: Vec<SessionHandle> = {
             let mut reg = self.write();
             reg.closed = true;
-            reg.sessions.values().map(|s| Arc::clone(&s.handler)).collect()
+            reg.sessions.values().map(|s| s.handle.clone()).collect()
         };
         for h in &handlers {
             h.close(reason.clone());
@@ -323,29 +380,11 @@ impl HandlerManager {
         handlers.len()
     }
 
-    fn deliver_all(&self, handlers: &[Arc<dyn Handler>], frame: &Arc<SharedFrame>) -> usize {
-        handlers
+    fn deliver_all(&self, handles: &[SessionHandle], frame: &Arc<SharedFrame>) -> usize {
+        handles
             .iter()
-            .filter(|h| self.deliver(h, Outbound { frame: Arc::clone(frame), encoding: None }))
+            .filter(|h| h.send(Outbound { frame: Arc::clone(frame), encoding: None }))
             .count()
-    }
-
-    /// Overload policy: a full outbound queue means the client does not keep up. The frame
-    /// is dropped, counted, and the session closed with 1013 so the client knows to
-    /// reconnect — nothing is lost silently, and one slow client never blocks the others.
-    fn deliver(&self, handler: &Arc<dyn Handler>, outbound: Outbound) -> bool {
-        match handler.send(outbound) {
-            Ok(()) => {
-                self.frames_sent.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(SendError::Full) => {
-                self.frames_dropped.fetch_add(1, Ordering::Relaxed);
-                handler.close(CoreError::SlowClient.closing());
-                false
-            }
-            Err(SendError::Closed) => false,
-        }
     }
 }
 
