@@ -1,5 +1,5 @@
 //! `HandlerManager`: the registry of live sessions, by id and by user, with their topic
-//! subscriptions, and the fan-out paths (one session, a set of users, subscribers, all).
+//! subscriptions, and the fan-out paths (a set of users, subscribers, all).
 //! [`SessionHandle`] is one session's way out, with the slow-client policy; a pending call
 //! holds one, so its answer goes to its session without passing through the registry.
 //!
@@ -180,11 +180,6 @@ impl HandlerManager {
         Some((Arc::clone(&s.identity), s.handle.clone()))
     }
 
-    /// The identity of a live session.
-    pub fn identity(&self, session_id: &SessionId) -> Option<Arc<Identity>> {
-        self.read().sessions.get(session_id).map(|s| Arc::clone(&s.identity))
-    }
-
     pub fn session_count(&self) -> usize {
         self.read().sessions.len()
     }
@@ -210,12 +205,6 @@ impl HandlerManager {
     /// Sessions of a user.
     pub fn sessions_of(&self, user: &UserId) -> Vec<SessionId> {
         self.read().by_user.get(user).map(|s| s.iter().cloned().collect()).unwrap_or_default()
-    }
-
-    /// Sends to one session. Returns whether it was queued.
-    pub fn send_to_session(&self, session_id: &SessionId, outbound: Outbound) -> bool {
-        let handle = self.read().sessions.get(session_id).map(|s| s.handle.clone());
-        handle.is_some_and(|h| h.send(outbound))
     }
 
     /// Sends one frame to every session of these users. Returns the sessions reached.
@@ -498,12 +487,9 @@ mod tests {
         );
         assert_eq!(m.send_to_all(frame()), 4);
         assert_eq!(r["s3"].count(), 1);
-        assert!(
-            m.send_to_session(&SessionId::new("s3"), Outbound { frame: frame(), encoding: None })
-        );
-        assert!(
-            !m.send_to_session(&SessionId::new("zz"), Outbound { frame: frame(), encoding: None })
-        );
+        let (_, s3) = m.session(&SessionId::new("s3")).expect("live");
+        assert!(s3.send(Outbound { frame: frame(), encoding: None }));
+        assert!(m.session(&SessionId::new("zz")).is_none());
         assert_eq!(m.frames_sent(), 8);
     }
 
@@ -536,7 +522,7 @@ mod tests {
         assert_eq!(m.refresh_identity(&SessionId::new("b"), expiring("u2", 500)), Ok(()));
         assert_eq!(m.close_expired(300), 1, "a is still registered until its task unregisters it");
         assert!(b.closed().is_empty(), "the refreshed session lives on");
-        assert_eq!(m.identity(&SessionId::new("b")).and_then(|i| i.expires_at), Some(500));
+        assert_eq!(m.session(&SessionId::new("b")).and_then(|(i, _)| i.expires_at), Some(500));
         assert_eq!(
             m.refresh_identity(&SessionId::new("zz"), expiring("u2", 1)),
             Err(CoreError::UnknownSession)
