@@ -209,12 +209,12 @@ impl HandlerManager {
 
     /// Sends one frame to every session of these users. Returns the sessions reached.
     pub fn send_to_users(&self, users: &[UserId], frame: Arc<SharedFrame>) -> usize {
-        let handlers = self.handlers_of(users);
-        self.deliver_all(&handlers, &frame)
+        let handles = self.handles_of(users);
+        self.deliver_all(&handles, &frame)
     }
 
     /// The handles of every session of these users (each user counted once).
-    fn handlers_of(&self, users: &[UserId]) -> Vec<SessionHandle> {
+    fn handles_of(&self, users: &[UserId]) -> Vec<SessionHandle> {
         let reg = self.read();
         let mut seen = HashSet::new();
         users
@@ -228,22 +228,22 @@ impl HandlerManager {
 
     /// Sends one frame to every session. Returns the sessions reached.
     pub fn send_to_all(&self, frame: Arc<SharedFrame>) -> usize {
-        let handlers: Vec<SessionHandle> =
+        let handles: Vec<SessionHandle> =
             self.read().sessions.values().map(|s| s.handle.clone()).collect();
-        self.deliver_all(&handlers, &frame)
+        self.deliver_all(&handles, &frame)
     }
 
     /// Sends one frame to every session subscribed to a pattern matching `topic`.
     pub fn send_to_subscribers(&self, topic: &str, frame: Arc<SharedFrame>) -> usize {
         let words: Vec<&str> = topic.split('.').collect();
-        let handlers: Vec<SessionHandle> = self
+        let handles: Vec<SessionHandle> = self
             .read()
             .sessions
             .values()
             .filter(|s| s.subscriptions.iter().any(|p| p.matches(&words)))
             .map(|s| s.handle.clone())
             .collect();
-        self.deliver_all(&handlers, &frame)
+        self.deliver_all(&handles, &frame)
     }
 
     /// Replaces a session's identity with a refreshed one of the same user.
@@ -264,7 +264,7 @@ impl HandlerManager {
     /// Closes every session whose token expired at or before `now` (Unix seconds) with
     /// 4003. Returns how many.
     pub fn close_expired(&self, now: u64) -> usize {
-        let handlers: Vec<SessionHandle> = self
+        let handles: Vec<SessionHandle> = self
             .read()
             .sessions
             .values()
@@ -272,10 +272,10 @@ impl HandlerManager {
             .map(|s| s.handle.clone())
             .collect();
         let reason = CoreError::TokenExpired.closing();
-        for h in &handlers {
+        for h in &handles {
             h.close(reason.clone());
         }
-        handlers.len()
+        handles.len()
     }
 
     /// Adds topic patterns to a session; returns its subscriptions afterwards. Every
@@ -349,24 +349,24 @@ impl HandlerManager {
 
     /// Closes every session of these users. Returns the sessions closed.
     pub fn close_users(&self, users: &[UserId], reason: CloseReason) -> usize {
-        let handlers = self.handlers_of(users);
-        for h in &handlers {
+        let handles = self.handles_of(users);
+        for h in &handles {
             h.close(reason.clone());
         }
-        handlers.len()
+        handles.len()
     }
 
     /// Closes every session, and refuses new ones from now on.
     pub fn close_all(&self, reason: CloseReason) -> usize {
-        let handlers: Vec<SessionHandle> = {
+        let handles: Vec<SessionHandle> = {
             let mut reg = self.write();
             reg.closed = true;
             reg.sessions.values().map(|s| s.handle.clone()).collect()
         };
-        for h in &handlers {
+        for h in &handles {
             h.close(reason.clone());
         }
-        handlers.len()
+        handles.len()
     }
 
     fn deliver_all(&self, handles: &[SessionHandle], frame: &Arc<SharedFrame>) -> usize {
