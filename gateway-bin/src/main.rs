@@ -135,7 +135,6 @@ async fn run(cli: Cli) -> Result<()> {
         },
         client_limits: ClientLimits::default(),
         broadcast_topics: cli.broadcast_topics.clone(),
-        delivery_capacity: None,
     };
     let (coordinator, handle) =
         Coordinator::new(core, authenticator, mesh, inbound, calls, shutdown.clone());

@@ -1,8 +1,10 @@
 //! The coordinator: owns the `HandlerManager` and the `ServiceMeshManager` and is the only
-//! place they meet. Transports talk to it through a cloneable [`CoordinatorHandle`]; the
-//! mesh talks to it through the inbound channel given at construction; one task
-//! ([`Coordinator::run`]) routes mesh traffic and call outcomes to sessions.
+//! place they meet. Transports talk to it through a cloneable [`CoordinatorHandle`]; a call
+//! is given its session's handle when submitted and answers it from its own task; the mesh
+//! talks to the core through the inbound channel given at construction, which one task
+//! ([`Coordinator::run`]) routes to sessions, besides sweeping expired tokens and draining.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,20 +13,20 @@ use nuropb_wire::client::{
     ClientLimits, ClientMessage, Encoding, ErrorFrame, ServerFrame, ServerMessage,
     decode_client_message,
 };
-use nuropb_wire::mesh::error_name;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthError, Authenticator, Identity};
-use crate::handler::{CloseCode, CloseReason, Handler, Outbound, SharedFrame};
-use crate::handler_manager::{HandlerManager, HandlerManagerConfig, SubscribeError};
+use crate::error::CoreError;
+use crate::handler::{Handler, Outbound, SharedFrame};
+use crate::handler_manager::{HandlerManager, HandlerManagerConfig, SessionHandle};
 use crate::ids::SessionId;
 use crate::mesh::{
     ControlOutcome, GatewayControl, GatewayStats, MeshEvent, MeshInbound, ServiceMesh,
 };
-use crate::mesh_manager::{MeshManagerConfig, ServiceMeshManager, SessionDelivery};
+use crate::mesh_manager::{MeshManagerConfig, ServiceMeshManager};
 use crate::topic::topic_matches;
 
 /// Everything the core is configured with.
@@ -35,15 +37,6 @@ pub struct CoreConfig {
     pub client_limits: ClientLimits,
     /// Topic patterns whose untargeted events go to every session (default none).
     pub broadcast_topics: Vec<String>,
-    /// Capacity of the channel carrying call outcomes to the coordinator (default 1024).
-    pub delivery_capacity: Option<usize>,
-}
-
-/// Opening a session failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SessionError {
-    #[error("gateway shutting down")]
-    ShuttingDown,
 }
 
 struct Shared {
@@ -66,7 +59,10 @@ pub struct CoordinatorHandle {
 pub struct Coordinator {
     shared: Arc<Shared>,
     inbound: mpsc::Receiver<MeshInbound>,
-    deliveries: mpsc::Receiver<SessionDelivery>,
+    // Invariant: `false` once `inbound` returned `None`; it is not polled again.
+    inbound_open: bool,
+    // Once a second, sessions whose token expired (and was not refreshed) are closed.
+    expiry: tokio::time::Interval,
     tracker: TaskTracker,
 }
 
@@ -81,10 +77,9 @@ impl Coordinator {
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> (Coordinator, CoordinatorHandle) {
-        let (tx, deliveries) = mpsc::channel(config.delivery_capacity.unwrap_or(1024));
         let shared = Arc::new(Shared {
             handlers: HandlerManager::new(config.handlers),
-            mesh: ServiceMeshManager::new(mesh, config.mesh, tx, tracker.clone(), shutdown.clone()),
+            mesh: ServiceMeshManager::new(mesh, config.mesh, tracker.clone(), shutdown.clone()),
             authenticator,
             limits: config.client_limits,
             broadcast_topics: config.broadcast_topics,
@@ -92,96 +87,81 @@ impl Coordinator {
             events_delivered: Default::default(),
         });
         (
-            Coordinator { shared: Arc::clone(&shared), inbound, deliveries, tracker },
+            Coordinator {
+                shared: Arc::clone(&shared),
+                inbound,
+                inbound_open: true,
+                expiry: expiry_sweep(),
+                tracker,
+            },
             CoordinatorHandle { shared },
         )
     }
 
-    /// Routes mesh traffic and call outcomes until shutdown, then drains in-flight calls for
-    /// at most `drain` and closes every session with 1001.
+    /// Routes mesh traffic and sweeps expired tokens until shutdown, then drains: intake is
+    /// already stopped (the shutdown token refuses new sessions and calls), the pending
+    /// calls get `drain` to finish, those left are aborted (answered with an error), and
+    /// every session is closed with 1001.
     pub async fn run(mut self, drain: Duration) {
         let shutdown = self.shared.shutdown.clone();
-        let mut inbound_open = true;
-        // Tokens expire while sessions are open: once a second, sessions whose token expired
-        // (and was not refreshed) are closed with 4003.
-        let mut expiry = tokio::time::interval(Duration::from_secs(1));
-        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        self.route_until(shutdown.cancelled()).await;
+
+        // Mesh traffic is still routed while draining: a `disconnect_user` must not wait
+        // for the drain. Each call task answers its session itself before it ends, so an
+        // empty tracker means every pending call has been answered.
+        self.tracker.close();
+        let tracker = self.tracker.clone();
+        if self.route_until(tokio::time::timeout(drain, tracker.wait())).await.is_err() {
+            let in_flight = self.shared.mesh.in_flight();
+            tracing::warn!(
+                in_flight,
+                "drain deadline reached; answering pending calls with an error"
+            );
+            self.shared.mesh.abort_pending();
+            // Aborted calls answer at once; the second deadline only guards against a call
+            // task stuck outside its `select!` (it would be a bug).
+            let aborted = tokio::time::timeout(Duration::from_secs(1), tracker.wait());
+            if self.route_until(aborted).await.is_err() {
+                tracing::warn!("aborted calls did not all finish; closing anyway");
+            }
+        }
+        self.shared.handlers.close_all(CoreError::ShuttingDown.closing());
+    }
+
+    /// Routes mesh traffic and sweeps expired tokens until `until` completes.
+    async fn route_until<T>(&mut self, until: impl Future<Output = T>) -> T {
+        tokio::pin!(until);
         loop {
             tokio::select! {
-                // All branches are cancel-safe: `recv` and `tick` lose nothing when not chosen.
-                _ = shutdown.cancelled() => break,
-                _ = expiry.tick() => {
+                // All branches are cancel-safe: `until` is pinned and re-polled, `recv` and
+                // `tick` lose nothing when not chosen.
+                t = &mut until => return t,
+                _ = self.expiry.tick() => {
                     let closed = self.shared.handlers.close_expired(unix_now());
                     if closed > 0 {
                         tracing::info!(sessions = closed, "closed sessions with expired tokens");
                     }
                 }
-                d = self.deliveries.recv() => match d {
-                    Some(d) => self.shared.deliver(d),
-                    // Unreachable while `shared` holds a sender; stop cleanly anyway.
-                    None => break,
-                },
-                m = self.inbound.recv(), if inbound_open => match m {
+                m = self.inbound.recv(), if self.inbound_open => match m {
                     Some(m) => self.shared.on_inbound(m),
                     None => {
                         tracing::warn!("mesh inbound channel closed; no more mesh events");
-                        inbound_open = false;
+                        self.inbound_open = false;
                     }
                 },
             }
         }
-        // Drain: new calls are refused (`ShuttingDown`); pending ones finish, each bounded by
-        // the request timeout, and their outcomes are delivered. Mesh traffic is still routed
-        // meanwhile (a `disconnect_user` must not wait for the drain). At the deadline the
-        // calls still pending are answered with an error, then sessions are closed.
-        self.tracker.close();
-        let deadline = tokio::time::sleep(drain);
-        tokio::pin!(deadline);
-        let mut aborted = false;
-        loop {
-            tokio::select! {
-                // All branches are cancel-safe (`sleep` is re-polled, `recv`/`wait` lose
-                // nothing).
-                _ = &mut deadline => {
-                    if aborted {
-                        tracing::warn!("aborted calls did not all finish; closing anyway");
-                        break;
-                    }
-                    tracing::warn!(in_flight = self.shared.mesh.in_flight(), "drain deadline reached; answering pending calls with an error");
-                    self.shared.mesh.abort_pending();
-                    aborted = true;
-                    deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
-                }
-                _ = self.tracker.wait() => {
-                    // Deliver whatever the finished tasks left in the channel.
-                    while let Ok(d) = self.deliveries.try_recv() {
-                        self.shared.deliver(d);
-                    }
-                    break;
-                }
-                Some(d) = self.deliveries.recv() => self.shared.deliver(d),
-                m = self.inbound.recv(), if inbound_open => match m {
-                    Some(m) => self.shared.on_inbound(m),
-                    None => inbound_open = false,
-                },
-                _ = expiry.tick() => {
-                    self.shared.handlers.close_expired(unix_now());
-                }
-            }
-        }
-        self.shared
-            .handlers
-            .close_all(CloseReason::new(CloseCode::GoingAway, "gateway shutting down"));
     }
 }
 
-impl Shared {
-    fn deliver(&self, d: SessionDelivery) {
-        if !self.reply(&d.session_id, d.frame, d.encoding) {
-            tracing::debug!(session.id = %d.session_id, "outcome for a closed session dropped");
-        }
-    }
+/// The token-expiry sweep's timer: once a second; a late tick is skipped, not caught up.
+fn expiry_sweep() -> tokio::time::Interval {
+    let mut expiry = tokio::time::interval(Duration::from_secs(1));
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    expiry
+}
 
+impl Shared {
     fn on_inbound(&self, m: MeshInbound) {
         match m {
             MeshInbound::Event(e) => self.on_event(e),
@@ -227,7 +207,7 @@ impl Shared {
                 SharedFrame::new(ServerFrame::Message(ServerMessage::Event { topic, event })),
             ),
             GatewayControl::DisconnectUsers { user_ids, reason } => {
-                self.handlers.close_users(&user_ids, CloseReason::new(CloseCode::Kicked, reason))
+                self.handlers.close_users(&user_ids, CoreError::Kicked(reason).closing())
             }
         };
         ControlOutcome { sessions }
@@ -246,12 +226,6 @@ impl Shared {
             mesh_connected: self.mesh.mesh().is_connected(),
         }
     }
-
-    /// Queues a frame for one session, in the given encoding; `false` if it is gone.
-    fn reply(&self, session_id: &SessionId, frame: ServerFrame, encoding: Encoding) -> bool {
-        let outbound = Outbound { frame: SharedFrame::new(frame), encoding: Some(encoding) };
-        self.handlers.send_to_session(session_id, outbound)
-    }
 }
 
 impl CoordinatorHandle {
@@ -265,9 +239,9 @@ impl CoordinatorHandle {
         &self,
         identity: Identity,
         handler: Arc<dyn Handler>,
-    ) -> Result<SessionId, SessionError> {
+    ) -> Result<SessionId, CoreError> {
         if self.shared.shutdown.is_cancelled() {
-            return Err(SessionError::ShuttingDown);
+            return Err(CoreError::ShuttingDown);
         }
         let session_id = SessionId::generate();
         let hello = ServerFrame::Message(ServerMessage::Event {
@@ -283,12 +257,12 @@ impl CoordinatorHandle {
         // first frame the client gets.
         let hello = Outbound { frame: SharedFrame::new(hello), encoding: Some(Encoding::Json) };
         if handler.send(hello).is_err() {
-            return Err(SessionError::ShuttingDown);
+            return Err(CoreError::ShuttingDown);
         }
         // Registration itself refuses sessions once shutdown closed them all, so a session
         // racing with shutdown either gets its 1001 or is never opened.
         if self.shared.handlers.register(session_id.clone(), identity, handler).is_err() {
-            return Err(SessionError::ShuttingDown);
+            return Err(CoreError::ShuttingDown);
         }
         tracing::info!(session.id = %session_id, user.id = %user_id, "session opened");
         Ok(session_id)
@@ -307,65 +281,68 @@ impl CoordinatorHandle {
     /// protocol-error budget).
     pub fn on_frame(&self, session_id: &SessionId, bytes: &[u8], encoding: Encoding) -> bool {
         let s = &self.shared;
-        let message = match decode_client_message(bytes, encoding, &s.limits) {
+        let decoded = decode_client_message(bytes, encoding, &s.limits);
+        // The session's handle is taken once: every answer to this frame, now or from the
+        // call's task later, goes through it.
+        let Some((identity, session)) = s.handlers.session(session_id) else {
+            return decoded.is_ok();
+        };
+        let message = match decoded {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(session.id = %session_id, error = %e, "bad client frame");
-                s.reply(session_id, error_frame(e.trace_id.clone(), e.to_error_object()), encoding);
+                refuse(&session, e.trace_id.clone(), e.into(), encoding);
                 return false;
             }
-        };
-        let Some(identity) = s.handlers.identity(session_id) else {
-            return true;
         };
         // Between the token's expiry and the next sweep (at most a second), nothing but a
         // refresh is served with it.
         let expired = identity.expires_at.is_some_and(|e| e <= unix_now());
         if expired && !matches!(message, ClientMessage::Refresh { .. }) {
-            let frame = refusal(
-                error_name::AUTHORIZATION,
-                "token expired; send `refresh` with a new token".into(),
-            );
-            s.reply(session_id, frame, encoding);
+            refuse(&session, None, CoreError::TokenExpired, encoding);
             return false;
         }
         match message {
             ClientMessage::Request(mut call) => {
                 // A trace id is generated here when absent, so even a refusal can name it.
                 let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
-                if let Err(e) = s.mesh.request(session_id, &identity, call, encoding) {
-                    s.reply(session_id, error_frame(trace, e.to_error_object()), encoding);
+                if let Err(e) = s.mesh.request(&session, &identity, call, encoding) {
+                    refuse(&session, trace, e, encoding);
                 }
             }
             ClientMessage::Command(mut call) => {
                 let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
-                if let Err(e) = s.mesh.command(session_id, &identity, call, encoding) {
-                    s.reply(session_id, error_frame(trace, e.to_error_object()), encoding);
+                if let Err(e) = s.mesh.command(&session, &identity, call, encoding) {
+                    refuse(&session, trace, e, encoding);
                 }
             }
             ClientMessage::Subscribe { topics } => {
                 let result = s.handlers.subscribe(session_id, &topics);
-                s.reply(session_id, subscription_frame(result), encoding);
+                subscribed(&session, result, encoding);
             }
             ClientMessage::Unsubscribe { topics } => {
                 let result = s.handlers.unsubscribe(session_id, &topics);
-                s.reply(session_id, subscription_frame(result), encoding);
+                subscribed(&session, result, encoding);
             }
             ClientMessage::Refresh { token } => {
-                let frame = match s.authenticator.authenticate(&token) {
-                    Ok(new) => {
+                let refreshed = s
+                    .authenticator
+                    .authenticate(&token)
+                    .map_err(CoreError::RefreshRefused)
+                    .and_then(|new| {
                         let expires_at = new.expires_at;
-                        match s.handlers.refresh_identity(session_id, new) {
-                            Ok(()) => ServerFrame::Message(ServerMessage::Refreshed { expires_at }),
-                            Err(e) => refusal(error_name::AUTHORIZATION, e.to_string()),
-                        }
+                        s.handlers.refresh_identity(session_id, new).map(|()| expires_at)
+                    });
+                match refreshed {
+                    Ok(expires_at) => {
+                        let frame = ServerFrame::Message(ServerMessage::Refreshed { expires_at });
+                        reply(&session, frame, encoding);
                     }
-                    Err(e) => refusal(error_name::AUTHORIZATION, format!("refresh refused: {e}")),
-                };
-                s.reply(session_id, frame, encoding);
+                    Err(e) => refuse(&session, None, e, encoding),
+                }
             }
             ClientMessage::Ping => {
-                s.reply(session_id, ServerFrame::Message(ServerMessage::Pong {}), encoding);
+                reply(&session, ServerFrame::Message(ServerMessage::Pong {}), encoding);
             }
         }
         true
@@ -382,17 +359,26 @@ impl CoordinatorHandle {
     }
 }
 
-/// The answer to subscribe/unsubscribe: the session's patterns now, or why not.
-fn subscription_frame(result: Result<Vec<String>, SubscribeError>) -> ServerFrame {
-    match result {
-        Ok(topics) => ServerFrame::Message(ServerMessage::Subscribed { topics }),
-        Err(e) => refusal(error_name::VALIDATION, e.to_string()),
-    }
+/// Queues a frame for one session, in the given encoding; `false` if it is gone (or was
+/// just closed as too slow).
+fn reply(session: &SessionHandle, frame: ServerFrame, encoding: Encoding) -> bool {
+    session.send(Outbound { frame: SharedFrame::new(frame), encoding: Some(encoding) })
 }
 
-/// A top-level error frame, for errors no request is waiting on.
-fn refusal(error: &str, description: String) -> ServerFrame {
-    error_frame(None, ErrorObject::new(error, description))
+/// Answers a refused frame: a `response` with the error when the client can match it to a
+/// request (`trace_id`), the top-level error frame otherwise.
+fn refuse(session: &SessionHandle, trace_id: Option<String>, e: CoreError, encoding: Encoding) {
+    reply(session, error_frame(trace_id, e.to_error_object()), encoding);
+}
+
+/// The answer to subscribe/unsubscribe: the session's patterns now, or why not.
+fn subscribed(session: &SessionHandle, result: Result<Vec<String>, CoreError>, encoding: Encoding) {
+    match result {
+        Ok(topics) => {
+            reply(session, ServerFrame::Message(ServerMessage::Subscribed { topics }), encoding);
+        }
+        Err(e) => refuse(session, None, e, encoding),
+    }
 }
 
 fn unix_now() -> u64 {
@@ -417,5 +403,510 @@ fn error_frame(trace_id: Option<String>, error: ErrorObject) -> ServerFrame {
             description: error.description,
             trace_id: None,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use nuropb_wire::mesh::error_name;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::auth::MockAuthenticator;
+    use crate::handler::{CloseCode, CloseReason, MockHandler, SendError};
+    use crate::ids::UserId;
+    use crate::mesh::{MeshCall, MeshError, MeshResponse, MockServiceMesh};
+
+    /// What a connection was given, in order.
+    #[derive(Debug)]
+    enum Seen {
+        Frame(Outbound),
+        Close(CloseReason),
+    }
+
+    /// A connection that records everything; its queue never fills.
+    #[derive(Default)]
+    struct Client {
+        seen: Mutex<Vec<Seen>>,
+    }
+
+    impl Handler for Client {
+        fn send(&self, outbound: Outbound) -> Result<(), SendError> {
+            self.seen.lock().expect("lock").push(Seen::Frame(outbound));
+            Ok(())
+        }
+        fn close(&self, reason: CloseReason) {
+            self.seen.lock().expect("lock").push(Seen::Close(reason));
+        }
+    }
+
+    impl Client {
+        /// Frames after the hello, as JSON values.
+        fn frames(&self) -> Vec<Value> {
+            let seen = self.seen.lock().expect("lock");
+            let frames = seen.iter().filter_map(|s| match s {
+                Seen::Frame(o) => Some(o),
+                Seen::Close(_) => None,
+            });
+            frames.skip(1).map(|o| json_of(&o.frame)).collect()
+        }
+
+        fn closes(&self) -> Vec<(u16, String)> {
+            let seen = self.seen.lock().expect("lock");
+            let closes = seen.iter().filter_map(|s| match s {
+                Seen::Close(r) => Some((r.code.as_u16(), r.reason.clone())),
+                Seen::Frame(_) => None,
+            });
+            closes.collect()
+        }
+
+        /// Whether the last thing seen is a close with `code`, after `frames` frames.
+        fn ended_with(&self, code: u16, frames: usize) -> bool {
+            let seen = self.seen.lock().expect("lock");
+            let sent = seen.iter().filter(|s| matches!(s, Seen::Frame(_))).count();
+            matches!(seen.last(), Some(Seen::Close(r)) if r.code.as_u16() == code)
+                && sent == frames + 1
+        }
+    }
+
+    fn json_of(frame: &SharedFrame) -> Value {
+        let bytes = frame.encoded(Encoding::Json).expect("encodes");
+        serde_json::from_slice(&bytes).expect("json")
+    }
+
+    fn identity(user: &str) -> Identity {
+        Identity {
+            user_id: UserId::new(user),
+            username: format!("{user}@x"),
+            token: format!("token-of-{user}"),
+            expires_at: None,
+        }
+    }
+
+    /// A mesh whose calls end only when dropped (cancelled, or the drain gave up on them).
+    struct Hanging;
+
+    #[async_trait::async_trait]
+    impl ServiceMesh for Hanging {
+        async fn request(&self, _: MeshCall, _: Duration) -> Result<MeshResponse, MeshError> {
+            std::future::pending().await
+        }
+        async fn command(&self, _: MeshCall) -> Result<(), MeshError> {
+            std::future::pending().await
+        }
+        async fn publish_event(&self, _: MeshEvent) -> Result<(), MeshError> {
+            Ok(())
+        }
+        fn is_connected(&self) -> bool {
+            true
+        }
+    }
+
+    /// A mesh answering every request with its method name after `delay`.
+    struct Slow(Duration);
+
+    #[async_trait::async_trait]
+    impl ServiceMesh for Slow {
+        async fn request(&self, call: MeshCall, _: Duration) -> Result<MeshResponse, MeshError> {
+            tokio::time::sleep(self.0).await;
+            Ok(MeshResponse { result: json!(call.method), error: None })
+        }
+        async fn command(&self, _: MeshCall) -> Result<(), MeshError> {
+            Ok(())
+        }
+        async fn publish_event(&self, _: MeshEvent) -> Result<(), MeshError> {
+            Ok(())
+        }
+        fn is_connected(&self) -> bool {
+            true
+        }
+    }
+
+    /// A mock mesh that is connected (for stats) and expects no calls unless told.
+    fn mesh() -> MockServiceMesh {
+        let mut mesh = MockServiceMesh::new();
+        mesh.expect_is_connected().return_const(true);
+        mesh
+    }
+
+    struct Core {
+        coordinator: Option<Coordinator>,
+        handle: CoordinatorHandle,
+        inbound: mpsc::Sender<MeshInbound>,
+        shutdown: CancellationToken,
+    }
+
+    fn core_with(mesh: impl ServiceMesh, auth: MockAuthenticator, config: CoreConfig) -> Core {
+        let (inbound, rx) = mpsc::channel(8);
+        let shutdown = CancellationToken::new();
+        let (coordinator, handle) = Coordinator::new(
+            config,
+            Arc::new(auth),
+            Arc::new(mesh),
+            rx,
+            TaskTracker::new(),
+            shutdown.clone(),
+        );
+        Core { coordinator: Some(coordinator), handle, inbound, shutdown }
+    }
+
+    fn core(mesh: impl ServiceMesh) -> Core {
+        let config = CoreConfig {
+            mesh: MeshManagerConfig {
+                request_timeout: Duration::from_secs(5),
+                reserved_services: vec!["gw".into()],
+                ..Default::default()
+            },
+            handlers: HandlerManagerConfig {
+                subscribable: vec!["news.#".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        core_with(mesh, MockAuthenticator::new(), config)
+    }
+
+    impl Core {
+        fn open(&self, user: &str) -> (SessionId, Arc<Client>) {
+            self.open_as(identity(user))
+        }
+
+        fn open_as(&self, identity: Identity) -> (SessionId, Arc<Client>) {
+            let client = Arc::new(Client::default());
+            let sid = self.handle.open_session(identity, client.clone()).expect("opened");
+            (sid, client)
+        }
+
+        fn frame(&self, sid: &SessionId, frame: Value) -> bool {
+            let bytes = serde_json::to_vec(&frame).expect("json");
+            self.handle.on_frame(sid, &bytes, Encoding::Json)
+        }
+
+        fn request(&self, sid: &SessionId, service: &str, method: &str, trace: &str) -> bool {
+            let payload =
+                json!({"service": service, "method": method, "params": {}, "trace_id": trace});
+            self.frame(sid, json!({"type": "request", "payload": payload}))
+        }
+
+        /// Spawns the routing task; the test awaits its handle.
+        fn run(&mut self, drain: Duration) -> tokio::task::JoinHandle<()> {
+            let coordinator = self.coordinator.take().expect("not yet running");
+            tokio::spawn(coordinator.run(drain))
+        }
+
+        /// Lets the spawned tasks (call tasks, the routing task) run what is ready, without
+        /// advancing time.
+        async fn settle(&self) {
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    fn response(trace: &str, result: Value, error: Option<(&str, &str)>) -> Value {
+        let error = error.map(|(e, d)| json!({"error": e, "description": d}));
+        json!({"type": "response", "payload": {"trace_id": trace, "result": result, "error": error}})
+    }
+
+    fn top_level_error(error: &str, description: &str) -> Value {
+        json!({"error": error, "description": description})
+    }
+
+    #[tokio::test]
+    async fn hello_is_the_first_frame_and_a_request_is_answered_on_its_session_only() {
+        let mut mesh = mesh();
+        mesh.expect_request().times(1).returning(|call, _| {
+            assert_eq!(call.context["Authorization"], "Bearer token-of-alice");
+            Ok(MeshResponse { result: json!(42), error: None })
+        });
+        let c = core(mesh);
+        let (alice, a) = c.open("alice");
+        let (_bob, b) = c.open("bob");
+        let hello = {
+            let seen = a.seen.lock().expect("lock");
+            match seen.first() {
+                Some(Seen::Frame(o)) => json_of(&o.frame),
+                other => panic!("not a frame: {other:?}"),
+            }
+        };
+        assert_eq!(hello["payload"]["topic"], "hello");
+        assert_eq!(hello["payload"]["event"]["session_id"], alice.as_str());
+
+        assert!(c.request(&alice, "svc", "m", "t1"));
+        c.settle().await;
+        assert_eq!(a.frames(), vec![response("t1", json!(42), None)]);
+        assert!(b.frames().is_empty());
+        let stats = c.handle.stats();
+        assert_eq!((stats.requests_in_flight, stats.requests_total), (0, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_the_mesh_never_answers_times_out() {
+        let c = core(Hanging);
+        let (sid, client) = c.open("alice");
+        let start = tokio::time::Instant::now();
+        assert!(c.request(&sid, "svc", "m", "t1"));
+        // The adapter owns the deadline; the core's guard fires 250 ms after it.
+        tokio::time::sleep(Duration::from_millis(5_249)).await;
+        assert!(client.frames().is_empty());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        c.settle().await;
+        let frames = client.frames();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0]["payload"]["error"]["error"], error_name::TIMEOUT);
+        assert!(start.elapsed() < Duration::from_secs(6));
+        assert_eq!(c.handle.stats().requests_timed_out, 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_to_a_full_queue_is_dropped_counted_and_closes_1013() {
+        let mut mesh = mesh();
+        mesh.expect_request().returning(|_, _| Ok(MeshResponse { result: json!(1), error: None }));
+        let c = core(mesh);
+        let mut handler = MockHandler::new();
+        let sends = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&sends);
+        // The hello fits; the queue is full when the response comes.
+        handler.expect_send().returning(move |_| match counted.fetch_add(1, Ordering::SeqCst) {
+            0 => Ok(()),
+            _ => Err(SendError::Full),
+        });
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&closed);
+        handler
+            .expect_close()
+            .withf(|r| r.code == CloseCode::TryAgainLater)
+            .times(1)
+            .returning(move |_| flag.store(true, Ordering::SeqCst));
+        let sid = c.handle.open_session(identity("slow"), Arc::new(handler)).expect("opened");
+        assert!(c.request(&sid, "svc", "m", "t1"));
+        c.settle().await;
+        assert_eq!(sends.load(Ordering::SeqCst), 2);
+        assert!(closed.load(Ordering::SeqCst), "closed with 1013");
+        assert_eq!(c.handle.stats().frames_dropped, 1);
+    }
+
+    #[tokio::test]
+    async fn a_closed_sessions_calls_are_cancelled_unanswered() {
+        let c = core(Hanging);
+        let (sid, client) = c.open("alice");
+        assert!(c.request(&sid, "svc", "m", "t1"));
+        c.settle().await;
+        assert_eq!(c.handle.stats().requests_in_flight, 1);
+        c.handle.close_session(&sid);
+        c.settle().await;
+        assert_eq!(c.handle.stats().requests_in_flight, 0);
+        assert!(client.frames().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_lets_pending_calls_finish_within_the_deadline_then_closes_1001() {
+        let mut c = core(Slow(Duration::from_secs(2)));
+        let (sid, client) = c.open("alice");
+        let routing = c.run(Duration::from_secs(10));
+        assert!(c.request(&sid, "svc", "m", "t1"));
+        c.settle().await;
+        let start = tokio::time::Instant::now();
+        c.shutdown.cancel();
+        routing.await.expect("routing task");
+        assert!(
+            start.elapsed() >= Duration::from_secs(2) && start.elapsed() < Duration::from_secs(3)
+        );
+        assert_eq!(client.frames(), vec![response("t1", json!("m"), None)]);
+        assert!(client.ended_with(1001, 1), "the answer, then the close");
+        assert_eq!(client.closes(), vec![(1001, "gateway shutting down".to_owned())]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_the_drain_deadline_pending_calls_are_answered_with_an_error_then_closed() {
+        let mut c = core(Hanging);
+        let (sid, client) = c.open("alice");
+        let routing = c.run(Duration::from_secs(1));
+        assert!(c.request(&sid, "svc", "m", "t1"));
+        c.settle().await;
+        let start = tokio::time::Instant::now();
+        c.shutdown.cancel();
+        routing.await.expect("routing task");
+        assert!(
+            start.elapsed() >= Duration::from_secs(1) && start.elapsed() < Duration::from_secs(2)
+        );
+        let error = (error_name::TRANSPORT, "mesh unavailable: gateway shutting down");
+        assert_eq!(client.frames(), vec![response("t1", Value::Null, Some(error))]);
+        assert!(client.ended_with(1001, 1));
+        assert_eq!(c.handle.stats().requests_in_flight, 0);
+    }
+
+    #[tokio::test]
+    async fn once_shutdown_begins_no_session_opens_and_no_call_is_made() {
+        let c = core(mesh()); // no expectations: a call would panic
+        let (sid, client) = c.open("alice");
+        c.shutdown.cancel();
+        assert!(c.handle.is_shutting_down());
+        let refused = c.handle.open_session(identity("bob"), Arc::new(Client::default()));
+        assert_eq!(refused, Err(CoreError::ShuttingDown));
+        assert!(c.request(&sid, "svc", "m", "t1"));
+        let error = (error_name::TRANSPORT, "gateway shutting down");
+        assert_eq!(client.frames(), vec![response("t1", Value::Null, Some(error))]);
+    }
+
+    #[tokio::test]
+    async fn refusals_are_answered_with_the_one_mapping() {
+        let mut auth = MockAuthenticator::new();
+        auth.expect_authenticate().returning(|token| match token {
+            "bob" => Ok(identity("bob")),
+            "alice-later" => Ok(Identity { expires_at: Some(4_000_000_000), ..identity("alice") }),
+            _ => Err(crate::auth::AuthError::Expired),
+        });
+        let config = CoreConfig {
+            mesh: MeshManagerConfig { reserved_services: vec!["gw".into()], ..Default::default() },
+            handlers: HandlerManagerConfig {
+                subscribable: vec!["news.#".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = core_with(mesh(), auth, config);
+        let (sid, client) = c.open("alice");
+        let refresh = |token: &str| json!({"type": "refresh", "payload": {"token": token}});
+        let subscribe = |topic: &str| json!({"type": "subscribe", "payload": {"topics": [topic]}});
+        let cases: Vec<(Value, bool, Value)> = vec![
+            (
+                json!({"type": "request", "payload": {"service": "gw", "method": "push_to_all", "params": {}, "trace_id": "t1"}}),
+                true,
+                response(
+                    "t1",
+                    Value::Null,
+                    Some((
+                        error_name::AUTHORIZATION,
+                        "service gw cannot be called through the gateway",
+                    )),
+                ),
+            ),
+            (
+                subscribe("secret"),
+                true,
+                top_level_error(
+                    error_name::VALIDATION,
+                    "topic pattern `secret` is not open to subscription",
+                ),
+            ),
+            (
+                subscribe("news.*"),
+                true,
+                json!({"type": "subscribed", "payload": {"topics": ["news.*"]}}),
+            ),
+            (
+                refresh("bob"),
+                true,
+                top_level_error(error_name::AUTHORIZATION, "the new token belongs to another user"),
+            ),
+            (
+                refresh("garbage"),
+                true,
+                top_level_error(error_name::AUTHORIZATION, "refresh refused: token expired"),
+            ),
+            (
+                refresh("alice-later"),
+                true,
+                json!({"type": "refreshed", "payload": {"expires_at": 4_000_000_000u64}}),
+            ),
+            (json!({"type": "nonsense"}), false, Value::Null),
+        ];
+        for (i, (frame, accepted, expected)) in cases.into_iter().enumerate() {
+            assert_eq!(c.frame(&sid, frame.clone()), accepted, "{frame}");
+            let got = client.frames().pop().expect("answered");
+            assert_eq!(client.frames().len(), i + 1, "one answer to {frame}");
+            if expected.is_null() {
+                assert_eq!(got["error"], error_name::VALIDATION, "{frame}: {got}");
+            } else {
+                assert_eq!(got, expected, "{frame}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_expired_token_serves_nothing_but_a_refresh() {
+        let c = core(mesh());
+        let (sid, client) = c.open_as(Identity { expires_at: Some(1), ..identity("alice") });
+        assert!(!c.request(&sid, "svc", "m", "t1"));
+        assert_eq!(
+            client.frames(),
+            vec![top_level_error(
+                error_name::AUTHORIZATION,
+                "token expired; send `refresh` with a new token"
+            )]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_routing_task_sweeps_expired_tokens_with_4003() {
+        let mut c = core(mesh());
+        let (_, expired) = c.open_as(Identity { expires_at: Some(1), ..identity("alice") });
+        let (_, fresh) = c.open("bob");
+        let routing = c.run(Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        // Swept at once and again a second later: the session stays registered until its
+        // connection task ends, and a close is idempotent.
+        let closes = expired.closes();
+        assert!(!closes.is_empty());
+        assert!(closes.iter().all(|c| *c == (4003, "token expired".to_owned())), "{closes:?}");
+        assert!(fresh.closes().is_empty());
+        c.shutdown.cancel();
+        routing.await.expect("routing task");
+        assert_eq!(fresh.closes(), vec![(1001, "gateway shutting down".to_owned())]);
+    }
+
+    #[tokio::test]
+    async fn mesh_inbound_is_routed_by_the_routing_task() {
+        let mut c = core(mesh());
+        let (_, alice) = c.open("alice");
+        let (_, alice2) = c.open("alice");
+        let (bob_sid, bob) = c.open("bob");
+        assert!(c.frame(&bob_sid, json!({"type": "subscribe", "payload": {"topics": ["news.#"]}})));
+        let routing = c.run(Duration::from_secs(1));
+        let event = |topic: &str, event: Value| json!({"type": "event", "payload": {"topic": topic, "event": event}});
+
+        let (tx, rx) = oneshot::channel();
+        let op = GatewayControl::PushToUsers {
+            user_ids: vec![UserId::new("alice")],
+            topic: "t".into(),
+            event: json!(1),
+        };
+        c.inbound.send(MeshInbound::Control { op, reply: Some(tx) }).await.expect("sent");
+        assert_eq!(rx.await.expect("outcome").sessions, 2);
+        assert_eq!(
+            (alice.frames(), alice2.frames()),
+            (vec![event("t", json!(1))], vec![event("t", json!(1))])
+        );
+
+        let news = MeshEvent {
+            topic: "news.sport".into(),
+            event: json!("goal"),
+            target: None,
+            context: Default::default(),
+            trace_id: None,
+        };
+        c.inbound.send(MeshInbound::Event(news)).await.expect("sent");
+        let (tx, rx) = oneshot::channel();
+        let op = GatewayControl::DisconnectUsers {
+            user_ids: vec![UserId::new("alice")],
+            reason: "bye".into(),
+        };
+        c.inbound.send(MeshInbound::Control { op, reply: Some(tx) }).await.expect("sent");
+        assert_eq!(rx.await.expect("outcome").sessions, 2);
+        assert_eq!(alice.closes(), vec![(4001, "bye".to_owned())]);
+        assert_eq!(bob.frames()[1..], [event("news.sport", json!("goal"))]);
+
+        let (tx, rx) = oneshot::channel();
+        c.inbound.send(MeshInbound::Stats { reply: tx }).await.expect("sent");
+        let stats = rx.await.expect("stats");
+        // Only mesh events count as delivered events; pushes answer with their own count.
+        assert_eq!((stats.sessions, stats.users, stats.events_delivered), (3, 2, 1));
+
+        c.shutdown.cancel();
+        routing.await.expect("routing task");
     }
 }

@@ -1,8 +1,10 @@
 //! `HandlerManager`: the registry of live sessions, by id and by user, with their topic
-//! subscriptions, and the fan-out paths (one session, a set of users, subscribers, all).
+//! subscriptions, and the fan-out paths (a set of users, subscribers, all).
+//! [`SessionHandle`] is one session's way out, with the slow-client policy; a pending call
+//! holds one, so its answer goes to its session without passing through the registry.
 //!
 //! Locking: one `RwLock` over the registry, held only to look up or change entries, never
-//! across `.await` and never while calling into a `Handler` (handlers are collected first,
+//! across `.await` and never while calling into a `Handler` (handles are collected first,
 //! then sent to outside the lock).
 
 use std::collections::{HashMap, HashSet};
@@ -10,7 +12,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::auth::Identity;
-use crate::handler::{CloseCode, CloseReason, Handler, Outbound, SendError, SharedFrame};
+use crate::error::CoreError;
+use crate::handler::{CloseReason, Handler, Outbound, SendError, SharedFrame};
 use crate::ids::{SessionId, UserId};
 use crate::topic::{TopicPattern, pattern_covers};
 
@@ -34,8 +37,56 @@ impl Default for HandlerManagerConfig {
 /// A live session as the registry keeps it.
 struct Session {
     identity: Arc<Identity>,
-    handler: Arc<dyn Handler>,
+    handle: SessionHandle,
     subscriptions: Vec<TopicPattern>,
+}
+
+/// Frames queued and dropped, shared by every [`SessionHandle`] of one registry.
+#[derive(Default)]
+struct FrameCounters {
+    sent: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// One session's way out: its [`Handler`] with the slow-client policy applied on every
+/// send. Taken from the registry ([`HandlerManager::session`]) and cheap to clone; a call
+/// in flight keeps one to answer its session directly.
+#[derive(Clone)]
+pub struct SessionHandle {
+    session_id: SessionId,
+    handler: Arc<dyn Handler>,
+    counters: Arc<FrameCounters>,
+}
+
+impl SessionHandle {
+    pub fn session_id(&self) -> &SessionId {
+        &self.session_id
+    }
+
+    /// Queues a frame. Returns whether it was queued.
+    ///
+    /// Overload policy: a full outbound queue means the client does not keep up. The frame
+    /// is dropped, counted, and the session closed with 1013 so the client knows to
+    /// reconnect — nothing is lost silently, and one slow client never blocks the others.
+    pub fn send(&self, outbound: Outbound) -> bool {
+        match self.handler.send(outbound) {
+            Ok(()) => {
+                self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(SendError::Full) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                self.handler.close(CoreError::SlowClient.closing());
+                false
+            }
+            Err(SendError::Closed) => false,
+        }
+    }
+
+    /// Asks the session's connection to close (idempotent).
+    pub fn close(&self, reason: CloseReason) {
+        self.handler.close(reason);
+    }
 }
 
 #[derive(Default)]
@@ -49,40 +100,12 @@ struct Registry {
     by_user: HashMap<UserId, HashSet<SessionId>>,
 }
 
-/// Registering a session failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RegisterError {
-    #[error("gateway shutting down")]
-    Closed,
-}
-
-/// Replacing a session's identity failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RefreshError {
-    #[error("unknown session")]
-    UnknownSession,
-    #[error("the new token belongs to another user")]
-    OtherUser,
-}
-
-/// Subscribing failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SubscribeError {
-    #[error("unknown session")]
-    UnknownSession,
-    #[error("topic pattern `{0}` is not open to subscription")]
-    NotAllowed(String),
-    #[error("at most {0} subscriptions per session")]
-    TooMany(usize),
-}
-
 /// Session registry and fan-out.
 pub struct HandlerManager {
     config: HandlerManagerConfig,
     registry: RwLock<Registry>,
     high_water: AtomicUsize,
-    frames_sent: AtomicU64,
-    frames_dropped: AtomicU64,
+    counters: Arc<FrameCounters>,
 }
 
 impl HandlerManager {
@@ -91,8 +114,7 @@ impl HandlerManager {
             config,
             registry: RwLock::new(Registry::default()),
             high_water: AtomicUsize::new(0),
-            frames_sent: AtomicU64::new(0),
-            frames_dropped: AtomicU64::new(0),
+            counters: Arc::default(),
         }
     }
 
@@ -113,16 +135,21 @@ impl HandlerManager {
         session_id: SessionId,
         identity: Identity,
         handler: Arc<dyn Handler>,
-    ) -> Result<(), RegisterError> {
+    ) -> Result<(), CoreError> {
         let identity = Arc::new(identity);
         let count = {
             let mut reg = self.write();
             if reg.closed {
-                return Err(RegisterError::Closed);
+                return Err(CoreError::ShuttingDown);
             }
             reg.by_user.entry(identity.user_id.clone()).or_default().insert(session_id.clone());
+            let handle = SessionHandle {
+                session_id: session_id.clone(),
+                handler,
+                counters: Arc::clone(&self.counters),
+            };
             reg.sessions
-                .insert(session_id, Session { identity, handler, subscriptions: Vec::new() });
+                .insert(session_id, Session { identity, handle, subscriptions: Vec::new() });
             reg.sessions.len()
         };
         let previous = self.high_water.fetch_max(count, Ordering::Relaxed);
@@ -146,9 +173,11 @@ impl HandlerManager {
         Some(session.identity)
     }
 
-    /// The identity of a live session.
-    pub fn identity(&self, session_id: &SessionId) -> Option<Arc<Identity>> {
-        self.read().sessions.get(session_id).map(|s| Arc::clone(&s.identity))
+    /// A live session's identity and handle.
+    pub fn session(&self, session_id: &SessionId) -> Option<(Arc<Identity>, SessionHandle)> {
+        let reg = self.read();
+        let s = reg.sessions.get(session_id)?;
+        Some((Arc::clone(&s.identity), s.handle.clone()))
     }
 
     pub fn session_count(&self) -> usize {
@@ -165,12 +194,12 @@ impl HandlerManager {
     }
 
     pub fn frames_sent(&self) -> u64 {
-        self.frames_sent.load(Ordering::Relaxed)
+        self.counters.sent.load(Ordering::Relaxed)
     }
 
     /// Frames not delivered because a session's queue was full (the session is then closed).
     pub fn frames_dropped(&self) -> u64 {
-        self.frames_dropped.load(Ordering::Relaxed)
+        self.counters.dropped.load(Ordering::Relaxed)
     }
 
     /// Sessions of a user.
@@ -178,23 +207,14 @@ impl HandlerManager {
         self.read().by_user.get(user).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
 
-    /// Sends to one session. Returns whether it was queued.
-    pub fn send_to_session(&self, session_id: &SessionId, outbound: Outbound) -> bool {
-        let handler = self.read().sessions.get(session_id).map(|s| Arc::clone(&s.handler));
-        match handler {
-            Some(h) => self.deliver(&h, outbound),
-            None => false,
-        }
-    }
-
     /// Sends one frame to every session of these users. Returns the sessions reached.
     pub fn send_to_users(&self, users: &[UserId], frame: Arc<SharedFrame>) -> usize {
-        let handlers = self.handlers_of(users);
-        self.deliver_all(&handlers, &frame)
+        let handles = self.handles_of(users);
+        self.deliver_all(&handles, &frame)
     }
 
-    /// The handlers of every session of these users (each user counted once).
-    fn handlers_of(&self, users: &[UserId]) -> Vec<Arc<dyn Handler>> {
+    /// The handles of every session of these users (each user counted once).
+    fn handles_of(&self, users: &[UserId]) -> Vec<SessionHandle> {
         let reg = self.read();
         let mut seen = HashSet::new();
         users
@@ -202,28 +222,28 @@ impl HandlerManager {
             .filter(|u| seen.insert(*u))
             .filter_map(|u| reg.by_user.get(u))
             .flatten()
-            .filter_map(|sid| reg.sessions.get(sid).map(|s| Arc::clone(&s.handler)))
+            .filter_map(|sid| reg.sessions.get(sid).map(|s| s.handle.clone()))
             .collect()
     }
 
     /// Sends one frame to every session. Returns the sessions reached.
     pub fn send_to_all(&self, frame: Arc<SharedFrame>) -> usize {
-        let handlers: Vec<Arc<dyn Handler>> =
-            self.read().sessions.values().map(|s| Arc::clone(&s.handler)).collect();
-        self.deliver_all(&handlers, &frame)
+        let handles: Vec<SessionHandle> =
+            self.read().sessions.values().map(|s| s.handle.clone()).collect();
+        self.deliver_all(&handles, &frame)
     }
 
     /// Sends one frame to every session subscribed to a pattern matching `topic`.
     pub fn send_to_subscribers(&self, topic: &str, frame: Arc<SharedFrame>) -> usize {
         let words: Vec<&str> = topic.split('.').collect();
-        let handlers: Vec<Arc<dyn Handler>> = self
+        let handles: Vec<SessionHandle> = self
             .read()
             .sessions
             .values()
             .filter(|s| s.subscriptions.iter().any(|p| p.matches(&words)))
-            .map(|s| Arc::clone(&s.handler))
+            .map(|s| s.handle.clone())
             .collect();
-        self.deliver_all(&handlers, &frame)
+        self.deliver_all(&handles, &frame)
     }
 
     /// Replaces a session's identity with a refreshed one of the same user.
@@ -231,11 +251,11 @@ impl HandlerManager {
         &self,
         session_id: &SessionId,
         identity: Identity,
-    ) -> Result<(), RefreshError> {
+    ) -> Result<(), CoreError> {
         let mut reg = self.write();
-        let session = reg.sessions.get_mut(session_id).ok_or(RefreshError::UnknownSession)?;
+        let session = reg.sessions.get_mut(session_id).ok_or(CoreError::UnknownSession)?;
         if session.identity.user_id != identity.user_id {
-            return Err(RefreshError::OtherUser);
+            return Err(CoreError::OtherUser);
         }
         session.identity = Arc::new(identity);
         Ok(())
@@ -244,17 +264,18 @@ impl HandlerManager {
     /// Closes every session whose token expired at or before `now` (Unix seconds) with
     /// 4003. Returns how many.
     pub fn close_expired(&self, now: u64) -> usize {
-        let handlers: Vec<Arc<dyn Handler>> = self
+        let handles: Vec<SessionHandle> = self
             .read()
             .sessions
             .values()
             .filter(|s| s.identity.expires_at.is_some_and(|e| e <= now))
-            .map(|s| Arc::clone(&s.handler))
+            .map(|s| s.handle.clone())
             .collect();
-        for h in &handlers {
-            h.close(CloseReason::new(CloseCode::TokenExpired, "token expired"));
+        let reason = CoreError::TokenExpired.closing();
+        for h in &handles {
+            h.close(reason.clone());
         }
-        handlers.len()
+        handles.len()
     }
 
     /// Adds topic patterns to a session; returns its subscriptions afterwards. Every
@@ -263,13 +284,13 @@ impl HandlerManager {
         &self,
         session_id: &SessionId,
         topics: &[String],
-    ) -> Result<Vec<String>, SubscribeError> {
+    ) -> Result<Vec<String>, CoreError> {
         let mut reg = self.write();
-        let session = reg.sessions.get_mut(session_id).ok_or(SubscribeError::UnknownSession)?;
+        let session = reg.sessions.get_mut(session_id).ok_or(CoreError::UnknownSession)?;
         if let Some(refused) =
             topics.iter().find(|t| !self.may_subscribe(&session.identity.user_id, t))
         {
-            return Err(SubscribeError::NotAllowed(refused.clone()));
+            return Err(CoreError::NotSubscribable(refused.clone()));
         }
         let new: Vec<&String> = {
             let mut seen = HashSet::new();
@@ -282,7 +303,7 @@ impl HandlerManager {
                 .collect()
         };
         if session.subscriptions.len() + new.len() > self.config.max_subscriptions_per_session {
-            return Err(SubscribeError::TooMany(self.config.max_subscriptions_per_session));
+            return Err(CoreError::TooManySubscriptions(self.config.max_subscriptions_per_session));
         }
         session.subscriptions.extend(new.into_iter().map(|t| TopicPattern::new(t)));
         Ok(session.subscriptions.iter().map(|p| p.as_str().to_owned()).collect())
@@ -307,17 +328,17 @@ impl HandlerManager {
         &self,
         session_id: &SessionId,
         topics: &[String],
-    ) -> Result<Vec<String>, SubscribeError> {
+    ) -> Result<Vec<String>, CoreError> {
         let mut reg = self.write();
-        let session = reg.sessions.get_mut(session_id).ok_or(SubscribeError::UnknownSession)?;
+        let session = reg.sessions.get_mut(session_id).ok_or(CoreError::UnknownSession)?;
         session.subscriptions.retain(|p| !topics.iter().any(|t| t == p.as_str()));
         Ok(session.subscriptions.iter().map(|p| p.as_str().to_owned()).collect())
     }
 
     /// Closes one session (it unregisters itself when its connection ends).
     pub fn close_session(&self, session_id: &SessionId, reason: CloseReason) -> bool {
-        let handler = self.read().sessions.get(session_id).map(|s| Arc::clone(&s.handler));
-        match handler {
+        let handle = self.read().sessions.get(session_id).map(|s| s.handle.clone());
+        match handle {
             Some(h) => {
                 h.close(reason);
                 true
@@ -328,52 +349,31 @@ impl HandlerManager {
 
     /// Closes every session of these users. Returns the sessions closed.
     pub fn close_users(&self, users: &[UserId], reason: CloseReason) -> usize {
-        let handlers = self.handlers_of(users);
-        for h in &handlers {
+        let handles = self.handles_of(users);
+        for h in &handles {
             h.close(reason.clone());
         }
-        handlers.len()
+        handles.len()
     }
 
     /// Closes every session, and refuses new ones from now on.
     pub fn close_all(&self, reason: CloseReason) -> usize {
-        let handlers: Vec<Arc<dyn Handler>> = {
+        let handles: Vec<SessionHandle> = {
             let mut reg = self.write();
             reg.closed = true;
-            reg.sessions.values().map(|s| Arc::clone(&s.handler)).collect()
+            reg.sessions.values().map(|s| s.handle.clone()).collect()
         };
-        for h in &handlers {
+        for h in &handles {
             h.close(reason.clone());
         }
-        handlers.len()
+        handles.len()
     }
 
-    fn deliver_all(&self, handlers: &[Arc<dyn Handler>], frame: &Arc<SharedFrame>) -> usize {
-        handlers
+    fn deliver_all(&self, handles: &[SessionHandle], frame: &Arc<SharedFrame>) -> usize {
+        handles
             .iter()
-            .filter(|h| self.deliver(h, Outbound { frame: Arc::clone(frame), encoding: None }))
+            .filter(|h| h.send(Outbound { frame: Arc::clone(frame), encoding: None }))
             .count()
-    }
-
-    /// Overload policy: a full outbound queue means the client does not keep up. The frame
-    /// is dropped, counted, and the session closed with 1013 so the client knows to
-    /// reconnect — nothing is lost silently, and one slow client never blocks the others.
-    fn deliver(&self, handler: &Arc<dyn Handler>, outbound: Outbound) -> bool {
-        match handler.send(outbound) {
-            Ok(()) => {
-                self.frames_sent.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(SendError::Full) => {
-                self.frames_dropped.fetch_add(1, Ordering::Relaxed);
-                handler.close(CloseReason::new(
-                    CloseCode::TryAgainLater,
-                    "outbound queue full: client too slow",
-                ));
-                false
-            }
-            Err(SendError::Closed) => false,
-        }
     }
 }
 
@@ -385,6 +385,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::handler::CloseCode;
 
     /// A handler that records what it is given; `capacity` frames fit before `Full`.
     #[derive(Default)]
@@ -486,12 +487,9 @@ mod tests {
         );
         assert_eq!(m.send_to_all(frame()), 4);
         assert_eq!(r["s3"].count(), 1);
-        assert!(
-            m.send_to_session(&SessionId::new("s3"), Outbound { frame: frame(), encoding: None })
-        );
-        assert!(
-            !m.send_to_session(&SessionId::new("zz"), Outbound { frame: frame(), encoding: None })
-        );
+        let (_, s3) = m.session(&SessionId::new("s3")).expect("live");
+        assert!(s3.send(Outbound { frame: frame(), encoding: None }));
+        assert!(m.session(&SessionId::new("zz")).is_none());
         assert_eq!(m.frames_sent(), 8);
     }
 
@@ -516,7 +514,7 @@ mod tests {
         m.register(SessionId::new("b"), expiring("u2", 200), b.clone()).expect("register");
         assert_eq!(
             m.refresh_identity(&SessionId::new("a"), expiring("u2", 500)),
-            Err(RefreshError::OtherUser)
+            Err(CoreError::OtherUser)
         );
         assert_eq!(m.close_expired(99), 0);
         assert_eq!(m.close_expired(100), 1);
@@ -524,10 +522,10 @@ mod tests {
         assert_eq!(m.refresh_identity(&SessionId::new("b"), expiring("u2", 500)), Ok(()));
         assert_eq!(m.close_expired(300), 1, "a is still registered until its task unregisters it");
         assert!(b.closed().is_empty(), "the refreshed session lives on");
-        assert_eq!(m.identity(&SessionId::new("b")).and_then(|i| i.expires_at), Some(500));
+        assert_eq!(m.session(&SessionId::new("b")).and_then(|(i, _)| i.expires_at), Some(500));
         assert_eq!(
             m.refresh_identity(&SessionId::new("zz"), expiring("u2", 1)),
-            Err(RefreshError::UnknownSession)
+            Err(CoreError::UnknownSession)
         );
     }
 
@@ -550,11 +548,11 @@ mod tests {
         assert_eq!((a.count(), b.count()), (1, 2));
         assert_eq!(
             m.subscribe(&SessionId::new("a"), &["x".into(), "y".into()]),
-            Err(SubscribeError::TooMany(2))
+            Err(CoreError::TooManySubscriptions(2))
         );
         assert_eq!(m.unsubscribe(&SessionId::new("a"), &["news.*".into()]), Ok(vec![]));
         assert_eq!(m.send_to_subscribers("news.sport", frame()), 1);
-        assert_eq!(m.subscribe(&SessionId::new("zz"), &[]), Err(SubscribeError::UnknownSession));
+        assert_eq!(m.subscribe(&SessionId::new("zz"), &[]), Err(CoreError::UnknownSession));
     }
 
     #[test]
@@ -585,7 +583,7 @@ mod tests {
         // All or nothing: one refused pattern refuses the frame.
         assert_eq!(
             m.subscribe(&a, &["news.a".into(), "secret".into()]),
-            Err(SubscribeError::NotAllowed("secret".into()))
+            Err(CoreError::NotSubscribable("secret".into()))
         );
         // A user id that is a wildcard cannot widen `{user_id}`.
         assert!(m.subscribe(&SessionId::new("w"), &["users.*.notify".into()]).is_err());
@@ -598,7 +596,7 @@ mod tests {
         m.close_all(CloseReason::new(CloseCode::GoingAway, ""));
         assert_eq!(
             m.register(SessionId::new("late"), identity("u"), Arc::new(Recorder::default())),
-            Err(RegisterError::Closed)
+            Err(CoreError::ShuttingDown)
         );
     }
 

@@ -77,31 +77,10 @@ impl MeshError {
         }
     }
 
-    /// The NuroPb error object a client sees for this failure. The one mapping from mesh
-    /// failures to client-visible errors.
+    /// The NuroPb error object a client sees for this failure (for adapters that answer a
+    /// call themselves). The mapping is [`crate::CoreError::to_error_object`]'s.
     pub fn to_error_object(&self) -> ErrorObject {
-        use nuropb_wire::mesh::error_name as n;
-        match self {
-            // Exactly nuropb's text (§6.2), so clients of nuropb-gw see no difference.
-            MeshError::NotDelivered { service, method } => ErrorObject::new(
-                n::NOT_DELIVERED,
-                format!("Service {service} not available. unable to call method {method}"),
-            ),
-            MeshError::Timeout(d) => ErrorObject::new(
-                n::TIMEOUT,
-                format!("no response from the service within {} ms", d.as_millis()),
-            ),
-            MeshError::Unavailable(why) => {
-                ErrorObject::new(n::TRANSPORT, format!("mesh unavailable: {why}"))
-            }
-            MeshError::Rejected(why) => ErrorObject::new(n::VALIDATION, why.clone()),
-            MeshError::Encryption(why) => {
-                ErrorObject::new(n::TRANSPORT, format!("encryption failed: {why}"))
-            }
-            MeshError::ResponseTooLarge { .. } => {
-                ErrorObject::new(n::LIMIT_EXCEEDED, self.to_string())
-            }
-        }
+        crate::error::mesh_error_object(self)
     }
 }
 

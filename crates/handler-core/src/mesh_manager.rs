@@ -1,23 +1,25 @@
 //! `ServiceMeshManager`: turns client calls into mesh calls, bounds and tracks the pending
-//! ones per session, and routes each outcome back to its session through the channel given
-//! at construction (the coordinator delivers it). A closed session's pending calls are
-//! cancelled; their late responses are dropped by the mesh adapter.
+//! ones per session, and runs each in a tracked task that answers its session itself,
+//! through the [`SessionHandle`] given with the call (so the slow-client policy applies
+//! there too). A closed session's pending calls are cancelled; their late responses are
+//! dropped by the mesh adapter.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use nuropb_wire::JsonObject;
 use nuropb_wire::client::{ClientCall, Encoding, ServerFrame, ServerMessage};
-use nuropb_wire::mesh::error_name;
-use nuropb_wire::{ErrorObject, JsonObject};
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::auth::Identity;
+use crate::error::CoreError;
+use crate::handler::{Outbound, SharedFrame};
+use crate::handler_manager::SessionHandle;
 use crate::ids::{SessionId, TraceId};
 use crate::mesh::{MeshCall, MeshError, ServiceMesh};
 
@@ -47,38 +49,6 @@ impl Default for MeshManagerConfig {
     }
 }
 
-/// An outcome to deliver to one session.
-#[derive(Debug)]
-pub struct SessionDelivery {
-    pub session_id: SessionId,
-    pub frame: ServerFrame,
-    pub encoding: Encoding,
-}
-
-/// A call was refused before reaching the mesh.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SubmitError {
-    #[error("too many requests in flight for this connection (limit {0})")]
-    SessionLimit(usize),
-    #[error("gateway overloaded: too many requests in flight (limit {0})")]
-    GatewayLimit(usize),
-    #[error("gateway shutting down")]
-    ShuttingDown,
-    #[error("service {0} cannot be called through the gateway")]
-    Reserved(String),
-}
-
-impl SubmitError {
-    pub fn to_error_object(&self) -> ErrorObject {
-        let name = match self {
-            SubmitError::SessionLimit(_) | SubmitError::GatewayLimit(_) => error_name::OVERLOADED,
-            SubmitError::ShuttingDown => error_name::TRANSPORT,
-            SubmitError::Reserved(_) => error_name::AUTHORIZATION,
-        };
-        ErrorObject::new(name, self.to_string())
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 enum CallKind {
     Request,
@@ -103,7 +73,6 @@ pub struct ServiceMeshManager {
     mesh: Arc<dyn ServiceMesh>,
     config: MeshManagerConfig,
     pending: Arc<Mutex<Pending>>,
-    deliveries: mpsc::Sender<SessionDelivery>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     // Fired at the drain deadline: calls still pending end with an error response.
@@ -144,12 +113,10 @@ fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
 }
 
 impl ServiceMeshManager {
-    /// `deliveries` carries every outcome back to the coordinator; `tracker` tracks the
-    /// per-call tasks so shutdown can drain them.
+    /// `tracker` tracks the per-call tasks so shutdown can drain them.
     pub fn new(
         mesh: Arc<dyn ServiceMesh>,
         config: MeshManagerConfig,
-        deliveries: mpsc::Sender<SessionDelivery>,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
@@ -157,7 +124,6 @@ impl ServiceMeshManager {
             mesh,
             config,
             pending: Arc::new(Mutex::new(Pending::default())),
-            deliveries,
             tracker,
             shutdown,
             abort: CancellationToken::new(),
@@ -192,23 +158,20 @@ impl ServiceMeshManager {
     }
 
     /// Takes an in-flight slot for the session, or says why not.
-    fn acquire(
-        &self,
-        session_id: &SessionId,
-    ) -> Result<(SlotGuard, CancellationToken), SubmitError> {
+    fn acquire(&self, session_id: &SessionId) -> Result<(SlotGuard, CancellationToken), CoreError> {
         if self.shutdown.is_cancelled() {
-            return Err(SubmitError::ShuttingDown);
+            return Err(CoreError::ShuttingDown);
         }
         let mut p = lock(&self.pending);
         if p.total >= self.config.max_in_flight_total {
-            return Err(SubmitError::GatewayLimit(self.config.max_in_flight_total));
+            return Err(CoreError::GatewayLimit(self.config.max_in_flight_total));
         }
         let entry = p
             .sessions
             .entry(session_id.clone())
             .or_insert_with(|| PendingSession { in_flight: 0, cancel: CancellationToken::new() });
         if entry.in_flight >= self.config.max_in_flight_per_session {
-            return Err(SubmitError::SessionLimit(self.config.max_in_flight_per_session));
+            return Err(CoreError::SessionLimit(self.config.max_in_flight_per_session));
         }
         entry.in_flight += 1;
         let cancel = entry.cancel.clone();
@@ -240,40 +203,40 @@ impl ServiceMeshManager {
     }
 
     /// Submits a request. Its outcome (response, service error, timeout, mesh failure) is
-    /// delivered later as one `response` frame. Returns the trace id used.
+    /// sent to `session` later as one `response` frame. Returns the trace id used.
     pub fn request(
         &self,
-        session_id: &SessionId,
+        session: &SessionHandle,
         identity: &Identity,
         call: ClientCall,
         encoding: Encoding,
-    ) -> Result<TraceId, SubmitError> {
-        self.submit(session_id, identity, call, encoding, CallKind::Request)
+    ) -> Result<TraceId, CoreError> {
+        self.submit(session, identity, call, encoding, CallKind::Request)
     }
 
-    /// Publishes a command. Delivers `accepted` once published, or an error `response`.
+    /// Publishes a command. Sends `accepted` once published, or an error `response`.
     pub fn command(
         &self,
-        session_id: &SessionId,
+        session: &SessionHandle,
         identity: &Identity,
         call: ClientCall,
         encoding: Encoding,
-    ) -> Result<TraceId, SubmitError> {
-        self.submit(session_id, identity, call, encoding, CallKind::Command)
+    ) -> Result<TraceId, CoreError> {
+        self.submit(session, identity, call, encoding, CallKind::Command)
     }
 
     fn submit(
         &self,
-        session_id: &SessionId,
+        session: &SessionHandle,
         identity: &Identity,
         call: ClientCall,
         encoding: Encoding,
         kind: CallKind,
-    ) -> Result<TraceId, SubmitError> {
+    ) -> Result<TraceId, CoreError> {
         if self.config.reserved_services.contains(&call.service) {
-            return Err(SubmitError::Reserved(call.service));
+            return Err(CoreError::Reserved(call.service));
         }
-        let (slot, cancel) = self.acquire(session_id)?;
+        let (slot, cancel) = self.acquire(session.session_id())?;
         let call = Self::mesh_call(identity, call);
         let trace_id = call.trace_id.clone();
         match kind {
@@ -281,15 +244,14 @@ impl ServiceMeshManager {
             CallKind::Command => self.counters.commands.fetch_add(1, Ordering::Relaxed),
         };
         let mesh = Arc::clone(&self.mesh);
-        let deliveries = self.deliveries.clone();
         let counters = Arc::clone(&self.counters);
         let abort = self.abort.clone();
         let timeout = self.config.request_timeout;
-        let session_id = session_id.clone();
+        let session = session.clone();
         let span = tracing::debug_span!(
             "mesh_call",
             kind = ?kind,
-            session.id = %session_id,
+            session.id = %session.session_id(),
             trace_id = %call.trace_id,
             service = %call.service,
             method = %call.method,
@@ -343,14 +305,16 @@ impl ServiceMeshManager {
                         ServerMessage::Response {
                             trace_id: reply_trace,
                             result: Value::Null,
-                            error: Some(e.to_error_object()),
+                            error: Some(CoreError::from(e).to_error_object()),
                         }
                     }
                 };
-                let frame = ServerFrame::Message(message);
-                // The coordinator only stops reading at shutdown; a lost delivery then is
-                // moot because the connection is closing too.
-                let _ = deliveries.send(SessionDelivery { session_id, frame, encoding }).await;
+                let frame = SharedFrame::new(ServerFrame::Message(message));
+                // Straight into the session's queue (try-send, slow-client policy). Not
+                // queued means the session is gone or was just closed as too slow.
+                if !session.send(Outbound { frame, encoding: Some(encoding) }) {
+                    tracing::debug!("outcome for a closed session dropped");
+                }
             }
             .instrument(span),
         );
@@ -379,8 +343,36 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::handler::{CloseReason, Handler, SendError};
+    use crate::handler_manager::{HandlerManager, HandlerManagerConfig};
     use crate::ids::UserId;
     use crate::mesh::{MeshResponse, MockServiceMesh};
+    use tokio::sync::mpsc;
+
+    /// A connection whose outbound queue the test reads.
+    struct Queue(mpsc::Sender<Outbound>);
+
+    impl Handler for Queue {
+        fn send(&self, outbound: Outbound) -> Result<(), SendError> {
+            self.0.try_send(outbound).map_err(|_| SendError::Full)
+        }
+        fn close(&self, _: CloseReason) {}
+    }
+
+    /// Registers a session and returns its handle and what it is sent.
+    fn session(registry: &HandlerManager, id: &str) -> (SessionHandle, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(16);
+        let sid = SessionId::new(id);
+        registry.register(sid.clone(), identity(), Arc::new(Queue(tx))).expect("register");
+        let (_, handle) = registry.session(&sid).expect("registered");
+        (handle, rx)
+    }
+
+    fn registry() -> HandlerManager {
+        HandlerManager::new(HandlerManagerConfig::default())
+    }
+    use nuropb_wire::ErrorObject;
+    use nuropb_wire::mesh::error_name;
 
     fn identity() -> Identity {
         Identity {
@@ -400,24 +392,17 @@ mod tests {
         }
     }
 
-    fn manager(
-        mesh: MockServiceMesh,
-        config: MeshManagerConfig,
-    ) -> (ServiceMeshManager, mpsc::Receiver<SessionDelivery>, TaskTracker) {
-        let (tx, rx) = mpsc::channel(16);
-        let tracker = TaskTracker::new();
-        let m = ServiceMeshManager::new(
+    fn manager(mesh: MockServiceMesh, config: MeshManagerConfig) -> ServiceMeshManager {
+        ServiceMeshManager::new(
             Arc::new(mesh),
             config,
-            tx,
-            tracker.clone(),
+            TaskTracker::new(),
             CancellationToken::new(),
-        );
-        (m, rx, tracker)
+        )
     }
 
-    fn response_of(d: &SessionDelivery) -> (Option<String>, Value, Option<ErrorObject>) {
-        match &d.frame {
+    fn response_of(d: &Outbound) -> (Option<String>, Value, Option<ErrorObject>) {
+        match d.frame.frame() {
             ServerFrame::Message(ServerMessage::Response { trace_id, result, error }) => {
                 (trace_id.clone(), result.clone(), error.clone())
             }
@@ -436,13 +421,15 @@ mod tests {
             assert_eq!(call.context.len(), 3);
             Ok(MeshResponse { result: json!(42), error: None })
         });
-        let (m, mut rx, _) = manager(mesh, MeshManagerConfig::default());
-        let sid = SessionId::new("s1");
-        let trace = m.request(&sid, &identity(), call(Some("t1")), Encoding::MessagePack);
+        let m = manager(mesh, MeshManagerConfig::default());
+        let reg = registry();
+        let (s1, mut rx) = session(&reg, "s1");
+        let (_s2, mut other) = session(&reg, "s2");
+        let trace = m.request(&s1, &identity(), call(Some("t1")), Encoding::MessagePack);
         assert_eq!(trace, Ok(TraceId::new("t1")));
         let d = rx.recv().await.expect("delivery");
-        assert_eq!(d.session_id, sid);
-        assert_eq!(d.encoding, Encoding::MessagePack);
+        assert!(other.try_recv().is_err(), "only the caller's session is answered");
+        assert_eq!(d.encoding, Some(Encoding::MessagePack));
         assert_eq!(response_of(&d), (Some("t1".into()), json!(42), None));
         tokio::task::yield_now().await;
         assert_eq!(m.in_flight(), 0);
@@ -452,12 +439,13 @@ mod tests {
     async fn mesh_timeout_becomes_a_timeout_response() {
         let mut mesh = MockServiceMesh::new();
         mesh.expect_request().returning(|_, _| Err(MeshError::Timeout(Duration::from_secs(1))));
-        let (m, mut rx, _) = manager(
+        let m = manager(
             mesh,
             MeshManagerConfig { request_timeout: Duration::from_secs(1), ..Default::default() },
         );
-        m.request(&SessionId::new("s"), &identity(), call(None), Encoding::Json)
-            .expect("submitted");
+        let reg = registry();
+        let (s, mut rx) = session(&reg, "s");
+        m.request(&s, &identity(), call(None), Encoding::Json).expect("submitted");
         let d = rx.recv().await.expect("delivery");
         let (trace, result, error) = response_of(&d);
         assert!(trace.is_some_and(|t| t.len() == 32), "generated trace id");
@@ -498,19 +486,20 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn timeout_under_paused_time_and_session_close_drops_pending_state() {
         let dropped = Arc::new(AtomicUsize::new(0));
-        let (tx, mut rx) = mpsc::channel(16);
         let tracker = TaskTracker::new();
         let m = ServiceMeshManager::new(
             Arc::new(HangingMesh { dropped: Arc::clone(&dropped) }),
             MeshManagerConfig { request_timeout: Duration::from_secs(5), ..Default::default() },
-            tx,
             tracker.clone(),
             CancellationToken::new(),
         );
+        let reg = registry();
+        let (sa, mut rx_a) = session(&reg, "a");
+        let (sb, mut rx) = session(&reg, "b");
         let (a, b) = (SessionId::new("a"), SessionId::new("b"));
-        m.request(&a, &identity(), call(Some("a1")), Encoding::Json).expect("a1");
-        m.request(&a, &identity(), call(Some("a2")), Encoding::Json).expect("a2");
-        m.request(&b, &identity(), call(Some("b1")), Encoding::Json).expect("b1");
+        m.request(&sa, &identity(), call(Some("a1")), Encoding::Json).expect("a1");
+        m.request(&sa, &identity(), call(Some("a2")), Encoding::Json).expect("a2");
+        m.request(&sb, &identity(), call(Some("b1")), Encoding::Json).expect("b1");
         tokio::task::yield_now().await;
         assert_eq!((m.in_flight_for(&a), m.in_flight_for(&b), m.in_flight()), (2, 1, 3));
 
@@ -522,16 +511,15 @@ mod tests {
 
         // b's call times out after the deadline (outer guard: timeout + 250 ms).
         let d = rx.recv().await.expect("b1 delivery");
-        assert_eq!(d.session_id, b);
         assert_eq!(response_of(&d).2.map(|e| e.error), Some(error_name::TIMEOUT.to_owned()));
         tokio::time::sleep(Duration::from_millis(1)).await;
-        assert_eq!(m.in_flight(), 0);
-        assert!(rx.try_recv().is_err(), "no delivery for the closed session");
+        assert_eq!((m.in_flight(), m.in_flight_for(&b)), (0, 0));
+        assert!(rx.try_recv().is_err(), "one answer per call");
+        assert!(rx_a.try_recv().is_err(), "no delivery for the closed session");
     }
 
     #[tokio::test(start_paused = true)]
     async fn in_flight_limits_per_session_and_total() {
-        let (tx, _rx) = mpsc::channel(16);
         let m = ServiceMeshManager::new(
             Arc::new(HangingMesh { dropped: Arc::new(AtomicUsize::new(0)) }),
             MeshManagerConfig {
@@ -540,59 +528,55 @@ mod tests {
                 max_in_flight_total: 3,
                 ..Default::default()
             },
-            tx,
             TaskTracker::new(),
             CancellationToken::new(),
         );
-        let (a, b) = (SessionId::new("a"), SessionId::new("b"));
+        let reg = registry();
+        let ((a, _rx_a), (b, _rx_b)) = (session(&reg, "a"), session(&reg, "b"));
         let id = identity();
         assert!(m.request(&a, &id, call(None), Encoding::Json).is_ok());
         assert!(m.command(&a, &id, call(None), Encoding::Json).is_ok());
-        assert_eq!(
-            m.request(&a, &id, call(None), Encoding::Json),
-            Err(SubmitError::SessionLimit(2))
-        );
+        assert_eq!(m.request(&a, &id, call(None), Encoding::Json), Err(CoreError::SessionLimit(2)));
         assert!(m.request(&b, &id, call(None), Encoding::Json).is_ok());
-        assert_eq!(
-            m.request(&b, &id, call(None), Encoding::Json),
-            Err(SubmitError::GatewayLimit(3))
-        );
+        assert_eq!(m.request(&b, &id, call(None), Encoding::Json), Err(CoreError::GatewayLimit(3)));
     }
 
     #[tokio::test]
     async fn reserved_services_are_refused_before_the_mesh() {
-        let (m, _rx, _) = manager(
+        let m = manager(
             MockServiceMesh::new(), // any call to it would panic: no expectations
             MeshManagerConfig { reserved_services: vec!["gw".into()], ..Default::default() },
         );
+        let reg = registry();
+        let (a, _rx) = session(&reg, "a");
         let mut c = call(None);
         c.service = "gw".into();
-        let e = m.request(&SessionId::new("a"), &identity(), c.clone(), Encoding::Json);
-        assert_eq!(e, Err(SubmitError::Reserved("gw".into())));
+        let e = m.request(&a, &identity(), c.clone(), Encoding::Json);
+        assert_eq!(e, Err(CoreError::Reserved("gw".into())));
         assert_eq!(
             e.unwrap_err().to_error_object().error,
             error_name::AUTHORIZATION,
             "clients see an authorization error"
         );
-        assert!(m.command(&SessionId::new("a"), &identity(), c, Encoding::Json).is_err());
+        assert!(m.command(&a, &identity(), c, Encoding::Json).is_err());
         assert_eq!(m.in_flight(), 0);
     }
 
     #[tokio::test]
     async fn shutdown_refuses_new_calls() {
-        let (tx, _rx) = mpsc::channel(1);
         let shutdown = CancellationToken::new();
         let m = ServiceMeshManager::new(
             Arc::new(MockServiceMesh::new()),
             MeshManagerConfig::default(),
-            tx,
             TaskTracker::new(),
             shutdown.clone(),
         );
+        let reg = registry();
+        let (a, _rx) = session(&reg, "a");
         shutdown.cancel();
         assert_eq!(
-            m.request(&SessionId::new("a"), &identity(), call(None), Encoding::Json),
-            Err(SubmitError::ShuttingDown)
+            m.request(&a, &identity(), call(None), Encoding::Json),
+            Err(CoreError::ShuttingDown)
         );
     }
 }

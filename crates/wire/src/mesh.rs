@@ -346,6 +346,11 @@ pub mod error_name {
     pub const OVERLOADED: &str = "NuropbOverloadedError";
     /// A size or count bound was exceeded (client frame, or a response too large to send).
     pub const LIMIT_EXCEEDED: &str = "LimitExceeded";
+    /// The client sent frames faster than its per-connection rate allows; the frame was
+    /// dropped (a gateway name, not nuropb's).
+    pub const RATE_LIMITED: &str = "RateLimited";
+    /// A client frame that is not JSON / MessagePack at all.
+    pub const DECODE: &str = "DecodeError";
 }
 
 #[cfg(test)]

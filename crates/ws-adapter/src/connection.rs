@@ -23,6 +23,7 @@ use handler_core::{
     SharedFrame,
 };
 use nuropb_wire::client::{Encoding, ErrorFrame, ServerFrame, ServerMessage};
+use nuropb_wire::mesh::error_name;
 
 use crate::config::WsConfig;
 use crate::stats::WsStatsHandle;
@@ -287,7 +288,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     coordinator.on_frame(session_id, bytes, encoding)
                 } else {
                     let frame = ServerFrame::Error(ErrorFrame {
-                        error: "RateLimited".to_owned(),
+                        error: error_name::RATE_LIMITED.to_owned(),
                         description: format!(
                             "more than {} frames per second; frame dropped",
                             config.rate_per_second

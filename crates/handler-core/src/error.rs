@@ -1,0 +1,288 @@
+//! `CoreError`: everything the core refuses, fails or closes a session for that a client
+//! sees, and the one mapping from it to the wire error object and the close code.
+
+use nuropb_wire::ErrorObject;
+use nuropb_wire::client::ClientFrameError;
+use nuropb_wire::mesh::error_name;
+
+use crate::auth::AuthError;
+use crate::handler::{CloseCode, CloseReason};
+use crate::mesh::MeshError;
+
+/// A client-visible failure of the core. Messages describe this level only; a cause from
+/// another layer is the `#[source]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    /// The frame failed validation in the wire crate (which names the error).
+    #[error("bad client frame")]
+    BadFrame(#[source] ClientFrameError),
+    /// A call failed in the mesh before a service answered.
+    #[error("call failed")]
+    Mesh(#[source] MeshError),
+    #[error("too many requests in flight for this connection (limit {0})")]
+    SessionLimit(usize),
+    #[error("gateway overloaded: too many requests in flight (limit {0})")]
+    GatewayLimit(usize),
+    /// No new sessions or calls: the gateway is draining (and, as a close, 1001).
+    #[error("gateway shutting down")]
+    ShuttingDown,
+    /// The gateway's own service, for mesh peers only.
+    #[error("service {0} cannot be called through the gateway")]
+    Reserved(String),
+    /// The session's token expired and was not refreshed (as a close, 4003).
+    #[error("token expired")]
+    TokenExpired,
+    #[error("refresh refused")]
+    RefreshRefused(#[source] AuthError),
+    #[error("the new token belongs to another user")]
+    OtherUser,
+    #[error("unknown session")]
+    UnknownSession,
+    #[error("topic pattern `{0}` is not open to subscription")]
+    NotSubscribable(String),
+    #[error("at most {0} subscriptions per session")]
+    TooManySubscriptions(usize),
+    /// The session's outbound queue was full (closed with 1013).
+    #[error("outbound queue full: client too slow")]
+    SlowClient,
+    /// A mesh peer disconnected the user (`disconnect_user`, closed with 4001); the text is
+    /// the peer's.
+    #[error("{0}")]
+    Kicked(String),
+}
+
+impl From<MeshError> for CoreError {
+    fn from(e: MeshError) -> Self {
+        CoreError::Mesh(e)
+    }
+}
+
+impl From<ClientFrameError> for CoreError {
+    fn from(e: ClientFrameError) -> Self {
+        CoreError::BadFrame(e)
+    }
+}
+
+impl CoreError {
+    /// The NuroPb error object a client sees for this failure: the one mapping from core
+    /// (and mesh) failures to client-visible errors.
+    pub fn to_error_object(&self) -> ErrorObject {
+        use error_name as n;
+        let (name, description) = match self {
+            // The wire crate names its own validation errors (and knows their trace id).
+            CoreError::BadFrame(e) => return e.to_error_object(),
+            CoreError::Mesh(e) => return mesh_error_object(e),
+            CoreError::SessionLimit(_) | CoreError::GatewayLimit(_) | CoreError::SlowClient => {
+                (n::OVERLOADED, self.to_string())
+            }
+            CoreError::ShuttingDown => (n::TRANSPORT, self.to_string()),
+            CoreError::Reserved(_) | CoreError::OtherUser | CoreError::UnknownSession => {
+                (n::AUTHORIZATION, self.to_string())
+            }
+            CoreError::Kicked(_) => (n::AUTHORIZATION, self.to_string()),
+            // Said while the session still lives (before the once-a-second sweep), so the
+            // client learns how to keep it.
+            CoreError::TokenExpired => {
+                (n::AUTHORIZATION, "token expired; send `refresh` with a new token".to_owned())
+            }
+            CoreError::RefreshRefused(e) => (n::AUTHORIZATION, format!("refresh refused: {e}")),
+            CoreError::NotSubscribable(_) | CoreError::TooManySubscriptions(_) => {
+                (n::VALIDATION, self.to_string())
+            }
+        };
+        ErrorObject::new(name, description)
+    }
+
+    /// The close code when this failure ends the session; `None` when the session lives on
+    /// and only the frame is refused.
+    pub fn close_code(&self) -> Option<CloseCode> {
+        match self {
+            CoreError::ShuttingDown => Some(CloseCode::GoingAway),
+            CoreError::TokenExpired => Some(CloseCode::TokenExpired),
+            CoreError::SlowClient => Some(CloseCode::TryAgainLater),
+            CoreError::Kicked(_) => Some(CloseCode::Kicked),
+            CoreError::BadFrame(_)
+            | CoreError::Mesh(_)
+            | CoreError::SessionLimit(_)
+            | CoreError::GatewayLimit(_)
+            | CoreError::Reserved(_)
+            | CoreError::RefreshRefused(_)
+            | CoreError::OtherUser
+            | CoreError::UnknownSession
+            | CoreError::NotSubscribable(_)
+            | CoreError::TooManySubscriptions(_) => None,
+        }
+    }
+
+    /// The close frame's reason for a failure that ends the session (see [`close_code`]).
+    ///
+    /// [`close_code`]: CoreError::close_code
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.close_code().map(|code| CloseReason::new(code, self.to_string()))
+    }
+
+    /// The close reason of a failure that always ends the session.
+    pub(crate) fn closing(&self) -> CloseReason {
+        // Every variant the core closes with has a close code; 1011 would only mean a wrong
+        // call site, and the session still goes.
+        self.close_reason()
+            .unwrap_or_else(|| CloseReason::new(CloseCode::Internal, self.to_string()))
+    }
+}
+
+/// The mesh half of [`CoreError::to_error_object`], kept apart so `MeshError` can offer it
+/// to adapters without building a `CoreError`.
+pub(crate) fn mesh_error_object(e: &MeshError) -> ErrorObject {
+    use error_name as n;
+    match e {
+        // Exactly nuropb's text (§6.2), so clients of nuropb-gw see no difference.
+        MeshError::NotDelivered { service, method } => ErrorObject::new(
+            n::NOT_DELIVERED,
+            format!("Service {service} not available. unable to call method {method}"),
+        ),
+        MeshError::Timeout(d) => ErrorObject::new(
+            n::TIMEOUT,
+            format!("no response from the service within {} ms", d.as_millis()),
+        ),
+        MeshError::Unavailable(why) => {
+            ErrorObject::new(n::TRANSPORT, format!("mesh unavailable: {why}"))
+        }
+        MeshError::Rejected(why) => ErrorObject::new(n::VALIDATION, why.clone()),
+        MeshError::Encryption(why) => {
+            ErrorObject::new(n::TRANSPORT, format!("encryption failed: {why}"))
+        }
+        MeshError::ResponseTooLarge { .. } => ErrorObject::new(n::LIMIT_EXCEEDED, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[track_caller]
+    fn check(error: CoreError, name: &str, description: &str, close: Option<u16>) {
+        let object = error.to_error_object();
+        assert_eq!((object.error.as_str(), object.description.as_str()), (name, description));
+        assert_eq!(error.close_code().map(CloseCode::as_u16), close, "{error:?}");
+        assert_eq!(error.close_reason().map(|r| r.code.as_u16()), close);
+    }
+
+    #[test]
+    fn one_mapping_to_error_names_and_close_codes() {
+        use error_name as n;
+        check(
+            CoreError::SessionLimit(2),
+            n::OVERLOADED,
+            "too many requests in flight for this connection (limit 2)",
+            None,
+        );
+        check(
+            CoreError::GatewayLimit(3),
+            n::OVERLOADED,
+            "gateway overloaded: too many requests in flight (limit 3)",
+            None,
+        );
+        check(CoreError::ShuttingDown, n::TRANSPORT, "gateway shutting down", Some(1001));
+        check(
+            CoreError::Reserved("gw".into()),
+            n::AUTHORIZATION,
+            "service gw cannot be called through the gateway",
+            None,
+        );
+        check(
+            CoreError::TokenExpired,
+            n::AUTHORIZATION,
+            "token expired; send `refresh` with a new token",
+            Some(4003),
+        );
+        check(
+            CoreError::RefreshRefused(AuthError::Expired),
+            n::AUTHORIZATION,
+            "refresh refused: token expired",
+            None,
+        );
+        check(
+            CoreError::OtherUser,
+            n::AUTHORIZATION,
+            "the new token belongs to another user",
+            None,
+        );
+        check(
+            CoreError::NotSubscribable("x".into()),
+            n::VALIDATION,
+            "topic pattern `x` is not open to subscription",
+            None,
+        );
+        check(
+            CoreError::TooManySubscriptions(2),
+            n::VALIDATION,
+            "at most 2 subscriptions per session",
+            None,
+        );
+        check(
+            CoreError::SlowClient,
+            n::OVERLOADED,
+            "outbound queue full: client too slow",
+            Some(1013),
+        );
+        check(CoreError::Kicked("bye".into()), n::AUTHORIZATION, "bye", Some(4001));
+        check(
+            MeshError::NotDelivered { service: "s".into(), method: "m".into() }.into(),
+            n::NOT_DELIVERED,
+            "Service s not available. unable to call method m",
+            None,
+        );
+        check(
+            MeshError::Timeout(Duration::from_secs(1)).into(),
+            n::TIMEOUT,
+            "no response from the service within 1000 ms",
+            None,
+        );
+        check(
+            MeshError::Unavailable("gateway shutting down".into()).into(),
+            n::TRANSPORT,
+            "mesh unavailable: gateway shutting down",
+            None,
+        );
+        check(MeshError::Rejected("why".into()).into(), n::VALIDATION, "why", None);
+        check(
+            MeshError::Encryption("why".into()).into(),
+            n::TRANSPORT,
+            "encryption failed: why",
+            None,
+        );
+        check(
+            MeshError::ResponseTooLarge { bytes: 10, limit: 5 }.into(),
+            n::LIMIT_EXCEEDED,
+            "response of 10 bytes exceeds the limit of 5 bytes",
+            None,
+        );
+    }
+
+    #[test]
+    fn the_wire_crate_names_decode_errors_with_the_constant() {
+        let e = nuropb_wire::client::decode_client_message(
+            b"not json",
+            nuropb_wire::client::Encoding::Json,
+            &Default::default(),
+        )
+        .expect_err("not a frame");
+        assert_eq!(CoreError::from(e).to_error_object().error, error_name::DECODE);
+    }
+
+    #[test]
+    fn close_reasons_keep_their_texts() {
+        // The close frames clients have always seen.
+        let reason = |e: CoreError| e.close_reason().map(|r| r.reason);
+        assert_eq!(reason(CoreError::ShuttingDown).as_deref(), Some("gateway shutting down"));
+        assert_eq!(reason(CoreError::TokenExpired).as_deref(), Some("token expired"));
+        assert_eq!(
+            reason(CoreError::SlowClient).as_deref(),
+            Some("outbound queue full: client too slow")
+        );
+        assert_eq!(reason(CoreError::Kicked("kicked".into())).as_deref(), Some("kicked"));
+        assert_eq!(reason(CoreError::UnknownSession), None);
+    }
+}
