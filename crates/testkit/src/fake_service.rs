@@ -71,7 +71,7 @@ impl Default for ServiceOptions<'_> {
 impl ServiceOptions<'_> {
     /// The benchmark's echo service: prefetch above everything the benchmark keeps in
     /// flight (requests never wait in the service queue), and no memory of what it got.
-    pub fn bench() -> Self {
+    pub const fn bench() -> Self {
         ServiceOptions { key_pem: None, prefetch: 512, record: false }
     }
 }
