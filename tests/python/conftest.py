@@ -209,6 +209,17 @@ class Mesh:
         gw = gateway or self.gateway
         return await WsClient.open(gw.url, self.tokens(user_id), label=label or user_id, **kw)
 
+    async def three_sessions(self, gateway: Optional[Gateway] = None):
+        """Two sessions of one user (alice) and one of another (bob), on `gateway`:
+        (alice_id, bob_id, alice1, alice2, bob)."""
+        alice_id, bob_id = unique("alice"), unique("bob")
+        alice1 = await self.connect(alice_id, label="alice#1", gateway=gateway)
+        alice2 = await self.connect(alice_id, label="alice#2", gateway=gateway)
+        bob = await self.connect(bob_id, label="bob", gateway=gateway)
+        assert alice1.hello.session_id != alice2.hello.session_id
+        assert alice1.hello.user_id == alice_id and bob.hello.user_id == bob_id
+        return alice_id, bob_id, alice1, alice2, bob
+
     def mesh_client(self) -> MeshClient:
         return MeshClient(self.cfg.amqp_url)
 
@@ -227,12 +238,19 @@ def mesh(config: InteropConfig, gateway: Gateway, service: ManagedProcess, token
     if not service.alive():
         problems.append(f"the Python service exited with {service.proc.returncode}")
     if not problems:
-        try:
-            run(echo_round_trip(gateway, tokens), timeout=15)
-        except Exception as err:
-            problems.append(f"echo round trip after the test failed: {err}")
+        problems.extend(echo_problems(gateway, tokens, "echo round trip after the test"))
     if problems:
         pytest.fail("health check after the test: " + "; ".join(problems), pytrace=False)
+
+
+def echo_problems(gateway: Gateway, tokens: Tokens, what: str) -> List[str]:
+    """The after-test health check of one gateway: empty when an echo through it works,
+    else why `what` failed."""
+    try:
+        run(echo_round_trip(gateway, tokens), timeout=15)
+    except Exception as err:
+        return [f"{what} failed: {err}"]
+    return []
 
 
 async def echo_round_trip(gateway: Gateway, tokens: Tokens) -> None:

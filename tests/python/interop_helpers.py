@@ -177,6 +177,20 @@ def is_event(topic: Optional[str] = None) -> Callable[[Frame], bool]:
     return pred
 
 
+# How long a negative check waits for stragglers after its marker.
+MARKER_GRACE = 0.3
+
+
+async def next_event_is_marker(client: "WsClient", marker_topic: str) -> None:
+    """Negative checks ("bob does not get it") send a marker after the event under test:
+    an event `client` *should* get. The gateway consumes its queue in order, so anything
+    wrongly routed to `client` would arrive first; a short grace period afterwards catches
+    stragglers anyway."""
+    frame = await client.expect(is_event(), what=f"marker event {marker_topic}")
+    assert frame["payload"]["topic"] == marker_topic, f"{client.label} got an event meant for others: {frame}"
+    await client.expect_none(lambda f: f.get("type") == "event", within=MARKER_GRACE, what="event after the marker")
+
+
 def is_response(trace_id: Any) -> Callable[[Frame], bool]:
     def pred(f: Frame) -> bool:
         return f.get("type") == "response" and (f.get("payload") or {}).get("trace_id") == trace_id

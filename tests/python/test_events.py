@@ -1,26 +1,13 @@
 """Mesh events reaching WebSocket clients: targeted, broadcast and subscribed.
 
-Negative checks ("bob does not get it") use a marker: after the event under test, a second
-event that bob *should* get is sent; bob's next event frame must be the marker. The gateway
-consumes its queue in order, so anything wrongly routed to bob would arrive first. A short
-grace period afterwards catches stragglers anyway.
+Negative checks ("bob does not get it") use a marker (`next_event_is_marker`): after the
+event under test, a second event that bob *should* get is sent; bob's next event frame must
+be the marker.
 """
 
 import asyncio
 
-from interop_helpers import is_event, run, unique
-
-GRACE = 0.3
-
-
-async def _three_sessions(mesh):
-    alice_id, bob_id = unique("alice"), unique("bob")
-    alice1 = await mesh.connect(alice_id, label="alice#1")
-    alice2 = await mesh.connect(alice_id, label="alice#2")
-    bob = await mesh.connect(bob_id, label="bob")
-    assert alice1.hello.session_id != alice2.hello.session_id
-    assert alice1.hello.user_id == alice_id and bob.hello.user_id == bob_id
-    return alice_id, bob_id, alice1, alice2, bob
+from interop_helpers import is_event, next_event_is_marker, run, unique
 
 
 async def _close(*clients):
@@ -28,15 +15,9 @@ async def _close(*clients):
         await c.close()
 
 
-async def _next_event_is_marker(client, marker_topic):
-    frame = await client.expect(is_event(), what=f"marker event {marker_topic}")
-    assert frame["payload"]["topic"] == marker_topic, f"{client.label} got an event meant for others: {frame}"
-    await client.expect_none(lambda f: f.get("type") == "event", within=GRACE, what="event after the marker")
-
-
 def test_targeted_event_reaches_only_that_users_sessions(mesh):
     async def scenario():
-        alice_id, bob_id, alice1, alice2, bob = await _three_sessions(mesh)
+        alice_id, bob_id, alice1, alice2, bob = await mesh.three_sessions()
         caller = await mesh.connect(unique("carol"), label="carol")
         topic = f"interop.notify.{unique('t')}"
         event = {"for": "alice", "n": 1}
@@ -47,7 +28,7 @@ def test_targeted_event_reaches_only_that_users_sessions(mesh):
             assert frame["payload"] == {"topic": topic, "event": event}
         marker = f"interop.notify.{unique('marker')}"
         await caller.call_ok(mesh.service, "emit", {"topic": marker, "payload": {"marker": True}, "target": [bob_id]})
-        await _next_event_is_marker(bob, marker)
+        await next_event_is_marker(bob, marker)
         await caller.expect_none(lambda f: f.get("type") == "event", within=0, what="event for the caller")
         await _close(alice1, alice2, bob, caller)
 
@@ -69,7 +50,7 @@ def test_event_from_encrypted_request_reaches_the_user(mesh):
         assert frame["payload"]["event"] == {"secret": False}
         marker = f"interop.notify.{unique('marker')}"
         await alice.call_ok(mesh.service, "emit", {"topic": marker, "payload": 1, "target": [alice_id]})
-        await _next_event_is_marker(alice, marker)
+        await next_event_is_marker(alice, marker)
         await alice.close()
 
     run(scenario())
@@ -77,7 +58,7 @@ def test_event_from_encrypted_request_reaches_the_user(mesh):
 
 def test_broadcast_event_reaches_everyone(mesh):
     async def scenario():
-        _, _, alice1, alice2, bob = await _three_sessions(mesh)
+        _, _, alice1, alice2, bob = await mesh.three_sessions()
         topic = f"interop.broadcast.{unique('b')}"
         result = await bob.call_ok(mesh.service, "publish", {"topic": topic, "event": {"hello": "all"}})
         assert result == f"published {topic}"
@@ -91,7 +72,7 @@ def test_broadcast_event_reaches_everyone(mesh):
 
 def test_subscribed_topic_event(mesh):
     async def scenario():
-        _, _, alice1, alice2, bob = await _three_sessions(mesh)
+        _, _, alice1, alice2, bob = await mesh.three_sessions()
         base = f"interop.sub.{unique('s')}"
         pattern = f"{base}.*"
         await alice1.send({"type": "subscribe", "payload": {"topics": [pattern]}})
@@ -106,7 +87,7 @@ def test_subscribed_topic_event(mesh):
         marker = f"interop.broadcast.{unique('marker')}"
         await bob.call_ok(mesh.service, "publish", {"topic": marker, "event": {}})
         for client in (alice1, alice2, bob):
-            await _next_event_is_marker(client, marker)
+            await next_event_is_marker(client, marker)
 
         await alice1.send({"type": "unsubscribe", "payload": {"topics": [pattern]}})
         frame = await alice1.expect(lambda f: f.get("type") in ("unsubscribed", "subscribed"), what="unsubscribe ack")
@@ -114,7 +95,7 @@ def test_subscribed_topic_event(mesh):
         await bob.call_ok(mesh.service, "publish", {"topic": f"{base}.x", "event": {"n": 3}})
         marker = f"interop.broadcast.{unique('marker')}"
         await bob.call_ok(mesh.service, "publish", {"topic": marker, "event": {}})
-        await _next_event_is_marker(alice1, marker)
+        await next_event_is_marker(alice1, marker)
         await _close(alice1, alice2, bob)
 
     run(scenario())
@@ -145,7 +126,7 @@ def test_per_user_subscription_template_and_refusals(mesh):
     topics only; other users' topics, wildcards over users and unlisted topics are refused."""
 
     async def scenario():
-        alice_id, bob_id, alice1, alice2, bob = await _three_sessions(mesh)
+        alice_id, bob_id, alice1, alice2, bob = await mesh.three_sessions()
         for pattern in (f"interop.users.{alice_id}.#", "interop.users.*.notify", "interop.#", "#"):
             await bob.send({"type": "subscribe", "payload": {"topics": [pattern]}})
             frame = await bob.expect(lambda f: "error" in f, what=f"refusal of {pattern}")
@@ -162,7 +143,7 @@ def test_per_user_subscription_template_and_refusals(mesh):
         marker = f"interop.broadcast.{unique('marker')}"
         await bob.call_ok(mesh.service, "publish", {"topic": marker, "event": {}})
         for client in (alice2, bob):
-            await _next_event_is_marker(client, marker)
+            await next_event_is_marker(client, marker)
         await _close(alice1, alice2, bob)
 
     run(scenario())

@@ -6,14 +6,6 @@ import asyncio
 from interop_helpers import is_event, run, unique
 
 
-async def _connect_three(mesh):
-    alice_id, bob_id = unique("alice"), unique("bob")
-    alice1 = await mesh.connect(alice_id, label="alice#1")
-    alice2 = await mesh.connect(alice_id, label="alice#2")
-    bob = await mesh.connect(bob_id, label="bob")
-    return alice_id, bob_id, alice1, alice2, bob
-
-
 def test_describe_gateway_from_python(mesh):
     async def scenario():
         async with mesh.mesh_client() as client:
@@ -28,7 +20,7 @@ def test_describe_gateway_from_python(mesh):
 
 def test_push_to_user_from_python(mesh):
     async def scenario():
-        alice_id, bob_id, alice1, alice2, bob = await _connect_three(mesh)
+        alice_id, bob_id, alice1, alice2, bob = await mesh.three_sessions()
         topic, marker = f"push.{unique('p')}", f"push.{unique('marker')}"
         async with mesh.mesh_client() as client:
             gw = mesh.gateway.service_name
@@ -48,7 +40,7 @@ def test_push_to_user_from_python(mesh):
 
 def test_push_to_all_from_python(mesh):
     async def scenario():
-        _, _, alice1, alice2, bob = await _connect_three(mesh)
+        _, _, alice1, alice2, bob = await mesh.three_sessions()
         topic = f"all.{unique('a')}"
         async with mesh.mesh_client() as client:
             await client.call_ok(mesh.gateway.service_name, "push_to_all", {"topic": topic, "event": [1, 2, 3]})
@@ -62,7 +54,7 @@ def test_push_to_all_from_python(mesh):
 
 def test_stats_from_python(mesh):
     async def scenario():
-        _, _, alice1, alice2, bob = await _connect_three(mesh)
+        _, _, alice1, alice2, bob = await mesh.three_sessions()
         async with mesh.mesh_client() as client:
             stats = await client.call_ok(mesh.gateway.service_name, "stats", {})
             assert isinstance(stats, dict) and isinstance(stats.get("sessions"), int), stats
@@ -85,7 +77,7 @@ def test_stats_from_python(mesh):
 
 def test_disconnect_user_from_python(mesh):
     async def scenario():
-        alice_id, _, alice1, alice2, bob = await _connect_three(mesh)
+        alice_id, _, alice1, alice2, bob = await mesh.three_sessions()
         async with mesh.mesh_client() as client:
             response = await client.request(mesh.gateway.service_name, "disconnect_user", {"user_id": alice_id, "reason": "interop test"})
             assert response["error"] is None, response
@@ -105,7 +97,7 @@ def test_websocket_clients_cannot_call_the_gateways_own_methods(mesh):
     service is refused before anything is published, and nobody is pushed to or kicked."""
 
     async def scenario():
-        alice_id, bob_id, alice1, alice2, bob = await _connect_three(mesh)
+        alice_id, bob_id, alice1, alice2, bob = await mesh.three_sessions()
         gw = mesh.gateway.service_name
         for method, params in (
             ("push_to_all", {"topic": "hello", "event": {"msg": "re-enter your password"}}),

@@ -19,8 +19,8 @@ from typing import Set
 
 import pytest
 
-from conftest import SERVICE, Gateway, echo_round_trip, start_extra_gateway
-from interop_helpers import WsClient, is_event, run, unique
+from conftest import SERVICE, Gateway, echo_problems, start_extra_gateway
+from interop_helpers import WsClient, is_event, next_event_is_marker, run, unique
 
 GRACE = 0.3
 
@@ -89,10 +89,7 @@ def pair(mesh, two_gateways, tokens):
         if not gw.process.alive():
             problems.append(f"instance {label} exited with {gw.process.proc.returncode}")
             continue
-        try:
-            run(echo_round_trip(gw, tokens), timeout=15)
-        except Exception as err:
-            problems.append(f"echo through instance {label} after the test failed: {err}")
+        problems.extend(echo_problems(gw, tokens, f"echo through instance {label} after the test"))
     if problems:
         pytest.fail("multi-instance health check: " + "; ".join(problems), pytrace=False)
 
@@ -102,12 +99,6 @@ async def _got_once(client: WsClient, topic: str, what: str):
     frame = await client.expect(is_event(topic), what=what)
     await client.expect_none(is_event(topic), within=GRACE, what=f"second copy of {what}")
     return frame
-
-
-async def _next_event_is_marker(client: WsClient, marker_topic: str) -> None:
-    frame = await client.expect(is_event(), what=f"marker event {marker_topic}")
-    assert frame["payload"]["topic"] == marker_topic, f"{client.label} got an event meant for others: {frame}"
-    await client.expect_none(lambda f: f.get("type") == "event", within=GRACE, what="event after the marker")
 
 
 def test_requests_from_sessions_on_both_instances(pair):
@@ -141,7 +132,7 @@ def test_targeted_event_reaches_user_on_both_instances(pair):
             assert frame["payload"] == {"topic": topic, "event": event}
         marker = f"interop.notify.{unique('marker')}"
         await caller.call_ok(SERVICE, "emit", {"topic": marker, "payload": {"marker": True}, "target": [s.bob_id]})
-        await _next_event_is_marker(s.bob_b, marker)
+        await next_event_is_marker(s.bob_b, marker)
         await caller.expect_none(lambda f: f.get("type") == "event", within=0, what="event for the caller")
         await s.close()
         await caller.close()
@@ -205,7 +196,7 @@ def test_push_to_user_reaches_user_on_both_instances(pair):
                     assert frame["payload"] == {"topic": topic, "event": {"i": i}}
             marker = f"push.{unique('marker')}"
             await client.call_ok(pair.service_name, "push_to_user", {"user_id": s.bob_id, "topic": marker, "event": None})
-        await _next_event_is_marker(s.bob_b, marker)
+        await next_event_is_marker(s.bob_b, marker)
         await s.close()
 
     run(scenario())

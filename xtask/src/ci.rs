@@ -39,8 +39,19 @@ pub fn unit_and_e2e_tests() -> Result<()> {
     run_cmd(cargo().args(["test", "--workspace", "--exclude", "amqp-mesh", "--all-features"]))
 }
 
-/// Tests against the real RabbitMQ (the `amqp-mesh` crate's tests).
+/// Tests against the real RabbitMQ (the `amqp-mesh` crate's tests), all in one throw-away
+/// vhost whose URL they get in [`TEST_AMQP_URL_ENV`].
 pub fn integration() -> Result<()> {
     crate::broker::ensure_running()?;
-    run_cmd(cargo().args(["test", "-p", "amqp-mesh", "--", "--test-threads", "4"]))
+    // One vhost for the whole run: each `rabbitmqctl` call costs half a second. It is
+    // deleted when this returns, also when the tests fail.
+    let vhost = crate::broker::TempVhost::create("test")?;
+    run_cmd(
+        cargo()
+            .args(["test", "-p", "amqp-mesh", "--", "--test-threads", "4"])
+            .env(TEST_AMQP_URL_ENV, vhost.amqp_url()),
+    )
 }
+
+/// Where the broker tests find their vhost (`nuropb_testkit::broker::URL_ENV`).
+pub const TEST_AMQP_URL_ENV: &str = "NUROPB_TEST_AMQP_URL";

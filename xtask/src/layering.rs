@@ -36,6 +36,14 @@ pub const FORBIDDEN: &[(&str, &str)] = &[
     ("ops-http", "amqp-mesh"),
     ("ops-http", "handler-core"),
     ("ops-http", "ws-adapter"),
+    // Test support is for tests only: a dev-dependency, never a normal one.
+    ("nuropb-wire", "nuropb-testkit"),
+    ("mesh-crypto", "nuropb-testkit"),
+    ("handler-core", "nuropb-testkit"),
+    ("ws-adapter", "nuropb-testkit"),
+    ("amqp-mesh", "nuropb-testkit"),
+    ("ops-http", "nuropb-testkit"),
+    ("nuropb-gateway", "nuropb-testkit"),
 ];
 
 /// Checks the workspace's real graph against [`FORBIDDEN`].
@@ -197,5 +205,9 @@ mod tests {
         );
         let found = violations(&g, &[("nuropb-gateway", "lapin")]).unwrap();
         assert_eq!(found.len(), 1, "{found:?}");
+        // The benchmark crate uses the testkit as a normal dependency, so the rule form is
+        // seen to catch it.
+        let found = violations(&g, &[("e2e-tests", "nuropb-testkit")]).unwrap();
+        assert_eq!(found, ["e2e-tests depends on nuropb-testkit: e2e-tests -> nuropb-testkit"]);
     }
 }

@@ -237,68 +237,24 @@ fn validate_frame(value: Value, limits: &ClientLimits) -> Result<ClientMessage, 
             format!("frame is nested deeper than {} levels", limits.max_depth),
         ));
     }
-    let Value::Object(mut frame) = value else {
+    let Value::Object(frame) = value else {
         return Err(ClientFrameError::new(
             Invalid,
             format!("frame must be a JSON object, got {}", type_name(&value)),
         ));
     };
-    let kind = match frame.remove("type") {
-        Some(Value::String(s)) => s,
-        Some(other) => {
-            return Err(ClientFrameError::new(
-                Invalid,
-                format!("`type` must be a string, got {}", type_name(&other)),
-            ));
-        }
-        None => return Err(ClientFrameError::new(Invalid, "missing `type`")),
-    };
-    let payload = frame.remove("payload");
+    let mut frame = Fields::top_level(frame);
+    // Any string: it is matched against the known kinds below, "" included.
+    let kind = frame.required_string("type")?;
 
     match kind.as_str() {
         "request" | "command" => {
-            let mut payload = match payload {
-                Some(Value::Object(p)) => p,
-                Some(other) => {
-                    return Err(ClientFrameError::new(
-                        Invalid,
-                        format!("`payload` must be an object, got {}", type_name(&other)),
-                    ));
-                }
-                None => return Err(ClientFrameError::new(Invalid, "missing `payload`")),
-            };
-            let trace_id = match payload.remove("trace_id") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) if s.len() > limits.max_trace_id_len => {
-                    return Err(ClientFrameError::new(
-                        TooLarge,
-                        format!(
-                            "`payload.trace_id` is longer than {} bytes",
-                            limits.max_trace_id_len
-                        ),
-                    ));
-                }
-                Some(Value::String(s)) if s.is_empty() => None,
-                Some(Value::String(s)) => Some(s),
-                Some(other) => {
-                    return Err(ClientFrameError::new(
-                        Invalid,
-                        format!("`payload.trace_id` must be a string, got {}", type_name(&other)),
-                    ));
-                }
-            };
-            let service = name_field(&mut payload, "service", limits)?;
-            let method = name_field(&mut payload, "method", limits)?;
-            let params = match payload.remove("params") {
-                Some(Value::Object(p)) => p,
-                Some(other) => {
-                    return Err(ClientFrameError::new(
-                        Invalid,
-                        format!("`payload.params` must be an object, got {}", type_name(&other)),
-                    ));
-                }
-                None => return Err(ClientFrameError::new(Invalid, "missing `payload.params`")),
-            };
+            let mut payload = frame.payload()?;
+            let trace_id = payload.optional_str("trace_id", limits.max_trace_id_len)?;
+            let name = StrRule::name(limits.max_name_len);
+            let service = payload.required_str("service", name)?;
+            let method = payload.required_str("method", name)?;
+            let params = payload.required_object("params")?;
             let call = ClientCall { service, method, params, trace_id };
             Ok(if kind == "request" {
                 ClientMessage::Request(call)
@@ -307,7 +263,7 @@ fn validate_frame(value: Value, limits: &ClientLimits) -> Result<ClientMessage, 
             })
         }
         "subscribe" | "unsubscribe" => {
-            let topics = topics_field(payload, limits)?;
+            let topics = topics_field(frame.payload()?, limits)?;
             Ok(if kind == "subscribe" {
                 ClientMessage::Subscribe { topics }
             } else {
@@ -316,40 +272,9 @@ fn validate_frame(value: Value, limits: &ClientLimits) -> Result<ClientMessage, 
         }
         "ping" => Ok(ClientMessage::Ping),
         "refresh" => {
-            let token = match payload {
-                Some(Value::Object(mut p)) => match p.remove("token") {
-                    Some(Value::String(t)) if t.is_empty() => {
-                        return Err(ClientFrameError::new(
-                            Invalid,
-                            "`payload.token` must not be empty",
-                        ));
-                    }
-                    Some(Value::String(t)) if t.len() > limits.max_token_len => {
-                        return Err(ClientFrameError::new(
-                            TooLarge,
-                            format!(
-                                "`payload.token` is longer than {} bytes",
-                                limits.max_token_len
-                            ),
-                        ));
-                    }
-                    Some(Value::String(t)) => t,
-                    Some(other) => {
-                        return Err(ClientFrameError::new(
-                            Invalid,
-                            format!("`payload.token` must be a string, got {}", type_name(&other)),
-                        ));
-                    }
-                    None => return Err(ClientFrameError::new(Invalid, "missing `payload.token`")),
-                },
-                Some(other) => {
-                    return Err(ClientFrameError::new(
-                        Invalid,
-                        format!("`payload` must be an object, got {}", type_name(&other)),
-                    ));
-                }
-                None => return Err(ClientFrameError::new(Invalid, "missing `payload`")),
-            };
+            // A token is opaque: any characters, but not nothing and not without bound.
+            let rule = StrRule { max_len: limits.max_token_len, no_control: false };
+            let token = frame.payload()?.required_str("token", rule)?;
             Ok(ClientMessage::Refresh { token })
         }
         other => Err(ClientFrameError::new(
@@ -362,79 +287,137 @@ fn validate_frame(value: Value, limits: &ClientLimits) -> Result<ClientMessage, 
     }
 }
 
-fn name_field(
-    payload: &mut JsonObject,
-    field: &str,
-    limits: &ClientLimits,
-) -> Result<String, ClientFrameError> {
-    use FrameErrorKind::{Invalid, TooLarge};
-    match payload.remove(field) {
-        Some(Value::String(s)) if s.is_empty() => {
-            Err(ClientFrameError::new(Invalid, format!("`payload.{field}` must not be empty")))
-        }
-        Some(Value::String(s)) if s.len() > limits.max_name_len => Err(ClientFrameError::new(
-            TooLarge,
-            format!("`payload.{field}` is longer than {} bytes", limits.max_name_len),
-        )),
-        Some(Value::String(s)) if s.chars().any(char::is_control) => Err(ClientFrameError::new(
-            Invalid,
-            format!("`payload.{field}` must not contain control characters"),
-        )),
-        Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(ClientFrameError::new(
-            Invalid,
-            format!("`payload.{field}` must be a string, got {}", type_name(&other)),
-        )),
-        None => Err(ClientFrameError::new(Invalid, format!("missing `payload.{field}`"))),
+/// What a string must satisfy besides being one. Every checked string must not be empty.
+#[derive(Clone, Copy)]
+struct StrRule {
+    max_len: usize,
+    no_control: bool,
+}
+
+impl StrRule {
+    /// A service, method or topic: it ends up in AMQP routing keys and logs.
+    fn name(max_len: usize) -> StrRule {
+        StrRule { max_len, no_control: true }
     }
 }
 
+/// One JSON object of a frame, whose fields are taken out by name. Every refusal names the
+/// field by its path in the frame (`` `payload.service` ``), so the extractor is the one
+/// place that words them.
+struct Fields {
+    object: JsonObject,
+    // Invariant: empty for the envelope, `payload.` for the payload.
+    prefix: &'static str,
+}
+
+impl Fields {
+    fn top_level(object: JsonObject) -> Fields {
+        Fields { object, prefix: "" }
+    }
+
+    /// The envelope's `payload`, which must be an object.
+    fn payload(&mut self) -> Result<Fields, ClientFrameError> {
+        Ok(Fields { object: self.required_object("payload")?, prefix: "payload." })
+    }
+
+    fn label(&self, field: &str) -> String {
+        format!("`{}{field}`", self.prefix)
+    }
+
+    fn required(&mut self, field: &str) -> Result<Value, ClientFrameError> {
+        self.object.remove(field).ok_or_else(|| {
+            ClientFrameError::new(FrameErrorKind::Invalid, format!("missing {}", self.label(field)))
+        })
+    }
+
+    fn wrong_type(&self, field: &str, expected: &str, got: &Value) -> ClientFrameError {
+        let message = format!("{} must be {expected}, got {}", self.label(field), type_name(got));
+        ClientFrameError::new(FrameErrorKind::Invalid, message)
+    }
+
+    fn required_object(&mut self, field: &str) -> Result<JsonObject, ClientFrameError> {
+        match self.required(field)? {
+            Value::Object(o) => Ok(o),
+            other => Err(self.wrong_type(field, "an object", &other)),
+        }
+    }
+
+    fn required_array(&mut self, field: &str) -> Result<Vec<Value>, ClientFrameError> {
+        match self.required(field)? {
+            Value::Array(a) => Ok(a),
+            other => Err(self.wrong_type(field, "an array", &other)),
+        }
+    }
+
+    fn required_string(&mut self, field: &str) -> Result<String, ClientFrameError> {
+        match self.required(field)? {
+            Value::String(s) => Ok(s),
+            other => Err(self.wrong_type(field, "a string", &other)),
+        }
+    }
+
+    /// A string field that must keep `rule`.
+    fn required_str(&mut self, field: &str, rule: StrRule) -> Result<String, ClientFrameError> {
+        let s = self.required_string(field)?;
+        checked_str(&self.label(field), s, rule)
+    }
+
+    /// A string that may be absent, `null` or empty (all three mean "none"), but not too long.
+    fn optional_str(
+        &mut self,
+        field: &str,
+        max_len: usize,
+    ) -> Result<Option<String>, ClientFrameError> {
+        match self.object.remove(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.len() > max_len => {
+                Err(too_long(&self.label(field), max_len))
+            }
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(self.wrong_type(field, "a string", &other)),
+        }
+    }
+}
+
+/// `s` if it keeps `rule`; the refusal starts with `label` (a field's path, or "a topic").
+fn checked_str(label: &str, s: String, rule: StrRule) -> Result<String, ClientFrameError> {
+    use FrameErrorKind::Invalid;
+    if s.is_empty() {
+        Err(ClientFrameError::new(Invalid, format!("{label} must not be empty")))
+    } else if s.len() > rule.max_len {
+        Err(too_long(label, rule.max_len))
+    } else if rule.no_control && s.chars().any(char::is_control) {
+        Err(ClientFrameError::new(Invalid, format!("{label} must not contain control characters")))
+    } else {
+        Ok(s)
+    }
+}
+
+fn too_long(label: &str, max_len: usize) -> ClientFrameError {
+    ClientFrameError::new(
+        FrameErrorKind::TooLarge,
+        format!("{label} is longer than {max_len} bytes"),
+    )
+}
+
 fn topics_field(
-    payload: Option<Value>,
+    mut payload: Fields,
     limits: &ClientLimits,
 ) -> Result<Vec<String>, ClientFrameError> {
-    use FrameErrorKind::{Invalid, TooLarge};
-    let mut payload = match payload {
-        Some(Value::Object(p)) => p,
-        Some(other) => {
-            return Err(ClientFrameError::new(
-                Invalid,
-                format!("`payload` must be an object, got {}", type_name(&other)),
-            ));
-        }
-        None => return Err(ClientFrameError::new(Invalid, "missing `payload`")),
-    };
-    let list = match payload.remove("topics") {
-        Some(Value::Array(a)) => a,
-        Some(other) => {
-            return Err(ClientFrameError::new(
-                Invalid,
-                format!("`payload.topics` must be an array, got {}", type_name(&other)),
-            ));
-        }
-        None => return Err(ClientFrameError::new(Invalid, "missing `payload.topics`")),
-    };
+    let list = payload.required_array("topics")?;
     if list.len() > limits.max_topics_per_frame {
         return Err(ClientFrameError::new(
-            TooLarge,
+            FrameErrorKind::TooLarge,
             format!("`payload.topics` has more than {} entries", limits.max_topics_per_frame),
         ));
     }
+    let rule = StrRule::name(limits.max_topic_len);
     list.into_iter()
         .map(|t| match t {
-            Value::String(s) if s.is_empty() => {
-                Err(ClientFrameError::new(Invalid, "a topic must not be empty"))
-            }
-            Value::String(s) if s.len() > limits.max_topic_len => Err(ClientFrameError::new(
-                TooLarge,
-                format!("a topic is longer than {} bytes", limits.max_topic_len),
-            )),
-            Value::String(s) if s.chars().any(char::is_control) => {
-                Err(ClientFrameError::new(Invalid, "a topic must not contain control characters"))
-            }
-            Value::String(s) => Ok(s),
+            Value::String(s) => checked_str("a topic", s, rule),
             other => Err(ClientFrameError::new(
-                Invalid,
+                FrameErrorKind::Invalid,
                 format!("`payload.topics` entries must be strings, got {}", type_name(&other)),
             )),
         })

@@ -19,8 +19,6 @@
 // them out of `src/bin/`, where cargo would take each file for a binary of its own.
 #[path = "bench/amqp.rs"]
 mod amqp;
-#[path = "bench/echo_service.rs"]
-mod echo_service;
 
 use std::time::{Duration, Instant};
 
@@ -228,14 +226,14 @@ async fn main() {
     if amqp_rows.is_some() {
         println!(
             "B/G rows: {} unrecorded warm-up calls, then {SEQUENTIAL} sequential round trips with one client; {} clients x {} requests with {} outstanding per client, all connected before the clock starts. \
-             The echo service is a Rust nuropb look-alike over lapin (manual ack, ack then answer to reply_to with correlation_id and nuropb headers) but with prefetch {} and concurrent answers instead of nuropb's prefetch 1, so it is not the bottleneck. \
+             The echo service is the tests' Rust nuropb look-alike over lapin (manual ack, ack then answer to reply_to with correlation_id and nuropb headers) but with prefetch {} and concurrent answers instead of nuropb's prefetch 1, so it is not the bottleneck. \
              B publishes as the gateway does (confirm mode, mandatory, expiration, confirmation awaited before the response), one connection per client; the gateway uses one connection for all. \
              RabbitMQ, the clients, the gateway and the service share this machine's {} cores.",
             amqp::WARMUP,
             amqp::CLIENTS,
             amqp::PER_CLIENT,
             amqp::WINDOW,
-            echo_service::PREFETCH,
+            amqp::SERVICE_PREFETCH,
             std::thread::available_parallelism().map_or(0, usize::from),
         );
     } else {

@@ -1,151 +1,71 @@
-//! Black-box tests of amqp-mesh against the real RabbitMQ on 127.0.0.1:5672 (guest/guest).
+//! Black-box tests of amqp-mesh against the real RabbitMQ on 127.0.0.1:5672 (guest/guest),
+//! run with `cargo xtask integration`: it creates one throw-away vhost for the run, passes
+//! its URL in `NUROPB_TEST_AMQP_URL` and deletes it afterwards (one vhost per run rather
+//! than per test: each `rabbitmqctl` call costs half a second). Without the URL every test
+//! fails saying so; nothing is skipped.
 //!
-//! Own harness (`harness = false`): every run creates one throw-away vhost
-//! `nuropb-test-<uuid>` with `rabbitmqctl` (the management API is not enabled on the test
-//! broker), runs the scenarios one after another in it (isolated by service names), and
-//! deletes it at the end, also after failures. One vhost per run instead of per test,
-//! because each `rabbitmqctl` call costs half a second of an Erlang VM start.
-//!
-//! Arguments follow libtest: substrings select scenarios by name, `--skip`, `--exact` and
-//! `--list` work, other options are ignored. A broker that does not answer fails the run; nothing is skipped. Set
-//! `RUST_LOG` to see the adapter's logs.
+//! The tests share the vhost and run in parallel, kept apart by service names of their own;
+//! the few that watch or disturb the whole vhost run alone. Each is bounded by
+//! `SCENARIO_LIMIT`. Set `RUST_LOG` to see the adapter's logs.
 
-mod fake_service;
 mod scenarios;
 mod support;
 
-use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::future::Future;
 
-use support::{Ctx, TestVhost, require_broker};
+use nuropb_testkit::broker::{exclusive_use, scenario, shared_use};
+use support::Ctx;
 
-/// No scenario may take longer than this.
-const SCENARIO_LIMIT: Duration = Duration::from_secs(30);
-
-/// The libtest command line, as far as it applies: positional filters, `--skip`,
-/// `--exact`, `--list`, `--ignored` (there are no ignored scenarios); other options are
-/// accepted and ignored, with their values (CI passes `--test-threads 4`).
-struct Args {
-    filters: Vec<String>,
-    skips: Vec<String>,
-    exact: bool,
-    list: bool,
-    ignored: bool,
+/// A scenario that shares the vhost with the others running at the same time.
+async fn shared<Fut: Future<Output = ()>>(run: impl FnOnce(Ctx) -> Fut) {
+    let _vhost = shared_use().await;
+    scenario(|vhost| run(Ctx::from(vhost))).await;
 }
 
-impl Args {
-    fn parse(args: impl IntoIterator<Item = String>) -> Args {
-        const WITH_VALUE: &[&str] = &[
-            "--test-threads",
-            "--skip",
-            "--format",
-            "--color",
-            "--logfile",
-            "-Z",
-            "--shuffle-seed",
-        ];
-        let mut parsed = Args {
-            filters: Vec::new(),
-            skips: Vec::new(),
-            exact: false,
-            list: false,
-            ignored: false,
-        };
-        let mut args = args.into_iter();
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "--list" => parsed.list = true,
-                "--exact" => parsed.exact = true,
-                "--ignored" => parsed.ignored = true,
-                "--skip" => parsed.skips.extend(args.next()),
-                option if WITH_VALUE.contains(&option) => {
-                    args.next();
-                }
-                option if option.starts_with('-') => {}
-                filter => parsed.filters.push(filter.to_owned()),
-            }
-        }
-        parsed
-    }
-
-    fn selects(&self, name: &str) -> bool {
-        let matches = |pattern: &String| {
-            if self.exact { name == pattern } else { name.contains(pattern.as_str()) }
-        };
-        !self.ignored
-            && (self.filters.is_empty() || self.filters.iter().any(matches))
-            && !self.skips.iter().any(matches)
-    }
+/// A scenario that watches or disturbs the whole vhost (every event in it, every
+/// connection, the permissions): it runs while no other does.
+async fn exclusive<Fut: Future<Output = ()>>(run: impl FnOnce(Ctx) -> Fut) {
+    let _vhost = exclusive_use().await;
+    scenario(|vhost| run(Ctx::from(vhost))).await;
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse(std::env::args().skip(1));
-    let selected: Vec<_> = scenarios::ALL.iter().filter(|(name, _)| args.selects(name)).collect();
-    if args.list {
-        for (name, _) in &selected {
-            println!("{name}: test");
+/// One `#[tokio::test]` per scenario of `scenarios.rs`, named after it, on a runtime of its
+/// own (two workers, like the gateway's smallest deployment).
+macro_rules! broker_tests {
+    ($how:ident: $($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            $how(scenarios::$name).await;
         }
-        return ExitCode::SUCCESS;
-    }
-    if selected.is_empty() {
-        println!("\nrunning 0 broker scenarios (none selected)\n");
-        return ExitCode::SUCCESS;
-    }
-    if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .init();
-    }
-
-    require_broker();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let vhost = TestVhost::create();
-    let ctx = Ctx { vhost: vhost.name.clone(), url: vhost.url() };
-    println!("\nrunning {} broker scenarios in vhost {}", selected.len(), vhost.name);
-
-    let selected_count = selected.len();
-    let run_started = Instant::now();
-    let mut failed = Vec::new();
-    for (name, scenario) in selected {
-        let started = Instant::now();
-        let outcome = runtime.block_on(async {
-            let task = tokio::spawn(scenario(ctx.clone()));
-            tokio::time::timeout(SCENARIO_LIMIT, task).await
-        });
-        let took = started.elapsed().as_secs_f64();
-        match outcome {
-            Ok(Ok(())) => println!("test {name} ... ok ({took:.2}s)"),
-            Ok(Err(join_error)) => {
-                println!("test {name} ... FAILED ({took:.2}s): {join_error}");
-                failed.push(*name);
-            }
-            Err(_) => {
-                println!("test {name} ... FAILED: still running after {SCENARIO_LIMIT:?}");
-                failed.push(*name);
-            }
-        }
-    }
-    // Close every connection before the vhost goes.
-    runtime.shutdown_timeout(Duration::from_secs(2));
-    drop(vhost);
-
-    // The closing line in libtest's format, so tools that read it count these scenarios.
-    let total = run_started.elapsed().as_secs_f64();
-    let (ran, bad) = (selected_count, failed.len());
-    let status = if failed.is_empty() { "ok" } else { "FAILED" };
-    println!(
-        "\ntest result: {status}. {} passed; {bad} failed; 0 ignored; 0 measured; 0 filtered out; finished in {total:.2}s\n",
-        ran - bad
-    );
-    if failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        println!("failed scenarios: {failed:?}");
-        ExitCode::FAILURE
-    }
+    )*};
 }
+
+broker_tests!(shared:
+    start_fails_clearly,
+    topology_matches_nuropb,
+    request_round_trip_matches_nuropb_bytes,
+    unknown_service_is_not_delivered_within_500ms,
+    duplicate_responses_first_wins,
+    timeouts_and_dropped_calls_leave_nothing_pending,
+    own_service_is_refused_before_publishing,
+    encrypted_call_uses_describe,
+    encryption_survives_a_describe_outage,
+    encryption_key_follows_a_restarted_service,
+    events_reach_every_instance,
+    gateway_methods_and_fan_out,
+    client_relayed_calls_cannot_use_another_gateways_methods,
+    control_operations_survive_event_load_and_overflow_is_refused,
+    garbage_on_service_queue_is_rejected_and_queue_flows,
+    garbage_on_response_queue_is_dropped,
+    oversized_response_fails_its_request_at_once,
+    reconnect_after_a_half_open_loss_is_immediate,
+    shutdown_drains_pending_requests,
+    shutdown_settles_unconfirmed_commands,
+);
+
+// The guard test counts every event published anywhere in the vhost (it must see none);
+// the connection-loss test closes every connection of the vhost and revokes permissions.
+broker_tests!(exclusive:
+    guard_rejects_before_publishing,
+    connection_loss_fails_fast_and_recovers,
+);

@@ -1,9 +1,9 @@
-//! The scenarios, each an `async fn(Ctx)` that panics on failure. Every wait is bounded.
+//! The scenarios, each an `async fn(Ctx)` that panics on failure (`main.rs` makes each a
+//! test). Every wait is bounded.
 
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use futures::future::BoxFuture;
 use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -15,45 +15,13 @@ use handler_core::{MeshCall, MeshError, MeshEvent, ServiceMesh, TraceId, UserId}
 use nuropb_wire::JsonObject;
 use tokio_util::sync::CancellationToken;
 
-use crate::fake_service::{FakeService, OTHER_PRIVATE_KEY_PEM, PRIVATE_KEY_PEM};
-use crate::support::{
-    Ctx, HalfOpenProxy, Peer, WAIT, connect, eventually, message_count, nuropb_headers,
+use nuropb_testkit::broker::{
+    HalfOpenProxy, Peer, WAIT, connect, eventually, message_count, nuropb_headers,
     rabbitmqctl_async, silent_spy, spy, within,
 };
+use nuropb_testkit::fake_service::{FakeService, OTHER_PRIVATE_KEY_PEM, PRIVATE_KEY_PEM};
 
-type Scenario = fn(Ctx) -> BoxFuture<'static, ()>;
-
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        /// Every scenario, in run order.
-        pub const ALL: &[(&str, Scenario)] = &[$((stringify!($name), |ctx| Box::pin($name(ctx)))),*];
-    };
-}
-
-scenarios!(
-    start_fails_clearly,
-    topology_matches_nuropb,
-    request_round_trip_matches_nuropb_bytes,
-    unknown_service_is_not_delivered_within_500ms,
-    duplicate_responses_first_wins,
-    timeouts_and_dropped_calls_leave_nothing_pending,
-    guard_rejects_before_publishing,
-    own_service_is_refused_before_publishing,
-    encrypted_call_uses_describe,
-    encryption_survives_a_describe_outage,
-    encryption_key_follows_a_restarted_service,
-    events_reach_every_instance,
-    gateway_methods_and_fan_out,
-    client_relayed_calls_cannot_use_another_gateways_methods,
-    control_operations_survive_event_load_and_overflow_is_refused,
-    garbage_on_service_queue_is_rejected_and_queue_flows,
-    garbage_on_response_queue_is_dropped,
-    oversized_response_fails_its_request_at_once,
-    connection_loss_fails_fast_and_recovers,
-    reconnect_after_a_half_open_loss_is_immediate,
-    shutdown_drains_pending_requests,
-    shutdown_settles_unconfirmed_commands,
-);
+use crate::support::{Ctx, Gateway};
 
 fn object(value: Value) -> JsonObject {
     value.as_object().cloned().expect("a JSON object")
@@ -85,7 +53,7 @@ fn is_hex32(s: &str) -> bool {
 
 // ---------------------------------------------------------------------------------------
 
-async fn start_fails_clearly(ctx: Ctx) {
+pub async fn start_fails_clearly(ctx: Ctx) {
     let attempt = |url: String| async move {
         let config =
             AmqpMeshConfig { connect_timeout: Duration::from_secs(3), ..AmqpMeshConfig::new(url) };
@@ -109,7 +77,7 @@ async fn start_fails_clearly(ctx: Ctx) {
     assert!(matches!(error, AmqpMeshError::Refused { .. }), "unknown vhost: {error:?}");
 }
 
-async fn topology_matches_nuropb(ctx: Ctx) {
+pub async fn topology_matches_nuropb(ctx: Ctx) {
     let mut config = ctx.config("gw-topo");
     config.instance_id = "i1".into();
     config.event_bindings = vec!["topo.#".into(), "other.*.x".into()];
@@ -309,7 +277,7 @@ async fn topology_matches_nuropb(ctx: Ctx) {
     gw.stop().await;
 }
 
-async fn request_round_trip_matches_nuropb_bytes(ctx: Ctx) {
+pub async fn request_round_trip_matches_nuropb_bytes(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-rt", false).await;
     let gw = ctx.start(ctx.config("gw-rt")).await;
     let peer = Peer::new(&ctx.url).await;
@@ -395,7 +363,7 @@ async fn request_round_trip_matches_nuropb_bytes(ctx: Ctx) {
     svc.stop().await;
 }
 
-async fn unknown_service_is_not_delivered_within_500ms(ctx: Ctx) {
+pub async fn unknown_service_is_not_delivered_within_500ms(ctx: Ctx) {
     for encryption in [EncryptionMode::Auto, EncryptionMode::Off] {
         let gw = ctx.start(AmqpMeshConfig { encryption, ..ctx.config("gw-nd") }).await;
         let started = Instant::now();
@@ -436,6 +404,12 @@ async fn unknown_service_is_not_delivered_within_500ms(ctx: Ctx) {
             );
         }
     }
+    // The counters are updated after the callers got their answers: wait for them to settle.
+    let counted = |gw: &Gateway| {
+        let stats = gw.mesh.stats();
+        (stats.returned, stats.responses, stats.pending_requests)
+    };
+    eventually("every return counted", || counted(&gw) == (150, 150, 0)).await;
     let stats = gw.mesh.stats();
     assert_eq!(
         (stats.returned, stats.responses, stats.pending_requests),
@@ -468,7 +442,7 @@ async fn unknown_service_is_not_delivered_within_500ms(ctx: Ctx) {
     svc.stop().await;
 }
 
-async fn duplicate_responses_first_wins(ctx: Ctx) {
+pub async fn duplicate_responses_first_wins(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-dup", false).await;
     let gw = ctx.start(ctx.config("gw-dup")).await;
     let answer = within("fail", gw.mesh.request(call("svc-dup", "fail", json!({})), WAIT))
@@ -484,7 +458,7 @@ async fn duplicate_responses_first_wins(ctx: Ctx) {
     svc.stop().await;
 }
 
-async fn timeouts_and_dropped_calls_leave_nothing_pending(ctx: Ctx) {
+pub async fn timeouts_and_dropped_calls_leave_nothing_pending(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-to", false).await;
     let gw = ctx.start(ctx.config("gw-to")).await;
     // Warm the describe cache so that the timings below are the calls' own.
@@ -517,7 +491,7 @@ async fn timeouts_and_dropped_calls_leave_nothing_pending(ctx: Ctx) {
     svc.stop().await;
 }
 
-async fn guard_rejects_before_publishing(ctx: Ctx) {
+pub async fn guard_rejects_before_publishing(ctx: Ctx) {
     let gw = ctx.start(ctx.config("gw-guard")).await;
     let connection = connect(&ctx.url).await;
     let channel = connection.create_channel().await.expect("channel");
@@ -571,7 +545,7 @@ async fn guard_rejects_before_publishing(ctx: Ctx) {
     gw.stop().await;
 }
 
-async fn own_service_is_refused_before_publishing(ctx: Ctx) {
+pub async fn own_service_is_refused_before_publishing(ctx: Ctx) {
     // Encryption on (the default): not even a describe lookup may reach our own queue.
     let mut gw = ctx.start(ctx.config("gw-self")).await;
     let connection = connect(&ctx.url).await;
@@ -612,7 +586,7 @@ async fn own_service_is_refused_before_publishing(ctx: Ctx) {
     gw.stop().await;
 }
 
-async fn encrypted_call_uses_describe(ctx: Ctx) {
+pub async fn encrypted_call_uses_describe(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-enc", true).await;
     let gw = ctx.start(ctx.config("gw-enc")).await;
     let peer = Peer::new(&ctx.url).await;
@@ -659,7 +633,7 @@ async fn encrypted_call_uses_describe(ctx: Ctx) {
     svc.stop().await;
 }
 
-async fn encryption_survives_a_describe_outage(ctx: Ctx) {
+pub async fn encryption_survives_a_describe_outage(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-busy", true).await;
     let config = |encryption| AmqpMeshConfig {
         encryption,
@@ -710,7 +684,7 @@ async fn encryption_survives_a_describe_outage(ctx: Ctx) {
         .into_iter()
         .filter(|r| String::from_utf8_lossy(&r.plaintext).contains(r#""method": "secret""#))
         .collect();
-    let encrypted = |r: &crate::fake_service::Received| {
+    let encrypted = |r: &nuropb_testkit::fake_service::Received| {
         header(&r.properties, "encrypted") == Some(&long("yes")) && r.body != r.plaintext
     };
     assert_eq!(secrets.len(), 5, "a, b, c, d and f");
@@ -723,7 +697,7 @@ async fn encryption_survives_a_describe_outage(ctx: Ctx) {
     svc.stop().await;
 }
 
-async fn events_reach_every_instance(ctx: Ctx) {
+pub async fn events_reach_every_instance(ctx: Ctx) {
     let config = || AmqpMeshConfig { event_bindings: vec!["ev.#".into()], ..ctx.config("gw-ev") };
     let mut a = ctx.start(config()).await;
     let mut b = ctx.start(config()).await;
@@ -808,7 +782,7 @@ async fn events_reach_every_instance(ctx: Ctx) {
     b.stop().await;
 }
 
-async fn gateway_methods_and_fan_out(ctx: Ctx) {
+pub async fn gateway_methods_and_fan_out(ctx: Ctx) {
     let mut a = ctx.start(ctx.config("gw-svc")).await;
     let mut b = ctx.start(ctx.config("gw-svc")).await;
     let mut peer = Peer::new(&ctx.url).await;
@@ -940,7 +914,7 @@ async fn gateway_methods_and_fan_out(ctx: Ctx) {
     b.stop().await;
 }
 
-async fn garbage_on_service_queue_is_rejected_and_queue_flows(ctx: Ctx) {
+pub async fn garbage_on_service_queue_is_rejected_and_queue_flows(ctx: Ctx) {
     // Prefetch 1, like a nuropb service: a single message left unacknowledged would block
     // the describe call at the end.
     let gw = ctx.start(AmqpMeshConfig { prefetch: 1, ..ctx.config("gw-garbage") }).await;
@@ -1012,7 +986,7 @@ where
     }
 }
 
-async fn garbage_on_response_queue_is_dropped(ctx: Ctx) {
+pub async fn garbage_on_response_queue_is_dropped(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-gr", false).await;
     let gw =
         ctx.start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-gr") }).await;
@@ -1036,7 +1010,7 @@ async fn garbage_on_response_queue_is_dropped(ctx: Ctx) {
     svc.stop().await;
 }
 
-async fn connection_loss_fails_fast_and_recovers(ctx: Ctx) {
+pub async fn connection_loss_fails_fast_and_recovers(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-fault", false).await;
     let gw = ctx
         .start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-fault") })
@@ -1115,7 +1089,7 @@ async fn connection_loss_fails_fast_and_recovers(ctx: Ctx) {
     svc2.stop().await;
 }
 
-async fn shutdown_drains_pending_requests(ctx: Ctx) {
+pub async fn shutdown_drains_pending_requests(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-drain", false).await;
     let gw = ctx
         .start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-drain") })
@@ -1146,7 +1120,7 @@ async fn shutdown_drains_pending_requests(ctx: Ctx) {
     svc.stop().await;
 }
 
-async fn shutdown_settles_unconfirmed_commands(ctx: Ctx) {
+pub async fn shutdown_settles_unconfirmed_commands(ctx: Ctx) {
     // Nothing outstanding: closing follows the cancellation within a broker round trip.
     let idle = ctx.start(ctx.config("gw-idle")).await;
     let cancelled = Instant::now();
@@ -1181,7 +1155,7 @@ async fn shutdown_settles_unconfirmed_commands(ctx: Ctx) {
     svc.stop().await;
 }
 
-async fn encryption_key_follows_a_restarted_service(ctx: Ctx) {
+pub async fn encryption_key_follows_a_restarted_service(ctx: Ctx) {
     use std::sync::atomic::Ordering::SeqCst;
     let key_ttl = Duration::from_millis(400);
     let gw = ctx
@@ -1245,7 +1219,7 @@ async fn encryption_key_follows_a_restarted_service(ctx: Ctx) {
     v2.stop().await;
 }
 
-async fn client_relayed_calls_cannot_use_another_gateways_methods(ctx: Ctx) {
+pub async fn client_relayed_calls_cannot_use_another_gateways_methods(ctx: Ctx) {
     // Two gateway deployments on one vhost; a client of A names B's service.
     let a = ctx.start(ctx.config("gw-rel-a")).await;
     let mut b = ctx.start(ctx.config("gw-rel-b")).await;
@@ -1291,7 +1265,7 @@ async fn client_relayed_calls_cannot_use_another_gateways_methods(ctx: Ctx) {
     b.stop().await;
 }
 
-async fn control_operations_survive_event_load_and_overflow_is_refused(ctx: Ctx) {
+pub async fn control_operations_survive_event_load_and_overflow_is_refused(ctx: Ctx) {
     // A core that does not read: one message in the channel, one held by each consumer.
     // The second binding also brings the control topic to the events queue: those copies
     // are skipped there (each operation is carried out once, from the control queue).
@@ -1362,7 +1336,7 @@ async fn control_operations_survive_event_load_and_overflow_is_refused(ctx: Ctx)
     gw.stop().await;
 }
 
-async fn oversized_response_fails_its_request_at_once(ctx: Ctx) {
+pub async fn oversized_response_fails_its_request_at_once(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-big", false).await;
     let gw = ctx
         .start(AmqpMeshConfig {
@@ -1390,13 +1364,18 @@ async fn oversized_response_fails_its_request_at_once(ctx: Ctx) {
         .await
         .expect("a small answer");
     assert_eq!(small.result, json!({"a": 1}));
-    let stats = gw.mesh.stats();
-    assert_eq!((stats.garbage_rejected, stats.responses, stats.strays_dropped), (1, 1, 0));
+    // The counters are updated after the caller got its answer: wait for them to settle.
+    let counted = |gw: &Gateway| {
+        let stats = gw.mesh.stats();
+        (stats.garbage_rejected, stats.responses, stats.strays_dropped)
+    };
+    eventually("the response counted", || counted(&gw) == (1, 1, 0)).await;
+    assert_eq!(counted(&gw), (1, 1, 0));
     gw.stop().await;
     svc.stop().await;
 }
 
-async fn reconnect_after_a_half_open_loss_is_immediate(ctx: Ctx) {
+pub async fn reconnect_after_a_half_open_loss_is_immediate(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-half", false).await;
     let proxy = HalfOpenProxy::start().await;
     // The default heartbeat (20 s): the broker holds on to a silent connection for about

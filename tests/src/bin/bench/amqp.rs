@@ -1,4 +1,5 @@
-//! The AMQP scenarios, both against the same [`EchoService`] on the local RabbitMQ:
+//! The AMQP scenarios, both against the same echo service (the testkit's [`FakeService`]
+//! with [`ServiceOptions::bench`]) on the local RabbitMQ:
 //! - B: lapin requesters publishing nuropb requests straight to the service's queue and
 //!   awaiting the responses on their own reply queues (direct AMQP RPC, no gateway);
 //! - G: WebSocket clients → gateway (core + ws-adapter + `AmqpMesh`) → RabbitMQ → service.
@@ -43,9 +44,14 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::echo_service::{EchoService, RPC_EXCHANGE, nuropb_headers};
 use super::{DEADLINE, Row, SEQUENTIAL, Ws, connect, percentile};
 use e2e_tests::{Options, SECRET, token};
+use nuropb_testkit::broker::nuropb_headers;
+use nuropb_testkit::{FakeService, ServiceOptions};
+
+const RPC_EXCHANGE: &str = "nuropb-rpc-exchange";
+/// The echo service's prefetch (and so the answers it works on at once).
+pub const SERVICE_PREFETCH: u16 = ServiceOptions::bench().prefetch;
 
 /// The echo service's name: its queue is `nuropb-bench-echo-sq`.
 pub const SERVICE: &str = "bench-echo";
@@ -61,7 +67,7 @@ const RESPONSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Starts the echo service, measures B then G, and stops everything again.
 pub async fn run(amqp_url: &str) -> (Row, Row) {
-    let service = EchoService::start(amqp_url, SERVICE).await;
+    let service = FakeService::start_opts(amqp_url, SERVICE, ServiceOptions::bench()).await;
     let direct = measure_direct(amqp_url).await;
     let gateway = AmqpGateway::start(amqp_url).await;
     let through_gateway = measure_gateway(&gateway.url).await;
@@ -190,7 +196,7 @@ impl DirectPublisher {
         };
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
-            .with_headers(nuropb_headers(MessageType::Request, Some(&trace_id)))
+            .with_headers(nuropb_headers(MessageType::Request.as_str(), Some(&trace_id), false))
             .with_correlation_id(correlation_id.as_str().into())
             .with_reply_to(self.reply_queue.clone())
             .with_expiration(REQUEST_TIMEOUT.as_millis().to_string().as_str().into());

@@ -10,6 +10,11 @@
 //! calls without answering, like a nuropb service too busy to answer in time. A body it
 //! cannot decrypt (encrypted for another key) is counted in `undecryptable`, rejected and
 //! never answered: a nuropb service would drop off the mesh there (§7.5).
+//!
+//! The same service is the benchmark's echo service ([`ServiceOptions::bench`]): with a
+//! large prefetch and nothing recorded, so that the service is not what the benchmark
+//! measures. Unlike nuropb (prefetch 1, one message at a time) it answers deliveries
+//! concurrently, one task each.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +33,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::support::{connect, nuropb_headers};
+use crate::broker::{connect, nuropb_headers};
 
 /// The throw-away key of the capture run (spec vectors), 2048-bit.
 pub const PRIVATE_KEY_PEM: &str = include_str!("../fixtures/service_private_key.pem");
@@ -42,6 +47,33 @@ pub struct Received {
     pub body: Vec<u8>,
     /// The body after decryption (equal to `body` for plaintext).
     pub plaintext: Vec<u8>,
+}
+
+/// How a [`FakeService`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceOptions<'a> {
+    /// The service's private key (PEM), making it an encrypted service; none for plaintext.
+    pub key_pem: Option<&'a str>,
+    /// Unacknowledged deliveries the broker may push (and so requests answered at once).
+    pub prefetch: u16,
+    /// Whether every delivery is kept for [`FakeService::received`].
+    pub record: bool,
+}
+
+impl Default for ServiceOptions<'_> {
+    /// Plaintext, recording, prefetch 32: more than nuropb's 1, so that slow calls do not
+    /// serialise the tests.
+    fn default() -> Self {
+        ServiceOptions { key_pem: None, prefetch: 32, record: true }
+    }
+}
+
+impl ServiceOptions<'_> {
+    /// The benchmark's echo service: prefetch above everything the benchmark keeps in
+    /// flight (requests never wait in the service queue), and no memory of what it got.
+    pub const fn bench() -> Self {
+        ServiceOptions { key_pem: None, prefetch: 512, record: false }
+    }
 }
 
 pub struct FakeService {
@@ -58,6 +90,7 @@ struct Inner {
     name: String,
     channel: Channel,
     key: Option<ServicePrivateKey>,
+    record: bool,
     received: Arc<Mutex<Vec<Received>>>,
     describes: Arc<AtomicUsize>,
     answer_describe: Arc<AtomicBool>,
@@ -72,6 +105,11 @@ impl FakeService {
 
     /// A service with the given private key (PEM), or none.
     pub async fn start_with(url: &str, name: &str, key_pem: Option<&str>) -> FakeService {
+        FakeService::start_opts(url, name, ServiceOptions { key_pem, ..Default::default() }).await
+    }
+
+    pub async fn start_opts(url: &str, name: &str, options: ServiceOptions<'_>) -> FakeService {
+        let ServiceOptions { key_pem, prefetch, record } = options;
         let connection = connect(url).await;
         let channel = connection.create_channel().await.expect("channel");
         // What `configure_mesh` declares out of band (§2.2); idempotent.
@@ -114,8 +152,7 @@ impl FakeService {
             )
             .await
             .expect("bind");
-        // More than nuropb's prefetch 1, so that slow calls do not serialise the tests.
-        channel.basic_qos(32, BasicQosOptions::default()).await.expect("qos");
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await.expect("qos");
         let mut consumer = channel
             .basic_consume(
                 queue.as_str().into(),
@@ -130,6 +167,7 @@ impl FakeService {
             name: name.to_owned(),
             channel,
             key,
+            record,
             received: Arc::default(),
             describes: Arc::default(),
             answer_describe: Arc::new(AtomicBool::new(true)),
@@ -195,11 +233,13 @@ impl Inner {
         } else {
             (delivery.data.clone(), None)
         };
-        self.received.lock().expect("lock").push(Received {
-            properties: props.clone(),
-            body: delivery.data.clone(),
-            plaintext: plaintext.clone(),
-        });
+        if self.record {
+            self.received.lock().expect("lock").push(Received {
+                properties: props.clone(),
+                body: delivery.data.clone(),
+                plaintext: plaintext.clone(),
+            });
+        }
         // nuropb acks first, then answers (§6.1 step 4).
         // The connection may be cut under us (fault test); then there is nobody to answer.
         if delivery.ack(BasicAckOptions::default()).await.is_err() {
