@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Unacknowledged deliveries the broker may push, and requests answered at once. Above
 /// everything the benchmark keeps in flight, so requests never wait in the service queue.
-pub const PREFETCH: u16 = 512;
+pub const PREFETCH: u16 = 2048;
 
 pub const RPC_EXCHANGE: &str = "nuropb-rpc-exchange";
 
