@@ -27,7 +27,7 @@ fn main() -> Result<()> {
         Some("test") => ci::unit_and_e2e_tests(),
         Some("integration") => ci::integration(),
         Some("interop") => interop::run(&root),
-        Some("bench") => bench::run(),
+        Some("bench") => bench::run(&root),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
             Ok(())

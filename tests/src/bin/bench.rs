@@ -1,274 +1,348 @@
-//! `cargo xtask bench`: round-trip benchmarks over loopback, printed as one table.
+//! `cargo xtask bench`: what the gateway costs, as ratios to the strongest baselines run in
+//! the same invocation, printed as tables and written as JSON (docs/BENCHMARKS.md).
 //!
-//! Two pairs of rows, each a baseline and the gateway, measured in the same run with the same
-//! client code, so the ratios cancel out machine speed:
-//! - a bare tokio-tungstenite echo server (the baseline), then the gateway on its in-memory
-//!   mesh;
-//! - B: direct AMQP RPC to a Rust echo service over RabbitMQ, then G: the gateway on
-//!   `AmqpMesh` in front of the same service (see `bench/amqp.rs`).
+//! - Requests: connections × requests in flight (1 × 1, 10 × 8, 100 × 8, 1000 × 1) through
+//!   the real `nuropb-gateway` binary on RabbitMQ to a Rust echo service, against the
+//!   ceiling: one lapin connection multiplexing as many logical callers to the same service
+//!   (`bench/ceiling.rs`). CPU per request of the gateway, the broker and this process (the
+//!   clients and the echo service) from `/proc`. The WebSocket floor (a bare tokio-tungstenite
+//!   echo) and the gateway on its in-memory mesh at 100 × 8, as a pair.
+//! - Idle connections (1k, 10k, 19k): the gateway's RSS per connection and a probe's
+//!   latency while they are held.
+//! - Fan-out: 1k and 10k sessions receiving every broadcast event, deliveries per second,
+//!   publish-to-client latency and gateway CPU per delivery.
 //!
-//! The AMQP pair needs a broker: `cargo xtask bench` makes sure RabbitMQ runs, creates a
-//! throw-away vhost and passes its URL in [`AMQP_URL_ENV`]; without it those rows are
-//! skipped with a note. Loops are bounded in count and in time (each scenario stops at its
-//! deadline).
+//! `cargo xtask bench` builds the binaries (release), makes sure RabbitMQ runs, and passes a
+//! throw-away vhost's URL in [`AMQP_URL_ENV`]. Loops are bounded in count and in time.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "a benchmark: a failure aborts it")]
-#![allow(clippy::print_stdout, reason = "the benchmark prints its table")]
+#![allow(clippy::print_stdout, reason = "the benchmark prints its tables")]
 
 // A crate root's modules live beside it, not in a directory named after it; `bench/` keeps
 // them out of `src/bin/`, where cargo would take each file for a binary of its own.
-#[path = "bench/amqp.rs"]
-mod amqp;
+#[path = "bench/ceiling.rs"]
+mod ceiling;
+#[path = "bench/fanout.rs"]
+mod fanout;
+#[path = "bench/gateway.rs"]
+mod gateway;
+#[path = "bench/idle.rs"]
+mod idle;
+#[path = "bench/load.rs"]
+mod load;
+#[path = "bench/sys.rs"]
+mod sys;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use e2e_tests::{Gateway, Options, token};
-use futures_util::{SinkExt, StreamExt};
-use serde_json::json;
-use tokio::net::TcpListener;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use serde_json::{Value, json};
+use tokio::time::Instant;
 
-const SEQUENTIAL: usize = 2_000;
-const CLIENTS: usize = 16;
-const PER_CLIENT: usize = 1_000;
-const DEADLINE: Duration = Duration::from_secs(30);
-/// The broker URL (with its throw-away vhost) for the AMQP rows; set by `cargo xtask bench`.
+use gateway::{GatewayProcess, Mesh};
+use load::{Outcome, Window};
+use nuropb_testkit::{FakeService, ServiceOptions};
+
+/// The broker URL (with its throw-away vhost); set by `cargo xtask bench`.
 const AMQP_URL_ENV: &str = "NUROPB_BENCH_AMQP_URL";
+/// Where the JSON results go (default `target/bench/results.json`).
+const JSON_ENV: &str = "NUROPB_BENCH_JSON";
+/// `1`: shorter windows and fewer connections, to check the benchmark itself runs.
+const QUICK_ENV: &str = "NUROPB_BENCH_QUICK";
+const SERVICE: &str = "bench-echo";
+const SCENARIOS: [(usize, usize); 4] = [(1, 1), (10, 8), (100, 8), (1000, 1)];
 
+struct Settings {
+    warmup: Duration,
+    measure: Duration,
+    idle_levels: Vec<usize>,
+    fanout_levels: Vec<usize>,
+    fanout_rate: u32,
+    fanout_time: Duration,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        if std::env::var(QUICK_ENV).is_ok_and(|v| v == "1") {
+            Settings {
+                warmup: Duration::from_millis(300),
+                measure: Duration::from_secs(1),
+                idle_levels: vec![100, 1_000],
+                fanout_levels: vec![100, 1_000],
+                fanout_rate: 20,
+                fanout_time: Duration::from_secs(1),
+            }
+        } else {
+            Settings {
+                warmup: Duration::from_secs(1),
+                measure: Duration::from_secs(5),
+                idle_levels: vec![1_000, 10_000, 19_000],
+                fanout_levels: vec![1_000, 10_000],
+                fanout_rate: 50,
+                fanout_time: Duration::from_secs(5),
+            }
+        }
+    }
+}
+
+/// One request/response measurement with the CPU it cost.
 struct Row {
     name: String,
-    p50_us: f64,
-    p99_us: f64,
-    throughput: f64,
-    /// Round trips behind the percentiles (fewer than asked when the deadline struck).
-    sequential: usize,
-    /// Responses behind the throughput, out of `expected`: every text frame for the in-memory
-    /// rows, responses without error for the AMQP rows.
-    completed: usize,
-    expected: usize,
-    /// Error responses (and unroutable requests) during the throughput run.
-    errors: usize,
+    connections: usize,
+    in_flight: usize,
+    outcome: Outcome,
+    seconds: f64,
+    /// CPU seconds during the window: gateway, broker, this process.
+    cpu: [Option<f64>; 3],
 }
 
-/// Runs `round_trip` for `0..count` one at a time until the deadline; the latencies in µs,
-/// sorted.
-async fn sequential(count: usize, mut round_trip: impl AsyncFnMut(usize)) -> Vec<f64> {
-    let mut lat = Vec::with_capacity(count);
-    let start = Instant::now();
-    for i in 0..count {
-        if start.elapsed() > DEADLINE {
-            break;
-        }
-        let t = Instant::now();
-        round_trip(i).await;
-        lat.push(t.elapsed().as_secs_f64() * 1e6);
+impl Row {
+    fn throughput(&self) -> f64 {
+        self.outcome.ok as f64 / self.seconds
     }
-    lat.sort_by(f64::total_cmp);
-    lat
-}
-
-/// The `p` quantile (0..=1) of sorted values, nearest rank below.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p) as usize]
-}
-
-async fn echo_server() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}/", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            // Same socket options as the gateway, so the comparison is fair.
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
-                // Answers with a response-shaped frame so both sides parse similar JSON.
-                while let Some(Ok(m)) = ws.next().await {
-                    if let Message::Text(t) = m {
-                        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                        let reply = json!({"type": "response", "payload": {
-                            "trace_id": v["payload"]["trace_id"], "result": v["payload"]["params"], "error": null}});
-                        if ws.send(Message::Text(reply.to_string().into())).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    url
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn connect(url: &str, skip_hello: bool) -> Ws {
-    let mut request = url.into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("Authorization", format!("Bearer {}", token("bench")).parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-    if skip_hello {
-        ws.next().await.unwrap().unwrap();
+    fn cpu_us_per_request(&self, i: usize) -> Option<f64> {
+        Some(self.cpu[i]? * 1e6 / self.outcome.ok.max(1) as f64)
     }
-    ws
-}
-
-fn frame(i: usize) -> Message {
-    let f = json!({"type": "request", "payload": {"service": "svc", "method": "echo",
-        "params": {"i": i, "text": "hello benchmark"}, "trace_id": format!("t{i}")}});
-    Message::Text(f.to_string().into())
-}
-
-async fn next_text(ws: &mut Ws) {
-    loop {
-        match ws.next().await.unwrap().unwrap() {
-            Message::Text(_) => return,
-            _ => continue,
-        }
+    fn json(&self) -> Value {
+        json!({
+            "name": self.name, "connections": self.connections, "in_flight": self.in_flight,
+            "ok": self.outcome.ok, "errors": self.outcome.errors,
+            "throughput_per_s": self.throughput(),
+            "p50_us": self.outcome.percentile(0.5), "p99_us": self.outcome.percentile(0.99),
+            "gateway_cpu_us_per_request": self.cpu_us_per_request(0),
+            "broker_cpu_us_per_request": self.cpu_us_per_request(1),
+            "bench_cpu_us_per_request": self.cpu_us_per_request(2),
+        })
     }
 }
 
-async fn measure(name: &str, url: &str, skip_hello: bool) -> Row {
-    // Latency: one client, one request at a time.
-    let mut ws = connect(url, skip_hello).await;
-    let lat = sequential(SEQUENTIAL, async |i| {
-        ws.send(frame(i)).await.unwrap();
-        next_text(&mut ws).await;
-    })
-    .await;
-
-    // Throughput: many clients, each sending all its requests without waiting.
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..CLIENTS {
-        let url = url.to_owned();
-        tasks.push(tokio::spawn(async move {
-            let ws = connect(&url, skip_hello).await;
-            let (mut tx, mut rx) = ws.split();
-            let sender = tokio::spawn(async move {
-                for i in 0..PER_CLIENT {
-                    if tx.send(frame(i)).await.is_err() {
-                        break;
-                    }
-                }
-                tx
-            });
-            let mut got = 0;
-            let began = Instant::now();
-            while got < PER_CLIENT && began.elapsed() < DEADLINE {
-                match tokio::time::timeout(Duration::from_secs(5), rx.next()).await {
-                    Ok(Some(Ok(Message::Text(_)))) => got += 1,
-                    Ok(Some(Ok(_))) => {}
-                    _ => break,
-                }
-            }
-            drop(sender.await);
-            got
-        }));
-    }
-    let mut total = 0;
-    for t in tasks {
-        total += t.await.unwrap();
-    }
-    let throughput = total as f64 / start.elapsed().as_secs_f64();
+/// Runs `load` inside a window, measuring the CPU of `gateway_pid`, the broker and this
+/// process over exactly the window.
+async fn measured<F: Future<Output = Outcome> + Send + 'static>(
+    name: &str,
+    (connections, in_flight): (usize, usize),
+    gateway_pid: Option<u32>,
+    settings: &Settings,
+    load: impl FnOnce(Window) -> F,
+) -> Row {
+    let window = Window::after(settings.warmup, settings.measure);
+    let pids = [gateway_pid, sys::broker_pid(), Some(std::process::id())];
+    let run = tokio::spawn(load(window));
+    tokio::time::sleep_until(window.start).await;
+    let meter = sys::CpuMeter::start(&pids);
+    tokio::time::sleep_until(window.end).await;
+    let used = meter.stop();
+    let outcome = run.await.expect("the load task");
     Row {
         name: name.to_owned(),
-        p50_us: percentile(&lat, 0.5),
-        p99_us: percentile(&lat, 0.99),
-        throughput,
-        sequential: lat.len(),
-        completed: total,
-        expected: CLIENTS * PER_CLIENT,
-        // Not told apart here: every text frame counts as a response.
-        errors: 0,
+        connections,
+        in_flight,
+        outcome,
+        seconds: window.seconds(),
+        cpu: [used[0], used[1], used[2]],
     }
 }
 
 #[tokio::main]
 async fn main() {
-    let baseline_url = echo_server().await;
-    let mut options = Options::default();
-    // The benchmark measures the request path, not the abuse limits.
-    options.ws.rate_per_second = 1_000_000;
-    options.ws.rate_burst = 1_000_000;
-    options.max_in_flight = PER_CLIENT;
-    // Responses alone must never overflow a session's queue (the binary enforces
-    // outbound queue >= in-flight limit too).
-    options.ws.outbound_queue = PER_CLIENT + 16;
-    let gateway = Gateway::start_with(options).await;
-
-    let baseline = measure("baseline: bare tungstenite echo", &baseline_url, false).await;
-    let gw = measure("gateway, in-memory mesh (svc.echo)", &gateway.url, true).await;
-    gateway.stop().await;
-
-    let amqp_url = std::env::var(AMQP_URL_ENV).ok().filter(|u| !u.is_empty());
-    let amqp_rows = match &amqp_url {
-        Some(url) => Some(amqp::run(url).await),
-        None => None,
+    let settings = Settings::from_env();
+    let Some(amqp_url) = std::env::var(AMQP_URL_ENV).ok().filter(|u| !u.is_empty()) else {
+        panic!(
+            "{AMQP_URL_ENV} is not set: run `cargo xtask bench`, which starts RabbitMQ and sets it"
+        );
     };
+    let epoch = Instant::now();
+    // The tests' nuropb look-alike, with a prefetch above everything in flight so requests
+    // never wait in its queue: the service is not what is measured.
+    let options = ServiceOptions { prefetch: 2048, ..ServiceOptions::bench() };
+    let service = FakeService::start_opts(&amqp_url, SERVICE, options).await;
+    let mut report = serde_json::Map::new();
+
+    // --- Requests: ceiling and gateway at each scenario -------------------------------------
+    let ceiling = ceiling::Ceiling::connect(&amqp_url, SERVICE).await;
+    let gw = GatewayProcess::start(Mesh::Amqp { url: &amqp_url, service_name: "bench-gw" });
+    let mut pairs = Vec::new();
+    for (c, w) in SCENARIOS {
+        let base = measured("ceiling: lapin, 1 connection", (c, w), None, &settings, |win| {
+            let ceiling = ceiling.clone();
+            async move { ceiling::run(&ceiling, c * w, win).await }
+        })
+        .await;
+        let clients = load::connect_many(&gw.url, c, true, 64).await;
+        let row = measured("gateway on RabbitMQ", (c, w), Some(gw.pid), &settings, |win| {
+            load::run(clients, SERVICE, w, win)
+        })
+        .await;
+        pairs.push((base, row));
+    }
+    gw.stop();
+
+    // --- The WebSocket floor and the gateway on its in-memory mesh ---------------------------
+    let floor_url = load::echo_server().await;
+    let (c, w) = (100, 8);
+    let clients = load::connect_many(&floor_url, c, false, 64).await;
+    let floor = measured("floor: bare tokio-tungstenite echo", (c, w), None, &settings, |win| {
+        load::run(clients, SERVICE, w, win)
+    })
+    .await;
+    let gw = GatewayProcess::start(Mesh::InMemory);
+    let clients = load::connect_many(&gw.url, c, true, 64).await;
+    let in_memory = measured("gateway, in-memory mesh", (c, w), Some(gw.pid), &settings, |win| {
+        load::run(clients, "demo", w, win)
+    })
+    .await;
+    gw.stop();
+
+    // --- Idle connections ------------------------------------------------------------------
+    let gw = GatewayProcess::start(Mesh::Amqp { url: &amqp_url, service_name: "bench-gw-idle" });
+    let (unloaded_probe, idle_levels) = idle::run(
+        &gw,
+        SERVICE,
+        &settings.idle_levels,
+        settings.measure.min(Duration::from_secs(3)),
+    )
+    .await;
+    gw.stop();
+
+    // --- Fan-out ---------------------------------------------------------------------------
+    let mut fanouts = Vec::new();
+    for &n in &settings.fanout_levels {
+        let gw =
+            GatewayProcess::start(Mesh::Amqp { url: &amqp_url, service_name: "bench-gw-fanout" });
+        let clients = load::connect_many(&gw.url, n, true, 64).await;
+        let meter = sys::CpuMeter::start(&[Some(gw.pid)]);
+        let outcome =
+            fanout::run(&amqp_url, clients, settings.fanout_rate, settings.fanout_time, epoch)
+                .await;
+        let cpu = meter.stop()[0];
+        gw.stop();
+        fanouts.push((n, outcome, cpu));
+    }
+    service.stop().await;
+
+    // --- Report ----------------------------------------------------------------------------
+    println!();
+    println!("## Requests through the gateway, as ratios to the ceiling in the same run");
+    println!();
+    println!(
+        "| connections × in flight | row | req/s | p50 | p99 | req/s ratio | p50 − ceiling | gateway CPU/req | broker CPU/req | bench CPU/req | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut rows_json = Vec::new();
+    for (base, row) in &pairs {
+        print_row(base, base);
+        print_row(row, base);
+        rows_json.push(base.json());
+        rows_json.push(row.json());
+    }
+    print_row(&floor, &floor);
+    print_row(&in_memory, &floor);
+    rows_json.push(floor.json());
+    rows_json.push(in_memory.json());
+    report.insert("requests".into(), Value::Array(rows_json));
 
     println!();
-    println!(
-        "| scenario | p50 latency | p99 latency | throughput | p50 ratio | p99 ratio | throughput ratio | ratios against |"
-    );
-    println!("|---|---|---|---|---|---|---|---|");
-    print_row(&baseline, &baseline, "baseline");
-    print_row(&gw, &baseline, "baseline");
-    if let Some((direct, through_gateway)) = &amqp_rows {
-        print_row(direct, direct, "B");
-        print_row(through_gateway, direct, "B");
-    }
+    println!("## Idle authenticated connections (gateway on RabbitMQ)");
     println!();
     println!(
-        "In-memory rows: {SEQUENTIAL} sequential round trips on one connection; {CLIENTS} clients x {PER_CLIENT} requests, all sent without waiting (the gateway serves them concurrently)."
+        "| connections | gateway RSS | RSS per connection | probe 10 × 1 p50 | probe p99 | probe p99 ratio to no idle connections |"
     );
-    if amqp_rows.is_some() {
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| 0 | – | – | {} | {} | 1.00x |",
+        us(unloaded_probe.percentile(0.5)),
+        us(unloaded_probe.percentile(0.99))
+    );
+    let mut idle_json = Vec::new();
+    for l in &idle_levels {
         println!(
-            "B/G rows: {} unrecorded warm-up calls, then {SEQUENTIAL} sequential round trips with one client; {} clients x {} requests with {} outstanding per client, all connected before the clock starts. \
-             The echo service is the tests' Rust nuropb look-alike over lapin (manual ack, ack then answer to reply_to with correlation_id and nuropb headers) but with prefetch {} and concurrent answers instead of nuropb's prefetch 1, so it is not the bottleneck. \
-             B publishes as the gateway does (confirm mode, mandatory, expiration, confirmation awaited before the response), one connection per client; the gateway uses one connection for all. \
-             RabbitMQ, the clients, the gateway and the service share this machine's {} cores.",
-            amqp::WARMUP,
-            amqp::CLIENTS,
-            amqp::PER_CLIENT,
-            amqp::WINDOW,
-            amqp::SERVICE_PREFETCH,
-            std::thread::available_parallelism().map_or(0, usize::from),
+            "| {} | {:.1} MiB | {:.1} KiB | {} | {} | {:.2}x |",
+            l.connections,
+            l.rss_bytes as f64 / 1048576.0,
+            l.rss_per_connection / 1024.0,
+            us(l.probe.percentile(0.5)),
+            us(l.probe.percentile(0.99)),
+            l.probe.percentile(0.99) / unloaded_probe.percentile(0.99),
         );
-    } else {
+        idle_json.push(json!({
+            "connections": l.connections, "rss_bytes": l.rss_bytes,
+            "rss_per_connection_bytes": l.rss_per_connection,
+            "probe_p50_us": l.probe.percentile(0.5), "probe_p99_us": l.probe.percentile(0.99),
+            "probe_requests": l.probe.ok, "probe_seconds": l.probe_seconds,
+        }));
+    }
+    report.insert(
+        "idle".into(),
+        json!({"unloaded_probe_p99_us": unloaded_probe.percentile(0.99), "levels": idle_json}),
+    );
+
+    println!();
+    println!("## Fan-out: every session receives every broadcast event");
+    println!();
+    println!(
+        "| sessions | events/s | published | deliveries | expected | deliveries/s | p50 | p99 | gateway CPU/delivery |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut fan_json = Vec::new();
+    for (n, o, cpu) in &fanouts {
+        let per_delivery = cpu.map(|c| c * 1e6 / o.deliveries.max(1) as f64);
         println!(
-            "B/G rows (AMQP) skipped: {AMQP_URL_ENV} is not set; `cargo xtask bench` starts RabbitMQ and sets it."
+            "| {n} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+            settings.fanout_rate,
+            o.published,
+            o.deliveries,
+            o.published * *n as u64,
+            o.deliveries as f64 / o.seconds,
+            us(o.latency.percentile(0.5)),
+            us(o.latency.percentile(0.99)),
+            per_delivery.map_or("–".to_owned(), |c| format!("{c:.1} µs")),
         );
+        fan_json.push(json!({
+            "sessions": n, "rate": settings.fanout_rate, "published": o.published,
+            "deliveries": o.deliveries, "deliveries_per_s": o.deliveries as f64 / o.seconds,
+            "p50_us": o.latency.percentile(0.5), "p99_us": o.latency.percentile(0.99),
+            "gateway_cpu_us_per_delivery": per_delivery,
+        }));
     }
-    let mut rows = vec![&baseline, &gw];
-    rows.extend(amqp_rows.iter().flat_map(|(direct, through_gateway)| [direct, through_gateway]));
-    for r in rows {
-        if r.completed < r.expected || r.errors > 0 {
-            println!(
-                "warning: {}: throughput counted {} responses of {} requests, {} errors (clients stop at the {DEADLINE:?} deadline, after 5 s without a frame, or when disconnected)",
-                r.name, r.completed, r.expected, r.errors
-            );
-        }
+    report.insert("fanout".into(), Value::Array(fan_json));
+    println!();
+    println!(
+        "{} cores; RabbitMQ, this process (clients and the echo service) and the gateway share them. \
+         Windows: {:?} warm-up, {:?} measured. CPU from /proc (utime + stime).",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        settings.warmup,
+        settings.measure,
+    );
+
+    let path = std::env::var(JSON_ENV)
+        .unwrap_or_else(|_| format!("{}/../target/bench/results.json", env!("CARGO_MANIFEST_DIR")));
+    let path = std::path::PathBuf::from(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("the results folder");
     }
+    std::fs::write(&path, serde_json::to_vec_pretty(&Value::Object(report)).expect("json"))
+        .expect("the results file");
+    println!("results: {}", path.display());
 }
 
-fn print_row(r: &Row, base: &Row, base_name: &str) {
-    let sequential = if r.sequential < SEQUENTIAL {
-        format!(" (only {} sequential)", r.sequential)
-    } else {
-        String::new()
-    };
+fn us(v: f64) -> String {
+    if v.is_nan() { "–".to_owned() } else { format!("{v:.0} µs") }
+}
+
+fn print_row(r: &Row, base: &Row) {
+    let cpu = |i| r.cpu_us_per_request(i).map_or("–".to_owned(), |c| format!("{c:.1} µs"));
     println!(
-        "| {}{} | {:.0} µs | {:.0} µs | {:.0} req/s | {:.2}x | {:.2}x | {:.2}x | {} |",
+        "| {} × {} | {} | {:.0} | {} | {} | {:.2}x | {:+.0} µs | {} | {} | {} | {} |",
+        r.connections,
+        r.in_flight,
         r.name,
-        sequential,
-        r.p50_us,
-        r.p99_us,
-        r.throughput,
-        r.p50_us / base.p50_us,
-        r.p99_us / base.p99_us,
-        r.throughput / base.throughput,
-        base_name,
+        r.throughput(),
+        us(r.outcome.percentile(0.5)),
+        us(r.outcome.percentile(0.99)),
+        r.throughput() / base.throughput(),
+        r.outcome.percentile(0.5) - base.outcome.percentile(0.5),
+        cpu(0),
+        cpu(1),
+        cpu(2),
+        r.outcome.errors,
     );
 }

@@ -1,0 +1,99 @@
+//! The gateway under test: the real `nuropb-gateway` binary (release), started in its own
+//! process group so its CPU time and memory are its own, and stopped by PID (SIGTERM, then
+//! SIGKILL after a grace period).
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use e2e_tests::SECRET;
+
+/// Where `cargo xtask bench` puts the path of the release binary it built.
+pub const GATEWAY_BIN_ENV: &str = "NUROPB_BENCH_GATEWAY_BIN";
+const START_WAIT: Duration = Duration::from_secs(20);
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+pub struct GatewayProcess {
+    child: Child,
+    pub pid: u32,
+    /// `ws://127.0.0.1:<port>/ws`
+    pub url: String,
+}
+
+/// The mesh behind the gateway.
+pub enum Mesh<'a> {
+    /// RabbitMQ at this URL; the gateway takes `service_name` as its own NuroPb name.
+    Amqp { url: &'a str, service_name: &'a str },
+    /// The embedded in-memory mesh with its `demo` service.
+    InMemory,
+}
+
+fn binary() -> PathBuf {
+    std::env::var_os(GATEWAY_BIN_ENV).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/nuropb-gateway")
+    })
+}
+
+impl GatewayProcess {
+    /// Starts the gateway on a free loopback port with the benchmark's limits: abuse limits
+    /// out of the way (rate), room for 19k connections and 8 requests in flight each, and
+    /// every broadcast under `bench.#` delivered to every session.
+    pub fn start(mesh: Mesh<'_>) -> GatewayProcess {
+        let bin = binary();
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--listen", "127.0.0.1:0", "--jwt-secret", SECRET, "--jwt-algorithm", "hs256"])
+            .args(["--rate-per-second", "1000000", "--rate-burst", "1000000"])
+            .args(["--max-connections", "19500", "--max-in-flight", "64"])
+            .args(["--max-in-flight-total", "100000", "--outbound-queue", "256"])
+            .args(["--request-timeout-ms", "10000", "--log", "warn,lapin=off"])
+            .args(["--broadcast-topics", "bench.#", "--event-bindings", "bench.#"])
+            // Idle connections are held for the whole scenario.
+            .args(["--idle-timeout-secs", "600", "--ping-interval-secs", "300"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0);
+        if let Mesh::Amqp { url, service_name } = mesh {
+            cmd.args(["--amqp-url", url, "--service-name", service_name]);
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot start {}: {e} (`cargo xtask bench` builds it)", bin.display())
+        });
+        let pid = child.id();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        // Reads stdout to its end, so the gateway never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("nuropb-gateway listening on ws://") {
+                    let _ = tx.send(rest.trim_end_matches('/').to_owned());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(START_WAIT) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the gateway did not say where it listens within {START_WAIT:?}");
+            }
+        };
+        GatewayProcess { child, pid, url: format!("ws://{addr}/ws") }
+    }
+
+    pub fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status();
+        let deadline = std::time::Instant::now() + STOP_GRACE;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("bench: the gateway did not stop within {STOP_GRACE:?}; killing it");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
