@@ -19,8 +19,8 @@ use tokio_util::task::TaskTracker;
 
 use handler_core::auth::JwtKey;
 use handler_core::coordinator::CoreConfig;
-use handler_core::handler_manager::HandlerManagerConfig;
 use handler_core::mesh_manager::MeshManagerConfig;
+use handler_core::session_registry::SessionRegistryConfig;
 use handler_core::{Coordinator, JwtAuthenticator, JwtConfig, ServiceMesh};
 use nuropb_wire::client::ClientLimits;
 use ops_http::OpsConfig;
@@ -125,7 +125,7 @@ async fn run(cli: Cli) -> Result<()> {
         cli.subscribable_topics.clone()
     };
     let core = CoreConfig {
-        handlers: HandlerManagerConfig { subscribable, ..HandlerManagerConfig::default() },
+        sessions: SessionRegistryConfig { subscribable, ..SessionRegistryConfig::default() },
         mesh: MeshManagerConfig {
             request_timeout: cli.request_timeout(),
             max_in_flight_per_session: cli.max_in_flight,

@@ -154,7 +154,7 @@ impl Gateway {
                 reserved_services: options.reserved_services.clone(),
                 ..MeshManagerConfig::default()
             },
-            handlers: handler_core::handler_manager::HandlerManagerConfig {
+            sessions: handler_core::session_registry::SessionRegistryConfig {
                 subscribable: options.subscribable.clone(),
                 ..Default::default()
             },

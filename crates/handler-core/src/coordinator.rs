@@ -1,4 +1,4 @@
-//! The coordinator: owns the `HandlerManager` and the `ServiceMeshManager` and is the only
+//! The coordinator: owns the `SessionRegistry` and the `ServiceMeshManager` and is the only
 //! place they meet. Transports talk to it through a cloneable [`CoordinatorHandle`]; a call
 //! is given its session's handle when submitted and answers it from its own task; the mesh
 //! talks to the core through the inbound channel given at construction, which one task
@@ -19,20 +19,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthError, Authenticator, Identity};
+use crate::connection::{ClientConnection, Outbound, SharedFrame};
 use crate::error::CoreError;
-use crate::handler::{Handler, Outbound, SharedFrame};
-use crate::handler_manager::{HandlerManager, HandlerManagerConfig, SessionHandle};
 use crate::ids::SessionId;
 use crate::mesh::{
     ControlOutcome, GatewayControl, GatewayStats, MeshEvent, MeshInbound, ServiceMesh,
 };
 use crate::mesh_manager::{MeshManagerConfig, ServiceMeshManager};
+use crate::session_registry::{SessionHandle, SessionRegistry, SessionRegistryConfig};
 use crate::topic::topic_matches;
 
 /// Everything the core is configured with.
 #[derive(Debug, Clone, Default)]
 pub struct CoreConfig {
-    pub handlers: HandlerManagerConfig,
+    pub sessions: SessionRegistryConfig,
     pub mesh: MeshManagerConfig,
     pub client_limits: ClientLimits,
     /// Topic patterns whose untargeted events go to every session (default none).
@@ -40,7 +40,7 @@ pub struct CoreConfig {
 }
 
 struct Shared {
-    handlers: HandlerManager,
+    sessions: SessionRegistry,
     mesh: ServiceMeshManager,
     authenticator: Arc<dyn Authenticator>,
     limits: ClientLimits,
@@ -78,7 +78,7 @@ impl Coordinator {
         shutdown: CancellationToken,
     ) -> (Coordinator, CoordinatorHandle) {
         let shared = Arc::new(Shared {
-            handlers: HandlerManager::new(config.handlers),
+            sessions: SessionRegistry::new(config.sessions),
             mesh: ServiceMeshManager::new(mesh, config.mesh, tracker.clone(), shutdown.clone()),
             authenticator,
             limits: config.client_limits,
@@ -125,7 +125,7 @@ impl Coordinator {
                 tracing::warn!("aborted calls did not all finish; closing anyway");
             }
         }
-        self.shared.handlers.close_all(CoreError::ShuttingDown.closing());
+        self.shared.sessions.close_all(CoreError::ShuttingDown.closing());
     }
 
     /// Routes mesh traffic and sweeps expired tokens until `until` completes.
@@ -137,7 +137,7 @@ impl Coordinator {
                 // `tick` lose nothing when not chosen.
                 t = &mut until => return t,
                 _ = self.expiry.tick() => {
-                    let closed = self.shared.handlers.close_expired(unix_now());
+                    let closed = self.shared.sessions.close_expired(unix_now());
                     if closed > 0 {
                         tracing::info!(sessions = closed, "closed sessions with expired tokens");
                     }
@@ -187,11 +187,11 @@ impl Shared {
             event: e.event,
         }));
         let reached = match &e.target {
-            Some(users) => self.handlers.send_to_users(users, frame),
+            Some(users) => self.sessions.send_to_users(users, frame),
             None if self.broadcast_topics.iter().any(|p| topic_matches(p, &e.topic)) => {
-                self.handlers.send_to_all(frame)
+                self.sessions.send_to_all(frame)
             }
-            None => self.handlers.send_to_subscribers(&e.topic, frame),
+            None => self.sessions.send_to_subscribers(&e.topic, frame),
         };
         self.events_delivered.fetch_add(reached as u64, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(topic = %e.topic, sessions = reached, "mesh event delivered");
@@ -199,15 +199,15 @@ impl Shared {
 
     fn on_control(&self, op: GatewayControl) -> ControlOutcome {
         let sessions = match op {
-            GatewayControl::PushToUsers { user_ids, topic, event } => self.handlers.send_to_users(
+            GatewayControl::PushToUsers { user_ids, topic, event } => self.sessions.send_to_users(
                 &user_ids,
                 SharedFrame::new(ServerFrame::Message(ServerMessage::Event { topic, event })),
             ),
-            GatewayControl::PushToAll { topic, event } => self.handlers.send_to_all(
+            GatewayControl::PushToAll { topic, event } => self.sessions.send_to_all(
                 SharedFrame::new(ServerFrame::Message(ServerMessage::Event { topic, event })),
             ),
             GatewayControl::DisconnectUsers { user_ids, reason } => {
-                self.handlers.close_users(&user_ids, CoreError::Kicked(reason).closing())
+                self.sessions.close_users(&user_ids, CoreError::Kicked(reason).closing())
             }
         };
         ControlOutcome { sessions }
@@ -215,14 +215,14 @@ impl Shared {
 
     fn stats(&self) -> GatewayStats {
         GatewayStats {
-            sessions: self.handlers.session_count(),
-            sessions_high_water: self.handlers.high_water(),
-            users: self.handlers.user_count(),
+            sessions: self.sessions.session_count(),
+            sessions_high_water: self.sessions.high_water(),
+            users: self.sessions.user_count(),
             requests_in_flight: self.mesh.in_flight(),
             requests_total: self.mesh.requests_total(),
             requests_timed_out: self.mesh.timeouts_total(),
             events_delivered: self.events_delivered.load(std::sync::atomic::Ordering::Relaxed),
-            frames_dropped: self.handlers.frames_dropped(),
+            frames_dropped: self.sessions.frames_dropped(),
             mesh_connected: self.mesh.mesh().is_connected(),
         }
     }
@@ -238,7 +238,7 @@ impl CoordinatorHandle {
     pub fn open_session(
         &self,
         identity: Identity,
-        handler: Arc<dyn Handler>,
+        handler: Arc<dyn ClientConnection>,
     ) -> Result<SessionId, CoreError> {
         if self.shared.shutdown.is_cancelled() {
             return Err(CoreError::ShuttingDown);
@@ -261,7 +261,7 @@ impl CoordinatorHandle {
         }
         // Registration itself refuses sessions once shutdown closed them all, so a session
         // racing with shutdown either gets its 1001 or is never opened.
-        if self.shared.handlers.register(session_id.clone(), identity, handler).is_err() {
+        if self.shared.sessions.register(session_id.clone(), identity, handler).is_err() {
             return Err(CoreError::ShuttingDown);
         }
         tracing::info!(session.id = %session_id, user.id = %user_id, "session opened");
@@ -271,7 +271,7 @@ impl CoordinatorHandle {
     /// Forgets a session whose connection ended; its pending calls are cancelled.
     pub fn close_session(&self, session_id: &SessionId) {
         self.shared.mesh.session_closed(session_id);
-        if let Some(identity) = self.shared.handlers.unregister(session_id) {
+        if let Some(identity) = self.shared.sessions.unregister(session_id) {
             tracing::info!(session.id = %session_id, user.id = %identity.user_id, "session closed");
         }
     }
@@ -284,7 +284,7 @@ impl CoordinatorHandle {
         let decoded = decode_client_message(bytes, encoding, &s.limits);
         // The session's handle is taken once: every answer to this frame, now or from the
         // call's task later, goes through it.
-        let Some((identity, session)) = s.handlers.session(session_id) else {
+        let Some((identity, session)) = s.sessions.session(session_id) else {
             return decoded.is_ok();
         };
         let message = match decoded {
@@ -317,11 +317,11 @@ impl CoordinatorHandle {
                 }
             }
             ClientMessage::Subscribe { topics } => {
-                let result = s.handlers.subscribe(session_id, &topics);
+                let result = s.sessions.subscribe(session_id, &topics);
                 subscribed(&session, result, encoding);
             }
             ClientMessage::Unsubscribe { topics } => {
-                let result = s.handlers.unsubscribe(session_id, &topics);
+                let result = s.sessions.unsubscribe(session_id, &topics);
                 subscribed(&session, result, encoding);
             }
             ClientMessage::Refresh { token } => {
@@ -331,7 +331,7 @@ impl CoordinatorHandle {
                     .map_err(CoreError::RefreshRefused)
                     .and_then(|new| {
                         let expires_at = new.expires_at;
-                        s.handlers.refresh_identity(session_id, new).map(|()| expires_at)
+                        s.sessions.refresh_identity(session_id, new).map(|()| expires_at)
                     });
                 match refreshed {
                     Ok(expires_at) => {
@@ -416,7 +416,7 @@ mod tests {
 
     use super::*;
     use crate::auth::MockAuthenticator;
-    use crate::handler::{CloseCode, CloseReason, MockHandler, SendError};
+    use crate::connection::{CloseCode, CloseReason, MockClientConnection, SendError};
     use crate::ids::UserId;
     use crate::mesh::{MeshCall, MeshError, MeshResponse, MockServiceMesh};
 
@@ -433,7 +433,7 @@ mod tests {
         seen: Mutex<Vec<Seen>>,
     }
 
-    impl Handler for Client {
+    impl ClientConnection for Client {
         fn send(&self, outbound: Outbound) -> Result<(), SendError> {
             self.seen.lock().expect("lock").push(Seen::Frame(outbound));
             Ok(())
@@ -560,7 +560,7 @@ mod tests {
                 reserved_services: vec!["gw".into()],
                 ..Default::default()
             },
-            handlers: HandlerManagerConfig {
+            sessions: SessionRegistryConfig {
                 subscribable: vec!["news.#".into()],
                 ..Default::default()
             },
@@ -666,7 +666,7 @@ mod tests {
         let mut mesh = mesh();
         mesh.expect_request().returning(|_, _| Ok(MeshResponse { result: json!(1), error: None }));
         let c = core(mesh);
-        let mut handler = MockHandler::new();
+        let mut handler = MockClientConnection::new();
         let sends = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&sends);
         // The hello fits; the queue is full when the response comes.
@@ -762,7 +762,7 @@ mod tests {
         });
         let config = CoreConfig {
             mesh: MeshManagerConfig { reserved_services: vec!["gw".into()], ..Default::default() },
-            handlers: HandlerManagerConfig {
+            sessions: SessionRegistryConfig {
                 subscribable: vec!["news.#".into()],
                 ..Default::default()
             },

@@ -6,7 +6,7 @@ use nuropb_wire::client::ClientFrameError;
 use nuropb_wire::mesh::error_name;
 
 use crate::auth::AuthError;
-use crate::handler::{CloseCode, CloseReason};
+use crate::connection::{CloseCode, CloseReason};
 use crate::mesh::MeshError;
 
 /// A client-visible failure of the core. Messages describe this level only; a cause from

@@ -17,11 +17,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::auth::Identity;
+use crate::connection::{Outbound, SharedFrame};
 use crate::error::CoreError;
-use crate::handler::{Outbound, SharedFrame};
-use crate::handler_manager::SessionHandle;
 use crate::ids::{SessionId, TraceId};
 use crate::mesh::{MeshCall, MeshError, ServiceMesh};
+use crate::session_registry::SessionHandle;
 
 /// Bounds and deadlines for mesh calls.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -343,16 +343,16 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::handler::{CloseReason, Handler, SendError};
-    use crate::handler_manager::{HandlerManager, HandlerManagerConfig};
+    use crate::connection::{ClientConnection, CloseReason, SendError};
     use crate::ids::UserId;
     use crate::mesh::{MeshResponse, MockServiceMesh};
+    use crate::session_registry::{SessionRegistry, SessionRegistryConfig};
     use tokio::sync::mpsc;
 
     /// A connection whose outbound queue the test reads.
     struct Queue(mpsc::Sender<Outbound>);
 
-    impl Handler for Queue {
+    impl ClientConnection for Queue {
         fn send(&self, outbound: Outbound) -> Result<(), SendError> {
             self.0.try_send(outbound).map_err(|_| SendError::Full)
         }
@@ -360,7 +360,7 @@ mod tests {
     }
 
     /// Registers a session and returns its handle and what it is sent.
-    fn session(registry: &HandlerManager, id: &str) -> (SessionHandle, mpsc::Receiver<Outbound>) {
+    fn session(registry: &SessionRegistry, id: &str) -> (SessionHandle, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(16);
         let sid = SessionId::new(id);
         registry.register(sid.clone(), identity(), Arc::new(Queue(tx))).expect("register");
@@ -368,8 +368,8 @@ mod tests {
         (handle, rx)
     }
 
-    fn registry() -> HandlerManager {
-        HandlerManager::new(HandlerManagerConfig::default())
+    fn registry() -> SessionRegistry {
+        SessionRegistry::new(SessionRegistryConfig::default())
     }
     use nuropb_wire::ErrorObject;
     use nuropb_wire::mesh::error_name;

@@ -19,8 +19,8 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 use handler_core::{
-    CloseCode, CloseReason, CoordinatorHandle, Handler, MeshError, Outbound, SendError, SessionId,
-    SharedFrame,
+    ClientConnection, CloseCode, CloseReason, CoordinatorHandle, MeshError, Outbound, SendError,
+    SessionId, SharedFrame,
 };
 use nuropb_wire::client::{Encoding, ErrorFrame, ServerFrame, ServerMessage};
 use nuropb_wire::mesh::error_name;
@@ -66,7 +66,7 @@ impl CloseSignal {
     }
 }
 
-impl Handler for WsHandle {
+impl ClientConnection for WsHandle {
     fn send(&self, outbound: Outbound) -> Result<(), SendError> {
         self.outbound.try_send(outbound).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SendError::Full,

@@ -2,7 +2,7 @@
 //! origin and credentials during the HTTP upgrade (403 / 401 before any WebSocket exists),
 //! then run one task per connection that owns its socket and talks to the core through a
 //! [`CoordinatorHandle`]. The core reaches a connection only through its bounded outbound
-//! queue (its [`handler_core::Handler`] implementation is in `connection`).
+//! queue (its [`handler_core::ClientConnection`] implementation is in `connection`).
 
 // Crate-level because `[lints] workspace = true` takes no additions: a `pub` item that is
 // not reachable from outside the crate is dead public API or should say `pub(crate)`.

@@ -1,4 +1,4 @@
-//! The `Handler` port: a client connection as the core sees it. The transport adapter owns
+//! The `ClientConnection` port: a client connection as the core sees it. The transport adapter owns
 //! the socket; the core only queues frames to it and asks it to close.
 
 use std::sync::{Arc, OnceLock};
@@ -112,7 +112,7 @@ pub enum SendError {
 /// A client connection, as the core sees it. Implementations must never block: `send` is a
 /// `try_send` into the connection's bounded queue.
 #[cfg_attr(any(test, feature = "test-util"), mockall::automock)]
-pub trait Handler: Send + Sync + 'static {
+pub trait ClientConnection: Send + Sync + 'static {
     /// Queues a frame for the client.
     fn send(&self, outbound: Outbound) -> Result<(), SendError>;
     /// Asks the connection to close with this reason (idempotent).

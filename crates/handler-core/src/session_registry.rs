@@ -1,10 +1,10 @@
-//! `HandlerManager`: the registry of live sessions, by id and by user, with their topic
+//! `SessionRegistry`: the registry of live sessions, by id and by user, with their topic
 //! subscriptions, and the fan-out paths (a set of users, subscribers, all).
 //! [`SessionHandle`] is one session's way out, with the slow-client policy; a pending call
 //! holds one, so its answer goes to its session without passing through the registry.
 //!
 //! Locking: one `RwLock` over the registry, held only to look up or change entries, never
-//! across `.await` and never while calling into a `Handler` (handles are collected first,
+//! across `.await` and never while calling into a `ClientConnection` (handles are collected first,
 //! then sent to outside the lock).
 
 use std::collections::{HashMap, HashSet};
@@ -12,14 +12,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::auth::Identity;
+use crate::connection::{ClientConnection, CloseReason, Outbound, SendError, SharedFrame};
 use crate::error::CoreError;
-use crate::handler::{CloseReason, Handler, Outbound, SendError, SharedFrame};
 use crate::ids::{SessionId, UserId};
 use crate::topic::{TopicPattern, pattern_covers};
 
 /// Bounds of the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HandlerManagerConfig {
+pub struct SessionRegistryConfig {
     /// Most topic patterns one session may subscribe to (default 64).
     pub max_subscriptions_per_session: usize,
     /// Patterns clients may subscribe to (AMQP topic syntax): a requested pattern is
@@ -28,9 +28,9 @@ pub struct HandlerManagerConfig {
     pub subscribable: Vec<String>,
 }
 
-impl Default for HandlerManagerConfig {
+impl Default for SessionRegistryConfig {
     fn default() -> Self {
-        HandlerManagerConfig { max_subscriptions_per_session: 64, subscribable: Vec::new() }
+        SessionRegistryConfig { max_subscriptions_per_session: 64, subscribable: Vec::new() }
     }
 }
 
@@ -48,13 +48,13 @@ struct FrameCounters {
     dropped: AtomicU64,
 }
 
-/// One session's way out: its [`Handler`] with the slow-client policy applied on every
-/// send. Taken from the registry ([`HandlerManager::session`]) and cheap to clone; a call
+/// One session's way out: its [`ClientConnection`] with the slow-client policy applied on every
+/// send. Taken from the registry ([`SessionRegistry::session`]) and cheap to clone; a call
 /// in flight keeps one to answer its session directly.
 #[derive(Clone)]
 pub struct SessionHandle {
     session_id: SessionId,
-    handler: Arc<dyn Handler>,
+    handler: Arc<dyn ClientConnection>,
     counters: Arc<FrameCounters>,
 }
 
@@ -101,16 +101,16 @@ struct Registry {
 }
 
 /// Session registry and fan-out.
-pub struct HandlerManager {
-    config: HandlerManagerConfig,
+pub struct SessionRegistry {
+    config: SessionRegistryConfig,
     registry: RwLock<Registry>,
     high_water: AtomicUsize,
     counters: Arc<FrameCounters>,
 }
 
-impl HandlerManager {
-    pub fn new(config: HandlerManagerConfig) -> Self {
-        HandlerManager {
+impl SessionRegistry {
+    pub fn new(config: SessionRegistryConfig) -> Self {
+        SessionRegistry {
             config,
             registry: RwLock::new(Registry::default()),
             high_water: AtomicUsize::new(0),
@@ -134,7 +134,7 @@ impl HandlerManager {
         &self,
         session_id: SessionId,
         identity: Identity,
-        handler: Arc<dyn Handler>,
+        handler: Arc<dyn ClientConnection>,
     ) -> Result<(), CoreError> {
         let identity = Arc::new(identity);
         let count = {
@@ -385,7 +385,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::handler::CloseCode;
+    use crate::connection::CloseCode;
 
     /// A handler that records what it is given; `capacity` frames fit before `Full`.
     #[derive(Default)]
@@ -395,7 +395,7 @@ mod tests {
         capacity: Option<usize>,
     }
 
-    impl Handler for Recorder {
+    impl ClientConnection for Recorder {
         fn send(&self, outbound: Outbound) -> Result<(), SendError> {
             let mut frames = self.frames.lock().expect("lock");
             if self.capacity.is_some_and(|c| frames.len() >= c) {
@@ -434,8 +434,8 @@ mod tests {
         }))
     }
 
-    fn setup(sessions: &[(&str, &str)]) -> (HandlerManager, HashMap<String, Arc<Recorder>>) {
-        let m = HandlerManager::new(HandlerManagerConfig::default());
+    fn setup(sessions: &[(&str, &str)]) -> (SessionRegistry, HashMap<String, Arc<Recorder>>) {
+        let m = SessionRegistry::new(SessionRegistryConfig::default());
         let mut recs = HashMap::new();
         for (sid, user) in sessions {
             let r = Arc::new(Recorder::default());
@@ -507,7 +507,7 @@ mod tests {
 
     #[test]
     fn refresh_keeps_the_user_and_expiry_closes_with_4003() {
-        let m = HandlerManager::new(HandlerManagerConfig::default());
+        let m = SessionRegistry::new(SessionRegistryConfig::default());
         let (a, b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
         let expiring = |user: &str, at: u64| Identity { expires_at: Some(at), ..identity(user) };
         m.register(SessionId::new("a"), expiring("u1", 100), a.clone()).expect("register");
@@ -531,7 +531,7 @@ mod tests {
 
     #[test]
     fn subscriptions_route_by_pattern_and_are_bounded() {
-        let m = HandlerManager::new(HandlerManagerConfig {
+        let m = SessionRegistry::new(SessionRegistryConfig {
             max_subscriptions_per_session: 2,
             subscribable: vec!["#".into()],
         });
@@ -557,7 +557,7 @@ mod tests {
 
     #[test]
     fn only_subscribable_patterns_are_accepted() {
-        let m = HandlerManager::new(HandlerManagerConfig {
+        let m = SessionRegistry::new(SessionRegistryConfig {
             subscribable: vec!["news.#".into(), "users.{user_id}.notify".into()],
             ..Default::default()
         });
@@ -592,7 +592,7 @@ mod tests {
 
     #[test]
     fn no_registration_after_close_all() {
-        let m = HandlerManager::new(HandlerManagerConfig::default());
+        let m = SessionRegistry::new(SessionRegistryConfig::default());
         m.close_all(CloseReason::new(CloseCode::GoingAway, ""));
         assert_eq!(
             m.register(SessionId::new("late"), identity("u"), Arc::new(Recorder::default())),
@@ -602,7 +602,7 @@ mod tests {
 
     #[test]
     fn full_queue_drops_counts_and_closes_the_slow_session_only() {
-        let m = HandlerManager::new(HandlerManagerConfig::default());
+        let m = SessionRegistry::new(SessionRegistryConfig::default());
         let slow = Arc::new(Recorder { capacity: Some(1), ..Default::default() });
         let fast = Arc::new(Recorder::default());
         m.register(SessionId::new("slow"), identity("u1"), slow.clone()).expect("register");
