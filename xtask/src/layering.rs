@@ -46,14 +46,27 @@ pub const FORBIDDEN: &[(&str, &str)] = &[
     ("nuropb-gateway", "nuropb-testkit"),
 ];
 
-/// Checks the workspace's real graph against [`FORBIDDEN`].
+/// (crate, tokio feature it must not ask for): the core reaches no sockets, files,
+/// processes or signals, whatever other crates of a build switch on.
+pub const FORBIDDEN_TOKIO_FEATURES: &[(&str, &str)] = &[
+    ("handler-core", "net"),
+    ("handler-core", "io-util"),
+    ("handler-core", "fs"),
+    ("handler-core", "process"),
+    ("handler-core", "signal"),
+    ("handler-core", "full"),
+];
+
+/// Checks the workspace's real graph against [`FORBIDDEN`] and
+/// [`FORBIDDEN_TOKIO_FEATURES`].
 pub fn check() -> Result<()> {
     let graph = workspace_graph()?;
-    let found = violations(&graph, FORBIDDEN)?;
+    let mut found = violations(&graph, FORBIDDEN)?;
+    found.extend(feature_violations(&graph, "tokio", FORBIDDEN_TOKIO_FEATURES)?);
     if !found.is_empty() {
         bail!("layering violations:\n{}", found.join("\n"));
     }
-    eprintln!("layering: {} rules hold", FORBIDDEN.len());
+    eprintln!("layering: {} rules hold", FORBIDDEN.len() + FORBIDDEN_TOKIO_FEATURES.len());
     Ok(())
 }
 
@@ -95,6 +108,33 @@ pub fn violations(metadata: &Value, rules: &[(&str, &str)]) -> Result<Vec<String
         }
         if let Some(path) = path_between(&edges, krate, forbidden) {
             found.push(format!("{krate} depends on {forbidden}: {}", path.join(" -> ")));
+        }
+    }
+    Ok(found)
+}
+
+/// Every rule `(krate, feature)` for which `krate` declares a normal dependency on `dep`
+/// with `feature` switched on (the declaration, workspace inheritance included, not the
+/// features a whole build unifies to). Fails when a rule names a crate not in the workspace.
+pub fn feature_violations(
+    metadata: &Value,
+    dep: &str,
+    rules: &[(&str, &str)],
+) -> Result<Vec<String>> {
+    let packages = metadata["packages"].as_array().context("metadata without packages")?;
+    let mut found = Vec::new();
+    for (krate, feature) in rules {
+        let package = packages
+            .iter()
+            .find(|p| p["name"] == *krate)
+            .with_context(|| format!("feature rule names {krate:?}, which is not in the graph"))?;
+        let asks = package["dependencies"].as_array().into_iter().flatten().any(|d| {
+            d["name"] == dep
+                && d["kind"].is_null()
+                && d["features"].as_array().into_iter().flatten().any(|f| f == feature)
+        });
+        if asks {
+            found.push(format!("{krate} asks for {dep}'s feature {feature:?}"));
         }
     }
     Ok(found)
@@ -192,6 +232,20 @@ mod tests {
         assert!(violations(&g, &[("kore", "lapin")]).is_err());
     }
 
+    #[test]
+    fn a_forbidden_feature_of_a_normal_dependency_is_a_violation() {
+        let g = json!({"packages": [{"name": "core", "dependencies": [
+            {"name": "tokio", "kind": null, "features": ["sync", "net"]},
+            {"name": "tokio", "kind": "dev", "features": ["process"]},
+        ]}]});
+        let rules = [("core", "net"), ("core", "process"), ("core", "fs")];
+        assert_eq!(
+            feature_violations(&g, "tokio", &rules).unwrap(),
+            ["core asks for tokio's feature \"net\""]
+        );
+        assert!(feature_violations(&g, "tokio", &[("kore", "net")]).is_err());
+    }
+
     /// The gate on the real workspace: every rule holds, and a rule the workspace breaks
     /// on purpose (ws-adapter is built on tokio-tungstenite) is caught.
     #[test]
@@ -204,6 +258,13 @@ mod tests {
             ["ws-adapter depends on tokio-tungstenite: ws-adapter -> tokio-tungstenite"]
         );
         let found = violations(&g, &[("nuropb-gateway", "lapin")]).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(
+            feature_violations(&g, "tokio", FORBIDDEN_TOKIO_FEATURES).unwrap(),
+            Vec::<String>::new()
+        );
+        // ws-adapter asks for `net` on purpose: a rule against it is caught.
+        let found = feature_violations(&g, "tokio", &[("ws-adapter", "net")]).unwrap();
         assert_eq!(found.len(), 1, "{found:?}");
         // The benchmark crate uses the testkit as a normal dependency, so the rule form is
         // seen to catch it.

@@ -94,6 +94,8 @@
 //! outstanding or `drain_timeout`; then the rest fails with `MeshError::Unavailable` and
 //! the connection closes. [`AmqpMesh::closed`] resolves when all of it is done.
 
+#![warn(unreachable_pub)]
+
 // A module only uses modules on floors below its own (see the code map above and
 // docs/ARCHITECTURE.md); rustfmt keeps this list alphabetical.
 mod config;

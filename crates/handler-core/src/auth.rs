@@ -332,7 +332,7 @@ mod tests {
 
     /// Minimal URL-safe base64 without padding, so the test needs no extra crate.
     mod base64_like {
-        pub fn encode_url(input: &[u8]) -> String {
+        pub(super) fn encode_url(input: &[u8]) -> String {
             const A: &[u8; 64] =
                 b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
             let mut out = String::new();

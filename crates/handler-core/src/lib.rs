@@ -3,6 +3,8 @@
 //! (`mesh_manager`), the client-visible errors (`error`) and the `coordinator` that is the
 //! only place they meet. No sockets, no AMQP, no WebSocket library here.
 
+#![warn(unreachable_pub)]
+
 pub mod auth;
 pub mod connection;
 pub mod coordinator;

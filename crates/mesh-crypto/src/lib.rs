@@ -14,6 +14,8 @@
 //!
 //! No I/O, no logging; every failure is a [`CryptoError`], never a panic.
 
+#![warn(unreachable_pub)]
+
 mod error;
 mod fernet;
 mod keys;

@@ -5,6 +5,7 @@
 //! Only ever a dev-dependency (or a dependency of the `tests` crate): `cargo xtask
 //! layering` fails if a library crate or the binary depends on it.
 
+#![warn(unreachable_pub)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

@@ -108,7 +108,7 @@ impl ClientFrameError {
     /// The error name clients see (nuropb style).
     pub fn error_name(&self) -> &'static str {
         match self.kind {
-            FrameErrorKind::Decode => "DecodeError",
+            FrameErrorKind::Decode => crate::mesh::error_name::DECODE,
             FrameErrorKind::Invalid => crate::mesh::error_name::VALIDATION,
             FrameErrorKind::TooLarge => crate::mesh::error_name::LIMIT_EXCEEDED,
         }

@@ -2,6 +2,8 @@
 //! (`control`), the gateway's client protocol (`client`), the JSON dialects both sides
 //! speak (`pyjson`) and serde helpers for lenient decoding (`lenient`). Pure data and codecs, no I/O.
 
+#![warn(unreachable_pub)]
+
 pub mod client;
 pub mod control;
 pub mod lenient;
