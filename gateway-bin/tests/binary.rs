@@ -195,6 +195,17 @@ async fn ops_endpoint_reports_health_readiness_and_metrics() {
     // While a slow call drains after SIGTERM, the gateway says it is not ready.
     let sleep = json!({"type": "request", "payload": {"service": "demo", "method": "sleep", "params": {"seconds": 3}, "trace_id": "slow"}});
     ws.send(Message::Text(sleep.to_string().into())).await.unwrap();
+    // SIGTERM only once the call is in flight: sent back to back, the signal could win and
+    // the call would be refused as "shutting down" instead of drained.
+    let mut in_flight = false;
+    for _ in 0..100 {
+        in_flight = http_get(&ops, "/metrics").1.contains("nuropb_gateway_requests_in_flight 1\n");
+        if in_flight {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(in_flight, "the slow call never showed as in flight");
     let status =
         Command::new("kill").args(["-TERM", &running.0.id().to_string()]).status().unwrap();
     assert!(status.success());
