@@ -16,7 +16,8 @@ use rand::RngCore as _;
 use rand::rngs::OsRng;
 use sha2::Sha256;
 
-use crate::{CryptoError, SessionKey};
+use crate::error::CryptoError;
+use crate::keys::SessionKey;
 
 type HmacSha256 = Hmac<Sha256>;
 

@@ -11,7 +11,7 @@ use rsa::pkcs8::{DecodePrivateKey as _, DecodePublicKey as _, EncodePublicKey as
 use rsa::{RsaPrivateKey, RsaPublicKey};
 use zeroize::Zeroizing;
 
-use crate::CryptoError;
+use crate::error::CryptoError;
 
 /// The smallest key `ServicePrivateKey::generate` makes. Python nuropb services use 2048
 /// bits; parsed keys are not checked, so that we accept whatever a service publishes.

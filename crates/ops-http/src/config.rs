@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::OpsError;
+use crate::error::OpsError;
 
 /// Limits of the operations endpoint. Each connection lives at most
 /// `read_timeout + write_timeout + linger_timeout`, which also bounds how long a connection

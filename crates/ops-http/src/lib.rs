@@ -24,6 +24,7 @@
 
 mod config;
 mod connection;
+mod error;
 mod exposition;
 mod http;
 mod source;
@@ -38,19 +39,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use config::OpsConfig;
+pub use error::OpsError;
 pub use exposition::encode;
 pub use source::{Metric, MetricKind, OpsSource};
-
-/// Errors of the operations endpoint.
-#[derive(Debug, thiserror::Error)]
-pub enum OpsError {
-    /// A limit in [`OpsConfig`] is out of range.
-    #[error("invalid ops configuration: `{field}` {rule}")]
-    Config { field: &'static str, rule: &'static str },
-    /// The listener failed for good.
-    #[error("cannot accept ops connections")]
-    Accept(#[source] std::io::Error),
-}
 
 /// Serves the operations endpoint on `listener` until `shutdown` fires (or the listener
 /// fails), one tracked task per connection, at most `config.max_connections` at a time.
