@@ -130,9 +130,19 @@ impl CoreError {
     }
 }
 
+// Here, not in `mesh.rs`: the port's types know nothing of the core's error model, which
+// is built on them (imports run one way).
+impl MeshError {
+    /// The NuroPb error object a client sees for this failure (for adapters that answer a
+    /// call themselves). The mapping is [`CoreError::to_error_object`]'s.
+    pub fn to_error_object(&self) -> ErrorObject {
+        mesh_error_object(self)
+    }
+}
+
 /// The mesh half of [`CoreError::to_error_object`], kept apart so `MeshError` can offer it
 /// to adapters without building a `CoreError`.
-pub(crate) fn mesh_error_object(e: &MeshError) -> ErrorObject {
+fn mesh_error_object(e: &MeshError) -> ErrorObject {
     use error_name as n;
     match e {
         // Exactly nuropb's text (§6.2), so clients of nuropb-gw see no difference.

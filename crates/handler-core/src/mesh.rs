@@ -76,12 +76,6 @@ impl MeshError {
             | MeshError::ResponseTooLarge { .. } => false,
         }
     }
-
-    /// The NuroPb error object a client sees for this failure (for adapters that answer a
-    /// call themselves). The mapping is [`crate::CoreError::to_error_object`]'s.
-    pub fn to_error_object(&self) -> ErrorObject {
-        crate::error::mesh_error_object(self)
-    }
 }
 
 /// The port every mesh adapter implements. Methods are cancellation safe: dropping a
