@@ -130,6 +130,11 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_JWT_USERNAME_CLAIM", default_value = "username")]
     pub jwt_username_claim: String,
 
+    /// Longest accepted token lifetime (`exp - iat`) in seconds; when set, tokens must
+    /// carry `iat`. Unset: any lifetime. A future `iat` is refused either way.
+    #[arg(long, env = "NUROPB_JWT_MAX_LIFETIME_SECS")]
+    pub jwt_max_lifetime_secs: Option<u64>,
+
     /// Allowed browser origins, comma separated: a host allows itself and its subdomains,
     /// `.host` only its subdomains; `host:port` pins a port, `https://host` the scheme; `*`
     /// allows all; anything else is refused at start-up. Clients sending no Origin are
@@ -290,6 +295,7 @@ impl Cli {
             config.audience = Some(self.jwt_audience.clone());
         }
         config.username_claim.clone_from(&self.jwt_username_claim);
+        config.max_lifetime_secs = self.jwt_max_lifetime_secs;
         Ok(Some(config))
     }
 }

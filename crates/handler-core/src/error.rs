@@ -76,7 +76,7 @@ impl CoreError {
                 (n::OVERLOADED, self.to_string())
             }
             CoreError::ShuttingDown => (n::TRANSPORT, self.to_string()),
-            CoreError::Reserved(_) | CoreError::OtherUser | CoreError::UnknownSession => {
+            CoreError::Reserved(_) | CoreError::UnknownSession => {
                 (n::AUTHORIZATION, self.to_string())
             }
             CoreError::Kicked(_) => (n::AUTHORIZATION, self.to_string()),
@@ -85,7 +85,11 @@ impl CoreError {
             CoreError::TokenExpired => {
                 (n::AUTHORIZATION, "token expired; send `refresh` with a new token".to_owned())
             }
-            CoreError::RefreshRefused(e) => (n::AUTHORIZATION, format!("refresh refused: {e}")),
+            // Like a refused upgrade: why (expired, bad signature, another user's token) is
+            // for the logs, not for whoever holds the connection.
+            CoreError::RefreshRefused(_) | CoreError::OtherUser => {
+                (n::AUTHORIZATION, "unauthorized".to_owned())
+            }
             CoreError::NotSubscribable(_) | CoreError::TooManySubscriptions(_) => {
                 (n::VALIDATION, self.to_string())
             }
@@ -200,13 +204,13 @@ mod tests {
         check(
             CoreError::RefreshRefused(AuthError::Expired),
             n::AUTHORIZATION,
-            "refresh refused: token expired",
+            "unauthorized",
             None,
         );
         check(
             CoreError::OtherUser,
             n::AUTHORIZATION,
-            "the new token belongs to another user",
+            "unauthorized",
             None,
         );
         check(
