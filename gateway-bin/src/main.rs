@@ -5,6 +5,7 @@
 
 mod config;
 mod demo;
+mod log;
 mod ops;
 
 use std::process::ExitCode;
@@ -56,6 +57,8 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
+        // Logged values come from clients (headers, claims): escaped, so none starts a line.
+        .fmt_fields(log::escaping_fields())
         .init();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

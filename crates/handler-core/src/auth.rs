@@ -192,7 +192,9 @@ impl Authenticator for JwtAuthenticator {
             ErrorKind::InvalidAudience => AuthError::WrongAudience,
             ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
             ErrorKind::MissingRequiredClaim(c) if c == "sub" => AuthError::MissingSubject,
-            ErrorKind::MissingRequiredClaim(_) => AuthError::Malformed("a required claim is missing"),
+            ErrorKind::MissingRequiredClaim(_) => {
+                AuthError::Malformed("a required claim is missing")
+            }
             ErrorKind::InvalidToken => AuthError::Malformed("not a JWT"),
             ErrorKind::Base64(_) => AuthError::Malformed("a segment is not base64url"),
             ErrorKind::Json(_) => AuthError::Malformed("header or claims are not valid JSON"),

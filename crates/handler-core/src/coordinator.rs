@@ -804,16 +804,8 @@ mod tests {
                 true,
                 json!({"type": "subscribed", "payload": {"topics": ["news.*"]}}),
             ),
-            (
-                refresh("bob"),
-                true,
-                top_level_error(error_name::AUTHORIZATION, "unauthorized"),
-            ),
-            (
-                refresh("garbage"),
-                true,
-                top_level_error(error_name::AUTHORIZATION, "unauthorized"),
-            ),
+            (refresh("bob"), true, top_level_error(error_name::AUTHORIZATION, "unauthorized")),
+            (refresh("garbage"), true, top_level_error(error_name::AUTHORIZATION, "unauthorized")),
             (
                 refresh("alice-later"),
                 true,

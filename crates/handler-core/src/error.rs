@@ -207,12 +207,7 @@ mod tests {
             "unauthorized",
             None,
         );
-        check(
-            CoreError::OtherUser,
-            n::AUTHORIZATION,
-            "unauthorized",
-            None,
-        );
+        check(CoreError::OtherUser, n::AUTHORIZATION, "unauthorized", None);
         check(
             CoreError::NotSubscribable("x".into()),
             n::VALIDATION,

@@ -125,7 +125,8 @@ fn parse_origin(origin: &str) -> Option<(String, String, Option<u16>)> {
         return None;
     }
     // Only what a serialized origin can hold: host name characters, IPv6 brackets, a port.
-    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']');
+    let allowed =
+        |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']');
     if rest.is_empty() || !rest.bytes().all(allowed) {
         return None;
     }
