@@ -216,7 +216,7 @@ impl Authenticator for JwtAuthenticator {
         // whose `exp` cannot be read has no expiry we could enforce, so it is refused.
         let exp = match claims.get("exp").and_then(Value::as_f64) {
             Some(e) if e.is_finite() && e >= 0.0 => e.ceil() as u64,
-            _ => return Err(AuthError::Malformed("`exp` is not a number".into())),
+            _ => return Err(AuthError::Malformed("`exp` is not a number")),
         };
         self.check_issued_at(claims.get("iat"), exp)?;
         let expires_at = Some(exp.saturating_add(self.validation.leeway));
