@@ -237,6 +237,12 @@ fn help_documents_every_option_with_its_environment_variable() {
         "NUROPB_EVENT_BINDINGS",
         "NUROPB_OPS_LISTEN",
         "NUROPB_JWT_MAX_LIFETIME_SECS",
+        "NUROPB_MAX_HANDSHAKES_IN_FLIGHT",
+        "NUROPB_MAX_CONNECTIONS_PER_IP",
+        "NUROPB_CONNECT_RATE_PER_IP",
+        "NUROPB_CONNECT_BURST_PER_IP",
+        "NUROPB_MAX_SESSIONS_PER_USER",
+        "NUROPB_LISTEN_BACKLOG",
     ] {
         assert!(help.contains(env), "--help lacks {env}");
     }

@@ -38,6 +38,9 @@ pub enum CoreError {
     OtherUser,
     #[error("unknown session")]
     UnknownSession,
+    /// The user already has the most sessions allowed (as a close, 1008).
+    #[error("too many sessions for this user (limit {0})")]
+    TooManySessions(usize),
     #[error("topic pattern `{0}` is not open to subscription")]
     NotSubscribable(String),
     #[error("at most {0} subscriptions per session")]
@@ -80,6 +83,7 @@ impl CoreError {
                 (n::AUTHORIZATION, self.to_string())
             }
             CoreError::Kicked(_) => (n::AUTHORIZATION, self.to_string()),
+            CoreError::TooManySessions(_) => (n::OVERLOADED, self.to_string()),
             // Said while the session still lives (before the once-a-second sweep), so the
             // client learns how to keep it.
             CoreError::TokenExpired => {
@@ -105,6 +109,7 @@ impl CoreError {
             CoreError::TokenExpired => Some(CloseCode::TokenExpired),
             CoreError::SlowClient => Some(CloseCode::TryAgainLater),
             CoreError::Kicked(_) => Some(CloseCode::Kicked),
+            CoreError::TooManySessions(_) => Some(CloseCode::PolicyViolation),
             CoreError::BadFrame(_)
             | CoreError::Mesh(_)
             | CoreError::SessionLimit(_)
