@@ -130,6 +130,11 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_JWT_USERNAME_CLAIM", default_value = "username")]
     pub jwt_username_claim: String,
 
+    /// Longest accepted token lifetime (`exp - iat`) in seconds; when set, tokens must
+    /// carry `iat`. Unset: any lifetime. A future `iat` is refused either way.
+    #[arg(long, env = "NUROPB_JWT_MAX_LIFETIME_SECS")]
+    pub jwt_max_lifetime_secs: Option<u64>,
+
     /// Allowed browser origins, comma separated: a host allows itself and its subdomains,
     /// `.host` only its subdomains; `host:port` pins a port, `https://host` the scheme; `*`
     /// allows all; anything else is refused at start-up. Clients sending no Origin are
@@ -149,6 +154,33 @@ pub struct Cli {
     /// Most concurrent WebSocket connections.
     #[arg(long, env = "NUROPB_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+
+    /// Upgrade requests being read at once, apart from --max-connections (sockets that send
+    /// nothing hold one of these, never a session slot); over it → HTTP 503.
+    #[arg(long, env = "NUROPB_MAX_HANDSHAKES_IN_FLIGHT", default_value_t = 1024)]
+    pub max_handshakes_in_flight: usize,
+
+    /// Live connections from one client address (IPv6: per /64); over it → HTTP 429.
+    #[arg(long, env = "NUROPB_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    pub max_connections_per_ip: usize,
+
+    /// Connection attempts per second from one client address; over it (and the burst)
+    /// → HTTP 429.
+    #[arg(long, env = "NUROPB_CONNECT_RATE_PER_IP", default_value_t = 50)]
+    pub connect_rate_per_ip: u32,
+
+    /// Burst of connection attempts from one client address (a reconnect storm from a NAT).
+    #[arg(long, env = "NUROPB_CONNECT_BURST_PER_IP", default_value_t = 200)]
+    pub connect_burst_per_ip: u32,
+
+    /// Open sessions of one user (`sub`); one more → HTTP 429 at the upgrade.
+    #[arg(long, env = "NUROPB_MAX_SESSIONS_PER_USER", default_value_t = 100)]
+    pub max_sessions_per_user: usize,
+
+    /// Listen backlog of the WebSocket listener (capped by the kernel, e.g. Linux's
+    /// net.core.somaxconn), sized for every client reconnecting at once.
+    #[arg(long, env = "NUROPB_LISTEN_BACKLOG", default_value_t = 4096)]
+    pub listen_backlog: u32,
 
     /// Largest client message, in bytes.
     #[arg(long, env = "NUROPB_MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
@@ -211,6 +243,18 @@ impl Cli {
         }
         if self.max_connections == 0 {
             bail!("--max-connections must be greater than 0");
+        }
+        if self.max_handshakes_in_flight == 0 || self.max_connections_per_ip == 0 {
+            bail!("--max-handshakes-in-flight and --max-connections-per-ip must be greater than 0");
+        }
+        if self.connect_rate_per_ip == 0 || self.connect_burst_per_ip == 0 {
+            bail!("--connect-rate-per-ip and --connect-burst-per-ip must be greater than 0");
+        }
+        if self.max_sessions_per_user == 0 {
+            bail!("--max-sessions-per-user must be greater than 0");
+        }
+        if self.listen_backlog == 0 {
+            bail!("--listen-backlog must be greater than 0");
         }
         if self.max_in_flight == 0 || self.max_in_flight_total == 0 {
             bail!("--max-in-flight and --max-in-flight-total must be greater than 0");
@@ -290,6 +334,7 @@ impl Cli {
             config.audience = Some(self.jwt_audience.clone());
         }
         config.username_claim.clone_from(&self.jwt_username_claim);
+        config.max_lifetime_secs = self.jwt_max_lifetime_secs;
         Ok(Some(config))
     }
 }

@@ -5,6 +5,7 @@
 
 mod config;
 mod demo;
+mod log;
 mod ops;
 
 use std::process::ExitCode;
@@ -56,6 +57,8 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
+        // Logged values come from clients (headers, claims): escaped, so none starts a line.
+        .fmt_fields(log::escaping_fields())
         .init();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -135,12 +138,17 @@ async fn run(cli: Cli) -> Result<()> {
         },
         client_limits: ClientLimits::default(),
         broadcast_topics: cli.broadcast_topics.clone(),
+        max_sessions_per_user: cli.max_sessions_per_user,
     };
     let (coordinator, handle) =
         Coordinator::new(core, authenticator, mesh, inbound, calls, shutdown.clone());
 
     let ws = WsConfig {
         max_connections: cli.max_connections,
+        max_handshakes_in_flight: cli.max_handshakes_in_flight,
+        max_connections_per_ip: cli.max_connections_per_ip,
+        connect_rate_per_ip: cli.connect_rate_per_ip,
+        connect_burst_per_ip: cli.connect_burst_per_ip,
         max_message_size: cli.max_message_bytes,
         max_frame_size: cli.max_message_bytes,
         outbound_queue: cli.outbound_queue,
@@ -159,8 +167,7 @@ async fn run(cli: Cli) -> Result<()> {
         ..WsConfig::default()
     };
 
-    let listener = TcpListener::bind(cli.listen)
-        .await
+    let listener = listen(cli.listen, cli.listen_backlog)
         .with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
     let addr = listener.local_addr().context("cannot read the listening address")?;
     say!("nuropb-gateway listening on ws://{addr}/");
@@ -278,6 +285,21 @@ fn amqp_config(cli: &Cli, url: &str) -> amqp_mesh::AmqpMeshConfig {
     // Nothing larger than a client may receive is worth taking off the broker.
     c.max_inbound_body_bytes = cli.max_outbound_message_bytes;
     c
+}
+
+/// Binds the WebSocket listener with an explicit backlog: `TcpListener::bind` uses 1024
+/// (tokio) or 128 (std), which a reconnect storm of thousands of clients overflows, and
+/// the kernel then drops SYNs and clients back off for seconds.
+fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As `TcpListener::bind` does on Unix: a restarted gateway can rebind at once.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 fn print_demo_banner(addr: &str, dev_secret: Option<&str>, configured: Option<&str>) -> Result<()> {

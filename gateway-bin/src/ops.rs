@@ -120,6 +120,11 @@ fn ws_metrics(stats: WsStats) -> Vec<Metric> {
         accept_errors,
         responses_too_large,
         frames_too_large_dropped,
+        handshakes_refused,
+        per_ip_connections_refused,
+        per_ip_rate_refused,
+        bad_handshakes,
+        per_user_sessions_refused,
     } = stats;
     vec![
         Metric::counter(
@@ -146,6 +151,31 @@ fn ws_metrics(stats: WsStats) -> Vec<Metric> {
             "nuropb_gateway_ws_frames_too_large_dropped_total",
             "Events over the outbound size limit, dropped (per session).",
             frames_too_large_dropped as f64,
+        ),
+        Metric::counter(
+            "nuropb_gateway_ws_handshakes_refused_total",
+            "Connections over the handshakes-in-flight budget answered with HTTP 503.",
+            handshakes_refused as f64,
+        ),
+        Metric::counter(
+            "nuropb_gateway_ws_per_ip_connections_refused_total",
+            "Connections over the per-address connection limit (HTTP 429 or shed).",
+            per_ip_connections_refused as f64,
+        ),
+        Metric::counter(
+            "nuropb_gateway_ws_per_ip_rate_refused_total",
+            "Connection attempts over the per-address connect rate (HTTP 429 or shed).",
+            per_ip_rate_refused as f64,
+        ),
+        Metric::counter(
+            "nuropb_gateway_ws_bad_handshakes_total",
+            "Upgrade requests that were not a valid WebSocket handshake (HTTP 400, 426, 431).",
+            bad_handshakes as f64,
+        ),
+        Metric::counter(
+            "nuropb_gateway_ws_per_user_sessions_refused_total",
+            "Upgrades refused with HTTP 429: the user had the most sessions allowed.",
+            per_user_sessions_refused as f64,
         ),
     ]
 }
@@ -282,8 +312,8 @@ mod tests {
             .chain(ws_metrics(ws))
             .chain(amqp_metrics(amqp))
             .collect();
-        // 9 GatewayStats fields, 5 WsStats fields and 14 AmqpStats fields.
-        assert_eq!(metrics.len(), 9 + 5 + 14);
+        // 9 GatewayStats fields, 10 WsStats fields and 14 AmqpStats fields.
+        assert_eq!(metrics.len(), 9 + 10 + 14);
         let mut names = HashSet::new();
         for m in &metrics {
             assert_eq!(m.check(), Ok(()), "{m:?}");

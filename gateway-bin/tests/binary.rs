@@ -42,14 +42,19 @@ struct Banner {
 /// Starts the binary on a free loopback port and reads its banner (including the ops line
 /// when `extra` has `--ops-listen`).
 fn launch(extra: &[&str]) -> (Running, Banner) {
+    launch_logging(extra, "warn", Stdio::inherit())
+}
+
+/// [`launch`] with the log filter `log` and the gateway's stderr going to `stderr`.
+fn launch_logging(extra: &[&str], log: &str, stderr: Stdio) -> (Running, Banner) {
     let want_ops = extra.contains(&"--ops-listen");
     let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--log", "warn"])
+        .args(["--listen", "127.0.0.1:0", "--log", log])
         .args(extra)
         .env_remove("NUROPB_AMQP_URL")
         .env_remove("NUROPB_JWT_SECRET")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("spawn nuropb-gateway");
     let stdout = child.stdout.take().unwrap();
@@ -242,6 +247,13 @@ fn help_documents_every_option_with_its_environment_variable() {
         "NUROPB_ALLOWED_ORIGINS",
         "NUROPB_EVENT_BINDINGS",
         "NUROPB_OPS_LISTEN",
+        "NUROPB_JWT_MAX_LIFETIME_SECS",
+        "NUROPB_MAX_HANDSHAKES_IN_FLIGHT",
+        "NUROPB_MAX_CONNECTIONS_PER_IP",
+        "NUROPB_CONNECT_RATE_PER_IP",
+        "NUROPB_CONNECT_BURST_PER_IP",
+        "NUROPB_MAX_SESSIONS_PER_USER",
+        "NUROPB_LISTEN_BACKLOG",
     ] {
         assert!(help.contains(env), "--help lacks {env}");
     }
@@ -285,4 +297,79 @@ fn an_origin_entry_that_cannot_be_parsed_is_refused_by_name() {
         "{err}"
     );
     assert!(err.contains("no wildcards"), "{err}");
+}
+
+/// URL-safe base64 without padding, so the test needs no extra crate.
+fn base64url(input: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
+
+/// Sends a raw upgrade request with `token`; returns the status line.
+fn raw_upgrade(authority: &str, token: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(authority).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        stream,
+        "GET /ws HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    line
+}
+
+#[tokio::test]
+async fn a_newline_from_a_client_cannot_start_a_log_line() {
+    const SECRET: &str = "log-injection-secret-0123";
+    const FORGED: &str = "2025-01-01T00:00:00.000000Z  INFO conn: session opened user.id=admin";
+    let (running, banner) =
+        launch_logging(&["--jwt-secret", SECRET, "--demo-tick-secs", "0"], "info", Stdio::piped());
+    let mut running = running;
+    let stderr = running.0.stderr.take().unwrap();
+    let authority = banner.url.strip_prefix("ws://").unwrap().trim_end_matches("/ws").to_owned();
+
+    // A token whose header `alg` carries a forged line: refused (401) before verification.
+    let header = base64url(format!(r#"{{"alg":"HS256\n{FORGED}","typ":"JWT"}}"#).as_bytes());
+    let claims = base64url(br#"{"sub":"x","exp":4000000000}"#);
+    let status = raw_upgrade(&authority, &format!("{header}.{claims}.c2ln"));
+    assert!(status.starts_with("HTTP/1.1 401"), "{status}");
+
+    // A valid token whose `sub` carries a forged line: the session opens and is logged.
+    let claims = json!({"sub": format!("alice\n{FORGED}"), "exp": 4_000_000_000u64});
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut request = banner.url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(recv(&mut ws).await["payload"]["topic"], "hello");
+    ws.close(None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    drop(running);
+    let mut logs = String::new();
+    BufReader::new(stderr).read_to_string(&mut logs).unwrap();
+    assert!(logs.contains("upgrade refused"), "{logs}");
+    assert!(logs.contains(r"user.id=alice\n2025-01-01"), "{logs}");
+    for line in logs.lines() {
+        // Every line is one of ours: it starts with the timestamp of now, not the forged one.
+        assert!(!line.trim_start().starts_with("2025-01-01"), "forged line: {line:?}");
+        if line.contains("user.id=admin") {
+            assert!(line.contains(r"\n2025-01-01"), "unescaped: {line:?}");
+        }
+    }
 }

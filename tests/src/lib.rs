@@ -74,6 +74,8 @@ pub struct Options {
     pub reserved_services: Vec<String>,
     /// How long shutdown waits for pending calls.
     pub drain: Duration,
+    /// Most sessions of one user.
+    pub max_sessions_per_user: usize,
 }
 
 impl Default for Options {
@@ -89,6 +91,7 @@ impl Default for Options {
             subscribable: vec!["news.#".into(), "users.{user_id}.#".into()],
             reserved_services: vec!["gateway-self".into()],
             drain: Duration::from_secs(5),
+            max_sessions_per_user: CoreConfig::default().max_sessions_per_user,
         }
     }
 }
@@ -159,6 +162,7 @@ impl Gateway {
                 ..Default::default()
             },
             broadcast_topics: options.broadcast_topics.clone(),
+            max_sessions_per_user: options.max_sessions_per_user,
             ..CoreConfig::default()
         };
         let (coordinator, handle) = Coordinator::new(

@@ -830,3 +830,226 @@ async fn the_hello_frame_is_always_first_even_during_a_broadcast_storm() {
     storm.await.unwrap();
     gw.stop().await;
 }
+
+/// Raw TCP clients for what a WebSocket library will not send: malformed handshakes and
+/// protocol violations.
+mod raw {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    pub(super) const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    /// A valid upgrade request with `extra` header lines (each ending in `\r\n`).
+    pub(super) fn upgrade(extra: &str) -> String {
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        )
+    }
+
+    /// Sends `request`; returns the response head (status line and headers), read within
+    /// 5 s, or "" if the server closed without answering.
+    pub(super) async fn send(addr: std::net::SocketAddr, request: &[u8]) -> (TcpStream, String) {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let head = read_head(&mut stream).await;
+        (stream, head)
+    }
+
+    pub(super) async fn read_head(stream: &mut TcpStream) -> String {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        let read = async {
+            while !head.ends_with(b"\r\n\r\n") {
+                match stream.read(&mut byte).await {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read).await.expect("answer in time");
+        String::from_utf8_lossy(&head).into_owned()
+    }
+
+    pub(super) fn status(head: &str) -> Option<u16> {
+        head.split(' ').nth(1)?.parse().ok()
+    }
+
+    /// A masked client frame (mask 0: the payload goes as is).
+    pub(super) fn frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
+        assert!(payload.len() < 126);
+        let mut f = vec![first_byte, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Reads server frames until a close frame; returns its code (`None`: TCP closed first).
+    pub(super) async fn close_code(stream: &mut TcpStream) -> Option<u16> {
+        let read = async {
+            loop {
+                let mut h = [0u8; 2];
+                stream.read_exact(&mut h).await.ok()?;
+                let len = match h[1] & 0x7f {
+                    126 => {
+                        let mut l = [0u8; 2];
+                        stream.read_exact(&mut l).await.ok()?;
+                        usize::from(u16::from_be_bytes(l))
+                    }
+                    127 => {
+                        let mut l = [0u8; 8];
+                        stream.read_exact(&mut l).await.ok()?;
+                        usize::try_from(u64::from_be_bytes(l)).ok()?
+                    }
+                    n => usize::from(n),
+                };
+                let mut payload = vec![0u8; len];
+                stream.read_exact(&mut payload).await.ok()?;
+                if h[0] & 0x0f == 0x8 {
+                    return Some(u16::from_be_bytes([*payload.first()?, *payload.get(1)?]));
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read).await.expect("close in time")
+    }
+}
+
+#[tokio::test]
+async fn malformed_handshakes_get_an_http_answer() {
+    let gw = Gateway::start().await;
+    let auth = format!("Authorization: Bearer {}\r\n", token("alice"));
+    let valid = raw::upgrade(&auth);
+    let without = |header: &str| {
+        valid
+            .lines()
+            .filter(|l| !l.starts_with(header))
+            .map(|l| format!("{l}\r\n"))
+            .collect::<String>()
+    };
+    let cases: Vec<(&str, String, u16)> = vec![
+        ("no Sec-WebSocket-Key", without("Sec-WebSocket-Key"), 400),
+        ("no Upgrade", without("Upgrade:"), 400),
+        ("no Connection", without("Connection:"), 400),
+        ("POST", valid.replacen("GET", "POST", 1), 400),
+        ("HTTP/1.0", valid.replacen("HTTP/1.1", "HTTP/1.0", 1), 400),
+        ("plain GET", "GET / HTTP/1.1\r\nHost: gw\r\n\r\n".into(), 400),
+        ("garbage", "\u{16}\u{3}\u{1} hello\r\n\r\n".into(), 400),
+        ("bad key", valid.replace(raw::KEY, "not-a-key"), 400),
+        ("version 8", valid.replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"), 426),
+        ("no version", without("Sec-WebSocket-Version"), 426),
+        ("oversized head", raw::upgrade(&format!("X-Big: {}\r\n", "a".repeat(20 << 10))), 431),
+        ("too many headers", raw::upgrade(&"X-A: b\r\n".repeat(80)), 431),
+    ];
+    for (name, request, expected) in &cases {
+        let (_stream, head) = raw::send(gw.addr, request.as_bytes()).await;
+        assert_eq!(raw::status(&head), Some(*expected), "{name}: {head:?}");
+        if *expected == 426 {
+            assert!(head.contains("\r\nSec-WebSocket-Version: 13\r\n"), "{name}: {head:?}");
+        }
+    }
+    assert_eq!(gw.ws_stats.stats().bad_handshakes, cases.len() as u64);
+    // The valid request still upgrades (the head read first is replayed to tungstenite).
+    let (_stream, head) = raw::send(gw.addr, valid.as_bytes()).await;
+    assert_eq!(raw::status(&head), Some(101), "{head:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn protocol_violations_close_with_1007_or_1002() {
+    let gw = Gateway::start().await;
+    let auth = format!("Authorization: Bearer {}\r\n", token("alice"));
+    for (name, frame, expected) in [
+        ("text that is not UTF-8", raw::frame(0x81, b"\xff\xfe"), 1007),
+        ("reserved bit set", raw::frame(0xc1, b"{}"), 1002),
+        ("unknown opcode", raw::frame(0x83, b"{}"), 1002),
+        ("unmasked frame", vec![0x81, 0x02, b'{', b'}'], 1002),
+    ] {
+        let (mut stream, head) = raw::send(gw.addr, raw::upgrade(&auth).as_bytes()).await;
+        assert_eq!(raw::status(&head), Some(101), "{head:?}");
+        tokio::io::AsyncWriteExt::write_all(&mut stream, &frame).await.unwrap();
+        assert_eq!(raw::close_code(&mut stream).await, Some(expected), "{name}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn connections_per_ip_and_connect_rate_get_429() {
+    let mut options = Options::default();
+    options.ws.max_connections_per_ip = 2;
+    let gw = Gateway::start_with(options).await;
+    let (alice, _) = gw.connect("alice").await;
+    let (_bob, _) = gw.connect("bob").await;
+    let auth = format!("Bearer {}", token("carol"));
+    let err = Client::connect(&gw.url, &[("Authorization", &auth)]).await.err().expect("429");
+    assert_eq!(http_status(&err), Some(429), "{err}");
+    assert_eq!(gw.ws_stats.stats().per_ip_connections_refused, 1);
+    // A closed connection frees its address's slot.
+    drop(alice);
+    e2e_tests::eventually("slot freed", Duration::from_secs(5), || gw.handle.stats().sessions == 1)
+        .await;
+    let (_carol, _) = gw.connect("carol").await;
+    gw.stop().await;
+
+    let mut options = Options::default();
+    options.ws.connect_rate_per_ip = 1;
+    options.ws.connect_burst_per_ip = 3;
+    let gw = Gateway::start_with(options).await;
+    for user in ["a", "b", "c"] {
+        let (_c, _) = gw.connect(user).await;
+    }
+    let auth = format!("Bearer {}", token("d"));
+    let err = Client::connect(&gw.url, &[("Authorization", &auth)]).await.err().expect("429");
+    assert_eq!(http_status(&err), Some(429), "{err}");
+    assert_eq!(gw.ws_stats.stats().per_ip_rate_refused, 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn idle_sockets_hold_handshake_slots_not_session_slots() {
+    use tokio::net::TcpStream;
+
+    let mut options = Options::default();
+    options.ws.max_connections = 2;
+    options.ws.max_handshakes_in_flight = 4;
+    let gw = Gateway::start_with(options).await;
+    // Two idle sockets, as many as there are session slots: sessions still open.
+    let idle: Vec<TcpStream> = vec![
+        TcpStream::connect(gw.addr).await.unwrap(),
+        TcpStream::connect(gw.addr).await.unwrap(),
+    ];
+    let (mut alice, _) = gw.connect("alice").await;
+    let (_bob, _) = gw.connect("bob").await;
+    drop(idle);
+    alice.request("svc", "echo", json!({}), "t").await;
+    assert_eq!(alice.recv_json().await["payload"]["trace_id"], "t");
+    gw.stop().await;
+
+    // With the handshake budget full of idle sockets, newcomers are told 503 at once.
+    let mut options = Options::default();
+    options.ws.max_handshakes_in_flight = 2;
+    let gw = Gateway::start_with(options).await;
+    let _idle =
+        [TcpStream::connect(gw.addr).await.unwrap(), TcpStream::connect(gw.addr).await.unwrap()];
+    // Let the server accept both.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let auth = format!("Bearer {}", token("carol"));
+    let err = Client::connect(&gw.url, &[("Authorization", &auth)]).await.err().expect("503");
+    assert_eq!(http_status(&err), Some(503), "{err}");
+    assert_eq!(gw.ws_stats.stats().handshakes_refused, 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn sessions_per_user_get_429() {
+    let options = Options { max_sessions_per_user: 2, ..Options::default() };
+    let gw = Gateway::start_with(options).await;
+    let (_a1, _) = gw.connect("alice").await;
+    let (_a2, _) = gw.connect("alice").await;
+    let auth = format!("Bearer {}", token("alice"));
+    let err = Client::connect(&gw.url, &[("Authorization", &auth)]).await.err().expect("429");
+    assert_eq!(http_status(&err), Some(429), "{err}");
+    assert_eq!(gw.ws_stats.stats().per_user_sessions_refused, 1);
+    let (_bob, _) = gw.connect("bob").await;
+    gw.stop().await;
+}

@@ -32,6 +32,8 @@ impl fmt::Debug for Identity {
 }
 
 /// Why a token was refused. Clients only ever see "unauthorized"; the detail is for logs.
+/// No variant carries text from the token: whoever sent it controls every byte of it (the
+/// header's `alg`, a claim), and a refusal is logged before anything is verified.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error("no credentials")]
@@ -50,8 +52,15 @@ pub enum AuthError {
     WrongIssuer,
     #[error("token has no usable subject")]
     MissingSubject,
+    /// `iat` later than now (beyond the leeway): the issuer's clock or the token is wrong.
+    #[error("token issued in the future")]
+    IssuedInFuture,
+    /// `exp - iat` over [`JwtConfig::max_lifetime_secs`], or no `iat` to tell.
+    #[error("token lifetime over the limit or unknown")]
+    LifetimeTooLong,
+    /// What is wrong, in our words (fixed text, never the decoder's, which quotes input).
     #[error("malformed token: {0}")]
-    Malformed(String),
+    Malformed(&'static str),
 }
 
 /// Checks a bearer token and says who it belongs to. Called on the upgrade path, so it must
@@ -92,8 +101,12 @@ pub struct JwtConfig {
     pub audience: Option<Vec<String>>,
     /// Claim holding the username (default `username`); `sub` is used when it is absent.
     pub username_claim: String,
-    /// Clock skew tolerated on `exp`/`nbf`, in seconds (default 30).
+    /// Clock skew tolerated on `exp`/`nbf`/`iat`, in seconds (default 30).
     pub leeway_secs: u64,
+    /// Longest accepted token lifetime, `exp - iat`, in seconds (default `None`: any). When
+    /// set, tokens must carry `iat`: a stolen long-lived token is refused even before it
+    /// expires. `iat` later than now plus the leeway is refused either way.
+    pub max_lifetime_secs: Option<u64>,
 }
 
 impl JwtConfig {
@@ -104,6 +117,7 @@ impl JwtConfig {
             audience: None,
             username_claim: "username".to_owned(),
             leeway_secs: 30,
+            max_lifetime_secs: None,
         }
     }
 }
@@ -119,6 +133,7 @@ pub struct JwtAuthenticator {
     key: DecodingKey,
     validation: Validation,
     username_claim: String,
+    max_lifetime_secs: Option<u64>,
 }
 
 impl JwtAuthenticator {
@@ -150,7 +165,12 @@ impl JwtAuthenticator {
             }
             None => validation.validate_aud = false,
         }
-        Ok(JwtAuthenticator { key, validation, username_claim: config.username_claim })
+        Ok(JwtAuthenticator {
+            key,
+            validation,
+            username_claim: config.username_claim,
+            max_lifetime_secs: config.max_lifetime_secs,
+        })
     }
 }
 
@@ -172,7 +192,15 @@ impl Authenticator for JwtAuthenticator {
             ErrorKind::InvalidAudience => AuthError::WrongAudience,
             ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
             ErrorKind::MissingRequiredClaim(c) if c == "sub" => AuthError::MissingSubject,
-            _ => AuthError::Malformed(e.to_string()),
+            ErrorKind::MissingRequiredClaim(_) => {
+                AuthError::Malformed("a required claim is missing")
+            }
+            ErrorKind::InvalidToken => AuthError::Malformed("not a JWT"),
+            ErrorKind::Base64(_) => AuthError::Malformed("a segment is not base64url"),
+            ErrorKind::Json(_) => AuthError::Malformed("header or claims are not valid JSON"),
+            ErrorKind::Utf8(_) => AuthError::Malformed("header or claims are not UTF-8"),
+            // `e`'s text may quote the token (serde names an unknown `alg` verbatim).
+            _ => AuthError::Malformed("cannot be decoded"),
         })?;
         let claims = data.claims;
         let user_id = match claims.get("sub") {
@@ -188,8 +216,9 @@ impl Authenticator for JwtAuthenticator {
         // whose `exp` cannot be read has no expiry we could enforce, so it is refused.
         let exp = match claims.get("exp").and_then(Value::as_f64) {
             Some(e) if e.is_finite() && e >= 0.0 => e.ceil() as u64,
-            _ => return Err(AuthError::Malformed("`exp` is not a number".into())),
+            _ => return Err(AuthError::Malformed("`exp` is not a number")),
         };
+        self.check_issued_at(claims.get("iat"), exp)?;
         let expires_at = Some(exp.saturating_add(self.validation.leeway));
         Ok(Identity {
             user_id: UserId::new(user_id),
@@ -197,6 +226,32 @@ impl Authenticator for JwtAuthenticator {
             token: token.to_owned(),
             expires_at,
         })
+    }
+}
+
+impl JwtAuthenticator {
+    /// `iat` is not in the future, and `exp - iat` within `max_lifetime_secs` when set
+    /// (which makes `iat` required). jsonwebtoken checks neither.
+    fn check_issued_at(&self, iat: Option<&Value>, exp: u64) -> Result<(), AuthError> {
+        let iat = match iat {
+            None => None,
+            Some(v) => match v.as_f64() {
+                // Rounded down: a decimal `iat` (PyJWT) is never pushed into the future.
+                Some(i) if i.is_finite() && i >= 0.0 => Some(i.floor() as u64),
+                _ => return Err(AuthError::Malformed("`iat` is not a number")),
+            },
+        };
+        let now = jsonwebtoken::get_current_timestamp();
+        if iat.is_some_and(|i| i > now.saturating_add(self.validation.leeway)) {
+            return Err(AuthError::IssuedInFuture);
+        }
+        if let Some(max) = self.max_lifetime_secs {
+            match iat {
+                Some(i) if exp.saturating_sub(i) <= max => {}
+                _ => return Err(AuthError::LifetimeTooLong),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -345,6 +400,53 @@ mod tests {
                 }
             }
             out
+        }
+    }
+
+    #[test]
+    fn issued_at_and_lifetime_policy() {
+        let any = hs_auth(|_| {});
+        let capped = hs_auth(|c| c.max_lifetime_secs = Some(3600));
+        let t = now();
+        for (claims, any_expected, capped_expected) in [
+            (json!({"sub": "u", "exp": t + 60, "iat": t}), Ok(()), Ok(())),
+            (json!({"sub": "u", "exp": t + 60, "iat": t as f64 - 0.5}), Ok(()), Ok(())),
+            (json!({"sub": "u", "exp": t + 3600, "iat": t}), Ok(()), Ok(())),
+            (
+                json!({"sub": "u", "exp": t + 3601, "iat": t}),
+                Ok(()),
+                Err(AuthError::LifetimeTooLong),
+            ),
+            (json!({"sub": "u", "exp": t + 60}), Ok(()), Err(AuthError::LifetimeTooLong)),
+            (
+                json!({"sub": "u", "exp": t + 600, "iat": t + 300}),
+                Err(AuthError::IssuedInFuture),
+                Err(AuthError::IssuedInFuture),
+            ),
+            (
+                json!({"sub": "u", "exp": t + 60, "iat": "yesterday"}),
+                Err(AuthError::Malformed("`iat` is not a number")),
+                Err(AuthError::Malformed("`iat` is not a number")),
+            ),
+        ] {
+            let token = hs_token(claims.clone(), SECRET);
+            assert_eq!(any.authenticate(&token).map(|_| ()), any_expected, "{claims}");
+            assert_eq!(capped.authenticate(&token).map(|_| ()), capped_expected, "{claims}");
+        }
+    }
+
+    #[test]
+    fn refusals_never_quote_the_token() {
+        use base64_like::encode_url;
+        let auth = hs_auth(|_| {});
+        let forged = "HS256\nINFO session opened user.id=admin";
+        let header = encode_url(format!(r#"{{"alg":"{forged}","typ":"JWT"}}"#).as_bytes());
+        let claims = encode_url(br#"{"sub":"u\nadmin","exp":1}"#);
+        for token in [format!("{header}.{claims}.sig"), format!("{header}.{claims}"), "a\nb".into()]
+        {
+            let e = auth.authenticate(&token).unwrap_err();
+            let text = e.to_string();
+            assert!(!text.contains('\n') && !text.contains("admin"), "{text:?}");
         }
     }
 

@@ -38,6 +38,9 @@ pub enum CoreError {
     OtherUser,
     #[error("unknown session")]
     UnknownSession,
+    /// The user already has the most sessions allowed (as a close, 1008).
+    #[error("too many sessions for this user (limit {0})")]
+    TooManySessions(usize),
     #[error("topic pattern `{0}` is not open to subscription")]
     NotSubscribable(String),
     #[error("at most {0} subscriptions per session")]
@@ -76,16 +79,21 @@ impl CoreError {
                 (n::OVERLOADED, self.to_string())
             }
             CoreError::ShuttingDown => (n::TRANSPORT, self.to_string()),
-            CoreError::Reserved(_) | CoreError::OtherUser | CoreError::UnknownSession => {
+            CoreError::Reserved(_) | CoreError::UnknownSession => {
                 (n::AUTHORIZATION, self.to_string())
             }
             CoreError::Kicked(_) => (n::AUTHORIZATION, self.to_string()),
+            CoreError::TooManySessions(_) => (n::OVERLOADED, self.to_string()),
             // Said while the session still lives (before the once-a-second sweep), so the
             // client learns how to keep it.
             CoreError::TokenExpired => {
                 (n::AUTHORIZATION, "token expired; send `refresh` with a new token".to_owned())
             }
-            CoreError::RefreshRefused(e) => (n::AUTHORIZATION, format!("refresh refused: {e}")),
+            // Like a refused upgrade: why (expired, bad signature, another user's token) is
+            // for the logs, not for whoever holds the connection.
+            CoreError::RefreshRefused(_) | CoreError::OtherUser => {
+                (n::AUTHORIZATION, "unauthorized".to_owned())
+            }
             CoreError::NotSubscribable(_) | CoreError::TooManySubscriptions(_) => {
                 (n::VALIDATION, self.to_string())
             }
@@ -101,6 +109,7 @@ impl CoreError {
             CoreError::TokenExpired => Some(CloseCode::TokenExpired),
             CoreError::SlowClient => Some(CloseCode::TryAgainLater),
             CoreError::Kicked(_) => Some(CloseCode::Kicked),
+            CoreError::TooManySessions(_) => Some(CloseCode::PolicyViolation),
             CoreError::BadFrame(_)
             | CoreError::Mesh(_)
             | CoreError::SessionLimit(_)
@@ -210,15 +219,10 @@ mod tests {
         check(
             CoreError::RefreshRefused(AuthError::Expired),
             n::AUTHORIZATION,
-            "refresh refused: token expired",
+            "unauthorized",
             None,
         );
-        check(
-            CoreError::OtherUser,
-            n::AUTHORIZATION,
-            "the new token belongs to another user",
-            None,
-        );
+        check(CoreError::OtherUser, n::AUTHORIZATION, "unauthorized", None);
         check(
             CoreError::NotSubscribable("x".into()),
             n::VALIDATION,

@@ -46,6 +46,25 @@ pub struct WsConfig {
     /// Time a connection over `max_connections` gets to send its upgrade request and read
     /// the 503 (default 1 s).
     pub refusal_handshake_timeout: Duration,
+    /// Upgrade requests being read at the same time (default 1 024): a budget apart from
+    /// `max_connections`, so clients that connect and send nothing hold a handshake slot,
+    /// never a session slot. Over it, connections go the way of those over
+    /// `max_connections` (503 within the refusal budget, else closed at once).
+    pub max_handshakes_in_flight: usize,
+    /// Live connections (handshakes included) from one client address, IPv6 per /64
+    /// (default 256); more → HTTP 429.
+    pub max_connections_per_ip: usize,
+    /// Connection attempts per second from one client address (default 50) ...
+    pub connect_rate_per_ip: u32,
+    /// ... with this burst (default 200), sized for a reconnect storm from one NAT. Over it
+    /// → HTTP 429; a refused attempt counts too.
+    pub connect_burst_per_ip: u32,
+    /// Client addresses whose limits are tracked at once (default 65 536). Beyond it idle
+    /// ones are forgotten; when none is idle, a new address is let through without its
+    /// own rate limit (the global limits still hold).
+    pub max_tracked_ips: usize,
+    /// Largest HTTP head of an upgrade request, in bytes (default 16 KiB); larger → 431.
+    pub max_head_bytes: usize,
     /// Largest client message, in bytes, after reassembly (default 1 MiB); larger → 1009.
     pub max_message_size: usize,
     /// Largest single frame, in bytes (default 1 MiB).
@@ -93,6 +112,12 @@ impl Default for WsConfig {
             max_connections: 10_000,
             max_refusals_in_flight: 64,
             refusal_handshake_timeout: Duration::from_secs(1),
+            max_handshakes_in_flight: 1024,
+            max_connections_per_ip: 256,
+            connect_rate_per_ip: 50,
+            connect_burst_per_ip: 200,
+            max_tracked_ips: 65_536,
+            max_head_bytes: 16 << 10,
             max_message_size: 1 << 20,
             max_frame_size: 1 << 20,
             write_buffer_size: 128 << 10,

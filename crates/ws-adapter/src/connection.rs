@@ -26,6 +26,7 @@ use nuropb_wire::client::{Encoding, ErrorFrame, ServerFrame, ServerMessage};
 use nuropb_wire::mesh::error_name;
 
 use crate::config::WsConfig;
+use crate::read_error::close_after_read_error;
 use crate::stats::WsStatsHandle;
 use crate::upgrade::check_upgrade;
 
@@ -131,8 +132,14 @@ pub(crate) async fn run<S>(
         Admission::Refusal { .. } => (false, config.refusal_handshake_timeout),
     };
     let callback = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
-        let id =
-            check_upgrade(request, have_capacity, &config.origins, &config.auth, &coordinator)?;
+        let id = check_upgrade(
+            request,
+            have_capacity,
+            &config.origins,
+            &config.auth,
+            &coordinator,
+            &stats,
+        )?;
         identity = Some(id);
         Ok(response)
     };
@@ -167,7 +174,10 @@ pub(crate) async fn run<S>(
             let mut ws = ws;
             // Best effort: the client is told why; a failed send changes nothing.
             let _ = ws
-                .close(Some(close_frame(CloseReason::new(CloseCode::GoingAway, e.to_string()))))
+                .close(Some(close_frame(
+                    e.close_reason()
+                        .unwrap_or_else(|| CloseReason::new(CloseCode::GoingAway, e.to_string())),
+                )))
                 .await;
             return;
         }
@@ -248,10 +258,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                         tracing::info!(error = %e, "client message over the limit");
                         break CloseReason::new(CloseCode::TooBig, "message too big");
                     }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "read failed");
-                        return;
-                    }
+                    Some(Err(e)) => return close_after_read_error(&mut ws, e, config.write_timeout).await,
                     None => return,
                 };
                 last_seen = Instant::now();
@@ -275,8 +282,10 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                         return;
                     }
-                    // Pings are answered by tungstenite; pongs only refresh `last_seen`.
-                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+                    // Pings are answered by tungstenite, but take a rate token like any frame
+                    // (a ping flood leaves no room for data); pongs only refresh `last_seen`.
+                    Message::Ping(_) => { let _ = limiter.allow(); continue }
+                    Message::Pong(_) | Message::Frame(_) => continue,
                 };
                 preferred = encoding;
                 // `select!` picks among ready branches at random: once the session was told

@@ -10,7 +10,10 @@
 
 mod config;
 mod connection;
+mod handshake;
 mod origin;
+mod peer_limits;
+mod read_error;
 mod stats;
 mod upgrade;
 
@@ -19,8 +22,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,6 +36,8 @@ pub use stats::{WsStats, WsStatsHandle};
 use handler_core::CoordinatorHandle;
 
 use crate::connection::Admission;
+use crate::handshake::{HeadError, Prefixed};
+use crate::peer_limits::{PeerGuard, PeerLimits, PeerLimitsConfig, PeerRefusal};
 
 /// Errors of the WebSocket adapter. `serve` has none today (it retries every accept error
 /// and ends only on shutdown); configuration does.
@@ -47,12 +52,19 @@ pub enum WsError {
 /// Accepts connections on `listener` until `shutdown`, one tracked task per connection.
 /// Returns when `shutdown` fires; connection tasks are left to the tracker's drain.
 ///
-/// Overload policy: at most `max_connections` sessions; beyond that at most
-/// `max_refusals_in_flight` connections are told 503 (within `refusal_handshake_timeout`)
-/// and the rest are closed at once. Accept errors (out of file descriptors or buffers, a
-/// connection aborted before it was accepted, a firewall's EPERM …) are retried with a
-/// backoff of up to one second and logged at most once per interval. `stats` counts what
-/// was refused, shed or dropped.
+/// Overload policy, in the order checked at accept:
+/// 1. per client address (IPv6 per /64): at most `max_connections_per_ip` live
+///    connections and `connect_rate_per_ip`/`connect_burst_per_ip` attempts → 429;
+/// 2. at most `max_connections` sessions → 503;
+/// 3. at most `max_handshakes_in_flight` upgrade requests being read → 503, so sockets that
+///    send nothing hold a handshake slot, not a session slot.
+///
+/// A refusal is answered by a task of its own, at most `max_refusals_in_flight` at once
+/// (within `refusal_handshake_timeout`); beyond that the connection is closed at once. An
+/// accepted connection's head is read and checked (400/426/431) before it takes a session
+/// slot. Accept errors (out of file descriptors or buffers, a connection aborted before
+/// it was accepted, a firewall's EPERM …) are retried with a backoff of up to one second
+/// and logged at most once per interval. `stats` counts what was refused, shed or dropped.
 pub async fn serve(
     listener: TcpListener,
     config: WsConfig,
@@ -63,9 +75,16 @@ pub async fn serve(
 ) -> Result<(), WsError> {
     let config = Arc::new(config);
     // `Semaphore::new` panics above `MAX_PERMITS`; no deployment gets near it.
-    let sessions = Arc::new(Semaphore::new(config.max_connections.min(Semaphore::MAX_PERMITS)));
-    let refusals =
-        Arc::new(Semaphore::new(config.max_refusals_in_flight.min(Semaphore::MAX_PERMITS)));
+    let semaphore = |n: usize| Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS)));
+    let sessions = semaphore(config.max_connections);
+    let refusals = semaphore(config.max_refusals_in_flight);
+    let handshakes = semaphore(config.max_handshakes_in_flight);
+    let peers = PeerLimits::new(PeerLimitsConfig {
+        max_connections_per_ip: config.max_connections_per_ip,
+        connect_rate_per_ip: config.connect_rate_per_ip,
+        connect_burst_per_ip: config.connect_burst_per_ip,
+        max_tracked: config.max_tracked_ips,
+    });
     let mut backoff = AcceptBackoff::default();
     let mut next_conn_id: u64 = 0;
     loop {
@@ -76,46 +95,161 @@ pub async fn serve(
             return Ok(());
         };
         next_conn_id += 1;
-        let admission = match Arc::clone(&sessions).try_acquire_owned() {
-            Ok(permit) => Admission::Session { _permit: permit },
-            Err(_) => match Arc::clone(&refusals).try_acquire_owned() {
-                Ok(permit) => {
-                    stats.connection_refused();
-                    Admission::Refusal { _permit: permit }
-                }
-                Err(_) => {
-                    // Closing at once is the only answer that costs nothing: a task per
-                    // connection here is what a flood of idle sockets would exploit.
-                    stats.connection_shed();
-                    tracing::debug!(
-                        conn.id = next_conn_id,
-                        peer = %peer,
-                        "over the connection limit and the refusal budget; closed unanswered"
-                    );
-                    drop(stream);
-                    continue;
-                }
-            },
-        };
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
         let span = tracing::info_span!(
             "conn",
             conn.id = next_conn_id,
             peer = %peer,
             session.id = tracing::field::Empty
         );
-        tracker.spawn(
-            connection::run(
-                stream,
-                admission,
-                Arc::clone(&config),
-                coordinator.clone(),
-                stats.clone(),
-            )
-            .instrument(span),
-        );
+        // Which refusal, if any: (status, body, the counter it bumps).
+        let peer_guard = match peers.admit(peer.ip()) {
+            Ok(guard) => Ok(guard),
+            Err(PeerRefusal::TooManyConnections) => {
+                stats.per_ip_connection_refused();
+                Err(Refuse::Status(429, "too many connections from this address"))
+            }
+            Err(PeerRefusal::TooManyAttempts) => {
+                stats.per_ip_rate_refused();
+                Err(Refuse::Status(429, "too many connection attempts from this address"))
+            }
+        };
+        let admitted = peer_guard.and_then(|guard| {
+            if sessions.available_permits() == 0 {
+                stats.connection_refused();
+                return Err(Refuse::Capacity);
+            }
+            match Arc::clone(&handshakes).try_acquire_owned() {
+                Ok(permit) => Ok((guard, permit)),
+                Err(_) => {
+                    stats.handshake_refused();
+                    Err(Refuse::Capacity)
+                }
+            }
+        });
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let task = Accepted {
+            stream,
+            config: Arc::clone(&config),
+            coordinator: coordinator.clone(),
+            stats: stats.clone(),
+        };
+        match admitted {
+            Ok((guard, handshake)) => {
+                let sessions = Arc::clone(&sessions);
+                tracker.spawn(task.run(guard, handshake, sessions).instrument(span));
+            }
+            Err(refuse) => match Arc::clone(&refusals).try_acquire_owned() {
+                Ok(permit) => {
+                    tracker.spawn(task.refuse(refuse, permit).instrument(span));
+                }
+                Err(_) => {
+                    // Closing at once is the only answer that costs nothing: a task per
+                    // connection here is what a flood of idle sockets would exploit.
+                    stats.connection_shed();
+                    let _entered = span.enter();
+                    tracing::debug!("over a limit and the refusal budget; closed unanswered");
+                }
+            },
+        }
+    }
+}
+
+/// Why a connection is refused at accept.
+#[derive(Debug, Clone, Copy)]
+enum Refuse {
+    /// No session or handshake slot: 503, through the upgrade checks (as when shutting
+    /// down).
+    Capacity,
+    /// A per-address limit: this status and body.
+    Status(u16, &'static str),
+}
+
+/// An accepted connection, before its task decides what it becomes.
+struct Accepted {
+    stream: TcpStream,
+    config: Arc<WsConfig>,
+    coordinator: CoordinatorHandle,
+    stats: WsStatsHandle,
+}
+
+impl Accepted {
+    /// Reads and checks the head (holding a handshake slot, within `handshake_timeout`),
+    /// then takes a session slot and runs the connection. The address's count is held to
+    /// the end.
+    async fn run(
+        mut self,
+        _peer: Option<PeerGuard>,
+        handshake: OwnedSemaphorePermit,
+        sessions: Arc<Semaphore>,
+    ) {
+        let timeout = self.config.handshake_timeout;
+        let Some(head) = self.checked_head(timeout).await else { return };
+        drop(handshake);
+        let admission = match sessions.try_acquire_owned() {
+            Ok(permit) => Admission::Session { _permit: permit },
+            Err(_) => {
+                // Taken between the check at accept and now; this task answers it itself.
+                self.stats.connection_refused();
+                let linger = self.config.refusal_handshake_timeout;
+                handshake::answer(&mut self.stream, 503, "too many connections", linger).await;
+                return;
+            }
+        };
+        let stream = Prefixed::new(head, self.stream);
+        connection::run(stream, admission, self.config, self.coordinator, self.stats).await;
+    }
+
+    /// Answers a refusal (holding a refusal slot, within `refusal_handshake_timeout`).
+    async fn refuse(mut self, refuse: Refuse, permit: OwnedSemaphorePermit) {
+        let timeout = self.config.refusal_handshake_timeout;
+        let started = Instant::now();
+        let Some(head) = self.checked_head(timeout).await else { return };
+        match refuse {
+            Refuse::Capacity => {
+                // The upgrade checks say 503 (and why) as they always have.
+                let admission = Admission::Refusal { _permit: permit };
+                let stream = Prefixed::new(head, self.stream);
+                connection::run(stream, admission, self.config, self.coordinator, self.stats).await;
+            }
+            Refuse::Status(status, reason) => {
+                tracing::info!(status, reason, "upgrade refused");
+                let left = timeout.saturating_sub(started.elapsed());
+                handshake::answer(&mut self.stream, status, reason, left).await;
+            }
+        }
+    }
+
+    /// The head, read within `timeout` and checked; `None` when the connection ends here
+    /// (closed, too slow, or answered 400/426/431).
+    async fn checked_head(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        let started = Instant::now();
+        let max = self.config.max_head_bytes;
+        let bad = match tokio::time::timeout(timeout, handshake::read_head(&mut self.stream, max))
+            .await
+        {
+            Err(_) => {
+                tracing::debug!("handshake timed out");
+                return None;
+            }
+            Ok(Err(HeadError::Closed)) => return None,
+            Ok(Err(HeadError::TooLarge)) => {
+                handshake::BadHandshake { status: 431, reason: "request head too large" }
+            }
+            Ok(Ok(head)) => match handshake::check_head(&head) {
+                Ok(()) => return Some(head),
+                Err(bad) => bad,
+            },
+        };
+        self.stats.bad_handshake();
+        tracing::info!(status = bad.status, reason = bad.reason, "bad handshake");
+        // At most the refusal timeout: a client that never closes must not keep its slot
+        // for the whole handshake timeout.
+        let left = timeout.saturating_sub(started.elapsed());
+        let linger = left.min(self.config.refusal_handshake_timeout);
+        handshake::answer(&mut self.stream, bad.status, bad.reason, linger).await;
+        None
     }
 }
 

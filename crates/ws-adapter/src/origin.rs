@@ -60,10 +60,10 @@ impl OriginPolicy {
         if self.allow_all {
             return true;
         }
-        let Some((host, port)) = parse_host_port(origin) else {
+        let Some((scheme, host, port)) = parse_origin(origin) else {
             return false;
         };
-        let scheme = scheme_of(origin);
+        let scheme = Some(scheme);
         self.entries.iter().any(|entry| {
             let allowed = &entry.host;
             let subdomain = host.len() > allowed.len()
@@ -109,6 +109,35 @@ fn parse_entry(e: &str) -> Result<OriginEntry, &'static str> {
         return Err("bad host name");
     }
     Ok(OriginEntry { scheme, host, port, subdomains_only })
+}
+
+/// An `Origin` header value, strictly `scheme://host[:port]` (RFC 6454 serialization) →
+/// (lowercase scheme, lowercase host, port); anything else (`null`, a path, userinfo, a
+/// backslash, spaces, percent escapes) is `None`, so refused. Lenient parsing is what let
+/// `https://evil.com\@example.com` pass for `example.com`: a browser (WHATWG URL parsing)
+/// reads its host as `evil.com`, so no second opinion on what the host is may exist here.
+fn parse_origin(origin: &str) -> Option<(String, String, Option<u16>)> {
+    let (scheme, rest) = origin.split_once("://")?;
+    if scheme.is_empty()
+        || !scheme.as_bytes()[0].is_ascii_alphabetic()
+        || !scheme.bytes().all(is_scheme_char)
+    {
+        return None;
+    }
+    // Only what a serialized origin can hold: host name characters, IPv6 brackets, a port.
+    let allowed =
+        |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']');
+    if rest.is_empty() || !rest.bytes().all(allowed) {
+        return None;
+    }
+    let (host, port) = parse_host_port(rest)?;
+    let host_ok = if rest.starts_with('[') {
+        host.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+    } else {
+        host.split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    };
+    host_ok.then(|| (scheme.to_ascii_lowercase(), host, port))
 }
 
 fn is_scheme_char(b: u8) -> bool {
@@ -186,6 +215,22 @@ mod tests {
             ("null", false),
             ("", false),
             ("https://", false),
+            // Only exactly `scheme://host[:port]`: browsers read the host of these
+            // differently from a lenient parser (WHATWG gives `evil.com` for the first).
+            ("https://evil.com\\@example.com", false),
+            ("https://evil.com\\.example.com", false),
+            ("https://example.com/", false),
+            ("https://example.com/path", false),
+            ("https://user@example.com", false),
+            ("https://example.com:", false),
+            ("https://example.com:99999", false),
+            ("https://exa mple.com", false),
+            ("https://example.com%2F@evil.org", false),
+            ("https://example.com\nX-Forged: 1", false),
+            ("example.com", false),
+            ("//example.com", false),
+            ("https://example..com", false),
+            ("https://[::1]:3000", false),
         ] {
             assert_eq!(policy.allows(origin), allowed, "origin {origin:?}");
         }
@@ -196,6 +241,9 @@ mod tests {
         assert!(!https_only.allows("http://example.com"), "scheme pinned by the entry");
         assert!(!self::policy(&[]).allows("https://example.com"));
         assert!(!OriginPolicy::default().allows("https://example.com"));
+        let v6 = self::policy(&["[::1]:3000"]);
+        assert!(v6.allows("http://[::1]:3000"));
+        assert!(!v6.allows("http://[::1]:3001"));
     }
 
     #[test]

@@ -25,6 +25,18 @@ pub struct WsStats {
     /// Events and other non-response frames over `max_outbound_message_size`, dropped (one
     /// per session the frame was meant for).
     pub frames_too_large_dropped: u64,
+    /// Connections over `max_handshakes_in_flight`, given a short handshake to be told 503
+    /// (the rest are counted in `connections_shed`).
+    pub handshakes_refused: u64,
+    /// Connections over `max_connections_per_ip`, told 429 (or shed).
+    pub per_ip_connections_refused: u64,
+    /// Connection attempts over `connect_rate_per_ip`/`connect_burst_per_ip`, told 429 (or
+    /// shed).
+    pub per_ip_rate_refused: u64,
+    /// Upgrade requests that were not a valid WebSocket handshake: answered 400, 426 or 431.
+    pub bad_handshakes: u64,
+    /// Upgrades refused with 429 because the user had `max_sessions_per_user` sessions.
+    pub per_user_sessions_refused: u64,
 }
 
 /// The live counters behind [`WsStats`]; clones share them. Create one, pass a clone to
@@ -41,6 +53,11 @@ struct Counters {
     accept_errors: AtomicU64,
     responses_too_large: AtomicU64,
     frames_too_large_dropped: AtomicU64,
+    handshakes_refused: AtomicU64,
+    per_ip_connections_refused: AtomicU64,
+    per_ip_rate_refused: AtomicU64,
+    bad_handshakes: AtomicU64,
+    per_user_sessions_refused: AtomicU64,
     /// Milliseconds since `epoch` before which no oversized-frame warning is logged.
     next_oversized_warning_ms: AtomicU64,
     epoch: Instant,
@@ -54,6 +71,11 @@ impl Default for Counters {
             accept_errors: AtomicU64::new(0),
             responses_too_large: AtomicU64::new(0),
             frames_too_large_dropped: AtomicU64::new(0),
+            handshakes_refused: AtomicU64::new(0),
+            per_ip_connections_refused: AtomicU64::new(0),
+            per_ip_rate_refused: AtomicU64::new(0),
+            bad_handshakes: AtomicU64::new(0),
+            per_user_sessions_refused: AtomicU64::new(0),
             next_oversized_warning_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         }
@@ -78,6 +100,11 @@ impl WsStatsHandle {
             accept_errors: get(&c.accept_errors),
             responses_too_large: get(&c.responses_too_large),
             frames_too_large_dropped: get(&c.frames_too_large_dropped),
+            handshakes_refused: get(&c.handshakes_refused),
+            per_ip_connections_refused: get(&c.per_ip_connections_refused),
+            per_ip_rate_refused: get(&c.per_ip_rate_refused),
+            bad_handshakes: get(&c.bad_handshakes),
+            per_user_sessions_refused: get(&c.per_user_sessions_refused),
         }
     }
 
@@ -99,6 +126,26 @@ impl WsStatsHandle {
 
     pub(crate) fn frame_too_large_dropped(&self) {
         self.counters.frames_too_large_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn handshake_refused(&self) {
+        self.counters.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn per_ip_connection_refused(&self) {
+        self.counters.per_ip_connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn per_ip_rate_refused(&self) {
+        self.counters.per_ip_rate_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn bad_handshake(&self) {
+        self.counters.bad_handshakes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn per_user_session_refused(&self) {
+        self.counters.per_user_sessions_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether an oversized frame may be logged at warn now (else at debug). One big

@@ -1,4 +1,5 @@
-//! The HTTP upgrade checks: capacity (503), origin (403), credentials (401). They run
+//! The HTTP upgrade checks: capacity (503), origin (403), credentials (401), sessions per
+//! user (429). They run
 //! before the 101 response, so a refused client never gets a WebSocket (nuropb-gw upgraded
 //! first and then closed with 1005).
 
@@ -10,6 +11,7 @@ use handler_core::auth::{AuthError, Identity, strip_bearer};
 
 use crate::config::AuthSources;
 use crate::origin::OriginPolicy;
+use crate::stats::WsStatsHandle;
 
 /// The outcome of the checks: who connected, or the HTTP refusal to send.
 #[allow(clippy::result_large_err, reason = "tungstenite's Callback fixes the error type")]
@@ -19,6 +21,7 @@ pub(crate) fn check_upgrade(
     origins: &OriginPolicy,
     auth: &AuthSources,
     coordinator: &CoordinatorHandle,
+    stats: &WsStatsHandle,
 ) -> Result<Identity, ErrorResponse> {
     if !have_capacity {
         return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections"));
@@ -36,6 +39,14 @@ pub(crate) fn check_upgrade(
     }
     let token = find_token(headers, request.uri().query(), auth).ok_or(AuthError::Missing);
     match token.and_then(|t| coordinator.authenticate(&t)) {
+        // Asked here so the client gets a status it can act on; `open_session` enforces the
+        // limit again under its lock (a race between two upgrades ends in a 1008 close).
+        Ok(identity) if coordinator.session_limit_reached(&identity.user_id) => {
+            stats.per_user_session_refused();
+            // `?`: the id comes from a signed token, but it is still the client's text.
+            tracing::info!(user.id = ?identity.user_id.as_str(), "upgrade refused: too many sessions");
+            Err(refuse(StatusCode::TOO_MANY_REQUESTS, "too many sessions for this user"))
+        }
         Ok(identity) => Ok(identity),
         Err(e) => {
             tracing::info!(reason = %e, "upgrade refused: not authenticated");
@@ -94,6 +105,11 @@ fn percent_decode(s: &str) -> String {
 fn refuse(status: StatusCode, body: &str) -> ErrorResponse {
     let mut response = ErrorResponse::new(Some(body.to_owned()));
     *response.status_mut() = status;
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+    }
     if status == StatusCode::UNAUTHORIZED {
         response
             .headers_mut()

@@ -1,0 +1,313 @@
+//! The HTTP head of an upgrade, read and checked before tungstenite sees it, so that every
+//! malformed handshake gets the answer RFC 6455 §4.2 requires (400; 426 with
+//! `Sec-WebSocket-Version: 13`; 431 for an oversized head) instead of a bare TCP close:
+//! tungstenite fails most of these before its callback runs, with nobody answering. A head
+//! that passes is replayed to tungstenite through [`Prefixed`], which parses it again and
+//! runs the checks of `upgrade` (capacity, origin, credentials).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+/// Most header lines in an upgrade request; more → 431. tungstenite itself stops at 124.
+pub(crate) const MAX_HEADERS: usize = 64;
+
+/// Bytes read at most while waiting for a refused client to close, so that our close is a
+/// FIN the client reads the answer before, not a reset that can discard it.
+const LINGER_MAX_BYTES: usize = 64 << 10;
+
+/// Why the head could not be read; only `TooLarge` is answered.
+#[derive(Debug)]
+pub(crate) enum HeadError {
+    /// The peer closed (or the socket failed) before the head was complete.
+    Closed,
+    /// The head grew over `max_head_bytes` without ending.
+    TooLarge,
+}
+
+/// A refused handshake: the HTTP answer to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BadHandshake {
+    pub(crate) status: u16,
+    /// The body, plain text: what was wrong, in our words (never echoing the request).
+    pub(crate) reason: &'static str,
+}
+
+impl BadHandshake {
+    const fn bad_request(reason: &'static str) -> Self {
+        BadHandshake { status: 400, reason }
+    }
+}
+
+/// Reads until the end of the HTTP head (`\r\n\r\n`). Returns every byte read, which may
+/// include bytes after the head (replayed with it). The caller bounds the time.
+pub(crate) async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    max_head_bytes: usize,
+) -> Result<Vec<u8>, HeadError> {
+    let mut buf = Vec::with_capacity(1024.min(max_head_bytes));
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = stream.read(&mut chunk).await.map_err(|_| HeadError::Closed)?;
+        if n == 0 {
+            return Err(HeadError::Closed);
+        }
+        // Only the new bytes (and the three before them) can complete the terminator.
+        let from = buf.len().saturating_sub(3);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = find_end(&buf[from..]).map(|e| from + e) {
+            if end > max_head_bytes {
+                return Err(HeadError::TooLarge);
+            }
+            return Ok(buf);
+        }
+        if buf.len() > max_head_bytes {
+            return Err(HeadError::TooLarge);
+        }
+    }
+}
+
+/// The offset just past the first `\r\n\r\n`.
+fn find_end(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// RFC 6455 §4.2.1: a GET over HTTP/1.1 or later with `Upgrade: websocket`,
+/// `Connection: Upgrade`, a `Sec-WebSocket-Key` of 16 base64-encoded bytes, and
+/// `Sec-WebSocket-Version: 13` (any other or none → 426).
+pub(crate) fn check_head(head: &[u8]) -> Result<(), BadHandshake> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        // `read_head` returned at the terminator; httparse disagreeing means bad framing.
+        Ok(httparse::Status::Partial) => {
+            return Err(BadHandshake::bad_request("malformed request"));
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(BadHandshake { status: 431, reason: "too many header fields" });
+        }
+        Err(_) => return Err(BadHandshake::bad_request("malformed request")),
+    }
+    if request.method != Some("GET") {
+        return Err(BadHandshake::bad_request("a WebSocket upgrade is a GET"));
+    }
+    // httparse knows HTTP/1.0 (0) and HTTP/1.1 (1) only.
+    if request.version != Some(1) {
+        return Err(BadHandshake::bad_request("a WebSocket upgrade needs HTTP/1.1"));
+    }
+    let header = |name: &'static str| {
+        request
+            .headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| std::str::from_utf8(h.value).unwrap_or(""))
+    };
+    let has_token = |name: &'static str, token: &str| {
+        header(name).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token("upgrade", "websocket") {
+        return Err(BadHandshake::bad_request("missing `Upgrade: websocket`"));
+    }
+    if !has_token("connection", "upgrade") {
+        return Err(BadHandshake::bad_request("missing `Connection: Upgrade`"));
+    }
+    let keys: Vec<&str> = header("sec-websocket-key").collect();
+    if keys.len() != 1 || !is_websocket_key(keys[0].trim()) {
+        return Err(BadHandshake::bad_request("missing or invalid `Sec-WebSocket-Key`"));
+    }
+    let versions: Vec<&str> = header("sec-websocket-version").collect();
+    if versions.len() != 1 || versions[0].trim() != "13" {
+        return Err(BadHandshake { status: 426, reason: "unsupported WebSocket version" });
+    }
+    Ok(())
+}
+
+/// 16 bytes in base64: 22 characters of the alphabet and `==`.
+fn is_websocket_key(key: &str) -> bool {
+    let b = key.as_bytes();
+    b.len() == 24
+        && b[22..] == *b"=="
+        && b[..22].iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/'))
+        // The last character before the padding encodes 2 bits: A, Q, g or w.
+        && matches!(b[21], b'A' | b'Q' | b'g' | b'w')
+}
+
+/// Sends an HTTP refusal and closes, lingering (within `linger`, at most 64 KiB read) so
+/// the client reads it. Best effort: a peer that went away is not an error here.
+pub(crate) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: u16,
+    reason: &str,
+    linger: Duration,
+) {
+    let (phrase, extra) = match status {
+        400 => ("Bad Request", ""),
+        426 => ("Upgrade Required", "Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n"),
+        429 => ("Too Many Requests", "Retry-After: 1\r\n"),
+        431 => ("Request Header Fields Too Large", ""),
+        503 => ("Service Unavailable", "Retry-After: 1\r\n"),
+        _ => ("Error", ""),
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {phrase}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{reason}",
+        reason.len()
+    );
+    let exchange = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 2048];
+        let mut read = 0;
+        while read < LINGER_MAX_BYTES {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        io::Result::Ok(())
+    };
+    if let Ok(Err(e)) = tokio::time::timeout(linger, exchange).await {
+        tracing::debug!(error = %e, "refusal not delivered");
+    }
+}
+
+/// A stream whose first reads return `prefix` (a head already read), then the inner
+/// stream's bytes; writes go to the inner stream.
+pub(crate) struct Prefixed<S> {
+    prefix: Vec<u8>,
+    // Invariant: `offset <= prefix.len()`; the bytes before it were handed out.
+    offset: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub(crate) fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Prefixed { prefix, offset: 0, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.offset < this.prefix.len() {
+            let rest = &this.prefix[this.offset..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.offset += n;
+            if this.offset == this.prefix.len() {
+                // The head is needed no longer; give its memory back.
+                this.prefix = Vec::new();
+                this.offset = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn request(first: &str, headers: &[&str]) -> String {
+        let mut r = format!("{first}\r\nHost: gw\r\n");
+        for h in headers {
+            r.push_str(h);
+            r.push_str("\r\n");
+        }
+        r.push_str("\r\n");
+        r
+    }
+
+    fn good_headers() -> Vec<String> {
+        vec![
+            "Upgrade: websocket".into(),
+            "Connection: keep-alive, Upgrade".into(),
+            format!("Sec-WebSocket-Key: {KEY}"),
+            "Sec-WebSocket-Version: 13".into(),
+        ]
+    }
+
+    fn check(first: &str, edit: impl FnOnce(&mut Vec<String>), expected: Result<(), u16>) {
+        let mut headers = good_headers();
+        edit(&mut headers);
+        let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+        let head = request(first, &headers);
+        assert_eq!(check_head(head.as_bytes()).map_err(|b| b.status), expected, "{head:?}");
+    }
+
+    #[test]
+    fn handshakes_are_checked_as_rfc_6455_says() {
+        let get = "GET /ws HTTP/1.1";
+        check(get, |_| {}, Ok(()));
+        check(get, |h| h[0] = "upgrade: WebSocket".into(), Ok(()));
+        check(get, |h| h[1] = "connection: upgrade".into(), Ok(()));
+        check("POST /ws HTTP/1.1", |_| {}, Err(400));
+        check("GET /ws HTTP/1.0", |_| {}, Err(400));
+        check(get, |h| h.clear(), Err(400));
+        check(get, |h| drop(h.remove(0)), Err(400));
+        check(get, |h| h[0] = "Upgrade: h2c".into(), Err(400));
+        check(get, |h| drop(h.remove(1)), Err(400));
+        check(get, |h| drop(h.remove(2)), Err(400));
+        check(get, |h| h[2] = "Sec-WebSocket-Key: short==".into(), Err(400));
+        check(get, |h| h[2] = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZR==".into(), Err(400));
+        check(get, |h| h.push(format!("Sec-WebSocket-Key: {KEY}")), Err(400));
+        check(get, |h| h[3] = "Sec-WebSocket-Version: 8".into(), Err(426));
+        check(get, |h| drop(h.remove(3)), Err(426));
+        check(get, |h| h.extend((0..MAX_HEADERS).map(|i| format!("X-{i}: y"))), Err(431));
+        check("HELLO", |_| {}, Err(400));
+        assert_eq!(check_head(b"\x16\x03\x01\x02\x00\r\n\r\n").map_err(|b| b.status), Err(400));
+    }
+
+    #[tokio::test]
+    async fn the_head_is_read_within_its_size_and_replayed() {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        client.write_all(b"GET / HTTP/1.1\r\nA: b\r\n\r\nextra").await.unwrap();
+        let head = read_head(&mut server, 100).await.unwrap();
+        assert_eq!(head, b"GET / HTTP/1.1\r\nA: b\r\n\r\nextra");
+        let mut replayed = Prefixed::new(head, server);
+        client.write_all(b" more").await.unwrap();
+        drop(client);
+        let mut all = Vec::new();
+        replayed.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"GET / HTTP/1.1\r\nA: b\r\n\r\nextra more");
+
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        client.write_all(&[b'a'; 200]).await.unwrap();
+        assert!(matches!(read_head(&mut server, 100).await, Err(HeadError::TooLarge)));
+        drop(client);
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        drop(client);
+        assert!(matches!(read_head(&mut server, 100).await, Err(HeadError::Closed)));
+    }
+}
