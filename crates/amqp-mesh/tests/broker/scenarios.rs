@@ -363,6 +363,42 @@ pub async fn request_round_trip_matches_nuropb_bytes(ctx: Ctx) {
     svc.stop().await;
 }
 
+/// Requests to a service known routable skip publisher confirms (the direct path); when its
+/// queue goes, the return still fails the request within the return poll, and the service
+/// is asked on the confirmed path again.
+pub async fn a_routable_service_that_loses_its_queue_is_not_delivered(ctx: Ctx) {
+    let svc = FakeService::start(&ctx.url, "svc-gone", false).await;
+    let gw = ctx
+        .start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-gone") })
+        .await;
+    for _ in 0..2 {
+        within("echo", gw.mesh.request(call("svc-gone", "echo", json!({})), WAIT))
+            .await
+            .expect("echo");
+    }
+    svc.stop().await;
+    let connection = connect(&ctx.url).await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_delete("nuropb-svc-gone-sq".into(), Default::default())
+        .await
+        .expect("delete the service queue");
+    for path in ["direct", "confirmed"] {
+        let started = Instant::now();
+        let outcome = gw.mesh.request(call("svc-gone", "echo", json!({})), WAIT).await;
+        let took = started.elapsed();
+        assert_eq!(
+            outcome,
+            Err(MeshError::NotDelivered { service: "svc-gone".into(), method: "echo".into() }),
+            "{path}"
+        );
+        assert!(took < Duration::from_millis(500), "{path}: not delivered after {took:?}");
+    }
+    assert_eq!(gw.mesh.pending_requests(), 0);
+    assert_eq!(gw.mesh.stats().returned, 2);
+    gw.stop().await;
+}
+
 pub async fn unknown_service_is_not_delivered_within_500ms(ctx: Ctx) {
     for encryption in [EncryptionMode::Auto, EncryptionMode::Off] {
         let gw = ctx.start(AmqpMeshConfig { encryption, ..ctx.config("gw-nd") }).await;
