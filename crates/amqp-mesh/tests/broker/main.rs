@@ -60,6 +60,7 @@ broker_tests!(shared:
     garbage_on_response_queue_is_dropped,
     oversized_response_fails_its_request_at_once,
     reconnect_after_a_half_open_loss_is_immediate,
+    a_black_holed_link_is_noticed_within_its_heartbeats,
     shutdown_drains_pending_requests,
     shutdown_settles_unconfirmed_commands,
 );

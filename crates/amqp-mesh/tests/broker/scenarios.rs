@@ -1411,11 +1411,49 @@ pub async fn oversized_response_fails_its_request_at_once(ctx: Ctx) {
     svc.stop().await;
 }
 
+/// A black-holed link (no FIN, no RST, nothing passes) is noticed within the documented
+/// 2.5 heartbeats (`AmqpMeshConfig::heartbeat`): the mesh reports disconnected (unready),
+/// reconnects, and serves again.
+pub async fn a_black_holed_link_is_noticed_within_its_heartbeats(ctx: Ctx) {
+    let svc = FakeService::start(&ctx.url, "svc-hole", false).await;
+    let proxy = HalfOpenProxy::start().await;
+    let heartbeat = Duration::from_secs(1);
+    let config = AmqpMeshConfig {
+        url: proxy.url(&ctx.url),
+        encryption: EncryptionMode::Off,
+        heartbeat,
+        ..ctx.config("gw-hole")
+    };
+    let gw = ctx.start(config).await;
+    within("warm-up", gw.mesh.request(call("svc-hole", "echo", json!({})), WAIT))
+        .await
+        .expect("echo");
+
+    proxy.black_hole();
+    let cut = Instant::now();
+    let bound = heartbeat.mul_f32(2.5);
+    // Slack for the supervisor's reaction and a loaded machine.
+    let slack = Duration::from_millis(750);
+    while gw.mesh.is_connected() {
+        assert!(cut.elapsed() < bound + slack, "still connected after {:?}", cut.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let noticed = cut.elapsed();
+    assert!(noticed >= heartbeat, "noticed after {noticed:?}: before any heartbeat was due?");
+    assert_eq!(proxy.held(), 2, "both sides of the old connection stay open");
+    eventually("reconnected", || gw.mesh.stats().reconnects == 1 && gw.mesh.is_connected()).await;
+    within("echo after the reconnect", gw.mesh.request(call("svc-hole", "echo", json!({})), WAIT))
+        .await
+        .expect("echo");
+    gw.stop().await;
+    svc.stop().await;
+}
+
 pub async fn reconnect_after_a_half_open_loss_is_immediate(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-half", false).await;
     let proxy = HalfOpenProxy::start().await;
-    // The default heartbeat (20 s): the broker holds on to a silent connection for about
-    // 40 s, and with it any exclusive queue or consumer of it.
+    // The default heartbeat (5 s): the broker holds on to a silent connection for about
+    // 10 s, and with it any exclusive queue or consumer of it.
     let config = AmqpMeshConfig {
         url: proxy.url(&ctx.url),
         encryption: EncryptionMode::Off,
