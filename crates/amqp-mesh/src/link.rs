@@ -144,6 +144,8 @@ struct Ready {
     generation: u64,
     response_queue: String,
     channel: Channel,
+    /// Without confirms: requests to routable services (see `publisher`).
+    direct: Channel,
     responses: Consumer,
     events: Consumer,
     controls: Consumer,
@@ -161,6 +163,7 @@ async fn setup(
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(topology("enable publisher confirms"))?;
+    let direct = connection.create_channel().await.map_err(topology("open the direct channel"))?;
 
     let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
     for (name, kind) in [
@@ -283,7 +286,7 @@ async fn setup(
     let exclusive = BasicConsumeOptions { exclusive: true, ..BasicConsumeOptions::default() };
     let events = consume(events_queue, exclusive).await?;
     let controls = consume(control_queue, exclusive).await?;
-    Ok(Ready { generation, response_queue, channel, responses, events, controls, calls })
+    Ok(Ready { generation, response_queue, channel, direct, responses, events, controls, calls })
 }
 
 impl Ready {
@@ -297,6 +300,7 @@ impl Ready {
             generation,
             response_queue,
             channel,
+            direct,
             responses,
             events: event_deliveries,
             controls,
@@ -304,17 +308,25 @@ impl Ready {
         } = self;
         let token = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let (publisher, publisher_task) = publisher::channel(
+        let (publisher, direct_publisher, publisher_task) = publisher::channel(
             connector.config.publish_queue_capacity,
             Arc::clone(&connector.counters),
             Arc::clone(&connector.pending),
+            direct.clone(),
+            token.clone(),
         );
         debug!(generation, response_queue = %response_queue, "connection queues declared");
-        let handle = LinkHandle { generation, response_queue: response_queue.into(), publisher };
+        let routes = Arc::clone(&direct_publisher.routes);
+        let handle = LinkHandle {
+            generation,
+            response_queue: response_queue.into(),
+            publisher,
+            direct: direct_publisher,
+        };
 
         tasks.spawn(
             publisher_task
-                .run(channel, token.clone())
+                .run(channel, (direct, routes), token.clone())
                 .instrument(info_span!("amqp.publisher", generation)),
         );
         tasks.spawn(

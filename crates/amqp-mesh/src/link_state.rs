@@ -8,7 +8,7 @@ use handler_core::MeshError;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::publisher::Publisher;
+use crate::publisher::{Direct, Publisher};
 
 /// What requests need of the live connection.
 #[derive(Debug, Clone)]
@@ -19,6 +19,8 @@ pub(crate) struct LinkHandle {
     /// `AmqpMeshConfig::response_queue`): the `reply_to` of requests published on it.
     pub(crate) response_queue: Arc<str>,
     pub(crate) publisher: Publisher,
+    /// Requests to services known routable on this connection (see `publisher`).
+    pub(crate) direct: Direct,
 }
 
 /// The live connection, `None` while disconnected. Cheap to clone; every clone sees the

@@ -24,10 +24,11 @@ pub(crate) struct Encoded {
 }
 
 /// The request or command body in Python's JSON bytes (§4, §5.1), under a fresh
-/// correlation id; refused when larger than `max_body_bytes`.
+/// correlation id; refused when larger than `max_body_bytes`. Moves `params` and `context`
+/// out of `call` (nothing reads them once the body exists), rather than copy both maps.
 pub(crate) fn encode_call(
     tag: MessageType,
-    call: &MeshCall,
+    call: &mut MeshCall,
     limits: Limits,
     counters: &Counters,
 ) -> Result<Encoded, MeshError> {
@@ -36,9 +37,9 @@ pub(crate) fn encode_call(
         tag,
         service: call.service.clone(),
         method: call.method.clone(),
-        params: call.params.clone(),
+        params: std::mem::take(&mut call.params),
         correlation_id: correlation_id.clone(),
-        context: call.context.clone(),
+        context: std::mem::take(&mut call.context),
         trace_id: Some(call.trace_id.as_str().to_owned()),
     };
     let json = to_python_json(&body)

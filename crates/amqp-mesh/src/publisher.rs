@@ -26,10 +26,20 @@
 //!
 //! A negative acknowledgement (the broker refused the message, e.g. a queue with
 //! `x-overflow: reject-publish` is full) is the verdict `Refused`.
+//!
+//! Confirms cost the broker (RabbitMQ tracks every unconfirmed message and sends a
+//! `basic.ack` for it) and cost us a task hop and a ledger entry. So a request to a service
+//! already known to be routable on this connection ([`Routes`]) takes the [`Direct`] path
+//! instead: the caller's task publishes it itself, `mandatory`, on a second channel without
+//! confirms. Should such a service lose its queue, lapin keeps the returns of that channel
+//! in a list; the publisher task reads it every [`RETURN_POLL`], fails the requests it
+//! names (`NotDelivered`, through the pending table) and forgets the service, whose next
+//! request takes the confirmed path again. A service never seen routable is always asked
+//! on the confirmed path, so an unknown service is still answered at once.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -40,7 +50,7 @@ use lapin::message::BasicReturnMessage;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -52,6 +62,16 @@ use crate::stats::{Counters, bump};
 /// another message's return. lapin resolves the confirmations of one `basic.ack` frame in
 /// a single pass, within microseconds; this only has to outlast that pass.
 const SUSPECT_GRACE: Duration = Duration::from_millis(20);
+
+/// How often the publisher task reads the returns of the [`Direct`] channel: the longest a
+/// request to a service that lost its queue (after it was known routable) waits for its
+/// `NotDelivered`.
+pub(crate) const RETURN_POLL: Duration = Duration::from_millis(5);
+
+/// Most services remembered as routable per connection; beyond it, requests to the others
+/// keep the confirmed path (correct, only dearer). Only services with a bound queue get
+/// in, so this bounds a mesh's topology, not client input.
+const MAX_ROUTES: usize = 4096;
 
 /// How a message is published and how a return reaches its sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,16 +204,145 @@ impl Publisher {
     }
 }
 
+/// Services a request was routed to on this connection (the broker confirmed one without
+/// a return). Per connection: a new connection starts empty. The lock is held for one set
+/// operation, never across an `.await`.
+#[derive(Debug, Default)]
+pub(crate) struct Routes {
+    known: RwLock<HashSet<String>>,
+}
+
+impl Routes {
+    pub(crate) fn is_routable(&self, service: &str) -> bool {
+        self.known.read().unwrap_or_else(PoisonError::into_inner).contains(service)
+    }
+
+    pub(crate) fn routed(&self, service: &str) {
+        if self.is_routable(service) {
+            return;
+        }
+        let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
+        if known.len() < MAX_ROUTES {
+            known.insert(service.to_owned());
+        }
+    }
+
+    pub(crate) fn forget(&self, service: &str) {
+        self.known.write().unwrap_or_else(PoisonError::into_inner).remove(service);
+    }
+}
+
+/// Requests to routable services, published by the caller's own task on the connection's
+/// channel without confirms (see the module docs). Shares the [`Publisher`]'s bound and
+/// unsettled count: at most `capacity` publishes in progress on both paths each.
+#[derive(Debug, Clone)]
+pub(crate) struct Direct {
+    channel: Channel,
+    pub(crate) routes: Arc<Routes>,
+    permits: Arc<Semaphore>,
+    counters: Arc<Counters>,
+    unsettled: Arc<AtomicUsize>,
+    link: CancellationToken,
+}
+
+impl Direct {
+    /// Publishes a request (`mandatory`) without waiting for the broker; a return reaches
+    /// the request through the pending table. Fails at once when `capacity` publishes are
+    /// already in progress. A publish error means the channel is broken: the connection
+    /// is dropped, as on the confirmed path. Cancellation safe: lapin queues all frames
+    /// before its first await.
+    pub(crate) async fn publish(&self, message: Outgoing) -> Result<(), MeshError> {
+        let failed = |why: &str| {
+            bump(&self.counters.publish_failures);
+            Err(MeshError::Unavailable(why.to_owned()))
+        };
+        let Ok(_permit) = self.permits.try_acquire() else {
+            return failed("publish queue full");
+        };
+        let _ticket = Ticket::new(&self.unsettled);
+        let (Ok(exchange), Ok(routing_key)) = (
+            ShortString::try_new(message.exchange.as_str()),
+            ShortString::try_new(message.routing_key.as_str()),
+        ) else {
+            // The guard and the config rule this out; see the publisher task.
+            return Err(MeshError::Rejected(
+                "exchange or routing key longer than 255 bytes".into(),
+            ));
+        };
+        let options = BasicPublishOptions { mandatory: true, immediate: false };
+        let published = self
+            .channel
+            .basic_publish(exchange, routing_key, options, &message.body, message.properties)
+            .await;
+        match published {
+            // Not in confirm mode: resolved already (`NotRequested`); awaited so that lapin
+            // does not keep it among its dropped confirmations.
+            Ok(confirm) => {
+                let _ = confirm.await;
+                bump(&self.counters.published);
+                Ok(())
+            }
+            Err(error) => {
+                warn!(error = %error, routing_key = %message.routing_key, "publish failed, dropping the connection");
+                self.link.cancel();
+                failed("publish failed")
+            }
+        }
+    }
+}
+
+/// Fails the requests whose returns lapin keeps for the `direct` channel, and forgets
+/// their services (see the module docs).
+async fn fail_returned(
+    direct: &Channel,
+    routes: &Routes,
+    pending: &PendingTable,
+    counters: &Counters,
+) {
+    // Without confirm mode this waits for nothing; it only drains lapin's list.
+    let Ok(returned) = direct.wait_for_confirms().await else {
+        return;
+    };
+    for message in returned {
+        bump(&counters.returned);
+        let service = message.delivery.routing_key.as_str();
+        let correlation_id = returned_correlation_id(&message);
+        debug!(
+            service,
+            correlation_id,
+            "request returned on the direct path; the service is no longer routable"
+        );
+        routes.forget(service);
+        let not_delivered =
+            MeshError::NotDelivered { service: service.to_owned(), method: String::new() };
+        if !pending.complete(correlation_id, Err(not_delivered)) {
+            debug!(correlation_id, "return for a request already settled");
+        }
+    }
+}
+
 /// Creates the queue to a publisher task; `capacity` bounds both waiting messages and
-/// unconfirmed ones.
+/// unconfirmed ones, and separately the [`Direct`] publishes in progress on `direct`.
 pub(crate) fn channel(
     capacity: usize,
     counters: Arc<Counters>,
     pending: Arc<PendingTable>,
-) -> (Publisher, PublisherTask) {
+    direct: Channel,
+    link: CancellationToken,
+) -> (Publisher, Direct, PublisherTask) {
     let (tx, rx) = mpsc::channel(capacity);
-    let publisher = Publisher { tx, counters: Arc::clone(&counters), unsettled: Arc::default() };
-    (publisher, PublisherTask { rx, capacity, counters, pending })
+    let unsettled = Arc::<AtomicUsize>::default();
+    let publisher =
+        Publisher { tx, counters: Arc::clone(&counters), unsettled: Arc::clone(&unsettled) };
+    let direct = Direct {
+        channel: direct,
+        routes: Arc::default(),
+        permits: Arc::new(Semaphore::new(capacity)),
+        counters: Arc::clone(&counters),
+        unsettled,
+        link,
+    };
+    (publisher, direct, PublisherTask { rx, capacity, counters, pending })
 }
 
 /// The receiving half, run by [`PublisherTask::run`] on one connection.
@@ -208,9 +357,18 @@ pub(crate) struct PublisherTask {
 impl PublisherTask {
     /// Publishes until `link` is cancelled or every [`Publisher`] is gone. A publish error
     /// means the channel is broken: it cancels `link` so the supervisor reconnects.
-    pub(crate) async fn run(mut self, channel: Channel, link: CancellationToken) {
+    ///
+    /// `direct` is the channel of the [`Direct`] path, whose returns this task reads.
+    pub(crate) async fn run(
+        mut self,
+        channel: Channel,
+        direct: (Channel, Arc<Routes>),
+        link: CancellationToken,
+    ) {
         let mut unconfirmed = FuturesUnordered::new();
         let mut ledger = Ledger::default();
+        let mut poll_returns = tokio::time::interval(RETURN_POLL);
+        poll_returns.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let release_at = ledger.next_release();
             // Cancellation safety: `recv` and `FuturesUnordered::next` lose nothing when
@@ -230,6 +388,11 @@ impl PublisherTask {
                 }
                 () = tokio::time::sleep_until(release_at.unwrap_or_else(Instant::now)), if release_at.is_some() => {
                     ledger.release(Instant::now(), &self.counters);
+                }
+                _ = poll_returns.tick() => {
+                    if self.pending.len() > 0 {
+                        fail_returned(&direct.0, &direct.1, &self.pending, &self.counters).await;
+                    }
                 }
                 command = self.rx.recv(), if ledger.len() < self.capacity => {
                     let Some(Command { message, reply }) = command else { break };

@@ -90,7 +90,7 @@ impl Requester {
     /// (describe lookup included). Every await here is cancellation safe.
     pub(crate) async fn request(
         self: &Arc<Self>,
-        call: MeshCall,
+        mut call: MeshCall,
         timeout: Duration,
     ) -> Result<MeshResponse, MeshError> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -99,7 +99,7 @@ impl Requester {
         // Encoded (and size-checked) before the describe lookup, so that a call the guard
         // refuses publishes nothing at all.
         let encoded =
-            messages::encode_call(MessageType::Request, &call, self.limits, &self.counters)?;
+            messages::encode_call(MessageType::Request, &mut call, self.limits, &self.counters)?;
         let Ok(sealing) = tokio::time::timeout_at(deadline, self.encryption_key(&call)).await
         else {
             return Err(MeshError::Timeout(timeout));
@@ -125,11 +125,11 @@ impl Requester {
     /// A command: published like a request, never answered. `Ok` means the broker
     /// confirmed it and routed it to a queue (see `publisher` for returns that arrive on
     /// another message's confirmation).
-    pub(crate) async fn command(self: &Arc<Self>, call: MeshCall) -> Result<(), MeshError> {
+    pub(crate) async fn command(self: &Arc<Self>, mut call: MeshCall) -> Result<(), MeshError> {
         self.guard_call(&call)?;
         let link = self.link.current()?;
         let encoded =
-            messages::encode_call(MessageType::Command, &call, self.limits, &self.counters)?;
+            messages::encode_call(MessageType::Command, &mut call, self.limits, &self.counters)?;
         let sealing = self.encryption_key(&call).await?;
         let key = sealing.as_ref().map(|s| &s.key);
         // Nobody answers a command, so its session key is not kept.
@@ -222,15 +222,12 @@ impl Requester {
         // the guard removes the entry however this future ends.
         let (_pending, response) =
             self.pending.register(correlation_id.clone(), link.generation)?;
-        match link.publisher.publish(message).await? {
-            Published::Routed => {}
-            Published::Returned => {
-                debug!(service = %call.service, method = %call.method, trace_id = %call.trace_id, "request returned: no queue bound for the service");
-                return Err(not_delivered(call));
-            }
-            Published::Refused => {
-                return Err(MeshError::Unavailable("the broker refused the request".into()));
-            }
+        let routes = &link.direct.routes;
+        if routes.is_routable(&call.service) {
+            link.direct.publish(message).await?;
+        } else {
+            self.publish_confirmed(link, call, message).await?;
+            routes.routed(&call.service);
         }
         let raw = match response.await {
             Ok(Ok(raw)) => raw,
@@ -241,6 +238,26 @@ impl Requester {
             Err(_) => return Err(MeshError::Unavailable("connection lost".into())),
         };
         Ok(self.decode_response(raw, session.as_ref(), call))
+    }
+
+    /// A request to a service not known routable on this connection: published with a
+    /// confirm, so that an unroutable one is answered at once (`NotDelivered`).
+    async fn publish_confirmed(
+        &self,
+        link: &LinkHandle,
+        call: &MeshCall,
+        message: Outgoing,
+    ) -> Result<(), MeshError> {
+        match link.publisher.publish(message).await? {
+            Published::Routed => Ok(()),
+            Published::Returned => {
+                debug!(service = %call.service, method = %call.method, trace_id = %call.trace_id, "request returned: no queue bound for the service");
+                Err(not_delivered(call))
+            }
+            Published::Refused => {
+                Err(MeshError::Unavailable("the broker refused the request".into()))
+            }
+        }
     }
 
     /// Encrypts the body when there is a key (§10), and returns the session key to read
@@ -412,7 +429,7 @@ impl Requester {
             Ok(link) => link,
             Err(error) => return Described::Failed(error),
         };
-        let call = MeshCall {
+        let mut call = MeshCall {
             service: service.to_owned(),
             method: DESCRIBE_METHOD.to_owned(),
             params: JsonObject::new(),
@@ -420,12 +437,16 @@ impl Requester {
             trace_id: handler_core::TraceId::generate(),
         };
         let timeout = self.settings.describe_timeout;
-        let encoded =
-            match messages::encode_call(MessageType::Request, &call, self.limits, &self.counters) {
-                Ok(encoded) => encoded,
-                // Cannot happen for an empty describe call; the call itself would fail alike.
-                Err(error) => return Described::Failed(error),
-            };
+        let encoded = match messages::encode_call(
+            MessageType::Request,
+            &mut call,
+            self.limits,
+            &self.counters,
+        ) {
+            Ok(encoded) => encoded,
+            // Cannot happen for an empty describe call; the call itself would fail alike.
+            Err(error) => return Described::Failed(error),
+        };
         let outcome =
             tokio::time::timeout(timeout, self.exchange(&link, &call, encoded, None, DESCRIBE_TTL))
                 .await;

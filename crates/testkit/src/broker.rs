@@ -356,6 +356,7 @@ pub async fn message_count(channel: &Channel, queue: &str) -> u32 {
 pub struct HalfOpenProxy {
     pub port: u16,
     sever: tokio::sync::watch::Sender<u64>,
+    hole: tokio::sync::watch::Sender<u64>,
     held: std::sync::Arc<std::sync::Mutex<Vec<tokio::net::TcpStream>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -365,6 +366,7 @@ impl HalfOpenProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
         let port = listener.local_addr().expect("proxy address").port();
         let (sever, severed) = tokio::sync::watch::channel(0u64);
+        let (hole, holed) = tokio::sync::watch::channel(0u64);
         let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let keep = std::sync::Arc::clone(&held);
         let accept = tokio::spawn(async move {
@@ -372,8 +374,10 @@ impl HalfOpenProxy {
                 let mut upstream =
                     tokio::net::TcpStream::connect(BROKER).await.expect("proxy upstream");
                 let mut severed = severed.clone();
+                let mut holed = holed.clone();
                 // Only severs coming after this connection was made count.
                 severed.borrow_and_update();
+                holed.borrow_and_update();
                 let keep = std::sync::Arc::clone(&keep);
                 tokio::spawn(async move {
                     tokio::select! {
@@ -383,11 +387,17 @@ impl HalfOpenProxy {
                             drop(client);
                             keep.lock().expect("lock").push(upstream);
                         }
+                        _ = holed.changed() => {
+                            // Both sides stay open and nothing passes: no FIN, no RST.
+                            let mut keep = keep.lock().expect("lock");
+                            keep.push(client);
+                            keep.push(upstream);
+                        }
                     }
                 });
             }
         });
-        HalfOpenProxy { port, sever, held, accept }
+        HalfOpenProxy { port, sever, hole, held, accept }
     }
 
     /// `url` with the broker's address replaced by the proxy's.
@@ -400,7 +410,13 @@ impl HalfOpenProxy {
         self.sever.send_modify(|n| *n += 1);
     }
 
-    /// Broker-side sockets kept open after a sever.
+    /// Black-holes every connection made so far: both sides stay open and silent (no FIN,
+    /// no RST), as when a network path dies; only heartbeats can tell.
+    pub fn black_hole(&self) {
+        self.hole.send_modify(|n| *n += 1);
+    }
+
+    /// Sockets kept open after a sever (the broker's side) or a black hole (both sides).
     pub fn held(&self) -> usize {
         self.held.lock().expect("lock").len()
     }

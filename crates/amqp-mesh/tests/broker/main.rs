@@ -45,6 +45,7 @@ broker_tests!(shared:
     topology_matches_nuropb,
     request_round_trip_matches_nuropb_bytes,
     unknown_service_is_not_delivered_within_500ms,
+    a_routable_service_that_loses_its_queue_is_not_delivered,
     duplicate_responses_first_wins,
     timeouts_and_dropped_calls_leave_nothing_pending,
     own_service_is_refused_before_publishing,
@@ -59,6 +60,7 @@ broker_tests!(shared:
     garbage_on_response_queue_is_dropped,
     oversized_response_fails_its_request_at_once,
     reconnect_after_a_half_open_loss_is_immediate,
+    a_black_holed_link_is_noticed_within_its_heartbeats,
     shutdown_drains_pending_requests,
     shutdown_settles_unconfirmed_commands,
 );

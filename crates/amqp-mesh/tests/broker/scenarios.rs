@@ -363,6 +363,42 @@ pub async fn request_round_trip_matches_nuropb_bytes(ctx: Ctx) {
     svc.stop().await;
 }
 
+/// Requests to a service known routable skip publisher confirms (the direct path); when its
+/// queue goes, the return still fails the request within the return poll, and the service
+/// is asked on the confirmed path again.
+pub async fn a_routable_service_that_loses_its_queue_is_not_delivered(ctx: Ctx) {
+    let svc = FakeService::start(&ctx.url, "svc-gone", false).await;
+    let gw = ctx
+        .start(AmqpMeshConfig { encryption: EncryptionMode::Off, ..ctx.config("gw-gone") })
+        .await;
+    for _ in 0..2 {
+        within("echo", gw.mesh.request(call("svc-gone", "echo", json!({})), WAIT))
+            .await
+            .expect("echo");
+    }
+    svc.stop().await;
+    let connection = connect(&ctx.url).await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_delete("nuropb-svc-gone-sq".into(), Default::default())
+        .await
+        .expect("delete the service queue");
+    for path in ["direct", "confirmed"] {
+        let started = Instant::now();
+        let outcome = gw.mesh.request(call("svc-gone", "echo", json!({})), WAIT).await;
+        let took = started.elapsed();
+        assert_eq!(
+            outcome,
+            Err(MeshError::NotDelivered { service: "svc-gone".into(), method: "echo".into() }),
+            "{path}"
+        );
+        assert!(took < Duration::from_millis(500), "{path}: not delivered after {took:?}");
+    }
+    assert_eq!(gw.mesh.pending_requests(), 0);
+    assert_eq!(gw.mesh.stats().returned, 2);
+    gw.stop().await;
+}
+
 pub async fn unknown_service_is_not_delivered_within_500ms(ctx: Ctx) {
     for encryption in [EncryptionMode::Auto, EncryptionMode::Off] {
         let gw = ctx.start(AmqpMeshConfig { encryption, ..ctx.config("gw-nd") }).await;
@@ -1375,11 +1411,49 @@ pub async fn oversized_response_fails_its_request_at_once(ctx: Ctx) {
     svc.stop().await;
 }
 
+/// A black-holed link (no FIN, no RST, nothing passes) is noticed within the documented
+/// 2.5 heartbeats (`AmqpMeshConfig::heartbeat`): the mesh reports disconnected (unready),
+/// reconnects, and serves again.
+pub async fn a_black_holed_link_is_noticed_within_its_heartbeats(ctx: Ctx) {
+    let svc = FakeService::start(&ctx.url, "svc-hole", false).await;
+    let proxy = HalfOpenProxy::start().await;
+    let heartbeat = Duration::from_secs(1);
+    let config = AmqpMeshConfig {
+        url: proxy.url(&ctx.url),
+        encryption: EncryptionMode::Off,
+        heartbeat,
+        ..ctx.config("gw-hole")
+    };
+    let gw = ctx.start(config).await;
+    within("warm-up", gw.mesh.request(call("svc-hole", "echo", json!({})), WAIT))
+        .await
+        .expect("echo");
+
+    proxy.black_hole();
+    let cut = Instant::now();
+    let bound = heartbeat.mul_f32(2.5);
+    // Slack for the supervisor's reaction and a loaded machine.
+    let slack = Duration::from_millis(750);
+    while gw.mesh.is_connected() {
+        assert!(cut.elapsed() < bound + slack, "still connected after {:?}", cut.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let noticed = cut.elapsed();
+    assert!(noticed >= heartbeat, "noticed after {noticed:?}: before any heartbeat was due?");
+    assert_eq!(proxy.held(), 2, "both sides of the old connection stay open");
+    eventually("reconnected", || gw.mesh.stats().reconnects == 1 && gw.mesh.is_connected()).await;
+    within("echo after the reconnect", gw.mesh.request(call("svc-hole", "echo", json!({})), WAIT))
+        .await
+        .expect("echo");
+    gw.stop().await;
+    svc.stop().await;
+}
+
 pub async fn reconnect_after_a_half_open_loss_is_immediate(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-half", false).await;
     let proxy = HalfOpenProxy::start().await;
-    // The default heartbeat (20 s): the broker holds on to a silent connection for about
-    // 40 s, and with it any exclusive queue or consumer of it.
+    // The default heartbeat (5 s): the broker holds on to a silent connection for about
+    // 10 s, and with it any exclusive queue or consumer of it.
     let config = AmqpMeshConfig {
         url: proxy.url(&ctx.url),
         encryption: EncryptionMode::Off,
