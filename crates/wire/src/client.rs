@@ -17,6 +17,11 @@ pub fn estimated_size(value: &Value) -> usize {
     decoded::estimated_size(value)
 }
 
+/// [`estimated_size`] of an object (a call's `params`) without wrapping it in a `Value`.
+pub fn estimated_object_size(object: &JsonObject) -> usize {
+    decoded::estimated_object_size(object)
+}
+
 /// How a frame's bytes are encoded. Text frames are JSON, binary frames MessagePack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Encoding {

@@ -79,6 +79,14 @@ pub(crate) fn estimated_size(value: &Value) -> usize {
     total
 }
 
+/// [`estimated_size`] of `Value::Object(object)`, without needing the `Value`.
+pub(crate) fn estimated_object_size(object: &JsonObject) -> usize {
+    let keys: usize = object.keys().map(|k| heap(k.len())).sum();
+    // Each value's slot is inside the object's bucket (counted by `map_cost`), not a root.
+    let values: usize = object.values().map(|v| estimated_size(v) - VALUE).sum();
+    VALUE + map_cost(object.len()) + keys + values
+}
+
 /// Why the visitor refused a frame (the deserializer's own errors are decode errors).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Violation {
@@ -469,6 +477,9 @@ mod tests {
             assert_eq!(value, want, "{text}");
             assert_eq!(budget.bytes(), estimated_size(&value), "{text}");
             assert_eq!(budget.violation, None);
+            if let Value::Object(o) = &value {
+                assert_eq!(estimated_object_size(o), estimated_size(&value), "{text}");
+            }
         }
     }
 
