@@ -198,6 +198,26 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_MAX_IN_FLIGHT_TOTAL", default_value_t = 10_000)]
     pub max_in_flight_total: usize,
 
+    /// Most values (scalars, arrays, objects) one client frame may decode to; more is
+    /// refused with `LimitExceeded` while decoding.
+    #[arg(long, env = "NUROPB_MAX_DECODED_VALUES", default_value_t = 128 * 1024)]
+    pub max_decoded_values: usize,
+
+    /// Most bytes of memory one client frame's decoded tree may hold (an estimate: value
+    /// slots, object entries, string bytes); more is refused with `LimitExceeded` while
+    /// decoding.
+    #[arg(long, env = "NUROPB_MAX_DECODED_BYTES", default_value_t = 32 << 20)]
+    pub max_decoded_bytes: usize,
+
+    /// Decoded bytes the calls in flight of one connection may hold (at least
+    /// --max-decoded-bytes); beyond, calls get `NuropbOverloadedError`.
+    #[arg(long, env = "NUROPB_MAX_IN_FLIGHT_BYTES", default_value_t = 64 << 20)]
+    pub max_in_flight_bytes: usize,
+
+    /// Decoded bytes all calls in flight may hold together (at least --max-in-flight-bytes).
+    #[arg(long, env = "NUROPB_MAX_IN_FLIGHT_BYTES_TOTAL", default_value_t = 1 << 30)]
+    pub max_in_flight_bytes_total: usize,
+
     /// Sustained client frames per second per connection.
     #[arg(long, env = "NUROPB_RATE_PER_SECOND", default_value_t = 100)]
     pub rate_per_second: u32,
@@ -269,6 +289,22 @@ impl Cli {
         }
         if self.max_outbound_message_bytes < 1024 {
             bail!("--max-outbound-message-bytes must be at least 1024");
+        }
+        if self.max_decoded_values == 0 || self.max_decoded_bytes < 1024 {
+            bail!("--max-decoded-values must be > 0 and --max-decoded-bytes at least 1024");
+        }
+        // A lone call of the largest frame allowed must always fit the byte budgets.
+        if self.max_in_flight_bytes < self.max_decoded_bytes {
+            bail!(
+                "--max-in-flight-bytes must be at least --max-decoded-bytes ({})",
+                self.max_decoded_bytes
+            );
+        }
+        if self.max_in_flight_bytes_total < self.max_in_flight_bytes {
+            bail!(
+                "--max-in-flight-bytes-total must be at least --max-in-flight-bytes ({})",
+                self.max_in_flight_bytes
+            );
         }
         if self.rate_per_second == 0 || self.rate_burst == 0 {
             bail!("--rate-per-second and --rate-burst must be greater than 0");

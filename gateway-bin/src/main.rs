@@ -133,10 +133,16 @@ async fn run(cli: Cli) -> Result<()> {
             request_timeout: cli.request_timeout(),
             max_in_flight_per_session: cli.max_in_flight,
             max_in_flight_total: cli.max_in_flight_total,
+            max_in_flight_bytes_per_session: cli.max_in_flight_bytes,
+            max_in_flight_bytes_total: cli.max_in_flight_bytes_total,
             // The gateway's own methods are for mesh peers, never for clients.
             reserved_services: vec![cli.service_name.clone()],
         },
-        client_limits: ClientLimits::default(),
+        client_limits: ClientLimits {
+            max_decoded_values: cli.max_decoded_values,
+            max_decoded_bytes: cli.max_decoded_bytes,
+            ..ClientLimits::default()
+        },
         broadcast_topics: cli.broadcast_topics.clone(),
         max_sessions_per_user: cli.max_sessions_per_user,
     };

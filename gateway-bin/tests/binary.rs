@@ -254,6 +254,10 @@ fn help_documents_every_option_with_its_environment_variable() {
         "NUROPB_CONNECT_BURST_PER_IP",
         "NUROPB_MAX_SESSIONS_PER_USER",
         "NUROPB_LISTEN_BACKLOG",
+        "NUROPB_MAX_DECODED_VALUES",
+        "NUROPB_MAX_DECODED_BYTES",
+        "NUROPB_MAX_IN_FLIGHT_BYTES",
+        "NUROPB_MAX_IN_FLIGHT_BYTES_TOTAL",
     ] {
         assert!(help.contains(env), "--help lacks {env}");
     }
@@ -271,6 +275,12 @@ fn invalid_config_exits_2_naming_the_option() {
         (vec!["--jwt-secret", "short"], "--jwt-secret"),
         (vec!["--outbound-queue", "8", "--max-in-flight", "64"], "--outbound-queue"),
         (vec!["--listen", "127.0.0.1:9", "--ops-listen", "127.0.0.1:9"], "--ops-listen"),
+        (vec!["--max-decoded-bytes", "10"], "--max-decoded-bytes"),
+        (vec!["--max-in-flight-bytes", "1048576"], "--max-in-flight-bytes"),
+        (
+            vec!["--max-in-flight-bytes", "67108864", "--max-in-flight-bytes-total", "1024"],
+            "--max-in-flight-bytes-total",
+        ),
     ] {
         let out = Command::new(BIN).args(&args).env_remove("NUROPB_JWT_SECRET").output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -1,10 +1,11 @@
 //! `cargo xtask`: the project's automation. `ci` runs every gate CI runs (format, lints, the
 //! layering rules, all tests including integration and interop); `integration`, `interop`
-//! and `bench` run one part.
+//! and `bench` run one part; `fuzz` runs the fuzz targets for a bounded time.
 
 mod bench;
 mod broker;
 mod ci;
+mod fuzz;
 mod interop;
 mod layering;
 #[cfg(test)]
@@ -28,6 +29,7 @@ fn main() -> Result<()> {
         Some("integration") => ci::integration(),
         Some("interop") => interop::run(&root),
         Some("bench") => bench::run(&root),
+        Some("fuzz") => fuzz::run(&root, &args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
             Ok(())
@@ -49,7 +51,8 @@ fn print_help() {
          test         unit, golden and end-to-end tests (no broker needed)\n\
          integration  tests against RabbitMQ on 127.0.0.1:5672 (started if absent)\n\
          interop      real Python nuropb 0.1.8 services against the gateway binary\n\
-         bench        benchmarks with a printed table"
+         bench        benchmarks with a printed table\n\
+         fuzz         cargo-fuzz targets, bounded: [--seconds N (default 10)] [target ...]"
     );
 }
 

@@ -23,6 +23,12 @@ pub enum CoreError {
     SessionLimit(usize),
     #[error("gateway overloaded: too many requests in flight (limit {0})")]
     GatewayLimit(usize),
+    /// The session's in-flight calls hold too many decoded bytes.
+    #[error("too many request bytes in flight for this connection (limit {0} bytes)")]
+    SessionBytesLimit(usize),
+    /// All in-flight calls together hold too many decoded bytes.
+    #[error("gateway overloaded: too many request bytes in flight (limit {0} bytes)")]
+    GatewayBytesLimit(usize),
     /// No new sessions or calls: the gateway is draining (and, as a close, 1001).
     #[error("gateway shutting down")]
     ShuttingDown,
@@ -75,9 +81,11 @@ impl CoreError {
             // The wire crate names its own validation errors (and knows their trace id).
             CoreError::BadFrame(e) => return e.to_error_object(),
             CoreError::Mesh(e) => return mesh_error_object(e),
-            CoreError::SessionLimit(_) | CoreError::GatewayLimit(_) | CoreError::SlowClient => {
-                (n::OVERLOADED, self.to_string())
-            }
+            CoreError::SessionLimit(_)
+            | CoreError::GatewayLimit(_)
+            | CoreError::SessionBytesLimit(_)
+            | CoreError::GatewayBytesLimit(_)
+            | CoreError::SlowClient => (n::OVERLOADED, self.to_string()),
             CoreError::ShuttingDown => (n::TRANSPORT, self.to_string()),
             CoreError::Reserved(_) | CoreError::UnknownSession => {
                 (n::AUTHORIZATION, self.to_string())
@@ -114,6 +122,8 @@ impl CoreError {
             | CoreError::Mesh(_)
             | CoreError::SessionLimit(_)
             | CoreError::GatewayLimit(_)
+            | CoreError::SessionBytesLimit(_)
+            | CoreError::GatewayBytesLimit(_)
             | CoreError::Reserved(_)
             | CoreError::RefreshRefused(_)
             | CoreError::OtherUser
@@ -201,6 +211,18 @@ mod tests {
             CoreError::GatewayLimit(3),
             n::OVERLOADED,
             "gateway overloaded: too many requests in flight (limit 3)",
+            None,
+        );
+        check(
+            CoreError::SessionBytesLimit(4096),
+            n::OVERLOADED,
+            "too many request bytes in flight for this connection (limit 4096 bytes)",
+            None,
+        );
+        check(
+            CoreError::GatewayBytesLimit(8192),
+            n::OVERLOADED,
+            "gateway overloaded: too many request bytes in flight (limit 8192 bytes)",
             None,
         );
         check(CoreError::ShuttingDown, n::TRANSPORT, "gateway shutting down", Some(1001));

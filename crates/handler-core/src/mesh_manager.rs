@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nuropb_wire::JsonObject;
-use nuropb_wire::client::{ClientCall, Encoding, ServerFrame, ServerMessage};
+use nuropb_wire::client::{
+    ClientCall, Encoding, ServerFrame, ServerMessage, estimated_object_size,
+};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,6 +35,12 @@ pub struct MeshManagerConfig {
     pub max_in_flight_per_session: usize,
     /// Most requests and commands in flight across the gateway (default 10 000).
     pub max_in_flight_total: usize,
+    /// Most decoded bytes (`nuropb_wire::client::estimated_size` of the calls' `params`) one
+    /// session's calls in flight may hold (default 64 MiB). Never below the client limit
+    /// `max_decoded_bytes`, so a lone call always fits.
+    pub max_in_flight_bytes_per_session: usize,
+    /// Most decoded bytes all calls in flight may hold together (default 1 GiB).
+    pub max_in_flight_bytes_total: usize,
     /// Services clients may never call: the gateway's own NuroPb service name (its methods
     /// push to and disconnect users, for mesh peers only). Default: none.
     pub reserved_services: Vec<String>,
@@ -44,6 +52,8 @@ impl Default for MeshManagerConfig {
             request_timeout: Duration::from_secs(30),
             max_in_flight_per_session: 64,
             max_in_flight_total: 10_000,
+            max_in_flight_bytes_per_session: 64 << 20,
+            max_in_flight_bytes_total: 1 << 30,
             reserved_services: Vec::new(),
         }
     }
@@ -57,6 +67,8 @@ enum CallKind {
 
 struct PendingSession {
     in_flight: usize,
+    // Invariant: the sum of the `bytes` of this session's live `SlotGuard`s.
+    bytes: usize,
     cancel: CancellationToken,
 }
 
@@ -66,6 +78,8 @@ struct Pending {
     // flight are removed.
     sessions: HashMap<SessionId, PendingSession>,
     total: usize,
+    // Invariant: the sum of `bytes` over `sessions`.
+    total_bytes: usize,
 }
 
 /// See the module docs.
@@ -88,18 +102,21 @@ struct Counters {
     failures: AtomicU64,
 }
 
-/// Releases one in-flight slot when the call's task ends, however it ends.
+/// Releases one in-flight slot (and its bytes) when the call's task ends, however it ends.
 struct SlotGuard {
     pending: Arc<Mutex<Pending>>,
     session_id: SessionId,
+    bytes: usize,
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         let mut p = lock(&self.pending);
         p.total = p.total.saturating_sub(1);
+        p.total_bytes = p.total_bytes.saturating_sub(self.bytes);
         if let Some(s) = p.sessions.get_mut(&self.session_id) {
             s.in_flight = s.in_flight.saturating_sub(1);
+            s.bytes = s.bytes.saturating_sub(self.bytes);
             if s.in_flight == 0 {
                 p.sessions.remove(&self.session_id);
             }
@@ -144,6 +161,11 @@ impl ServiceMeshManager {
         lock(&self.pending).total
     }
 
+    /// Decoded bytes of the calls in flight across the gateway.
+    pub fn in_flight_bytes(&self) -> usize {
+        lock(&self.pending).total_bytes
+    }
+
     /// Calls in flight for one session.
     pub fn in_flight_for(&self, session_id: &SessionId) -> usize {
         lock(&self.pending).sessions.get(session_id).map_or(0, |s| s.in_flight)
@@ -157,8 +179,12 @@ impl ServiceMeshManager {
         self.counters.timeouts.load(Ordering::Relaxed)
     }
 
-    /// Takes an in-flight slot for the session, or says why not.
-    fn acquire(&self, session_id: &SessionId) -> Result<(SlotGuard, CancellationToken), CoreError> {
+    /// Takes an in-flight slot holding `bytes` for the session, or says why not.
+    fn acquire(
+        &self,
+        session_id: &SessionId,
+        bytes: usize,
+    ) -> Result<(SlotGuard, CancellationToken), CoreError> {
         if self.shutdown.is_cancelled() {
             return Err(CoreError::ShuttingDown);
         }
@@ -166,18 +192,32 @@ impl ServiceMeshManager {
         if p.total >= self.config.max_in_flight_total {
             return Err(CoreError::GatewayLimit(self.config.max_in_flight_total));
         }
-        let entry = p
-            .sessions
-            .entry(session_id.clone())
-            .or_insert_with(|| PendingSession { in_flight: 0, cancel: CancellationToken::new() });
+        if p.total_bytes.saturating_add(bytes) > self.config.max_in_flight_bytes_total {
+            return Err(CoreError::GatewayBytesLimit(self.config.max_in_flight_bytes_total));
+        }
+        let entry = p.sessions.entry(session_id.clone()).or_insert_with(|| PendingSession {
+            in_flight: 0,
+            bytes: 0,
+            cancel: CancellationToken::new(),
+        });
         if entry.in_flight >= self.config.max_in_flight_per_session {
             return Err(CoreError::SessionLimit(self.config.max_in_flight_per_session));
         }
+        if entry.bytes.saturating_add(bytes) > self.config.max_in_flight_bytes_per_session {
+            let limit = self.config.max_in_flight_bytes_per_session;
+            // A refused first call must not leave an empty entry behind (see the invariant).
+            if entry.in_flight == 0 {
+                p.sessions.remove(session_id);
+            }
+            return Err(CoreError::SessionBytesLimit(limit));
+        }
         entry.in_flight += 1;
+        entry.bytes += bytes;
         let cancel = entry.cancel.clone();
         p.total += 1;
+        p.total_bytes += bytes;
         Ok((
-            SlotGuard { pending: Arc::clone(&self.pending), session_id: session_id.clone() },
+            SlotGuard { pending: Arc::clone(&self.pending), session_id: session_id.clone(), bytes },
             cancel,
         ))
     }
@@ -236,7 +276,10 @@ impl ServiceMeshManager {
         if self.config.reserved_services.contains(&call.service) {
             return Err(CoreError::Reserved(call.service));
         }
-        let (slot, cancel) = self.acquire(session.session_id())?;
+        // The call's params stay decoded until the mesh adapter encodes them; they are what a
+        // call holds in flight. Names and the context are bounded by small fixed limits.
+        let bytes = estimated_object_size(&call.params);
+        let (slot, cancel) = self.acquire(session.session_id(), bytes)?;
         let call = Self::mesh_call(identity, call);
         let trace_id = call.trace_id.clone();
         match kind {
@@ -539,6 +582,56 @@ mod tests {
         assert_eq!(m.request(&a, &id, call(None), Encoding::Json), Err(CoreError::SessionLimit(2)));
         assert!(m.request(&b, &id, call(None), Encoding::Json).is_ok());
         assert_eq!(m.request(&b, &id, call(None), Encoding::Json), Err(CoreError::GatewayLimit(3)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_byte_budgets_per_session_and_total() {
+        let big = |n: usize| {
+            let mut c = call(None);
+            c.params.insert("blob".into(), Value::String("x".repeat(n)));
+            c
+        };
+        let cost = estimated_object_size(&big(1000).params);
+        let m = ServiceMeshManager::new(
+            Arc::new(HangingMesh { dropped: Arc::new(AtomicUsize::new(0)) }),
+            MeshManagerConfig {
+                request_timeout: Duration::from_secs(5),
+                max_in_flight_bytes_per_session: 2 * cost,
+                max_in_flight_bytes_total: 3 * cost,
+                ..Default::default()
+            },
+            TaskTracker::new(),
+            CancellationToken::new(),
+        );
+        let reg = registry();
+        let ((a, _rx_a), (b, _rx_b), (c, _rx_c)) =
+            (session(&reg, "a"), session(&reg, "b"), session(&reg, "c"));
+        let id = identity();
+        assert!(m.request(&a, &id, big(1000), Encoding::Json).is_ok());
+        assert!(m.command(&a, &id, big(1000), Encoding::Json).is_ok());
+        assert_eq!(
+            m.request(&a, &id, big(1000), Encoding::Json),
+            Err(CoreError::SessionBytesLimit(2 * cost))
+        );
+        // Small calls still fit next to the big ones until the bytes run out.
+        assert!(m.request(&b, &id, big(1000), Encoding::Json).is_ok());
+        assert_eq!(m.in_flight_bytes(), 3 * cost);
+        assert_eq!(
+            m.request(&c, &id, big(1000), Encoding::Json),
+            Err(CoreError::GatewayBytesLimit(3 * cost))
+        );
+        // A call too big for a session on its own leaves nothing behind.
+        assert_eq!(
+            m.request(&c, &id, big(3000), Encoding::Json).map_err(|e| e.to_error_object().error),
+            Err(error_name::OVERLOADED.to_owned())
+        );
+        assert_eq!(m.in_flight_for(&SessionId::new("c")), 0);
+
+        // Closing a session gives its bytes back.
+        m.session_closed(&SessionId::new("a"));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(m.in_flight_bytes(), cost);
+        assert!(m.request(&c, &id, big(1000), Encoding::Json).is_ok());
     }
 
     #[tokio::test]

@@ -8,7 +8,19 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::decoded::{self, Budget, Segment, Violation, decode_root, scan_trace_id};
 use crate::{ErrorObject, JsonObject};
+
+/// The estimated bytes a decoded value holds, counted as [`ClientLimits::max_decoded_bytes`]
+/// counts a frame while decoding it. In-flight accounting uses it for a call's `params`.
+pub fn estimated_size(value: &Value) -> usize {
+    decoded::estimated_size(value)
+}
+
+/// [`estimated_size`] of an object (a call's `params`) without wrapping it in a `Value`.
+pub fn estimated_object_size(object: &JsonObject) -> usize {
+    decoded::estimated_object_size(object)
+}
 
 /// How a frame's bytes are encoded. Text frames are JSON, binary frames MessagePack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,6 +46,13 @@ pub struct ClientLimits {
     pub max_topic_len: usize,
     /// Longest token in a `refresh` frame, in bytes.
     pub max_token_len: usize,
+    /// Most values (scalars, arrays and objects, envelope included) one frame may decode to.
+    /// Checked while decoding, so a refused frame never builds its tree.
+    pub max_decoded_values: usize,
+    /// Most bytes one frame's decoded tree may hold, as [`estimated_size`] counts them (value
+    /// slots with growth headroom, object entries, string and key bytes with allocator
+    /// rounding). Checked while decoding.
+    pub max_decoded_bytes: usize,
 }
 
 impl Default for ClientLimits {
@@ -45,6 +64,13 @@ impl Default for ClientLimits {
             max_topics_per_frame: 64,
             max_topic_len: 255,
             max_token_len: 8192,
+            // A 1 MiB frame of small values (`[0,0,…]`) is 512 Ki values in JSON and 1 Mi in
+            // MessagePack; real calls are far below this.
+            max_decoded_values: 128 * 1024,
+            // 32 times the default frame size: a 1 MiB frame of small objects
+            // (`{"id":12345,"name":"abcdefgh"}`, really ~18 MiB decoded) fits, while one frame
+            // can no longer cost the 45-89 MiB an array of zeros did.
+            max_decoded_bytes: 32 << 20,
         }
     }
 }
@@ -143,21 +169,49 @@ pub fn decode_client_message(
     };
     let value: Value = match encoding {
         Encoding::Json => {
-            if json_nesting_exceeds(bytes, PARSE_DEPTH_CAP) {
+            let scan = json_prescan(bytes, PARSE_DEPTH_CAP);
+            if scan.too_deep {
                 return Err(too_deep());
             }
-            serde_json::from_slice(bytes).map_err(|e| {
-                ClientFrameError::new(Decode, format!("frame is not valid JSON: {e}"))
-            })?
+            let mut budget = Budget::new(
+                limits.max_decoded_values,
+                limits.max_decoded_bytes,
+                scan.big_integer_float,
+            );
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            let decoded = decode_root(&mut de, &mut budget).and_then(|v| de.end().map(|()| v));
+            match decoded {
+                Ok(v) => v,
+                Err(e) => {
+                    return Err(refusal(budget.violation, limits, || {
+                        scan_trace_id(&mut serde_json::Deserializer::from_slice(bytes))
+                    })
+                    .unwrap_or_else(|| {
+                        ClientFrameError::new(Decode, format!("frame is not valid JSON: {e}"))
+                    }));
+                }
+            }
         }
         Encoding::MessagePack => {
+            let mut budget = Budget::new(limits.max_decoded_values, limits.max_decoded_bytes, None);
             let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
             // rmp counts down from the limit and fails when it reaches zero.
             de.set_max_depth(PARSE_DEPTH_CAP + 1);
-            let value = Value::deserialize(&mut de).map_err(|e| match e {
-                rmp_serde::decode::Error::DepthLimitExceeded => too_deep(),
-                e => ClientFrameError::new(Decode, format!("frame is not valid MessagePack: {e}")),
-            })?;
+            let value = match decode_root(&mut de, &mut budget) {
+                Ok(v) => v,
+                Err(rmp_serde::decode::Error::DepthLimitExceeded) => return Err(too_deep()),
+                Err(e) => {
+                    return Err(refusal(budget.violation, limits, || {
+                        scan_trace_id(&mut rmp_serde::Deserializer::from_read_ref(bytes))
+                    })
+                    .unwrap_or_else(|| {
+                        ClientFrameError::new(
+                            Decode,
+                            format!("frame is not valid MessagePack: {e}"),
+                        )
+                    }));
+                }
+            };
             let trailing = (bytes.len() as u64).saturating_sub(de.position());
             if trailing > 0 {
                 return Err(ClientFrameError::new(
@@ -171,36 +225,157 @@ pub fn decode_client_message(
     validate_client_value(value, limits)
 }
 
-/// Whether JSON text nests arrays/objects deeper than `cap`, by one forward scan that skips
-/// string literals. Stops early; malformed text is left for the parser to reject.
-fn json_nesting_exceeds(bytes: &[u8], cap: usize) -> bool {
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in bytes {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
+/// The error for a frame the decoding visitor refused (`None`: the bytes themselves were bad).
+/// `trace_id` reads the frame's trace id without building it; it runs only for refusals.
+fn refusal(
+    violation: Option<Violation>,
+    limits: &ClientLimits,
+    trace_id: impl FnOnce() -> Option<String>,
+) -> Option<ClientFrameError> {
+    use FrameErrorKind::{Invalid, TooLarge};
+    let located = |mut path: Vec<Segment>| {
+        // The path was collected while unwinding, innermost first.
+        path.reverse();
+        decoded::render_path(&path)
+    };
+    let mut error = match violation? {
+        Violation::TooManyValues(max) => {
+            ClientFrameError::new(TooLarge, format!("frame decodes to more than {max} values"))
         }
+        Violation::TooManyBytes(max) => ClientFrameError::new(
+            TooLarge,
+            format!("frame decodes to more than {max} bytes of memory"),
+        ),
+        Violation::BigInteger { path } => ClientFrameError::new(
+            Invalid,
+            format!(
+                "{} is an integer beyond 64 bits (-2^63 to 2^64-1); send it as a string",
+                located(path)
+            ),
+        ),
+        Violation::NonFinite { path } => ClientFrameError::new(
+            Invalid,
+            format!("{} is not a finite number (NaN and Infinity are refused)", located(path)),
+        ),
+    };
+    error.trace_id = trace_id().filter(|t| !t.is_empty() && t.len() <= limits.max_trace_id_len);
+    Some(error)
+}
+
+/// What one forward scan of JSON text finds before it is parsed.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct JsonScan {
+    /// Arrays/objects nest deeper than the cap.
+    too_deep: bool,
+    /// The index, among the number literals serde_json hands over as `f64` (those with a
+    /// fraction or exponent, `-0`, and integers beyond 64 bits), of the first integer
+    /// literal beyond 64 bits. serde_json turns such an integer into a float silently; the
+    /// decoding visitor counts the floats it is given and refuses this one, naming its field.
+    big_integer_float: Option<usize>,
+}
+
+/// Scans JSON text once, skipping string literals (outside them, digits only occur in
+/// numbers). Stops early on depth; malformed text is left for the parser to reject.
+fn json_prescan(bytes: &[u8], cap: usize) -> JsonScan {
+    let mut scan = JsonScan::default();
+    let mut depth = 0usize;
+    let mut floats = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
         match b {
-            b'"' => in_string = true,
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
             b'[' | b'{' => {
                 depth += 1;
                 if depth > cap {
-                    return true;
+                    scan.too_deep = true;
+                    return scan;
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let (len, kind) = json_number(&bytes[i..]);
+                match kind {
+                    NumberKind::Exact => {}
+                    NumberKind::Float => floats += 1,
+                    NumberKind::BigInteger => {
+                        if scan.big_integer_float.is_none() {
+                            scan.big_integer_float = Some(floats);
+                        }
+                        floats += 1;
+                    }
+                }
+                i += len.max(1);
+                continue;
+            }
             _ => {}
         }
+        i += 1;
     }
-    false
+    scan
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum NumberKind {
+    /// serde_json gives it as `u64`/`i64`.
+    Exact,
+    /// serde_json gives it as `f64`, and it is one: a fraction or exponent, or `-0`.
+    Float,
+    /// An integer literal beyond `i64::MIN..=u64::MAX`: serde_json would give an `f64`.
+    BigInteger,
+}
+
+/// The length of the number literal at the start of `text` and how serde_json delivers it
+/// (mirroring its parser: positive integers up to `u64::MAX` and negative ones down to
+/// `i64::MIN` are exact, `-0` is a float).
+fn json_number(text: &[u8]) -> (usize, NumberKind) {
+    let negative = text.first() == Some(&b'-');
+    let mut i = usize::from(negative);
+    // Up to 2^128: enough to tell whether it fits 64 bits; beyond is `None` (big).
+    let mut magnitude: Option<u128> = Some(0);
+    while let Some(d @ b'0'..=b'9') = text.get(i) {
+        magnitude = magnitude
+            .and_then(|m| m.checked_mul(10))
+            .and_then(|m| m.checked_add(u128::from(d - b'0')));
+        i += 1;
+    }
+    let mut float = false;
+    if text.get(i) == Some(&b'.') {
+        float = true;
+        i += 1;
+        while text.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+    }
+    if matches!(text.get(i), Some(b'e' | b'E')) {
+        float = true;
+        i += 1;
+        if matches!(text.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        while text.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+    }
+    let kind = match (float, negative, magnitude) {
+        (true, _, _) => NumberKind::Float,
+        (false, false, Some(m)) if m <= u128::from(u64::MAX) => NumberKind::Exact,
+        (false, true, Some(0)) => NumberKind::Float,
+        (false, true, Some(m)) if m <= 1u128 << 63 => NumberKind::Exact,
+        (false, _, _) => NumberKind::BigInteger,
+    };
+    (i, kind)
+}
+
+/// Whether JSON text nests arrays/objects deeper than `cap` (see [`json_prescan`]).
+#[cfg(test)]
+fn json_nesting_exceeds(bytes: &[u8], cap: usize) -> bool {
+    json_prescan(bytes, cap).too_deep
 }
 
 /// Validates an already decoded frame. Public so other transports can reuse it.
@@ -827,6 +1002,166 @@ mod tests {
         let value: Value = serde_json::from_str(&nested_request(62, "deep-mp")).expect("JSON");
         let bytes = rmp_serde::to_vec_named(&value).expect("encodes");
         check_msgpack(&bytes, &limit_error(Some("deep-mp")));
+    }
+
+    /// A request whose `params` is `params` (JSON text), with the trace id first or last.
+    fn request_with_params(params: &str, trace_first: bool) -> String {
+        if trace_first {
+            format!(
+                r#"{{"type": "request", "payload": {{"trace_id": "t-num", "service": "s", "method": "m", "params": {params}}}}}"#
+            )
+        } else {
+            format!(
+                r#"{{"type": "request", "payload": {{"service": "s", "method": "m", "params": {params}, "trace_id": "t-num"}}}}"#
+            )
+        }
+    }
+
+    /// Integers beyond 64 bits and non-finite floats never reach the mesh changed: refused,
+    /// naming the field, in both encodings; the 64-bit boundaries pass exactly.
+    #[test]
+    fn numbers_are_passed_exactly_or_refused() {
+        let big = |path: &str| {
+            format!("`{path}` is an integer beyond 64 bits (-2^63 to 2^64-1); send it as a string")
+        };
+        let ok = |params: Value| request("s", "m", params, Some("t-num"));
+        // JSON text of `params`, and the outcome.
+        let json_cases: Vec<(&str, Expect)> = vec![
+            (r#"{"n": 18446744073709551615}"#, ok(json!({"n": u64::MAX}))),
+            (r#"{"n": -9223372036854775808}"#, ok(json!({"n": i64::MIN}))),
+            (
+                r#"{"n": 1.5e300, "m": 1e19, "k": -0.0}"#,
+                ok(json!({"n": 1.5e300, "m": 1e19, "k": -0.0})),
+            ),
+            (
+                r#"{"n": 18446744073709551616}"#,
+                err_traced(Invalid, big("payload.params.n"), "t-num"),
+            ),
+            (
+                r#"{"n": -9223372036854775809}"#,
+                err_traced(Invalid, big("payload.params.n"), "t-num"),
+            ),
+            (
+                r#"{"a": [1.5, "x", {"b": [0, 123456789012345678901234567890123456789012]}]}"#,
+                err_traced(Invalid, big("payload.params.a[2].b[1]"), "t-num"),
+            ),
+            // Floats before it are counted, so the right literal is named.
+            (
+                r#"{"f": 2.5, "g": -0, "n": 99999999999999999999}"#,
+                err_traced(Invalid, big("payload.params.n"), "t-num"),
+            ),
+            (
+                r#"{"s": "18446744073709551616", "n": 1}"#,
+                ok(json!({"s": "18446744073709551616", "n": 1})),
+            ),
+            (r#"{"n": NaN}"#, Expect::ErrPrefix(Decode, "frame is not valid JSON: ")),
+            (r#"{"n": Infinity}"#, Expect::ErrPrefix(Decode, "frame is not valid JSON: ")),
+            (r#"{"n": 1e400}"#, Expect::ErrPrefix(Decode, "frame is not valid JSON: ")),
+        ];
+        for trace_first in [true, false] {
+            for (params, expected) in &json_cases {
+                check_json(&request_with_params(params, trace_first), expected);
+            }
+        }
+        // Beyond 64 bits in the envelope itself.
+        check_json(
+            r#"{"type": "request", "payload": {"trace_id": 18446744073709551616}}"#,
+            &err(Invalid, big("payload.trace_id")),
+        );
+
+        // MessagePack has no integers beyond 64 bits; NaN and ±Infinity (f64 and f32) are
+        // refused instead of becoming `null`.
+        let mp_request = |number: &[u8]| {
+            let mut frame = rmp_serde::to_vec_named(&json!({"type": "request", "payload": {
+                "trace_id": "t-num", "service": "s", "method": "m"}}))
+            .expect("encodes");
+            // Grow the payload map by one entry: `params: {"n": <number>}`.
+            let at = frame.iter().position(|&b| b == 0x83).expect("payload fixmap");
+            frame[at] = 0x84;
+            frame.extend_from_slice(&[0xa6]);
+            frame.extend_from_slice(b"params");
+            frame.extend_from_slice(&[0x81, 0xa1, b'n']);
+            frame.extend_from_slice(number);
+            frame
+        };
+        let non_finite = "`payload.params.n` is not a finite number (NaN and Infinity are refused)";
+        let f64_bytes = |v: f64| {
+            let mut b = vec![0xcb];
+            b.extend_from_slice(&v.to_be_bytes());
+            b
+        };
+        let f32_bytes = |v: f32| {
+            let mut b = vec![0xca];
+            b.extend_from_slice(&v.to_be_bytes());
+            b
+        };
+        let mp_cases: Vec<(Vec<u8>, Expect)> = vec![
+            (
+                vec![0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+                ok(json!({"n": u64::MAX})),
+            ),
+            (vec![0xd3, 0x80, 0, 0, 0, 0, 0, 0, 0], ok(json!({"n": i64::MIN}))),
+            (f64_bytes(2.5), ok(json!({"n": 2.5}))),
+            (f32_bytes(0.5), ok(json!({"n": 0.5}))),
+            (f64_bytes(f64::NAN), err_traced(Invalid, non_finite, "t-num")),
+            (f64_bytes(f64::INFINITY), err_traced(Invalid, non_finite, "t-num")),
+            (f64_bytes(f64::NEG_INFINITY), err_traced(Invalid, non_finite, "t-num")),
+            (f32_bytes(f32::NAN), err_traced(Invalid, non_finite, "t-num")),
+            (f32_bytes(f32::NEG_INFINITY), err_traced(Invalid, non_finite, "t-num")),
+        ];
+        for (number, expected) in mp_cases {
+            check_msgpack(&mp_request(&number), &expected);
+        }
+    }
+
+    /// The issue's frames: 1 MiB of zeros in an array is refused while decoding, with the
+    /// trace id wherever it sits in the frame; a frame within the bounds is accepted.
+    #[test]
+    fn decoded_cost_limits() {
+        let zeros = |n: usize| format!("{{\"a\": [{}0]}}", "0,".repeat(n - 1));
+        let limits = ClientLimits::default();
+        // With the defaults the value count is what an array of scalars meets first (128 Ki
+        // elements are ~20 MiB by the estimate); the byte bound is tested on its own below.
+        let too_many = format!("frame decodes to more than {} values", limits.max_decoded_values);
+        for trace_first in [true, false] {
+            let frame = request_with_params(&zeros(512 * 1024), trace_first);
+            assert!(frame.len() > 1 << 20);
+            check_json(&frame, &err_traced(TooLarge, too_many.clone(), "t-num"));
+        }
+        // MessagePack: a 1 MiB array of zeros (one byte each).
+        let mut mp = vec![0xdd];
+        mp.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        mp.resize(mp.len() + (1 << 20), 0x00);
+        check_msgpack(&mp, &err(TooLarge, too_many.clone()));
+        // Within the bounds, accepted.
+        let within = request_with_params(&zeros(100_000), false);
+        let decoded = decode_client_message(within.as_bytes(), Encoding::Json, &limits);
+        assert!(matches!(decoded, Ok(ClientMessage::Request(_))), "{:?}", decoded.map(|_| ()));
+
+        // The value count.
+        let few = ClientLimits { max_decoded_values: 1000, ..ClientLimits::default() };
+        let e = decode_client_message(within.as_bytes(), Encoding::Json, &few).expect_err("many");
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (TooLarge, "frame decodes to more than 1000 values")
+        );
+        assert_eq!(e.trace_id.as_deref(), Some("t-num"));
+
+        // The byte bound: few values, many bytes (long strings, long keys).
+        let small = ClientLimits { max_decoded_bytes: 64 * 1024, ..ClientLimits::default() };
+        let decode = |text: &str| decode_client_message(text.as_bytes(), Encoding::Json, &small);
+        let strings =
+            format!("{{\"s\": [{}\"\"]}}", format!("\"{}\",", "x".repeat(1000)).repeat(70));
+        let e = decode(&request_with_params(&strings, false)).expect_err("too many bytes");
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (TooLarge, "frame decodes to more than 65536 bytes of memory")
+        );
+        assert_eq!(e.trace_id.as_deref(), Some("t-num"));
+        let keys: String = (0..400).map(|i| format!("\"{i:0>150}\": 0,")).collect();
+        let keyed = format!("{{{keys}\"z\": 0}}");
+        assert_eq!(decode(&request_with_params(&keyed, true)).map_err(|e| e.kind), Err(TooLarge));
+        assert!(decode(&request_with_params(r#"{"s": "small"}"#, true)).is_ok());
     }
 
     /// With a generous `max_depth`, the parser cap (127 levels) still applies.

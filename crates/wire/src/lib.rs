@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod control;
+mod decoded;
 pub mod lenient;
 pub mod mesh;
 pub mod pyjson;
