@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::decoded::{self, Budget, Segment, Violation, decode_root, scan_trace_id};
-use crate::{ErrorObject, JsonObject};
+use crate::mesh::{ErrorObject, JsonObject};
 
 /// The estimated bytes a decoded value holds, counted as [`ClientLimits::max_decoded_bytes`]
 /// counts a frame while decoding it. In-flight accounting uses it for a call's `params`.

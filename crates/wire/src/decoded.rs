@@ -15,7 +15,7 @@ use std::mem::size_of;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{Number, Value};
 
-use crate::JsonObject;
+use crate::mesh::JsonObject;
 
 /// The estimated heap cost of an allocation of `n` bytes: glibc malloc rounds a request plus
 /// its 8-byte header up to 16 bytes, and never hands out less than 32.

@@ -11,8 +11,4 @@ pub mod lenient;
 pub mod mesh;
 pub mod pyjson;
 
-pub use mesh::ErrorObject;
-
-/// A JSON object, with keys kept in insertion order (`serde_json/preserve_order`), so that
-/// re-encoding a body keeps Python's field order.
-pub type JsonObject = serde_json::Map<String, serde_json::Value>;
+pub use mesh::{ErrorObject, JsonObject};

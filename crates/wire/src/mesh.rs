@@ -8,8 +8,11 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
-use crate::JsonObject;
 use crate::lenient::{Field, OrDefault, or_default, text};
+
+/// A JSON object, with keys kept in insertion order (`serde_json/preserve_order`), so that
+/// re-encoding a body keeps Python's field order.
+pub type JsonObject = serde_json::Map<String, serde_json::Value>;
 
 /// The only wire protocol version nuropb 0.1.8 accepts (`nuropb_protocol` header).
 pub const PROTOCOL_VERSION: &str = "0.1.1";
