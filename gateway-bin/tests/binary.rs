@@ -231,6 +231,7 @@ fn help_documents_every_option_with_its_environment_variable() {
         "NUROPB_ALLOWED_ORIGINS",
         "NUROPB_EVENT_BINDINGS",
         "NUROPB_OPS_LISTEN",
+        "NUROPB_OUTBOUND_QUEUE_BYTES",
     ] {
         assert!(help.contains(env), "--help lacks {env}");
     }
