@@ -190,6 +190,12 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_OUTBOUND_QUEUE", default_value_t = 256)]
     pub outbound_queue: usize,
 
+    /// Bytes (encoded frames) queued per connection before a slow client is closed (1013),
+    /// whichever of this and --outbound-queue trips first. A single frame larger than this
+    /// is still queued when nothing else is.
+    #[arg(long, env = "NUROPB_OUTBOUND_QUEUE_BYTES", default_value_t = 4 << 20)]
+    pub outbound_queue_bytes: usize,
+
     /// Requests in flight per connection.
     #[arg(long, env = "NUROPB_MAX_IN_FLIGHT", default_value_t = 64)]
     pub max_in_flight: usize,
@@ -283,6 +289,9 @@ impl Cli {
         // client pipelining up to its in-flight limit would be closed as "too slow".
         if self.outbound_queue < self.max_in_flight {
             bail!("--outbound-queue must be at least --max-in-flight ({})", self.max_in_flight);
+        }
+        if self.outbound_queue_bytes < 1024 {
+            bail!("--outbound-queue-bytes must be at least 1024");
         }
         if self.max_message_bytes < 1024 {
             bail!("--max-message-bytes must be at least 1024");

@@ -158,6 +158,7 @@ async fn run(cli: Cli) -> Result<()> {
         max_message_size: cli.max_message_bytes,
         max_frame_size: cli.max_message_bytes,
         outbound_queue: cli.outbound_queue,
+        outbound_queue_bytes: cli.outbound_queue_bytes,
         max_outbound_message_size: cli.max_outbound_message_bytes,
         ping_interval: Duration::from_secs(cli.ping_interval_secs),
         idle_timeout: Duration::from_secs(cli.idle_timeout_secs),

@@ -258,6 +258,7 @@ fn help_documents_every_option_with_its_environment_variable() {
         "NUROPB_MAX_DECODED_BYTES",
         "NUROPB_MAX_IN_FLIGHT_BYTES",
         "NUROPB_MAX_IN_FLIGHT_BYTES_TOTAL",
+        "NUROPB_OUTBOUND_QUEUE_BYTES",
     ] {
         assert!(help.contains(env), "--help lacks {env}");
     }

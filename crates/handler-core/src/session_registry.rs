@@ -49,10 +49,13 @@ struct FrameCounters {
 }
 
 /// One session's way out: its [`ClientConnection`] with the slow-client policy applied on every
-/// send. Taken from the registry ([`SessionRegistry::session`]) and cheap to clone; a call
-/// in flight keeps one to answer its session directly.
+/// send. Taken from the registry ([`SessionRegistry::session`]) and cheap to clone (one
+/// reference count: the fan-out paths clone one per session reached); a call in flight
+/// keeps one to answer its session directly.
 #[derive(Clone)]
-pub struct SessionHandle {
+pub struct SessionHandle(Arc<HandleInner>);
+
+struct HandleInner {
     session_id: SessionId,
     handler: Arc<dyn ClientConnection>,
     counters: Arc<FrameCounters>,
@@ -60,7 +63,7 @@ pub struct SessionHandle {
 
 impl SessionHandle {
     pub fn session_id(&self) -> &SessionId {
-        &self.session_id
+        &self.0.session_id
     }
 
     /// Queues a frame. Returns whether it was queued.
@@ -69,14 +72,15 @@ impl SessionHandle {
     /// is dropped, counted, and the session closed with 1013 so the client knows to
     /// reconnect — nothing is lost silently, and one slow client never blocks the others.
     pub fn send(&self, outbound: Outbound) -> bool {
-        match self.handler.send(outbound) {
+        let this = &*self.0;
+        match this.handler.send(outbound) {
             Ok(()) => {
-                self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                this.counters.sent.fetch_add(1, Ordering::Relaxed);
                 true
             }
             Err(SendError::Full) => {
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                self.handler.close(CoreError::SlowClient.closing());
+                this.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                this.handler.close(CoreError::SlowClient.closing());
                 false
             }
             Err(SendError::Closed) => false,
@@ -85,7 +89,7 @@ impl SessionHandle {
 
     /// Asks the session's connection to close (idempotent).
     pub fn close(&self, reason: CloseReason) {
-        self.handler.close(reason);
+        self.0.handler.close(reason);
     }
 }
 
@@ -143,11 +147,11 @@ impl SessionRegistry {
                 return Err(CoreError::ShuttingDown);
             }
             reg.by_user.entry(identity.user_id.clone()).or_default().insert(session_id.clone());
-            let handle = SessionHandle {
+            let handle = SessionHandle(Arc::new(HandleInner {
                 session_id: session_id.clone(),
                 handler,
                 counters: Arc::clone(&self.counters),
-            };
+            }));
             reg.sessions
                 .insert(session_id, Session { identity, handle, subscriptions: Vec::new() });
             reg.sessions.len()
@@ -228,6 +232,8 @@ impl SessionRegistry {
 
     /// Sends one frame to every session. Returns the sessions reached.
     pub fn send_to_all(&self, frame: Arc<SharedFrame>) -> usize {
+        // Handles are collected under the lock (one reference count each) and sent to
+        // outside it, so a connection's `send` never runs while the registry is locked.
         let handles: Vec<SessionHandle> =
             self.read().sessions.values().map(|s| s.handle.clone()).collect();
         self.deliver_all(&handles, &frame)

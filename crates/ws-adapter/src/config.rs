@@ -69,7 +69,13 @@ pub struct WsConfig {
     pub max_message_size: usize,
     /// Largest single frame, in bytes (default 1 MiB).
     pub max_frame_size: usize,
-    /// Bytes buffered before a write is flushed (default 128 KiB).
+    /// Bytes tungstenite reads from the socket at a time, and the read buffer an idle
+    /// connection keeps (default 2 KiB: a typical client frame fits). A larger frame grows
+    /// the buffer to its size while it is read; `max_frame_size` still bounds it.
+    pub read_buffer_size: usize,
+    /// Bytes of frames collected before tungstenite writes them to the socket (default
+    /// 8 KiB). Not preallocated: the connection task feeds every frame that is queued and
+    /// then flushes once, so this only caps how much one batch holds before it is written.
     pub write_buffer_size: usize,
     /// Largest frame the gateway sends, in bytes once encoded (default 8 MiB). A response
     /// over it is replaced by an error response with the same `trace_id` (`LimitExceeded`);
@@ -81,10 +87,17 @@ pub struct WsConfig {
     /// Frames queued per connection before the client counts as too slow and is closed with
     /// 1013 (default 256).
     pub outbound_queue: usize,
+    /// Bytes (encoded frames) queued per connection before the client counts as too slow and
+    /// is closed with 1013 (default 4 MiB), whichever of this and `outbound_queue` trips
+    /// first. A frame larger than this is still queued when nothing else is, so a response
+    /// within `max_outbound_message_size` can always be delivered to a client that reads.
+    pub outbound_queue_bytes: usize,
     /// Time allowed for the TCP + HTTP upgrade (default 10 s).
     pub handshake_timeout: Duration,
-    /// Time allowed for one frame to be written to the socket (default 10 s); a client that
-    /// does not read is closed.
+    /// Time allowed for one write to the socket (default 10 s); a client that does not read
+    /// is dropped when it passes, without a close frame (it would not read that either). A
+    /// close (shutdown, kick) gets the same time in all for the frames still queued and the
+    /// close frame; a client closed as too slow (1013) gets `SLOW_CLIENT_CLOSE_GRACE`.
     pub write_timeout: Duration,
     /// Interval of server pings (default 20 s).
     pub ping_interval: Duration,
@@ -120,9 +133,11 @@ impl Default for WsConfig {
             max_head_bytes: 16 << 10,
             max_message_size: 1 << 20,
             max_frame_size: 1 << 20,
-            write_buffer_size: 128 << 10,
+            read_buffer_size: 2 << 10,
+            write_buffer_size: 8 << 10,
             max_outbound_message_size: 8 << 20,
             outbound_queue: 256,
+            outbound_queue_bytes: 4 << 20,
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(20),
@@ -147,15 +162,17 @@ impl WsConfig {
     /// `max_write_buffer_size` is `write_buffer_size + max_outbound_message_size + 64 KiB`:
     /// tungstenite refuses a frame (`WriteBufferFull`) when buffered bytes plus the frame
     /// would exceed it, even on an empty buffer, so a fixed limit below the largest frame
-    /// would make that frame unsendable. Every write is flushed before the next one starts,
-    /// so the buffer never holds more than one frame plus tungstenite's control frames.
+    /// would make that frame unsendable. tungstenite writes the buffer out once it holds more
+    /// than `write_buffer_size`, and accepts no further frame until a blocked write is
+    /// flushed, so it never holds more than `write_buffer_size`, one frame and its own
+    /// control frames.
     pub(crate) fn tungstenite(&self) -> WebSocketConfig {
         let max_write_buffer_size = self
             .write_buffer_size
             .saturating_add(self.max_outbound_message_size)
             .saturating_add(WRITE_BUFFER_SLACK);
         WebSocketConfig::default()
-            .read_buffer_size(128 << 10)
+            .read_buffer_size(self.read_buffer_size)
             .write_buffer_size(self.write_buffer_size)
             .max_write_buffer_size(max_write_buffer_size)
             .max_message_size(Some(self.max_message_size))

@@ -3,6 +3,7 @@
 //! the socket; the core holds only a [`WsHandle`]. Connections over the limit get a task
 //! too, but only to be told 503 within a short, separately bounded handshake.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,10 +41,65 @@ pub(crate) enum Admission {
     Refusal { _permit: OwnedSemaphorePermit },
 }
 
-/// The core's handle on one connection: a bounded queue in, a close signal.
+/// The core's handle on one connection: a queue bounded in frames and in bytes, a close
+/// signal.
 struct WsHandle {
-    outbound: mpsc::Sender<Outbound>,
-    close: Arc<CloseSignal>,
+    outbound: mpsc::Sender<Queued>,
+    shared: Arc<Shared>,
+}
+
+/// What the handle and the connection task share besides the queue.
+struct Shared {
+    close: CloseSignal,
+    budget: QueueBudget,
+}
+
+/// One frame in a connection's outbound queue, with the bytes it was charged.
+struct Queued {
+    out: Outbound,
+    bytes: usize,
+}
+
+/// The byte bound of one connection's outbound queue (`outbound_queue_bytes`).
+struct QueueBudget {
+    // Invariant: the sum of `Queued::bytes` over the frames in the queue: charged before a
+    // frame is queued, released when the connection task takes it out.
+    queued: AtomicUsize,
+    limit: usize,
+    /// The connection's preferred encoding (true: MessagePack), so a frame queued with
+    /// `encoding: None` is charged the size it will be sent at.
+    msgpack: AtomicBool,
+}
+
+impl QueueBudget {
+    fn new(limit: usize) -> Self {
+        QueueBudget { queued: AtomicUsize::new(0), limit, msgpack: AtomicBool::new(false) }
+    }
+
+    /// Charges `bytes`, or refuses when the queue would go over the limit. A frame alone
+    /// in the queue always fits, so no frame within `max_outbound_message_size` is
+    /// undeliverable.
+    fn charge(&self, bytes: usize) -> bool {
+        // Relaxed: a counter on its own; the channel orders the frames themselves.
+        self.queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |queued| {
+                (queued == 0 || queued.saturating_add(bytes) <= self.limit)
+                    .then(|| queued.saturating_add(bytes))
+            })
+            .is_ok()
+    }
+
+    fn release(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    fn preferred(&self) -> Encoding {
+        if self.msgpack.load(Ordering::Relaxed) { Encoding::MessagePack } else { Encoding::Json }
+    }
+
+    fn prefer(&self, encoding: Encoding) {
+        self.msgpack.store(encoding == Encoding::MessagePack, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -68,15 +124,25 @@ impl CloseSignal {
 }
 
 impl ClientConnection for WsHandle {
-    fn send(&self, outbound: Outbound) -> Result<(), SendError> {
-        self.outbound.try_send(outbound).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SendError::Full,
-            mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+    fn send(&self, out: Outbound) -> Result<(), SendError> {
+        // Encoding here rather than in the connection task costs nothing more: a frame is
+        // encoded once per encoding however many sessions it goes to (`SharedFrame`).
+        let encoding = out.encoding.unwrap_or_else(|| self.shared.budget.preferred());
+        let bytes = out.frame.encoded(encoding).map_or(0, |b| b.len());
+        if !self.shared.budget.charge(bytes) {
+            return Err(SendError::Full);
+        }
+        self.outbound.try_send(Queued { out, bytes }).map_err(|e| {
+            self.shared.budget.release(bytes);
+            match e {
+                mpsc::error::TrySendError::Full(_) => SendError::Full,
+                mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+            }
         })
     }
 
     fn close(&self, reason: CloseReason) {
-        self.close.fire(reason);
+        self.shared.close.fire(reason);
     }
 }
 
@@ -165,8 +231,11 @@ pub(crate) async fn run<S>(
     };
 
     let (tx, rx) = mpsc::channel(config.outbound_queue);
-    let close = Arc::new(CloseSignal::default());
-    let handle = Arc::new(WsHandle { outbound: tx, close: Arc::clone(&close) });
+    let shared = Arc::new(Shared {
+        close: CloseSignal::default(),
+        budget: QueueBudget::new(config.outbound_queue_bytes),
+    });
+    let handle = Arc::new(WsHandle { outbound: tx, shared: Arc::clone(&shared) });
     let session_id = match coordinator.open_session(identity, handle) {
         Ok(id) => id,
         Err(e) => {
@@ -183,21 +252,86 @@ pub(crate) async fn run<S>(
         }
     };
     tracing::Span::current().record("session.id", tracing::field::display(&session_id));
-    session_loop(ws, rx, &close, &config, &coordinator, &session_id, &stats).await;
+    session_loop(ws, rx, &shared, &config, &coordinator, &session_id, &stats).await;
     coordinator.close_session(&session_id);
+}
+
+/// Frames handed to tungstenite per batch before it flushes: enough to turn a burst of
+/// queued events into few syscalls, few enough that a batch never holds the loop long.
+const MAX_BATCH: usize = 64;
+
+/// Time a client closed as too slow (1013) gets to take the frames still queued and the
+/// close frame: it has already shown it does not keep up, so it does not get a full write
+/// timeout, and a dead reader is gone about this long after its queue tripped.
+const SLOW_CLIENT_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The receiving side of one connection's outbound queue, and what turning a queued frame
+/// into a WebSocket message needs.
+struct Outgoing<'a> {
+    rx: mpsc::Receiver<Queued>,
+    budget: &'a QueueBudget,
+    /// The encoding of the last frame the client sent (JSON until then).
+    preferred: Encoding,
+    /// `max_outbound_message_size`.
+    limit: usize,
+    stats: &'a WsStatsHandle,
+}
+
+impl Outgoing<'_> {
+    /// The message for a frame taken from the queue (its bytes leave the budget now), or
+    /// `None` when nothing is to be sent for it.
+    fn take(&self, queued: Queued) -> Option<Message> {
+        self.budget.release(queued.bytes);
+        let encoding = queued.out.encoding.unwrap_or(self.preferred);
+        outbound_message(&queued.out, encoding, self.limit, self.stats)
+    }
+
+    /// The next message already queued, without waiting.
+    fn next_ready(&mut self) -> Option<Message> {
+        while let Ok(queued) = self.rx.try_recv() {
+            if let Some(message) = self.take(queued) {
+                return Some(message);
+            }
+        }
+        None
+    }
+
+    fn prefer(&mut self, encoding: Encoding) {
+        self.preferred = encoding;
+        self.budget.prefer(encoding);
+    }
+}
+
+/// How a write of the session loop ended.
+enum Written {
+    Done,
+    /// The session was told to close; what was not written yet is in `pending` or in
+    /// tungstenite's buffer, for the close to send.
+    Interrupted,
+    /// An I/O error or the write timeout: the connection is dropped without a close frame.
+    Failed,
 }
 
 async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
     mut ws: WebSocketStream<S>,
-    mut rx: mpsc::Receiver<Outbound>,
-    close: &CloseSignal,
+    rx: mpsc::Receiver<Queued>,
+    shared: &Shared,
     config: &WsConfig,
     coordinator: &CoordinatorHandle,
     session_id: &SessionId,
     stats: &WsStatsHandle,
 ) {
-    let limit = config.max_outbound_message_size;
-    let mut preferred = Encoding::Json;
+    let close = &shared.close;
+    let mut outgoing = Outgoing {
+        rx,
+        budget: &shared.budget,
+        preferred: Encoding::Json,
+        limit: config.max_outbound_message_size,
+        stats,
+    };
+    // Invariant: `None` whenever the loop waits in its `select!`; only an interrupted write
+    // leaves a message here, and the close that follows sends it first.
+    let mut pending: Option<Message> = None;
     let mut limiter = RateLimiter::new(config.rate_per_second, config.rate_burst);
     let mut protocol_errors: u32 = 0;
     let mut last_seen = Instant::now();
@@ -206,49 +340,36 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
     ping.tick().await; // The first tick is immediate; skip it.
 
     let reason: CloseReason = loop {
+        if close.fired.is_cancelled() {
+            break close.reason().unwrap_or(CloseReason::new(CloseCode::Normal, ""));
+        }
         tokio::select! {
             // Every branch is cancel-safe: `cancelled`, `recv`, `tick` and `next` lose
             // nothing when another branch wins. Shutdown is not a branch on purpose: the
             // coordinator first drains in-flight requests, then closes every session (1001).
-            _ = close.fired.cancelled() => {
-                let reason = close.reason().unwrap_or(CloseReason::new(CloseCode::Normal, ""));
-                // Frames queued before the close was asked for (e.g. the last responses of
-                // a drain) still go out, within one write timeout in all.
-                let deadline = Instant::now() + config.write_timeout;
-                while let Ok(out) = rx.try_recv() {
-                    let encoding = out.encoding.unwrap_or(preferred);
-                    let Some(message) = outbound_message(&out, encoding, limit, stats) else {
-                        continue;
-                    };
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if let Err(e) = write(&mut ws, message, left).await {
-                        tracing::info!(error = %e, "write failed while closing");
-                        break;
-                    }
-                }
-                break reason;
-            }
-            out = rx.recv() => {
-                let Some(out) = out else {
+            // A close is handled at the top of the loop.
+            _ = close.fired.cancelled() => {}
+            queued = outgoing.rx.recv() => {
+                let Some(queued) = queued else {
                     break CloseReason::new(CloseCode::Internal, "session ended");
                 };
-                let encoding = out.encoding.unwrap_or(preferred);
-                let Some(message) = outbound_message(&out, encoding, limit, stats) else {
+                pending = outgoing.take(queued);
+                if pending.is_none() {
                     continue;
-                };
-                if let Err(e) = write(&mut ws, message, config.write_timeout).await {
-                    tracing::info!(error = %e, "write failed; closing");
-                    break write_failed();
+                }
+                match write_raced(&mut ws, &mut pending, &mut outgoing, close, config).await {
+                    Written::Done | Written::Interrupted => {}
+                    Written::Failed => return,
                 }
             }
             _ = ping.tick() => {
                 if last_seen.elapsed() > config.idle_timeout {
                     break CloseReason::new(CloseCode::GoingAway, "idle timeout");
                 }
-                let ping = Message::Ping(Bytes::new());
-                if let Err(e) = write(&mut ws, ping, config.write_timeout).await {
-                    tracing::info!(error = %e, "ping failed; closing");
-                    break write_failed();
+                pending = Some(Message::Ping(Bytes::new()));
+                match write_raced(&mut ws, &mut pending, &mut outgoing, close, config).await {
+                    Written::Done | Written::Interrupted => {}
+                    Written::Failed => return,
                 }
             }
             incoming = ws.next() => {
@@ -287,7 +408,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     Message::Ping(_) => { let _ = limiter.allow(); continue }
                     Message::Pong(_) | Message::Frame(_) => continue,
                 };
-                preferred = encoding;
+                outgoing.prefer(encoding);
                 // `select!` picks among ready branches at random: once the session was told
                 // to close (kicked, token expired), no further client frame is served.
                 if close.fired.is_cancelled() {
@@ -305,11 +426,14 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                         trace_id: None,
                     });
                     let out = Outbound { frame: SharedFrame::new(frame), encoding: Some(encoding) };
-                    if let Some(m) = outbound_message(&out, encoding, limit, stats)
-                        && let Err(e) = write(&mut ws, m, config.write_timeout).await
-                    {
-                        tracing::info!(error = %e, "write failed; closing");
-                        break write_failed();
+                    pending = outbound_message(&out, encoding, outgoing.limit, stats);
+                    if pending.is_some() {
+                        match write_raced(&mut ws, &mut pending, &mut outgoing, close, config)
+                            .await
+                        {
+                            Written::Done | Written::Interrupted => {}
+                            Written::Failed => return,
+                        }
                     }
                     false
                 };
@@ -323,26 +447,89 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     tracing::debug!(code = reason.code.as_u16(), reason = %reason.reason, "closing connection");
-    // Best effort: the peer may already be gone.
-    let _ = tokio::time::timeout(config.write_timeout, ws.close(Some(close_frame(reason)))).await;
-}
-
-async fn write<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut WebSocketStream<S>,
-    message: Message,
-    timeout: Duration,
-) -> Result<(), String> {
-    match tokio::time::timeout(timeout, ws.send(message)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("write timed out: client not reading".to_owned()),
+    // Frames queued before the close (e.g. the last responses of a drain) still go out, then
+    // the close frame, all within one bound: a client that does not take them is dropped
+    // when it passes.
+    let grace = if reason.code == CloseCode::TryAgainLater {
+        SLOW_CLIENT_CLOSE_GRACE
+    } else {
+        config.write_timeout
+    };
+    let closing = async {
+        write_queued(&mut ws, &mut pending, &mut outgoing, usize::MAX).await?;
+        ws.close(Some(close_frame(reason))).await
+    };
+    match tokio::time::timeout(grace, closing).await {
+        Ok(Ok(())) => {}
+        // Best effort: the peer may already be gone.
+        Ok(Err(e)) => tracing::debug!(error = %e, "cannot send the close frame"),
+        Err(_) => tracing::info!("close timed out: client not reading; dropping the connection"),
     }
 }
 
-/// The close reason after a failed write. The close frame that follows is best effort: after
-/// an I/O error it fails at once, after a timeout it waits one more write timeout.
-fn write_failed() -> CloseReason {
-    CloseReason::new(CloseCode::Internal, "write failed")
+/// Writes `pending` and what is queued behind it (see [`write_queued`]) within one write
+/// timeout, unless the session is told to close first.
+async fn write_raced<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    pending: &mut Option<Message>,
+    outgoing: &mut Outgoing<'_>,
+    close: &CloseSignal,
+    config: &WsConfig,
+) -> Written {
+    let write =
+        tokio::time::timeout(config.write_timeout, write_queued(ws, pending, outgoing, MAX_BATCH));
+    tokio::select! {
+        // Close first, so a session told to close writes nothing more here: a dead reader
+        // stuck in a write is closed at once rather than at the write timeout.
+        biased;
+        // Cancel-safety: `write_queued` keeps a message it has not handed to tungstenite in
+        // `pending`, and what it handed over stays in tungstenite's buffer; the close sends
+        // both, in order.
+        _ = close.fired.cancelled() => Written::Interrupted,
+        written = write => match written {
+            Ok(Ok(())) => Written::Done,
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "write failed; dropping the connection");
+                Written::Failed
+            }
+            Err(_) => {
+                // No close frame: the peer does not read, so it would only cost a second
+                // timeout (the documented bound is one).
+                tracing::info!("write timed out: client not reading; dropping the connection");
+                Written::Failed
+            }
+        },
+    }
+}
+
+/// Hands `pending`, then up to `max_frames` in all of what is already queued, to tungstenite
+/// and flushes once: a burst of queued frames costs one flush, not one each. tungstenite
+/// writes its buffer out whenever it holds more than `write_buffer_size`.
+///
+/// Cancel-safe in the sense the close needs: a message not yet handed to tungstenite stays
+/// in `pending`; one handed over is in tungstenite's buffer.
+async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    pending: &mut Option<Message>,
+    outgoing: &mut Outgoing<'_>,
+    max_frames: usize,
+) -> Result<(), tungstenite::Error> {
+    let mut fed = 0;
+    loop {
+        if pending.is_none() && fed < max_frames {
+            *pending = outgoing.next_ready();
+        }
+        if pending.is_none() {
+            break;
+        }
+        // Waits only while an earlier write is blocked (a full socket).
+        std::future::poll_fn(|cx| ws.poll_ready_unpin(cx)).await?;
+        if let Some(message) = pending.take() {
+            ws.start_send_unpin(message)?;
+            fed += 1;
+        }
+    }
+    SinkExt::flush(ws).await
 }
 
 /// The message to write for `out`, or `None` when nothing is to be sent: the frame cannot

@@ -40,54 +40,121 @@ struct Session {
     server: JoinHandle<()>,
     mesh: InMemoryMesh,
     coordinator: CoordinatorHandle,
-    // Kept so that the coordinator keeps running for the whole test.
-    _shutdown: tokio_util::sync::DropGuard,
+    // Kept so that the coordinator keeps running for the whole test (when the session has
+    // the gateway to itself).
+    _shutdown: Option<tokio_util::sync::DropGuard>,
 }
 
 /// A client connected over a duplex pipe of `pipe_bytes` per direction, past the hello.
 async fn connect(config: WsConfig, pipe_bytes: usize) -> Session {
-    let (mesh, inbound) = InMemoryMesh::builder().build();
-    let mut auth = MockAuthenticator::new();
-    auth.expect_authenticate().returning(|token| {
-        Ok(Identity {
-            user_id: UserId::new("alice-id"),
-            username: "alice".into(),
-            token: token.to_owned(),
-            expires_at: None,
-        })
-    });
-    let core = CoreConfig { broadcast_topics: vec!["broadcast.#".into()], ..CoreConfig::default() };
-    let shutdown = CancellationToken::new();
-    let (coordinator, handle) = Coordinator::new(
-        core,
-        Arc::new(auth),
-        Arc::new(mesh.clone()),
-        inbound,
-        TaskTracker::new(),
-        shutdown.clone(),
-    );
-    tokio::spawn(coordinator.run(Duration::from_secs(1)));
-
-    let (client_io, server_io) = tokio::io::duplex(pipe_bytes);
-    let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-    let server = tokio::spawn(run(
-        server_io,
-        Admission::Session { _permit: permit },
-        Arc::new(config),
-        handle.clone(),
-        WsStatsHandle::new(),
-    ));
-    let mut request = "ws://gateway/ws".into_client_request().unwrap();
-    request.headers_mut().insert("Authorization", "Bearer tok-alice".parse().unwrap());
-    let (client, _response) = tokio_tungstenite::client_async(request, client_io).await.unwrap();
-    let mut session =
-        Session { client, server, mesh, coordinator: handle, _shutdown: shutdown.drop_guard() };
-    let hello = session.json().await;
-    assert!(
-        matches!(&hello, ServerFrame::Message(ServerMessage::Event { topic, .. }) if topic == "hello"),
-        "{hello:?}"
-    );
+    let gateway = Gateway::start(config);
+    let mut session = gateway.connect(pipe_bytes).await;
+    session._shutdown = Some(gateway.shutdown);
     session
+}
+
+/// A coordinator on an in-memory mesh, and the config its connections run with.
+struct Gateway {
+    config: Arc<WsConfig>,
+    mesh: InMemoryMesh,
+    coordinator: CoordinatorHandle,
+    shutdown: tokio_util::sync::DropGuard,
+}
+
+impl Gateway {
+    fn start(config: WsConfig) -> Gateway {
+        let (mesh, inbound) = InMemoryMesh::builder().build();
+        let mut auth = MockAuthenticator::new();
+        auth.expect_authenticate().returning(|token| {
+            Ok(Identity {
+                user_id: UserId::new("alice-id"),
+                username: "alice".into(),
+                token: token.to_owned(),
+                expires_at: None,
+            })
+        });
+        let core =
+            CoreConfig { broadcast_topics: vec!["broadcast.#".into()], ..CoreConfig::default() };
+        let shutdown = CancellationToken::new();
+        let (coordinator, handle) = Coordinator::new(
+            core,
+            Arc::new(auth),
+            Arc::new(mesh.clone()),
+            inbound,
+            TaskTracker::new(),
+            shutdown.clone(),
+        );
+        tokio::spawn(coordinator.run(Duration::from_secs(1)));
+        Gateway {
+            config: Arc::new(config),
+            mesh,
+            coordinator: handle,
+            shutdown: shutdown.drop_guard(),
+        }
+    }
+
+    /// One more client, over a duplex pipe of `pipe_bytes` per direction, past the hello.
+    async fn connect(&self, pipe_bytes: usize) -> Session {
+        let (client_io, server_io) = tokio::io::duplex(pipe_bytes);
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let server = tokio::spawn(run(
+            server_io,
+            Admission::Session { _permit: permit },
+            Arc::clone(&self.config),
+            self.coordinator.clone(),
+            WsStatsHandle::new(),
+        ));
+        let mut request = "ws://gateway/ws".into_client_request().unwrap();
+        request.headers_mut().insert("Authorization", "Bearer tok-alice".parse().unwrap());
+        let (client, _response) =
+            tokio_tungstenite::client_async(request, client_io).await.unwrap();
+        let mut session = Session {
+            client,
+            server,
+            mesh: self.mesh.clone(),
+            coordinator: self.coordinator.clone(),
+            _shutdown: None,
+        };
+        let hello = session.json().await;
+        assert!(
+            matches!(&hello, ServerFrame::Message(ServerMessage::Event { topic, .. }) if topic == "hello"),
+            "{hello:?}"
+        );
+        session
+    }
+
+    async fn broadcast(&self, n: usize, bytes: usize) {
+        self.mesh.inject_event(broadcast(n, bytes)).await.unwrap();
+    }
+
+    /// Yields (paused time stands still) until `deliveries` event deliveries were queued or
+    /// dropped.
+    async fn delivered(&self, deliveries: u64) {
+        let mut yields = 0;
+        loop {
+            let stats = self.coordinator.stats();
+            if stats.events_delivered + stats.frames_dropped >= deliveries {
+                break;
+            }
+            yields += 1;
+            assert!(yields < 100_000, "events not delivered: {stats:?}");
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+fn broadcast(n: usize, bytes: usize) -> MeshEvent {
+    MeshEvent {
+        topic: format!("broadcast.{n}"),
+        event: "x".repeat(bytes).into(),
+        target: None,
+        context: Default::default(),
+        trace_id: None,
+    }
+}
+
+fn is_broadcast(frame: &ServerFrame, n: usize) -> bool {
+    matches!(frame, ServerFrame::Message(ServerMessage::Event { topic, .. }) if *topic == format!("broadcast.{n}"))
 }
 
 impl Session {
@@ -220,4 +287,45 @@ async fn a_client_that_does_not_keep_up_is_closed_with_1013_and_the_drop_counted
         );
     }
     assert_eq!(s.next().await, close(1013, "outbound queue full: client too slow"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reader_over_the_byte_bound_is_closed_at_once_while_a_healthy_one_keeps_receiving() {
+    const EVENTS: usize = 20;
+    // Room for 256 frames but only 8 KiB: the byte bound trips first. Both pipes are
+    // smaller than one event, so the dead reader's connection task is stuck writing the
+    // first one while the others queue behind it.
+    let config = WsConfig { outbound_queue_bytes: 8 << 10, ..WsConfig::default() };
+    let gateway = Gateway::start(config);
+    let mut healthy = gateway.connect(512).await;
+    let mut dead = gateway.connect(512).await;
+    let t0 = Instant::now();
+    for n in 0..EVENTS {
+        gateway.broadcast(n, 2000).await;
+        let frame = healthy.json().await;
+        assert!(is_broadcast(&frame, n), "event {n}: {frame:?}");
+    }
+    assert_eq!(t0.elapsed(), Duration::ZERO, "the healthy reader never waited");
+    let stats = gateway.coordinator.stats();
+    assert!(stats.frames_dropped >= 1, "the byte bound did not trip: {stats:?}");
+    // Closed at once (the stuck write is abandoned; the close gets a short grace), not at
+    // the 10 s write timeout.
+    tokio::time::timeout(Duration::from_secs(2), &mut dead.server)
+        .await
+        .expect("the dead reader is dropped within the slow-client grace")
+        .unwrap();
+    assert!(!healthy.server.is_finished());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_is_dropped_after_one_write_timeout_not_two() {
+    let gateway = Gateway::start(WsConfig::default());
+    let mut s = gateway.connect(512).await;
+    // One event larger than the pipe, so the write blocks; the queue never fills.
+    gateway.broadcast(0, 2000).await;
+    gateway.delivered(1).await;
+    let t0 = Instant::now();
+    (&mut s.server).await.unwrap();
+    let gone = t0.elapsed();
+    assert!(gone >= Duration::from_secs(10) && gone < Duration::from_secs(11), "{gone:?}");
 }
