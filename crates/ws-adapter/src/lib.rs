@@ -10,6 +10,7 @@
 
 mod config;
 mod connection;
+mod error;
 mod handshake;
 mod origin;
 mod peer_limits;
@@ -30,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use config::{AuthSources, WsConfig};
+pub use error::WsError;
 pub use origin::OriginPolicy;
 pub use stats::{WsStats, WsStatsHandle};
 
@@ -38,16 +40,6 @@ use handler_core::CoordinatorHandle;
 use crate::connection::Admission;
 use crate::handshake::{HeadError, Prefixed};
 use crate::peer_limits::{PeerGuard, PeerLimits, PeerLimitsConfig, PeerRefusal};
-
-/// Errors of the WebSocket adapter. `serve` has none today (it retries every accept error
-/// and ends only on shutdown); configuration does.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum WsError {
-    /// An [`OriginPolicy`] entry that is not a host with an optional scheme and port.
-    #[error("cannot parse origin entry {entry:?}: {reason}")]
-    InvalidOrigin { entry: String, reason: &'static str },
-}
 
 /// Accepts connections on `listener` until `shutdown`, one tracked task per connection.
 /// Returns when `shutdown` fires; connection tasks are left to the tracker's drain.

@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use crate::WsError;
+use crate::error::WsError;
 
 /// Allowed browser origins: a host matches an entry when it equals it or is a subdomain of
 /// it on a dot boundary (`app.example.com` matches `example.com`, `evil-example.com` does

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::time::Instant;
 
-/// The limits, from [`WsConfig`](crate::WsConfig).
+/// The limits, from [`WsConfig`](crate::config::WsConfig).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PeerLimitsConfig {
     pub(crate) max_connections_per_ip: usize,
