@@ -251,6 +251,13 @@ impl Shared {
 }
 
 impl CoordinatorHandle {
+    /// The trace id of a frame a transport refuses without handing it to the core (over
+    /// its rate limit), read under the core's limits without decoding the frame, so the
+    /// refusal still answers that request.
+    pub fn trace_id_of(&self, bytes: &[u8], encoding: Encoding) -> Option<String> {
+        nuropb_wire::client::peek_trace_id(bytes, encoding, &self.shared.limits)
+    }
+
     /// Checks a bearer token (already stripped of its `Bearer` prefix).
     pub fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
         self.shared.authenticator.authenticate(token)

@@ -395,6 +395,19 @@ pub fn validate_client_value(
     })
 }
 
+/// The `payload.trace_id` of a frame that is refused without being decoded (e.g. over the
+/// rate limit), so the refusal can still be matched by the client. Builds nothing: every
+/// other part of the frame is skipped. `None` when there is no usable trace id (absent, not a
+/// string, empty, longer than [`ClientLimits::max_trace_id_len`], or the bytes are not a
+/// frame).
+pub fn peek_trace_id(bytes: &[u8], encoding: Encoding, limits: &ClientLimits) -> Option<String> {
+    let found = match encoding {
+        Encoding::Json => scan_trace_id(&mut serde_json::Deserializer::from_slice(bytes)),
+        Encoding::MessagePack => scan_trace_id(&mut rmp_serde::Deserializer::from_read_ref(bytes)),
+    };
+    found.filter(|t| !t.is_empty() && t.len() <= limits.max_trace_id_len)
+}
+
 fn usable_trace_id(frame: &Value, limits: &ClientLimits) -> Option<String> {
     match frame.get("payload")?.get("trace_id")? {
         Value::String(s) if !s.is_empty() && s.len() <= limits.max_trace_id_len => Some(s.clone()),
@@ -725,6 +738,32 @@ mod tests {
 
     fn err_traced(kind: FrameErrorKind, message: impl Into<String>, trace: &'static str) -> Expect {
         Expect::Err(kind, message.into(), Some(trace))
+    }
+
+    #[test]
+    fn peek_trace_id_reads_only_a_usable_trace_id() {
+        let limits = ClientLimits::default();
+        let long = "x".repeat(limits.max_trace_id_len + 1);
+        let cases: Vec<(Vec<u8>, Option<&str>)> = vec![
+            (
+                br#"{"type":"request","payload":{"service":"s","trace_id":"t1"}}"#.to_vec(),
+                Some("t1"),
+            ),
+            (
+                br#"{"payload":{"params":{"trace_id":"inner"},"trace_id":"t2"}}"#.to_vec(),
+                Some("t2"),
+            ),
+            (br#"{"payload":{"trace_id":7}}"#.to_vec(), None),
+            (br#"{"payload":{"trace_id":""}}"#.to_vec(), None),
+            (format!(r#"{{"payload":{{"trace_id":"{long}"}}}}"#).into_bytes(), None),
+            (b"not json".to_vec(), None),
+        ];
+        for (bytes, expected) in cases {
+            let got = peek_trace_id(&bytes, Encoding::Json, &limits);
+            assert_eq!(got.as_deref(), expected, "{}", String::from_utf8_lossy(&bytes));
+        }
+        let msgpack = rmp_serde::to_vec_named(&json!({"payload": {"trace_id": "m1"}})).unwrap();
+        assert_eq!(peek_trace_id(&msgpack, Encoding::MessagePack, &limits).as_deref(), Some("m1"));
     }
 
     fn call(service: &str, method: &str, params: Value, trace_id: Option<&str>) -> ClientCall {

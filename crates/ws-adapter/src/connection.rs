@@ -423,7 +423,8 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                             "more than {} frames per second; frame dropped",
                             config.rate_per_second
                         ),
-                        trace_id: None,
+                        // Every request gets exactly one answer its client can match.
+                        trace_id: coordinator.trace_id_of(bytes, encoding),
                     });
                     let out = Outbound { frame: SharedFrame::new(frame), encoding: Some(encoding) };
                     pending = outbound_message(&out, encoding, outgoing.limit, stats);

@@ -241,9 +241,14 @@ async fn frames_over_the_rate_get_rate_limited_and_too_many_close_with_1008() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     s.send(r#"{"type":"ping"}"#).await;
     assert_eq!(s.json().await, pong());
-    // A second frame over the rate is one bad frame more than `max_protocol_errors`.
-    s.send(r#"{"type":"ping"}"#).await;
-    assert_eq!(s.json().await, rate_limited);
+    // A second frame over the rate is one bad frame more than `max_protocol_errors`. A
+    // refused request is answered with its own trace id, so its client can settle it.
+    s.send(r#"{"type":"request","payload":{"service":"svc","method":"echo","params":{},"trace_id":"over-1"}}"#).await;
+    let ServerFrame::Error(refused) = rate_limited else { unreachable!() };
+    assert_eq!(
+        s.json().await,
+        ServerFrame::Error(ErrorFrame { trace_id: Some("over-1".into()), ..refused })
+    );
     assert_eq!(s.next().await, close(1008, "too many bad frames"));
 }
 

@@ -47,6 +47,10 @@ impl GatewayProcess {
         cmd.args(["--listen", "127.0.0.1:0", "--jwt-secret", SECRET, "--jwt-algorithm", "hs256"])
             .args(["--rate-per-second", "1000000", "--rate-burst", "1000000"])
             .args(["--max-connections", "19500", "--max-in-flight", "64"])
+            // Every client is one user on one address: the per-user and per-address
+            // limits would refuse the benchmark's own connections.
+            .args(["--max-sessions-per-user", "20000", "--max-connections-per-ip", "20000"])
+            .args(["--connect-rate-per-ip", "1000000", "--connect-burst-per-ip", "1000000"])
             .args(["--max-in-flight-total", "100000", "--outbound-queue", "256"])
             .args(["--request-timeout-ms", "10000", "--log", "warn,lapin=off"])
             .args(["--broadcast-topics", "bench.#", "--event-bindings", "bench.#"])
@@ -84,6 +88,13 @@ impl GatewayProcess {
     }
 
     pub fn stop(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         let _ = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status();
         let deadline = std::time::Instant::now() + STOP_GRACE;
         while std::time::Instant::now() < deadline {
@@ -95,5 +106,12 @@ impl GatewayProcess {
         eprintln!("bench: the gateway did not stop within {STOP_GRACE:?}; killing it");
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A benchmark that panics must not leave the gateway running.
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.stop_now();
     }
 }
