@@ -191,9 +191,9 @@ pub struct Cli {
     pub outbound_queue: usize,
 
     /// Bytes (encoded frames) queued per connection before a slow client is closed (1013),
-    /// whichever of this and --outbound-queue trips first. A single frame larger than this
-    /// is still queued when nothing else is.
-    #[arg(long, env = "NUROPB_OUTBOUND_QUEUE_BYTES", default_value_t = 4 << 20)]
+    /// whichever of this and --outbound-queue trips first. At least
+    /// --max-outbound-message-bytes, so one largest response fits beside what is queued.
+    #[arg(long, env = "NUROPB_OUTBOUND_QUEUE_BYTES", default_value_t = 16 << 20)]
     pub outbound_queue_bytes: usize,
 
     /// Requests in flight per connection.
@@ -290,8 +290,13 @@ impl Cli {
         if self.outbound_queue < self.max_in_flight {
             bail!("--outbound-queue must be at least --max-in-flight ({})", self.max_in_flight);
         }
-        if self.outbound_queue_bytes < 1024 {
-            bail!("--outbound-queue-bytes must be at least 1024");
+        // A largest allowed response must fit a queue that holds anything else; otherwise a
+        // client that reads would be closed as "too slow" by one big response.
+        if self.outbound_queue_bytes < self.max_outbound_message_bytes.max(1024) {
+            bail!(
+                "--outbound-queue-bytes must be at least --max-outbound-message-bytes ({})",
+                self.max_outbound_message_bytes
+            );
         }
         if self.max_message_bytes < 1024 {
             bail!("--max-message-bytes must be at least 1024");

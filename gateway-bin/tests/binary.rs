@@ -278,6 +278,7 @@ fn invalid_config_exits_2_naming_the_option() {
         (vec!["--listen", "127.0.0.1:9", "--ops-listen", "127.0.0.1:9"], "--ops-listen"),
         (vec!["--max-decoded-bytes", "10"], "--max-decoded-bytes"),
         (vec!["--max-in-flight-bytes", "1048576"], "--max-in-flight-bytes"),
+        (vec!["--outbound-queue-bytes", "1048576"], "--outbound-queue-bytes must be at least"),
         (
             vec!["--max-in-flight-bytes", "67108864", "--max-in-flight-bytes-total", "1024"],
             "--max-in-flight-bytes-total",

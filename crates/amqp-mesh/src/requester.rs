@@ -24,7 +24,7 @@ use crate::ids::new_correlation_id;
 use crate::link_state::{LinkHandle, LinkWatch};
 use crate::messages::{self, CallRoute, Encoded};
 use crate::pending::{PendingTable, RawResponse};
-use crate::publisher::{Outgoing, Published};
+use crate::publisher::{Outgoing, Published, Routes};
 use crate::stats::{Counters, bump};
 
 /// AMQP expiration of describe requests, as `RMQAPI.describe_service` sends them (§6.4).
@@ -223,14 +223,24 @@ impl Requester {
         let (_pending, response) =
             self.pending.register(correlation_id.clone(), link.generation)?;
         let routes = &link.direct.routes;
+        // A direct request that ends without a response (timed out, cancelled, failed) sends
+        // its service back to the confirmed path: without confirms the broker refuses
+        // silently (a full `reject-publish` queue, a queue on a node that is down), and the
+        // next request then learns at once, as before, instead of waiting out its timeout.
+        let mut back_to_confirmed = None;
         if routes.is_routable(&call.service) {
+            back_to_confirmed = Some(ForgetUnlessAnswered { routes, service: &call.service });
             link.direct.publish(message).await?;
         } else {
             self.publish_confirmed(link, call, message).await?;
             routes.routed(&call.service);
         }
         let raw = match response.await {
-            Ok(Ok(raw)) => raw,
+            Ok(Ok(raw)) => {
+                // Answered: the service stays on the direct path.
+                std::mem::forget(back_to_confirmed.take());
+                raw
+            }
             // A return that lapin attached to another message's confirmation (see
             // `publisher`) arrives here, without our method name.
             Ok(Err(MeshError::NotDelivered { .. })) => return Err(not_delivered(call)),
@@ -522,4 +532,34 @@ fn for_call(error: MeshError, call: &MeshCall) -> MeshError {
 /// The local answer to an unroutable call (§6.2).
 fn not_delivered(call: &MeshCall) -> MeshError {
     MeshError::NotDelivered { service: call.service.clone(), method: call.method.clone() }
+}
+
+/// Forgets that `service` is routable when dropped: see `request`. Defused with
+/// `mem::forget` once the response arrived.
+struct ForgetUnlessAnswered<'a> {
+    routes: &'a Routes,
+    service: &'a str,
+}
+
+impl Drop for ForgetUnlessAnswered<'_> {
+    fn drop(&mut self) {
+        self.routes.forget(self.service);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_direct_request_without_an_answer_sends_its_service_back_to_confirms() {
+        let routes = Routes::default();
+        routes.routed("svc");
+        // Answered: defused, the service stays on the direct path.
+        std::mem::forget(ForgetUnlessAnswered { routes: &routes, service: "svc" });
+        assert!(routes.is_routable("svc"));
+        // Timed out or cancelled (the future dropped before a response): forgotten.
+        drop(ForgetUnlessAnswered { routes: &routes, service: "svc" });
+        assert!(!routes.is_routable("svc"));
+    }
 }

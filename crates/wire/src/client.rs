@@ -202,7 +202,7 @@ pub fn decode_client_message(
                 Err(rmp_serde::decode::Error::DepthLimitExceeded) => return Err(too_deep()),
                 Err(e) => {
                     return Err(refusal(budget.violation, limits, || {
-                        scan_trace_id(&mut rmp_serde::Deserializer::from_read_ref(bytes))
+                        scan_trace_id(&mut msgpack_scanner(bytes))
                     })
                     .unwrap_or_else(|| {
                         ClientFrameError::new(
@@ -403,9 +403,19 @@ pub fn validate_client_value(
 pub fn peek_trace_id(bytes: &[u8], encoding: Encoding, limits: &ClientLimits) -> Option<String> {
     let found = match encoding {
         Encoding::Json => scan_trace_id(&mut serde_json::Deserializer::from_slice(bytes)),
-        Encoding::MessagePack => scan_trace_id(&mut rmp_serde::Deserializer::from_read_ref(bytes)),
+        Encoding::MessagePack => scan_trace_id(&mut msgpack_scanner(bytes)),
     };
     found.filter(|t| !t.is_empty() && t.len() <= limits.max_trace_id_len)
+}
+
+/// A MessagePack reader for the trace-id scan, depth-capped like the decoder: the scan
+/// skips values by recursion, and a rate-limited client may send 1 KiB of nested arrays.
+fn msgpack_scanner(
+    bytes: &[u8],
+) -> rmp_serde::Deserializer<rmp_serde::decode::ReadRefReader<'_, [u8]>> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(PARSE_DEPTH_CAP + 1);
+    de
 }
 
 fn usable_trace_id(frame: &Value, limits: &ClientLimits) -> Option<String> {
@@ -764,6 +774,12 @@ mod tests {
         }
         let msgpack = rmp_serde::to_vec_named(&json!({"payload": {"trace_id": "m1"}})).unwrap();
         assert_eq!(peek_trace_id(&msgpack, Encoding::MessagePack, &limits).as_deref(), Some("m1"));
+        // Nesting far past the decoder's cap is skipped, not recursed into.
+        let deep: Vec<u8> =
+            [0x81, 0xa7].iter().copied().chain(*b"payload").chain([0x91; 100_000]).collect();
+        assert_eq!(peek_trace_id(&deep, Encoding::MessagePack, &limits), None);
+        let deep_json = format!("{{\"payload\":{}}}", "[".repeat(100_000));
+        assert_eq!(peek_trace_id(deep_json.as_bytes(), Encoding::Json, &limits), None);
     }
 
     fn call(service: &str, method: &str, params: Value, trace_id: Option<&str>) -> ClientCall {

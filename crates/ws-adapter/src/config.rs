@@ -88,7 +88,7 @@ pub struct WsConfig {
     /// 1013 (default 256).
     pub outbound_queue: usize,
     /// Bytes (encoded frames) queued per connection before the client counts as too slow and
-    /// is closed with 1013 (default 4 MiB), whichever of this and `outbound_queue` trips
+    /// is closed with 1013 (default 16 MiB, twice the default `max_outbound_message_size`), whichever of this and `outbound_queue` trips
     /// first. A frame larger than this is still queued when nothing else is, so a response
     /// within `max_outbound_message_size` can always be delivered to a client that reads.
     pub outbound_queue_bytes: usize,
@@ -137,7 +137,7 @@ impl Default for WsConfig {
             write_buffer_size: 8 << 10,
             max_outbound_message_size: 8 << 20,
             outbound_queue: 256,
-            outbound_queue_bytes: 4 << 20,
+            outbound_queue_bytes: 16 << 20,
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(20),
