@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{ArgAction, Parser, ValueEnum};
 
 use handler_core::auth::{JwtConfig, JwtKey};
+use handler_core::mesh_manager::CallPattern;
 use ws_adapter::OriginPolicy;
 
 /// How calls to methods that require encryption are handled (AMQP mode).
@@ -68,6 +69,17 @@ pub struct Cli {
     /// covered by one of these. None by default (in-memory demo mode: `demo.#`).
     #[arg(long, env = "NUROPB_SUBSCRIBABLE_TOPICS", value_delimiter = ',')]
     pub subscribable_topics: Vec<String>,
+
+    /// What clients may call, as `service.method` patterns, comma separated; either side may
+    /// be `*` (e.g. `orders.*,billing.invoice`). Empty: every method of every service but
+    /// the gateway's own.
+    #[arg(long, env = "NUROPB_CALLABLE", value_delimiter = ',')]
+    pub callable: Vec<String>,
+
+    /// Whether clients may call `nuropb_describe` (a service's methods, parameters and
+    /// public key); `false` refuses it for every service, whatever --callable allows.
+    #[arg(long, env = "NUROPB_CLIENT_DESCRIBE", action = ArgAction::Set, default_value_t = true)]
+    pub client_describe: bool,
 
     /// Topic patterns whose untargeted events go to every session, comma separated.
     #[arg(long, env = "NUROPB_BROADCAST_TOPICS", value_delimiter = ',')]
@@ -260,7 +272,19 @@ impl Cli {
     }
 
     /// Checks what clap cannot; every message names the option.
+    /// `--callable` parsed; an entry that is not `service.method` is refused by name.
+    pub fn callable_patterns(&self) -> Result<Vec<CallPattern>> {
+        self.callable
+            .iter()
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| {
+                CallPattern::parse(e.trim()).map_err(|why| anyhow::anyhow!("--callable: {why}"))
+            })
+            .collect()
+    }
+
     pub fn validate(&self) -> Result<()> {
+        self.callable_patterns()?;
         if self.ops_listen.is_some_and(|ops| ops == self.listen && ops.port() != 0) {
             bail!("--ops-listen must differ from --listen ({})", self.listen);
         }

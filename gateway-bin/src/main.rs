@@ -137,6 +137,9 @@ async fn run(cli: Cli) -> Result<()> {
             max_in_flight_bytes_total: cli.max_in_flight_bytes_total,
             // The gateway's own methods are for mesh peers, never for clients.
             reserved_services: vec![cli.service_name.clone()],
+            // Already checked by `validate`.
+            callable: cli.callable_patterns()?,
+            client_describe: cli.client_describe,
         },
         client_limits: ClientLimits {
             max_decoded_values: cli.max_decoded_values,

@@ -259,6 +259,8 @@ fn help_documents_every_option_with_its_environment_variable() {
         "NUROPB_MAX_IN_FLIGHT_BYTES",
         "NUROPB_MAX_IN_FLIGHT_BYTES_TOTAL",
         "NUROPB_OUTBOUND_QUEUE_BYTES",
+        "NUROPB_CALLABLE",
+        "NUROPB_CLIENT_DESCRIBE",
     ] {
         assert!(help.contains(env), "--help lacks {env}");
     }
@@ -279,6 +281,7 @@ fn invalid_config_exits_2_naming_the_option() {
         (vec!["--max-decoded-bytes", "10"], "--max-decoded-bytes"),
         (vec!["--max-in-flight-bytes", "1048576"], "--max-in-flight-bytes"),
         (vec!["--outbound-queue-bytes", "1048576"], "--outbound-queue-bytes must be at least"),
+        (vec!["--callable", "orders"], "--callable"),
         (
             vec!["--max-in-flight-bytes", "67108864", "--max-in-flight-bytes-total", "1024"],
             "--max-in-flight-bytes-total",

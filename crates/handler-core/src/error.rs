@@ -35,6 +35,10 @@ pub enum CoreError {
     /// The gateway's own service, for mesh peers only.
     #[error("service {0} cannot be called through the gateway")]
     Reserved(String),
+    /// A method outside the clients' allow-list (`MeshManagerConfig::callable`), or a
+    /// service's self-description when clients may not read it.
+    #[error("{service}.{method} may not be called by clients")]
+    NotCallable { service: String, method: String },
     /// The session's token expired and was not refreshed (as a close, 4003).
     #[error("token expired")]
     TokenExpired,
@@ -87,7 +91,7 @@ impl CoreError {
             | CoreError::GatewayBytesLimit(_)
             | CoreError::SlowClient => (n::OVERLOADED, self.to_string()),
             CoreError::ShuttingDown => (n::TRANSPORT, self.to_string()),
-            CoreError::Reserved(_) | CoreError::UnknownSession => {
+            CoreError::Reserved(_) | CoreError::NotCallable { .. } | CoreError::UnknownSession => {
                 (n::AUTHORIZATION, self.to_string())
             }
             CoreError::Kicked(_) => (n::AUTHORIZATION, self.to_string()),
@@ -125,6 +129,7 @@ impl CoreError {
             | CoreError::SessionBytesLimit(_)
             | CoreError::GatewayBytesLimit(_)
             | CoreError::Reserved(_)
+            | CoreError::NotCallable { .. }
             | CoreError::RefreshRefused(_)
             | CoreError::OtherUser
             | CoreError::UnknownSession
@@ -230,6 +235,12 @@ mod tests {
             CoreError::Reserved("gw".into()),
             n::AUTHORIZATION,
             "service gw cannot be called through the gateway",
+            None,
+        );
+        check(
+            CoreError::NotCallable { service: "orders".into(), method: "nuropb_describe".into() },
+            n::AUTHORIZATION,
+            "orders.nuropb_describe may not be called by clients",
             None,
         );
         check(

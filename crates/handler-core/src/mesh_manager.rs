@@ -44,6 +44,39 @@ pub struct MeshManagerConfig {
     /// Services clients may never call: the gateway's own NuroPb service name (its methods
     /// push to and disconnect users, for mesh peers only). Default: none.
     pub reserved_services: Vec<String>,
+    /// What clients may call, as `service.method` patterns where either side may be `*`
+    /// (`orders.*`, `*.echo`, `billing.invoice`). Empty (the default): every method of
+    /// every service but the reserved ones.
+    pub callable: Vec<CallPattern>,
+    /// Whether clients may call `nuropb_describe` (a service's description: its methods,
+    /// their parameters, its public key). Default: yes, as nuropb-gw allowed; when `false`
+    /// it is refused for every service, whatever `callable` says.
+    pub client_describe: bool,
+}
+
+/// One entry of [`MeshManagerConfig::callable`]: `service.method`, either side `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallPattern {
+    service: Option<String>,
+    method: Option<String>,
+}
+
+impl CallPattern {
+    /// Parses `service.method` (the first `.` separates them; `*` is any). Refuses an entry
+    /// without a `.` or with an empty side, naming it.
+    pub fn parse(entry: &str) -> Result<CallPattern, String> {
+        let (service, method) = entry
+            .split_once('.')
+            .filter(|(s, m)| !s.is_empty() && !m.is_empty())
+            .ok_or_else(|| format!("{entry:?} is not `service.method` (either may be `*`)"))?;
+        let side = |s: &str| (s != "*").then(|| s.to_owned());
+        Ok(CallPattern { service: side(service), method: side(method) })
+    }
+
+    fn matches(&self, service: &str, method: &str) -> bool {
+        self.service.as_deref().is_none_or(|s| s == service)
+            && self.method.as_deref().is_none_or(|m| m == method)
+    }
 }
 
 impl Default for MeshManagerConfig {
@@ -55,6 +88,8 @@ impl Default for MeshManagerConfig {
             max_in_flight_bytes_per_session: 64 << 20,
             max_in_flight_bytes_total: 1 << 30,
             reserved_services: Vec::new(),
+            callable: Vec::new(),
+            client_describe: true,
         }
     }
 }
@@ -275,6 +310,16 @@ impl ServiceMeshManager {
     ) -> Result<TraceId, CoreError> {
         if self.config.reserved_services.contains(&call.service) {
             return Err(CoreError::Reserved(call.service));
+        }
+        let describe = call.method == nuropb_wire::mesh::DESCRIBE_METHOD;
+        let allowed = if describe && !self.config.client_describe {
+            false
+        } else {
+            self.config.callable.is_empty()
+                || self.config.callable.iter().any(|p| p.matches(&call.service, &call.method))
+        };
+        if !allowed {
+            return Err(CoreError::NotCallable { service: call.service, method: call.method });
         }
         // The call's params stay decoded until the mesh adapter encodes them; they are what a
         // call holds in flight. Names and the context are bounded by small fixed limits.
@@ -652,6 +697,55 @@ mod tests {
             "clients see an authorization error"
         );
         assert!(m.command(&a, &identity(), c, Encoding::Json).is_err());
+        assert_eq!(m.in_flight(), 0);
+    }
+
+    #[test]
+    fn call_patterns_parse_and_match() {
+        let p = |s| CallPattern::parse(s).unwrap();
+        let cases = [
+            ("orders.*", "orders", "list", true),
+            ("orders.*", "billing", "list", false),
+            ("*.echo", "any", "echo", true),
+            ("*.echo", "any", "add", false),
+            ("billing.invoice", "billing", "invoice", true),
+            ("billing.invoice", "billing", "refund", false),
+            ("*.*", "x", "y", true),
+        ];
+        for (pattern, service, method, expected) in cases {
+            assert_eq!(
+                p(pattern).matches(service, method),
+                expected,
+                "{pattern} {service}.{method}"
+            );
+        }
+        for bad in ["orders", ".x", "x.", ""] {
+            assert!(CallPattern::parse(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_outside_the_allow_list_and_refused_describes_never_reach_the_mesh() {
+        let config = MeshManagerConfig {
+            callable: vec![CallPattern::parse("svc.*").unwrap()],
+            client_describe: false,
+            ..Default::default()
+        };
+        let m = manager(MockServiceMesh::new(), config); // no expectations: a call panics
+        let reg = registry();
+        let (a, _rx) = session(&reg, "a");
+        let mut other = call(None);
+        other.service = "other".into();
+        let e = m.request(&a, &identity(), other.clone(), Encoding::Json).unwrap_err();
+        assert_eq!(e.to_error_object().error, error_name::AUTHORIZATION);
+        assert!(m.command(&a, &identity(), other, Encoding::Json).is_err());
+        let mut describe = call(None);
+        describe.service = "svc".into();
+        describe.method = nuropb_wire::mesh::DESCRIBE_METHOD.into();
+        assert_eq!(
+            m.request(&a, &identity(), describe, Encoding::Json),
+            Err(CoreError::NotCallable { service: "svc".into(), method: "nuropb_describe".into() })
+        );
         assert_eq!(m.in_flight(), 0);
     }
 
