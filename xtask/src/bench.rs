@@ -31,8 +31,11 @@ pub fn run(root: &Path) -> Result<()> {
     broker::ensure_running()?;
     // Built first, so that the run's deadline does not include compiling.
     for what in [BENCH, GATEWAY] {
-        let status =
-            broker::status_bounded(crate::cargo().arg("build").args(what), BUILD_TIMEOUT, None)?;
+        let status = broker::status_bounded(
+            crate::cmd::cargo().arg("build").args(what),
+            BUILD_TIMEOUT,
+            None,
+        )?;
         if !status.success() {
             bail!("building {} failed with {status}", what[5]);
         }
@@ -44,7 +47,7 @@ pub fn run(root: &Path) -> Result<()> {
     let vhost = TempVhost::create("bench")?;
     // `cargo run` execs the binary on Unix, so a signal at the deadline reaches the benchmark.
     let status = broker::status_bounded(
-        crate::cargo()
+        crate::cmd::cargo()
             .arg("run")
             .args(BENCH)
             .env(AMQP_URL_ENV, vhost.amqp_url())

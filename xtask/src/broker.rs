@@ -166,7 +166,7 @@ pub fn random_hex(bytes: usize) -> Result<String> {
 
 /// Runs `cmd` with captured output; kills it and fails if it runs longer than `timeout`.
 pub fn output_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output> {
-    let shown = crate::display(cmd);
+    let shown = crate::cmd::display(cmd);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -199,7 +199,7 @@ pub fn status_bounded(
     timeout: Duration,
     interrupt_grace: Option<Duration>,
 ) -> Result<ExitStatus> {
-    let shown = crate::display(cmd);
+    let shown = crate::cmd::display(cmd);
     eprintln!("$ {shown}");
     let mut child = cmd.spawn().with_context(|| format!("cannot start `{shown}`"))?;
     wait_bounded(&mut child, timeout, &shown, interrupt_grace)

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::{cargo, run as run_cmd};
+use crate::cmd::{cargo, run as run_cmd};
 
 /// Every gate, in order of cost.
 pub fn run(root: &Path) -> Result<()> {

@@ -49,7 +49,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             .current_dir(root)
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?);
-        eprintln!("$ {} (output in {})", crate::display(&cmd), log.display());
+        eprintln!("$ {} (output in {})", crate::cmd::display(&cmd), log.display());
         let status = cmd.status().context("cannot start cargo-fuzz")?;
         let output = fs::read_to_string(&log).unwrap_or_default();
         let done = output.lines().rev().find(|l| l.starts_with("Done ")).unwrap_or("no summary");
@@ -98,8 +98,8 @@ fn ensure_cargo_fuzz(root: &Path) -> Result<PathBuf> {
     let tools = root.join("target/tools");
     let bin = tools.join("bin/cargo-fuzz");
     if !bin.is_file() {
-        crate::run(
-            crate::cargo().args(["install", "cargo-fuzz", "--locked", "--root"]).arg(&tools),
+        crate::cmd::run(
+            crate::cmd::cargo().args(["install", "cargo-fuzz", "--locked", "--root"]).arg(&tools),
         )?;
     }
     Ok(bin)

@@ -106,7 +106,7 @@ fn target_dir(root: &Path) -> PathBuf {
 
 fn build_gateway(target: &Path) -> Result<PathBuf> {
     let status = broker::status_bounded(
-        crate::cargo().args(["build", "-p", "nuropb-gateway", "--bin", "nuropb-gateway"]),
+        crate::cmd::cargo().args(["build", "-p", "nuropb-gateway", "--bin", "nuropb-gateway"]),
         BUILD_TIMEOUT,
         None,
     )?;

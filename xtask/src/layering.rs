@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::cargo;
+use crate::cmd::cargo;
 
 /// (crate, dependency it must never have, directly or transitively, as a normal dependency).
 pub const FORBIDDEN: &[(&str, &str)] = &[

@@ -5,20 +5,18 @@
 mod bench;
 mod broker;
 mod ci;
+mod cmd;
 mod fuzz;
 mod interop;
 mod layering;
 #[cfg(test)]
 mod tidy;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use anyhow::{Context, Result, bail};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let root = project_root();
+    let root = cmd::project_root();
     std::env::set_current_dir(&root).context("cannot enter the project root")?;
     match args.first().map(String::as_str) {
         Some("ci") => ci::run(&root),
@@ -54,35 +52,4 @@ fn print_help() {
          bench        benchmarks with a printed table\n\
          fuzz         cargo-fuzz targets, bounded: [--seconds N (default 10)] [target ...]"
     );
-}
-
-/// The workspace root (the parent of `xtask/`).
-fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-/// Runs a command, echoing it, and fails if it fails.
-fn run(cmd: &mut Command) -> Result<()> {
-    eprintln!("$ {}", display(cmd));
-    let status = cmd.status().with_context(|| format!("cannot start {}", display(cmd)))?;
-    if !status.success() {
-        bail!("`{}` failed with {status}", display(cmd));
-    }
-    Ok(())
-}
-
-fn display(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&a.to_string_lossy());
-    }
-    s
-}
-
-fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
 }

@@ -9,7 +9,7 @@ use std::process::Command;
 /// Every file of the checkout that git would commit: tracked, plus untracked but not
 /// ignored (so a new file is checked before it is added).
 fn repository_files() -> Vec<PathBuf> {
-    let root = crate::project_root();
+    let root = crate::cmd::project_root();
     let out = Command::new("git")
         .args(["ls-files", "-z", "--cached", "--others", "--exclude-standard"])
         .current_dir(&root)
@@ -49,7 +49,7 @@ fn no_file_refers_outside_the_repository() {
 /// The captured vectors the golden and crypto tests read are part of the repository.
 #[test]
 fn the_spec_and_its_vectors_are_in_the_repository() {
-    let root = crate::project_root();
+    let root = crate::cmd::project_root();
     for file in [
         "docs/NUROPB-WIRE.md",
         "spec/vectors/vectors.json",
