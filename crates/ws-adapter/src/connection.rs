@@ -34,11 +34,13 @@ use crate::upgrade::check_upgrade;
 /// Why a connection task exists. The permit is never read: the slot is freed when it drops,
 /// at the end of the task.
 pub(crate) enum Admission {
-    /// A connection slot (`max_connections`): a session if the upgrade checks pass.
-    Session { _permit: OwnedSemaphorePermit },
+    /// A connection slot (`max_connections`): a session if the upgrade checks pass, with
+    /// the upgrade done by `deadline` (the accept plus `handshake_timeout`: reading the
+    /// head and answering it share one budget).
+    Session { _permit: OwnedSemaphorePermit, deadline: Instant },
     /// Over `max_connections`, a refusal slot (`max_refusals_in_flight`): the client is told
-    /// 503 within `refusal_handshake_timeout`.
-    Refusal { _permit: OwnedSemaphorePermit },
+    /// 503 by `deadline` (the accept plus `refusal_handshake_timeout`).
+    Refusal { _permit: OwnedSemaphorePermit, deadline: Instant },
 }
 
 /// The core's handle on one connection: a queue bounded in frames and in bytes, a close
@@ -193,9 +195,9 @@ pub(crate) async fn run<S>(
 {
     // `admission` (and its permit) is held until this function returns.
     let mut identity = None;
-    let (have_capacity, handshake_timeout) = match &admission {
-        Admission::Session { .. } => (true, config.handshake_timeout),
-        Admission::Refusal { .. } => (false, config.refusal_handshake_timeout),
+    let (have_capacity, deadline) = match &admission {
+        Admission::Session { deadline, .. } => (true, *deadline),
+        Admission::Refusal { deadline, .. } => (false, *deadline),
     };
     let callback = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
         let id = check_upgrade(
@@ -214,7 +216,7 @@ pub(crate) async fn run<S>(
         callback,
         Some(config.tungstenite()),
     );
-    let ws = match tokio::time::timeout(handshake_timeout, handshake).await {
+    let ws = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "handshake failed");

@@ -177,10 +177,11 @@ impl Accepted {
         sessions: Arc<Semaphore>,
     ) {
         let timeout = self.config.handshake_timeout;
+        let deadline = Instant::now() + timeout;
         let Some(head) = self.checked_head(timeout).await else { return };
         drop(handshake);
         let admission = match sessions.try_acquire_owned() {
-            Ok(permit) => Admission::Session { _permit: permit },
+            Ok(permit) => Admission::Session { _permit: permit, deadline },
             Err(_) => {
                 // Taken between the check at accept and now; this task answers it itself.
                 self.stats.connection_refused();
@@ -201,7 +202,7 @@ impl Accepted {
         match refuse {
             Refuse::Capacity => {
                 // The upgrade checks say 503 (and why) as they always have.
-                let admission = Admission::Refusal { _permit: permit };
+                let admission = Admission::Refusal { _permit: permit, deadline: started + timeout };
                 let stream = Prefixed::new(head, self.stream);
                 connection::run(stream, admission, self.config, self.coordinator, self.stats).await;
             }

@@ -99,7 +99,10 @@ impl Gateway {
         let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
         let server = tokio::spawn(run(
             server_io,
-            Admission::Session { _permit: permit },
+            Admission::Session {
+                _permit: permit,
+                deadline: tokio::time::Instant::now() + Duration::from_secs(10),
+            },
             Arc::clone(&self.config),
             self.coordinator.clone(),
             WsStatsHandle::new(),
@@ -333,4 +336,26 @@ async fn a_client_that_stops_reading_is_dropped_after_one_write_timeout_not_two(
     (&mut s.server).await.unwrap();
     let gone = t0.elapsed();
     assert!(gone >= Duration::from_secs(10) && gone < Duration::from_secs(11), "{gone:?}");
+}
+
+/// The upgrade shares one budget with reading the head: a connection whose deadline has
+/// passed (its head took the whole `handshake_timeout`) gets no second timeout of its own.
+#[tokio::test(start_paused = true)]
+async fn an_upgrade_past_its_deadline_is_dropped_not_given_a_second_timeout() {
+    let gateway = Gateway::start(WsConfig::default());
+    // A client that sends nothing: the handshake can only end by the deadline.
+    let (_client_io, server_io) = tokio::io::duplex(4096);
+    let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(1);
+    run(
+        server_io,
+        Admission::Session { _permit: permit, deadline },
+        Arc::clone(&gateway.config),
+        gateway.coordinator.clone(),
+        WsStatsHandle::new(),
+    )
+    .await;
+    // Ended at its deadline, not after `handshake_timeout` (10 s) more.
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
 }
