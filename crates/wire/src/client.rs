@@ -183,12 +183,9 @@ pub fn decode_client_message(
             match decoded {
                 Ok(v) => v,
                 Err(e) => {
-                    return Err(refusal(budget.violation, limits, || {
-                        scan_trace_id(&mut serde_json::Deserializer::from_slice(bytes))
-                    })
-                    .unwrap_or_else(|| {
-                        ClientFrameError::new(Decode, format!("frame is not valid JSON: {e}"))
-                    }));
+                    return Err(refusal(budget.violation, limits, bytes, encoding).unwrap_or_else(
+                        || ClientFrameError::new(Decode, format!("frame is not valid JSON: {e}")),
+                    ));
                 }
             }
         }
@@ -201,15 +198,14 @@ pub fn decode_client_message(
                 Ok(v) => v,
                 Err(rmp_serde::decode::Error::DepthLimitExceeded) => return Err(too_deep()),
                 Err(e) => {
-                    return Err(refusal(budget.violation, limits, || {
-                        scan_trace_id(&mut msgpack_scanner(bytes))
-                    })
-                    .unwrap_or_else(|| {
-                        ClientFrameError::new(
-                            Decode,
-                            format!("frame is not valid MessagePack: {e}"),
-                        )
-                    }));
+                    return Err(refusal(budget.violation, limits, bytes, encoding).unwrap_or_else(
+                        || {
+                            ClientFrameError::new(
+                                Decode,
+                                format!("frame is not valid MessagePack: {e}"),
+                            )
+                        },
+                    ));
                 }
             };
             let trailing = (bytes.len() as u64).saturating_sub(de.position());
@@ -225,12 +221,13 @@ pub fn decode_client_message(
     validate_client_value(value, limits)
 }
 
-/// The error for a frame the decoding visitor refused (`None`: the bytes themselves were bad).
-/// `trace_id` reads the frame's trace id without building it; it runs only for refusals.
+/// The error for a frame the decoding visitor refused (`None`: the bytes themselves were bad),
+/// with the frame's trace id read by [`peek_trace_id`] (only for refusals).
 fn refusal(
     violation: Option<Violation>,
     limits: &ClientLimits,
-    trace_id: impl FnOnce() -> Option<String>,
+    bytes: &[u8],
+    encoding: Encoding,
 ) -> Option<ClientFrameError> {
     use FrameErrorKind::{Invalid, TooLarge};
     let located = |mut path: Vec<Segment>| {
@@ -258,7 +255,7 @@ fn refusal(
             format!("{} is not a finite number (NaN and Infinity are refused)", located(path)),
         ),
     };
-    error.trace_id = trace_id().filter(|t| !t.is_empty() && t.len() <= limits.max_trace_id_len);
+    error.trace_id = peek_trace_id(bytes, encoding, limits);
     Some(error)
 }
 
@@ -405,7 +402,7 @@ pub fn peek_trace_id(bytes: &[u8], encoding: Encoding, limits: &ClientLimits) ->
         Encoding::Json => scan_trace_id(&mut serde_json::Deserializer::from_slice(bytes)),
         Encoding::MessagePack => scan_trace_id(&mut msgpack_scanner(bytes)),
     };
-    found.filter(|t| !t.is_empty() && t.len() <= limits.max_trace_id_len)
+    found.filter(|t| usable(t, limits))
 }
 
 /// A MessagePack reader for the trace-id scan, depth-capped like the decoder: the scan
@@ -418,9 +415,14 @@ fn msgpack_scanner(
     de
 }
 
+/// Whether a trace id read from a refused frame may be echoed in the refusal.
+fn usable(trace_id: &str, limits: &ClientLimits) -> bool {
+    !trace_id.is_empty() && trace_id.len() <= limits.max_trace_id_len
+}
+
 fn usable_trace_id(frame: &Value, limits: &ClientLimits) -> Option<String> {
     match frame.get("payload")?.get("trace_id")? {
-        Value::String(s) if !s.is_empty() && s.len() <= limits.max_trace_id_len => Some(s.clone()),
+        Value::String(s) if usable(s, limits) => Some(s.clone()),
         _ => None,
     }
 }
