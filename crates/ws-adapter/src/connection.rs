@@ -29,6 +29,7 @@ use nuropb_wire::mesh::error_name;
 use crate::config::WsConfig;
 use crate::read_error::close_after_read_error;
 use crate::stats::WsStatsHandle;
+use crate::token_bucket::TokenBucket;
 use crate::upgrade::check_upgrade;
 
 /// Why a connection task exists. The permit is never read: the slot is freed when it drops,
@@ -145,38 +146,6 @@ impl ClientConnection for WsHandle {
 
     fn close(&self, reason: CloseReason) {
         self.shared.close.fire(reason);
-    }
-}
-
-/// A per-connection token bucket for client frames.
-struct RateLimiter {
-    tokens: f64,
-    burst: f64,
-    per_second: f64,
-    last: Instant,
-}
-
-impl RateLimiter {
-    fn new(per_second: u32, burst: u32) -> Self {
-        RateLimiter {
-            tokens: f64::from(burst),
-            burst: f64::from(burst),
-            per_second: f64::from(per_second),
-            last: Instant::now(),
-        }
-    }
-
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
     }
 }
 
@@ -334,7 +303,8 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
     // Invariant: `None` whenever the loop waits in its `select!`; only an interrupted write
     // leaves a message here, and the close that follows sends it first.
     let mut pending: Option<Message> = None;
-    let mut limiter = RateLimiter::new(config.rate_per_second, config.rate_burst);
+    // The client's frames, pings included.
+    let mut limiter = TokenBucket::new(config.rate_per_second, config.rate_burst, Instant::now());
     let mut protocol_errors: u32 = 0;
     let mut last_seen = Instant::now();
     let mut ping = tokio::time::interval(config.ping_interval);
@@ -407,7 +377,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     // Pings are answered by tungstenite, but take a rate token like any frame
                     // (a ping flood leaves no room for data); pongs only refresh `last_seen`.
-                    Message::Ping(_) => { let _ = limiter.allow(); continue }
+                    Message::Ping(_) => { let _ = limiter.take(Instant::now()); continue }
                     Message::Pong(_) | Message::Frame(_) => continue,
                 };
                 outgoing.prefer(encoding);
@@ -416,7 +386,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 if close.fired.is_cancelled() {
                     continue;
                 }
-                let accepted = if limiter.allow() {
+                let accepted = if limiter.take(Instant::now()) {
                     coordinator.on_frame(session_id, bytes, encoding)
                 } else {
                     let frame = ServerFrame::Error(ErrorFrame {

@@ -16,6 +16,7 @@ mod origin;
 mod peer_limits;
 mod read_error;
 mod stats;
+mod token_bucket;
 mod upgrade;
 
 use std::future::Future;

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::time::Instant;
 
+use crate::token_bucket::TokenBucket;
+
 /// The limits, from [`WsConfig`](crate::config::WsConfig).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PeerLimitsConfig {
@@ -34,19 +36,8 @@ pub(crate) struct PeerLimits {
 
 struct PeerState {
     live: usize,
-    tokens: f64,
-    refilled: Instant,
-}
-
-impl PeerState {
-    /// Refills the bucket to `now`; true when it is full (the address is idle).
-    fn refill(&mut self, now: Instant, config: &PeerLimitsConfig) -> bool {
-        let burst = f64::from(config.connect_burst_per_ip);
-        let elapsed = now.duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * f64::from(config.connect_rate_per_ip)).min(burst);
-        self.refilled = now;
-        self.tokens >= burst
-    }
+    /// Connection attempts.
+    attempts: TokenBucket,
 }
 
 /// A live connection of one address; the count drops with it.
@@ -88,21 +79,22 @@ impl PeerLimits {
         let config = self.config;
         let mut table = self.lock();
         if !table.contains_key(&key) && table.len() >= config.max_tracked {
-            table.retain(|_, s| s.live > 0 || !s.refill(now, &config));
+            table.retain(|_, s| s.live > 0 || !s.attempts.refill(now));
             if table.len() >= config.max_tracked {
                 return Ok(None);
             }
         }
         let state = table.entry(key).or_insert_with(|| PeerState {
             live: 0,
-            tokens: f64::from(config.connect_burst_per_ip),
-            refilled: now,
+            attempts: TokenBucket::new(
+                config.connect_rate_per_ip,
+                config.connect_burst_per_ip,
+                now,
+            ),
         });
-        state.refill(now, &config);
-        if state.tokens < 1.0 {
+        if !state.attempts.take(now) {
             return Err(PeerRefusal::TooManyAttempts);
         }
-        state.tokens -= 1.0;
         if state.live >= config.max_connections_per_ip {
             return Err(PeerRefusal::TooManyConnections);
         }
