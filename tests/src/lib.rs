@@ -7,6 +7,9 @@
     reason = "test helpers: a failure is a failed test"
 )]
 
+pub mod process;
+pub mod sys;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;

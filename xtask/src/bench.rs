@@ -15,7 +15,7 @@ use crate::broker::{self, TempVhost};
 /// Where the benchmark binary finds the broker.
 const AMQP_URL_ENV: &str = "NUROPB_BENCH_AMQP_URL";
 /// Where it finds the gateway binary it measures.
-const GATEWAY_BIN_ENV: &str = "NUROPB_BENCH_GATEWAY_BIN";
+const GATEWAY_BIN_ENV: &str = "NUROPB_GATEWAY_BIN";
 /// Building the benchmark and its dependencies in release mode from scratch on 2 cores.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 /// The whole run; every scenario stops at its own 30 s deadlines, so this is only a backstop.

@@ -24,21 +24,18 @@
 mod ceiling;
 #[path = "bench/fanout.rs"]
 mod fanout;
-#[path = "bench/gateway.rs"]
-mod gateway;
 #[path = "bench/idle.rs"]
 mod idle;
 #[path = "bench/load.rs"]
 mod load;
-#[path = "bench/sys.rs"]
-mod sys;
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use gateway::{GatewayProcess, Mesh};
+use e2e_tests::process::{GatewayProcess, Mesh};
+use e2e_tests::sys;
 use load::{Outcome, Window};
 use nuropb_testkit::{FakeService, ServiceOptions};
 

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use super::gateway::GatewayProcess;
 use super::load::{self, Outcome, Window, Ws};
-use super::sys;
+use e2e_tests::process::GatewayProcess;
+use e2e_tests::sys;
 
 pub struct IdleLevel {
     pub connections: usize,

@@ -1,0 +1,154 @@
+//! The gateway under test as a process of its own: the real `nuropb-gateway` binary, started
+//! in its own process group so its CPU time and memory are its own, and stopped by PID
+//! (SIGTERM, then SIGKILL after a grace period). Used by the benchmark, and by the suites that
+//! measure the gateway from outside (RSS, signals, a broker that goes away).
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::SECRET;
+
+/// Where `cargo xtask` puts the path of the gateway binary it built.
+pub const GATEWAY_BIN_ENV: &str = "NUROPB_GATEWAY_BIN";
+const START_WAIT: Duration = Duration::from_secs(20);
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+pub struct GatewayProcess {
+    child: Child,
+    pub pid: u32,
+    /// `ws://127.0.0.1:<port>/ws`
+    pub url: String,
+    /// `127.0.0.1:<port>` of the WebSocket listener.
+    pub addr: String,
+}
+
+/// The mesh behind the gateway.
+pub enum Mesh<'a> {
+    /// RabbitMQ at this URL; the gateway takes `service_name` as its own NuroPb name.
+    Amqp { url: &'a str, service_name: &'a str },
+    /// The embedded in-memory mesh with its `demo` service.
+    InMemory,
+}
+
+fn binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os(GATEWAY_BIN_ENV) {
+        return PathBuf::from(bin);
+    }
+    // Run by hand without `cargo xtask`: whichever build of the binary exists.
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+    let release = target.join("release/nuropb-gateway");
+    if release.exists() { release } else { target.join("debug/nuropb-gateway") }
+}
+
+/// The benchmark's limits: abuse limits out of the way (rate, per user, per address), room
+/// for 19k connections and 64 requests in flight each, every broadcast under `bench.#`
+/// delivered to every session, idle connections held for the whole scenario.
+#[rustfmt::skip]
+pub fn bench_args() -> Vec<String> {
+    [
+        "--rate-per-second", "1000000", "--rate-burst", "1000000",
+        "--max-connections", "19500", "--max-in-flight", "64",
+        // Every client is one user on one address: the per-user and per-address
+        // limits would refuse the benchmark's own connections.
+        "--max-sessions-per-user", "20000", "--max-connections-per-ip", "20000",
+        "--connect-rate-per-ip", "1000000", "--connect-burst-per-ip", "1000000",
+        "--max-in-flight-total", "100000", "--outbound-queue", "256",
+        "--request-timeout-ms", "10000", "--log", "warn,lapin=off",
+        "--broadcast-topics", "bench.#", "--event-bindings", "bench.#",
+        "--idle-timeout-secs", "600", "--ping-interval-secs", "300",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+
+impl GatewayProcess {
+    /// Starts the gateway on a free loopback port with the benchmark's limits ([`bench_args`]).
+    pub fn start(mesh: Mesh<'_>) -> GatewayProcess {
+        GatewayProcess::start_with(mesh, &bench_args())
+    }
+
+    /// Starts the gateway on a free loopback port with a test secret (HS256, [`SECRET`]) and
+    /// `args` (flags as the binary takes them); the binary's defaults for everything else.
+    pub fn start_with(mesh: Mesh<'_>, args: &[String]) -> GatewayProcess {
+        let bin = binary();
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--listen", "127.0.0.1:0", "--jwt-secret", SECRET, "--jwt-algorithm", "hs256"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0);
+        if let Mesh::Amqp { url, service_name } = mesh {
+            cmd.args(["--amqp-url", url, "--service-name", service_name]);
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e} (`cargo xtask` builds it; {GATEWAY_BIN_ENV})",
+                bin.display()
+            )
+        });
+        let pid = child.id();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        // Reads stdout to its end, so the gateway never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("nuropb-gateway listening on ws://") {
+                    let _ = tx.send(rest.trim_end_matches('/').to_owned());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(START_WAIT) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the gateway did not say where it listens within {START_WAIT:?}");
+            }
+        };
+        GatewayProcess { child, pid, url: format!("ws://{addr}/ws"), addr }
+    }
+
+    /// Stops the gateway (SIGTERM, SIGKILL after a grace period) and waits for it.
+    pub fn stop(mut self) {
+        self.stop_now();
+    }
+
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Resident memory of the gateway in bytes, `None` once it is gone.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        crate::sys::rss_bytes(self.pid)
+    }
+
+    fn stop_now(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status();
+        let deadline = std::time::Instant::now() + STOP_GRACE;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("the gateway did not stop within {STOP_GRACE:?}; killing it");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A benchmark that panics must not leave the gateway running.
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
