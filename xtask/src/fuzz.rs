@@ -1,5 +1,6 @@
-//! `cargo xtask fuzz [--seconds N] [target …]`: runs each cargo-fuzz target in `fuzz/` for a
-//! bounded time (default 10 s each), niced, from a seed corpus made of the captured vectors
+//! `cargo xtask fuzz [--seconds N] [--runs N] [target …]`: runs each cargo-fuzz target in
+//! `fuzz/` for a bounded time (default 10 s each; `--runs` stops a target earlier, after that
+//! many executions), niced, from a seed corpus made of the captured vectors
 //! (`spec/vectors/`), and prints each target's executions. cargo-fuzz is installed into
 //! `target/tools/` when missing, and `RUSTC_BOOTSTRAP=1` lets the stable toolchain accept the
 //! nightly flags it passes, so a fresh machine needs nothing by hand. Not part of `ci`:
@@ -13,11 +14,11 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 /// Every target in `fuzz/Cargo.toml`.
-const TARGETS: [&str; 3] = ["client_json", "client_msgpack", "mesh_body"];
+const TARGETS: [&str; 4] = ["client_json", "client_msgpack", "mesh_body", "upgrade"];
 const DEFAULT_SECONDS: u64 = 10;
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
-    let (seconds, targets) = parse_args(args)?;
+    let Args { seconds, runs, targets } = parse_args(args)?;
     let cargo_fuzz = ensure_cargo_fuzz(root)?;
     let work = root.join("target/fuzz");
     let seeds = seeds(root)?;
@@ -41,6 +42,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             .arg(&corpus)
             .arg("--")
             .arg(format!("-max_total_time={seconds}"))
+            .args(runs.map(|n| format!("-runs={n}")))
             .arg(format!("-artifact_prefix={}/", artifacts.display()))
             // Frames are at most 1 MiB; short inputs find more per second.
             .arg("-max_len=65536")
@@ -70,27 +72,38 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn parse_args(args: &[String]) -> Result<(u64, Vec<String>)> {
+/// What `cargo xtask fuzz` was asked for.
+struct Args {
+    /// Each target runs at most this long.
+    seconds: u64,
+    /// And stops after this many executions, when given.
+    runs: Option<u64>,
+    targets: Vec<String>,
+}
+
+fn parse_args(args: &[String]) -> Result<Args> {
     let mut seconds = DEFAULT_SECONDS;
+    let mut runs = None;
     let mut targets = Vec::new();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
-        if arg == "--seconds" {
-            let value = args.next().context("--seconds needs a number")?;
-            seconds = value.parse().with_context(|| format!("--seconds: not a number: {value}"))?;
+        if arg == "--seconds" || arg == "--runs" {
+            let value = args.next().with_context(|| format!("{arg} needs a number"))?;
+            let n: u64 = value.parse().with_context(|| format!("{arg}: not a number: {value}"))?;
+            if n == 0 {
+                bail!("{arg} must be greater than 0");
+            }
+            if arg == "--seconds" { seconds = n } else { runs = Some(n) }
         } else if TARGETS.contains(&arg.as_str()) {
             targets.push(arg.clone());
         } else {
             bail!("unknown fuzz argument {arg:?}; targets: {}", TARGETS.join(", "));
         }
     }
-    if seconds == 0 {
-        bail!("--seconds must be greater than 0");
-    }
     if targets.is_empty() {
         targets = TARGETS.iter().map(|t| (*t).to_owned()).collect();
     }
-    Ok((seconds, targets))
+    Ok(Args { seconds, runs, targets })
 }
 
 /// `target/tools/bin/cargo-fuzz`, installed from crates.io when missing.
@@ -113,6 +126,8 @@ struct Seeds {
     client_msgpack: Vec<Vec<u8>>,
     /// Mesh message bodies, as published on RabbitMQ.
     mesh_bodies: Vec<Vec<u8>>,
+    /// Upgrade requests with the captured clients' headers and origins.
+    upgrade_heads: Vec<Vec<u8>>,
 }
 
 impl Seeds {
@@ -120,6 +135,7 @@ impl Seeds {
         match target {
             "client_json" => &self.client_frames,
             "client_msgpack" => &self.client_msgpack,
+            "upgrade" => &self.upgrade_heads,
             _ => &self.mesh_bodies,
         }
     }
@@ -130,8 +146,12 @@ fn seeds(root: &Path) -> Result<Seeds> {
         .context("cannot read spec/vectors/ws_transcript.jsonl")?;
     let mut client_frames = Vec::new();
     let mut client_msgpack = Vec::new();
+    let mut upgrade_heads = Vec::new();
     for line in transcript.lines() {
         let Ok(entry) = serde_json::from_str::<Value>(line) else { continue };
+        if entry["text"] == "connect" {
+            upgrade_heads.push(upgrade_head(&entry));
+        }
         if entry["dir"] != "send" {
             continue;
         }
@@ -153,8 +173,26 @@ fn seeds(root: &Path) -> Result<Seeds> {
         .filter_map(|m| m["body"].as_str())
         .map(|b| b.as_bytes().to_vec())
         .collect();
-    if client_frames.is_empty() {
-        bail!("no client frames in spec/vectors/ws_transcript.jsonl");
+    if client_frames.is_empty() || upgrade_heads.is_empty() {
+        bail!("no client frames or connects in spec/vectors/ws_transcript.jsonl");
     }
-    Ok(Seeds { client_frames, client_msgpack, mesh_bodies })
+    Ok(Seeds { client_frames, client_msgpack, mesh_bodies, upgrade_heads })
+}
+
+/// The upgrade request of a captured `connect`: its headers and origin, with a query token
+/// and a cookie as browsers send them.
+fn upgrade_head(connect: &Value) -> Vec<u8> {
+    let mut head = String::from(
+        "GET /ws?token=tok-query HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\nCookie: theme=dark; Authorization=Bearer%20tok-cookie\r\n",
+    );
+    for (name, value) in connect["headers"].as_object().into_iter().flatten() {
+        head.push_str(&format!("{name}: {}\r\n", value.as_str().unwrap_or_default()));
+    }
+    if let Some(origin) = connect["origin"].as_str() {
+        head.push_str(&format!("Origin: {origin}\r\n"));
+    }
+    head.push_str("\r\n");
+    head.into_bytes()
 }

@@ -50,6 +50,6 @@ fn print_help() {
          integration  tests against RabbitMQ on 127.0.0.1:5672 (started if absent)\n\
          interop      real Python nuropb 0.1.8 services against the gateway binary\n\
          bench        benchmarks with a printed table\n\
-         fuzz         cargo-fuzz targets, bounded: [--seconds N (default 10)] [target ...]"
+         fuzz         cargo-fuzz targets, bounded: [--seconds N (default 10)] [--runs N] [target ...]"
     );
 }

@@ -99,31 +99,41 @@ pub(crate) fn check_head(head: &[u8]) -> Result<(), BadHandshake> {
     if request.version != Some(1) {
         return Err(BadHandshake::bad_request("a WebSocket upgrade needs HTTP/1.1"));
     }
-    let header = |name: &'static str| {
-        request
-            .headers
-            .iter()
-            .filter(move |h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| std::str::from_utf8(h.value).unwrap_or(""))
+    // The target as tungstenite will parse it (`http::Uri`): httparse takes any visible
+    // characters (`+ws`), and a target tungstenite then refuses would get no answer.
+    if request.path.is_none_or(|p| http::Uri::try_from(p).is_err()) {
+        return Err(BadHandshake::bad_request("invalid request target"));
+    }
+    // As strict as tungstenite, which answers the upgrade after us: it reads the first field
+    // of each name only and, like `HeaderValue::to_str`, visible ASCII only. A head it would
+    // refuse must be refused here, where the refusal gets its HTTP answer.
+    let all = |name: &'static str| {
+        request.headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
     };
-    let has_token = |name: &'static str, token: &str| {
-        header(name).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    if !has_token("upgrade", "websocket") {
+    let first = |name: &'static str| all(name).next().and_then(visible_ascii);
+    if !first("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
         return Err(BadHandshake::bad_request("missing `Upgrade: websocket`"));
     }
-    if !has_token("connection", "upgrade") {
+    let connection_upgrade =
+        |v: &str| v.split([' ', ',']).any(|t| t.eq_ignore_ascii_case("upgrade"));
+    if !first("connection").is_some_and(connection_upgrade) {
         return Err(BadHandshake::bad_request("missing `Connection: Upgrade`"));
     }
-    let keys: Vec<&str> = header("sec-websocket-key").collect();
-    if keys.len() != 1 || !is_websocket_key(keys[0].trim()) {
+    let keys: Vec<Option<&str>> = all("sec-websocket-key").map(visible_ascii).collect();
+    if !matches!(keys.as_slice(), [Some(key)] if is_websocket_key(key)) {
         return Err(BadHandshake::bad_request("missing or invalid `Sec-WebSocket-Key`"));
     }
-    let versions: Vec<&str> = header("sec-websocket-version").collect();
-    if versions.len() != 1 || versions[0].trim() != "13" {
+    let versions: Vec<&[u8]> = all("sec-websocket-version").collect();
+    if versions != [b"13"] {
         return Err(BadHandshake { status: 426, reason: "unsupported WebSocket version" });
     }
     Ok(())
+}
+
+/// The value as `http::HeaderValue::to_str` reads it: tab and visible ASCII, else `None`.
+fn visible_ascii(value: &[u8]) -> Option<&str> {
+    let visible = value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+    if visible { std::str::from_utf8(value).ok() } else { None }
 }
 
 /// 16 bytes in base64: 22 characters of the alphabet and `==`.
@@ -286,6 +296,15 @@ mod tests {
         check(get, |h| drop(h.remove(3)), Err(426));
         check(get, |h| h.extend((0..MAX_HEADERS).map(|i| format!("X-{i}: y"))), Err(431));
         check("HELLO", |_| {}, Err(400));
+        // Found by the `upgrade` fuzz target: httparse takes it, `http::Uri` does not.
+        check("GET +ws?token=t HTTP/1.1", |_| {}, Err(400));
+        check("GET http://gw/ws HTTP/1.1", |_| {}, Ok(()));
+        // tungstenite reads the first field of a name only, and visible ASCII only.
+        check(get, |h| h.insert(0, "Upgrade: h2c".into()), Err(400));
+        check(get, |h| h[0] = "Upgrade: websocket, h2c".into(), Err(400));
+        check(get, |h| h.insert(0, "Connection: keep-alive".into()), Err(400));
+        check(get, |h| h[1] = "Connection: Upgrade, \u{fc}".into(), Err(400));
+        check(get, |h| h[1] = "Connection: keep-alive Upgrade".into(), Ok(()));
         assert_eq!(check_head(b"\x16\x03\x01\x02\x00\r\n\r\n").map_err(|b| b.status), Err(400));
     }
 

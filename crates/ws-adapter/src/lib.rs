@@ -11,6 +11,9 @@
 mod config;
 mod connection;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod origin;
 mod peer_limits;

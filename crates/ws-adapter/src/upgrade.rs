@@ -57,7 +57,11 @@ pub(crate) fn check_upgrade(
 
 /// The bearer token: header first, then cookie, then query parameter (when enabled), as
 /// nuropb-gw looked up header then cookie.
-fn find_token(headers: &HeaderMap, query: Option<&str>, auth: &AuthSources) -> Option<String> {
+pub(crate) fn find_token(
+    headers: &HeaderMap,
+    query: Option<&str>,
+    auth: &AuthSources,
+) -> Option<String> {
     let from_header = headers
         .get(auth.header.as_str())
         .and_then(|v| v.to_str().ok())
