@@ -1052,13 +1052,13 @@ fn callable_allow_list(ctx: Ctx) -> Attack {
 pub const ROWS: &[Row] = &[
     Row { name: "oversized frame", expected: "close 1009", attack: oversized_frame },
     Row {
-        name: "JSON nesting bomb (30 000 levels)",
-        expected: "LimitExceeded with trace_id, connection open",
+        name: "JSON nesting bomb (100 and 30 000 levels)",
+        expected: "LimitExceeded: a response with trace_id at 100 levels; an error frame at 30 000 (refused before parsing); still open",
         attack: json_nesting_bomb,
     },
     Row {
-        name: "MessagePack allocation bomb (array of 2^32-1)",
-        expected: "DecodeError with trace_id, connection open",
+        name: "MessagePack allocation bomb (headers claiming 2^32-1)",
+        expected: "DecodeError error frames; LimitExceeded when 60 000 elements follow the claim; still open, RSS flat",
         attack: msgpack_allocation_bomb,
     },
     Row {
