@@ -265,8 +265,15 @@ async fn main() {
         let rss_before = gateway.rss_bytes().unwrap_or(0);
         peak.peak.store(rss_before, Ordering::SeqCst);
         let started = Instant::now();
-        let outcome = match tokio::time::timeout(ROW_LIMIT, tokio::spawn((row.attack)(ctx))).await {
-            Err(_) => Outcome::new(false, format!("attack did not end within {ROW_LIMIT:?}")),
+        let mut attack = tokio::spawn((row.attack)(ctx));
+        let outcome = match tokio::time::timeout(ROW_LIMIT, &mut attack).await {
+            Err(_) => {
+                // Dropping the attack's future drops its connections and its share of the
+                // gateway handle.
+                attack.abort();
+                let _ = tokio::time::timeout(Duration::from_secs(5), attack).await;
+                Outcome::new(false, format!("attack did not end within {ROW_LIMIT:?}"))
+            }
             Ok(Err(e)) => Outcome::new(false, format!("attack panicked: {}", panic_text(e))),
             Ok(Ok(outcome)) => outcome,
         };
@@ -382,8 +389,14 @@ async fn main() {
     service.stop().await;
     match Arc::try_unwrap(gateway) {
         Ok(gateway) => gateway.stop(),
-        // A row's task still holds it: Drop stops the process when that ends.
-        Err(_) => eprintln!("hostile: the gateway is still shared; stopped on drop"),
+        Err(gateway) => {
+            // Only an aborted attack that did not unwind could still hold it; `exit` below
+            // runs no destructors, so the process is stopped here by its PID.
+            eprintln!("hostile: the gateway is still shared; killing pid {}", gateway.pid);
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &gateway.pid.to_string()])
+                .status();
+        }
     }
     if !failed.is_empty() {
         eprintln!("hostile: {} failing row(s): {}", failed.len(), failed.join(", "));
