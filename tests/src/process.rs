@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use crate::SECRET;
@@ -16,6 +16,8 @@ use crate::SECRET;
 pub const GATEWAY_BIN_ENV: &str = "NUROPB_GATEWAY_BIN";
 const START_WAIT: Duration = Duration::from_secs(20);
 const STOP_GRACE: Duration = Duration::from_secs(15);
+/// Most stderr lines kept by [`GatewayProcess::start_capturing`]; later ones are counted only.
+const MAX_CAPTURED_LINES: usize = 200_000;
 
 pub struct GatewayProcess {
     child: Child,
@@ -24,6 +26,15 @@ pub struct GatewayProcess {
     pub url: String,
     /// `127.0.0.1:<port>` of the WebSocket listener.
     pub addr: String,
+    /// The gateway's stderr lines (its log), when started with [`GatewayProcess::start_capturing`].
+    stderr: Option<Arc<Mutex<Captured>>>,
+}
+
+/// Stderr as captured: the first [`MAX_CAPTURED_LINES`] lines and how many there were.
+#[derive(Debug, Default)]
+struct Captured {
+    lines: Vec<String>,
+    total: usize,
 }
 
 /// The mesh behind the gateway.
@@ -75,13 +86,23 @@ impl GatewayProcess {
     /// Starts the gateway on a free loopback port with a test secret (HS256, [`SECRET`]) and
     /// `args` (flags as the binary takes them); the binary's defaults for everything else.
     pub fn start_with(mesh: Mesh<'_>, args: &[String]) -> GatewayProcess {
+        GatewayProcess::spawn(mesh, args, false)
+    }
+
+    /// As [`GatewayProcess::start_with`], but the gateway's stderr (its log) is kept for
+    /// [`GatewayProcess::stderr_lines`] instead of going to this process's stderr.
+    pub fn start_capturing(mesh: Mesh<'_>, args: &[String]) -> GatewayProcess {
+        GatewayProcess::spawn(mesh, args, true)
+    }
+
+    fn spawn(mesh: Mesh<'_>, args: &[String], capture_stderr: bool) -> GatewayProcess {
         let bin = binary();
         let mut cmd = Command::new(&bin);
         cmd.args(["--listen", "127.0.0.1:0", "--jwt-secret", SECRET, "--jwt-algorithm", "hs256"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if capture_stderr { Stdio::piped() } else { Stdio::inherit() })
             .process_group(0);
         if let Mesh::Amqp { url, service_name } = mesh {
             cmd.args(["--amqp-url", url, "--service-name", service_name]);
@@ -103,6 +124,21 @@ impl GatewayProcess {
                 }
             }
         });
+        let stderr = child.stderr.take().map(|pipe| {
+            let captured = Arc::new(Mutex::new(Captured::default()));
+            let sink = Arc::clone(&captured);
+            // Reads stderr to its end, so the gateway never blocks on a full pipe.
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut sink = sink.lock().expect("stderr lock");
+                    sink.total += 1;
+                    if sink.lines.len() < MAX_CAPTURED_LINES {
+                        sink.lines.push(line);
+                    }
+                }
+            });
+            captured
+        });
         let addr = match rx.recv_timeout(START_WAIT) {
             Ok(addr) => addr,
             Err(_) => {
@@ -110,7 +146,7 @@ impl GatewayProcess {
                 panic!("the gateway did not say where it listens within {START_WAIT:?}");
             }
         };
-        GatewayProcess { child, pid, url: format!("ws://{addr}/ws"), addr }
+        GatewayProcess { child, pid, url: format!("ws://{addr}/ws"), addr, stderr }
     }
 
     /// Stops the gateway (SIGTERM, SIGKILL after a grace period) and waits for it.
@@ -121,6 +157,18 @@ impl GatewayProcess {
     /// Whether the process still runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The stderr lines captured so far (the first [`MAX_CAPTURED_LINES`]) and the number of
+    /// lines written in all; empty unless started with [`GatewayProcess::start_capturing`].
+    pub fn stderr_lines(&self) -> (Vec<String>, usize) {
+        match &self.stderr {
+            Some(captured) => {
+                let captured = captured.lock().expect("stderr lock");
+                (captured.lines.clone(), captured.total)
+            }
+            None => (Vec::new(), 0),
+        }
     }
 
     /// Resident memory of the gateway in bytes, `None` once it is gone.

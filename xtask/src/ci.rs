@@ -13,6 +13,7 @@ pub fn run(root: &Path) -> Result<()> {
     clippy()?;
     unit_and_e2e_tests()?;
     integration()?;
+    crate::hostile::run(root)?;
     crate::interop::run(root)?;
     eprintln!("xtask ci: all gates passed");
     Ok(())

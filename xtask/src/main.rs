@@ -1,12 +1,14 @@
 //! `cargo xtask`: the project's automation. `ci` runs every gate CI runs (format, lints, the
-//! layering rules, all tests including integration and interop); `integration`, `interop`
-//! and `bench` run one part; `fuzz` runs the fuzz targets for a bounded time.
+//! layering rules, all tests including integration, the hostile-input suite and interop);
+//! `integration`, `hostile`, `interop` and `bench` run one part; `fuzz` runs the fuzz
+//! targets for a bounded time.
 
 mod bench;
 mod broker;
 mod ci;
 mod cmd;
 mod fuzz;
+mod hostile;
 mod interop;
 mod layering;
 #[cfg(test)]
@@ -25,6 +27,7 @@ fn main() -> Result<()> {
         Some("layering") => layering::check(),
         Some("test") => ci::unit_and_e2e_tests(),
         Some("integration") => ci::integration(),
+        Some("hostile") => hostile::run(&root),
         Some("interop") => interop::run(&root),
         Some("bench") => bench::run(&root),
         Some("fuzz") => fuzz::run(&root, &args[1..]),
@@ -42,12 +45,13 @@ fn main() -> Result<()> {
 fn print_help() {
     println!(
         "cargo xtask <command>\n\n\
-         ci           every gate: fmt, clippy, layering, unit + e2e tests, integration, interop\n\
+         ci           every gate: fmt, clippy, layering, unit + e2e tests, integration, hostile, interop\n\
          fmt          cargo fmt --check\n\
          clippy       cargo clippy -D warnings\n\
          layering     check the crate graph rules (docs/ARCHITECTURE.md)\n\
          test         unit, golden and end-to-end tests (no broker needed)\n\
          integration  tests against RabbitMQ on 127.0.0.1:5672 (started if absent)\n\
+         hostile      the hostile-input suite against the gateway binary on RabbitMQ (docs/HOSTILE.md)\n\
          interop      real Python nuropb 0.1.8 services against the gateway binary\n\
          bench        benchmarks with a printed table\n\
          fuzz         cargo-fuzz targets, bounded: [--seconds N (default 10)] [--runs N] [target ...]"
