@@ -12,6 +12,7 @@ pub fn run(root: &Path) -> Result<()> {
     crate::layering::check()?;
     clippy()?;
     unit_and_e2e_tests()?;
+    crate::js::run(root)?;
     integration()?;
     crate::interop::run(root)?;
     eprintln!("xtask ci: all gates passed");

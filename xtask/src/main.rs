@@ -8,6 +8,7 @@ mod ci;
 mod cmd;
 mod fuzz;
 mod interop;
+mod js;
 mod layering;
 #[cfg(test)]
 mod tidy;
@@ -26,6 +27,7 @@ fn main() -> Result<()> {
         Some("test") => ci::unit_and_e2e_tests(),
         Some("integration") => ci::integration(),
         Some("interop") => interop::run(&root),
+        Some("js") => js::run(&root),
         Some("bench") => bench::run(&root),
         Some("fuzz") => fuzz::run(&root, &args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
@@ -42,13 +44,14 @@ fn main() -> Result<()> {
 fn print_help() {
     println!(
         "cargo xtask <command>\n\n\
-         ci           every gate: fmt, clippy, layering, unit + e2e tests, integration, interop\n\
+         ci           every gate: fmt, clippy, layering, unit + e2e tests, js, integration, interop\n\
          fmt          cargo fmt --check\n\
          clippy       cargo clippy -D warnings\n\
          layering     check the crate graph rules (docs/ARCHITECTURE.md)\n\
          test         unit, golden and end-to-end tests (no broker needed)\n\
          integration  tests against RabbitMQ on 127.0.0.1:5672 (started if absent)\n\
          interop      real Python nuropb 0.1.8 services against the gateway binary\n\
+         js           the TypeScript client (clients/js): npm ci, tsc, node --test\n\
          bench        benchmarks with a printed table\n\
          fuzz         cargo-fuzz targets, bounded: [--seconds N (default 10)] [--runs N] [target ...]"
     );
