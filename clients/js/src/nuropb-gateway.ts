@@ -85,6 +85,13 @@ export interface ConnectOptions extends BackoffOptions {
   /** Requests and commands waiting for an answer; beyond it calls reject with
    * `TooManyPendingError`. Default 1000. */
   maxPendingRequests?: number;
+  /** Send a `ping` this often while connected, in ms; 0 turns it off. Default 25 000.
+   * The gateway's WebSocket pings are invisible to browser code, so this is how a client
+   * notices a connection that died without a close (a laptop lid, a lost network). */
+  pingInterval?: number;
+  /** No answer to a `ping` within this long (ms) drops the connection and reconnects.
+   * Default 10 000. */
+  pongTimeout?: number;
   /** Reconnect after a reconnectable close. Default true. */
   reconnect?: boolean;
   /** Keep trying (with backoff) when the very first attempt fails, instead of rejecting
@@ -359,7 +366,15 @@ export class GatewayClient {
   private readonly opts: Required<
     Pick<
       ConnectOptions,
-      "url" | "getToken" | "auth" | "requestTimeout" | "connectTimeout" | "maxPendingRequests" | "reconnect"
+      | "url"
+      | "getToken"
+      | "auth"
+      | "requestTimeout"
+      | "connectTimeout"
+      | "maxPendingRequests"
+      | "reconnect"
+      | "pingInterval"
+      | "pongTimeout"
     >
   > &
     ConnectOptions;
@@ -387,6 +402,7 @@ export class GatewayClient {
   private connectTimer: unknown = null;
   private reconnectTimer: unknown = null;
   private refreshTimer: unknown = null;
+  private pingTimer: unknown = null;
   private lastExpiresAt: number | undefined;
   private firstConnect: { resolve(c: GatewayClient): void; reject(e: Error): void } | null = null;
 
@@ -410,6 +426,8 @@ export class GatewayClient {
       connectTimeout: options.connectTimeout ?? 10_000,
       maxPendingRequests: options.maxPendingRequests ?? 1000,
       reconnect: options.reconnect ?? true,
+      pingInterval: options.pingInterval ?? 25_000,
+      pongTimeout: options.pongTimeout ?? 10_000,
     };
   }
 
@@ -538,7 +556,8 @@ export class GatewayClient {
   // -------------------------------------------------------------------------------------
   // Connection
 
-  /** @internal Starts the first attempt; resolves after its hello. */
+  /** Starts the first attempt; resolves after its hello. Called once, by `connect()`.
+   * @internal */
   start(): Promise<GatewayClient> {
     return new Promise((resolve, reject) => {
       this.firstConnect = { resolve, reject };
@@ -671,6 +690,7 @@ export class GatewayClient {
     const expiresAt = typeof hello.expires_at === "number" && Number.isFinite(hello.expires_at) ? hello.expires_at : undefined;
     this.lastExpiresAt = expiresAt;
     if (expiresAt !== undefined) this.scheduleRefresh(expiresAt);
+    this.schedulePing();
     for (const [pattern, sub] of this.subscriptions) {
       sub.confirmed = false;
       this.sendSubscribe(pattern, sub);
@@ -739,6 +759,30 @@ export class GatewayClient {
     }, Math.max(0, expiresMs - margin - now));
   }
 
+  /** Keep-alive: a `ping` every `pingInterval`; no answer within `pongTimeout` means the
+   * connection is dead. Any answer counts, an error frame too (e.g. `RateLimited`). */
+  private schedulePing(): void {
+    this.clearTimer("pingTimer");
+    const interval = this.opts.pingInterval;
+    if (!(interval > 0) || !Number.isFinite(interval)) return;
+    const generation = this.generation;
+    this.pingTimer = this.startTimer(() => {
+      this.pingTimer = null;
+      if (generation !== this.generation || this.currentState !== "connected") return;
+      this.send("ping", undefined, this.opts.pongTimeout).then(
+        () => this.schedulePing(),
+        (error: Error) => {
+          if (generation !== this.generation || this.currentState !== "connected") return;
+          if (error instanceof RequestTimeoutError) {
+            this.connectionLost(CLIENT_GAVE_UP, `no pong within ${this.opts.pongTimeout} ms`);
+          } else {
+            this.schedulePing();
+          }
+        },
+      );
+    }, interval);
+  }
+
   /** The socket of the current attempt closed (or was given up). */
   private connectionLost(code: number, reason: string): void {
     const ws = this.ws;
@@ -759,6 +803,7 @@ export class GatewayClient {
     this.detachSocket();
     this.clearTimer("connectTimer");
     this.clearTimer("refreshTimer");
+    this.clearTimer("pingTimer");
     this.rejectPending(new DisconnectedError(code, reason));
     if (cause !== undefined) {
       this.emit("error", { error: cause instanceof Error ? cause : new GatewayClientError(String(cause)) });
@@ -801,7 +846,7 @@ export class GatewayClient {
     }
     for (const t of [...this.liveTimers]) this.timers.clearTimeout(t);
     this.liveTimers.clear();
-    this.connectTimer = this.reconnectTimer = this.refreshTimer = null;
+    this.connectTimer = this.reconnectTimer = this.refreshTimer = this.pingTimer = null;
     this.setState("closed");
     this.closeInfo = { code, reason };
     const closed = error ?? new ClosedError(code, reason);
@@ -949,7 +994,7 @@ export class GatewayClient {
     this.timers.clearTimeout(handle);
   }
 
-  private clearTimer(field: "connectTimer" | "reconnectTimer" | "refreshTimer"): void {
+  private clearTimer(field: "connectTimer" | "reconnectTimer" | "refreshTimer" | "pingTimer"): void {
     const token = this[field];
     if (token !== null) this.stopTimer(token);
     this[field] = null;

@@ -386,6 +386,28 @@ describe("subscriptions and reconnect", () => {
     }
   });
 
+  test("keep-alive: pings on the interval; an unanswered one drops the connection and reconnects", async () => {
+    const gw = await startFakeGateway({ tokens: tokens(), services });
+    const client = await connect(opts(gw, { pingInterval: 40, pongTimeout: 60 }));
+    const lost = [];
+    client.on("disconnected", (e) => lost.push(e));
+    try {
+      await until(() => gw.last.frames.filter((f) => f.type === "ping").length >= 3, "three pings");
+      assert.equal(client.state, "connected");
+      assert.deepEqual(lost, []);
+      gw.state.answerPings = false;
+      await until(() => lost.length === 1, "the dead connection noticed");
+      assert.equal(lost[0].code, 4000);
+      assert.match(lost[0].reason, /no pong/);
+      gw.state.answerPings = true;
+      await until(() => client.state === "connected" && gw.state.connections.length === 2, "the reconnect");
+      await until(() => gw.state.connections[0].closed !== null, "the dead socket closed");
+    } finally {
+      client.close();
+      await gw.close();
+    }
+  });
+
   test("4003 (token expired): reconnects at once with a fresh getToken()", async () => {
     const gw = await startFakeGateway({ tokens: tokens(), services });
     const handed = [GOOD, GOOD2];

@@ -39,6 +39,8 @@ export async function startFakeGateway(options = {}) {
     connections: [],
     /** When set, upgrades are refused with this HTTP status. */
     refuseStatus: 0,
+    /** When false, pings go unanswered (a connection that died without a close). */
+    answerPings: true,
   };
 
   const wss = new WebSocketServer({
@@ -176,6 +178,7 @@ export async function startFakeGateway(options = {}) {
           send({ type: "subscribed", ...id, payload: { topics: [...conn.topics] } });
           return;
         case "ping":
+          if (!state.answerPings) return;
           send({ type: "pong", ...id, payload: {} });
           return;
         case "refresh": {
