@@ -213,7 +213,7 @@ export class DisconnectedError extends GatewayClientError {
     readonly reason: string,
     readonly traceId?: string,
   ) {
-    super(`disconnected (${code}${reason ? ` ${reason}` : ""}) before the answer`);
+    super(code === 0 ? `not connected (${reason})` : `disconnected (${code}${reason ? ` ${reason}` : ""}) before the answer`);
   }
 }
 
@@ -510,7 +510,14 @@ export class GatewayClient {
     this.subscriptions.delete(pattern);
     for (const w of sub.waiters) w.reject(new GatewayClientError(`unsubscribed from ${pattern} before it was confirmed`));
     if (this.currentState !== "connected") return Promise.resolve();
-    return this.send("unsubscribe", { topics: [pattern] }, this.opts.requestTimeout).then(() => undefined);
+    return this.send("unsubscribe", { topics: [pattern] }, this.opts.requestTimeout).then(
+      () => undefined,
+      (error: Error) => {
+        // Lost with the connection: the next one does not subscribe the pattern, so it is gone.
+        if (error instanceof DisconnectedError) return;
+        throw error;
+      },
+    );
   }
 
   /** Sends a fresh token from `getToken()` now; resolves with the new `expires_at`.

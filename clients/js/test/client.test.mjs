@@ -130,6 +130,21 @@ describe("connect and auth routes", () => {
     assert.equal(gw.state.upgrades.at(-1).refused, 401);
   });
 
+  test("no hello within connectTimeout: ConnectError 4000, the socket closed", async () => {
+    gw.state.sendHello = false;
+    try {
+      const t0 = Date.now();
+      await assert.rejects(
+        connect(opts(gw, { connectTimeout: 100 })),
+        (e) => e instanceof ConnectError && e.code === 4000 && /no hello/.test(e.reason),
+      );
+      assert.ok(Date.now() - t0 >= 95);
+      await until(() => gw.last.closed !== null, "the socket closed");
+    } finally {
+      gw.state.sendHello = true;
+    }
+  });
+
   test("getToken failing on the first attempt rejects connect with it as the cause", async () => {
     const boom = new Error("no session cookie");
     await assert.rejects(
@@ -301,14 +316,23 @@ describe("subscriptions and reconnect", () => {
       assert.equal(e1.traceId, "lost-1");
       assert.ok(e2 instanceof DisconnectedError);
 
-      // While disconnected, a new call fails at once rather than waiting.
+      // While disconnected, a new call fails at once rather than waiting; a subscription
+      // waits for the next connection.
       const e3 = await client.request("demo", "add", { a: 1, b: 2 }).catch((e) => e);
       assert.ok(e3 instanceof DisconnectedError);
+      assert.equal(e3.code, 0);
+      const late = client.subscribe("demo.late", () => {});
 
       await until(() => client.state === "connected", "the reconnect");
+      await late;
       assert.equal(gw.state.connections.length, 2);
       await sleep(30);
-      assert.deepEqual(gw.last.frames, [], "a call was resent on the new connection");
+      assert.deepEqual(
+        gw.last.frames.map((f) => f.type),
+        ["subscribe"],
+        "a call was resent on the new connection",
+      );
+      assert.ok(gw.last.topics.has("demo.late"));
       assert.equal(await client.request("demo", "add", { a: 1, b: 2 }), 3);
     } finally {
       client.close();
@@ -461,10 +485,23 @@ describe("refresh and close", () => {
   });
 
   test("a refused refresh is reported as an error event and rejects refresh()", async () => {
-    const gw = await startFakeGateway({ tokens: tokens([["other", { user: "bob", expiresAt: nowSecs() + 60 }]]), services });
+    const soon = nowSecs() + 2;
+    const gw = await startFakeGateway({
+      tokens: new Map([
+        [GOOD, { user: "alice", expiresAt: soon }],
+        ["other", { user: "bob", expiresAt: soon + 60 }],
+      ]),
+      services,
+    });
     let calls = 0;
     const client = await connect(opts(gw, { getToken: async () => (calls++ === 0 ? GOOD : "other") }));
+    const errors = [];
+    client.on("error", (e) => errors.push(e.error));
     try {
+      await until(() => errors.length === 1, "the automatic refresh refused", 3000);
+      assert.ok(errors[0].cause instanceof NuropbError, String(errors[0].cause));
+      assert.equal(errors[0].cause.error, "NuropbAuthorizationError");
+      assert.equal(client.expiresAt, soon, "a refused refresh changed the expiry");
       const err = await client.refresh().catch((e) => e);
       assert.ok(err instanceof NuropbError && err.description === "unauthorized", String(err));
       assert.equal(client.state, "connected");

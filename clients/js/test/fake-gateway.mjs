@@ -41,6 +41,8 @@ export async function startFakeGateway(options = {}) {
     refuseStatus: 0,
     /** When false, pings go unanswered (a connection that died without a close). */
     answerPings: true,
+    /** When false, authenticated connections get no hello. */
+    sendHello: true,
   };
 
   const wss = new WebSocketServer({
@@ -95,6 +97,7 @@ export async function startFakeGateway(options = {}) {
       conn.token = token;
       conn.user = t.user;
       conn.authed = true;
+      if (!state.sendHello) return;
       send({
         type: "event",
         payload: {
