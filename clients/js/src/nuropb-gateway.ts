@@ -698,14 +698,40 @@ export class GatewayClient {
     this.lastExpiresAt = expiresAt;
     if (expiresAt !== undefined) this.scheduleRefresh(expiresAt);
     this.schedulePing();
-    for (const [pattern, sub] of this.subscriptions) {
-      sub.confirmed = false;
-      this.sendSubscribe(pattern, sub);
-    }
+    this.resubscribe();
     const first = this.firstConnect;
     this.firstConnect = null;
     this.emit("connected", { hello });
     first?.resolve(this);
+  }
+
+  /** Renews every subscription on a new connection: all patterns in one frame (they were
+   * accepted before, and one frame costs one token of the gateway's frame rate); if the
+   * gateway refuses it (one refused pattern refuses the frame), one frame per pattern, so
+   * only the refused ones are dropped. */
+  private resubscribe(): void {
+    const subs = [...this.subscriptions];
+    for (const [, sub] of subs) sub.confirmed = false;
+    if (subs.length === 0) return;
+    if (subs.length === 1) {
+      const [pattern, sub] = subs[0] as [string, Subscription];
+      this.sendSubscribe(pattern, sub);
+      return;
+    }
+    const generation = this.generation;
+    this.send("subscribe", { topics: subs.map(([pattern]) => pattern) }, this.opts.requestTimeout).then(
+      () => {
+        for (const [pattern, sub] of subs) {
+          if (this.subscriptions.get(pattern) !== sub) continue;
+          sub.confirmed = true;
+          for (const w of sub.waiters.splice(0)) w.resolve();
+        }
+      },
+      (error: Error) => {
+        if (error instanceof DisconnectedError || generation !== this.generation) return;
+        for (const [pattern, sub] of subs) if (this.subscriptions.get(pattern) === sub) this.sendSubscribe(pattern, sub);
+      },
+    );
   }
 
   private sendSubscribe(pattern: string, sub: Subscription): void {

@@ -302,6 +302,42 @@ describe("subscriptions and reconnect", () => {
     }
   });
 
+  test("resubscription: one frame for all patterns; when refused, one per pattern and only the refused dropped", async () => {
+    let refuse = "";
+    const gw = await startFakeGateway({ tokens: tokens(), services, subscribable: (p) => p.startsWith("demo.") && p !== refuse });
+    const client = await connect(opts(gw));
+    const errors = [];
+    client.on("error", (e) => errors.push(e.error));
+    try {
+      await Promise.all([client.subscribe("demo.a", () => {}), client.subscribe("demo.b", () => {})]);
+      gw.last.ws.close(1001, "drain");
+      await until(() => gw.state.connections.length === 2 && gw.last.topics.size === 2, "resubscribed");
+      assert.deepEqual(
+        gw.last.frames.map((f) => f.payload.topics),
+        [["demo.a", "demo.b"]],
+      );
+
+      refuse = "demo.b";
+      gw.last.ws.close(1001, "drain");
+      await until(() => gw.state.connections.length === 3 && errors.length === 1, "the refusal reported");
+      await until(() => gw.last.topics.has("demo.a"), "demo.a renewed");
+      assert.deepEqual(
+        gw.last.frames.map((f) => f.payload.topics),
+        [["demo.a", "demo.b"], ["demo.a"], ["demo.b"]],
+      );
+      assert.ok(errors[0] instanceof NuropbError && errors[0].error === "NuropbAuthorizationError");
+      assert.deepEqual([...gw.last.topics], ["demo.a"]);
+      // demo.b is gone from the client too: the next connection does not ask for it.
+      refuse = "";
+      gw.last.ws.close(1001, "drain");
+      await until(() => gw.state.connections.length === 4 && gw.last.topics.size === 1, "renewed again");
+      assert.deepEqual(gw.last.frames.map((f) => f.payload.topics), [["demo.a"]]);
+    } finally {
+      client.close();
+      await gw.close();
+    }
+  });
+
   test("in-flight requests are rejected with DisconnectedError on a disconnect and never resent", async () => {
     const gw = await startFakeGateway({ tokens: tokens(), services });
     const client = await connect(opts(gw));
