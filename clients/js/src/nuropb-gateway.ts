@@ -33,13 +33,9 @@ export interface WebSocketLike {
   binaryType: string;
   // `any`: the browser's and `ws`'s event types differ; the client reads only
   // `data`, `code` and `reason`.
-  // eslint-disable-next-line @typescript-eslint/no-explicit-any
   onopen: ((ev: any) => unknown) | null;
-  // eslint-disable-next-line @typescript-eslint/no-explicit-any
   onmessage: ((ev: any) => unknown) | null;
-  // eslint-disable-next-line @typescript-eslint/no-explicit-any
   onclose: ((ev: any) => unknown) | null;
-  // eslint-disable-next-line @typescript-eslint/no-explicit-any
   onerror: ((ev: any) => unknown) | null;
   send(data: string): void;
   close(code?: number, reason?: string): void;
