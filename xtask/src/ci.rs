@@ -12,6 +12,7 @@ pub fn run(root: &Path) -> Result<()> {
     crate::layering::check()?;
     clippy()?;
     unit_and_e2e_tests()?;
+    crate::js::run(root)?;
     integration()?;
     crate::hostile::run(root)?;
     crate::interop::run(root)?;

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's automation. `ci` runs every gate CI runs (format, lints, the
-//! layering rules, all tests including integration, the hostile-input suite and interop);
+//! layering rules, all tests including the JS client, integration, the hostile-input suite
+//! and interop);
 //! `integration`, `hostile`, `interop` and `bench` run one part; `fuzz` runs the fuzz
 //! targets for a bounded time.
 
@@ -10,6 +11,7 @@ mod cmd;
 mod fuzz;
 mod hostile;
 mod interop;
+mod js;
 mod layering;
 #[cfg(test)]
 mod tidy;
@@ -29,6 +31,7 @@ fn main() -> Result<()> {
         Some("integration") => ci::integration(),
         Some("hostile") => hostile::run(&root),
         Some("interop") => interop::run(&root),
+        Some("js") => js::run(&root),
         Some("bench") => bench::run(&root),
         Some("fuzz") => fuzz::run(&root, &args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
@@ -45,7 +48,7 @@ fn main() -> Result<()> {
 fn print_help() {
     println!(
         "cargo xtask <command>\n\n\
-         ci           every gate: fmt, clippy, layering, unit + e2e tests, integration, hostile, interop\n\
+         ci           every gate: fmt, clippy, layering, unit + e2e tests, js, integration, hostile, interop\n\
          fmt          cargo fmt --check\n\
          clippy       cargo clippy -D warnings\n\
          layering     check the crate graph rules (docs/ARCHITECTURE.md)\n\
@@ -53,6 +56,7 @@ fn print_help() {
          integration  tests against RabbitMQ on 127.0.0.1:5672 (started if absent)\n\
          hostile      the hostile-input suite against the gateway binary on RabbitMQ (docs/HOSTILE.md)\n\
          interop      real Python nuropb 0.1.8 services against the gateway binary\n\
+         js           the TypeScript client (clients/js): npm ci, tsc, node --test\n\
          bench        benchmarks with a printed table\n\
          fuzz         cargo-fuzz targets, bounded: [--seconds N (default 10)] [--runs N] [target ...]"
     );
