@@ -245,8 +245,9 @@ async fn backend(
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
-                // A failed accept concerns one connection; the client's call reports it.
-                Err(_) => continue,
+                // A toy backend stops at the first accept error; the gateway then maps
+                // the refused connections to `MeshError::Unavailable`, and the run fails.
+                Err(_) => return,
             },
         };
         let events = events.clone();
