@@ -1,11 +1,13 @@
 //! `cargo xtask`: the project's automation. `ci` runs every gate CI runs (format, lints, the
-//! layering rules, all tests including integration and interop); `integration`, `interop`
-//! and `bench` run one part; `fuzz` runs the fuzz targets for a bounded time.
+//! layering rules, docs, all tests including integration and interop, the examples, the
+//! packaging dry run); `integration`, `interop`, `examples`, `doc`, `package` and `bench`
+//! run one part; `fuzz` runs the fuzz targets for a bounded time.
 
 mod bench;
 mod broker;
 mod ci;
 mod cmd;
+mod examples;
 mod fuzz;
 mod interop;
 mod layering;
@@ -26,6 +28,9 @@ fn main() -> Result<()> {
         Some("test") => ci::unit_and_e2e_tests(),
         Some("integration") => ci::integration(),
         Some("interop") => interop::run(&root),
+        Some("examples") => examples::run(),
+        Some("doc") => ci::doc(),
+        Some("package") => ci::package(&root),
         Some("bench") => bench::run(&root),
         Some("fuzz") => fuzz::run(&root, &args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
@@ -42,13 +47,16 @@ fn main() -> Result<()> {
 fn print_help() {
     println!(
         "cargo xtask <command>\n\n\
-         ci           every gate: fmt, clippy, layering, unit + e2e tests, integration, interop\n\
+         ci           every gate: fmt, layering, clippy, doc, tests, integration, examples, package, interop\n\
          fmt          cargo fmt --check\n\
          clippy       cargo clippy -D warnings\n\
          layering     check the crate graph rules (docs/ARCHITECTURE.md)\n\
          test         unit, golden and end-to-end tests (no broker needed)\n\
          integration  tests against RabbitMQ on 127.0.0.1:5672 (started if absent)\n\
          interop      real Python nuropb 0.1.8 services against the gateway binary\n\
+         examples     build and run the worked examples (examples/; RabbitMQ for mesh_peer)\n\
+         doc          cargo doc of the library crates with RUSTDOCFLAGS=-D warnings\n\
+         package      cargo package every library crate (the publish dry run)\n\
          bench        benchmarks with a printed table\n\
          fuzz         cargo-fuzz targets, bounded: [--seconds N (default 10)] [target ...]"
     );
