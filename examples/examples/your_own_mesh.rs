@@ -25,7 +25,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -394,19 +394,19 @@ async fn run() -> Result<(), BoxError> {
     );
 
     // The mappings, as the client sees them.
-    let mut errors = HashMap::new();
+    let mut errors = BTreeMap::new();
     for (method, service) in [("fail", "orders"), ("slow", "orders"), ("place", "nobody")] {
         let answer =
             client.call(service, method, json!({}), &format!("t-{service}-{method}")).await?;
         errors.insert(format!("{service}.{method}"), answer["error"]["error"].clone());
     }
-    let expected = HashMap::from([
+    let expected = BTreeMap::from([
         ("orders.fail".to_owned(), json!("NuropbValidationError")),
         ("orders.slow".to_owned(), json!("NuropbTimeoutError")),
         ("nobody.place".to_owned(), json!("NuropbNotDeliveredError")),
     ]);
     assert_eq!(errors, expected);
-    println!("your_own_mesh: result, event and error mappings as expected: {errors:?}");
+    println!("your_own_mesh: result, event and error mappings as expected: {expected:?}");
 
     client.close().await?;
     shutdown.cancel();
