@@ -1,8 +1,9 @@
 //! The CI gates. `run` is what `.ci/run` executes on a clean clone.
 
 use std::path::Path;
+use std::process::Command;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 
 use crate::cmd::{cargo, run as run_cmd};
 
@@ -11,10 +12,13 @@ pub fn run(root: &Path) -> Result<()> {
     fmt_check()?;
     crate::layering::check()?;
     clippy()?;
+    doc()?;
     unit_and_e2e_tests()?;
     crate::js::run(root)?;
     integration()?;
     crate::hostile::run(root)?;
+    crate::examples::run()?;
+    package(root)?;
     crate::interop::run(root)?;
     eprintln!("xtask ci: all gates passed");
     Ok(())
@@ -34,6 +38,93 @@ pub fn clippy() -> Result<()> {
         "-D",
         "warnings",
     ]))
+}
+
+/// The API docs of every library crate (and the examples package), with rustdoc warnings
+/// (broken or private intra-doc links, bad HTML, bad code blocks) as errors. `missing_docs`
+/// is a compiler lint, which clippy's `-D warnings` denies. Doc tests run with the unit
+/// and integration tests. The binary, xtask and the test crate are not documented: their
+/// doc comments are CLI help text and notes, not API (clap prints `nuropb-<name>-sq`
+/// verbatim, which rustdoc would read as an HTML tag).
+pub fn doc() -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["doc", "--no-deps", "--all-features", "-p", crate::examples::PACKAGE]);
+    for name in LIBRARY_CRATES {
+        cmd.args(["-p", name]);
+    }
+    run_cmd(cmd.env("RUSTDOCFLAGS", "-D warnings"))
+}
+
+/// The library crates, each packaged as `cargo publish` would upload it.
+pub const LIBRARY_CRATES: [&str; 7] = [
+    "nuropb-wire",
+    "handler-core",
+    "ws-adapter",
+    "amqp-mesh",
+    "mesh-crypto",
+    "ops-http",
+    "nuropb-testkit",
+];
+
+/// `cargo package` for every library crate: the manifest metadata is complete, the files
+/// are in the package, and each package builds on its own from its `.crate` file, against
+/// the other library crates packaged alongside (cargo's local-registry overlay) and every
+/// third-party dependency from crates.io. The publish dry run, without the upload.
+///
+/// The crates say `publish = false` until the project decides to publish, and with that
+/// cargo (1.95) leaves them out of the overlay: `handler-core` then looks for
+/// `nuropb-wire` on crates.io and packaging fails (so does `cargo publish --dry-run`,
+/// which refuses such crates outright). So the check packages a copy of the tree (tracked
+/// and untracked-but-not-ignored files) in which only those `publish` lines say `true`.
+pub fn package(root: &Path) -> Result<()> {
+    let copy = root.join("target").join("package-check");
+    if copy.exists() {
+        std::fs::remove_dir_all(&copy)
+            .with_context(|| format!("cannot clear {}", copy.display()))?;
+    }
+    let listed = Command::new("git")
+        .args(["ls-files", "-z", "--cached", "--others", "--exclude-standard"])
+        .current_dir(root)
+        .output()
+        .context("cannot run git ls-files")?;
+    if !listed.status.success() {
+        bail!("git ls-files failed: {}", String::from_utf8_lossy(&listed.stderr));
+    }
+    for name in listed.stdout.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let name = std::str::from_utf8(name).context("a file name that is not UTF-8")?;
+        let from = root.join(name);
+        // Listed but deleted in the working tree: not part of what is packaged.
+        if !from.is_file() {
+            continue;
+        }
+        let to = copy.join(name);
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        std::fs::copy(&from, &to).with_context(|| format!("cannot copy {name}"))?;
+    }
+    for manifest in ["Cargo.toml", "crates/testkit/Cargo.toml"] {
+        let path = copy.join(manifest);
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("cannot read {manifest}"))?;
+        if text.matches("\npublish = false\n").count() != 1 {
+            bail!("{manifest}: expected one `publish = false` line to lift for packaging");
+        }
+        std::fs::write(&path, text.replace("\npublish = false\n", "\npublish = true\n"))
+            .with_context(|| format!("cannot write {manifest}"))?;
+    }
+    let mut cmd = cargo();
+    // `--locked`: the packages resolve to the versions of the committed Cargo.lock.
+    // `--allow-dirty`: the copy lies in the checkout's ignored `target/`, so to git every
+    // file of it is untracked.
+    cmd.args(["package", "--locked", "--allow-dirty"]).current_dir(&copy);
+    // The project's build cache (the packages are verified under target/package/).
+    cmd.env("CARGO_TARGET_DIR", root.join("target"));
+    for name in LIBRARY_CRATES {
+        cmd.args(["-p", name]);
+    }
+    run_cmd(&mut cmd)
 }
 
 /// Unit, golden and end-to-end tests: everything that needs no broker.

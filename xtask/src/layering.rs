@@ -44,6 +44,18 @@ pub const FORBIDDEN: &[(&str, &str)] = &[
     ("amqp-mesh", "nuropb-testkit"),
     ("ops-http", "nuropb-testkit"),
     ("nuropb-gateway", "nuropb-testkit"),
+    // The examples use the library crates as a project outside the workspace would: only
+    // their public APIs, never test support or the binary; and nothing depends on them.
+    ("nuropb-gateway-examples", "nuropb-testkit"),
+    ("nuropb-gateway-examples", "nuropb-gateway"),
+    ("nuropb-gateway-examples", "e2e-tests"),
+    ("nuropb-wire", "nuropb-gateway-examples"),
+    ("mesh-crypto", "nuropb-gateway-examples"),
+    ("handler-core", "nuropb-gateway-examples"),
+    ("ws-adapter", "nuropb-gateway-examples"),
+    ("amqp-mesh", "nuropb-gateway-examples"),
+    ("ops-http", "nuropb-gateway-examples"),
+    ("nuropb-gateway", "nuropb-gateway-examples"),
 ];
 
 /// (crate, tokio feature it must not ask for): the core reaches no sockets, files,

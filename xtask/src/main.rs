@@ -1,13 +1,14 @@
 //! `cargo xtask`: the project's automation. `ci` runs every gate CI runs (format, lints, the
-//! layering rules, all tests including the JS client, integration, the hostile-input suite
-//! and interop);
-//! `integration`, `hostile`, `interop` and `bench` run one part; `fuzz` runs the fuzz
-//! targets for a bounded time.
+//! layering rules, docs, all tests including the JS client, integration, the hostile-input
+//! suite, the examples, the packaging dry run and interop); `integration`, `hostile`,
+//! `interop`, `js`, `examples`, `doc`, `package` and `bench` run one part; `fuzz` runs the
+//! fuzz targets for a bounded time.
 
 mod bench;
 mod broker;
 mod ci;
 mod cmd;
+mod examples;
 mod fuzz;
 mod hostile;
 mod interop;
@@ -32,6 +33,9 @@ fn main() -> Result<()> {
         Some("hostile") => hostile::run(&root),
         Some("interop") => interop::run(&root),
         Some("js") => js::run(&root),
+        Some("examples") => examples::run(),
+        Some("doc") => ci::doc(),
+        Some("package") => ci::package(&root),
         Some("bench") => bench::run(&root),
         Some("fuzz") => fuzz::run(&root, &args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
@@ -48,7 +52,7 @@ fn main() -> Result<()> {
 fn print_help() {
     println!(
         "cargo xtask <command>\n\n\
-         ci           every gate: fmt, clippy, layering, unit + e2e tests, js, integration, hostile, interop\n\
+         ci           every gate: fmt, layering, clippy, doc, tests, js, integration, hostile, examples, package, interop\n\
          fmt          cargo fmt --check\n\
          clippy       cargo clippy -D warnings\n\
          layering     check the crate graph rules (docs/ARCHITECTURE.md)\n\
@@ -57,6 +61,9 @@ fn print_help() {
          hostile      the hostile-input suite against the gateway binary on RabbitMQ (docs/HOSTILE.md)\n\
          interop      real Python nuropb 0.1.8 services against the gateway binary\n\
          js           the TypeScript client (clients/js): npm ci, tsc, node --test\n\
+         examples     build and run the worked examples (examples/; RabbitMQ for mesh_peer)\n\
+         doc          cargo doc of the library crates with RUSTDOCFLAGS=-D warnings\n\
+         package      cargo package every library crate (the publish dry run)\n\
          bench        benchmarks with a printed table\n\
          fuzz         cargo-fuzz targets, bounded: [--seconds N (default 10)] [--runs N] [target ...]"
     );

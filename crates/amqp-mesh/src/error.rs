@@ -11,30 +11,45 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub enum AmqpMeshError {
     /// A configuration field has an unusable value; `field` names it.
     #[error("invalid amqp mesh configuration: {field}: {reason}")]
-    Config { field: &'static str, reason: String },
+    Config {
+        /// The field's name in [`crate::AmqpMeshConfig`].
+        field: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
     /// The broker could not be reached (refused, reset, DNS, TLS).
     #[error("cannot connect to the broker at {url}")]
     Connect {
         /// The URL with any password removed.
         url: String,
+        /// Why the connection failed.
         #[source]
         source: BoxError,
     },
     /// The broker answered but refused us: bad credentials, unknown vhost, no permission.
     #[error("the broker at {url} refused the connection")]
     Refused {
+        /// The URL with any password removed.
         url: String,
+        /// The broker's refusal.
         #[source]
         source: BoxError,
     },
     /// Connecting (TCP, TLS and the AMQP handshake) took longer than `connect_timeout`.
     #[error("connecting to the broker at {url} timed out after {timeout:?}")]
-    ConnectTimeout { url: String, timeout: Duration },
+    ConnectTimeout {
+        /// The URL with any password removed.
+        url: String,
+        /// The configured `connect_timeout`.
+        timeout: Duration,
+    },
     /// Declaring exchanges, queues, bindings or consumers failed, e.g. because an exchange
     /// exists with another type or a queue with other arguments.
     #[error("declaring the mesh topology failed: {what}")]
     Topology {
+        /// The declaration that failed, e.g. `queue nuropb-…-rq`.
         what: String,
+        /// The broker's or the client library's error.
         #[source]
         source: BoxError,
     },

@@ -93,8 +93,54 @@
 //! (a command is reported only once the broker has confirmed it), until nothing is
 //! outstanding or `drain_timeout`; then the rest fails with `MeshError::Unavailable` and
 //! the connection closes. [`AmqpMesh::closed`] resolves when all of it is done.
+//!
+//! In the layering (docs/ARCHITECTURE.md) this is an adapter: it depends on
+//! `handler-core`, the wire crate and `mesh-crypto`; only the binary (or your program)
+//! depends on it. The repository's `examples/mesh_peer.rs` embeds it and calls the
+//! gateway's service as a Python peer would.
+//!
+//! Starting the mesh and handing it to the core. `no_run`: it needs a RabbitMQ broker,
+//! which doc tests do not have (the crate's broker tests and `cargo xtask examples` run
+//! this against a real one):
+//!
+//! ```no_run
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use amqp_mesh::{AmqpMesh, AmqpMeshConfig};
+//! use handler_core::{Coordinator, CoreConfig, JwtAuthenticator, JwtConfig, JwtKey};
+//! use tokio_util::sync::CancellationToken;
+//! use tokio_util::task::TaskTracker;
+//!
+//! let mut config = AmqpMeshConfig::new("amqp://guest:guest@127.0.0.1:5672/%2Fmy-vhost");
+//! config.service_name = "my-gateway".to_owned();
+//! let mesh_shutdown = CancellationToken::new();
+//! let (mesh, inbound) = AmqpMesh::start(config, mesh_shutdown.clone()).await?;
+//!
+//! let auth = JwtAuthenticator::new(JwtConfig::new(JwtKey::Hs256Secret(b"secret".to_vec())))?;
+//! let shutdown = CancellationToken::new();
+//! let (coordinator, _handle) = Coordinator::new(
+//!     CoreConfig::default(),
+//!     Arc::new(auth),
+//!     Arc::new(mesh.clone()),
+//!     inbound,
+//!     TaskTracker::new(),
+//!     shutdown.clone(),
+//! );
+//! let routing = tokio::spawn(coordinator.run(Duration::from_secs(5)));
+//! // ... serve clients with `_handle` (ws-adapter) ...
+//! shutdown.cancel();
+//! routing.await?;
+//! // The mesh goes last, once in-flight calls are settled.
+//! mesh_shutdown.cancel();
+//! mesh.closed().await;
+//! # Ok(())
+//! # }
+//! ```
 
-#![warn(unreachable_pub)]
+#![warn(missing_docs, unreachable_pub)]
 
 // A module only uses modules on floors below its own (see the code map above and
 // docs/ARCHITECTURE.md); rustfmt keeps this list alphabetical.

@@ -11,7 +11,9 @@ use crate::ids::UserId;
 /// Who a session belongs to.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Identity {
+    /// The user (the token's `sub`): sessions, targeted events and `disconnect_user` go by it.
     pub user_id: UserId,
+    /// A display name (the configured username claim, `sub` when absent); sent in the hello.
     pub username: String,
     /// The raw bearer token, forwarded to services as `Authorization: Bearer <token>`.
     pub token: String,
@@ -36,20 +38,29 @@ impl fmt::Debug for Identity {
 /// header's `alg`, a claim), and a refusal is logged before anything is verified.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
+    /// No token was presented.
     #[error("no credentials")]
     Missing,
+    /// `exp` (plus the leeway) is in the past.
     #[error("token expired")]
     Expired,
+    /// `nbf` (minus the leeway) is in the future.
     #[error("token not yet valid")]
     NotYetValid,
+    /// The signature does not verify with the configured key (or, for other authenticators,
+    /// the credential is unknown).
     #[error("invalid token signature")]
     BadSignature,
+    /// The header names an algorithm other than the configured key's (including `none`).
     #[error("token algorithm not allowed")]
     AlgorithmNotAllowed,
+    /// `aud` does not match [`JwtConfig::audience`].
     #[error("wrong token audience")]
     WrongAudience,
+    /// `iss` does not match [`JwtConfig::issuer`].
     #[error("wrong token issuer")]
     WrongIssuer,
+    /// `sub` is absent, empty or not a string.
     #[error("token has no usable subject")]
     MissingSubject,
     /// `iat` later than now (beyond the leeway): the issuer's clock or the token is wrong.
@@ -67,6 +78,8 @@ pub enum AuthError {
 /// not block for long (no network).
 #[cfg_attr(any(test, feature = "test-util"), mockall::automock)]
 pub trait Authenticator: Send + Sync + 'static {
+    /// The identity `token` belongs to (the bearer prefix already stripped), or why it is
+    /// refused; a refusal is answered 401 at the upgrade and "unauthorized" on `refresh`.
     fn authenticate(&self, token: &str) -> Result<Identity, AuthError>;
 }
 
@@ -94,6 +107,7 @@ impl fmt::Debug for JwtKey {
 /// JWT verification settings.
 #[derive(Debug, Clone)]
 pub struct JwtConfig {
+    /// The key that verifies signatures; it also fixes the one algorithm accepted.
     pub key: JwtKey,
     /// Required `iss`, when set.
     pub issuer: Option<String>,
@@ -110,6 +124,7 @@ pub struct JwtConfig {
 }
 
 impl JwtConfig {
+    /// A configuration with `key` and the defaults of every other field.
     pub fn new(key: JwtKey) -> Self {
         JwtConfig {
             key,
@@ -137,6 +152,7 @@ pub struct JwtAuthenticator {
 }
 
 impl JwtAuthenticator {
+    /// Builds the decoding key once; fails if the PEM key cannot be parsed.
     pub fn new(config: JwtConfig) -> Result<Self, JwtConfigError> {
         let (key, alg) = match &config.key {
             JwtKey::Hs256Secret(s) => (DecodingKey::from_secret(s), Algorithm::HS256),

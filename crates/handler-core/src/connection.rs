@@ -15,10 +15,12 @@ pub struct SharedFrame {
 }
 
 impl SharedFrame {
+    /// Wraps a frame for sharing; nothing is encoded until a session asks for an encoding.
     pub fn new(frame: ServerFrame) -> Arc<Self> {
         Arc::new(SharedFrame { frame, json: OnceLock::new(), msgpack: OnceLock::new() })
     }
 
+    /// The frame itself.
     pub fn frame(&self) -> &ServerFrame {
         &self.frame
     }
@@ -44,7 +46,9 @@ impl SharedFrame {
 /// preference" (the encoding of the last frame the client sent; JSON until then).
 #[derive(Debug, Clone)]
 pub struct Outbound {
+    /// The frame, shared with every other session it is queued for.
     pub frame: Arc<SharedFrame>,
+    /// The encoding to send it in; `None`: the session's current preference.
     pub encoding: Option<Encoding>,
 }
 
@@ -70,6 +74,7 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
+    /// The numeric close code sent in the close frame.
     pub fn as_u16(self) -> u16 {
         match self {
             CloseCode::Normal => 1000,
@@ -87,12 +92,14 @@ impl CloseCode {
 /// Why a session is being closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseReason {
+    /// The close code.
     pub code: CloseCode,
     /// Short text for the close frame (kept under 123 bytes by the adapter).
     pub reason: String,
 }
 
 impl CloseReason {
+    /// A close with this code and reason text.
     pub fn new(code: CloseCode, reason: impl Into<String>) -> Self {
         CloseReason { code, reason: reason.into() }
     }

@@ -32,8 +32,11 @@ use crate::topic::topic_matches;
 /// Everything the core is configured with.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
+    /// Session registry limits and the topics open to subscription.
     pub sessions: SessionRegistryConfig,
+    /// Request routing: timeout, in-flight limits, what clients may call.
     pub mesh: MeshManagerConfig,
+    /// Bounds applied while decoding client frames (docs/PROTOCOL.md, "Limits").
     pub client_limits: ClientLimits,
     /// Topic patterns whose untargeted events go to every session (default none).
     pub broadcast_topics: Vec<String>,

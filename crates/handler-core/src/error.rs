@@ -19,8 +19,12 @@ pub enum CoreError {
     /// A call failed in the mesh before a service answered.
     #[error("call failed")]
     Mesh(#[source] MeshError),
+    /// The session has the most requests in flight allowed
+    /// (`MeshManagerConfig::max_in_flight_per_session`).
     #[error("too many requests in flight for this connection (limit {0})")]
     SessionLimit(usize),
+    /// The gateway has the most requests in flight allowed
+    /// (`MeshManagerConfig::max_in_flight_total`).
     #[error("gateway overloaded: too many requests in flight (limit {0})")]
     GatewayLimit(usize),
     /// The session's in-flight calls hold too many decoded bytes.
@@ -38,21 +42,32 @@ pub enum CoreError {
     /// A method outside the clients' allow-list (`MeshManagerConfig::callable`), or a
     /// service's self-description when clients may not read it.
     #[error("{service}.{method} may not be called by clients")]
-    NotCallable { service: String, method: String },
+    NotCallable {
+        /// The service the client named.
+        service: String,
+        /// The method the client named.
+        method: String,
+    },
     /// The session's token expired and was not refreshed (as a close, 4003).
     #[error("token expired")]
     TokenExpired,
+    /// A `refresh` token was refused by the authenticator (the client only sees
+    /// "unauthorized").
     #[error("refresh refused")]
     RefreshRefused(#[source] AuthError),
+    /// A `refresh` token belongs to another user than the session's.
     #[error("the new token belongs to another user")]
     OtherUser,
+    /// The session is not (or no longer) registered.
     #[error("unknown session")]
     UnknownSession,
     /// The user already has the most sessions allowed (as a close, 1008).
     #[error("too many sessions for this user (limit {0})")]
     TooManySessions(usize),
+    /// A subscription pattern outside `SessionRegistryConfig::subscribable`.
     #[error("topic pattern `{0}` is not open to subscription")]
     NotSubscribable(String),
+    /// The session would hold more patterns than allowed.
     #[error("at most {0} subscriptions per session")]
     TooManySubscriptions(usize),
     /// The session's outbound queue was full (closed with 1013).

@@ -9,14 +9,17 @@ macro_rules! string_id {
         pub struct $name(String);
 
         impl $name {
+            /// Wraps an id; any string is accepted (ids come from tokens and the mesh).
             pub fn new(id: impl Into<String>) -> Self {
                 $name(id.into())
             }
 
+            /// The id as text.
             pub fn as_str(&self) -> &str {
                 &self.0
             }
 
+            /// The id's text, without copying.
             pub fn into_string(self) -> String {
                 self.0
             }

@@ -19,8 +19,11 @@ use crate::mesh::{
 /// What a method receives.
 #[derive(Debug, Clone)]
 pub struct MethodCall {
+    /// The keyword arguments of the call.
     pub params: JsonObject,
+    /// The gateway's context: `user_id`, `Authorization` and `trace_id`.
     pub context: JsonObject,
+    /// The call's trace id.
     pub trace_id: String,
 }
 
@@ -84,6 +87,7 @@ pub struct InMemoryMesh {
 }
 
 impl InMemoryMesh {
+    /// A builder with no services; add methods, then [`InMemoryMeshBuilder::build`].
     pub fn builder() -> InMemoryMeshBuilder {
         InMemoryMeshBuilder::default()
     }

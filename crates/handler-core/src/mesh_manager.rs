@@ -1,6 +1,6 @@
 //! `ServiceMeshManager`: turns client calls into mesh calls, bounds and tracks the pending
 //! ones per session, and runs each in a tracked task that answers its session itself,
-//! through the [`SessionHandle`] given with the call (so the slow-client policy applies
+//! through the `SessionHandle` given with the call (so the slow-client policy applies
 //! there too). A closed session's pending calls are cancelled; their late responses are
 //! dropped by the mesh adapter.
 
@@ -118,7 +118,7 @@ struct Pending {
 }
 
 /// See the module docs.
-pub struct ServiceMeshManager {
+pub(crate) struct ServiceMeshManager {
     mesh: Arc<dyn ServiceMesh>,
     config: MeshManagerConfig,
     pending: Arc<Mutex<Pending>>,
@@ -166,7 +166,7 @@ fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
 
 impl ServiceMeshManager {
     /// `tracker` tracks the per-call tasks so shutdown can drain them.
-    pub fn new(
+    pub(crate) fn new(
         mesh: Arc<dyn ServiceMesh>,
         config: MeshManagerConfig,
         tracker: TaskTracker,
@@ -183,34 +183,32 @@ impl ServiceMeshManager {
         }
     }
 
-    pub fn config(&self) -> &MeshManagerConfig {
-        &self.config
-    }
-
-    pub fn mesh(&self) -> &Arc<dyn ServiceMesh> {
+    pub(crate) fn mesh(&self) -> &Arc<dyn ServiceMesh> {
         &self.mesh
     }
 
     /// Calls in flight across the gateway.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         lock(&self.pending).total
     }
 
     /// Decoded bytes of the calls in flight across the gateway.
-    pub fn in_flight_bytes(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn in_flight_bytes(&self) -> usize {
         lock(&self.pending).total_bytes
     }
 
     /// Calls in flight for one session.
-    pub fn in_flight_for(&self, session_id: &SessionId) -> usize {
+    #[cfg(test)]
+    pub(crate) fn in_flight_for(&self, session_id: &SessionId) -> usize {
         lock(&self.pending).sessions.get(session_id).map_or(0, |s| s.in_flight)
     }
 
-    pub fn requests_total(&self) -> u64 {
+    pub(crate) fn requests_total(&self) -> u64 {
         self.counters.requests.load(Ordering::Relaxed)
     }
 
-    pub fn timeouts_total(&self) -> u64 {
+    pub(crate) fn timeouts_total(&self) -> u64 {
         self.counters.timeouts.load(Ordering::Relaxed)
     }
 
@@ -258,7 +256,7 @@ impl ServiceMeshManager {
     }
 
     /// Builds the mesh context. Clients never set it: only the gateway's identity fields.
-    pub fn context_for(identity: &Identity, trace_id: &TraceId) -> JsonObject {
+    pub(crate) fn context_for(identity: &Identity, trace_id: &TraceId) -> JsonObject {
         let mut ctx = JsonObject::new();
         ctx.insert("user_id".into(), Value::String(identity.user_id.to_string()));
         ctx.insert("Authorization".into(), Value::String(format!("Bearer {}", identity.token)));
@@ -279,7 +277,7 @@ impl ServiceMeshManager {
 
     /// Submits a request. Its outcome (response, service error, timeout, mesh failure) is
     /// sent to `session` later as one `response` frame. Returns the trace id used.
-    pub fn request(
+    pub(crate) fn request(
         &self,
         session: &SessionHandle,
         identity: &Identity,
@@ -290,7 +288,7 @@ impl ServiceMeshManager {
     }
 
     /// Publishes a command. Sends `accepted` once published, or an error `response`.
-    pub fn command(
+    pub(crate) fn command(
         &self,
         session: &SessionHandle,
         identity: &Identity,
@@ -411,12 +409,12 @@ impl ServiceMeshManager {
 
     /// Ends every pending call now with a "gateway shutting down" error response (the drain
     /// deadline passed).
-    pub fn abort_pending(&self) {
+    pub(crate) fn abort_pending(&self) {
         self.abort.cancel();
     }
 
     /// Forgets a closed session: its pending calls are cancelled.
-    pub fn session_closed(&self, session_id: &SessionId) {
+    pub(crate) fn session_closed(&self, session_id: &SessionId) {
         let p = lock(&self.pending);
         if let Some(s) = p.sessions.get(session_id) {
             s.cancel.cancel();

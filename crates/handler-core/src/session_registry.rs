@@ -1,6 +1,6 @@
 //! `SessionRegistry`: the registry of live sessions, by id and by user, with their topic
 //! subscriptions, and the fan-out paths (a set of users, subscribers, all).
-//! [`SessionHandle`] is one session's way out, with the slow-client policy; a pending call
+//! `SessionHandle` is one session's way out, with the slow-client policy; a pending call
 //! holds one, so its answer goes to its session without passing through the registry.
 //!
 //! Locking: one `RwLock` over the registry, held only to look up or change entries, never
@@ -53,7 +53,7 @@ struct FrameCounters {
 /// reference count: the fan-out paths clone one per session reached); a call in flight
 /// keeps one to answer its session directly.
 #[derive(Clone)]
-pub struct SessionHandle(Arc<HandleInner>);
+pub(crate) struct SessionHandle(Arc<HandleInner>);
 
 struct HandleInner {
     session_id: SessionId,
@@ -62,7 +62,7 @@ struct HandleInner {
 }
 
 impl SessionHandle {
-    pub fn session_id(&self) -> &SessionId {
+    pub(crate) fn session_id(&self) -> &SessionId {
         &self.0.session_id
     }
 
@@ -71,7 +71,7 @@ impl SessionHandle {
     /// Overload policy: a full outbound queue means the client does not keep up. The frame
     /// is dropped, counted, and the session closed with 1013 so the client knows to
     /// reconnect — nothing is lost silently, and one slow client never blocks the others.
-    pub fn send(&self, outbound: Outbound) -> bool {
+    pub(crate) fn send(&self, outbound: Outbound) -> bool {
         let this = &*self.0;
         match this.handler.send(outbound) {
             Ok(()) => {
@@ -88,7 +88,7 @@ impl SessionHandle {
     }
 
     /// Asks the session's connection to close (idempotent).
-    pub fn close(&self, reason: CloseReason) {
+    pub(crate) fn close(&self, reason: CloseReason) {
         self.0.handler.close(reason);
     }
 }
@@ -105,7 +105,7 @@ struct Registry {
 }
 
 /// Session registry and fan-out.
-pub struct SessionRegistry {
+pub(crate) struct SessionRegistry {
     config: SessionRegistryConfig,
     registry: RwLock<Registry>,
     high_water: AtomicUsize,
@@ -113,7 +113,7 @@ pub struct SessionRegistry {
 }
 
 impl SessionRegistry {
-    pub fn new(config: SessionRegistryConfig) -> Self {
+    pub(crate) fn new(config: SessionRegistryConfig) -> Self {
         SessionRegistry {
             config,
             registry: RwLock::new(Registry::default()),
@@ -134,7 +134,7 @@ impl SessionRegistry {
 
     /// Registers a session. Replaces nothing: session ids are fresh random ids. Refused once
     /// `close_all` has run (shutdown).
-    pub fn register(
+    pub(crate) fn register(
         &self,
         session_id: SessionId,
         identity: Identity,
@@ -164,7 +164,7 @@ impl SessionRegistry {
     }
 
     /// Removes a session. Returns its identity if it was registered.
-    pub fn unregister(&self, session_id: &SessionId) -> Option<Arc<Identity>> {
+    pub(crate) fn unregister(&self, session_id: &SessionId) -> Option<Arc<Identity>> {
         let mut reg = self.write();
         let session = reg.sessions.remove(session_id)?;
         let user = &session.identity.user_id;
@@ -178,41 +178,42 @@ impl SessionRegistry {
     }
 
     /// A live session's identity and handle.
-    pub fn session(&self, session_id: &SessionId) -> Option<(Arc<Identity>, SessionHandle)> {
+    pub(crate) fn session(&self, session_id: &SessionId) -> Option<(Arc<Identity>, SessionHandle)> {
         let reg = self.read();
         let s = reg.sessions.get(session_id)?;
         Some((Arc::clone(&s.identity), s.handle.clone()))
     }
 
-    pub fn session_count(&self) -> usize {
+    pub(crate) fn session_count(&self) -> usize {
         self.read().sessions.len()
     }
 
-    pub fn user_count(&self) -> usize {
+    pub(crate) fn user_count(&self) -> usize {
         self.read().by_user.len()
     }
 
     /// The most sessions ever live at once.
-    pub fn high_water(&self) -> usize {
+    pub(crate) fn high_water(&self) -> usize {
         self.high_water.load(Ordering::Relaxed)
     }
 
-    pub fn frames_sent(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn frames_sent(&self) -> u64 {
         self.counters.sent.load(Ordering::Relaxed)
     }
 
     /// Frames not delivered because a session's queue was full (the session is then closed).
-    pub fn frames_dropped(&self) -> u64 {
+    pub(crate) fn frames_dropped(&self) -> u64 {
         self.counters.dropped.load(Ordering::Relaxed)
     }
 
     /// Sessions of a user.
-    pub fn sessions_of(&self, user: &UserId) -> Vec<SessionId> {
+    pub(crate) fn sessions_of(&self, user: &UserId) -> Vec<SessionId> {
         self.read().by_user.get(user).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
 
     /// Sends one frame to every session of these users. Returns the sessions reached.
-    pub fn send_to_users(&self, users: &[UserId], frame: Arc<SharedFrame>) -> usize {
+    pub(crate) fn send_to_users(&self, users: &[UserId], frame: Arc<SharedFrame>) -> usize {
         let handles = self.handles_of(users);
         self.deliver_all(&handles, &frame)
     }
@@ -231,7 +232,7 @@ impl SessionRegistry {
     }
 
     /// Sends one frame to every session. Returns the sessions reached.
-    pub fn send_to_all(&self, frame: Arc<SharedFrame>) -> usize {
+    pub(crate) fn send_to_all(&self, frame: Arc<SharedFrame>) -> usize {
         // Handles are collected under the lock (one reference count each) and sent to
         // outside it, so a connection's `send` never runs while the registry is locked.
         let handles: Vec<SessionHandle> =
@@ -240,7 +241,7 @@ impl SessionRegistry {
     }
 
     /// Sends one frame to every session subscribed to a pattern matching `topic`.
-    pub fn send_to_subscribers(&self, topic: &str, frame: Arc<SharedFrame>) -> usize {
+    pub(crate) fn send_to_subscribers(&self, topic: &str, frame: Arc<SharedFrame>) -> usize {
         let words: Vec<&str> = topic.split('.').collect();
         let handles: Vec<SessionHandle> = self
             .read()
@@ -253,7 +254,7 @@ impl SessionRegistry {
     }
 
     /// Replaces a session's identity with a refreshed one of the same user.
-    pub fn refresh_identity(
+    pub(crate) fn refresh_identity(
         &self,
         session_id: &SessionId,
         identity: Identity,
@@ -269,7 +270,7 @@ impl SessionRegistry {
 
     /// Closes every session whose token expired at or before `now` (Unix seconds) with
     /// 4003. Returns how many.
-    pub fn close_expired(&self, now: u64) -> usize {
+    pub(crate) fn close_expired(&self, now: u64) -> usize {
         let handles: Vec<SessionHandle> = self
             .read()
             .sessions
@@ -286,7 +287,7 @@ impl SessionRegistry {
 
     /// Adds topic patterns to a session; returns its subscriptions afterwards. Every
     /// pattern must be covered by a `subscribable` pattern (all or nothing).
-    pub fn subscribe(
+    pub(crate) fn subscribe(
         &self,
         session_id: &SessionId,
         topics: &[String],
@@ -330,7 +331,7 @@ impl SessionRegistry {
     }
 
     /// Removes topic patterns from a session; returns its subscriptions afterwards.
-    pub fn unsubscribe(
+    pub(crate) fn unsubscribe(
         &self,
         session_id: &SessionId,
         topics: &[String],
@@ -342,7 +343,8 @@ impl SessionRegistry {
     }
 
     /// Closes one session (it unregisters itself when its connection ends).
-    pub fn close_session(&self, session_id: &SessionId, reason: CloseReason) -> bool {
+    #[cfg(test)]
+    pub(crate) fn close_session(&self, session_id: &SessionId, reason: CloseReason) -> bool {
         let handle = self.read().sessions.get(session_id).map(|s| s.handle.clone());
         match handle {
             Some(h) => {
@@ -354,7 +356,7 @@ impl SessionRegistry {
     }
 
     /// Closes every session of these users. Returns the sessions closed.
-    pub fn close_users(&self, users: &[UserId], reason: CloseReason) -> usize {
+    pub(crate) fn close_users(&self, users: &[UserId], reason: CloseReason) -> usize {
         let handles = self.handles_of(users);
         for h in &handles {
             h.close(reason.clone());
@@ -363,7 +365,7 @@ impl SessionRegistry {
     }
 
     /// Closes every session, and refuses new ones from now on.
-    pub fn close_all(&self, reason: CloseReason) -> usize {
+    pub(crate) fn close_all(&self, reason: CloseReason) -> usize {
         let handles: Vec<SessionHandle> = {
             let mut reg = self.write();
             reg.closed = true;

@@ -17,10 +17,13 @@ pub struct TopicPattern {
 }
 
 impl TopicPattern {
+    /// Splits `text` at `.`; any text is accepted (patterns are checked where clients send
+    /// them).
     pub fn new(text: &str) -> Self {
         TopicPattern { text: text.to_owned(), words: text.split('.').map(str::to_owned).collect() }
     }
 
+    /// The pattern as written.
     pub fn as_str(&self) -> &str {
         &self.text
     }

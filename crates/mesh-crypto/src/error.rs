@@ -16,7 +16,12 @@ pub enum CryptoError {
 
     /// `ServicePrivateKey::generate` was asked for a key below the minimum size.
     #[error("rsa key size of {bits} bits is below the minimum of {min} bits")]
-    KeyTooSmall { bits: usize, min: usize },
+    KeyTooSmall {
+        /// The size asked for, in bits.
+        bits: usize,
+        /// The smallest size generated ([`crate::MIN_GENERATED_RSA_BITS`]).
+        min: usize,
+    },
 
     /// The RSA library failed to generate a key.
     #[error("rsa key generation failed")]

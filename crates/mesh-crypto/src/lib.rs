@@ -13,8 +13,39 @@
 //!   reads that segment.
 //!
 //! No I/O, no logging; every failure is a [`CryptoError`], never a panic.
+//!
+//! In the layering (docs/ARCHITECTURE.md) it depends on no other crate of the gateway;
+//! `amqp-mesh` uses it for encrypted methods. RSA, PEM and Fernet types stay private:
+//! keys are [`ServicePublicKey`], [`ServicePrivateKey`] and [`SessionKey`].
+//!
+//! A request and its response, both ways:
+//!
+//! ```
+//! use mesh_crypto::{
+//!     ServicePrivateKey, decrypt_request, decrypt_response, encrypt_request, encrypt_response,
+//! };
+//!
+//! # let pem = std::fs::read_to_string(concat!(
+//! #     env!("CARGO_MANIFEST_DIR"),
+//! #     "/../../spec/vectors/service_private_key.pem"
+//! # ))?;
+//! // The service's key pair; `ServicePrivateKey::generate(2048)` makes a fresh one.
+//! let service = ServicePrivateKey::from_pem(&pem)?;
+//!
+//! // Requester: encrypt for the service's public key, keep the session key.
+//! let (body, session_key) = encrypt_request(&service.public_key(), br#"{"n":1}"#)?;
+//!
+//! // Service: decrypt, answer with the same session key.
+//! let (request, key) = decrypt_request(&service, &body)?;
+//! assert_eq!(request, br#"{"n":1}"#);
+//! let response = encrypt_response(&key, &service.public_key(), br#"{"ok":true}"#)?;
+//!
+//! // Requester: read the answer.
+//! assert_eq!(decrypt_response(&session_key, &response)?, br#"{"ok":true}"#);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
-#![warn(unreachable_pub)]
+#![warn(missing_docs, unreachable_pub)]
 
 mod error;
 mod fernet;

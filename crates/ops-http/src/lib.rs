@@ -17,10 +17,59 @@
 //!
 //! Architecture invariant: no dependency on lapin, tungstenite or any other gateway crate;
 //! what is reported comes in through [`OpsSource`].
+//!
+//! In the layering (docs/ARCHITECTURE.md) it stands alone: the binary implements
+//! [`OpsSource`] over the core and the mesh adapter and runs [`serve`] on its own listener.
+//!
+//! Serving `/metrics` from a source of your own:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//!
+//! use ops_http::{Metric, OpsConfig, OpsSource};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//! use tokio::net::{TcpListener, TcpStream};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! struct Figures;
+//!
+//! impl OpsSource for Figures {
+//!     fn ready(&self) -> Result<(), String> {
+//!         Ok(())
+//!     }
+//!     fn metrics(&self) -> Vec<Metric> {
+//!         vec![Metric::gauge("my_sessions", "Open sessions.", 3.0)]
+//!     }
+//! }
+//!
+//! let listener = TcpListener::bind("127.0.0.1:0").await?;
+//! let addr = listener.local_addr()?;
+//! let shutdown = CancellationToken::new();
+//! let server = tokio::spawn(ops_http::serve(
+//!     listener,
+//!     OpsConfig::default(),
+//!     Arc::new(Figures),
+//!     shutdown.clone(),
+//! ));
+//!
+//! let mut client = TcpStream::connect(addr).await?;
+//! client.write_all(b"GET /metrics HTTP/1.1\r\nHost: ops\r\n\r\n").await?;
+//! let mut response = String::new();
+//! client.read_to_string(&mut response).await?; // `Connection: close`: read to the end.
+//! assert!(response.starts_with("HTTP/1.1 200"));
+//! assert!(response.contains("# TYPE my_sessions gauge\nmy_sessions 3\n"));
+//!
+//! shutdown.cancel();
+//! server.await??;
+//! # Ok(())
+//! # }
+//! ```
 
 // Crate-level because `[lints] workspace = true` takes no additions: a `pub` item that is
 // not reachable from outside the crate is dead public API or should say `pub(crate)`.
-#![warn(unreachable_pub)]
+#![warn(missing_docs, unreachable_pub)]
 
 mod config;
 mod connection;

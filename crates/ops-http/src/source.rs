@@ -45,7 +45,10 @@ pub struct Metric {
     pub name: Cow<'static, str>,
     /// One line of plain text for `# HELP`.
     pub help: Cow<'static, str>,
+    /// Counter or gauge, written as `# TYPE`.
     pub kind: MetricKind,
+    /// The sample; counters never decrease, NaN and infinities are written as Prometheus
+    /// spells them.
     pub value: f64,
 }
 

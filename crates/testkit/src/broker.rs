@@ -17,6 +17,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer
 use serde_json::Value;
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+/// The test broker's address; tests only ever use loopback.
 pub const BROKER: &str = "127.0.0.1:5672";
 /// Bound of every wait in these tests; nothing may hang.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -94,10 +95,12 @@ pub type SharedUse = RwLockReadGuard<'static, ()>;
 /// Held for the whole of a test that disturbs every connection in the vhost.
 pub type ExclusiveUse = RwLockWriteGuard<'static, ()>;
 
+/// Takes the shared use of the run's vhost (many tests at once).
 pub async fn shared_use() -> SharedUse {
     VHOST_USE.read().await
 }
 
+/// Takes the exclusive use of the run's vhost: waits until no other test holds it.
 pub async fn exclusive_use() -> ExclusiveUse {
     VHOST_USE.write().await
 }
@@ -133,7 +136,7 @@ pub fn require_broker() {
 const CTL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs `rabbitmqctl` and returns its stdout; panics with its output on failure or when it
-/// takes longer than [`CTL_TIMEOUT`].
+/// takes longer than 30 s (`CTL_TIMEOUT`).
 pub fn rabbitmqctl(args: &[&str]) -> String {
     match run_bounded(args) {
         Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -199,6 +202,7 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(WAIT, fut).await.unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
+/// A lapin connection to `url`; panics (the test fails) when it cannot connect.
 pub async fn connect(url: &str) -> Connection {
     Connection::connect(url, ConnectionProperties::default()).await.expect("test connection")
 }
@@ -218,13 +222,17 @@ pub fn nuropb_headers(message_type: &str, trace_id: Option<&str>, encrypted: boo
 /// A mesh participant written straight against lapin: publishes whatever a test wants
 /// and reads responses from its own (server-named, exclusive) reply queue.
 pub struct Peer {
+    /// The connection, held so that the channel stays open.
     pub _connection: Connection,
+    /// The channel the peer publishes and consumes on.
     pub channel: Channel,
+    /// The peer's exclusive, server-named reply queue.
     pub reply_queue: String,
     replies: Consumer,
 }
 
 impl Peer {
+    /// Connects to `url`, declares the reply queue and starts consuming it.
     pub async fn new(url: &str) -> Peer {
         let connection = connect(url).await;
         let channel = connection.create_channel().await.expect("channel");
@@ -233,6 +241,7 @@ impl Peer {
         Peer { _connection: connection, channel, reply_queue, replies }
     }
 
+    /// Publishes `body` as given and waits until it is written; panics on failure.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -354,6 +363,7 @@ pub async fn message_count(channel: &Channel, queue: &str) -> u32 {
 /// broker keeps the old connection (and its exclusive queues and consumers) until its
 /// heartbeat timeout. New connections pass through as before.
 pub struct HalfOpenProxy {
+    /// The loopback port the proxy listens on.
     pub port: u16,
     sever: tokio::sync::watch::Sender<u64>,
     hole: tokio::sync::watch::Sender<u64>,
@@ -362,6 +372,7 @@ pub struct HalfOpenProxy {
 }
 
 impl HalfOpenProxy {
+    /// Starts the proxy on a free loopback port, forwarding to [`BROKER`].
     pub async fn start() -> HalfOpenProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
         let port = listener.local_addr().expect("proxy address").port();

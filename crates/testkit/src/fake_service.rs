@@ -43,7 +43,9 @@ pub const OTHER_PRIVATE_KEY_PEM: &str = include_str!("../fixtures/service_privat
 /// One delivery as the service received it.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// The AMQP properties as received.
     pub properties: BasicProperties,
+    /// The body as received (encrypted when the call was).
     pub body: Vec<u8>,
     /// The body after decryption (equal to `body` for plaintext).
     pub plaintext: Vec<u8>,
@@ -76,10 +78,18 @@ impl ServiceOptions<'_> {
     }
 }
 
+/// A Rust NuroPb service on the broker that answers as nuropb 0.1.8 does: `echo` returns
+/// its params, `slow`, `fail`, `secret` and the other test methods behave as their names
+/// say, `nuropb_describe` returns its description (with its public key when encrypted).
+/// It counts and, when recording, keeps what it received.
 pub struct FakeService {
+    /// Every delivery received, in order, when recording.
     pub received: Arc<Mutex<Vec<Received>>>,
+    /// How many `nuropb_describe` calls it received.
     pub describes: Arc<AtomicUsize>,
+    /// Clear to leave `nuropb_describe` unanswered (a busy service).
     pub answer_describe: Arc<AtomicBool>,
+    /// How many encrypted bodies it could not decrypt (nuropb would die on the second).
     pub undecryptable: Arc<AtomicUsize>,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -108,6 +118,7 @@ impl FakeService {
         FakeService::start_opts(url, name, ServiceOptions { key_pem, ..Default::default() }).await
     }
 
+    /// A service run as `options` say.
     pub async fn start_opts(url: &str, name: &str, options: ServiceOptions<'_>) -> FakeService {
         let ServiceOptions { key_pem, prefetch, record } = options;
         let connection = connect(url).await;
@@ -199,6 +210,7 @@ impl FakeService {
         service
     }
 
+    /// A copy of what it has received so far.
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().expect("lock").clone()
     }

@@ -25,7 +25,9 @@ pub fn estimated_object_size(object: &JsonObject) -> usize {
 /// How a frame's bytes are encoded. Text frames are JSON, binary frames MessagePack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Encoding {
+    /// JSON text (text frames).
     Json,
+    /// MessagePack with named fields (binary frames).
     MessagePack,
 }
 
@@ -78,8 +80,12 @@ impl Default for ClientLimits {
 /// A validated client call (`request` or `command`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientCall {
+    /// The service to call: non-empty, at most [`ClientLimits::max_name_len`] bytes, no
+    /// control characters.
     pub service: String,
+    /// The method to call, with the same rules as `service`.
     pub method: String,
+    /// The keyword arguments, always an object.
     pub params: JsonObject,
     /// The client's trace id; `None` when absent or `null` (the gateway then generates one).
     pub trace_id: Option<String>,
@@ -95,14 +101,23 @@ pub enum ClientMessage {
     Command(ClientCall),
     /// `{"type":"subscribe","payload":{"topics":[…]}}` — event topic patterns (AMQP topic
     /// syntax) this session wants events for.
-    Subscribe { topics: Vec<String> },
+    Subscribe {
+        /// The patterns to add, each checked against the topic limits.
+        topics: Vec<String>,
+    },
     /// `{"type":"unsubscribe","payload":{"topics":[…]}}`.
-    Unsubscribe { topics: Vec<String> },
+    Unsubscribe {
+        /// The patterns to remove; unknown ones are ignored.
+        topics: Vec<String>,
+    },
     /// `{"type":"ping"}` — answered by `pong`; an application-level liveness check.
     Ping,
     /// `{"type":"refresh","payload":{"token":"<jwt>"}}` — replaces the session's token
     /// before it expires (same user only); answered by `refreshed`.
-    Refresh { token: String },
+    Refresh {
+        /// The new bearer token, at most [`ClientLimits::max_token_len`] bytes.
+        token: String,
+    },
 }
 
 /// What went wrong with a client frame.
@@ -121,8 +136,12 @@ pub enum FrameErrorKind {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct ClientFrameError {
+    /// Which of the three kinds of refusal this is; decides the error name.
     pub kind: FrameErrorKind,
+    /// What is wrong, naming the field by its path (`` `payload.service` ``); safe to send
+    /// to the client.
     pub message: String,
+    /// The frame's own trace id, when it carried a usable one.
     pub trace_id: Option<String>,
 }
 
@@ -140,6 +159,7 @@ impl ClientFrameError {
         }
     }
 
+    /// The error as the NuroPb error object sent to the client.
     pub fn to_error_object(&self) -> ErrorObject {
         ErrorObject::new(self.error_name(), self.message.clone())
     }
@@ -662,25 +682,47 @@ pub fn type_name(value: &Value) -> &'static str {
 #[serde(tag = "type", content = "payload", rename_all = "lowercase")]
 pub enum ServerMessage {
     /// The hello frame (topic `hello`) and every mesh event.
-    Event { topic: String, event: Value },
+    Event {
+        /// The event's topic (`hello` for the hello frame).
+        topic: String,
+        /// The event payload, as the publisher sent it.
+        event: Value,
+    },
     /// The answer to one request.
-    Response { trace_id: Option<String>, result: Value, error: Option<ErrorObject> },
+    Response {
+        /// The request's trace id (the client's, or the one the gateway generated).
+        trace_id: Option<String>,
+        /// The method's result; `null` on error.
+        result: Value,
+        /// The service's error object passed through, or one of the gateway's own.
+        error: Option<ErrorObject>,
+    },
     /// A command was published to the mesh (commands get no response from services).
-    Accepted { trace_id: Option<String> },
+    Accepted {
+        /// The command's trace id.
+        trace_id: Option<String>,
+    },
     /// The session's topic subscriptions after a subscribe/unsubscribe.
-    Subscribed { topics: Vec<String> },
+    Subscribed {
+        /// Every pattern the session is now subscribed to.
+        topics: Vec<String>,
+    },
     /// The answer to `ping`.
     Pong {},
     /// The session's token was replaced; `expires_at` (Unix seconds) is when the new token
     /// stops being accepted (its `exp` plus the gateway's clock-skew leeway), at which point
     /// the session is closed (4003) unless refreshed again.
-    Refreshed { expires_at: Option<u64> },
+    Refreshed {
+        /// Unix seconds; `None` when the new token never expires.
+        expires_at: Option<u64>,
+    },
 }
 
 /// Everything the gateway sends to a client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ServerFrame {
+    /// A typed message in the `{"type", "payload"}` envelope.
     Message(ServerMessage),
     /// Input that could not be attributed to a request: `{"error", "description"}` at top
     /// level, as nuropb-gw 0.1.4 sent it, plus `trace_id` when known.
@@ -690,8 +732,11 @@ pub enum ServerFrame {
 /// The top-level error frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorFrame {
+    /// The error name, as in [`ErrorObject::error`].
     pub error: String,
+    /// What was wrong with the frame.
     pub description: String,
+    /// The frame's trace id when it had a usable one (omitted otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
 }
@@ -700,7 +745,9 @@ pub struct ErrorFrame {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot encode server frame as {encoding:?}")]
 pub struct EncodeError {
+    /// The encoding that failed.
     pub encoding: Encoding,
+    /// The encoder's error.
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }

@@ -18,19 +18,29 @@ use serde_json::Value;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ControlOp {
+    /// Deliver `event` on `topic` to every session of these users.
     PushToUsers {
+        /// The users (`sub` of their tokens) whose sessions get the event.
         user_ids: Vec<String>,
+        /// The topic the sessions see the event under.
         topic: String,
+        /// The payload, any JSON value.
         #[serde(default)]
         event: Value,
     },
+    /// Deliver `event` on `topic` to every session.
     PushToAll {
+        /// The topic the sessions see the event under.
         topic: String,
+        /// The payload, any JSON value.
         #[serde(default)]
         event: Value,
     },
+    /// Close every session of these users (WebSocket close code 4001 with `reason`).
     DisconnectUsers {
+        /// The users whose sessions are closed.
         user_ids: Vec<String>,
+        /// The close frame's reason text.
         reason: String,
     },
 }

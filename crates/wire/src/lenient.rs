@@ -34,9 +34,12 @@ impl<'de, T: DeserializeOwned + Default> Deserialize<'de> for OrDefault<T> {
 /// of another type. Use with `#[serde(default)]` (absent reads as [`Field::Absent`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Field<T> {
+    /// The field is absent or `null`.
     #[default]
     Absent,
+    /// The field has the expected type.
     Valid(T),
+    /// The field is present with another type.
     Invalid,
 }
 

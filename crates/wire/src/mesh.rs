@@ -25,10 +25,18 @@ pub const DESCRIBE_METHOD: &str = "nuropb_describe";
 
 /// Header names, in the order nuropb writes them.
 pub mod header {
+    /// `nuropb_protocol`: the wire protocol version,
+    /// [`PROTOCOL_VERSION`](super::PROTOCOL_VERSION) on every message.
     pub const PROTOCOL: &str = "nuropb_protocol";
+    /// `nuropb_version`: the sender's nuropb library version, informational.
     pub const VERSION: &str = "nuropb_version";
+    /// `nuropb_type`: `request`, `command`, `event` or `response`
+    /// ([`MessageType`](super::MessageType)).
     pub const TYPE: &str = "nuropb_type";
+    /// `trace_id`: the call's trace id, or void (Python `None`).
     pub const TRACE_ID: &str = "trace_id";
+    /// `encrypted`: [`ENCRYPTED_YES`](super::ENCRYPTED_YES) for an encrypted body, anything
+    /// else for plaintext.
     pub const ENCRYPTED: &str = "encrypted";
 }
 
@@ -36,13 +44,18 @@ pub mod header {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MessageType {
+    /// A call that expects a response on the sender's `reply_to` queue (§5.1).
     Request,
+    /// A call that gets no response (§5.2).
     Command,
+    /// A published event, routed by topic (§5.3).
     Event,
+    /// The answer to a request (§5.4).
     Response,
 }
 
 impl MessageType {
+    /// The lowercase name nuropb writes in the header and the body `tag`.
     pub fn as_str(self) -> &'static str {
         match self {
             MessageType::Request => "request",
@@ -52,6 +65,7 @@ impl MessageType {
         }
     }
 
+    /// The type named `s` (exact, lowercase), or `None` for anything else.
     pub fn parse(s: &str) -> Option<MessageType> {
         match s {
             "request" => Some(MessageType::Request),
@@ -66,11 +80,15 @@ impl MessageType {
 /// The five NuroPb headers as the wire carries them (all long strings; `trace_id` may be void).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeshHeaders {
+    /// `nuropb_protocol`; nuropb 0.1.8 accepts only [`PROTOCOL_VERSION`].
     pub protocol: String,
+    /// `nuropb_version`, the sender's library version (never checked).
     pub version: String,
+    /// `nuropb_type`: what the body is.
     pub message_type: MessageType,
     /// `None` travels as an AMQP void value (Python `None`).
     pub trace_id: Option<String>,
+    /// Whether the body is encrypted (spec §10): the header is [`ENCRYPTED_YES`].
     pub encrypted: bool,
 }
 
@@ -101,14 +119,23 @@ impl MeshHeaders {
 /// when the body is re-encoded. Unknown extra keys are ignored, as nuropb ignores them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestBody {
+    /// [`MessageType::Request`] or [`MessageType::Command`].
     pub tag: MessageType,
+    /// The target service's name, also the routing key on the RPC exchange.
     pub service: String,
+    /// The method to call; names starting with `_` are private in nuropb.
     pub method: String,
+    /// Keyword arguments: the service calls `method(**params)`.
     pub params: JsonObject,
+    /// Matches the response to the request; the AMQP `correlation_id` property is what
+    /// receivers use (§3). `""` when absent.
     #[serde(default)]
     pub correlation_id: String,
+    /// The call context (`user_id`, `Authorization`, `trace_id` from the gateway); `{}`
+    /// when absent.
     #[serde(default)]
     pub context: JsonObject,
+    /// The trace id the call carries end to end; `None` when absent or `null`.
     #[serde(default)]
     pub trace_id: Option<String>,
 }
@@ -119,8 +146,10 @@ pub struct RequestBody {
 /// the strict form, for bodies the gateway writes or checks against the capture.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct ReceivedCall {
+    /// The `method` member: absent, a string, or something else.
     #[serde(default)]
     pub method: Field<String>,
+    /// The `params` member: absent, an object, or something else.
     #[serde(default)]
     pub params: Field<JsonObject>,
     /// Echoed in the response; anything but an object reads as `{}`.
@@ -136,16 +165,22 @@ pub struct ReceivedCall {
 /// as its default (`""`, `{}`, `None`). Well-formed bodies re-encode byte for byte.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventBody {
+    /// Always [`MessageType::Event`] for a well-formed body.
     #[serde(default = "tag::event", deserialize_with = "tag::event_or")]
     pub tag: MessageType,
+    /// The topic the event was published on, also its routing key; `""` when absent.
     #[serde(default, deserialize_with = "or_default")]
     pub topic: String,
+    /// The event payload, any JSON value; `null` when absent.
     #[serde(default)]
     pub event: Value,
+    /// The publisher's context; `{}` when absent.
     #[serde(default, deserialize_with = "or_default")]
     pub context: JsonObject,
+    /// The trace id of the call that caused the event, if any.
     #[serde(default, deserialize_with = "or_default")]
     pub trace_id: Option<String>,
+    /// A correlation id, if the publisher set one (informational for events).
     #[serde(default, deserialize_with = "or_default")]
     pub correlation_id: Option<String>,
     /// Advisory audience (user ids); `null` for most events. Kept as raw JSON so that a
@@ -159,23 +194,31 @@ pub struct EventBody {
 /// Decoding is lenient, as a requester only needs `result` and `error` (the AMQP
 /// properties carry the rest, §3): a missing `tag` reads as `response`, mistyped optional
 /// fields as their defaults, and `error` as nuropb's requester reads it (see
-/// [`error_leniently`]). Well-formed bodies re-encode byte for byte.
+/// `error_leniently`). Well-formed bodies re-encode byte for byte.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResponseBody {
+    /// Always [`MessageType::Response`] for a well-formed body.
     #[serde(default = "tag::response", deserialize_with = "tag::response_or")]
     pub tag: MessageType,
+    /// The method's return value; `null` when it failed.
     #[serde(default)]
     pub result: Value,
+    /// The error the method raised, or `None` on success.
     #[serde(default, deserialize_with = "error_leniently")]
     pub error: Option<ErrorObject>,
+    /// The request's correlation id, echoed.
     #[serde(default, deserialize_with = "or_default")]
     pub correlation_id: Option<String>,
+    /// The request's trace id, echoed.
     #[serde(default, deserialize_with = "or_default")]
     pub trace_id: Option<String>,
+    /// The request's context, echoed.
     #[serde(default, deserialize_with = "or_default")]
     pub context: JsonObject,
+    /// A warning the service attached to the result (nuropb writes `null`).
     #[serde(default)]
     pub warning: Option<Value>,
+    /// The queue the request asked the response to go to, echoed.
     #[serde(default, deserialize_with = "or_default")]
     pub reply_to: Option<String>,
 }
@@ -238,11 +281,15 @@ mod tag {
 /// The NuroPb error object (§7.2): always exactly these two keys on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorObject {
+    /// The error's name, e.g. `NuropbTimeoutError` or a service's exception class.
     pub error: String,
+    /// A human-readable description; for service exceptions nuropb's text, passed through
+    /// unchanged.
     pub description: String,
 }
 
 impl ErrorObject {
+    /// An error object with this name and description.
     pub fn new(error: impl Into<String>, description: impl Into<String>) -> Self {
         ErrorObject { error: error.into(), description: description.into() }
     }
@@ -279,6 +326,8 @@ pub struct DescribeResult {
 /// result that is not an object, is refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DescribeEncryption {
+    /// Method name → what decides its encryption; `None` when the result has no `methods`
+    /// (nothing is encrypted).
     pub methods: Option<BTreeMap<String, MethodEncryption>>,
     /// PEM `SubjectPublicKeyInfo`.
     pub public_key: Option<String>,
@@ -318,6 +367,8 @@ impl DescribeEncryption {
 /// The part of a method spec in a describe result that decides encryption.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct MethodEncryption {
+    /// Whether calls to this method must be encrypted; `false` when absent or not a
+    /// boolean.
     #[serde(default, deserialize_with = "or_default")]
     pub requires_encryption: bool,
 }

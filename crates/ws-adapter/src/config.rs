@@ -116,6 +116,8 @@ pub struct WsConfig {
     /// credentials are on by default and browsers send them cross-site, so allowing origins
     /// is a decision for the deployment, not a library default.
     pub origins: OriginPolicy,
+    /// Where credentials are looked for during the upgrade, in order (default: the
+    /// `Authorization` header, then the cookie).
     pub auth: AuthSources,
 }
 

@@ -8,5 +8,10 @@ pub enum WsError {
     /// An [`OriginPolicy`](crate::origin::OriginPolicy) entry that is not a host with an
     /// optional scheme and port.
     #[error("cannot parse origin entry {entry:?}: {reason}")]
-    InvalidOrigin { entry: String, reason: &'static str },
+    InvalidOrigin {
+        /// The entry as configured.
+        entry: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }

@@ -3,10 +3,64 @@
 //! then run one task per connection that owns its socket and talks to the core through a
 //! [`CoordinatorHandle`]. The core reaches a connection only through its bounded outbound
 //! queue (its [`handler_core::ClientConnection`] implementation is in `connection`).
+//!
+//! An adapter in the layering (docs/ARCHITECTURE.md): it depends on `handler-core` and the
+//! wire crate, and no tungstenite type appears in its API. [`serve`] takes tokio's
+//! `TcpListener` and tokio-util's `CancellationToken` and `TaskTracker` (the runtime's
+//! own vocabulary) so that the caller owns the socket, the shutdown signal and the drain.
+//! Every limit is a field of [`WsConfig`], with its default documented there. The
+//! repository's `examples/embed.rs` runs it with a client.
+//!
+//! Serving until shutdown:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use handler_core::in_memory::InMemoryMesh;
+//! use handler_core::{Coordinator, CoreConfig, JwtAuthenticator, JwtConfig, JwtKey};
+//! use tokio::net::TcpListener;
+//! use tokio_util::sync::CancellationToken;
+//! use tokio_util::task::TaskTracker;
+//! use ws_adapter::{WsConfig, WsStatsHandle};
+//!
+//! let (mesh, inbound) = InMemoryMesh::builder().build();
+//! let auth = JwtAuthenticator::new(JwtConfig::new(JwtKey::Hs256Secret(b"secret".to_vec())))?;
+//! let shutdown = CancellationToken::new();
+//! let (coordinator, handle) = Coordinator::new(
+//!     CoreConfig::default(),
+//!     Arc::new(auth),
+//!     Arc::new(mesh),
+//!     inbound,
+//!     TaskTracker::new(),
+//!     shutdown.clone(),
+//! );
+//! let routing = tokio::spawn(coordinator.run(Duration::from_secs(1)));
+//! let listener = TcpListener::bind("127.0.0.1:0").await?;
+//! let connections = TaskTracker::new();
+//! let server = tokio::spawn(ws_adapter::serve(
+//!     listener,
+//!     WsConfig::default(),
+//!     handle,
+//!     shutdown.clone(),
+//!     connections.clone(),
+//!     WsStatsHandle::new(),
+//! ));
+//! // ... clients connect to ws://<listener address>/ ...
+//! shutdown.cancel();
+//! server.await??;
+//! routing.await?;
+//! connections.close();
+//! connections.wait().await;
+//! # Ok(())
+//! # }
+//! ```
 
 // Crate-level because `[lints] workspace = true` takes no additions: a `pub` item that is
 // not reachable from outside the crate is dead public API or should say `pub(crate)`.
-#![warn(unreachable_pub)]
+#![warn(missing_docs, unreachable_pub)]
 
 mod config;
 mod connection;

@@ -86,10 +86,13 @@ impl Default for Counters {
 const OVERSIZED_WARNING_INTERVAL: Duration = Duration::from_secs(1);
 
 impl WsStatsHandle {
+    /// Counters all at zero; clone the handle into [`crate::serve`] and wherever they are
+    /// read.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// A snapshot of every counter (each read independently).
     pub fn stats(&self) -> WsStats {
         let c = &*self.counters;
         // Relaxed: independent counters, read for reporting only.
