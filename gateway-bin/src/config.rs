@@ -52,7 +52,7 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_AMQP_URL")]
     pub amqp_url: Option<String>,
 
-    /// The gateway's own NuroPb service name (its queue is nuropb-<name>-sq).
+    /// The gateway's own NuroPb service name (its queue is `nuropb-<name>-sq`).
     #[arg(long, env = "NUROPB_SERVICE_NAME", default_value = "nuropb-gateway")]
     pub service_name: String,
 

@@ -159,7 +159,7 @@ impl GatewayProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// The stderr lines captured so far (the first [`MAX_CAPTURED_LINES`]) and the number of
+    /// The stderr lines captured so far (the first `MAX_CAPTURED_LINES`) and the number of
     /// lines written in all; empty unless started with [`GatewayProcess::start_capturing`].
     pub fn stderr_lines(&self) -> (Vec<String>, usize) {
         match &self.stderr {

@@ -40,19 +40,15 @@ pub fn clippy() -> Result<()> {
     ]))
 }
 
-/// The API docs of every library crate (and the examples package), with rustdoc warnings
-/// (broken or private intra-doc links, bad HTML, bad code blocks) as errors. `missing_docs`
-/// is a compiler lint, which clippy's `-D warnings` denies. Doc tests run with the unit
-/// and integration tests. The binary, xtask and the test crate are not documented: their
-/// doc comments are CLI help text and notes, not API (clap prints `nuropb-<name>-sq`
-/// verbatim, which rustdoc would read as an HTML tag).
+/// `cargo doc --workspace --no-deps`, with rustdoc warnings (broken or private intra-doc
+/// links, bad HTML, bad code blocks) as errors. `missing_docs` is a compiler lint, which
+/// clippy's `-D warnings` denies. Doc tests run with the unit and integration tests.
 pub fn doc() -> Result<()> {
-    let mut cmd = cargo();
-    cmd.args(["doc", "--no-deps", "--all-features", "-p", crate::examples::PACKAGE]);
-    for name in LIBRARY_CRATES {
-        cmd.args(["-p", name]);
-    }
-    run_cmd(cmd.env("RUSTDOCFLAGS", "-D warnings"))
+    run_cmd(
+        cargo()
+            .args(["doc", "--workspace", "--no-deps", "--all-features"])
+            .env("RUSTDOCFLAGS", "-D warnings"),
+    )
 }
 
 /// The library crates, each packaged as `cargo publish` would upload it.

@@ -62,7 +62,7 @@ fn print_help() {
          interop      real Python nuropb 0.1.8 services against the gateway binary\n\
          js           the TypeScript client (clients/js): npm ci, tsc, node --test\n\
          examples     build and run the worked examples (examples/; RabbitMQ for mesh_peer)\n\
-         doc          cargo doc of the library crates with RUSTDOCFLAGS=-D warnings\n\
+         doc          cargo doc --workspace with RUSTDOCFLAGS=-D warnings\n\
          package      cargo package every library crate (the publish dry run)\n\
          bench        benchmarks with a printed table\n\
          fuzz         cargo-fuzz targets, bounded: [--seconds N (default 10)] [--runs N] [target ...]"
