@@ -13,6 +13,9 @@ pub fn run(root: &Path) -> Result<()> {
     clippy()?;
     unit_and_e2e_tests()?;
     integration()?;
+    // The chaos suite's short form: the gateway binary under broker, service and client
+    // faults (docs/CHAOS.md).
+    crate::chaos::run(root, &["--short".to_owned()])?;
     crate::interop::run(root)?;
     eprintln!("xtask ci: all gates passed");
     Ok(())

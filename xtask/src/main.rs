@@ -1,9 +1,10 @@
 //! `cargo xtask`: the project's automation. `ci` runs every gate CI runs (format, lints, the
-//! layering rules, all tests including integration and interop); `integration`, `interop`
-//! and `bench` run one part; `fuzz` runs the fuzz targets for a bounded time.
+//! layering rules, all tests including integration and interop); `integration`, `interop`,
+//! `bench` and `chaos` run one part; `fuzz` runs the fuzz targets for a bounded time.
 
 mod bench;
 mod broker;
+mod chaos;
 mod ci;
 mod cmd;
 mod fuzz;
@@ -27,6 +28,7 @@ fn main() -> Result<()> {
         Some("integration") => ci::integration(),
         Some("interop") => interop::run(&root),
         Some("bench") => bench::run(&root),
+        Some("chaos") => chaos::run(&root, &args[1..]),
         Some("fuzz") => fuzz::run(&root, &args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
@@ -50,6 +52,7 @@ fn print_help() {
          integration  tests against RabbitMQ on 127.0.0.1:5672 (started if absent)\n\
          interop      real Python nuropb 0.1.8 services against the gateway binary\n\
          bench        benchmarks with a printed table\n\
+         chaos        faults under load, a table per scenario: [--short] (the CI form, ~2 min)\n\
          fuzz         cargo-fuzz targets, bounded: [--seconds N (default 10)] [target ...]"
     );
 }
