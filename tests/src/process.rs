@@ -26,6 +26,8 @@ pub struct GatewayProcess {
     pub url: String,
     /// `127.0.0.1:<port>` of the WebSocket listener.
     pub addr: String,
+    /// `127.0.0.1:<port>` of the operations endpoint, when started with `--ops-listen`.
+    pub ops_addr: Option<String>,
     /// The gateway's stderr lines (its log), when started with [`GatewayProcess::start_capturing`].
     stderr: Option<Arc<Mutex<Captured>>>,
 }
@@ -116,11 +118,14 @@ impl GatewayProcess {
         let pid = child.id();
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
+        let (ops_tx, ops_rx) = mpsc::channel();
         // Reads stdout to its end, so the gateway never blocks on a full pipe.
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(rest) = line.strip_prefix("nuropb-gateway listening on ws://") {
                     let _ = tx.send(rest.trim_end_matches('/').to_owned());
+                } else if let Some(rest) = line.strip_prefix("nuropb-gateway ops on http://") {
+                    let _ = ops_tx.send(rest.trim_end_matches('/').to_owned());
                 }
             }
         });
@@ -146,12 +151,45 @@ impl GatewayProcess {
                 panic!("the gateway did not say where it listens within {START_WAIT:?}");
             }
         };
-        GatewayProcess { child, pid, url: format!("ws://{addr}/ws"), addr, stderr }
+        // The ops line follows the listening line (gateway-bin/src/main.rs).
+        let ops_addr = if args.iter().any(|a| a == "--ops-listen") {
+            match ops_rx.recv_timeout(START_WAIT) {
+                Ok(ops) => Some(ops),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "the gateway did not say where its ops endpoint is within {START_WAIT:?}"
+                    );
+                }
+            }
+        } else {
+            None
+        };
+        GatewayProcess { child, pid, url: format!("ws://{addr}/ws"), addr, ops_addr, stderr }
     }
 
     /// Stops the gateway (SIGTERM, SIGKILL after a grace period) and waits for it.
     pub fn stop(mut self) {
         self.stop_now();
+    }
+
+    /// Sends SIGTERM and waits up to `wait` for the exit: its status, or `None` when the
+    /// gateway had to be killed (it did not exit in time).
+    pub fn terminate(mut self, wait: Duration) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        let _ = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status();
+        let deadline = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
     }
 
     /// Whether the process still runs.

@@ -17,6 +17,9 @@ pub fn run(root: &Path) -> Result<()> {
     crate::js::run(root)?;
     integration()?;
     crate::hostile::run(root)?;
+    // The chaos suite's short form: the gateway binary under broker, service and client
+    // faults (docs/CHAOS.md).
+    crate::chaos::run(root, &["--short".to_owned()])?;
     crate::examples::run()?;
     package(root)?;
     crate::interop::run(root)?;

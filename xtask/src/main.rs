@@ -1,11 +1,12 @@
 //! `cargo xtask`: the project's automation. `ci` runs every gate CI runs (format, lints, the
 //! layering rules, docs, all tests including the JS client, integration, the hostile-input
-//! suite, the examples, the packaging dry run and interop); `integration`, `hostile`,
-//! `interop`, `js`, `examples`, `doc`, `package` and `bench` run one part; `fuzz` runs the
-//! fuzz targets for a bounded time.
+//! suite, the chaos suite's short form, the examples, the packaging dry run and interop);
+//! `integration`, `hostile`, `chaos`, `interop`, `js`, `examples`, `doc`, `package` and
+//! `bench` run one part; `fuzz` runs the fuzz targets for a bounded time.
 
 mod bench;
 mod broker;
+mod chaos;
 mod ci;
 mod cmd;
 mod examples;
@@ -37,6 +38,7 @@ fn main() -> Result<()> {
         Some("doc") => ci::doc(),
         Some("package") => ci::package(&root),
         Some("bench") => bench::run(&root),
+        Some("chaos") => chaos::run(&root, &args[1..]),
         Some("fuzz") => fuzz::run(&root, &args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
@@ -52,7 +54,7 @@ fn main() -> Result<()> {
 fn print_help() {
     println!(
         "cargo xtask <command>\n\n\
-         ci           every gate: fmt, layering, clippy, doc, tests, js, integration, hostile, examples, package, interop\n\
+         ci           every gate: fmt, layering, clippy, doc, tests, js, integration, hostile, chaos --short, examples, package, interop\n\
          fmt          cargo fmt --check\n\
          clippy       cargo clippy -D warnings\n\
          layering     check the crate graph rules (docs/ARCHITECTURE.md)\n\
@@ -65,6 +67,7 @@ fn print_help() {
          doc          cargo doc --workspace with RUSTDOCFLAGS=-D warnings\n\
          package      cargo package every library crate (the publish dry run)\n\
          bench        benchmarks with a printed table\n\
+         chaos        faults under load, a table per scenario: [--short] (the CI form, ~2 min)
          fuzz         cargo-fuzz targets, bounded: [--seconds N (default 10)] [--runs N] [target ...]"
     );
 }

@@ -1,0 +1,219 @@
+//! A RabbitMQ node of the test's own: `rabbitmq-server` as a child process in its own
+//! process group, with its own node name, free loopback ports (AMQP and Erlang
+//! distribution), its own Erlang cookie and its data, logs and pid file in a temporary
+//! folder, and no plugins (so nothing fights over 15672). A test may stop, restart or
+//! `kill -9` it; the shared broker on 5672, which other people's tests use, is never touched.
+//! Dropping the handle kills the node's whole process group and removes the folder, also on
+//! panic. The chaos suite stops and kills one; the cluster tests will start three.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Overrides where `rabbitmq-server` is (default: Debian's `/usr/lib/rabbitmq/bin`, which,
+/// unlike the `/usr/sbin` wrapper, does not switch to the `rabbitmq` user and so keeps the
+/// environment that makes this node its own).
+pub const SERVER_BIN_ENV: &str = "NUROPB_RABBITMQ_SERVER";
+const DEBIAN_BIN_DIR: &str = "/usr/lib/rabbitmq/bin";
+/// A cold boot of a node takes 5–12 s on the 2-core test machine.
+const BOOT_WAIT: Duration = Duration::from_secs(60);
+/// Bound on one `rabbitmqctl` invocation and on the node's exit after `stop`.
+const CTL_WAIT: Duration = Duration::from_secs(30);
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// A running (or deliberately stopped) RabbitMQ node; see the module docs.
+pub struct RabbitNode {
+    /// `chaos-<pid>-<n>@localhost`.
+    pub name: String,
+    /// The AMQP listener, 127.0.0.1 only; the same across restarts.
+    pub amqp_port: u16,
+    dist_port: u16,
+    dir: PathBuf,
+    // Invariant: `Some` while a `rabbitmq-server` started by us may run.
+    child: Option<Child>,
+}
+
+impl RabbitNode {
+    /// Starts a node with `purpose` in its name and waits (bounded) until it accepts AMQP.
+    pub fn start(purpose: &str) -> RabbitNode {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{purpose}-{}-{n}@localhost", std::process::id());
+        let dir = std::env::temp_dir().join(format!("nuropb-node-{}-{n}", std::process::id()));
+        // A leftover of a killed earlier run with the same pid is not ours to keep.
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("the node's folder");
+        }
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("the plugins file");
+        let cookie = dir.join(".erlang.cookie");
+        std::fs::write(&cookie, uuid::Uuid::new_v4().simple().to_string()).expect("a cookie");
+        // Erlang refuses a cookie file others may read.
+        let _ = Command::new("chmod").arg("400").arg(&cookie).status();
+        let mut node =
+            RabbitNode { name, amqp_port: free_port(), dist_port: free_port(), dir, child: None };
+        node.boot();
+        node
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`: the node's default vhost is ours alone.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+    }
+
+    /// Whether the node accepts AMQP connections now.
+    pub fn accepts(&self) -> bool {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.amqp_port));
+        TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+    }
+
+    /// Stops the node cleanly (`rabbitmqctl stop`) and waits until its processes are gone.
+    pub fn stop(&mut self) {
+        let ctl = self.ctl(&["stop"]);
+        if !ctl {
+            eprintln!("node {}: `rabbitmqctl stop` failed; killing it", self.name);
+        }
+        self.reap(if ctl { CTL_WAIT } else { Duration::ZERO });
+    }
+
+    /// `kill -9` of the node's Erlang VM (by the PID in its pid file), then of whatever is
+    /// left in its process group; waits until it is gone.
+    pub fn kill9(&mut self) {
+        match self.beam_pid() {
+            Some(pid) => {
+                let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            }
+            None => eprintln!("node {}: no pid file; killing the process group", self.name),
+        }
+        self.reap(Duration::from_secs(5));
+    }
+
+    /// Starts the node again after [`stop`](Self::stop) or [`kill9`](Self::kill9), on the
+    /// same ports and data, and waits until it accepts AMQP.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a node that runs: stop or kill9 it first");
+        self.boot();
+    }
+
+    /// The node's Erlang VM, from its pid file.
+    pub fn beam_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("pid")).ok()?.trim().parse().ok()
+    }
+
+    fn boot(&mut self) {
+        let bin = std::env::var_os(SERVER_BIN_ENV).map(PathBuf::from).unwrap_or_else(|| {
+            let debian = Path::new(DEBIAN_BIN_DIR).join("rabbitmq-server");
+            if debian.exists() { debian } else { PathBuf::from("rabbitmq-server") }
+        });
+        let _ = std::fs::remove_file(self.dir.join("pid"));
+        let log = std::fs::File::create(self.dir.join("server.out")).expect("the server log");
+        let mut cmd = Command::new(&bin);
+        self.env(&mut cmd);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().expect("the server log"))
+            .stderr(log)
+            .process_group(0);
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot start {} ({SERVER_BIN_ENV} overrides it): {e}", bin.display())
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + BOOT_WAIT;
+        loop {
+            if self.accepts() && self.beam_pid().is_some() {
+                return;
+            }
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() >= deadline {
+                let out = std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default();
+                let tail: Vec<&str> = out.lines().rev().take(20).collect();
+                self.reap(Duration::ZERO);
+                panic!(
+                    "node {} did not accept AMQP on 127.0.0.1:{} within {BOOT_WAIT:?} \
+                     (exit: {exited:?}); its output ends:\n{}",
+                    self.name,
+                    self.amqp_port,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn env(&self, cmd: &mut Command) {
+        let dir = &self.dir;
+        // HOME holds the cookie, shared by the server and our `rabbitmqctl` calls only.
+        cmd.env("HOME", dir)
+            .env("RABBITMQ_NODENAME", &self.name)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.amqp_port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            // No config file: the machine's /etc/rabbitmq one belongs to the shared broker.
+            .env("RABBITMQ_CONFIG_FILE", dir.join("none"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("none-advanced.config"))
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("none-env.conf"));
+    }
+
+    /// `rabbitmqctl -n <node> <args>`, bounded; whether it succeeded.
+    fn ctl(&self, args: &[&str]) -> bool {
+        let debian = Path::new(DEBIAN_BIN_DIR).join("rabbitmqctl");
+        let bin = if debian.exists() { debian } else { PathBuf::from("rabbitmqctl") };
+        let mut cmd = Command::new(bin);
+        self.env(&mut cmd);
+        cmd.arg("-n").arg(&self.name).args(args);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0);
+        let Ok(mut child) = cmd.spawn() else { return false };
+        let deadline = Instant::now() + CTL_WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// Waits up to `grace` for the server to exit, then kills its process group; reaps it.
+    fn reap(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else { return };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The group also holds `erl_child_setup` and any VM the script left behind.
+        let group = format!("-{}", child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
+        let _ = child.kill();
+        let _ = child.wait();
+        // Only once nothing listens does the port mean "stopped".
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.accepts() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        self.reap(Duration::ZERO);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A loopback port free now (the OS picks it; a race with another binder is possible but
+/// shows as a boot failure that names the port).
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("its address").port()
+}
