@@ -5,7 +5,7 @@
 //!
 //! The real `nuropb-gateway` binary ([`GatewayProcess`]) on RabbitMQ, real WebSocket
 //! clients, the testkit's fake nuropb service. The broker stop/start and `kill -9`
-//! scenarios run on a RabbitMQ node of their own ([`RabbitNode`]); the others use a
+//! scenarios run on a RabbitMQ node of their own ([`nuropb_testkit::node::RabbitNode`]); the others use a
 //! throw-away vhost on the shared broker (passed in [`AMQP_URL_ENV`] by `cargo xtask
 //! chaos`), which is never stopped. Every wait is bounded.
 

@@ -15,7 +15,7 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Relays 127.0.0.1:<port> to `upstream` (`host:port`).
+    /// Relays `127.0.0.1:<port>` to `upstream` (`host:port`).
     pub async fn start(upstream: &str) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("relay bind");
         let port = listener.local_addr().expect("relay address").port();
