@@ -200,6 +200,25 @@ pub(crate) fn dispatch(
     }
 }
 
+/// The answer the WebSocket port gives to a body-less plain HTTP request, without a
+/// socket: `/healthz`, then `routes`, else 404 (405 for a method other than `GET`/`HEAD`).
+/// For testing routes. A method, target or field HTTP does not allow is answered 400.
+pub fn answer_http(
+    routes: Option<&dyn HttpRoutes>,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> HttpResponse {
+    let mut builder = http::Request::builder().method(method).uri(target);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    match builder.body(()) {
+        Ok(request) => dispatch(routes, &request.into_parts().0),
+        Err(_) => text(400, "malformed request\n"),
+    }
+}
+
 /// Serves one plain HTTP request on `stream` (its head replayed first) until `deadline`.
 /// Best effort: a client that goes away or is too slow is not an error here.
 pub(crate) async fn serve<S>(stream: S, routes: Option<Arc<dyn HttpRoutes>>, deadline: Instant)
@@ -352,6 +371,22 @@ mod tests {
         // Without routes: /healthz still, everything else 404.
         assert_eq!(status(&exchange(None, "GET /healthz HTTP/1.1\r\n\r\n").await), 200);
         assert_eq!(status(&exchange(None, "GET / HTTP/1.1\r\n\r\n").await), 404);
+    }
+
+    #[test]
+    fn answers_without_a_socket_are_the_same() {
+        let page = Page;
+        let check = |method: &str, target: &str, expected: u16| {
+            let answer = answer_http(Some(&page), method, target, &[("x-a", "b")]);
+            assert_eq!(answer.status(), expected, "{method} {target}");
+            answer
+        };
+        assert_eq!(check("GET", "/healthz", 200).body(), b"ok\n");
+        assert_eq!(check("GET", "/echo?q=2", 200).body(), br#"Some("q=2") Some("b")"#);
+        check("HEAD", "/", 200);
+        check("GET", "/nowhere", 404);
+        check("DELETE", "/", 405);
+        check("GET", "no path", 400);
     }
 
     #[tokio::test]

@@ -91,7 +91,7 @@ use tracing::Instrument;
 
 pub use config::{AuthSources, WsConfig};
 pub use error::WsError;
-pub use http::{HttpRequest, HttpResponse, HttpRoutes};
+pub use http::{HttpRequest, HttpResponse, HttpRoutes, answer_http};
 pub use origin::OriginPolicy;
 pub use stats::{WsStats, WsStatsHandle};
 
