@@ -77,6 +77,13 @@ fn check_fresh(committed: &[u8], fresh: &[u8]) -> Result<()> {
     Ok(())
 }
 
+fn npm(dir: &Path) -> Command {
+    let mut cmd = Command::new("npm");
+    // Updates checks and funding messages are noise in CI and reach the network.
+    cmd.current_dir(dir).env("NPM_CONFIG_UPDATE_NOTIFIER", "false");
+    cmd
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,11 +94,4 @@ mod tests {
         let stale = check_fresh(b"export {};\n", b"export const a = 1;\n").unwrap_err();
         assert!(stale.to_string().contains("commit it"), "{stale}");
     }
-}
-
-fn npm(dir: &Path) -> Command {
-    let mut cmd = Command::new("npm");
-    // Updates checks and funding messages are noise in CI and reach the network.
-    cmd.current_dir(dir).env("NPM_CONFIG_UPDATE_NOTIFIER", "false");
-    cmd
 }
