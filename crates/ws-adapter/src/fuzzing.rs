@@ -2,11 +2,11 @@
 //! (`fuzz/`, feature `fuzzing`). Not API: hidden, and compiled only with the feature.
 //!
 //! What it asserts, besides "no panic": a head that `handshake::classify` takes for an
-//! upgrade is one tungstenite parses and answers (else the client would get a bare close instead of the
-//! 400/426/431 RFC 6455 requires); an `Origin` the policy allows is exactly a scheme, a
-//! host under the allowed domain and an optional port; and no token found anywhere in the
-//! head (header, cookie, query) is accepted by a JWT check whose secret the input cannot
-//! know.
+//! upgrade is one tungstenite parses and answers (else the client would get a bare close
+//! instead of the 400/426/431 RFC 6455 requires); an `Origin` the policy allows is exactly a
+//! scheme, a host under the allowed domain and an optional port; and no token found anywhere
+//! in the head (header, cookie, query) is accepted by a JWT check whose secret the input
+//! cannot know.
 
 use tokio_tungstenite::tungstenite::handshake::machine::TryParse;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, create_response};

@@ -231,7 +231,8 @@ where
         let status = response.status;
         tracing::debug!(method = %parts.method, path = parts.uri.path(), status, "http request");
         let response = response.into_http().unwrap_or_else(|e| {
-            tracing::error!(error = %e, path = parts.uri.path(), "a route's answer is not valid HTTP");
+            let path = parts.uri.path();
+            tracing::error!(error = %e, path, "a route's answer is not valid HTTP");
             let mut fallback = http::Response::new(Full::new(Bytes::from_static(b"")));
             *fallback.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
             fallback
