@@ -2,7 +2,9 @@
 //! origin and credentials during the HTTP upgrade (403 / 401 before any WebSocket exists),
 //! then run one task per connection that owns its socket and talks to the core through a
 //! [`CoordinatorHandle`]. The core reaches a connection only through its bounded outbound
-//! queue (its [`handler_core::ClientConnection`] implementation is in `connection`).
+//! queue (its [`handler_core::ClientConnection`] implementation is in `connection`). The
+//! same port answers plain HTTP (a request without any field of a WebSocket handshake) with
+//! hyper: `GET /healthz`, then the embedder's [`HttpRoutes`] (`WsConfig::http_routes`).
 //!
 //! An adapter in the layering (docs/ARCHITECTURE.md): it depends on `handler-core` and the
 //! wire crate, and no tungstenite type appears in its API. [`serve`] takes tokio's
