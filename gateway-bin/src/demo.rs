@@ -125,10 +125,13 @@ const LIBRARY_JS: &str = include_str!("../../clients/js/dist/nuropb-gateway.js")
 const PAGE_HTML: &str = include_str!("demo/page.html");
 const PAGE_JS: &str = include_str!("demo/page.js");
 const PAGE_CSS: &str = include_str!("demo/page.css");
+/// The page's icon, so that the browser does not ask for `/favicon.ico` (a 404 in its console).
+const ICON_SVG: &str = include_str!("demo/favicon.svg");
 
 const HTML: &str = "text/html; charset=utf-8";
 const JAVASCRIPT: &str = "text/javascript; charset=utf-8";
 const CSS: &str = "text/css; charset=utf-8";
+const SVG: &str = "image/svg+xml";
 const JSON: &str = "application/json";
 /// Static files: the browser asks again each time (no validators to revalidate with, and a
 /// restarted gateway may serve a new page).
@@ -156,7 +159,7 @@ pub fn http_routes(
     Some(Arc::new(routes))
 }
 
-/// `/`, `/demo.js`, `/demo.css`, `/nuropb-gateway.js` and `/demo/token`.
+/// `/`, `/demo.js`, `/demo.css`, `/demo.svg`, `/nuropb-gateway.js` and `/demo/token`.
 struct DemoRoutes {
     secret: Option<Vec<u8>>,
     claims: TokenClaims,
@@ -187,6 +190,7 @@ impl HttpRoutes for DemoRoutes {
                 HttpResponse::ok(JAVASCRIPT, PAGE_JS.as_bytes()).cache_control(STATIC_CACHE)
             }
             "/demo.css" => HttpResponse::ok(CSS, PAGE_CSS.as_bytes()).cache_control(STATIC_CACHE),
+            "/demo.svg" => HttpResponse::ok(SVG, ICON_SVG.as_bytes()).cache_control(STATIC_CACHE),
             "/nuropb-gateway.js" => self.cors(
                 request,
                 HttpResponse::ok(JAVASCRIPT, LIBRARY_JS.as_bytes()).cache_control(STATIC_CACHE),
@@ -280,7 +284,8 @@ mod tests {
         let real_mesh = routes(false, Some(SECRET));
         assert!(real_mesh.is_none());
         let demo = routes(true, Some(SECRET));
-        for path in ["/", "/demo.js", "/demo.css", "/nuropb-gateway.js", "/demo/token"] {
+        for path in ["/", "/demo.js", "/demo.css", "/demo.svg", "/nuropb-gateway.js", "/demo/token"]
+        {
             assert_eq!(get(&real_mesh, path, &[]).status(), 404, "{path}");
             assert_eq!(get(&demo, path, &[]).status(), 200, "{path}");
         }
@@ -300,6 +305,7 @@ mod tests {
             ("/", HTML, PAGE_HTML),
             ("/demo.js", JAVASCRIPT, PAGE_JS),
             ("/demo.css", CSS, PAGE_CSS),
+            ("/demo.svg", SVG, ICON_SVG),
             ("/nuropb-gateway.js", JAVASCRIPT, LIBRARY_JS),
         ] {
             let answer = get(&demo, path, &[("host", "127.0.0.1:8080")]);
