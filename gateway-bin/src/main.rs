@@ -174,6 +174,16 @@ async fn run(cli: Cli) -> Result<()> {
             query_param: cli.token_query_param.clone(),
             ..AuthSources::default()
         },
+        // The demo page, the library and `/demo/token` in demo mode only; `/healthz` always.
+        http_routes: demo::http_routes(
+            demo_mode,
+            dev_secret.as_deref().or(cli.jwt_secret.as_deref()),
+            demo::TokenClaims {
+                issuer: cli.jwt_issuer.clone(),
+                audience: cli.jwt_audience.clone(),
+            },
+            cli.origin_policy()?,
+        ),
         ..WsConfig::default()
     };
 
@@ -315,6 +325,12 @@ fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListen
 fn print_demo_banner(addr: &str, dev_secret: Option<&str>, configured: Option<&str>) -> Result<()> {
     let secret = dev_secret.or(configured);
     say!("running on the embedded in-memory mesh (no --amqp-url): service `demo`");
+    say!("demo page: http://{addr}/");
+    if secret.is_none() {
+        say!(
+            "no HS256 secret to sign demo tokens with: /demo/token is off (--jwt-public-key-file)"
+        );
+    }
     if let Some(secret) = secret {
         let token = demo::demo_token(secret.as_bytes())?;
         if dev_secret.is_some() {

@@ -51,10 +51,14 @@ fn binary() -> PathBuf {
     if let Some(bin) = std::env::var_os(GATEWAY_BIN_ENV) {
         return PathBuf::from(bin);
     }
-    // Run by hand without `cargo xtask`: whichever build of the binary exists.
+    // Run by hand without `cargo xtask`: the build of this profile first (`cargo test
+    // --workspace` builds it), else the other, so a release binary left by a benchmark
+    // run does not stand in for the one just built.
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
     let release = target.join("release/nuropb-gateway");
-    if release.exists() { release } else { target.join("debug/nuropb-gateway") }
+    let debug = target.join("debug/nuropb-gateway");
+    let (first, second) = if cfg!(debug_assertions) { (debug, release) } else { (release, debug) };
+    if first.exists() { first } else { second }
 }
 
 /// The benchmark's limits: abuse limits out of the way (rate, per user, per address), room

@@ -933,7 +933,9 @@ async fn malformed_handshakes_get_an_http_answer() {
         ("no Connection", without("Connection:"), 400),
         ("POST", valid.replacen("GET", "POST", 1), 400),
         ("HTTP/1.0", valid.replacen("HTTP/1.1", "HTTP/1.0", 1), 400),
-        ("plain GET", "GET / HTTP/1.1\r\nHost: gw\r\n\r\n".into(), 400),
+        // No field of a handshake: plain HTTP since the port serves it (tests/tests/http.rs),
+        // and this gateway has no route at `/`. Not a bad handshake.
+        ("plain GET", "GET / HTTP/1.1\r\nHost: gw\r\n\r\n".into(), 404),
         ("garbage", "\u{16}\u{3}\u{1} hello\r\n\r\n".into(), 400),
         ("bad key", valid.replace(raw::KEY, "not-a-key"), 400),
         ("version 8", valid.replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"), 426),
@@ -948,7 +950,8 @@ async fn malformed_handshakes_get_an_http_answer() {
             assert!(head.contains("\r\nSec-WebSocket-Version: 13\r\n"), "{name}: {head:?}");
         }
     }
-    assert_eq!(gw.ws_stats.stats().bad_handshakes, cases.len() as u64);
+    let bad = cases.iter().filter(|(_, _, expected)| *expected != 404).count();
+    assert_eq!(gw.ws_stats.stats().bad_handshakes, bad as u64);
     // The valid request still upgrades (the head read first is replayed to tungstenite).
     let (_stream, head) = raw::send(gw.addr, valid.as_bytes()).await;
     assert_eq!(raw::status(&head), Some(101), "{head:?}");

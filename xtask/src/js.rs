@@ -1,6 +1,8 @@
 //! `cargo xtask js`: the TypeScript client library in `clients/js` — `npm ci` (the locked
 //! devDependencies into `clients/js/node_modules`), then `npm test` (`tsc` in strict mode,
-//! then the `node --test` unit tests against the fake gateway of `clients/js/test/`).
+//! then the `node --test` unit tests against the fake gateway of `clients/js/test/`), then a
+//! check that the committed build `clients/js/dist/nuropb-gateway.js` (which the gateway
+//! serves in demo mode, so that it needs no npm) is what the build just wrote.
 //!
 //! Each step is bounded in time. Needs `node` (20 or later) and `npm` on the `PATH`.
 
@@ -47,11 +49,31 @@ pub fn run(root: &Path) -> Result<()> {
     if !status.success() {
         bail!("`npm ci` in {} failed with {status}", dir.display());
     }
+    let built = dir.join(COMMITTED_BUILD);
+    let committed = std::fs::read(&built)
+        .with_context(|| format!("cannot read the committed build {}", built.display()))?;
+    // `npm test` builds first (`npm run build`), over the committed file.
     let status = broker::status_bounded(npm(&dir).arg("test"), TEST_TIMEOUT, Some(GRACE))?;
     if !status.success() {
         bail!("`npm test` in {} failed with {status}", dir.display());
     }
-    eprintln!("js: the client library builds and its tests pass");
+    let fresh =
+        std::fs::read(&built).with_context(|| format!("cannot read {}", built.display()))?;
+    check_fresh(&committed, &fresh)?;
+    eprintln!("js: the client library builds, its tests pass, and the committed build is fresh");
+    Ok(())
+}
+
+/// The build the gateway includes (`gateway-bin/src/demo.rs`), relative to `clients/js`.
+const COMMITTED_BUILD: &str = "dist/nuropb-gateway.js";
+
+fn check_fresh(committed: &[u8], fresh: &[u8]) -> Result<()> {
+    if committed != fresh {
+        bail!(
+            "clients/js/{COMMITTED_BUILD} differs from a fresh `npm run build`: the gateway \
+             would serve a stale library. The fresh build is now in the working tree; commit it."
+        );
+    }
     Ok(())
 }
 
@@ -60,4 +82,16 @@ fn npm(dir: &Path) -> Command {
     // Updates checks and funding messages are noise in CI and reach the network.
     cmd.current_dir(dir).env("NPM_CONFIG_UPDATE_NOTIFIER", "false");
     cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_build_fails() {
+        assert!(check_fresh(b"export {};\n", b"export {};\n").is_ok());
+        let stale = check_fresh(b"export {};\n", b"export const a = 1;\n").unwrap_err();
+        assert!(stale.to_string().contains("commit it"), "{stale}");
+    }
 }

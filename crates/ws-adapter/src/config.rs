@@ -2,10 +2,12 @@
 //! library default (tungstenite's write buffer, for one, is unlimited unless set; its
 //! origin-less defaults would allow every browser origin).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use crate::http::HttpRoutes;
 use crate::origin::OriginPolicy;
 
 /// Where credentials may come from during the upgrade.
@@ -119,6 +121,12 @@ pub struct WsConfig {
     /// Where credentials are looked for during the upgrade, in order (default: the
     /// `Authorization` header, then the cookie).
     pub auth: AuthSources,
+    /// Plain HTTP on this port (default `None`: only the built-in `GET /healthz`, 404 for
+    /// the rest). A request without any field of a WebSocket handshake is served by hyper:
+    /// `/healthz` first, then these routes, one request per connection, no body (413),
+    /// within `max_head_bytes` and `handshake_timeout`, holding a handshake slot. A
+    /// request over a limit at accept gets the same 429/503 as an upgrade.
+    pub http_routes: Option<Arc<dyn HttpRoutes>>,
 }
 
 impl Default for WsConfig {
@@ -149,6 +157,7 @@ impl Default for WsConfig {
             max_protocol_errors: 100,
             origins: OriginPolicy::default(),
             auth: AuthSources::default(),
+            http_routes: None,
         }
     }
 }

@@ -1,12 +1,12 @@
 //! The upgrade checks as one function of untrusted bytes, for the `upgrade` fuzz target
 //! (`fuzz/`, feature `fuzzing`). Not API: hidden, and compiled only with the feature.
 //!
-//! What it asserts, besides "no panic": a head that `handshake::check_head` lets through is one
-//! tungstenite parses and answers (else the client would get a bare close instead of the
-//! 400/426/431 RFC 6455 requires); an `Origin` the policy allows is exactly a scheme, a
-//! host under the allowed domain and an optional port; and no token found anywhere in the
-//! head (header, cookie, query) is accepted by a JWT check whose secret the input cannot
-//! know.
+//! What it asserts, besides "no panic": a head that `handshake::classify` takes for an
+//! upgrade is one tungstenite parses and answers (else the client would get a bare close
+//! instead of the 400/426/431 RFC 6455 requires); an `Origin` the policy allows is exactly a
+//! scheme, a host under the allowed domain and an optional port; and no token found anywhere
+//! in the head (header, cookie, query) is accepted by a JWT check whose secret the input
+//! cannot know.
 
 use tokio_tungstenite::tungstenite::handshake::machine::TryParse;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, create_response};
@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, create_response
 use handler_core::auth::{Authenticator, JwtAuthenticator, JwtConfig, JwtKey};
 
 use crate::config::AuthSources;
-use crate::handshake::check_head;
+use crate::handshake::{HeadKind, classify};
 use crate::origin::OriginPolicy;
 use crate::upgrade::find_token;
 
@@ -24,15 +24,16 @@ const ALLOWED: &str = "https://example.com";
 /// Runs every upgrade check on `head` and panics when one of the properties above fails.
 #[allow(clippy::panic, clippy::expect_used, reason = "a panic is how a fuzz target reports")]
 pub fn upgrade(head: &[u8]) {
-    if check_head(head).is_err() {
+    // Plain HTTP goes to hyper, which answers whatever it gets.
+    if classify(head) != Ok(HeadKind::Upgrade) {
         return;
     }
     let request = match Request::try_parse(head) {
         Ok(Some((_, request))) => request,
-        other => panic!("check_head passed a head tungstenite does not parse: {other:?}"),
+        other => panic!("classify passed a head tungstenite does not parse: {other:?}"),
     };
     if let Err(e) = create_response(&request) {
-        panic!("check_head passed a head tungstenite refuses: {e}");
+        panic!("classify passed a head tungstenite refuses: {e}");
     }
     let policy = OriginPolicy::new(&[ALLOWED]).expect("a valid entry");
     for origin in request.headers().get_all(http::header::ORIGIN) {

@@ -3,7 +3,8 @@
 //! `Sec-WebSocket-Version: 13`; 431 for an oversized head) instead of a bare TCP close:
 //! tungstenite fails most of these before its callback runs, with nobody answering. A head
 //! that passes is replayed to tungstenite through [`Prefixed`], which parses it again and
-//! runs the checks of `upgrade` (capacity, origin, credentials).
+//! runs the checks of `upgrade` (capacity, origin, credentials). A head without any field
+//! of a WebSocket handshake is plain HTTP ([`classify`]), replayed to hyper instead (`http`).
 
 use std::io;
 use std::pin::Pin;
@@ -75,10 +76,28 @@ fn find_end(bytes: &[u8]) -> Option<usize> {
     bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
 }
 
+/// What a head that parses asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HeadKind {
+    /// A WebSocket upgrade that passed the RFC 6455 checks: replayed to tungstenite.
+    Upgrade,
+    /// A plain HTTP request (no field of a WebSocket handshake): replayed to hyper.
+    Http,
+}
+
+/// Parses the head and tells a WebSocket upgrade from a plain HTTP request.
+///
+/// A head is a WebSocket attempt when it has any field a WebSocket handshake has and a
+/// plain request has not: `Upgrade`, `Sec-WebSocket-Key`, `Sec-WebSocket-Version`, or an
+/// `upgrade` token in `Connection`. Such a head must pass RFC 6455 §4.2.1 or gets today's
+/// answer (400/426/431): a broken handshake is told what is wrong, never a 404. A head
+/// without any of them is plain HTTP. A head that does not parse is 400 (431 for too
+/// many fields) either way.
+///
 /// RFC 6455 §4.2.1: a GET over HTTP/1.1 or later with `Upgrade: websocket`,
 /// `Connection: Upgrade`, a `Sec-WebSocket-Key` of 16 base64-encoded bytes, and
 /// `Sec-WebSocket-Version: 13` (any other or none → 426).
-pub(crate) fn check_head(head: &[u8]) -> Result<(), BadHandshake> {
+pub(crate) fn classify(head: &[u8]) -> Result<HeadKind, BadHandshake> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(head) {
@@ -91,6 +110,9 @@ pub(crate) fn check_head(head: &[u8]) -> Result<(), BadHandshake> {
             return Err(BadHandshake { status: 431, reason: "too many header fields" });
         }
         Err(_) => return Err(BadHandshake::bad_request("malformed request")),
+    }
+    if !is_websocket_attempt(request.headers) {
+        return Ok(HeadKind::Http);
     }
     if request.method != Some("GET") {
         return Err(BadHandshake::bad_request("a WebSocket upgrade is a GET"));
@@ -127,7 +149,21 @@ pub(crate) fn check_head(head: &[u8]) -> Result<(), BadHandshake> {
     if versions != [b"13"] {
         return Err(BadHandshake { status: 426, reason: "unsupported WebSocket version" });
     }
-    Ok(())
+    Ok(HeadKind::Upgrade)
+}
+
+/// Whether any field of the head belongs to a WebSocket handshake (see [`classify`]).
+fn is_websocket_attempt(headers: &[httparse::Header<'_>]) -> bool {
+    headers.iter().any(|h| {
+        let name = h.name;
+        name.eq_ignore_ascii_case("upgrade")
+            || name.eq_ignore_ascii_case("sec-websocket-key")
+            || name.eq_ignore_ascii_case("sec-websocket-version")
+            || (name.eq_ignore_ascii_case("connection")
+                && h.value
+                    .split(|&b| b == b',' || b == b' ' || b == b'\t')
+                    .any(|t| t.eq_ignore_ascii_case(b"upgrade")))
+    })
 }
 
 /// The value as `http::HeaderValue::to_str` reads it: tab and visible ASCII, else `None`.
@@ -268,12 +304,36 @@ mod tests {
         ]
     }
 
+    /// `Ok(())`: an upgrade; `Err(status)`: refused; plain HTTP is checked apart.
     fn check(first: &str, edit: impl FnOnce(&mut Vec<String>), expected: Result<(), u16>) {
         let mut headers = good_headers();
         edit(&mut headers);
         let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
         let head = request(first, &headers);
-        assert_eq!(check_head(head.as_bytes()).map_err(|b| b.status), expected, "{head:?}");
+        let expected = expected.map(|()| HeadKind::Upgrade);
+        assert_eq!(classify(head.as_bytes()).map_err(|b| b.status), expected, "{head:?}");
+    }
+
+    #[test]
+    fn a_head_without_websocket_fields_is_plain_http() {
+        let http = Ok(HeadKind::Http);
+        for (head, expected) in [
+            ("GET / HTTP/1.1\r\nHost: gw\r\n\r\n", http),
+            ("HEAD /healthz HTTP/1.0\r\n\r\n", http),
+            ("POST /x HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", http),
+            ("GET / HTTP/1.1\r\nConnection: keep-alive\r\n\r\n", http),
+            // Any one field of a handshake makes it a (broken) handshake: 400/426, not 404.
+            ("GET / HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\n\r\n", Err(400)),
+            ("GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n", Err(400)),
+            (&format!("GET / HTTP/1.1\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"), Err(400)),
+            ("GET / HTTP/1.1\r\nsec-websocket-version: 13\r\n\r\n", Err(400)),
+            ("GET / HTTP/1.1\r\nConnection:\tupgrade\r\n\r\n", Err(400)),
+        ] {
+            assert_eq!(classify(head.as_bytes()).map_err(|b| b.status), expected, "{head:?}");
+        }
+        let many: String = (0..MAX_HEADERS + 1).map(|i| format!("X-{i}: y\r\n")).collect();
+        let head = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(classify(head.as_bytes()).map_err(|b| b.status), Err(431));
     }
 
     #[test]
@@ -284,7 +344,7 @@ mod tests {
         check(get, |h| h[1] = "connection: upgrade".into(), Ok(()));
         check("POST /ws HTTP/1.1", |_| {}, Err(400));
         check("GET /ws HTTP/1.0", |_| {}, Err(400));
-        check(get, |h| h.clear(), Err(400));
+        check(get, |h| h.truncate(1), Err(400));
         check(get, |h| drop(h.remove(0)), Err(400));
         check(get, |h| h[0] = "Upgrade: h2c".into(), Err(400));
         check(get, |h| drop(h.remove(1)), Err(400));
@@ -305,7 +365,7 @@ mod tests {
         check(get, |h| h.insert(0, "Connection: keep-alive".into()), Err(400));
         check(get, |h| h[1] = "Connection: Upgrade, \u{fc}".into(), Err(400));
         check(get, |h| h[1] = "Connection: keep-alive Upgrade".into(), Ok(()));
-        assert_eq!(check_head(b"\x16\x03\x01\x02\x00\r\n\r\n").map_err(|b| b.status), Err(400));
+        assert_eq!(classify(b"\x16\x03\x01\x02\x00\r\n\r\n").map_err(|b| b.status), Err(400));
     }
 
     #[tokio::test]

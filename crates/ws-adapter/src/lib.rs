@@ -2,7 +2,9 @@
 //! origin and credentials during the HTTP upgrade (403 / 401 before any WebSocket exists),
 //! then run one task per connection that owns its socket and talks to the core through a
 //! [`CoordinatorHandle`]. The core reaches a connection only through its bounded outbound
-//! queue (its [`handler_core::ClientConnection`] implementation is in `connection`).
+//! queue (its [`handler_core::ClientConnection`] implementation is in `connection`). The
+//! same port answers plain HTTP (a request without any field of a WebSocket handshake) with
+//! hyper: `GET /healthz`, then the embedder's [`HttpRoutes`] (`WsConfig::http_routes`).
 //!
 //! An adapter in the layering (docs/ARCHITECTURE.md): it depends on `handler-core` and the
 //! wire crate, and no tungstenite type appears in its API. [`serve`] takes tokio's
@@ -69,6 +71,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod handshake;
+mod http;
 mod origin;
 mod peer_limits;
 mod read_error;
@@ -90,13 +93,14 @@ use tracing::Instrument;
 
 pub use config::{AuthSources, WsConfig};
 pub use error::WsError;
+pub use http::{HttpRequest, HttpResponse, HttpRoutes, answer_http};
 pub use origin::OriginPolicy;
 pub use stats::{WsStats, WsStatsHandle};
 
 use handler_core::CoordinatorHandle;
 
 use crate::connection::Admission;
-use crate::handshake::{HeadError, Prefixed};
+use crate::handshake::{HeadError, HeadKind, Prefixed};
 use crate::peer_limits::{PeerGuard, PeerLimits, PeerLimitsConfig, PeerRefusal};
 
 /// Accepts connections on `listener` until `shutdown`, one tracked task per connection.
@@ -216,6 +220,14 @@ enum Refuse {
     Status(u16, &'static str),
 }
 
+/// A head read and checked: what the connection becomes.
+enum Head {
+    /// A WebSocket upgrade that passed the RFC 6455 checks.
+    Upgrade(Vec<u8>),
+    /// A plain HTTP request, for hyper.
+    Http(Vec<u8>),
+}
+
 /// An accepted connection, before its task decides what it becomes.
 struct Accepted {
     stream: TcpStream,
@@ -236,7 +248,19 @@ impl Accepted {
     ) {
         let timeout = self.config.handshake_timeout;
         let deadline = Instant::now() + timeout;
-        let Some(head) = self.checked_head(timeout).await else { return };
+        let head = match self.checked_head(timeout).await {
+            None => return,
+            Some(Head::Upgrade(head)) => head,
+            Some(Head::Http(head)) => {
+                // Boxed: the hyper connection's state must not enlarge every session's
+                // task, which is sized for its largest state. The handshake slot is held
+                // while the request is served.
+                let stream = Prefixed::new(head, self.stream);
+                Box::pin(http::serve(stream, self.config.http_routes.clone(), deadline)).await;
+                drop(handshake);
+                return;
+            }
+        };
         drop(handshake);
         let admission = match sessions.try_acquire_owned() {
             Ok(permit) => Admission::Session { _permit: permit, deadline },
@@ -256,7 +280,21 @@ impl Accepted {
     async fn refuse(mut self, refuse: Refuse, permit: OwnedSemaphorePermit) {
         let timeout = self.config.refusal_handshake_timeout;
         let started = Instant::now();
-        let Some(head) = self.checked_head(timeout).await else { return };
+        let head = match self.checked_head(timeout).await {
+            None => return,
+            Some(Head::Upgrade(head)) => head,
+            Some(Head::Http(_)) => {
+                // Plain HTTP over a limit gets the same status as an upgrade would.
+                let (status, reason) = match refuse {
+                    Refuse::Capacity => (503, "too many connections"),
+                    Refuse::Status(status, reason) => (status, reason),
+                };
+                tracing::info!(status, reason, "http request refused");
+                let left = timeout.saturating_sub(started.elapsed());
+                handshake::answer(&mut self.stream, status, reason, left).await;
+                return;
+            }
+        };
         match refuse {
             Refuse::Capacity => {
                 // The upgrade checks say 503 (and why) as they always have.
@@ -274,7 +312,7 @@ impl Accepted {
 
     /// The head, read within `timeout` and checked; `None` when the connection ends here
     /// (closed, too slow, or answered 400/426/431).
-    async fn checked_head(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+    async fn checked_head(&mut self, timeout: Duration) -> Option<Head> {
         let started = Instant::now();
         let max = self.config.max_head_bytes;
         let bad = match tokio::time::timeout(timeout, handshake::read_head(&mut self.stream, max))
@@ -288,8 +326,9 @@ impl Accepted {
             Ok(Err(HeadError::TooLarge)) => {
                 handshake::BadHandshake { status: 431, reason: "request head too large" }
             }
-            Ok(Ok(head)) => match handshake::check_head(&head) {
-                Ok(()) => return Some(head),
+            Ok(Ok(head)) => match handshake::classify(&head) {
+                Ok(HeadKind::Upgrade) => return Some(Head::Upgrade(head)),
+                Ok(HeadKind::Http) => return Some(Head::Http(head)),
                 Err(bad) => bad,
             },
         };
