@@ -174,6 +174,7 @@ async fn run(cli: Cli) -> Result<()> {
             query_param: cli.token_query_param.clone(),
             ..AuthSources::default()
         },
+        auth_timeout: Duration::from_secs(cli.auth_timeout_secs),
         ..WsConfig::default()
     };
 

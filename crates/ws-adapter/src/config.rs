@@ -117,8 +117,15 @@ pub struct WsConfig {
     /// is a decision for the deployment, not a library default.
     pub origins: OriginPolicy,
     /// Where credentials are looked for during the upgrade, in order (default: the
-    /// `Authorization` header, then the cookie).
+    /// `Authorization` header, then the `nuropb.token.<jwt>` subprotocol, then the cookie).
     pub auth: AuthSources,
+    /// Time a connection that upgraded with no credentials at all has to send its
+    /// `{"type":"auth"}` frame (default 5 s); it is closed with 4401 when it passes.
+    /// `Duration::ZERO` turns the first-frame route off: such upgrades get 401, as before
+    /// it existed. At most `max_handshakes_in_flight` connections wait for their auth frame
+    /// at once (more are refused with 503 at the upgrade), and each may send at most
+    /// `max_token_len` + 1 KiB before it is authenticated.
+    pub auth_timeout: Duration,
 }
 
 impl Default for WsConfig {
@@ -149,6 +156,7 @@ impl Default for WsConfig {
             max_protocol_errors: 100,
             origins: OriginPolicy::default(),
             auth: AuthSources::default(),
+            auth_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -231,6 +231,7 @@ async fn frames_over_the_rate_get_rate_limited_and_too_many_close_with_1008() {
         error: "RateLimited".into(),
         description: "more than 1 frames per second; frame dropped".into(),
         trace_id: None,
+        id: None,
     });
     // The burst passes; the third frame is dropped with an error frame. The error is written
     // by the connection task, the pongs go through the queue: their order is not fixed.
@@ -246,11 +247,16 @@ async fn frames_over_the_rate_get_rate_limited_and_too_many_close_with_1008() {
     assert_eq!(s.json().await, pong());
     // A second frame over the rate is one bad frame more than `max_protocol_errors`. A
     // refused request is answered with its own trace id, so its client can settle it.
-    s.send(r#"{"type":"request","payload":{"service":"svc","method":"echo","params":{},"trace_id":"over-1"}}"#).await;
+    // Its `id` too.
+    s.send(r#"{"type":"request","id":"q-1","payload":{"service":"svc","method":"echo","params":{},"trace_id":"over-1"}}"#).await;
     let ServerFrame::Error(refused) = rate_limited else { unreachable!() };
     assert_eq!(
         s.json().await,
-        ServerFrame::Error(ErrorFrame { trace_id: Some("over-1".into()), ..refused })
+        ServerFrame::Error(ErrorFrame {
+            trace_id: Some("over-1".into()),
+            id: Some("q-1".into()),
+            ..refused
+        })
     );
     assert_eq!(s.next().await, close(1008, "too many bad frames"));
 }
