@@ -1,7 +1,7 @@
 //! The upgrade checks as one function of untrusted bytes, for the `upgrade` fuzz target
 //! (`fuzz/`, feature `fuzzing`). Not API: hidden, and compiled only with the feature.
 //!
-//! What it asserts, besides "no panic": a head that [`check_head`] lets through is one
+//! What it asserts, besides "no panic": a head that `check_head` lets through is one
 //! tungstenite parses and answers (else the client would get a bare close instead of the
 //! 400/426/431 RFC 6455 requires); an `Origin` the policy allows is exactly a scheme, a
 //! host under the allowed domain and an optional port; no token found anywhere in the
