@@ -1134,6 +1134,8 @@ async fn the_first_frame_route_opens_the_session_on_a_good_auth_frame() {
     c.send_json(&json!({"type": "auth", "payload": {"token": jwt}, "id": "a-1"})).await;
     let hello = c.recv_json().await;
     assert_eq!(hello["payload"]["topic"], "hello", "{hello}");
+    // The hello answers the auth frame, so it carries its id.
+    assert_eq!(hello["id"], "a-1", "{hello}");
     let event = &hello["payload"]["event"];
     assert_eq!((&event["user_id"], &event["username"]), (&json!("dora"), &json!("Dora")));
     assert_eq!(event["expires_at"], exp);

@@ -284,6 +284,17 @@ impl CoordinatorHandle {
         identity: Identity,
         handler: Arc<dyn ClientConnection>,
     ) -> Result<SessionId, CoreError> {
+        self.open_session_answering(identity, handler, None)
+    }
+
+    /// [`Self::open_session`] for a session opened by a client frame (the first-frame
+    /// `auth`): the hello answers it, so it carries the frame's `id`.
+    pub fn open_session_answering(
+        &self,
+        identity: Identity,
+        handler: Arc<dyn ClientConnection>,
+        id: Option<String>,
+    ) -> Result<SessionId, CoreError> {
         if self.shared.shutdown.is_cancelled() {
             return Err(CoreError::ShuttingDown);
         }
@@ -307,7 +318,8 @@ impl CoordinatorHandle {
         let user_id = identity.user_id.clone();
         // The hello is queued before the session is visible to fan-out, so it is always the
         // first frame the client gets.
-        let hello = Outbound { frame: SharedFrame::new(hello), encoding: Some(Encoding::Json) };
+        let hello = SharedFrame::new(hello.with_id(id));
+        let hello = Outbound { frame: hello, encoding: Some(Encoding::Json) };
         if handler.send(hello).is_err() {
             return Err(CoreError::ShuttingDown);
         }

@@ -228,17 +228,17 @@ pub(crate) async fn run<S>(
         }
     };
     let mut ws = ws;
-    let identity = match credentials {
-        Some(Credentials::Authenticated(identity)) => identity,
+    let (identity, auth_id) = match credentials {
+        Some(Credentials::Authenticated(identity)) => (identity, None),
         Some(Credentials::FirstFrame) => {
             // The auth frame and little else: a token and an envelope.
             let limit = coordinator.client_limits().max_token_len.saturating_add(1024);
             read_budget.store(limit, Ordering::Relaxed);
             match first_frame_auth(&mut ws, &config, &coordinator).await {
-                Ok(identity) => {
+                Ok(authenticated) => {
                     read_budget.store(UNMETERED, Ordering::Relaxed);
                     drop(pending_auth.take());
-                    identity
+                    authenticated
                 }
                 Err(reason) => {
                     if let Some(reason) = reason {
@@ -259,7 +259,7 @@ pub(crate) async fn run<S>(
         budget: QueueBudget::new(config.outbound_queue_bytes),
     });
     let handle = Arc::new(WsHandle { outbound: tx, shared: Arc::clone(&shared) });
-    let session_id = match coordinator.open_session(identity, handle) {
+    let session_id = match coordinator.open_session_answering(identity, handle, auth_id) {
         Ok(id) => id,
         Err(e) => {
             tracing::debug!(error = %e, "session refused");
@@ -638,14 +638,15 @@ fn to_message(bytes: std::sync::Arc<[u8]>, encoding: Encoding) -> Option<Message
 const MAX_CONTROL_FRAMES_BEFORE_AUTH: usize = 16;
 
 /// The first-frame route: waits (until `auth_timeout`) for `{"type":"auth","payload":
-/// {"token"}}` and checks the token. `Err(Some(_))`: close with this (4401, a reason the
-/// browser can read and that never repeats the token); `Err(None)`: the connection is gone.
-/// Nothing but the auth frame is acted on: any other data frame, text or binary, ends it.
+/// {"token"}}` and checks the token; gives who it is and the frame's `id` (for the hello).
+/// `Err(Some(_))`: close with this (4401, a reason the browser can read and that never
+/// repeats the token); `Err(None)`: the connection is gone. Nothing but the auth frame is
+/// acted on: any other data frame, text or binary, ends it.
 async fn first_frame_auth<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut WebSocketStream<Metered<S>>,
     config: &WsConfig,
     coordinator: &CoordinatorHandle,
-) -> Result<Identity, Option<CloseReason>> {
+) -> Result<(Identity, Option<String>), Option<CloseReason>> {
     let unauthorized = |reason: &str| Some(CloseReason::new(CloseCode::Unauthorized, reason));
     let deadline = Instant::now() + config.auth_timeout;
     for _ in 0..=MAX_CONTROL_FRAMES_BEFORE_AUTH {
@@ -676,11 +677,14 @@ async fn first_frame_auth<S: AsyncRead + AsyncWrite + Unpin>(
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
         };
         return match decode_client_frame(text, Encoding::Json, coordinator.client_limits()) {
-            Ok(ClientFrame { message: ClientMessage::Auth { token }, .. }) => {
-                coordinator.authenticate(&token).map_err(|e| {
-                    tracing::info!(reason = %e, "auth frame refused: not authenticated");
-                    unauthorized("unauthorized")
-                })
+            Ok(ClientFrame { message: ClientMessage::Auth { token }, id }) => {
+                match coordinator.authenticate(&token) {
+                    Ok(identity) => Ok((identity, id)),
+                    Err(e) => {
+                        tracing::info!(reason = %e, "auth frame refused: not authenticated");
+                        Err(unauthorized("unauthorized"))
+                    }
+                }
             }
             _ => Err(unauthorized("authentication required")),
         };

@@ -425,4 +425,6 @@ async fn the_first_frame_route_closes_4401_at_the_auth_timeout_and_opens_on_an_a
     assert!(
         matches!(hello.message(), Some(ServerMessage::Event { topic, .. }) if topic == "hello")
     );
+    // The hello answers the auth frame: it carries its id.
+    assert_eq!(hello.id(), Some("a"));
 }
