@@ -1195,6 +1195,18 @@ async fn the_first_frame_route_closes_4401_with_a_reason() {
 }
 
 #[tokio::test]
+async fn shutdown_closes_connections_waiting_to_authenticate_with_1001() {
+    let gw = Gateway::start().await;
+    let mut c = unauthenticated(&gw).await;
+    c.expect_silence(Duration::from_millis(100)).await;
+    let started = tokio::time::Instant::now();
+    gw.stop().await;
+    expect_close(&mut c, 1001, "gateway shutting down").await;
+    // Well before the 5 s auth timeout.
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
 async fn connections_waiting_to_authenticate_are_bounded() {
     let mut options = Options::default();
     options.ws.max_handshakes_in_flight = 2;

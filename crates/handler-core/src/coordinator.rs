@@ -438,6 +438,13 @@ impl CoordinatorHandle {
     pub fn is_shutting_down(&self) -> bool {
         self.shared.shutdown.is_cancelled()
     }
+
+    /// Completes once shutdown has begun: for a transport that waits outside any session
+    /// (a connection waiting for its first-frame `auth`), which the drain does not close.
+    /// Cancel-safe.
+    pub async fn shutdown_started(&self) {
+        self.shared.shutdown.cancelled().await;
+    }
 }
 
 /// Where the answers to one client frame go: its session, in the frame's encoding, each

@@ -650,7 +650,15 @@ async fn first_frame_auth<S: AsyncRead + AsyncWrite + Unpin>(
     let unauthorized = |reason: &str| Some(CloseReason::new(CloseCode::Unauthorized, reason));
     let deadline = Instant::now() + config.auth_timeout;
     for _ in 0..=MAX_CONTROL_FRAMES_BEFORE_AUTH {
-        let message = match tokio::time::timeout_at(deadline, ws.next()).await {
+        let next = tokio::select! {
+            // Both cancel-safe: `next` loses no frame when shutdown wins, and the connection
+            // ends then anyway.
+            () = coordinator.shutdown_started() => {
+                return Err(Some(CloseReason::new(CloseCode::GoingAway, "gateway shutting down")));
+            }
+            next = tokio::time::timeout_at(deadline, ws.next()) => next,
+        };
+        let message = match next {
             Err(_) => return Err(unauthorized("authentication timeout")),
             Ok(None) => return Err(None),
             Ok(Some(Ok(m))) => m,
