@@ -163,6 +163,12 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_TOKEN_QUERY_PARAM")]
     pub token_query_param: Option<String>,
 
+    /// Seconds a client that upgraded with no credentials has to send its first frame,
+    /// `{"type":"auth","payload":{"token":"<jwt>"}}` (else close 4401); 0 turns this route
+    /// off, so such upgrades get 401.
+    #[arg(long, env = "NUROPB_AUTH_TIMEOUT_SECS", default_value_t = 5)]
+    pub auth_timeout_secs: u64,
+
     /// Most concurrent WebSocket connections.
     #[arg(long, env = "NUROPB_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,

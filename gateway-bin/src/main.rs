@@ -184,6 +184,7 @@ async fn run(cli: Cli) -> Result<()> {
             },
             cli.origin_policy()?,
         ),
+        auth_timeout: Duration::from_secs(cli.auth_timeout_secs),
         ..WsConfig::default()
     };
 

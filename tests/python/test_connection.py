@@ -9,7 +9,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from conftest import ALLOWED_ORIGIN, SERVICE, start_gateway
-from interop_helpers import WsClient, is_response, make_token, run, unique
+from interop_helpers import WsClient, is_event, is_response, make_token, run, unique
 
 
 def test_hello_frame(mesh):
@@ -39,7 +39,7 @@ def _status_of_refused(url, **kw):
 
 @pytest.mark.parametrize(
     "case",
-    ["no token", "wrong secret", "expired", "not a jwt", "missing sub", "missing exp", "alg none"],
+    ["wrong secret", "expired", "not a jwt", "missing sub", "missing exp", "alg none"],
 )
 def test_bad_token_refused_with_401(mesh, case):
     import jwt as pyjwt
@@ -47,7 +47,6 @@ def test_bad_token_refused_with_401(mesh, case):
     user = unique("eve")
     secret = mesh.cfg.jwt_secret
     tokens = {
-        "no token": None,
         "wrong secret": make_token("not-the-secret-" + "0" * 40, user),
         "expired": make_token(secret, user, ttl=-120),
         "not a jwt": "not-a-token",
@@ -56,6 +55,29 @@ def test_bad_token_refused_with_401(mesh, case):
         "alg none": pyjwt.encode({"sub": user, "username": user, "exp": int(time.time()) + 60}, None, algorithm="none"),
     }
     assert _status_of_refused(mesh.gateway.url, token=tokens[case]) == 401
+
+
+def test_no_token_takes_the_first_frame_route(mesh):
+    """An upgrade without credentials is accepted; only an `auth` frame is acted on first."""
+
+    async def scenario():
+        user_id = unique("fay")
+        eve = await WsClient.open(mesh.gateway.url, label="eve", expect_hello=False)
+        await eve.send({"type": "ping", "id": "p-0"})
+        assert await eve.wait_closed() == (4401, "authentication required")
+        fay = await WsClient.open(mesh.gateway.url, label="fay", expect_hello=False)
+        await fay.send({"type": "auth", "payload": {"token": mesh.tokens(user_id)}})
+        hello = (await fay.expect(is_event("hello")))["payload"]["event"]
+        assert hello["user_id"] == user_id
+        assert isinstance(hello["expires_at"], int) and hello["expires_at"] > time.time()
+        await fay.send({"type": "ping", "id": "p-1"})
+        pong = await fay.expect(lambda f: f.get("type") == "pong", what="pong")
+        assert pong == {"type": "pong", "payload": {}, "id": "p-1"}
+        result = await fay.call_ok(SERVICE, "whoami", {})
+        assert result["user_id"] == user_id
+        await fay.close()
+
+    run(scenario())
 
 
 def test_cookie_authentication(mesh):

@@ -271,6 +271,26 @@ impl Client {
         Ok(Client { ws })
     }
 
+    /// Like [`Client::connect`], but every header is appended (a name may repeat, as
+    /// `Sec-WebSocket-Protocol` does), and the upgrade's response is returned too.
+    pub async fn connect_appending(
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(Client, http::Response<Option<Vec<u8>>>), tungstenite::Error> {
+        let mut request = url.into_client_request()?;
+        for (k, v) in headers {
+            request.headers_mut().append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let (ws, response) =
+            tokio::time::timeout(FRAME_WAIT, tokio_tungstenite::connect_async(request))
+                .await
+                .expect("connect timed out")?;
+        Ok((Client { ws }, response))
+    }
+
     pub async fn send_text(&mut self, text: &str) {
         self.ws.send(Message::Text(text.into())).await.unwrap();
     }

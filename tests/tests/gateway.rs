@@ -6,10 +6,11 @@
 use std::time::Duration;
 
 use e2e_tests::{Client, Gateway, Options, SECRET, token, token_with};
+use futures_util::SinkExt;
 use handler_core::mesh::GatewayControl;
 use handler_core::{MeshEvent, UserId};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite;
+use tokio_tungstenite::tungstenite::{self, Message};
 
 fn is_hex32(v: &Value) -> bool {
     v.as_str().is_some_and(|s| s.len() == 32 && s.chars().all(|c| c.is_ascii_hexdigit()))
@@ -25,7 +26,11 @@ async fn hello_frame_has_the_original_shape() {
     assert!(is_hex32(&event["session_id"]), "{hello}");
     assert_eq!(event["user_id"], "alice");
     assert_eq!(event["username"], "alice@example.com");
-    assert_eq!(event.as_object().unwrap().len(), 3);
+    // `expires_at`: the token's `exp` (`token` gives 600 s; the e2e gateway has no leeway).
+    let now = jsonwebtoken::get_current_timestamp();
+    let expires_at = event["expires_at"].as_u64().expect("expires_at is a number");
+    assert!((now + 590..=now + 600).contains(&expires_at), "{hello}");
+    assert_eq!(event.as_object().unwrap().len(), 4);
     gw.stop().await;
 }
 
@@ -212,7 +217,6 @@ async fn refused_tokens_get_401_at_the_upgrade() {
     let gw = Gateway::start().await;
     let now = jsonwebtoken::get_current_timestamp();
     let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
-        ("no credentials", vec![]),
         ("garbage", vec![("Authorization", "Bearer not-a-token".into())]),
         (
             "expired",
@@ -244,6 +248,14 @@ async fn refused_tokens_get_401_at_the_upgrade() {
     let cookie = format!("Authorization={}", token("bob"));
     let mut c = Client::connect(&gw.url, &[("Cookie", &cookie)]).await.expect("cookie auth");
     assert_eq!(c.recv_json().await["payload"]["event"]["user_id"], "bob");
+    gw.stop().await;
+
+    // No credentials at all: 401 when the first-frame route is off.
+    let mut options = Options::default();
+    options.ws.auth_timeout = Duration::ZERO;
+    let gw = Gateway::start_with(options).await;
+    let err = Client::connect(&gw.url, &[]).await.err().expect("no credentials: connected");
+    assert_eq!(http_status(&err), Some(401), "{err}");
     gw.stop().await;
 }
 
@@ -1054,5 +1066,236 @@ async fn sessions_per_user_get_429() {
     assert_eq!(http_status(&err), Some(429), "{err}");
     assert_eq!(gw.ws_stats.stats().per_user_sessions_refused, 1);
     let (_bob, _) = gw.connect("bob").await;
+    gw.stop().await;
+}
+
+fn selected_protocol(response: &http::Response<Option<Vec<u8>>>) -> Vec<String> {
+    let values = response.headers().get_all(http::header::SEC_WEBSOCKET_PROTOCOL);
+    values.iter().map(|v| v.to_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test]
+async fn the_subprotocol_route_selects_nuropb_v1_and_never_echoes_the_token() {
+    let gw = Gateway::start().await;
+    let entry = format!("nuropb.token.{}", token("alice"));
+    // One header with a list, and the same as two headers.
+    let list = format!("nuropb.v1, {entry}");
+    let offers: [Vec<(&str, &str)>; 2] = [
+        vec![("Sec-WebSocket-Protocol", &list)],
+        vec![("Sec-WebSocket-Protocol", "nuropb.v1"), ("Sec-WebSocket-Protocol", &entry)],
+    ];
+    for headers in offers {
+        let (mut c, response) =
+            Client::connect_appending(&gw.url, &headers).await.expect("upgrade");
+        assert_eq!(selected_protocol(&response), ["nuropb.v1"], "{headers:?}");
+        let hello = c.recv_json().await;
+        assert_eq!(hello["payload"]["event"]["user_id"], "alice", "{hello}");
+        c.send_json(&json!({"type": "ping", "id": "p"})).await;
+        assert_eq!(c.recv_json().await, json!({"type": "pong", "payload": {}, "id": "p"}));
+    }
+    // A bad token is refused at the upgrade, as in the header.
+    for bad in ["nuropb.token.not-a-token", &format!("nuropb.token.{}", "x".repeat(9000))] {
+        let list = format!("nuropb.v1, {bad}");
+        let err = Client::connect_appending(&gw.url, &[("Sec-WebSocket-Protocol", &list)])
+            .await
+            .err()
+            .expect("a bad subprotocol token connected");
+        assert_eq!(http_status(&err), Some(401), "{err}");
+    }
+    // `nuropb.v1` is selected on the first-frame route too (browsers require it).
+    let (_c, response) =
+        Client::connect_appending(&gw.url, &[("Sec-WebSocket-Protocol", "nuropb.v1")])
+            .await
+            .expect("upgrade without credentials");
+    assert_eq!(selected_protocol(&response), ["nuropb.v1"]);
+    // Nothing is selected when it is not offered (as before).
+    let auth = format!("Bearer {}", token("alice"));
+    let (_c, response) =
+        Client::connect_appending(&gw.url, &[("Authorization", &auth)]).await.expect("upgrade");
+    assert!(selected_protocol(&response).is_empty());
+    gw.stop().await;
+}
+
+/// A client on the first-frame route: upgraded with no credentials.
+async fn unauthenticated(gw: &Gateway) -> Client {
+    Client::connect(&gw.url, &[]).await.expect("an upgrade without credentials is accepted")
+}
+
+async fn expect_close(c: &mut Client, code: u16, reason: &str) {
+    let frame = c.recv_close().await.expect("a close frame");
+    assert_eq!((u16::from(frame.code), frame.reason.as_str()), (code, reason));
+}
+
+#[tokio::test]
+async fn the_first_frame_route_opens_the_session_on_a_good_auth_frame() {
+    let gw = Gateway::start().await;
+    let exp = jsonwebtoken::get_current_timestamp() + 321;
+    let jwt = token_with(json!({"sub": "dora", "username": "Dora", "exp": exp}), SECRET);
+    let mut c = unauthenticated(&gw).await;
+    // Nothing before the auth frame: no hello yet.
+    c.expect_silence(Duration::from_millis(200)).await;
+    c.send_json(&json!({"type": "auth", "payload": {"token": jwt}, "id": "a-1"})).await;
+    let hello = c.recv_json().await;
+    assert_eq!(hello["payload"]["topic"], "hello", "{hello}");
+    // The hello answers the auth frame, so it carries its id.
+    assert_eq!(hello["id"], "a-1", "{hello}");
+    let event = &hello["payload"]["event"];
+    assert_eq!((&event["user_id"], &event["username"]), (&json!("dora"), &json!("Dora")));
+    assert_eq!(event["expires_at"], exp);
+    assert!(is_hex32(&event["session_id"]), "{hello}");
+    c.request("svc", "echo", json!({"x": 1}), "after-auth").await;
+    assert_eq!(c.recv_json().await["payload"]["result"], json!({"x": 1}));
+    // A second auth frame within the session is refused, and the session lives on.
+    c.send_json(&json!({"type": "auth", "payload": {"token": "t"}, "id": "a-2"})).await;
+    let r = c.recv_json().await;
+    assert_eq!((&r["error"], &r["id"]), (&json!("NuropbValidationError"), &json!("a-2")), "{r}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn the_first_frame_route_closes_4401_with_a_reason() {
+    let mut options = Options::default();
+    options.ws.auth_timeout = Duration::from_millis(300);
+    let gw = Gateway::start_with(options).await;
+    let expired = token_with(
+        json!({"sub": "a", "exp": jsonwebtoken::get_current_timestamp() - 3600}),
+        SECRET,
+    );
+    let auth = |token: &str| json!({"type": "auth", "payload": {"token": token}}).to_string();
+    let cases: Vec<(&str, Message, &str)> = vec![
+        ("garbage token", Message::text(auth("not-a-token")), "unauthorized"),
+        ("expired token", Message::text(auth(&expired)), "unauthorized"),
+        ("a ping frame", Message::text(r#"{"type":"ping","id":"x"}"#), "authentication required"),
+        (
+            "a request",
+            Message::text(
+                json!({"type": "request", "payload": {"service": "svc", "method": "echo", "params": {}}})
+                    .to_string(),
+            ),
+            "authentication required",
+        ),
+        ("not JSON", Message::text("{"), "authentication required"),
+        ("a binary frame", Message::binary(vec![0x80]), "authentication required"),
+        (
+            "an oversized frame",
+            Message::text(auth(&"x".repeat(64 << 10))),
+            "authentication frame too large",
+        ),
+    ];
+    for (name, frame, reason) in cases {
+        let mut c = unauthenticated(&gw).await;
+        c.ws.send(frame).await.unwrap();
+        let close = c.recv_close().await.unwrap_or_else(|| panic!("{name}: no close frame"));
+        assert_eq!((u16::from(close.code), close.reason.as_str()), (4401, reason), "{name}");
+    }
+    assert_eq!(gw.mesh_calls(), 0, "nothing before the auth frame reaches the mesh");
+    // None in time.
+    let mut c = unauthenticated(&gw).await;
+    let started = tokio::time::Instant::now();
+    expect_close(&mut c, 4401, "authentication timeout").await;
+    assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_connections_waiting_to_authenticate_with_1001() {
+    let gw = Gateway::start().await;
+    let mut c = unauthenticated(&gw).await;
+    c.expect_silence(Duration::from_millis(100)).await;
+    let started = tokio::time::Instant::now();
+    gw.stop().await;
+    expect_close(&mut c, 1001, "gateway shutting down").await;
+    // Well before the 5 s auth timeout.
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn connections_waiting_to_authenticate_are_bounded() {
+    let mut options = Options::default();
+    options.ws.max_handshakes_in_flight = 2;
+    let gw = Gateway::start_with(options).await;
+    let _waiting = [unauthenticated(&gw).await, unauthenticated(&gw).await];
+    let err = Client::connect(&gw.url, &[]).await.err().expect("a third one waits");
+    assert_eq!(http_status(&err), Some(503), "{err}");
+    // Authenticated clients are not held back by them.
+    let (mut alice, _) = gw.connect("alice").await;
+    alice.send_json(&json!({"type": "ping"})).await;
+    assert_eq!(alice.recv_json().await, json!({"type": "pong", "payload": {}}));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn every_answer_echoes_the_frames_id_and_frames_without_one_get_none() {
+    let mut options = Options::default();
+    options.ws.rate_per_second = 1;
+    options.ws.rate_burst = 12;
+    let gw = Gateway::start_with(options).await;
+    let (mut c, _) = gw.connect("alice").await;
+    let call =
+        |trace: &str| json!({"service": "svc", "method": "echo", "params": {}, "trace_id": trace});
+    let frames = [
+        json!({"type": "subscribe", "payload": {"topics": ["news.a"]}, "id": "sub"}),
+        json!({"type": "unsubscribe", "payload": {"topics": ["news.a"]}, "id": "unsub"}),
+        json!({"type": "ping", "id": "ping"}),
+        json!({"type": "refresh", "payload": {"token": token("alice")}, "id": "refresh"}),
+        json!({"type": "request", "payload": call("t-req"), "id": "req"}),
+        json!({"type": "command", "payload": call("t-cmd"), "id": "cmd"}),
+        json!({"type": "subscribe", "payload": {"topics": ["secret.x"]}, "id": "refused"}),
+        json!({"type": "request", "payload": {"service": "svc"}, "id": "invalid"}),
+        json!({"type": "ping", "id": 5}),
+    ];
+    for frame in &frames {
+        c.send_json(frame).await;
+        let r = c.recv_json().await;
+        let expected_id = frame["id"].as_str().map_or(Value::Null, |s| json!(s));
+        assert_eq!(r["id"], expected_id, "answer to {frame}: {r}");
+        match frame["id"].as_str() {
+            Some("sub") => assert_eq!(r["payload"]["topics"], json!(["news.a"])),
+            Some("unsub") => assert_eq!(r["type"], "subscribed"),
+            Some("ping") => assert_eq!(r, json!({"type": "pong", "payload": {}, "id": "ping"})),
+            Some("refresh") => assert!(r["payload"]["expires_at"].is_u64(), "{r}"),
+            Some("req") => assert_eq!(r["payload"]["trace_id"], "t-req"),
+            Some("cmd") => {
+                assert_eq!(
+                    r,
+                    json!({"type": "accepted", "payload": {"trace_id": "t-cmd"}, "id": "cmd"})
+                );
+            }
+            Some("refused") => assert_eq!(r["error"], "NuropbValidationError"),
+            Some("invalid") => assert_eq!(r["error"], "NuropbValidationError"),
+            _ => assert_eq!(r["description"], "`id` must be a string, got number", "{r}"),
+        }
+    }
+    // Undecodable bytes: the id is read when it can be.
+    c.send_text(r#"{"type":"ping","id":"big","payload":{"n":123456789012345678901234567890}}"#)
+        .await;
+    let r = c.recv_json().await;
+    assert_eq!((&r["error"], &r["id"]), (&json!("NuropbValidationError"), &json!("big")), "{r}");
+    // An id over 128 bytes is refused without it.
+    c.send_json(&json!({"type": "ping", "id": "x".repeat(129)})).await;
+    let r = c.recv_json().await;
+    assert_eq!(
+        r,
+        json!({"error": "LimitExceeded", "description": "`id` is longer than 128 bytes"})
+    );
+    // Without an id: today's frames, byte for byte.
+    c.send_text(r#"{"type":"ping"}"#).await;
+    assert_eq!(c.next_message().await, Some(Message::text(r#"{"type":"pong","payload":{}}"#)));
+    // Over the rate: RateLimited, with the id and the trace id.
+    for i in 0..3 {
+        c.send_json(&json!({"type": "request", "payload": call(&format!("r-{i}")), "id": format!("rl-{i}")}))
+            .await;
+    }
+    let mut limited = None;
+    for _ in 0..3 {
+        let r = c.recv_json().await;
+        if r["error"] == "RateLimited" {
+            limited = Some(r);
+        }
+    }
+    let limited = limited.expect("a RateLimited refusal");
+    let id = limited["id"].as_str().expect("the refusal carries the id");
+    let trace = limited["trace_id"].as_str().expect("and the trace id");
+    assert_eq!(id.strip_prefix("rl-"), trace.strip_prefix("r-"), "{limited}");
     gw.stop().await;
 }

@@ -71,9 +71,29 @@ pub enum CloseCode {
     Kicked,
     /// 4003: the session's token expired and was not refreshed.
     TokenExpired,
+    /// 4401: a connection that upgraded without credentials did not authenticate with its
+    /// first frame (bad token, another frame, or none in time).
+    Unauthorized,
 }
 
 impl CloseCode {
+    /// Whether a client should reconnect after this close (docs/PROTOCOL.md, "Close
+    /// codes"): `false` for the closes a reconnect would only repeat (1008, 1009, 4401)
+    /// or undo (4001, a deliberate kick). 4003 reconnects at once with a fresh token.
+    pub fn should_reconnect(self) -> bool {
+        match self {
+            CloseCode::Normal
+            | CloseCode::GoingAway
+            | CloseCode::Internal
+            | CloseCode::TryAgainLater
+            | CloseCode::TokenExpired => true,
+            CloseCode::PolicyViolation
+            | CloseCode::TooBig
+            | CloseCode::Kicked
+            | CloseCode::Unauthorized => false,
+        }
+    }
+
     /// The numeric close code sent in the close frame.
     pub fn as_u16(self) -> u16 {
         match self {
@@ -85,6 +105,7 @@ impl CloseCode {
             CloseCode::TryAgainLater => 1013,
             CloseCode::Kicked => 4001,
             CloseCode::TokenExpired => 4003,
+            CloseCode::Unauthorized => 4401,
         }
     }
 }

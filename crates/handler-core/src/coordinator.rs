@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use nuropb_wire::ErrorObject;
 use nuropb_wire::client::{
-    ClientLimits, ClientMessage, Encoding, ErrorFrame, ServerFrame, ServerMessage,
-    decode_client_message,
+    ClientFrame, ClientLimits, ClientMessage, Encoding, ErrorFrame, ServerFrame, ServerMessage,
+    decode_client_frame,
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -25,7 +25,7 @@ use crate::ids::{SessionId, UserId};
 use crate::mesh::{
     ControlOutcome, GatewayControl, GatewayStats, MeshEvent, MeshInbound, ServiceMesh,
 };
-use crate::mesh_manager::{MeshManagerConfig, ServiceMeshManager};
+use crate::mesh_manager::{MeshManagerConfig, ReplyTo, ServiceMeshManager};
 use crate::session_registry::{SessionHandle, SessionRegistry, SessionRegistryConfig};
 use crate::topic::topic_matches;
 
@@ -261,6 +261,18 @@ impl CoordinatorHandle {
         nuropb_wire::client::peek_trace_id(bytes, encoding, &self.shared.limits)
     }
 
+    /// The top-level `id` of a frame a transport refuses without handing it to the core,
+    /// read as [`Self::trace_id_of`] reads the trace id, so the refusal carries it too.
+    pub fn id_of(&self, bytes: &[u8], encoding: Encoding) -> Option<String> {
+        nuropb_wire::client::peek_id(bytes, encoding, &self.shared.limits)
+    }
+
+    /// The client limits frames are decoded under (a transport bounds what it reads before
+    /// a session exists by them, e.g. the first-frame `auth`).
+    pub fn client_limits(&self) -> &ClientLimits {
+        &self.shared.limits
+    }
+
     /// Checks a bearer token (already stripped of its `Bearer` prefix).
     pub fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
         self.shared.authenticator.authenticate(token)
@@ -271,6 +283,17 @@ impl CoordinatorHandle {
         &self,
         identity: Identity,
         handler: Arc<dyn ClientConnection>,
+    ) -> Result<SessionId, CoreError> {
+        self.open_session_answering(identity, handler, None)
+    }
+
+    /// [`Self::open_session`] for a session opened by a client frame (the first-frame
+    /// `auth`): the hello answers it, so it carries the frame's `id`.
+    pub fn open_session_answering(
+        &self,
+        identity: Identity,
+        handler: Arc<dyn ClientConnection>,
+        id: Option<String>,
     ) -> Result<SessionId, CoreError> {
         if self.shared.shutdown.is_cancelled() {
             return Err(CoreError::ShuttingDown);
@@ -288,12 +311,15 @@ impl CoordinatorHandle {
                 "session_id": session_id.as_str(),
                 "user_id": identity.user_id.as_str(),
                 "username": identity.username,
+                // When the gateway stops accepting the token, as in `refreshed`.
+                "expires_at": identity.expires_at,
             }),
         });
         let user_id = identity.user_id.clone();
         // The hello is queued before the session is visible to fan-out, so it is always the
         // first frame the client gets.
-        let hello = Outbound { frame: SharedFrame::new(hello), encoding: Some(Encoding::Json) };
+        let hello = SharedFrame::new(hello.with_id(id));
+        let hello = Outbound { frame: hello, encoding: Some(Encoding::Json) };
         if handler.send(hello).is_err() {
             return Err(CoreError::ShuttingDown);
         }
@@ -325,48 +351,49 @@ impl CoordinatorHandle {
     /// protocol-error budget).
     pub fn on_frame(&self, session_id: &SessionId, bytes: &[u8], encoding: Encoding) -> bool {
         let s = &self.shared;
-        let decoded = decode_client_message(bytes, encoding, &s.limits);
+        let decoded = decode_client_frame(bytes, encoding, &s.limits);
         // The session's handle is taken once: every answer to this frame, now or from the
         // call's task later, goes through it.
         let Some((identity, session)) = s.sessions.session(session_id) else {
             return decoded.is_ok();
         };
-        let message = match decoded {
-            Ok(m) => m,
+        let ClientFrame { id, message } = match decoded {
+            Ok(f) => f,
             Err(e) => {
                 tracing::debug!(session.id = %session_id, error = %e, "bad client frame");
-                refuse(&session, e.trace_id.clone(), e.into(), encoding);
+                let answer = Answer { session: &session, id: e.id.clone(), encoding };
+                answer.refuse(e.trace_id.clone(), e.into());
                 return false;
             }
         };
+        // Every answer to this frame carries its `id`.
+        let answer = Answer { session: &session, id, encoding };
         // Between the token's expiry and the next sweep (at most a second), nothing but a
         // refresh is served with it.
         let expired = identity.expires_at.is_some_and(|e| e <= unix_now());
         if expired && !matches!(message, ClientMessage::Refresh { .. }) {
-            refuse(&session, None, CoreError::TokenExpired, encoding);
+            answer.refuse(None, CoreError::TokenExpired);
             return false;
         }
         match message {
             ClientMessage::Request(mut call) => {
                 // A trace id is generated here when absent, so even a refusal can name it.
                 let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
-                if let Err(e) = s.mesh.request(&session, &identity, call, encoding) {
-                    refuse(&session, trace, e, encoding);
+                if let Err(e) = s.mesh.request(&session, &identity, call, answer.reply_to()) {
+                    answer.refuse(trace, e);
                 }
             }
             ClientMessage::Command(mut call) => {
                 let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
-                if let Err(e) = s.mesh.command(&session, &identity, call, encoding) {
-                    refuse(&session, trace, e, encoding);
+                if let Err(e) = s.mesh.command(&session, &identity, call, answer.reply_to()) {
+                    answer.refuse(trace, e);
                 }
             }
             ClientMessage::Subscribe { topics } => {
-                let result = s.sessions.subscribe(session_id, &topics);
-                subscribed(&session, result, encoding);
+                answer.subscribed(s.sessions.subscribe(session_id, &topics));
             }
             ClientMessage::Unsubscribe { topics } => {
-                let result = s.sessions.unsubscribe(session_id, &topics);
-                subscribed(&session, result, encoding);
+                answer.subscribed(s.sessions.unsubscribe(session_id, &topics));
             }
             ClientMessage::Refresh { token } => {
                 let refreshed = s
@@ -379,20 +406,24 @@ impl CoordinatorHandle {
                     });
                 match refreshed {
                     Ok(expires_at) => {
-                        let frame = ServerFrame::Message(ServerMessage::Refreshed { expires_at });
-                        reply(&session, frame, encoding);
+                        answer.reply(ServerFrame::Message(ServerMessage::Refreshed { expires_at }));
                     }
                     Err(e) => {
                         // `{:?}` of the source: the detail is ours, but never trust a
                         // log line to stay one line.
                         let reason = std::error::Error::source(&e).map(|c| format!("{c:?}"));
                         tracing::info!(session.id = %session_id, error = %e, reason, "refresh refused");
-                        refuse(&session, None, e, encoding);
+                        answer.refuse(None, e);
                     }
                 }
             }
             ClientMessage::Ping => {
-                reply(&session, ServerFrame::Message(ServerMessage::Pong {}), encoding);
+                answer.reply(ServerFrame::Message(ServerMessage::Pong {}));
+            }
+            ClientMessage::Auth { .. } => {
+                // The first-frame route ends with the hello; a session is authenticated.
+                answer.refuse(None, CoreError::AlreadyAuthenticated);
+                return false;
             }
         }
         true
@@ -407,27 +438,51 @@ impl CoordinatorHandle {
     pub fn is_shutting_down(&self) -> bool {
         self.shared.shutdown.is_cancelled()
     }
+
+    /// Completes once shutdown has begun: for a transport that waits outside any session
+    /// (a connection waiting for its first-frame `auth`), which the drain does not close.
+    /// Cancel-safe.
+    pub async fn shutdown_started(&self) {
+        self.shared.shutdown.cancelled().await;
+    }
 }
 
-/// Queues a frame for one session, in the given encoding; `false` if it is gone (or was
-/// just closed as too slow).
-fn reply(session: &SessionHandle, frame: ServerFrame, encoding: Encoding) -> bool {
-    session.send(Outbound { frame: SharedFrame::new(frame), encoding: Some(encoding) })
+/// Where the answers to one client frame go: its session, in the frame's encoding, each
+/// carrying the frame's `id` (none when it had none).
+struct Answer<'a> {
+    session: &'a SessionHandle,
+    id: Option<String>,
+    encoding: Encoding,
 }
 
-/// Answers a refused frame: a `response` with the error when the client can match it to a
-/// request (`trace_id`), the top-level error frame otherwise.
-fn refuse(session: &SessionHandle, trace_id: Option<String>, e: CoreError, encoding: Encoding) {
-    reply(session, error_frame(trace_id, e.to_error_object()), encoding);
-}
+impl Answer<'_> {
+    /// Queues `frame` with the `id`; `false` if the session is gone (or was just closed as
+    /// too slow).
+    fn reply(&self, frame: ServerFrame) -> bool {
+        let frame = frame.with_id(self.id.clone());
+        self.session
+            .send(Outbound { frame: SharedFrame::new(frame), encoding: Some(self.encoding) })
+    }
 
-/// The answer to subscribe/unsubscribe: the session's patterns now, or why not.
-fn subscribed(session: &SessionHandle, result: Result<Vec<String>, CoreError>, encoding: Encoding) {
-    match result {
-        Ok(topics) => {
-            reply(session, ServerFrame::Message(ServerMessage::Subscribed { topics }), encoding);
+    /// Answers a refused frame: a `response` with the error when the client can match it to
+    /// a request (`trace_id`), the top-level error frame otherwise.
+    fn refuse(&self, trace_id: Option<String>, e: CoreError) {
+        self.reply(error_frame(trace_id, e.to_error_object()));
+    }
+
+    /// The answer to subscribe/unsubscribe: the session's patterns now, or why not.
+    fn subscribed(&self, result: Result<Vec<String>, CoreError>) {
+        match result {
+            Ok(topics) => {
+                self.reply(ServerFrame::Message(ServerMessage::Subscribed { topics }));
+            }
+            Err(e) => self.refuse(None, e),
         }
-        Err(e) => refuse(session, None, e, encoding),
+    }
+
+    /// How a call's task answers later.
+    fn reply_to(&self) -> ReplyTo {
+        ReplyTo { id: self.id.clone(), encoding: self.encoding }
     }
 }
 
@@ -452,6 +507,7 @@ fn error_frame(trace_id: Option<String>, error: ErrorObject) -> ServerFrame {
             error: error.error,
             description: error.description,
             trace_id: None,
+            id: None,
         }),
     }
 }
@@ -691,6 +747,74 @@ mod tests {
         assert!(b.frames().is_empty());
         let stats = c.handle.stats();
         assert_eq!((stats.requests_in_flight, stats.requests_total), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn every_answer_carries_the_frames_id_and_frames_without_one_get_none() {
+        let mut mesh = mesh();
+        mesh.expect_request().returning(|_, _| Ok(MeshResponse { result: json!(1), error: None }));
+        mesh.expect_command().returning(|_| Ok(()));
+        let mut auth = MockAuthenticator::new();
+        auth.expect_authenticate().returning(|token| match token {
+            "good" => Ok(Identity { expires_at: Some(4_000_000_000), ..identity("alice") }),
+            _ => Err(crate::auth::AuthError::Expired),
+        });
+        let config = CoreConfig {
+            sessions: SessionRegistryConfig {
+                subscribable: vec!["news.#".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = core_with(mesh, auth, config);
+        let (sid, client) =
+            c.open_as(Identity { expires_at: Some(3_000_000_000), ..identity("alice") });
+        let hello = {
+            let seen = client.seen.lock().expect("lock");
+            match seen.first() {
+                Some(Seen::Frame(o)) => json_of(&o.frame),
+                other => panic!("not a frame: {other:?}"),
+            }
+        };
+        assert_eq!(hello["payload"]["event"]["expires_at"], 3_000_000_000u64);
+        let call = json!({"service": "s", "method": "m", "params": {}, "trace_id": "t"});
+        let frames = [
+            json!({"type": "ping", "id": "1"}),
+            json!({"type": "subscribe", "payload": {"topics": ["news.a"]}, "id": "2"}),
+            json!({"type": "unsubscribe", "payload": {"topics": ["news.a"]}, "id": "3"}),
+            json!({"type": "subscribe", "payload": {"topics": ["secret"]}, "id": "4"}),
+            json!({"type": "refresh", "payload": {"token": "good"}, "id": "5"}),
+            json!({"type": "refresh", "payload": {"token": "bad"}, "id": "6"}),
+            json!({"type": "nope", "id": "7"}),
+            json!({"type": "auth", "payload": {"token": "good"}, "id": "8"}),
+            json!({"type": "request", "payload": call, "id": "9"}),
+            json!({"type": "command", "payload": call, "id": "10"}),
+        ];
+        for frame in frames {
+            c.frame(&sid, frame);
+        }
+        // The calls are answered by their tasks; the last frame comes after.
+        c.settle().await;
+        c.frame(&sid, json!({"type": "ping"}));
+        let ids: Vec<Value> = client.frames().iter().map(|f| f["id"].clone()).collect();
+        let expected: Vec<Value> =
+            (1..=10).map(|i| json!(i.to_string())).chain([Value::Null]).collect();
+        assert_eq!(ids, expected, "{:?}", client.frames());
+        let frames = client.frames();
+        assert_eq!(frames[0], json!({"type": "pong", "payload": {}, "id": "1"}));
+        assert_eq!(frames[3]["error"], error_name::VALIDATION);
+        assert_eq!(
+            frames[4],
+            json!({"type": "refreshed", "payload": {"expires_at": 4_000_000_000u64}, "id": "5"})
+        );
+        assert_eq!(frames[5]["description"], "unauthorized");
+        assert_eq!(frames[8]["type"], "response");
+        assert_eq!(
+            frames[9],
+            json!({"type": "accepted", "payload": {"trace_id": "t"}, "id": "10"})
+        );
+        // Without an id the answer is exactly today's frame.
+        assert_eq!(frames[10], json!({"type": "pong", "payload": {}}));
     }
 
     #[tokio::test(start_paused = true)]

@@ -58,6 +58,9 @@ pub enum CoreError {
     /// A `refresh` token belongs to another user than the session's.
     #[error("the new token belongs to another user")]
     OtherUser,
+    /// An `auth` frame within a session (the first-frame route ends with the hello).
+    #[error("already authenticated; send `refresh` to replace the token")]
+    AlreadyAuthenticated,
     /// The session is not (or no longer) registered.
     #[error("unknown session")]
     UnknownSession,
@@ -121,9 +124,9 @@ impl CoreError {
             CoreError::RefreshRefused(_) | CoreError::OtherUser => {
                 (n::AUTHORIZATION, "unauthorized".to_owned())
             }
-            CoreError::NotSubscribable(_) | CoreError::TooManySubscriptions(_) => {
-                (n::VALIDATION, self.to_string())
-            }
+            CoreError::NotSubscribable(_)
+            | CoreError::TooManySubscriptions(_)
+            | CoreError::AlreadyAuthenticated => (n::VALIDATION, self.to_string()),
         };
         ErrorObject::new(name, description)
     }
@@ -148,6 +151,7 @@ impl CoreError {
             | CoreError::RefreshRefused(_)
             | CoreError::OtherUser
             | CoreError::UnknownSession
+            | CoreError::AlreadyAuthenticated
             | CoreError::NotSubscribable(_)
             | CoreError::TooManySubscriptions(_) => None,
         }
@@ -271,6 +275,12 @@ mod tests {
             None,
         );
         check(CoreError::OtherUser, n::AUTHORIZATION, "unauthorized", None);
+        check(
+            CoreError::AlreadyAuthenticated,
+            n::VALIDATION,
+            "already authenticated; send `refresh` to replace the token",
+            None,
+        );
         check(
             CoreError::NotSubscribable("x".into()),
             n::VALIDATION,

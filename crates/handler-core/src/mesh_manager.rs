@@ -159,6 +159,21 @@ impl Drop for SlotGuard {
     }
 }
 
+/// How a call's outcome is sent: in the encoding of the frame that made the call, with
+/// that frame's top-level `id` (none when it had none).
+#[derive(Debug, Clone)]
+pub(crate) struct ReplyTo {
+    pub(crate) id: Option<String>,
+    pub(crate) encoding: Encoding,
+}
+
+impl From<Encoding> for ReplyTo {
+    /// No `id`: the frame had none.
+    fn from(encoding: Encoding) -> Self {
+        ReplyTo { id: None, encoding }
+    }
+}
+
 fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
     // The pending counts are plain integers; a poisoned lock still holds usable numbers.
     p.lock().unwrap_or_else(|e| e.into_inner())
@@ -282,9 +297,9 @@ impl ServiceMeshManager {
         session: &SessionHandle,
         identity: &Identity,
         call: ClientCall,
-        encoding: Encoding,
+        reply: ReplyTo,
     ) -> Result<TraceId, CoreError> {
-        self.submit(session, identity, call, encoding, CallKind::Request)
+        self.submit(session, identity, call, reply, CallKind::Request)
     }
 
     /// Publishes a command. Sends `accepted` once published, or an error `response`.
@@ -293,9 +308,9 @@ impl ServiceMeshManager {
         session: &SessionHandle,
         identity: &Identity,
         call: ClientCall,
-        encoding: Encoding,
+        reply: ReplyTo,
     ) -> Result<TraceId, CoreError> {
-        self.submit(session, identity, call, encoding, CallKind::Command)
+        self.submit(session, identity, call, reply, CallKind::Command)
     }
 
     fn submit(
@@ -303,7 +318,7 @@ impl ServiceMeshManager {
         session: &SessionHandle,
         identity: &Identity,
         call: ClientCall,
-        encoding: Encoding,
+        reply: ReplyTo,
         kind: CallKind,
     ) -> Result<TraceId, CoreError> {
         if self.config.reserved_services.contains(&call.service) {
@@ -395,10 +410,10 @@ impl ServiceMeshManager {
                         }
                     }
                 };
-                let frame = SharedFrame::new(ServerFrame::Message(message));
+                let frame = SharedFrame::new(ServerFrame::Message(message).with_id(reply.id));
                 // Straight into the session's queue (try-send, slow-client policy). Not
                 // queued means the session is gone or was just closed as too slow.
-                if !session.send(Outbound { frame, encoding: Some(encoding) }) {
+                if !session.send(Outbound { frame, encoding: Some(reply.encoding) }) {
                     tracing::debug!("outcome for a closed session dropped");
                 }
             }
@@ -511,7 +526,7 @@ mod tests {
         let reg = registry();
         let (s1, mut rx) = session(&reg, "s1");
         let (_s2, mut other) = session(&reg, "s2");
-        let trace = m.request(&s1, &identity(), call(Some("t1")), Encoding::MessagePack);
+        let trace = m.request(&s1, &identity(), call(Some("t1")), Encoding::MessagePack.into());
         assert_eq!(trace, Ok(TraceId::new("t1")));
         let d = rx.recv().await.expect("delivery");
         assert!(other.try_recv().is_err(), "only the caller's session is answered");
@@ -531,7 +546,7 @@ mod tests {
         );
         let reg = registry();
         let (s, mut rx) = session(&reg, "s");
-        m.request(&s, &identity(), call(None), Encoding::Json).expect("submitted");
+        m.request(&s, &identity(), call(None), Encoding::Json.into()).expect("submitted");
         let d = rx.recv().await.expect("delivery");
         let (trace, result, error) = response_of(&d);
         assert!(trace.is_some_and(|t| t.len() == 32), "generated trace id");
@@ -583,9 +598,9 @@ mod tests {
         let (sa, mut rx_a) = session(&reg, "a");
         let (sb, mut rx) = session(&reg, "b");
         let (a, b) = (SessionId::new("a"), SessionId::new("b"));
-        m.request(&sa, &identity(), call(Some("a1")), Encoding::Json).expect("a1");
-        m.request(&sa, &identity(), call(Some("a2")), Encoding::Json).expect("a2");
-        m.request(&sb, &identity(), call(Some("b1")), Encoding::Json).expect("b1");
+        m.request(&sa, &identity(), call(Some("a1")), Encoding::Json.into()).expect("a1");
+        m.request(&sa, &identity(), call(Some("a2")), Encoding::Json.into()).expect("a2");
+        m.request(&sb, &identity(), call(Some("b1")), Encoding::Json.into()).expect("b1");
         tokio::task::yield_now().await;
         assert_eq!((m.in_flight_for(&a), m.in_flight_for(&b), m.in_flight()), (2, 1, 3));
 
@@ -620,11 +635,17 @@ mod tests {
         let reg = registry();
         let ((a, _rx_a), (b, _rx_b)) = (session(&reg, "a"), session(&reg, "b"));
         let id = identity();
-        assert!(m.request(&a, &id, call(None), Encoding::Json).is_ok());
-        assert!(m.command(&a, &id, call(None), Encoding::Json).is_ok());
-        assert_eq!(m.request(&a, &id, call(None), Encoding::Json), Err(CoreError::SessionLimit(2)));
-        assert!(m.request(&b, &id, call(None), Encoding::Json).is_ok());
-        assert_eq!(m.request(&b, &id, call(None), Encoding::Json), Err(CoreError::GatewayLimit(3)));
+        assert!(m.request(&a, &id, call(None), Encoding::Json.into()).is_ok());
+        assert!(m.command(&a, &id, call(None), Encoding::Json.into()).is_ok());
+        assert_eq!(
+            m.request(&a, &id, call(None), Encoding::Json.into()),
+            Err(CoreError::SessionLimit(2))
+        );
+        assert!(m.request(&b, &id, call(None), Encoding::Json.into()).is_ok());
+        assert_eq!(
+            m.request(&b, &id, call(None), Encoding::Json.into()),
+            Err(CoreError::GatewayLimit(3))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -650,22 +671,23 @@ mod tests {
         let ((a, _rx_a), (b, _rx_b), (c, _rx_c)) =
             (session(&reg, "a"), session(&reg, "b"), session(&reg, "c"));
         let id = identity();
-        assert!(m.request(&a, &id, big(1000), Encoding::Json).is_ok());
-        assert!(m.command(&a, &id, big(1000), Encoding::Json).is_ok());
+        assert!(m.request(&a, &id, big(1000), Encoding::Json.into()).is_ok());
+        assert!(m.command(&a, &id, big(1000), Encoding::Json.into()).is_ok());
         assert_eq!(
-            m.request(&a, &id, big(1000), Encoding::Json),
+            m.request(&a, &id, big(1000), Encoding::Json.into()),
             Err(CoreError::SessionBytesLimit(2 * cost))
         );
         // Small calls still fit next to the big ones until the bytes run out.
-        assert!(m.request(&b, &id, big(1000), Encoding::Json).is_ok());
+        assert!(m.request(&b, &id, big(1000), Encoding::Json.into()).is_ok());
         assert_eq!(m.in_flight_bytes(), 3 * cost);
         assert_eq!(
-            m.request(&c, &id, big(1000), Encoding::Json),
+            m.request(&c, &id, big(1000), Encoding::Json.into()),
             Err(CoreError::GatewayBytesLimit(3 * cost))
         );
         // A call too big for a session on its own leaves nothing behind.
         assert_eq!(
-            m.request(&c, &id, big(3000), Encoding::Json).map_err(|e| e.to_error_object().error),
+            m.request(&c, &id, big(3000), Encoding::Json.into())
+                .map_err(|e| e.to_error_object().error),
             Err(error_name::OVERLOADED.to_owned())
         );
         assert_eq!(m.in_flight_for(&SessionId::new("c")), 0);
@@ -674,7 +696,7 @@ mod tests {
         m.session_closed(&SessionId::new("a"));
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(m.in_flight_bytes(), cost);
-        assert!(m.request(&c, &id, big(1000), Encoding::Json).is_ok());
+        assert!(m.request(&c, &id, big(1000), Encoding::Json.into()).is_ok());
     }
 
     #[tokio::test]
@@ -687,14 +709,14 @@ mod tests {
         let (a, _rx) = session(&reg, "a");
         let mut c = call(None);
         c.service = "gw".into();
-        let e = m.request(&a, &identity(), c.clone(), Encoding::Json);
+        let e = m.request(&a, &identity(), c.clone(), Encoding::Json.into());
         assert_eq!(e, Err(CoreError::Reserved("gw".into())));
         assert_eq!(
             e.unwrap_err().to_error_object().error,
             error_name::AUTHORIZATION,
             "clients see an authorization error"
         );
-        assert!(m.command(&a, &identity(), c, Encoding::Json).is_err());
+        assert!(m.command(&a, &identity(), c, Encoding::Json.into()).is_err());
         assert_eq!(m.in_flight(), 0);
     }
 
@@ -734,14 +756,14 @@ mod tests {
         let (a, _rx) = session(&reg, "a");
         let mut other = call(None);
         other.service = "other".into();
-        let e = m.request(&a, &identity(), other.clone(), Encoding::Json).unwrap_err();
+        let e = m.request(&a, &identity(), other.clone(), Encoding::Json.into()).unwrap_err();
         assert_eq!(e.to_error_object().error, error_name::AUTHORIZATION);
-        assert!(m.command(&a, &identity(), other, Encoding::Json).is_err());
+        assert!(m.command(&a, &identity(), other, Encoding::Json.into()).is_err());
         let mut describe = call(None);
         describe.service = "svc".into();
         describe.method = nuropb_wire::mesh::DESCRIBE_METHOD.into();
         assert_eq!(
-            m.request(&a, &identity(), describe, Encoding::Json),
+            m.request(&a, &identity(), describe, Encoding::Json.into()),
             Err(CoreError::NotCallable { service: "svc".into(), method: "nuropb_describe".into() })
         );
         assert_eq!(m.in_flight(), 0);
@@ -760,7 +782,7 @@ mod tests {
         let (a, _rx) = session(&reg, "a");
         shutdown.cancel();
         assert_eq!(
-            m.request(&a, &identity(), call(None), Encoding::Json),
+            m.request(&a, &identity(), call(None), Encoding::Json.into()),
             Err(CoreError::ShuttingDown)
         );
     }

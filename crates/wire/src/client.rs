@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::decoded::{self, Budget, Segment, Violation, decode_root, scan_trace_id};
+use crate::decoded::{self, Budget, Segment, Violation, decode_root, scan_id, scan_trace_id};
 use crate::mesh::{ErrorObject, JsonObject};
 
 /// The estimated bytes a decoded value holds, counted as [`ClientLimits::max_decoded_bytes`]
@@ -46,8 +46,10 @@ pub struct ClientLimits {
     pub max_topics_per_frame: usize,
     /// Longest topic pattern, in bytes (an AMQP routing key is a short string).
     pub max_topic_len: usize,
-    /// Longest token in a `refresh` frame, in bytes.
+    /// Longest token in a `refresh` or `auth` frame, in bytes.
     pub max_token_len: usize,
+    /// Longest top-level `id` of a client frame, in bytes (echoed on every answer).
+    pub max_id_len: usize,
     /// Most values (scalars, arrays and objects, envelope included) one frame may decode to.
     /// Checked while decoding, so a refused frame never builds its tree.
     pub max_decoded_values: usize,
@@ -66,6 +68,7 @@ impl Default for ClientLimits {
             max_topics_per_frame: 64,
             max_topic_len: 255,
             max_token_len: 8192,
+            max_id_len: 128,
             // A 1 MiB frame of small values (`[0,0,…]`) is 512 Ki values in JSON and 1 Mi in
             // MessagePack; real calls are far below this.
             max_decoded_values: 128 * 1024,
@@ -118,6 +121,24 @@ pub enum ClientMessage {
         /// The new bearer token, at most [`ClientLimits::max_token_len`] bytes.
         token: String,
     },
+    /// `{"type":"auth","payload":{"token":"<jwt>"}}` — the first frame of a connection
+    /// that upgraded without credentials (docs/PROTOCOL.md, "First-frame authentication");
+    /// answered by the hello. Within a session it is refused.
+    Auth {
+        /// The bearer token, at most [`ClientLimits::max_token_len`] bytes.
+        token: String,
+    },
+}
+
+/// A validated client frame: the message and the frame's top-level `id`, which every
+/// answer to it carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientFrame {
+    /// The frame's `id`: a string of at most [`ClientLimits::max_id_len`] bytes; `None`
+    /// when absent or `null`.
+    pub id: Option<String>,
+    /// What the frame asks for.
+    pub message: ClientMessage,
 }
 
 /// What went wrong with a client frame.
@@ -143,11 +164,14 @@ pub struct ClientFrameError {
     pub message: String,
     /// The frame's own trace id, when it carried a usable one.
     pub trace_id: Option<String>,
+    /// The frame's top-level `id`, when it carried a usable one (a string within
+    /// [`ClientLimits::max_id_len`]); the refusal echoes it.
+    pub id: Option<String>,
 }
 
 impl ClientFrameError {
     fn new(kind: FrameErrorKind, message: impl Into<String>) -> Self {
-        ClientFrameError { kind, message: message.into(), trace_id: None }
+        ClientFrameError { kind, message: message.into(), trace_id: None, id: None }
     }
 
     /// The error name clients see (nuropb style).
@@ -173,12 +197,22 @@ impl ClientFrameError {
 /// can still be attached to the error.
 pub const PARSE_DEPTH_CAP: usize = 127;
 
-/// Decodes and validates one client frame.
+/// Decodes and validates one client frame, without its `id` (see [`decode_client_frame`]).
 pub fn decode_client_message(
     bytes: &[u8],
     encoding: Encoding,
     limits: &ClientLimits,
 ) -> Result<ClientMessage, ClientFrameError> {
+    decode_client_frame(bytes, encoding, limits).map(|f| f.message)
+}
+
+/// Decodes and validates one client frame: its message and its top-level `id`. A refusal
+/// carries the frame's usable `trace_id` and `id` whenever they can be read.
+pub fn decode_client_frame(
+    bytes: &[u8],
+    encoding: Encoding,
+    limits: &ClientLimits,
+) -> Result<ClientFrame, ClientFrameError> {
     use FrameErrorKind::{Decode, TooLarge};
 
     let too_deep = || {
@@ -230,10 +264,12 @@ pub fn decode_client_message(
             };
             let trailing = (bytes.len() as u64).saturating_sub(de.position());
             if trailing > 0 {
-                return Err(ClientFrameError::new(
+                let mut error = ClientFrameError::new(
                     Decode,
                     format!("frame is not valid MessagePack: {trailing} trailing byte(s)"),
-                ));
+                );
+                error.id = peek_id(bytes, encoding, limits);
+                return Err(error);
             }
             value
         }
@@ -276,6 +312,7 @@ fn refusal(
         ),
     };
     error.trace_id = peek_trace_id(bytes, encoding, limits);
+    error.id = peek_id(bytes, encoding, limits);
     Some(error)
 }
 
@@ -402,14 +439,37 @@ fn json_nesting_exceeds(bytes: &[u8], cap: usize) -> bool {
 pub fn validate_client_value(
     value: Value,
     limits: &ClientLimits,
-) -> Result<ClientMessage, ClientFrameError> {
+) -> Result<ClientFrame, ClientFrameError> {
     let trace_id = usable_trace_id(&value, limits);
+    let id = usable_id(&value, limits);
     validate_frame(value, limits).map_err(|mut e| {
         if e.trace_id.is_none() {
             e.trace_id = trace_id;
         }
+        if e.id.is_none() {
+            e.id = id;
+        }
         e
     })
+}
+
+/// The top-level `id` of a frame that is refused without being decoded (over the rate
+/// limit, or bytes that do not decode), read as [`peek_trace_id`] reads the trace id, so
+/// the refusal still carries it. `None` when absent, not a string, or longer than
+/// [`ClientLimits::max_id_len`].
+pub fn peek_id(bytes: &[u8], encoding: Encoding, limits: &ClientLimits) -> Option<String> {
+    let found = match encoding {
+        Encoding::Json => scan_id(&mut serde_json::Deserializer::from_slice(bytes)),
+        Encoding::MessagePack => scan_id(&mut msgpack_scanner(bytes)),
+    };
+    found.filter(|id| id.len() <= limits.max_id_len)
+}
+
+fn usable_id(frame: &Value, limits: &ClientLimits) -> Option<String> {
+    match frame.get("id")? {
+        Value::String(s) if s.len() <= limits.max_id_len => Some(s.clone()),
+        _ => None,
+    }
 }
 
 /// The `payload.trace_id` of a frame that is refused without being decoded (e.g. over the
@@ -447,7 +507,7 @@ fn usable_trace_id(frame: &Value, limits: &ClientLimits) -> Option<String> {
     }
 }
 
-fn validate_frame(value: Value, limits: &ClientLimits) -> Result<ClientMessage, ClientFrameError> {
+fn validate_frame(value: Value, limits: &ClientLimits) -> Result<ClientFrame, ClientFrameError> {
     use FrameErrorKind::{Invalid, TooLarge};
 
     // `depth` is iterative, so measuring a hostile value is safe.
@@ -464,6 +524,25 @@ fn validate_frame(value: Value, limits: &ClientLimits) -> Result<ClientMessage, 
         ));
     };
     let mut frame = Fields::top_level(frame);
+    // Any string, "" included: the client's own label, echoed as it came.
+    let id = match frame.object.remove("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.len() > limits.max_id_len => {
+            return Err(too_long("`id`", limits.max_id_len));
+        }
+        Some(Value::String(s)) => Some(s),
+        Some(other) => return Err(frame.wrong_type("id", "a string", &other)),
+    };
+    let message = validate_message(frame, limits)?;
+    Ok(ClientFrame { id, message })
+}
+
+fn validate_message(
+    mut frame: Fields,
+    limits: &ClientLimits,
+) -> Result<ClientMessage, ClientFrameError> {
+    use FrameErrorKind::Invalid;
+
     // Any string: it is matched against the known kinds below, "" included.
     let kind = frame.required_string("type")?;
 
@@ -491,17 +570,21 @@ fn validate_frame(value: Value, limits: &ClientLimits) -> Result<ClientMessage, 
             })
         }
         "ping" => Ok(ClientMessage::Ping),
-        "refresh" => {
+        "refresh" | "auth" => {
             // A token is opaque: any characters, but not nothing and not without bound.
             let rule = StrRule { max_len: limits.max_token_len, no_control: false };
             let token = frame.payload()?.required_str("token", rule)?;
-            Ok(ClientMessage::Refresh { token })
+            Ok(if kind == "refresh" {
+                ClientMessage::Refresh { token }
+            } else {
+                ClientMessage::Auth { token }
+            })
         }
         other => Err(ClientFrameError::new(
             Invalid,
             format!(
                 "unknown `type` {other:?}; expected one of request, command, subscribe, \
-                 unsubscribe, ping, refresh"
+                 unsubscribe, ping, refresh, auth"
             ),
         )),
     }
@@ -722,11 +805,59 @@ pub enum ServerMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ServerFrame {
+    /// A typed message answering a client frame that carried an `id`: the envelope plus
+    /// that `id` at top level. First, so that decoding a frame with an `id` keeps it.
+    Reply(Reply),
     /// A typed message in the `{"type", "payload"}` envelope.
     Message(ServerMessage),
     /// Input that could not be attributed to a request: `{"error", "description"}` at top
     /// level, as nuropb-gw 0.1.4 sent it, plus `trace_id` when known.
     Error(ErrorFrame),
+}
+
+/// A [`ServerMessage`] with the `id` of the client frame it answers:
+/// `{"type", "payload", "id"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The message, flattened into the same object.
+    #[serde(flatten)]
+    pub message: ServerMessage,
+    /// The client frame's `id`.
+    pub id: String,
+}
+
+impl ServerFrame {
+    /// This frame as the answer to a client frame with `id`: unchanged when `id` is
+    /// `None` (the shapes of frames without an `id` are exactly those without this
+    /// feature), else the same message carrying `id` at top level.
+    pub fn with_id(self, id: Option<String>) -> ServerFrame {
+        let Some(id) = id else { return self };
+        match self {
+            ServerFrame::Message(message) | ServerFrame::Reply(Reply { message, .. }) => {
+                ServerFrame::Reply(Reply { message, id })
+            }
+            ServerFrame::Error(error) => ServerFrame::Error(ErrorFrame { id: Some(id), ..error }),
+        }
+    }
+
+    /// The typed message, with or without an `id`; `None` for the error frame.
+    pub fn message(&self) -> Option<&ServerMessage> {
+        match self {
+            ServerFrame::Message(message) | ServerFrame::Reply(Reply { message, .. }) => {
+                Some(message)
+            }
+            ServerFrame::Error(_) => None,
+        }
+    }
+
+    /// The `id` of the client frame this frame answers, if it had one.
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            ServerFrame::Reply(reply) => Some(&reply.id),
+            ServerFrame::Error(error) => error.id.as_deref(),
+            ServerFrame::Message(_) => None,
+        }
+    }
 }
 
 /// The top-level error frame.
@@ -739,6 +870,9 @@ pub struct ErrorFrame {
     /// The frame's trace id when it had a usable one (omitted otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    /// The refused frame's `id` when it had a usable one (omitted otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// Encoding a server frame failed (only possible for values MessagePack cannot carry).
@@ -915,11 +1049,11 @@ mod tests {
             (r#"{"type": ["request"]}"#.into(), err(Invalid, "`type` must be a string, got array")),
             (
                 r#"{"type": "query"}"#.into(),
-                err(Invalid, "unknown `type` \"query\"; expected one of request, command, subscribe, unsubscribe, ping, refresh"),
+                err(Invalid, "unknown `type` \"query\"; expected one of request, command, subscribe, unsubscribe, ping, refresh, auth"),
             ),
             (
                 r#"{"type": "Request", "payload": {"trace_id": "t9"}}"#.into(),
-                err_traced(Invalid, "unknown `type` \"Request\"; expected one of request, command, subscribe, unsubscribe, ping, refresh", "t9"),
+                err_traced(Invalid, "unknown `type` \"Request\"; expected one of request, command, subscribe, unsubscribe, ping, refresh, auth", "t9"),
             ),
             // `payload`.
             (r#"{"type": "request"}"#.into(), err(Invalid, "missing `payload`")),
@@ -1396,12 +1530,23 @@ mod tests {
                 error: "E".into(),
                 description: "d".into(),
                 trace_id: None,
+                id: None,
             }),
             ServerFrame::Error(ErrorFrame {
                 error: "E".into(),
                 description: "d".into(),
                 trace_id: Some("t".into()),
+                id: Some("c-1".into()),
             }),
+            ServerFrame::Message(ServerMessage::Pong {}).with_id(Some("c-2".into())),
+            ServerFrame::Message(ServerMessage::Refreshed { expires_at: Some(5) })
+                .with_id(Some("".into())),
+            ServerFrame::Message(ServerMessage::Response {
+                trace_id: Some("t".into()),
+                result: json!({"id": 1}),
+                error: None,
+            })
+            .with_id(Some("c-3".into())),
         ];
         for frame in frames {
             for encoding in [Encoding::Json, Encoding::MessagePack] {
@@ -1410,5 +1555,101 @@ mod tests {
                 assert_eq!(back, frame, "{encoding:?}");
             }
         }
+    }
+
+    /// The top-level `id` is echoed where the client can match it, and leaves frames without
+    /// it byte for byte as they were.
+    #[test]
+    fn ids_are_placed_at_top_level_and_absent_ids_change_nothing() {
+        let pong = ServerFrame::Message(ServerMessage::Pong {});
+        let plain = encode_server_frame(&pong, Encoding::Json).unwrap();
+        assert_eq!(plain, br#"{"type":"pong","payload":{}}"#);
+        let same = encode_server_frame(&pong.clone().with_id(None), Encoding::Json).unwrap();
+        assert_eq!(same, plain);
+        let with = pong.with_id(Some("a-1".into()));
+        let json: Value =
+            serde_json::from_slice(&encode_server_frame(&with, Encoding::Json).unwrap()).unwrap();
+        assert_eq!(json, json!({"type": "pong", "payload": {}, "id": "a-1"}));
+        assert_eq!(with.id(), Some("a-1"));
+        assert_eq!(with.message(), Some(&ServerMessage::Pong {}));
+        let error = ServerFrame::Error(ErrorFrame {
+            error: "E".into(),
+            description: "d".into(),
+            trace_id: None,
+            id: None,
+        });
+        let json: Value = serde_json::from_slice(
+            &encode_server_frame(&error.with_id(Some("b".into())), Encoding::Json).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(json, json!({"error": "E", "description": "d", "id": "b"}));
+    }
+
+    #[test]
+    fn client_frame_ids_are_read_checked_and_carried_by_refusals() {
+        let limits = ClientLimits::default();
+        let decode = |text: &str| decode_client_frame(text.as_bytes(), Encoding::Json, &limits);
+        let f = decode(r#"{"type":"ping","id":"p-1"}"#).unwrap();
+        assert_eq!(f, ClientFrame { id: Some("p-1".into()), message: ClientMessage::Ping });
+        assert_eq!(decode(r#"{"type":"ping"}"#).unwrap().id, None);
+        assert_eq!(decode(r#"{"type":"ping","id":null}"#).unwrap().id, None);
+        let e = decode(r#"{"type":"ping","id":7}"#).unwrap_err();
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (FrameErrorKind::Invalid, "`id` must be a string, got number")
+        );
+        assert_eq!(e.id, None);
+        let long = "x".repeat(129);
+        let e = decode(&format!(r#"{{"type":"ping","id":"{long}"}}"#)).unwrap_err();
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (FrameErrorKind::TooLarge, "`id` is longer than 128 bytes")
+        );
+        assert_eq!(e.id, None);
+        let ok = "x".repeat(128);
+        assert_eq!(decode(&format!(r#"{{"type":"ping","id":"{ok}"}}"#)).unwrap().id, Some(ok));
+        // A refusal for another reason carries the id, and the trace id.
+        let e = decode(r#"{"id":"r-1","type":"request","payload":{"trace_id":"t","service":"s"}}"#)
+            .unwrap_err();
+        assert_eq!((e.id.as_deref(), e.trace_id.as_deref()), (Some("r-1"), Some("t")));
+        let e = decode(r#"{"type":"nope","id":"r-2"}"#).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("r-2"));
+        // Bytes refused while decoding: the id is peeked.
+        let e =
+            decode(r#"{"id":"r-3","type":"ping","payload":{"n":123456789012345678901234567890}}"#)
+                .unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("r-3"));
+        assert_eq!(
+            peek_id(br#"{"payload":{"id":"no"},"id":"yes"}"#, Encoding::Json, &limits),
+            Some("yes".into())
+        );
+        assert_eq!(peek_id(br#"{"id":5}"#, Encoding::Json, &limits), None);
+        assert_eq!(peek_id(long.as_bytes(), Encoding::Json, &limits), None);
+        let packed = rmp_serde::to_vec_named(&json!({"type": "ping", "id": "m-1"})).unwrap();
+        assert_eq!(peek_id(&packed, Encoding::MessagePack, &limits), Some("m-1".into()));
+        let f = decode_client_frame(&packed, Encoding::MessagePack, &limits).unwrap();
+        assert_eq!(f.id.as_deref(), Some("m-1"));
+    }
+
+    #[test]
+    fn the_auth_frame_carries_a_bounded_token() {
+        let limits = ClientLimits { max_token_len: 8, ..ClientLimits::default() };
+        let decode = |text: &str| decode_client_frame(text.as_bytes(), Encoding::Json, &limits);
+        assert_eq!(
+            decode(r#"{"type":"auth","payload":{"token":"abc"},"id":"a"}"#).unwrap(),
+            ClientFrame {
+                id: Some("a".into()),
+                message: ClientMessage::Auth { token: "abc".into() }
+            }
+        );
+        assert_eq!(
+            decode(r#"{"type":"auth","payload":{"token":"123456789"}}"#).unwrap_err().kind,
+            FrameErrorKind::TooLarge
+        );
+        assert_eq!(
+            decode(r#"{"type":"auth","payload":{"token":""}}"#).unwrap_err().kind,
+            FrameErrorKind::Invalid
+        );
+        assert_eq!(decode(r#"{"type":"auth"}"#).unwrap_err().message, "missing `payload`");
     }
 }

@@ -365,6 +365,12 @@ pub(crate) fn scan_trace_id<'de, D: de::Deserializer<'de>>(deserializer: D) -> O
     deserializer.deserialize_any(Scan::Frame).ok().flatten()
 }
 
+/// The frame's top-level `id` when it is a string, read as [`scan_trace_id`] reads the
+/// trace id (nothing else is built).
+pub(crate) fn scan_id<'de, D: de::Deserializer<'de>>(deserializer: D) -> Option<String> {
+    deserializer.deserialize_any(Scan::IdFrame).ok().flatten()
+}
+
 /// What the trace-id scan is looking at: the frame (wants `payload`), the payload (wants
 /// `trace_id`), or the trace id itself (wants a string). Any other type gives `None`, so an
 /// unexpected shape never fails the scan.
@@ -373,6 +379,8 @@ enum Scan {
     Frame,
     Payload,
     TraceId,
+    /// The frame, when the top-level `id` is wanted.
+    IdFrame,
 }
 
 impl<'de> DeserializeSeed<'de> for Scan {
@@ -424,6 +432,7 @@ impl<'de> Visitor<'de> for Scan {
         let (wanted, inner) = match self {
             Scan::Frame => ("payload", Scan::Payload),
             Scan::Payload => ("trace_id", Scan::TraceId),
+            Scan::IdFrame => ("id", Scan::TraceId),
             Scan::TraceId => ("", Scan::TraceId),
         };
         let mut found = None;

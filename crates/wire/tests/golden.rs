@@ -464,7 +464,7 @@ fn transcript_server_frames_fit_our_types() {
             ServerFrame::Message(ServerMessage::Event { .. }) => "event",
             ServerFrame::Message(ServerMessage::Response { .. }) => "response",
             ServerFrame::Error(_) => "error",
-            ServerFrame::Message(_) => "other",
+            ServerFrame::Message(_) | ServerFrame::Reply(_) => "other",
         };
         *seen.entry(kind).or_default() += 1;
         assert_eq!(String::from_utf8_lossy(&to_python_json(&frame).expect("encodes")), text);
@@ -528,6 +528,7 @@ fn fixture_frames() -> Vec<(&'static str, ServerFrame)> {
                 error: "DecodeError".into(),
                 description: "frame is not valid JSON: expected ident at line 1 column 2".into(),
                 trace_id: None,
+                id: None,
             }),
         ),
         (
@@ -536,6 +537,7 @@ fn fixture_frames() -> Vec<(&'static str, ServerFrame)> {
                 error: "NuropbValidationError".into(),
                 description: "missing `payload.params`".into(),
                 trace_id: Some("ws-7".into()),
+                id: None,
             }),
         ),
     ]

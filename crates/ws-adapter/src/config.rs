@@ -119,7 +119,7 @@ pub struct WsConfig {
     /// is a decision for the deployment, not a library default.
     pub origins: OriginPolicy,
     /// Where credentials are looked for during the upgrade, in order (default: the
-    /// `Authorization` header, then the cookie).
+    /// `Authorization` header, then the `nuropb.token.<jwt>` subprotocol, then the cookie).
     pub auth: AuthSources,
     /// Plain HTTP on this port (default `None`: only the built-in `GET /healthz`, 404 for
     /// the rest). A request without any field of a WebSocket handshake is served by hyper:
@@ -127,6 +127,13 @@ pub struct WsConfig {
     /// within `max_head_bytes` and `handshake_timeout`, holding a handshake slot. A
     /// request over a limit at accept gets the same 429/503 as an upgrade.
     pub http_routes: Option<Arc<dyn HttpRoutes>>,
+    /// Time a connection that upgraded with no credentials at all has to send its
+    /// `{"type":"auth"}` frame (default 5 s); it is closed with 4401 when it passes.
+    /// `Duration::ZERO` turns the first-frame route off: such upgrades get 401, as before
+    /// it existed. At most `max_handshakes_in_flight` connections wait for their auth frame
+    /// at once (more are refused with 503 at the upgrade), and each may send at most
+    /// `max_token_len` + 1 KiB before it is authenticated.
+    pub auth_timeout: Duration,
 }
 
 impl Default for WsConfig {
@@ -158,6 +165,7 @@ impl Default for WsConfig {
             origins: OriginPolicy::default(),
             auth: AuthSources::default(),
             http_routes: None,
+            auth_timeout: Duration::from_secs(5),
         }
     }
 }

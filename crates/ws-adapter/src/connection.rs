@@ -1,15 +1,20 @@
 //! One task per connection: upgrade, register with the core, then `select!` over the socket,
 //! the bounded outbound queue, the close signal, the ping timer and shutdown. The task owns
 //! the socket; the core holds only a [`WsHandle`]. Connections over the limit get a task
-//! too, but only to be told 503 within a short, separately bounded handshake.
+//! too, but only to be told 503 within a short, separately bounded handshake. A connection
+//! that upgraded without credentials authenticates with its first frame (`first_frame`)
+//! before its session opens.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -19,18 +24,22 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsClos
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
+use handler_core::auth::Identity;
 use handler_core::{
     ClientConnection, CloseCode, CloseReason, CoordinatorHandle, MeshError, Outbound, SendError,
     SessionId, SharedFrame,
 };
-use nuropb_wire::client::{Encoding, ErrorFrame, ServerFrame, ServerMessage};
+use nuropb_wire::client::{
+    ClientFrame, ClientMessage, Encoding, ErrorFrame, ServerFrame, ServerMessage,
+    decode_client_frame,
+};
 use nuropb_wire::mesh::error_name;
 
 use crate::config::WsConfig;
 use crate::read_error::close_after_read_error;
 use crate::stats::WsStatsHandle;
 use crate::token_bucket::TokenBucket;
-use crate::upgrade::check_upgrade;
+use crate::upgrade::{Credentials, PROTOCOL, check_upgrade, offers_protocol};
 
 /// Why a connection task exists. The permit is never read: the slot is freed when it drops,
 /// at the end of the task.
@@ -163,23 +172,45 @@ pub(crate) async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     // `admission` (and its permit) is held until this function returns.
-    let mut identity = None;
+    let mut credentials = None;
+    // Held while the connection waits for its first-frame `auth` (dropped once it is
+    // authenticated or closed), so that at most `max_handshakes_in_flight` wait at once.
+    let mut pending_auth = None;
+    let first_frame = !config.auth_timeout.is_zero();
     let (have_capacity, deadline) = match &admission {
         Admission::Session { deadline, .. } => (true, *deadline),
         Admission::Refusal { deadline, .. } => (false, *deadline),
     };
-    let callback = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
-        let id = check_upgrade(
+    let callback = |request: &Request, mut response: Response| -> Result<Response, ErrorResponse> {
+        let checked = check_upgrade(
             request,
             have_capacity,
             &config.origins,
             &config.auth,
+            first_frame,
             &coordinator,
             &stats,
         )?;
-        identity = Some(id);
+        if matches!(checked, Credentials::FirstFrame) {
+            let Some(slot) = stats.begin_pending_auth(config.max_handshakes_in_flight) else {
+                tracing::info!("upgrade refused: too many connections waiting to authenticate");
+                let status = http::StatusCode::SERVICE_UNAVAILABLE;
+                return Err(crate::upgrade::refuse(status, "too many connections"));
+            };
+            pending_auth = Some(slot);
+        }
+        // Selected whenever offered, on every route; the token entry never is.
+        if offers_protocol(request.headers()) {
+            response.headers_mut().insert(
+                http::header::SEC_WEBSOCKET_PROTOCOL,
+                http::HeaderValue::from_static(PROTOCOL),
+            );
+        }
+        credentials = Some(checked);
         Ok(response)
     };
+    let read_budget = Arc::new(AtomicUsize::new(UNMETERED));
+    let stream = Metered { inner: stream, budget: Arc::clone(&read_budget) };
     let handshake = tokio_tungstenite::accept_hdr_async_with_config(
         stream,
         callback,
@@ -196,9 +227,30 @@ pub(crate) async fn run<S>(
             return;
         }
     };
-    let Some(identity) = identity else {
+    let mut ws = ws;
+    let (identity, auth_id) = match credentials {
+        Some(Credentials::Authenticated(identity)) => (identity, None),
+        Some(Credentials::FirstFrame) => {
+            // The auth frame and little else: a token and an envelope.
+            let limit = coordinator.client_limits().max_token_len.saturating_add(1024);
+            read_budget.store(limit, Ordering::Relaxed);
+            match first_frame_auth(&mut ws, &config, &coordinator).await {
+                Ok(authenticated) => {
+                    read_budget.store(UNMETERED, Ordering::Relaxed);
+                    drop(pending_auth.take());
+                    authenticated
+                }
+                Err(reason) => {
+                    if let Some(reason) = reason {
+                        tracing::info!(reason = %reason.reason, "first-frame authentication failed");
+                        close_unauthenticated(&mut ws, reason, &config).await;
+                    }
+                    return;
+                }
+            }
+        }
         // The callback ran and refused, or never ran; either way there is no session.
-        return;
+        None => return,
     };
 
     let (tx, rx) = mpsc::channel(config.outbound_queue);
@@ -207,11 +259,10 @@ pub(crate) async fn run<S>(
         budget: QueueBudget::new(config.outbound_queue_bytes),
     });
     let handle = Arc::new(WsHandle { outbound: tx, shared: Arc::clone(&shared) });
-    let session_id = match coordinator.open_session(identity, handle) {
+    let session_id = match coordinator.open_session_answering(identity, handle, auth_id) {
         Ok(id) => id,
         Err(e) => {
             tracing::debug!(error = %e, "session refused");
-            let mut ws = ws;
             // Best effort: the client is told why; a failed send changes nothing.
             let _ = ws
                 .close(Some(close_frame(
@@ -397,6 +448,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                         ),
                         // Every request gets exactly one answer its client can match.
                         trace_id: coordinator.trace_id_of(bytes, encoding),
+                        id: coordinator.id_of(bytes, encoding),
                     });
                     let out = Outbound { frame: SharedFrame::new(frame), encoding: Some(encoding) };
                     pending = outbound_message(&out, encoding, outgoing.limit, stats);
@@ -520,8 +572,8 @@ fn outbound_message(
         return to_message(bytes, encoding);
     }
     let size = bytes.len();
-    match out.frame.frame() {
-        ServerFrame::Message(ServerMessage::Response { trace_id, .. }) => {
+    match out.frame.frame().message() {
+        Some(ServerMessage::Response { trace_id, .. }) => {
             stats.response_too_large();
             let trace_id_field = trace_id.as_deref();
             let what = "response over max_outbound_message_size; sending an error instead";
@@ -537,6 +589,7 @@ fn outbound_message(
                 // The same error a response refused by the mesh adapter gets.
                 error: Some(MeshError::ResponseTooLarge { bytes: size, limit }.to_error_object()),
             });
+            let error = error.with_id(out.frame.frame().id().map(str::to_owned));
             let replacement = SharedFrame::new(error).encoded(encoding)?;
             if replacement.len() > limit {
                 // Only with an absurdly small limit; the error cannot be sent either.
@@ -549,10 +602,10 @@ fn outbound_message(
             }
             to_message(replacement, encoding)
         }
-        frame => {
+        message => {
             stats.frame_too_large_dropped();
-            let topic = match frame {
-                ServerFrame::Message(ServerMessage::Event { topic, .. }) => Some(topic.as_str()),
+            let topic = match message {
+                Some(ServerMessage::Event { topic, .. }) => Some(topic.as_str()),
                 _ => None,
             };
             let what = "frame over max_outbound_message_size dropped";
@@ -577,6 +630,162 @@ fn to_message(bytes: std::sync::Arc<[u8]>, encoding: Encoding) -> Option<Message
             }
         },
         Encoding::MessagePack => Some(Message::Binary(bytes)),
+    }
+}
+
+/// Frames a connection may send before its `auth` frame that are not acted on at all
+/// (pings and pongs, answered by tungstenite); one more closes it with 4401.
+const MAX_CONTROL_FRAMES_BEFORE_AUTH: usize = 16;
+
+/// The first-frame route: waits (until `auth_timeout`) for `{"type":"auth","payload":
+/// {"token"}}` and checks the token; gives who it is and the frame's `id` (for the hello).
+/// `Err(Some(_))`: close with this (4401, a reason the browser can read and that never
+/// repeats the token); `Err(None)`: the connection is gone. Nothing but the auth frame is
+/// acted on: any other data frame, text or binary, ends it.
+async fn first_frame_auth<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<Metered<S>>,
+    config: &WsConfig,
+    coordinator: &CoordinatorHandle,
+) -> Result<(Identity, Option<String>), Option<CloseReason>> {
+    let unauthorized = |reason: &str| Some(CloseReason::new(CloseCode::Unauthorized, reason));
+    let deadline = Instant::now() + config.auth_timeout;
+    for _ in 0..=MAX_CONTROL_FRAMES_BEFORE_AUTH {
+        let next = tokio::select! {
+            // Both cancel-safe: `next` loses no frame when shutdown wins, and the connection
+            // ends then anyway.
+            () = coordinator.shutdown_started() => {
+                return Err(Some(CloseReason::new(CloseCode::GoingAway, "gateway shutting down")));
+            }
+            next = tokio::time::timeout_at(deadline, ws.next()) => next,
+        };
+        let message = match next {
+            Err(_) => return Err(unauthorized("authentication timeout")),
+            Ok(None) => return Err(None),
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(tungstenite::Error::Capacity(_)))) => {
+                return Err(unauthorized("authentication frame too large"));
+            }
+            Ok(Some(Err(tungstenite::Error::Io(e)))) if is_budget_spent(&e) => {
+                return Err(unauthorized("authentication frame too large"));
+            }
+            Ok(Some(Err(e))) => {
+                close_after_read_error(ws, e, config.write_timeout).await;
+                return Err(None);
+            }
+        };
+        let text = match &message {
+            Message::Text(t) => t.as_bytes(),
+            Message::Binary(_) => return Err(unauthorized("authentication required")),
+            Message::Close(_) => {
+                // Completes the close handshake tungstenite queued the reply for.
+                let flush = SinkExt::flush(ws);
+                let _ = tokio::time::timeout(config.write_timeout, flush).await;
+                return Err(None);
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+        };
+        return match decode_client_frame(text, Encoding::Json, coordinator.client_limits()) {
+            Ok(ClientFrame { message: ClientMessage::Auth { token }, id }) => {
+                match coordinator.authenticate(&token) {
+                    Ok(identity) => Ok((identity, id)),
+                    Err(e) => {
+                        tracing::info!(reason = %e, "auth frame refused: not authenticated");
+                        Err(unauthorized("unauthorized"))
+                    }
+                }
+            }
+            _ => Err(unauthorized("authentication required")),
+        };
+    }
+    Err(unauthorized("authentication required"))
+}
+
+/// Sends the close to a connection that never had a session and waits (within
+/// `refusal_handshake_timeout`) for the client's close, so that it reads the code and the
+/// reason rather than a reset.
+async fn close_unauthenticated<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    reason: CloseReason,
+    config: &WsConfig,
+) {
+    let closing = async {
+        ws.close(Some(close_frame(reason))).await?;
+        // Bounded by the timeout; frames after our close are discarded by tungstenite.
+        while let Some(next) = ws.next().await {
+            next?;
+        }
+        Ok::<(), tungstenite::Error>(())
+    };
+    match tokio::time::timeout(config.refusal_handshake_timeout, closing).await {
+        Ok(Ok(())) | Err(_) => {}
+        // Best effort: the peer may already be gone.
+        Ok(Err(e)) => tracing::debug!(error = %e, "close of an unauthenticated connection failed"),
+    }
+}
+
+/// [`Metered`]'s budget when reads are not metered.
+const UNMETERED: usize = usize::MAX;
+
+/// A stream whose reads stop with an error once `budget` bytes were read (`UNMETERED`: no
+/// limit), so a connection that is not authenticated yet cannot make the gateway read, and
+/// buffer, more than its auth frame needs: `max_message_size` applies to sessions. The
+/// budget is checked before each read, so at most one read's buffer goes past it.
+pub(crate) struct Metered<S> {
+    inner: S,
+    budget: Arc<AtomicUsize>,
+}
+
+/// The error a [`Metered`] read ends with once the budget is spent.
+#[derive(Debug, thiserror::Error)]
+#[error("read budget of an unauthenticated connection spent")]
+struct BudgetSpent;
+
+fn is_budget_spent(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<BudgetSpent>())
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        // Relaxed: written only by this connection's task, which also does the reads.
+        let budget = this.budget.load(Ordering::Relaxed);
+        if budget == UNMETERED {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        if budget == 0 {
+            return Poll::Ready(Err(io::Error::other(BudgetSpent)));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &polled {
+            let read = buf.filled().len() - before;
+            let _ = this.budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                (b != UNMETERED).then(|| b.saturating_sub(read))
+            });
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -668,6 +877,7 @@ mod tests {
                 error: "E".into(),
                 description: "x".repeat(2000),
                 trace_id: None,
+                id: None,
             })),
             encoding: None,
         };

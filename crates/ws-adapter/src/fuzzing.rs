@@ -1,12 +1,14 @@
 //! The upgrade checks as one function of untrusted bytes, for the `upgrade` fuzz target
 //! (`fuzz/`, feature `fuzzing`). Not API: hidden, and compiled only with the feature.
 //!
-//! What it asserts, besides "no panic": a head that `handshake::classify` takes for an
-//! upgrade is one tungstenite parses and answers (else the client would get a bare close
-//! instead of the 400/426/431 RFC 6455 requires); an `Origin` the policy allows is exactly a
-//! scheme, a host under the allowed domain and an optional port; and no token found anywhere
-//! in the head (header, cookie, query) is accepted by a JWT check whose secret the input
-//! cannot know.
+//! What it asserts, besides "no panic": a head that `handshake::classify` takes for an upgrade is
+//! one tungstenite parses and answers (else the client would get a bare close instead of the
+//! 400/426/431 RFC 6455 requires); an `Origin` the policy allows is exactly a scheme, a
+//! host under the allowed domain and an optional port; no token found anywhere in the
+//! head (header, `nuropb.token.` subprotocol entries, cookie, query) is accepted by a JWT
+//! check whose secret the input cannot know; and `nuropb.v1` is taken as offered only when
+//! an offered entry is exactly that (a head without any credentials takes the first-frame
+//! route, which needs no property here: nothing of the head is trusted on it).
 
 use tokio_tungstenite::tungstenite::handshake::machine::TryParse;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, create_response};
@@ -16,7 +18,7 @@ use handler_core::auth::{Authenticator, JwtAuthenticator, JwtConfig, JwtKey};
 use crate::config::AuthSources;
 use crate::handshake::{HeadKind, classify};
 use crate::origin::OriginPolicy;
-use crate::upgrade::find_token;
+use crate::upgrade::{Found, PROTOCOL, TOKEN_PROTOCOL_PREFIX, find_token, offers_protocol};
 
 /// The allowed origin of the fuzzed policy.
 const ALLOWED: &str = "https://example.com";
@@ -43,11 +45,26 @@ pub fn upgrade(head: &[u8]) {
         }
     }
     let auth = AuthSources { query_param: Some("token".to_owned()), ..AuthSources::default() };
-    if let Some(token) = find_token(request.headers(), request.uri().query(), &auth) {
-        let key = JwtKey::Hs256Secret(b"fuzz-secret-the-input-cannot-know".to_vec());
-        let jwt = JwtAuthenticator::new(JwtConfig::new(key)).expect("an HS256 key");
+    let key = JwtKey::Hs256Secret(b"fuzz-secret-the-input-cannot-know".to_vec());
+    let jwt = JwtAuthenticator::new(JwtConfig::new(key)).expect("an HS256 key");
+    if let Found::Token(token) = find_token(request.headers(), request.uri().query(), &auth, 8192) {
         assert!(jwt.authenticate(&token).is_err(), "token {token:?} accepted");
     }
+    let offers = request
+        .headers()
+        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim);
+    let mut exact = false;
+    for offer in offers {
+        exact |= offer == PROTOCOL;
+        if let Some(token) = offer.strip_prefix(TOKEN_PROTOCOL_PREFIX) {
+            assert!(jwt.authenticate(token).is_err(), "subprotocol token {token:?} accepted");
+        }
+    }
+    assert_eq!(offers_protocol(request.headers()), exact, "nuropb.v1 offered or not");
 }
 
 /// `https://` + (label `.`)* `example.com` + optional `:digits`, ASCII case-insensitive.
@@ -86,6 +103,8 @@ mod tests {
             head("Origin: https://app.example.com\r\n"),
             head("Origin: https://evil.com\\@example.com\r\n"),
             head("Authorization: Bearer a.b.c\r\nCookie: Authorization=x.y.z\r\n"),
+            head("Sec-WebSocket-Protocol: nuropb.v1, nuropb.token.a.b.c\r\n"),
+            head("Sec-WebSocket-Protocol: x\r\nSec-WebSocket-Protocol: nuropb.token.\r\n"),
             b"POST / HTTP/1.1\r\n\r\n".to_vec(),
             b"\xff\xfe\r\n\r\n".to_vec(),
             Vec::new(),

@@ -3,7 +3,7 @@
 //! them), read as a [`WsStats`] snapshot through a [`WsStatsHandle`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -61,6 +61,10 @@ struct Counters {
     /// Milliseconds since `epoch` before which no oversized-frame warning is logged.
     next_oversized_warning_ms: AtomicU64,
     epoch: Instant,
+    // Invariant: the number of live `PendingAuth` guards. Not a reported counter but a
+    // gauge that bounds the first-frame route (it lives here because every connection task
+    // already shares this handle).
+    pending_auth: AtomicUsize,
 }
 
 impl Default for Counters {
@@ -78,6 +82,7 @@ impl Default for Counters {
             per_user_sessions_refused: AtomicU64::new(0),
             next_oversized_warning_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            pending_auth: AtomicUsize::new(0),
         }
     }
 }
@@ -151,6 +156,16 @@ impl WsStatsHandle {
         self.counters.per_user_sessions_refused.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A slot for a connection waiting for its first-frame `auth`, or `None` when `limit`
+    /// connections already wait; the slot is given back when the guard drops.
+    pub(crate) fn begin_pending_auth(&self, limit: usize) -> Option<PendingAuth> {
+        let gauge = &self.counters.pending_auth;
+        gauge
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| PendingAuth { counters: Arc::clone(&self.counters) })
+    }
+
     /// Whether an oversized frame may be logged at warn now (else at debug). One big
     /// broadcast event is dropped once per session; this keeps it to one warning, while the
     /// counters keep the full count.
@@ -172,6 +187,19 @@ impl WsStatsHandle {
     }
 }
 
+/// One connection waiting for its first-frame `auth` (see
+/// [`WsStatsHandle::begin_pending_auth`]).
+#[derive(Debug)]
+pub(crate) struct PendingAuth {
+    counters: Arc<Counters>,
+}
+
+impl Drop for PendingAuth {
+    fn drop(&mut self) {
+        self.counters.pending_auth.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +215,16 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1)).await;
         assert!(other.oversized_warning_due());
         assert!(!stats.oversized_warning_due());
+    }
+
+    #[test]
+    fn pending_auth_slots_are_bounded_and_given_back() {
+        let stats = WsStatsHandle::new();
+        let a = stats.begin_pending_auth(2);
+        let b = stats.clone().begin_pending_auth(2);
+        assert!(a.is_some() && b.is_some());
+        assert!(stats.begin_pending_auth(2).is_none());
+        drop(a);
+        assert!(stats.begin_pending_auth(2).is_some());
     }
 }

@@ -231,6 +231,7 @@ async fn frames_over_the_rate_get_rate_limited_and_too_many_close_with_1008() {
         error: "RateLimited".into(),
         description: "more than 1 frames per second; frame dropped".into(),
         trace_id: None,
+        id: None,
     });
     // The burst passes; the third frame is dropped with an error frame. The error is written
     // by the connection task, the pongs go through the queue: their order is not fixed.
@@ -246,11 +247,16 @@ async fn frames_over_the_rate_get_rate_limited_and_too_many_close_with_1008() {
     assert_eq!(s.json().await, pong());
     // A second frame over the rate is one bad frame more than `max_protocol_errors`. A
     // refused request is answered with its own trace id, so its client can settle it.
-    s.send(r#"{"type":"request","payload":{"service":"svc","method":"echo","params":{},"trace_id":"over-1"}}"#).await;
+    // Its `id` too.
+    s.send(r#"{"type":"request","id":"q-1","payload":{"service":"svc","method":"echo","params":{},"trace_id":"over-1"}}"#).await;
     let ServerFrame::Error(refused) = rate_limited else { unreachable!() };
     assert_eq!(
         s.json().await,
-        ServerFrame::Error(ErrorFrame { trace_id: Some("over-1".into()), ..refused })
+        ServerFrame::Error(ErrorFrame {
+            trace_id: Some("over-1".into()),
+            id: Some("q-1".into()),
+            ..refused
+        })
     );
     assert_eq!(s.next().await, close(1008, "too many bad frames"));
 }
@@ -358,4 +364,67 @@ async fn an_upgrade_past_its_deadline_is_dropped_not_given_a_second_timeout() {
     .await;
     // Ended at its deadline, not after `handshake_timeout` (10 s) more.
     assert_eq!(started.elapsed(), Duration::from_secs(1));
+}
+
+/// A client over a duplex pipe that upgraded with no credentials (the first-frame route).
+async fn unauthenticated(gateway: &Gateway) -> (WebSocketStream<DuplexStream>, JoinHandle<()>) {
+    let (client_io, server_io) = tokio::io::duplex(64 << 10);
+    let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+    let server = tokio::spawn(run(
+        server_io,
+        Admission::Session {
+            _permit: permit,
+            deadline: tokio::time::Instant::now() + Duration::from_secs(10),
+        },
+        Arc::clone(&gateway.config),
+        gateway.coordinator.clone(),
+        WsStatsHandle::new(),
+    ));
+    let request = "ws://gateway/ws".into_client_request().unwrap();
+    let (client, _response) = tokio_tungstenite::client_async(request, client_io).await.unwrap();
+    (client, server)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_frame_route_closes_4401_at_the_auth_timeout_and_opens_on_an_auth_frame() {
+    let gateway = Gateway::start(WsConfig::default());
+    let t0 = Instant::now();
+    let (mut client, server) = unauthenticated(&gateway).await;
+    let next = tokio::time::timeout(PATIENCE, client.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(next, close(4401, "authentication timeout"));
+    assert_eq!(t0.elapsed(), Duration::from_secs(5));
+    drop(client);
+    server.await.unwrap();
+
+    // Pings are not acted on (tungstenite answers them), but only so many pass.
+    let (mut client, server) = unauthenticated(&gateway).await;
+    for _ in 0..=16 {
+        client.send(Message::Ping(Bytes::new())).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    while let Some(Ok(m)) = tokio::time::timeout(PATIENCE, client.next()).await.unwrap() {
+        let end = matches!(m, Message::Close(_));
+        seen.push(m);
+        if end {
+            break;
+        }
+    }
+    assert_eq!(seen.last(), Some(&close(4401, "authentication required")));
+    assert!(seen[..seen.len() - 1].iter().all(|m| matches!(m, Message::Pong(_))), "{seen:?}");
+    drop(client);
+    server.await.unwrap();
+
+    let (mut client, _server) = unauthenticated(&gateway).await;
+    client
+        .send(Message::text(r#"{"type":"auth","payload":{"token":"tok"},"id":"a"}"#))
+        .await
+        .unwrap();
+    let hello = tokio::time::timeout(PATIENCE, client.next()).await.unwrap().unwrap().unwrap();
+    let Message::Text(hello) = hello else { panic!("{hello:?}") };
+    let hello = decode_server_frame(hello.as_bytes(), Encoding::Json).unwrap();
+    assert!(
+        matches!(hello.message(), Some(ServerMessage::Event { topic, .. }) if topic == "hello")
+    );
+    // The hello answers the auth frame: it carries its id.
+    assert_eq!(hello.id(), Some("a"));
 }
