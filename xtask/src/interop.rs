@@ -97,14 +97,14 @@ pub fn run(root: &Path) -> Result<()> {
 }
 
 /// Cargo's target directory: `CARGO_TARGET_DIR` (relative to the root) or `<root>/target`.
-fn target_dir(root: &Path) -> PathBuf {
+pub fn target_dir(root: &Path) -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) if !dir.is_empty() => root.join(dir),
         _ => root.join("target"),
     }
 }
 
-fn build_gateway(target: &Path) -> Result<PathBuf> {
+pub fn build_gateway(target: &Path) -> Result<PathBuf> {
     let status = broker::status_bounded(
         crate::cmd::cargo().args(["build", "-p", "nuropb-gateway", "--bin", "nuropb-gateway"]),
         BUILD_TIMEOUT,

@@ -2,7 +2,9 @@
 //! devDependencies into `clients/js/node_modules`), then `npm test` (`tsc` in strict mode,
 //! then the `node --test` unit tests against the fake gateway of `clients/js/test/`), then a
 //! check that the committed build `clients/js/dist/nuropb-gateway.js` (which the gateway
-//! serves in demo mode, so that it needs no npm) is what the build just wrote.
+//! serves in demo mode, so that it needs no npm) is what the build just wrote; last, the
+//! library against the real gateway binary in demo mode (`test/real-gateway.test.mjs`, both
+//! auth routes, calls, events, refresh, a refused token), on Node's WHATWG WebSocket.
 //!
 //! Each step is bounded in time. Needs `node` (20 or later) and `npm` on the `PATH`.
 
@@ -60,7 +62,24 @@ pub fn run(root: &Path) -> Result<()> {
     let fresh =
         std::fs::read(&built).with_context(|| format!("cannot read {}", built.display()))?;
     check_fresh(&committed, &fresh)?;
-    eprintln!("js: the client library builds, its tests pass, and the committed build is fresh");
+
+    let bin = crate::interop::build_gateway(&crate::interop::target_dir(root))?;
+    let status = broker::status_bounded(
+        Command::new("node")
+            .args(["--experimental-websocket", "--no-warnings=ExperimentalWarning", "--test"])
+            .args(["--test-timeout=30000", "test/real-gateway.test.mjs"])
+            .current_dir(&dir)
+            .env("NUROPB_GATEWAY_BIN", &bin),
+        TEST_TIMEOUT,
+        Some(GRACE),
+    )?;
+    if !status.success() {
+        bail!("the client library against {} failed with {status}", bin.display());
+    }
+    eprintln!(
+        "js: the client library builds, its tests pass, the committed build is fresh, and it \
+         works against the real gateway"
+    );
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 // the `demo` service and `demo.tick` events), over Node's built-in WHATWG WebSocket, which
 // negotiates subprotocols and reports close codes as a browser does.
 //
-// Not part of `npm test` (it needs the binary): build it, then
+// Not part of `npm test` (it needs the binary); `cargo xtask js` runs it. By hand:
 //   cargo build -p nuropb-gateway
 //   NUROPB_GATEWAY_BIN=../../target/debug/nuropb-gateway \
 //     node --experimental-websocket --no-warnings=ExperimentalWarning --test test/real-gateway.test.mjs
