@@ -15,6 +15,7 @@ pub fn run(root: &Path) -> Result<()> {
     doc()?;
     unit_and_e2e_tests()?;
     crate::js::run(root)?;
+    crate::browser::run(root)?;
     integration()?;
     crate::hostile::run(root)?;
     // The chaos suite's short form: the gateway binary under broker, service and client

@@ -1,11 +1,13 @@
 //! `cargo xtask`: the project's automation. `ci` runs every gate CI runs (format, lints, the
-//! layering rules, docs, all tests including the JS client, integration, the hostile-input
-//! suite, the chaos suite's short form, the examples, the packaging dry run and interop);
-//! `integration`, `hostile`, `chaos`, `interop`, `js`, `examples`, `doc`, `package` and
-//! `bench` run one part; `fuzz` runs the fuzz targets for a bounded time.
+//! layering rules, docs, all tests including the JS client and the demo page in Chromium,
+//! integration, the hostile-input suite, the chaos suite's short form, the examples, the
+//! packaging dry run and interop); `integration`, `hostile`, `chaos`, `interop`, `js`,
+//! `browser`, `examples`, `doc`, `package` and `bench` run one part; `fuzz` runs the fuzz
+//! targets for a bounded time.
 
 mod bench;
 mod broker;
+mod browser;
 mod chaos;
 mod ci;
 mod cmd;
@@ -34,6 +36,7 @@ fn main() -> Result<()> {
         Some("hostile") => hostile::run(&root),
         Some("interop") => interop::run(&root),
         Some("js") => js::run(&root),
+        Some("browser") => browser::run(&root),
         Some("examples") => examples::run(),
         Some("doc") => ci::doc(),
         Some("package") => ci::package(&root),
@@ -54,7 +57,7 @@ fn main() -> Result<()> {
 fn print_help() {
     println!(
         "cargo xtask <command>\n\n\
-         ci           every gate: fmt, layering, clippy, doc, tests, js, integration, hostile, chaos --short, examples, package, interop\n\
+         ci           every gate: fmt, layering, clippy, doc, tests, js, browser, integration, hostile, chaos --short, examples, package, interop\n\
          fmt          cargo fmt --check\n\
          clippy       cargo clippy -D warnings\n\
          layering     check the crate graph rules (docs/ARCHITECTURE.md)\n\
@@ -63,6 +66,7 @@ fn print_help() {
          hostile      the hostile-input suite against the gateway binary on RabbitMQ (docs/HOSTILE.md)\n\
          interop      real Python nuropb 0.1.8 services against the gateway binary\n\
          js           the TypeScript client (clients/js): npm ci, tsc, node --test\n\
+         browser      the demo page in headless Chromium (clients/browser-tests; installs chromium)\n\
          examples     build and run the worked examples (examples/; RabbitMQ for mesh_peer)\n\
          doc          cargo doc --workspace with RUSTDOCFLAGS=-D warnings\n\
          package      cargo package every library crate (the publish dry run)\n\
