@@ -48,6 +48,25 @@ let browser;
 let profile;
 const gateways = new Set();
 
+// At its deadline xtask interrupts `node --test`, which sends this file SIGTERM; no `after`
+// hook runs then, and the gateways (process groups of their own) would outlive it.
+// Playwright closes Chromium on these signals itself.
+for (const [signal, code] of [["SIGINT", 130], ["SIGTERM", 143]]) {
+  process.once(signal, () => {
+    for (const gw of gateways) {
+      try {
+        process.kill(-gw.child.pid, "SIGKILL");
+      } catch {
+        // Already gone.
+      }
+    }
+    // Exits now: a test going on would start another gateway. Playwright kills Chromium
+    // on exit; the profile goes after it.
+    process.once("exit", () => profile && rmSync(profile, { recursive: true, force: true }));
+    process.exit(code);
+  });
+}
+
 before(async () => {
   assert.ok(existsSync(CHROMIUM), `no ${CHROMIUM}: \`cargo xtask browser\` installs Debian's chromium`);
   profile = mkdtempSync(join(tmpdir(), "nuropb-chromium-"));
