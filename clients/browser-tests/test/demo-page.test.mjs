@@ -100,7 +100,13 @@ async function startGateway({ port = 0, args = [] } = {}) {
       gateways.delete(gw);
       if (child.exitCode !== null || child.signalCode !== null) return;
       process.kill(-child.pid, "SIGTERM");
-      const done = await Promise.race([exited.then(() => true), sleep(15_000).then(() => false)]);
+      // A timer left running would hold the process open for its 15 s after the last test.
+      let timer;
+      const late = new Promise((r) => {
+        timer = setTimeout(() => r(false), 15_000);
+      });
+      const done = await Promise.race([exited.then(() => true), late]);
+      clearTimeout(timer);
       if (!done) {
         process.kill(-child.pid, "SIGKILL");
         await exited;
@@ -297,6 +303,10 @@ test("survives a gateway restart: disconnected, then connected again, add works,
     ["disconnected", "connecting"].includes(document.getElementById("state").dataset.state),
   );
   assert.equal(await page.isDisabled("#add"), true, "#add is disabled while disconnected");
+  // The drain said goodbye with 1001 (reconnect), and the page logged it.
+  await waitUntil(page, "the log shows the 1001 close", () =>
+    [...document.querySelectorAll("#log li")].some((li) => / disconnected: 1001 /.test(li.textContent)),
+  );
 
   const second = await restartGateway(first.port);
   t.after(() => second.stop());
