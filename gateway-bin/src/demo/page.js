@@ -66,9 +66,12 @@ async function main() {
     client = await connect({ url, getToken, auth });
   } catch (e) {
     showState("closed");
-    const reason = e.reason ? ` (close ${e.code}: ${e.reason})` : e.code ? ` (close ${e.code})` : "";
-    showError(`cannot connect: ${e.message}${reason}`);
-    log(`connect failed: ${e.message}${reason}`);
+    // A ConnectError names the close code and reason in its message already ("cannot
+    // connect (4401 unauthorized)"); its cause, if any, says why no socket closed.
+    const cause = e.cause?.message ? `: ${e.cause.message}` : "";
+    const text = e.name === "ConnectError" ? `${e.message}${cause}` : `cannot connect: ${e.message}`;
+    showError(text);
+    log(`connect failed: ${text}`);
     return;
   }
   client.on("connecting", ({ attempt }) => { showState("connecting", `attempt ${attempt}`); log(`connecting, attempt ${attempt}`); });
