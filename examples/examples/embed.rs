@@ -45,6 +45,7 @@ impl Authenticator for StaticKeys {
             token: token.to_owned(),
             // API keys do not expire while a connection is open.
             expires_at: None,
+            token_expires_at: None,
         })
     }
 }

@@ -157,6 +157,7 @@ impl Authenticator for StaticKeys {
             username: (*user).to_owned(),
             token: token.to_owned(),
             expires_at: None,
+            token_expires_at: None,
         })
     }
 }

@@ -336,6 +336,7 @@ impl Authenticator for OneKey {
             username: "Alice".to_owned(),
             token: token.to_owned(),
             expires_at: None,
+            token_expires_at: None,
         })
     }
 }

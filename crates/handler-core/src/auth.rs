@@ -20,6 +20,9 @@ pub struct Identity {
     /// When the token stops being accepted (Unix seconds: its `exp` plus the configured
     /// leeway); the session is closed then unless the client refreshes it. `None`: never.
     pub expires_at: Option<u64>,
+    /// The token's own expiry (Unix seconds, its `exp`), which the hello reports so a client
+    /// knows when to refresh. `None`: the credential does not expire.
+    pub token_expires_at: Option<u64>,
 }
 
 impl fmt::Debug for Identity {
@@ -29,6 +32,7 @@ impl fmt::Debug for Identity {
             .field("user_id", &self.user_id)
             .field("username", &self.username)
             .field("expires_at", &self.expires_at)
+            .field("token_expires_at", &self.token_expires_at)
             .finish_non_exhaustive()
     }
 }
@@ -241,6 +245,7 @@ impl Authenticator for JwtAuthenticator {
             username,
             token: token.to_owned(),
             expires_at,
+            token_expires_at: Some(exp),
         })
     }
 }
@@ -464,6 +469,16 @@ mod tests {
             let text = e.to_string();
             assert!(!text.contains('\n') && !text.contains("admin"), "{text:?}");
         }
+    }
+
+    #[test]
+    fn the_token_expiry_and_the_session_expiry_differ_by_the_leeway() {
+        let auth = hs_auth(|c| c.leeway_secs = 30);
+        let exp = now() + 600;
+        let t = hs_token(json!({"sub": "u", "exp": exp}), SECRET);
+        let id = auth.authenticate(&t).expect("valid");
+        assert_eq!(id.token_expires_at, Some(exp));
+        assert_eq!(id.expires_at, Some(exp + 30));
     }
 
     #[test]

@@ -311,8 +311,9 @@ impl CoordinatorHandle {
                 "session_id": session_id.as_str(),
                 "user_id": identity.user_id.as_str(),
                 "username": identity.username,
-                // When the gateway stops accepting the token, as in `refreshed`.
-                "expires_at": identity.expires_at,
+                // The token's own `exp`, so a client knows when to refresh (as `refreshed`
+                // reports the new token's; the session closes with 4003 a leeway later).
+                "expires_at": identity.token_expires_at,
             }),
         });
         let user_id = identity.user_id.clone();
@@ -401,7 +402,7 @@ impl CoordinatorHandle {
                     .authenticate(&token)
                     .map_err(CoreError::RefreshRefused)
                     .and_then(|new| {
-                        let expires_at = new.expires_at;
+                        let expires_at = new.token_expires_at;
                         s.sessions.refresh_identity(session_id, new).map(|()| expires_at)
                     });
                 match refreshed {
@@ -589,6 +590,7 @@ mod tests {
             username: format!("{user}@x"),
             token: format!("token-of-{user}"),
             expires_at: None,
+            token_expires_at: None,
         }
     }
 
@@ -756,7 +758,7 @@ mod tests {
         mesh.expect_command().returning(|_| Ok(()));
         let mut auth = MockAuthenticator::new();
         auth.expect_authenticate().returning(|token| match token {
-            "good" => Ok(Identity { expires_at: Some(4_000_000_000), ..identity("alice") }),
+            "good" => Ok(Identity { token_expires_at: Some(4_000_000_000), ..identity("alice") }),
             _ => Err(crate::auth::AuthError::Expired),
         });
         let config = CoreConfig {
@@ -767,8 +769,11 @@ mod tests {
             ..Default::default()
         };
         let c = core_with(mesh, auth, config);
-        let (sid, client) =
-            c.open_as(Identity { expires_at: Some(3_000_000_000), ..identity("alice") });
+        let (sid, client) = c.open_as(Identity {
+            expires_at: Some(3_000_000_030),
+            token_expires_at: Some(3_000_000_000),
+            ..identity("alice")
+        });
         let hello = {
             let seen = client.seen.lock().expect("lock");
             match seen.first() {
@@ -952,7 +957,9 @@ mod tests {
         let mut auth = MockAuthenticator::new();
         auth.expect_authenticate().returning(|token| match token {
             "bob" => Ok(identity("bob")),
-            "alice-later" => Ok(Identity { expires_at: Some(4_000_000_000), ..identity("alice") }),
+            "alice-later" => {
+                Ok(Identity { token_expires_at: Some(4_000_000_000), ..identity("alice") })
+            }
             _ => Err(crate::auth::AuthError::Expired),
         });
         let config = CoreConfig {

@@ -481,6 +481,7 @@ mod tests {
             username: "alice@x".into(),
             token: "tok".into(),
             expires_at: None,
+            token_expires_at: None,
         }
     }
 

@@ -432,6 +432,7 @@ mod tests {
             username: format!("{user}@x"),
             token: "t".into(),
             expires_at: None,
+            token_expires_at: None,
         }
     }
 

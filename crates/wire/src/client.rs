@@ -792,9 +792,9 @@ pub enum ServerMessage {
     },
     /// The answer to `ping`.
     Pong {},
-    /// The session's token was replaced; `expires_at` (Unix seconds) is when the new token
-    /// stops being accepted (its `exp` plus the gateway's clock-skew leeway), at which point
-    /// the session is closed (4003) unless refreshed again.
+    /// The session's token was replaced; `expires_at` (Unix seconds) is the new token's
+    /// `exp`, as the hello reports the first token's. The gateway closes the session (4003)
+    /// its clock-skew leeway after that unless it is refreshed again.
     Refreshed {
         /// Unix seconds; `None` when the new token never expires.
         expires_at: Option<u64>,

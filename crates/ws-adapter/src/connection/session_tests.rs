@@ -71,6 +71,7 @@ impl Gateway {
                 username: "alice".into(),
                 token: token.to_owned(),
                 expires_at: None,
+                token_expires_at: None,
             })
         });
         let core =
