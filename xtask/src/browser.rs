@@ -47,8 +47,8 @@ pub fn run(root: &Path) -> Result<()> {
         bail!("`npm ci` in {} failed with {status}", dir.display());
     }
 
-    let target = crate::interop::target_dir(root);
-    let bin = crate::interop::build_gateway(&target)?;
+    let target = crate::suite::target_dir(root);
+    let bin = crate::suite::build_gateway(root, false)?;
     let artifacts = target.join("browser");
     let status = broker::status_bounded(
         Command::new("node")

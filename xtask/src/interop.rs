@@ -24,8 +24,6 @@ use crate::broker::{self, TempVhost};
 
 /// Creating the venv and installing the pinned packages (a cold pip cache downloads ~20 MB).
 const VENV_TIMEOUT: Duration = Duration::from_secs(15 * 60);
-/// Building the gateway from scratch on a 2-core machine.
-const BUILD_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 /// The whole pytest session (it takes well under a minute when the gateway behaves).
 const PYTEST_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// After the session deadline, how long pytest gets to stop its processes after SIGINT.
@@ -38,7 +36,7 @@ const PYTHON_VERSION_CHECK: &str =
 
 pub fn run(root: &Path) -> Result<()> {
     broker::ensure_running()?;
-    let target = target_dir(root);
+    let target = crate::suite::target_dir(root);
     let suite = root.join("tests").join("python");
     let python = ensure_venv(&target.join("interop-venv"), &suite.join("requirements.txt"))?;
     let gateway = match std::env::var_os("NUROPB_INTEROP_GATEWAY_BIN") {
@@ -47,7 +45,7 @@ pub fn run(root: &Path) -> Result<()> {
             eprintln!("interop: testing {} (NUROPB_INTEROP_GATEWAY_BIN)", bin.display());
             bin
         }
-        None => build_gateway(&target)?,
+        None => crate::suite::build_gateway(root, false)?,
     };
     if !gateway.is_file() {
         bail!("gateway binary {} does not exist", gateway.display());
@@ -94,26 +92,6 @@ pub fn run(root: &Path) -> Result<()> {
         Some(5) => bail!("interop: pytest collected no tests in {}", suite.display()),
         _ => bail!("interop: pytest failed ({status}); process logs in {}", log_dir.display()),
     }
-}
-
-/// Cargo's target directory: `CARGO_TARGET_DIR` (relative to the root) or `<root>/target`.
-pub fn target_dir(root: &Path) -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) if !dir.is_empty() => root.join(dir),
-        _ => root.join("target"),
-    }
-}
-
-pub fn build_gateway(target: &Path) -> Result<PathBuf> {
-    let status = broker::status_bounded(
-        crate::cmd::cargo().args(["build", "-p", "nuropb-gateway", "--bin", "nuropb-gateway"]),
-        BUILD_TIMEOUT,
-        None,
-    )?;
-    if !status.success() {
-        bail!("building nuropb-gateway failed with {status}");
-    }
-    Ok(target.join("debug").join("nuropb-gateway"))
 }
 
 /// Returns the venv's python, (re)creating the venv unless it was made from exactly this

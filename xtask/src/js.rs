@@ -63,7 +63,7 @@ pub fn run(root: &Path) -> Result<()> {
         std::fs::read(&built).with_context(|| format!("cannot read {}", built.display()))?;
     check_fresh(&committed, &fresh)?;
 
-    let bin = crate::interop::build_gateway(&crate::interop::target_dir(root))?;
+    let bin = crate::suite::build_gateway(root, false)?;
     let status = broker::status_bounded(
         Command::new("node")
             .args(["--experimental-websocket", "--no-warnings=ExperimentalWarning", "--test"])

@@ -17,6 +17,7 @@ mod hostile;
 mod interop;
 mod js;
 mod layering;
+mod suite;
 #[cfg(test)]
 mod tidy;
 
