@@ -8,6 +8,7 @@
 )]
 
 pub mod process;
+pub mod raw;
 pub mod sys;
 
 use std::sync::Arc;

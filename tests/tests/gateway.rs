@@ -846,84 +846,18 @@ async fn the_hello_frame_is_always_first_even_during_a_broadcast_storm() {
 /// Raw TCP clients for what a WebSocket library will not send: malformed handshakes and
 /// protocol violations.
 mod raw {
-    use std::time::Duration;
-
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     use tokio::net::TcpStream;
 
-    pub(super) const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-
-    /// A valid upgrade request with `extra` header lines (each ending in `\r\n`).
-    pub(super) fn upgrade(extra: &str) -> String {
-        format!(
-            "GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
-        )
-    }
+    pub(super) use e2e_tests::raw::{KEY, close_code, masked_frame as frame, status, upgrade};
 
     /// Sends `request`; returns the response head (status line and headers), read within
     /// 5 s, or "" if the server closed without answering.
     pub(super) async fn send(addr: std::net::SocketAddr, request: &[u8]) -> (TcpStream, String) {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         stream.write_all(request).await.unwrap();
-        let head = read_head(&mut stream).await;
+        let head = e2e_tests::raw::read_head(&mut stream).await;
         (stream, head)
-    }
-
-    pub(super) async fn read_head(stream: &mut TcpStream) -> String {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        let read = async {
-            while !head.ends_with(b"\r\n\r\n") {
-                match stream.read(&mut byte).await {
-                    Ok(1) => head.push(byte[0]),
-                    _ => break,
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), read).await.expect("answer in time");
-        String::from_utf8_lossy(&head).into_owned()
-    }
-
-    pub(super) fn status(head: &str) -> Option<u16> {
-        head.split(' ').nth(1)?.parse().ok()
-    }
-
-    /// A masked client frame (mask 0: the payload goes as is).
-    pub(super) fn frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
-        assert!(payload.len() < 126);
-        let mut f = vec![first_byte, 0x80 | payload.len() as u8, 0, 0, 0, 0];
-        f.extend_from_slice(payload);
-        f
-    }
-
-    /// Reads server frames until a close frame; returns its code (`None`: TCP closed first).
-    pub(super) async fn close_code(stream: &mut TcpStream) -> Option<u16> {
-        let read = async {
-            loop {
-                let mut h = [0u8; 2];
-                stream.read_exact(&mut h).await.ok()?;
-                let len = match h[1] & 0x7f {
-                    126 => {
-                        let mut l = [0u8; 2];
-                        stream.read_exact(&mut l).await.ok()?;
-                        usize::from(u16::from_be_bytes(l))
-                    }
-                    127 => {
-                        let mut l = [0u8; 8];
-                        stream.read_exact(&mut l).await.ok()?;
-                        usize::try_from(u64::from_be_bytes(l)).ok()?
-                    }
-                    n => usize::from(n),
-                };
-                let mut payload = vec![0u8; len];
-                stream.read_exact(&mut payload).await.ok()?;
-                if h[0] & 0x0f == 0x8 {
-                    return Some(u16::from_be_bytes([*payload.first()?, *payload.get(1)?]));
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), read).await.expect("close in time")
     }
 }
 

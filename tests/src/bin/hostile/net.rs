@@ -4,19 +4,15 @@
 //! WebSocket clients (`e2e_tests::Client`) over such a socket. Every wait is bounded.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::MaybeTlsStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use e2e_tests::Client;
 
-/// How long a raw read of a head or a close frame may take.
-pub const RAW_WAIT: Duration = Duration::from_secs(5);
-/// The `Sec-WebSocket-Key` of RFC 6455's example.
-pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+pub use e2e_tests::raw::{RAW_WAIT, close_code, masked_frame, read_head, status, upgrade};
 
 /// `127.0.0.<last>`.
 pub fn loopback(last: u8) -> IpAddr {
@@ -37,14 +33,6 @@ pub async fn tcp_from(from: IpAddr, to: SocketAddr, recv_buffer: Option<u32>) ->
         .expect("TCP connect")
 }
 
-/// A valid upgrade request for `/ws` with `extra` header lines (each ending in `\r\n`).
-pub fn upgrade(extra: &str) -> String {
-    format!(
-        "GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
-    )
-}
-
 /// `Authorization: Bearer <token>\r\n`.
 pub fn bearer(token: &str) -> String {
     format!("Authorization: Bearer {token}\r\n")
@@ -58,66 +46,6 @@ pub async fn http(from: IpAddr, to: SocketAddr, request: &[u8]) -> (TcpStream, S
     let _ = stream.write_all(request).await;
     let head = read_head(&mut stream).await;
     (stream, head)
-}
-
-/// The response head, up to the blank line, read within [`RAW_WAIT`].
-pub async fn read_head(stream: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    let read = async {
-        while !head.ends_with(b"\r\n\r\n") && head.len() < 64 << 10 {
-            match stream.read(&mut byte).await {
-                Ok(1) => head.push(byte[0]),
-                _ => break,
-            }
-        }
-    };
-    // A head that does not come in time is reported as what was read so far.
-    let _ = tokio::time::timeout(RAW_WAIT, read).await;
-    String::from_utf8_lossy(&head).into_owned()
-}
-
-/// The status code of a response head.
-pub fn status(head: &str) -> Option<u16> {
-    head.split(' ').nth(1)?.parse().ok()
-}
-
-/// A masked client frame with mask 0 (the payload goes as is).
-pub fn masked_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() < 126, "short frames only");
-    let mut f = vec![first_byte, 0x80 | payload.len() as u8, 0, 0, 0, 0];
-    f.extend_from_slice(payload);
-    f
-}
-
-/// Reads server frames until a close frame and returns its code (`None`: TCP closed or
-/// nothing within [`RAW_WAIT`]).
-pub async fn close_code(stream: &mut TcpStream) -> Option<u16> {
-    let read = async {
-        loop {
-            let mut h = [0u8; 2];
-            stream.read_exact(&mut h).await.ok()?;
-            let len = match h[1] & 0x7f {
-                126 => {
-                    let mut l = [0u8; 2];
-                    stream.read_exact(&mut l).await.ok()?;
-                    usize::from(u16::from_be_bytes(l))
-                }
-                127 => {
-                    let mut l = [0u8; 8];
-                    stream.read_exact(&mut l).await.ok()?;
-                    usize::try_from(u64::from_be_bytes(l)).ok()?
-                }
-                n => usize::from(n),
-            };
-            let mut payload = vec![0u8; len];
-            stream.read_exact(&mut payload).await.ok()?;
-            if h[0] & 0x0f == 0x8 {
-                return Some(u16::from_be_bytes([*payload.first()?, *payload.get(1)?]));
-            }
-        }
-    };
-    tokio::time::timeout(RAW_WAIT, read).await.ok().flatten()
 }
 
 /// A WebSocket client from `from` with this bearer token and extra headers; `Err` is the
