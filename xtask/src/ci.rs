@@ -119,8 +119,10 @@ pub fn package(root: &Path) -> Result<()> {
     // `--allow-dirty`: the copy lies in the checkout's ignored `target/`, so to git every
     // file of it is untracked.
     cmd.args(["package", "--locked", "--allow-dirty"]).current_dir(&copy);
-    // The project's build cache (the packages are verified under target/package/).
-    cmd.env("CARGO_TARGET_DIR", root.join("target"));
+    // A build cache of its own, new each run: cargo takes registry packages for immutable,
+    // so a packaged `nuropb-wire 0.1.0` verified earlier would be reused although its source
+    // changed since (handler-core then fails against yesterday's wire crate).
+    cmd.env("CARGO_TARGET_DIR", copy.join("target"));
     for name in LIBRARY_CRATES {
         cmd.args(["-p", name]);
     }
