@@ -1,9 +1,10 @@
 //! The crate graph rules of docs/ARCHITECTURE.md, checked on the graph `cargo metadata`
 //! resolves (normal dependencies only, transitively).
 //!
-//! `cargo metadata` fetches what it needs on a cold cache (unlike `cargo tree --offline`,
-//! which failed on a fresh machine before anything was downloaded), and its JSON graph is
-//! read here rather than matched against a tool's human-readable messages.
+//! `cargo metadata` fetches what it needs on a cold cache (the earlier `cargo tree` call was
+//! told not to use the network, and failed on a fresh machine before anything was
+//! downloaded), and its JSON graph is read here rather than matched against a tool's
+//! human-readable messages.
 
 use std::collections::{BTreeSet, HashMap};
 
