@@ -125,6 +125,7 @@ fn ws_metrics(stats: WsStats) -> Vec<Metric> {
         per_ip_rate_refused,
         bad_handshakes,
         per_user_sessions_refused,
+        tls_handshake_failures,
     } = stats;
     vec![
         Metric::counter(
@@ -176,6 +177,11 @@ fn ws_metrics(stats: WsStats) -> Vec<Metric> {
             "nuropb_gateway_ws_per_user_sessions_refused_total",
             "Upgrades refused with HTTP 429: the user had the most sessions allowed.",
             per_user_sessions_refused as f64,
+        ),
+        Metric::counter(
+            "nuropb_gateway_ws_tls_handshake_failures_total",
+            "TLS handshakes on the WebSocket port that failed or timed out (wss:// only).",
+            tls_handshake_failures as f64,
         ),
     ]
 }
@@ -312,8 +318,8 @@ mod tests {
             .chain(ws_metrics(ws))
             .chain(amqp_metrics(amqp))
             .collect();
-        // 9 GatewayStats fields, 10 WsStats fields and 14 AmqpStats fields.
-        assert_eq!(metrics.len(), 9 + 10 + 14);
+        // 9 GatewayStats fields, 11 WsStats fields and 14 AmqpStats fields.
+        assert_eq!(metrics.len(), 9 + 11 + 14);
         let mut names = HashSet::new();
         for m in &metrics {
             assert_eq!(m.check(), Ok(()), "{m:?}");

@@ -9,6 +9,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::http::HttpRoutes;
 use crate::origin::OriginPolicy;
+use crate::tls::TlsAcceptorHandle;
 
 /// Where credentials may come from during the upgrade.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +135,14 @@ pub struct WsConfig {
     /// at once (more are refused with 503 at the upgrade), and each may send at most
     /// `max_token_len` + 1 KiB before it is authenticated.
     pub auth_timeout: Duration,
+    /// TLS on this port (`wss://`; default `None`: plain `ws://`, e.g. behind a proxy
+    /// that terminates TLS). Every accepted connection then completes a TLS handshake
+    /// (TLS 1.2 or 1.3, ALPN `http/1.1`) before its head is read, within
+    /// `handshake_timeout` (`refusal_handshake_timeout` for a connection over a limit) and
+    /// holding the same handshake slot, so a client that connects and sends nothing holds
+    /// no session slot. Plain HTTP (`/healthz`, `http_routes`) is served over TLS too. Keep
+    /// a clone of the handle to [`reload`](TlsAcceptorHandle::reload) the certificate.
+    pub tls: Option<TlsAcceptorHandle>,
 }
 
 impl Default for WsConfig {
@@ -166,6 +175,7 @@ impl Default for WsConfig {
             auth: AuthSources::default(),
             http_routes: None,
             auth_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }

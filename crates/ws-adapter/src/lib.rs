@@ -76,6 +76,7 @@ mod origin;
 mod peer_limits;
 mod read_error;
 mod stats;
+mod tls;
 mod token_bucket;
 mod upgrade;
 
@@ -84,7 +85,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -96,12 +97,14 @@ pub use error::WsError;
 pub use http::{HttpRequest, HttpResponse, HttpRoutes, answer_http};
 pub use origin::OriginPolicy;
 pub use stats::{WsStats, WsStatsHandle};
+pub use tls::{MAX_TLS_FILE_BYTES, TlsAcceptorHandle};
 
 use handler_core::CoordinatorHandle;
 
 use crate::connection::Admission;
 use crate::handshake::{HeadError, HeadKind, Prefixed};
 use crate::peer_limits::{PeerGuard, PeerLimits, PeerLimitsConfig, PeerRefusal};
+use crate::tls::Transport;
 
 /// Accepts connections on `listener` until `shutdown`, one tracked task per connection.
 /// Returns when `shutdown` fires; connection tasks are left to the tracker's drain.
@@ -113,6 +116,9 @@ use crate::peer_limits::{PeerGuard, PeerLimits, PeerLimitsConfig, PeerRefusal};
 /// 3. at most `max_handshakes_in_flight` upgrade requests being read → 503, so sockets that
 ///    send nothing hold a handshake slot, not a session slot.
 ///
+/// With [`WsConfig::tls`] every connection first completes a TLS handshake, on its own
+/// task and within the same timeout and slot as the head that follows (a failure is
+/// logged and counted in `WsStats::tls_handshake_failures`, and ends that connection only).
 /// A refusal is answered by a task of its own, at most `max_refusals_in_flight` at once
 /// (within `refusal_handshake_timeout`); beyond that the connection is closed at once. An
 /// accepted connection's head is read and checked (400/426/431) before it takes a session
@@ -184,7 +190,7 @@ pub async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
         let task = Accepted {
-            stream,
+            stream: Transport::Plain(stream),
             config: Arc::clone(&config),
             coordinator: coordinator.clone(),
             stats: stats.clone(),
@@ -230,33 +236,35 @@ enum Head {
 
 /// An accepted connection, before its task decides what it becomes.
 struct Accepted {
-    stream: TcpStream,
+    // Invariant: `Plain` until `secure` has run.
+    stream: Transport,
     config: Arc<WsConfig>,
     coordinator: CoordinatorHandle,
     stats: WsStatsHandle,
 }
 
 impl Accepted {
-    /// Reads and checks the head (holding a handshake slot, within `handshake_timeout`),
-    /// then takes a session slot and runs the connection. The address's count is held to
-    /// the end.
+    /// Completes the TLS handshake (when on), reads and checks the head (holding a
+    /// handshake slot, both within `handshake_timeout`), then takes a session slot and runs
+    /// the connection. The address's count is held to the end.
     async fn run(
-        mut self,
+        self,
         _peer: Option<PeerGuard>,
         handshake: OwnedSemaphorePermit,
         sessions: Arc<Semaphore>,
     ) {
-        let timeout = self.config.handshake_timeout;
-        let deadline = Instant::now() + timeout;
-        let head = match self.checked_head(timeout).await {
+        let deadline = Instant::now() + self.config.handshake_timeout;
+        let Some(mut this) = self.secure(deadline).await else { return };
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let head = match this.checked_head(timeout).await {
             None => return,
             Some(Head::Upgrade(head)) => head,
             Some(Head::Http(head)) => {
                 // Boxed: the hyper connection's state must not enlarge every session's
                 // task, which is sized for its largest state. The handshake slot is held
                 // while the request is served.
-                let stream = Prefixed::new(head, self.stream);
-                Box::pin(http::serve(stream, self.config.http_routes.clone(), deadline)).await;
+                let stream = Prefixed::new(head, this.stream);
+                Box::pin(http::serve(stream, this.config.http_routes.clone(), deadline)).await;
                 drop(handshake);
                 return;
             }
@@ -266,21 +274,23 @@ impl Accepted {
             Ok(permit) => Admission::Session { _permit: permit, deadline },
             Err(_) => {
                 // Taken between the check at accept and now; this task answers it itself.
-                self.stats.connection_refused();
-                let linger = self.config.refusal_handshake_timeout;
-                handshake::answer(&mut self.stream, 503, "too many connections", linger).await;
+                this.stats.connection_refused();
+                let linger = this.config.refusal_handshake_timeout;
+                handshake::answer(&mut this.stream, 503, "too many connections", linger).await;
                 return;
             }
         };
-        let stream = Prefixed::new(head, self.stream);
-        connection::run(stream, admission, self.config, self.coordinator, self.stats).await;
+        let stream = Prefixed::new(head, this.stream);
+        connection::run(stream, admission, this.config, this.coordinator, this.stats).await;
     }
 
-    /// Answers a refusal (holding a refusal slot, within `refusal_handshake_timeout`).
-    async fn refuse(mut self, refuse: Refuse, permit: OwnedSemaphorePermit) {
-        let timeout = self.config.refusal_handshake_timeout;
+    /// Answers a refusal (holding a refusal slot, TLS handshake and all within
+    /// `refusal_handshake_timeout`).
+    async fn refuse(self, refuse: Refuse, permit: OwnedSemaphorePermit) {
         let started = Instant::now();
-        let head = match self.checked_head(timeout).await {
+        let timeout = self.config.refusal_handshake_timeout;
+        let Some(mut this) = self.secure(started + timeout).await else { return };
+        let head = match this.checked_head(timeout.saturating_sub(started.elapsed())).await {
             None => return,
             Some(Head::Upgrade(head)) => head,
             Some(Head::Http(_)) => {
@@ -291,7 +301,7 @@ impl Accepted {
                 };
                 tracing::info!(status, reason, "http request refused");
                 let left = timeout.saturating_sub(started.elapsed());
-                handshake::answer(&mut self.stream, status, reason, left).await;
+                handshake::answer(&mut this.stream, status, reason, left).await;
                 return;
             }
         };
@@ -299,15 +309,35 @@ impl Accepted {
             Refuse::Capacity => {
                 // The upgrade checks say 503 (and why) as they always have.
                 let admission = Admission::Refusal { _permit: permit, deadline: started + timeout };
-                let stream = Prefixed::new(head, self.stream);
-                connection::run(stream, admission, self.config, self.coordinator, self.stats).await;
+                let stream = Prefixed::new(head, this.stream);
+                connection::run(stream, admission, this.config, this.coordinator, this.stats).await;
             }
             Refuse::Status(status, reason) => {
                 tracing::info!(status, reason, "upgrade refused");
                 let left = timeout.saturating_sub(started.elapsed());
-                handshake::answer(&mut self.stream, status, reason, left).await;
+                handshake::answer(&mut this.stream, status, reason, left).await;
             }
         }
+    }
+
+    /// With TLS on, the connection after its TLS handshake (completed by `deadline`); `None`
+    /// when the handshake failed or timed out (logged and counted). Without TLS, as it is.
+    async fn secure(self, deadline: Instant) -> Option<Accepted> {
+        let Some(tls) = &self.config.tls else { return Some(self) };
+        let tcp = match self.stream {
+            Transport::Plain(tcp) => tcp,
+            tls @ Transport::Tls(_) => return Some(Accepted { stream: tls, ..self }),
+        };
+        let error = match tokio::time::timeout_at(deadline, tls.acceptor().accept(tcp)).await {
+            Ok(Ok(stream)) => {
+                return Some(Accepted { stream: Transport::Tls(Box::new(stream)), ..self });
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        self.stats.tls_handshake_failed();
+        tracing::info!(error, "TLS handshake failed");
+        None
     }
 
     /// The head, read within `timeout` and checked; `None` when the connection ends here

@@ -37,6 +37,9 @@ pub struct WsStats {
     pub bad_handshakes: u64,
     /// Upgrades refused with 429 because the user had `max_sessions_per_user` sessions.
     pub per_user_sessions_refused: u64,
+    /// TLS handshakes that failed or timed out (`WsConfig::tls` only): a client that does
+    /// not trust the certificate, one speaking plain HTTP to the TLS port, a scanner.
+    pub tls_handshake_failures: u64,
 }
 
 /// The live counters behind [`WsStats`]; clones share them. Create one, pass a clone to
@@ -58,6 +61,7 @@ struct Counters {
     per_ip_rate_refused: AtomicU64,
     bad_handshakes: AtomicU64,
     per_user_sessions_refused: AtomicU64,
+    tls_handshake_failures: AtomicU64,
     /// Milliseconds since `epoch` before which no oversized-frame warning is logged.
     next_oversized_warning_ms: AtomicU64,
     epoch: Instant,
@@ -80,6 +84,7 @@ impl Default for Counters {
             per_ip_rate_refused: AtomicU64::new(0),
             bad_handshakes: AtomicU64::new(0),
             per_user_sessions_refused: AtomicU64::new(0),
+            tls_handshake_failures: AtomicU64::new(0),
             next_oversized_warning_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             pending_auth: AtomicUsize::new(0),
@@ -113,6 +118,7 @@ impl WsStatsHandle {
             per_ip_rate_refused: get(&c.per_ip_rate_refused),
             bad_handshakes: get(&c.bad_handshakes),
             per_user_sessions_refused: get(&c.per_user_sessions_refused),
+            tls_handshake_failures: get(&c.tls_handshake_failures),
         }
     }
 
@@ -150,6 +156,10 @@ impl WsStatsHandle {
 
     pub(crate) fn bad_handshake(&self) {
         self.counters.bad_handshakes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn tls_handshake_failed(&self) {
+        self.counters.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn per_user_session_refused(&self) {
