@@ -5,7 +5,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::error::AmqpMeshError;
 
@@ -39,6 +42,100 @@ pub enum EncryptionMode {
     /// must never receive plaintext, at the price of failing calls to a service too busy
     /// to answer its first describe within `describe_timeout`.
     Required,
+}
+
+/// TLS of an `amqps://` connection, as PEM text (the binary reads the files). lapin
+/// verifies the broker's certificate against the system's trust store plus `ca_pem`, and
+/// checks that it names the URL's host.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct AmqpTlsConfig {
+    /// CA certificates (PEM, one or more) trusted for the broker's certificate, in addition
+    /// to the system's. Default: none (the system's trust store only).
+    pub ca_pem: Option<String>,
+    /// A client certificate to present to the broker (for brokers that require one, e.g.
+    /// RabbitMQ with `ssl_options.fail_if_no_peer_cert`). Default: none.
+    pub client_identity: Option<ClientIdentity>,
+}
+
+/// A client certificate chain and its private key, both PEM. `Debug` hides the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// The certificate first, then any intermediates.
+    pub cert_pem: String,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_pem: String,
+}
+
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+impl fmt::Debug for AmqpTlsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Whether each part is set; the certificates themselves are long and say little.
+        f.debug_struct("AmqpTlsConfig")
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<set>"))
+            .field("client_identity", &self.client_identity.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl AmqpTlsConfig {
+    /// Whether anything is set.
+    pub fn is_empty(&self) -> bool {
+        self.ca_pem.is_none() && self.client_identity.is_none()
+    }
+
+    /// Checks the PEM text: `ca_pem` holds at least one certificate and every one parses
+    /// as X.509; the client identity has a certificate and a private key. The error names
+    /// the field (`tls.ca_pem`, `tls.client_identity.cert_pem`, `…key_pem`).
+    pub fn validate(&self) -> Result<(), AmqpMeshError> {
+        let bad = |field: &'static str, reason: String| AmqpMeshError::Config { field, reason };
+        if let Some(ca) = &self.ca_pem {
+            let certs = certificates(ca).map_err(|reason| bad("tls.ca_pem", reason))?;
+            let mut roots = RootCertStore::empty();
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| bad("tls.ca_pem", format!("not a usable CA certificate: {e}")))?;
+            }
+        }
+        if let Some(identity) = &self.client_identity {
+            certificates(&identity.cert_pem)
+                .map_err(|reason| bad("tls.client_identity.cert_pem", reason))?;
+            PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).map_err(|e| {
+                bad("tls.client_identity.key_pem", format!("no usable PEM private key: {e}"))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// lapin's form of it.
+    pub(crate) fn to_lapin(&self) -> lapin::tcp::OwnedTLSConfig {
+        lapin::tcp::OwnedTLSConfig {
+            identity: self.client_identity.as_ref().map(|id| lapin::tcp::OwnedIdentity::PKCS8 {
+                pem: id.cert_pem.clone().into_bytes(),
+                key: id.key_pem.clone().into_bytes(),
+            }),
+            cert_chain: self.ca_pem.clone(),
+        }
+    }
+}
+
+/// The certificates of a PEM text: at least one, each block valid.
+fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("invalid PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("no CERTIFICATE block".to_owned());
+    }
+    Ok(certs)
 }
 
 /// Configuration of [`crate::AmqpMesh`]. Build with [`AmqpMeshConfig::new`] and adjust
@@ -167,6 +264,10 @@ pub struct AmqpMeshConfig {
     /// the connection is closed and what is left fails with `MeshError::Unavailable`.
     /// The drain ends as soon as nothing is outstanding. Default: 5 s.
     pub drain_timeout: Duration,
+    /// TLS of an `amqps://` URL: extra trusted CAs and a client certificate (see
+    /// [`AmqpTlsConfig`]). Only with an `amqps://` URL. Default: none (an `amqps://` URL
+    /// then trusts the system's store only).
+    pub tls: AmqpTlsConfig,
 }
 
 impl Default for AmqpMeshConfig {
@@ -202,6 +303,7 @@ impl Default for AmqpMeshConfig {
             control_queue_max_length: 1_000,
             core_reply_timeout: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(5),
+            tls: AmqpTlsConfig::default(),
         }
     }
 }
@@ -240,6 +342,7 @@ impl fmt::Debug for AmqpMeshConfig {
             .field("control_queue_max_length", &self.control_queue_max_length)
             .field("core_reply_timeout", &self.core_reply_timeout)
             .field("drain_timeout", &self.drain_timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -288,10 +391,14 @@ impl AmqpMeshConfig {
 
     /// Checks every field once; the error names the first bad one.
     pub fn validate(&self) -> Result<(), AmqpMeshError> {
-        self.parse_uri()?;
+        let uri = self.parse_uri()?;
         let bad = |field: &'static str, reason: &str| {
             Err(AmqpMeshError::Config { field, reason: reason.to_owned() })
         };
+        if !self.tls.is_empty() && uri.scheme != AMQPScheme::AMQPS {
+            return bad("tls", "is set, but url is not amqps://");
+        }
+        self.tls.validate()?;
         if self.service_name.is_empty() {
             return bad("service_name", "must not be empty");
         }
@@ -433,6 +540,54 @@ mod tests {
         assert_eq!(c.service_queue(), "nuropb-nuropb-gateway-sq");
         assert_eq!(c.control_topic(), "nuropb-gateway.nuropb-gateway.control");
         assert_eq!(AmqpMeshConfig::default().instance_id.len(), 32);
+    }
+
+    #[test]
+    fn tls_needs_amqps_and_valid_pem() {
+        #![allow(clippy::unwrap_used, reason = "tests")]
+        let pki = nuropb_testkit::tls::TestPki::generate("CA");
+        let amqps = "amqps://guest:guest@localhost:5671/nuropb";
+        let identity = |cert: &str, key: &str| {
+            Some(ClientIdentity { cert_pem: cert.to_owned(), key_pem: key.to_owned() })
+        };
+        let check = |url: &str, tls: AmqpTlsConfig, expected: Option<&str>| {
+            let c = AmqpMeshConfig { tls: tls.clone(), ..AmqpMeshConfig::new(url) };
+            assert_eq!(field_of(&c), expected, "{url} {tls:?}");
+        };
+        let ca = |pem: &str| AmqpTlsConfig { ca_pem: Some(pem.to_owned()), ..Default::default() };
+        check(amqps, AmqpTlsConfig::default(), None);
+        check(amqps, ca(&pki.ca_pem), None);
+        // Two CAs in one bundle.
+        check(amqps, ca(&format!("{}{}", pki.ca_pem, pki.cert_pem)), None);
+        check("amqp://guest:guest@localhost/nuropb", ca(&pki.ca_pem), Some("tls"));
+        check(amqps, ca(""), Some("tls.ca_pem"));
+        check(amqps, ca(&pki.key_pem), Some("tls.ca_pem"));
+        check(
+            amqps,
+            ca("-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n"),
+            Some("tls.ca_pem"),
+        );
+        // Valid base64, not a certificate.
+        check(
+            amqps,
+            ca("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+            Some("tls.ca_pem"),
+        );
+        let with_identity = |id| AmqpTlsConfig { ca_pem: None, client_identity: id };
+        check(amqps, with_identity(identity(&pki.cert_pem, &pki.key_pem)), None);
+        check(
+            amqps,
+            with_identity(identity(&pki.key_pem, &pki.key_pem)),
+            Some("tls.client_identity.cert_pem"),
+        );
+        check(
+            amqps,
+            with_identity(identity(&pki.cert_pem, &pki.cert_pem)),
+            Some("tls.client_identity.key_pem"),
+        );
+        // The key never shows in Debug.
+        let debug = format!("{:?}", identity(&pki.cert_pem, &pki.key_pem).unwrap());
+        assert!(!debug.contains(pki.key_pem.lines().nth(1).unwrap()), "{debug}");
     }
 
     #[test]

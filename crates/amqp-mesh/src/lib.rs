@@ -166,7 +166,7 @@ mod stats;
 mod subscriber;
 mod supervisor;
 
-pub use config::{AmqpMeshConfig, EncryptionMode};
+pub use config::{AmqpMeshConfig, AmqpTlsConfig, ClientIdentity, EncryptionMode};
 pub use error::{AmqpMeshError, BoxError};
 pub use mesh::AmqpMesh;
 pub use stats::AmqpStats;

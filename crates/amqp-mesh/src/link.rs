@@ -37,7 +37,7 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use lapin::{Channel, Connect, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use nuropb_wire::mesh::PROTOCOL_VERSION;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -113,12 +113,15 @@ impl Connector {
             .with_client_property("name".into(), config.service_name.as_str().into())
             .with_client_property("instance_id".into(), config.instance_id.as_str().into());
         let timeout = config.connect_timeout;
-        let connection =
-            match tokio::time::timeout(timeout, Connection::connect_uri(uri, properties)).await {
-                Err(_) => return Err(AmqpMeshError::ConnectTimeout { url, timeout }),
-                Ok(Err(error)) => return Err(connect_error(url, error)),
-                Ok(Ok(connection)) => connection,
-            };
+        // What `Connection::connect_uri` does, with our TLS settings (empty for amqp://).
+        let runtime =
+            lapin::runtime::default_runtime().map_err(|e| connect_error(url.clone(), e))?;
+        let connect = uri.connect_with_config(properties, config.tls.to_lapin(), runtime);
+        let connection = match tokio::time::timeout(timeout, connect).await {
+            Err(_) => return Err(AmqpMeshError::ConnectTimeout { url, timeout }),
+            Ok(Err(error)) => return Err(connect_error(url, error)),
+            Ok(Ok(connection)) => connection,
+        };
         // Listen before anything can fail, so no connection error goes unseen.
         let events = Box::pin(connection.events_listener());
         let setup = tokio::time::timeout(timeout, setup(config, &connection, generation)).await;

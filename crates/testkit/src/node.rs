@@ -5,6 +5,8 @@
 //! `kill -9` it; the shared broker on 5672, which other people's tests use, is never touched.
 //! Dropping the handle kills the node's whole process group and removes the folder, also on
 //! panic. The chaos suite stops and kills one; the cluster tests will start three.
+//! [`RabbitNode::start_with_tls`] adds an `amqps://` listener beside the plain one, with
+//! certificates the test made (`crate::tls`), through a `rabbitmq.conf` in the node's folder.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -12,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::tls::PkiFiles;
 
 /// Overrides where `rabbitmq-server` is (default: Debian's `/usr/lib/rabbitmq/bin`, which,
 /// unlike the `/usr/sbin` wrapper, does not switch to the `rabbitmq` user and so keeps the
@@ -31,15 +35,38 @@ pub struct RabbitNode {
     pub name: String,
     /// The AMQP listener, 127.0.0.1 only; the same across restarts.
     pub amqp_port: u16,
+    /// The `amqps://` listener, 127.0.0.1 only, when started with TLS.
+    pub amqps_port: Option<u16>,
+    tls: Option<NodeTls>,
     dist_port: u16,
     dir: PathBuf,
     // Invariant: `Some` while a `rabbitmq-server` started by us may run.
     child: Option<Child>,
 }
 
+/// The TLS listener of a node: its certificate, key and the CA it verifies clients with.
+#[derive(Debug, Clone)]
+pub struct NodeTls {
+    /// `cert` and `key` are the node's; `ca` verifies client certificates.
+    pub files: PkiFiles,
+    /// Whether a client without a certificate is refused (`fail_if_no_peer_cert`). A
+    /// certificate a client does present is verified against `files.ca` either way.
+    pub require_client_cert: bool,
+}
+
 impl RabbitNode {
     /// Starts a node with `purpose` in its name and waits (bounded) until it accepts AMQP.
     pub fn start(purpose: &str) -> RabbitNode {
+        RabbitNode::start_inner(purpose, None)
+    }
+
+    /// As [`start`](Self::start), with an `amqps://` listener on a free loopback port
+    /// besides the plain one; waits until both accept connections.
+    pub fn start_with_tls(purpose: &str, tls: NodeTls) -> RabbitNode {
+        RabbitNode::start_inner(purpose, Some(tls))
+    }
+
+    fn start_inner(purpose: &str, tls: Option<NodeTls>) -> RabbitNode {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("{purpose}-{}-{n}@localhost", std::process::id());
         let dir = std::env::temp_dir().join(format!("nuropb-node-{}-{n}", std::process::id()));
@@ -53,8 +80,19 @@ impl RabbitNode {
         std::fs::write(&cookie, uuid::Uuid::new_v4().simple().to_string()).expect("a cookie");
         // Erlang refuses a cookie file others may read.
         let _ = Command::new("chmod").arg("400").arg(&cookie).status();
-        let mut node =
-            RabbitNode { name, amqp_port: free_port(), dist_port: free_port(), dir, child: None };
+        let amqps_port = tls.as_ref().map(|_| free_port());
+        if let (Some(tls), Some(port)) = (&tls, amqps_port) {
+            std::fs::write(dir.join("rabbitmq.conf"), tls_conf(tls, port)).expect("rabbitmq.conf");
+        }
+        let mut node = RabbitNode {
+            name,
+            amqp_port: free_port(),
+            amqps_port,
+            tls,
+            dist_port: free_port(),
+            dir,
+            child: None,
+        };
         node.boot();
         node
     }
@@ -64,10 +102,15 @@ impl RabbitNode {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
     }
 
+    /// `amqps://guest:guest@127.0.0.1:<port>/%2f` (an address the test certificates
+    /// name), when started with TLS.
+    pub fn amqps_url(&self) -> Option<String> {
+        self.amqps_port.map(|port| format!("amqps://guest:guest@127.0.0.1:{port}/%2f"))
+    }
+
     /// Whether the node accepts AMQP connections now.
     pub fn accepts(&self) -> bool {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.amqp_port));
-        TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+        port_accepts(self.amqp_port)
     }
 
     /// Stops the node cleanly (`rabbitmqctl stop`) and waits until its processes are gone.
@@ -122,7 +165,8 @@ impl RabbitNode {
         self.child = Some(child);
         let deadline = Instant::now() + BOOT_WAIT;
         loop {
-            if self.accepts() && self.beam_pid().is_some() {
+            let tls_up = self.amqps_port.is_none_or(port_accepts);
+            if self.accepts() && tls_up && self.beam_pid().is_some() {
                 return;
             }
             let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
@@ -154,8 +198,12 @@ impl RabbitNode {
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
             .env("RABBITMQ_PID_FILE", dir.join("pid"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
-            // No config file: the machine's /etc/rabbitmq one belongs to the shared broker.
-            .env("RABBITMQ_CONFIG_FILE", dir.join("none"))
+            // No config file but our own: the machine's /etc/rabbitmq one belongs to the
+            // shared broker.
+            .env(
+                "RABBITMQ_CONFIG_FILE",
+                if self.tls.is_some() { dir.join("rabbitmq.conf") } else { dir.join("none") },
+            )
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("none-advanced.config"))
             .env("RABBITMQ_CONF_ENV_FILE", dir.join("none-env.conf"));
     }
@@ -209,6 +257,30 @@ impl Drop for RabbitNode {
         self.reap(Duration::ZERO);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether something accepts TCP connections on 127.0.0.1:`port` now.
+fn port_accepts(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+}
+
+/// The `rabbitmq.conf` of a node with a TLS listener on 127.0.0.1:`port` (the plain one
+/// comes from the environment, as without TLS).
+fn tls_conf(tls: &NodeTls, port: u16) -> String {
+    let path = |p: &Path| p.display().to_string();
+    format!(
+        "listeners.ssl.default = 127.0.0.1:{port}\n\
+         ssl_options.cacertfile = {}\n\
+         ssl_options.certfile = {}\n\
+         ssl_options.keyfile = {}\n\
+         ssl_options.verify = verify_peer\n\
+         ssl_options.fail_if_no_peer_cert = {}\n",
+        path(&tls.files.ca),
+        path(&tls.files.cert),
+        path(&tls.files.key),
+        tls.require_client_cert,
+    )
 }
 
 /// A loopback port free now (the OS picks it; a race with another binder is possible but

@@ -81,9 +81,8 @@ impl Server {
     /// A WebSocket session over TLS trusting `ca_pem`, past its hello.
     async fn connect(&self, ca_pem: &str) -> Result<TlsClient, std::io::Error> {
         let stream = tls::connect(self.addr, ca_pem).await?;
-        let mut request = format!("wss://localhost:{}/ws", self.addr.port())
-            .into_client_request()
-            .unwrap();
+        let mut request =
+            format!("wss://localhost:{}/ws", self.addr.port()).into_client_request().unwrap();
         request.headers_mut().insert("Authorization", "Bearer any".parse().unwrap());
         let (mut client, response) =
             tokio::time::timeout(WAIT, tokio_tungstenite::client_async(request, stream))
