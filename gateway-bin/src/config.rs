@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{ArgAction, Parser, ValueEnum};
 
+use amqp_mesh::{AmqpMeshError, AmqpTlsConfig, ClientIdentity};
 use handler_core::auth::{JwtConfig, JwtKey};
 use handler_core::mesh_manager::CallPattern;
-use ws_adapter::OriginPolicy;
+use ws_adapter::{OriginPolicy, TlsAcceptorHandle, WsError};
 
 /// How calls to methods that require encryption are handled (AMQP mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -266,6 +267,30 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_DEMO_TICK_SECS", default_value_t = 10)]
     pub demo_tick_secs: u64,
 
+    // TLS: wss:// on the WebSocket port and amqps:// to the broker.
+    /// PEM certificate chain (server certificate first) for wss:// on --listen; with
+    /// --tls-key-file. Unset: plain ws:// (e.g. behind a proxy that terminates TLS).
+    #[arg(long, env = "NUROPB_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert-file (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "NUROPB_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// PEM CA certificates trusted for the broker's certificate (amqps:// --amqp-url only),
+    /// in addition to the system's trust store.
+    #[arg(long, env = "NUROPB_AMQP_CA_FILE")]
+    pub amqp_ca_file: Option<PathBuf>,
+
+    /// PEM client certificate chain presented to the broker (amqps:// only); with
+    /// --amqp-client-key-file.
+    #[arg(long, env = "NUROPB_AMQP_CLIENT_CERT_FILE")]
+    pub amqp_client_cert_file: Option<PathBuf>,
+
+    /// PEM private key of --amqp-client-cert-file.
+    #[arg(long, env = "NUROPB_AMQP_CLIENT_KEY_FILE")]
+    pub amqp_client_key_file: Option<PathBuf>,
+
     /// Log filter (tracing env-filter syntax), e.g. `info` or `ws_adapter=debug`. lapin's
     /// own logs are off by default: the mesh adapter reports connection loss and recovery.
     #[arg(long, env = "NUROPB_LOG", default_value = "info,lapin=off")]
@@ -375,7 +400,74 @@ impl Cli {
             bail!("--service-name must be 1 to 200 bytes");
         }
         self.origin_policy()?;
+        self.tls_acceptor()?;
+        self.amqp_tls()?;
         Ok(())
+    }
+
+    /// wss:// on the WebSocket port: the certificate and key read and checked, or `None`
+    /// without --tls-cert-file. The message names the option whose file is at fault.
+    pub fn tls_acceptor(&self) -> Result<Option<TlsAcceptorHandle>> {
+        let (cert, key) = match (&self.tls_cert_file, &self.tls_key_file) {
+            (None, None) => return Ok(None),
+            (Some(cert), Some(key)) => (cert, key),
+            (Some(_), None) => bail!("--tls-cert-file needs --tls-key-file"),
+            (None, Some(_)) => bail!("--tls-key-file needs --tls-cert-file"),
+        };
+        TlsAcceptorHandle::from_pem_files(cert, key).map(Some).map_err(|e| {
+            let option = match &e {
+                WsError::TlsFile { path, .. } | WsError::TlsPem { path, .. } if path == key => {
+                    "--tls-key-file"
+                }
+                WsError::TlsKeyRejected { .. } => "--tls-key-file (with --tls-cert-file)",
+                _ => "--tls-cert-file",
+            };
+            anyhow::Error::new(e).context(option)
+        })
+    }
+
+    /// amqps:// settings for the mesh: the files read and checked. The message names the
+    /// option.
+    pub fn amqp_tls(&self) -> Result<AmqpTlsConfig> {
+        let read = |option: &str, path: &PathBuf| -> Result<String> {
+            read_pem_file(path).with_context(|| format!("{option}: cannot read {}", path.display()))
+        };
+        let ca_pem =
+            self.amqp_ca_file.as_ref().map(|p| read("--amqp-ca-file", p)).transpose()?;
+        let client_identity = match (&self.amqp_client_cert_file, &self.amqp_client_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(ClientIdentity {
+                cert_pem: read("--amqp-client-cert-file", cert)?,
+                key_pem: read("--amqp-client-key-file", key)?,
+            }),
+            (Some(_), None) => bail!("--amqp-client-cert-file needs --amqp-client-key-file"),
+            (None, Some(_)) => bail!("--amqp-client-key-file needs --amqp-client-cert-file"),
+        };
+        let tls = AmqpTlsConfig { ca_pem, client_identity };
+        if tls.is_empty() {
+            return Ok(tls);
+        }
+        let amqps = self.amqp_url.as_deref().is_some_and(|u| {
+            u.get(..8).is_some_and(|scheme| scheme.eq_ignore_ascii_case("amqps://"))
+        });
+        if !amqps {
+            bail!(
+                "--amqp-ca-file and --amqp-client-cert-file need an amqps:// --amqp-url"
+            );
+        }
+        tls.validate().map_err(|e| {
+            let option = match &e {
+                AmqpMeshError::Config { field: "tls.client_identity.cert_pem", .. } => {
+                    "--amqp-client-cert-file"
+                }
+                AmqpMeshError::Config { field: "tls.client_identity.key_pem", .. } => {
+                    "--amqp-client-key-file"
+                }
+                _ => "--amqp-ca-file",
+            };
+            anyhow::Error::new(e).context(option)
+        })?;
+        Ok(tls)
     }
 
     /// The browser origins allowed at the upgrade. In-memory demo mode (no --amqp-url)
@@ -417,4 +509,17 @@ impl Cli {
         config.max_lifetime_secs = self.jwt_max_lifetime_secs;
         Ok(Some(config))
     }
+}
+
+/// A PEM file's text, at most `ws_adapter::MAX_TLS_FILE_BYTES` (a CA bundle of a few hundred
+/// certificates fits; anything larger is the wrong file).
+fn read_pem_file(path: &std::path::Path) -> Result<String> {
+    use std::io::Read as _;
+    let limit = ws_adapter::MAX_TLS_FILE_BYTES;
+    let mut text = String::new();
+    std::fs::File::open(path)?.take(limit + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > limit {
+        bail!("larger than {limit} bytes");
+    }
+    Ok(text)
 }

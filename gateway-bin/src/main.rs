@@ -90,7 +90,7 @@ async fn run(cli: Cli) -> Result<()> {
     // The mesh: RabbitMQ when configured, else the in-memory demo.
     let (mesh, inbound, amqp): (Arc<dyn ServiceMesh>, _, _) = match &cli.amqp_url {
         Some(url) => {
-            let config = amqp_config(&cli, url);
+            let config = amqp_config(&cli, url)?;
             tracing::info!(url = %config.redacted_url(), service = %config.service_name, "connecting to the mesh");
             let (mesh, inbound) = amqp_mesh::AmqpMesh::start(config, mesh_shutdown.clone())
                 .await
@@ -111,6 +111,10 @@ async fn run(cli: Cli) -> Result<()> {
     };
     let demo_mode = amqp.is_none();
     let amqp_for_close = amqp.clone();
+
+    // Read and checked in `validate`; read again here, as the files are at start-up.
+    let tls = cli.tls_acceptor()?;
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
 
     let (jwt, dev_secret) = match cli.jwt_config()? {
         Some(c) => (c, None),
@@ -185,13 +189,15 @@ async fn run(cli: Cli) -> Result<()> {
             cli.origin_policy()?,
         ),
         auth_timeout: Duration::from_secs(cli.auth_timeout_secs),
+        // Reload: `tls.reload()` on a clone of this handle (see docs/OPERATIONS.md, TLS).
+        tls: tls.clone(),
         ..WsConfig::default()
     };
 
     let listener = listen(cli.listen, cli.listen_backlog)
         .with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
     let addr = listener.local_addr().context("cannot read the listening address")?;
-    say!("nuropb-gateway listening on ws://{addr}/");
+    say!("nuropb-gateway listening on {scheme}://{addr}/");
 
     // The operations endpoint stops only after the drain, on its own signal: meanwhile
     // /readyz answers 503 ("shutting down") and /metrics can still be scraped.
@@ -219,7 +225,7 @@ async fn run(cli: Cli) -> Result<()> {
         None => None,
     };
     if demo_mode {
-        print_demo_banner(&addr.to_string(), dev_secret.as_deref(), cli.jwt_secret.as_deref())?;
+        print_demo_banner(scheme, &addr.to_string(), dev_secret.as_deref(), cli.jwt_secret.as_deref())?;
     }
 
     let drain = Duration::from_secs(cli.drain_timeout_secs);
@@ -285,7 +291,7 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn amqp_config(cli: &Cli, url: &str) -> amqp_mesh::AmqpMeshConfig {
+fn amqp_config(cli: &Cli, url: &str) -> Result<amqp_mesh::AmqpMeshConfig> {
     let mut c = amqp_mesh::AmqpMeshConfig::new(url);
     c.service_name.clone_from(&cli.service_name);
     if let Some(id) = &cli.instance_id {
@@ -305,7 +311,8 @@ fn amqp_config(cli: &Cli, url: &str) -> amqp_mesh::AmqpMeshConfig {
     c.encryption_key_ttl = Duration::from_secs(cli.encryption_key_ttl_secs);
     // Nothing larger than a client may receive is worth taking off the broker.
     c.max_inbound_body_bytes = cli.max_outbound_message_bytes;
-    c
+    c.tls = cli.amqp_tls()?;
+    Ok(c)
 }
 
 /// Binds the WebSocket listener with an explicit backlog: `TcpListener::bind` uses 1024
@@ -323,10 +330,17 @@ fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListen
     socket.listen(backlog)
 }
 
-fn print_demo_banner(addr: &str, dev_secret: Option<&str>, configured: Option<&str>) -> Result<()> {
+fn print_demo_banner(
+    scheme: &str,
+    addr: &str,
+    dev_secret: Option<&str>,
+    configured: Option<&str>,
+) -> Result<()> {
+    // `https` for the page when the port speaks TLS.
+    let page = if scheme == "wss" { "https" } else { "http" };
     let secret = dev_secret.or(configured);
     say!("running on the embedded in-memory mesh (no --amqp-url): service `demo`");
-    say!("demo page: http://{addr}/");
+    say!("demo page: {page}://{addr}/");
     if secret.is_none() {
         say!(
             "no HS256 secret to sign demo tokens with: /demo/token is off (--jwt-public-key-file)"
@@ -340,7 +354,7 @@ fn print_demo_banner(addr: &str, dev_secret: Option<&str>, configured: Option<&s
         say!("demo token (user demo-user, 24 h): {token}");
         say!("try:");
         // The URL first: websocat 1.14's `-H` swallows the argument after its value.
-        say!("  websocat ws://{addr}/ws -H 'Authorization: Bearer {token}'");
+        say!("  websocat {scheme}://{addr}/ws -H 'Authorization: Bearer {token}'");
         say!(
             "  {{\"type\":\"request\",\"payload\":{{\"service\":\"demo\",\"method\":\"add\",\"params\":{{\"a\":2,\"b\":40}}}}}}"
         );

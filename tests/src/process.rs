@@ -22,7 +22,7 @@ const MAX_CAPTURED_LINES: usize = 200_000;
 pub struct GatewayProcess {
     child: Child,
     pub pid: u32,
-    /// `ws://127.0.0.1:<port>/ws`
+    /// `ws://127.0.0.1:<port>/ws`, or `wss://…` when started with `--tls-cert-file`.
     pub url: String,
     /// `127.0.0.1:<port>` of the WebSocket listener.
     pub addr: String,
@@ -126,8 +126,9 @@ impl GatewayProcess {
         // Reads stdout to its end, so the gateway never blocks on a full pipe.
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("nuropb-gateway listening on ws://") {
-                    let _ = tx.send(rest.trim_end_matches('/').to_owned());
+                let listening = line.strip_prefix("nuropb-gateway listening on ");
+                if let Some((scheme, rest)) = listening.and_then(|l| l.split_once("://")) {
+                    let _ = tx.send((scheme.to_owned(), rest.trim_end_matches('/').to_owned()));
                 } else if let Some(rest) = line.strip_prefix("nuropb-gateway ops on http://") {
                     let _ = ops_tx.send(rest.trim_end_matches('/').to_owned());
                 }
@@ -148,8 +149,8 @@ impl GatewayProcess {
             });
             captured
         });
-        let addr = match rx.recv_timeout(START_WAIT) {
-            Ok(addr) => addr,
+        let (scheme, addr) = match rx.recv_timeout(START_WAIT) {
+            Ok(listening) => listening,
             Err(_) => {
                 let _ = child.kill();
                 panic!("the gateway did not say where it listens within {START_WAIT:?}");
@@ -169,7 +170,8 @@ impl GatewayProcess {
         } else {
             None
         };
-        GatewayProcess { child, pid, url: format!("ws://{addr}/ws"), addr, ops_addr, stderr }
+        let url = format!("{scheme}://{addr}/ws");
+        GatewayProcess { child, pid, url, addr, ops_addr, stderr }
     }
 
     /// Stops the gateway (SIGTERM, SIGKILL after a grace period) and waits for it.
