@@ -432,8 +432,7 @@ impl Cli {
         let read = |option: &str, path: &PathBuf| -> Result<String> {
             read_pem_file(path).with_context(|| format!("{option}: cannot read {}", path.display()))
         };
-        let ca_pem =
-            self.amqp_ca_file.as_ref().map(|p| read("--amqp-ca-file", p)).transpose()?;
+        let ca_pem = self.amqp_ca_file.as_ref().map(|p| read("--amqp-ca-file", p)).transpose()?;
         let client_identity = match (&self.amqp_client_cert_file, &self.amqp_client_key_file) {
             (None, None) => None,
             (Some(cert), Some(key)) => Some(ClientIdentity {
@@ -451,9 +450,7 @@ impl Cli {
             u.get(..8).is_some_and(|scheme| scheme.eq_ignore_ascii_case("amqps://"))
         });
         if !amqps {
-            bail!(
-                "--amqp-ca-file and --amqp-client-cert-file need an amqps:// --amqp-url"
-            );
+            bail!("--amqp-ca-file and --amqp-client-cert-file need an amqps:// --amqp-url");
         }
         tls.validate().map_err(|e| {
             let option = match &e {

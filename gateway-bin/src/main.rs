@@ -225,7 +225,12 @@ async fn run(cli: Cli) -> Result<()> {
         None => None,
     };
     if demo_mode {
-        print_demo_banner(scheme, &addr.to_string(), dev_secret.as_deref(), cli.jwt_secret.as_deref())?;
+        print_demo_banner(
+            scheme,
+            &addr.to_string(),
+            dev_secret.as_deref(),
+            cli.jwt_secret.as_deref(),
+        )?;
     }
 
     let drain = Duration::from_secs(cli.drain_timeout_secs);

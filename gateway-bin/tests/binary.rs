@@ -295,6 +295,56 @@ fn invalid_config_exits_2_naming_the_option() {
 }
 
 #[test]
+fn tls_files_are_checked_at_start_naming_the_option() {
+    let dir = nuropb_testkit::tls::TempDir::new("bin-tls");
+    let files = nuropb_testkit::tls::TestPki::generate("CA").write(dir.path(), "gw");
+    let (cert, key, ca) =
+        (files.cert.to_str().unwrap(), files.key.to_str().unwrap(), files.ca.to_str().unwrap());
+    // A key where the certificate belongs (a copy: one path for both would be ambiguous).
+    let key_copy = dir.path().join("key-copy.pem");
+    std::fs::copy(&files.key, &key_copy).unwrap();
+    let key_copy = key_copy.to_str().unwrap();
+    let missing = dir.path().join("missing.pem");
+    let missing = missing.to_str().unwrap();
+    let amqps = ["--amqp-url", "amqps://g:g@127.0.0.1:1/x", "--jwt-secret", "0123456789abcdef"];
+    let with_amqps = |more: &[&'static str]| -> Vec<String> {
+        amqps.iter().chain(more).map(|s| s.to_string()).collect()
+    };
+    let owned = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
+    for (args, needle) in [
+        (owned(&["--tls-cert-file", cert]), "--tls-cert-file needs --tls-key-file"),
+        (owned(&["--tls-key-file", key]), "--tls-key-file needs --tls-cert-file"),
+        (
+            owned(&["--tls-cert-file", cert, "--tls-key-file", missing]),
+            "--tls-key-file: cannot read TLS file",
+        ),
+        (
+            owned(&["--tls-cert-file", key_copy, "--tls-key-file", key]),
+            "--tls-cert-file: invalid TLS file",
+        ),
+        (
+            owned(&["--tls-cert-file", cert, "--tls-key-file", cert]),
+            "--tls-key-file: invalid TLS file",
+        ),
+        (owned(&["--tls-cert-file", ca, "--tls-key-file", key]), "refused with certificate"),
+        (owned(&["--amqp-ca-file", ca]), "need an amqps:// --amqp-url"),
+        (with_amqps(&["--amqp-ca-file", "/nonexistent/ca.pem"]), "--amqp-ca-file: cannot read"),
+        (with_amqps(&["--amqp-client-cert-file", "/x.pem"]), "--amqp-client-cert-file needs"),
+    ] {
+        let out = Command::new(BIN).args(&args).env_remove("NUROPB_JWT_SECRET").output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let mut args = with_amqps(&["--amqp-ca-file"]);
+    args.push(key.to_owned());
+    let out = Command::new(BIN).args(&args).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--amqp-ca-file: invalid amqp mesh configuration: tls.ca_pem"), "{err}");
+}
+
+#[test]
 fn an_origin_entry_that_cannot_be_parsed_is_refused_by_name() {
     let out = Command::new(BIN)
         .args(["--allowed-origins", "example.com,*.example.org"])

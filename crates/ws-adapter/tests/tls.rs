@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -37,6 +39,10 @@ struct Server {
 
 impl Server {
     async fn start(tls: TlsAcceptorHandle) -> Server {
+        Server::start_with(WsConfig { tls: Some(tls), ..WsConfig::default() }).await
+    }
+
+    async fn start_with(config: WsConfig) -> Server {
         let (mesh, inbound) = InMemoryMesh::builder()
             .sync_method("demo", "add", |call| {
                 let sum = call.params["a"].as_i64().unwrap() + call.params["b"].as_i64().unwrap();
@@ -66,7 +72,6 @@ impl Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stats = WsStatsHandle::new();
-        let config = WsConfig { tls: Some(tls), ..WsConfig::default() };
         tokio::spawn(ws_adapter::serve(
             listener,
             config,
@@ -193,4 +198,32 @@ async fn bad_files_are_refused_at_start_naming_the_file() {
     std::fs::write(&huge, vec![b'a'; (ws_adapter::MAX_TLS_FILE_BYTES + 1) as usize]).unwrap();
     check(&huge, &files.key, &huge);
     assert!(TlsAcceptorHandle::from_pem_files(&files.cert, &files.key).is_ok());
+}
+
+#[tokio::test]
+async fn a_silent_client_holds_no_session_slot_and_is_cut_off_at_the_handshake_timeout() {
+    let dir = TempDir::new("ws-tls-idle");
+    let pki = TestPki::generate("CA");
+    let files = pki.write(dir.path(), "server");
+    let tls = TlsAcceptorHandle::from_pem_files(&files.cert, &files.key).unwrap();
+    let handshake_timeout = Duration::from_millis(800);
+    let config =
+        WsConfig { tls: Some(tls), max_connections: 1, handshake_timeout, ..WsConfig::default() };
+    let server = Server::start_with(config).await;
+    let since = Instant::now();
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    // The only session slot is still free for a client that completes its handshakes.
+    let mut session = server.connect(&pki.ca_pem).await.unwrap();
+    assert_answers(&mut session, "t1").await;
+    let mut buf = [0u8; 8];
+    let read = tokio::time::timeout(WAIT, silent.read(&mut buf)).await.expect("cut off");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let after = since.elapsed();
+    assert!(
+        after >= handshake_timeout - Duration::from_millis(50)
+            && after < handshake_timeout + Duration::from_secs(2),
+        "{after:?}"
+    );
+    assert_eq!(server.stats.stats().tls_handshake_failures, 1);
+    assert_answers(&mut session, "t2").await;
 }
