@@ -3,7 +3,8 @@
 //! the CA upgrades with a token from `/demo/token` (fetched over TLS too) and gets
 //! answers; clients speaking plain TCP or trusting another CA fail cleanly while that
 //! session keeps working; `/healthz` answers over TLS; a TCP client that sends nothing is
-//! cut off at the handshake timeout. Needs a built binary (see `tests/http.rs`).
+//! cut off at the handshake timeout. And the binary on a RabbitMQ node of the test's own
+//! over `amqps://` with `--amqp-ca-file`. Needs a built binary (see `tests/http.rs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests: a failure is a failed test")]
 
@@ -11,7 +12,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use e2e_tests::process::{GatewayProcess, Mesh};
+use e2e_tests::{Client, token};
 use futures_util::{SinkExt, StreamExt};
+use nuropb_testkit::FakeService;
+use nuropb_testkit::node::{NodeTls, RabbitNode};
 use nuropb_testkit::tls::{self, TempDir, TestPki};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -168,4 +172,30 @@ async fn wss_serves_sessions_and_http_and_fails_bad_clients_cleanly() {
     assert_eq!(metric(&ops, failures).await, 3.0);
     assert_adds(&mut bystander, "t4").await;
     gateway.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reaches_the_broker_over_amqps_with_a_ca_file() {
+    let dir = TempDir::new("e2e-amqps");
+    let pki = TestPki::generate("broker CA");
+    let files = pki.write(dir.path(), "broker");
+    let ca = files.ca.to_str().unwrap().to_owned();
+    let node = RabbitNode::start_with_tls(
+        "e2e-amqps",
+        NodeTls { files: files.clone(), require_client_cert: false },
+    );
+    let service = FakeService::start(&node.amqp_url(), "svc-amqps", false).await;
+    let url = node.amqps_url().unwrap();
+    let args = vec!["--amqp-ca-file".to_owned(), ca];
+    let gateway =
+        GatewayProcess::start_with(Mesh::Amqp { url: &url, service_name: "gw-amqps" }, &args);
+    let bearer = format!("Bearer {}", token("alice"));
+    let mut client = Client::connect(&gateway.url, &[("Authorization", &bearer)]).await.unwrap();
+    let hello = client.recv_json().await;
+    assert_eq!(hello["payload"]["topic"], "hello", "{hello}");
+    client.request("svc-amqps", "echo", json!({"over": "amqps"}), "a1").await;
+    let response = client.recv_json().await;
+    assert_eq!(response["payload"]["result"], json!({"over": "amqps"}), "{response}");
+    gateway.stop();
+    service.stop().await;
 }
