@@ -125,6 +125,7 @@ fn ws_metrics(stats: WsStats) -> Vec<Metric> {
         per_ip_rate_refused,
         bad_handshakes,
         per_user_sessions_refused,
+        proxy_refused,
     } = stats;
     vec![
         Metric::counter(
@@ -176,6 +177,11 @@ fn ws_metrics(stats: WsStats) -> Vec<Metric> {
             "nuropb_gateway_ws_per_user_sessions_refused_total",
             "Upgrades refused with HTTP 429: the user had the most sessions allowed.",
             per_user_sessions_refused as f64,
+        ),
+        Metric::counter(
+            "nuropb_gateway_ws_proxy_refused_total",
+            "Connections closed for the PROXY protocol (untrusted peer; missing or bad header).",
+            proxy_refused as f64,
         ),
     ]
 }

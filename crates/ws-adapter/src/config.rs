@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use crate::client_addr::TrustedProxies;
 use crate::http::HttpRoutes;
 use crate::origin::OriginPolicy;
 
@@ -134,6 +135,19 @@ pub struct WsConfig {
     /// at once (more are refused with 503 at the upgrade), and each may send at most
     /// `max_token_len` + 1 KiB before it is authenticated.
     pub auth_timeout: Duration,
+    /// Peers whose client-address headers are believed (default none): `Forwarded` /
+    /// `X-Forwarded-For` in the head (rightmost untrusted hop) and, with `proxy_protocol`,
+    /// the PROXY header. A connection from a trusted proxy is counted against the
+    /// per-address limits as the client it names (after its head is read), not as the
+    /// proxy; the proxy itself is bounded by `max_connections`, `max_handshakes_in_flight`
+    /// and `handshake_timeout`. The address is logged as `client` in the connection span.
+    pub trusted_proxies: TrustedProxies,
+    /// Every connection starts with a PROXY protocol header (v2 binary or v1 text, at most
+    /// 1 KiB, read within `handshake_timeout` before anything else), and only
+    /// `trusted_proxies` may connect: other peers are closed at once (default `false`). A
+    /// missing, malformed or oversized header closes the connection unanswered
+    /// (`WsStats::proxy_refused`).
+    pub proxy_protocol: bool,
 }
 
 impl Default for WsConfig {
@@ -166,6 +180,8 @@ impl Default for WsConfig {
             auth: AuthSources::default(),
             http_routes: None,
             auth_timeout: Duration::from_secs(5),
+            trusted_proxies: TrustedProxies::default(),
+            proxy_protocol: false,
         }
     }
 }

@@ -64,6 +64,7 @@
 // not reachable from outside the crate is dead public API or should say `pub(crate)`.
 #![warn(missing_docs, unreachable_pub)]
 
+mod client_addr;
 mod config;
 mod connection;
 mod error;
@@ -80,7 +81,7 @@ mod token_bucket;
 mod upgrade;
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,6 +92,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+pub use client_addr::TrustedProxies;
 pub use config::{AuthSources, WsConfig};
 pub use error::WsError;
 pub use http::{HttpRequest, HttpResponse, HttpRoutes, answer_http};
@@ -149,23 +151,33 @@ pub async fn serve(
             return Ok(());
         };
         next_conn_id += 1;
+        let trusted_peer = config.trusted_proxies.contains(peer.ip());
+        // The client's address is the peer's unless a trusted proxy names another; that
+        // is known once its PROXY header or head is read (`Accepted::client`).
         let span = tracing::info_span!(
             "conn",
             conn.id = next_conn_id,
             peer = %peer,
+            client = tracing::field::Empty,
             session.id = tracing::field::Empty
         );
-        // Which refusal, if any: (status, body, the counter it bumps).
-        let peer_guard = match peers.admit(peer.ip()) {
-            Ok(guard) => Ok(guard),
-            Err(PeerRefusal::TooManyConnections) => {
-                stats.per_ip_connection_refused();
-                Err(Refuse::Status(429, "too many connections from this address"))
-            }
-            Err(PeerRefusal::TooManyAttempts) => {
-                stats.per_ip_rate_refused();
-                Err(Refuse::Status(429, "too many connection attempts from this address"))
-            }
+        if !trusted_peer {
+            span.record("client", tracing::field::display(peer.ip()));
+        }
+        if config.proxy_protocol && !trusted_peer {
+            // Behind a PROXY-protocol balancer only the balancer connects; anyone else is
+            // closed at once (nothing it says could be believed or parsed).
+            stats.proxy_refused();
+            let _entered = span.enter();
+            tracing::debug!("not a trusted proxy (--proxy-protocol); closed");
+            continue;
+        }
+        // Which refusal, if any: (status, body, the counter it bumps). A trusted proxy's
+        // connection is counted as its client's, once the client is known.
+        let peer_guard = if trusted_peer {
+            Ok(None)
+        } else {
+            admit_peer(&peers, peer.ip(), &stats).map_err(|(s, r)| Refuse::Status(s, r))
         };
         let admitted = peer_guard.and_then(|guard| {
             if sessions.available_permits() == 0 {
@@ -185,6 +197,10 @@ pub async fn serve(
         }
         let task = Accepted {
             stream,
+            peer,
+            trusted_peer,
+            peers: peers.clone(),
+            span: span.clone(),
             config: Arc::clone(&config),
             coordinator: coordinator.clone(),
             stats: stats.clone(),
@@ -210,6 +226,25 @@ pub async fn serve(
     }
 }
 
+/// Counts a connection from `ip` against the per-address limits, or the 429 refusal.
+fn admit_peer(
+    peers: &PeerLimits,
+    ip: IpAddr,
+    stats: &WsStatsHandle,
+) -> Result<Option<PeerGuard>, (u16, &'static str)> {
+    match peers.admit(ip) {
+        Ok(guard) => Ok(guard),
+        Err(PeerRefusal::TooManyConnections) => {
+            stats.per_ip_connection_refused();
+            Err((429, "too many connections from this address"))
+        }
+        Err(PeerRefusal::TooManyAttempts) => {
+            stats.per_ip_rate_refused();
+            Err((429, "too many connection attempts from this address"))
+        }
+    }
+}
+
 /// Why a connection is refused at accept.
 #[derive(Debug, Clone, Copy)]
 enum Refuse {
@@ -228,9 +263,24 @@ enum Head {
     Http(Vec<u8>),
 }
 
+impl Head {
+    /// The bytes read: the head, and maybe some of what followed it.
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Head::Upgrade(b) | Head::Http(b) => b,
+        }
+    }
+}
+
 /// An accepted connection, before its task decides what it becomes.
 struct Accepted {
     stream: TcpStream,
+    peer: SocketAddr,
+    // Whether `peer` is a trusted proxy: its PROXY header and forwarding fields name the
+    // client, and its per-address count waits until they are read.
+    trusted_peer: bool,
+    peers: PeerLimits,
+    span: tracing::Span,
     config: Arc<WsConfig>,
     coordinator: CoordinatorHandle,
     stats: WsStatsHandle,
@@ -239,24 +289,51 @@ struct Accepted {
 impl Accepted {
     /// Reads and checks the head (holding a handshake slot, within `handshake_timeout`),
     /// then takes a session slot and runs the connection. The address's count is held to
-    /// the end.
+    /// the end. From a trusted proxy, the PROXY header comes first and the client it (or
+    /// the head) names is counted once known.
     async fn run(
         mut self,
-        _peer: Option<PeerGuard>,
+        peer: Option<PeerGuard>,
         handshake: OwnedSemaphorePermit,
         sessions: Arc<Semaphore>,
     ) {
         let timeout = self.config.handshake_timeout;
         let deadline = Instant::now() + timeout;
-        let head = match self.checked_head(timeout).await {
-            None => return,
-            Some(Head::Upgrade(head)) => head,
-            Some(Head::Http(head)) => {
+        // First on the connection, before anything else reads it (a TLS handshake included).
+        let Some(hop) = self.proxy_step(deadline).await else {
+            return;
+        };
+        let head = self.checked_head(deadline.saturating_duration_since(Instant::now())).await;
+        let Some(head) = head else {
+            return;
+        };
+        let client = self.client_of(hop, head.bytes());
+        // Counted at accept unless the peer is a trusted proxy; then the client is counted.
+        let _client = match peer {
+            Some(guard) => Some(guard),
+            None if !self.trusted_peer => None,
+            None => match admit_peer(&self.peers, client, &self.stats) {
+                Ok(guard) => guard,
+                Err((status, reason)) => {
+                    tracing::info!(status, reason, "upgrade refused");
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let linger = left.min(self.config.refusal_handshake_timeout);
+                    handshake::answer(&mut self.stream, status, reason, linger).await;
+                    return;
+                }
+            },
+        };
+        let head = match head {
+            Head::Upgrade(head) => head,
+            Head::Http(head) => {
                 // Boxed: the hyper connection's state must not enlarge every session's
                 // task, which is sized for its largest state. The handshake slot is held
                 // while the request is served.
                 let stream = Prefixed::new(head, self.stream);
-                Box::pin(http::serve(stream, self.config.http_routes.clone(), deadline)).await;
+                let routes = self.config.http_routes.clone();
+                let coordinator = self.coordinator;
+                let shutting_down = move || coordinator.is_shutting_down();
+                Box::pin(http::serve(stream, routes, shutting_down, deadline)).await;
                 drop(handshake);
                 return;
             }
@@ -276,11 +353,57 @@ impl Accepted {
         connection::run(stream, admission, self.config, self.coordinator, self.stats).await;
     }
 
+    /// With `proxy_protocol`, reads the PROXY header by `deadline`: the address of the hop
+    /// before the proxy (the proxy itself for a `LOCAL` header). Without it, the peer's.
+    /// `None` when the connection ends here (the header was missing, bad or too slow: the
+    /// connection is closed unanswered, since what follows cannot be trusted to be HTTP).
+    async fn proxy_step(&mut self, deadline: Instant) -> Option<IpAddr> {
+        if !self.config.proxy_protocol {
+            return Some(self.peer.ip());
+        }
+        let read = client_addr::read_proxy_header(&mut self.stream);
+        let refused = match tokio::time::timeout_at(deadline, read).await {
+            Ok(Ok(Some(source))) => return Some(source.ip().to_canonical()),
+            Ok(Ok(None)) => return Some(self.peer.ip()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "PROXY header timed out".to_owned(),
+        };
+        self.stats.proxy_refused();
+        tracing::info!(reason = refused, "PROXY header refused; closed");
+        // Best effort: a FIN rather than nothing; the peer may be gone already.
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.stream).await;
+        None
+    }
+
+    /// The client's address, now that `hop` (what the PROXY step found) and the head are
+    /// known: the forwarding fields are believed only from a trusted hop. Recorded in the
+    /// connection's span as `client`.
+    fn client_of(&self, hop: IpAddr, head: &[u8]) -> IpAddr {
+        if !self.trusted_peer {
+            return hop;
+        }
+        let proxies = &self.config.trusted_proxies;
+        let client = if proxies.contains(hop) {
+            client_addr::forwarded_client(head, hop, proxies)
+        } else {
+            hop
+        };
+        self.span.record("client", tracing::field::display(client));
+        client
+    }
+
     /// Answers a refusal (holding a refusal slot, within `refusal_handshake_timeout`).
     async fn refuse(mut self, refuse: Refuse, permit: OwnedSemaphorePermit) {
         let timeout = self.config.refusal_handshake_timeout;
         let started = Instant::now();
-        let head = match self.checked_head(timeout).await {
+        let Some(hop) = self.proxy_step(started + timeout).await else {
+            return;
+        };
+        let head = self.checked_head(timeout.saturating_sub(started.elapsed())).await;
+        if let Some(head) = &head {
+            self.client_of(hop, head.bytes());
+        }
+        let head = match head {
             None => return,
             Some(Head::Upgrade(head)) => head,
             Some(Head::Http(_)) => {

@@ -37,6 +37,10 @@ pub struct WsStats {
     pub bad_handshakes: u64,
     /// Upgrades refused with 429 because the user had `max_sessions_per_user` sessions.
     pub per_user_sessions_refused: u64,
+    /// Connections closed unanswered for the PROXY protocol (`WsConfig::proxy_protocol`):
+    /// from a peer that is not a trusted proxy, or whose header was missing, malformed,
+    /// too large or too slow.
+    pub proxy_refused: u64,
 }
 
 /// The live counters behind [`WsStats`]; clones share them. Create one, pass a clone to
@@ -58,6 +62,7 @@ struct Counters {
     per_ip_rate_refused: AtomicU64,
     bad_handshakes: AtomicU64,
     per_user_sessions_refused: AtomicU64,
+    proxy_refused: AtomicU64,
     /// Milliseconds since `epoch` before which no oversized-frame warning is logged.
     next_oversized_warning_ms: AtomicU64,
     epoch: Instant,
@@ -80,6 +85,7 @@ impl Default for Counters {
             per_ip_rate_refused: AtomicU64::new(0),
             bad_handshakes: AtomicU64::new(0),
             per_user_sessions_refused: AtomicU64::new(0),
+            proxy_refused: AtomicU64::new(0),
             next_oversized_warning_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             pending_auth: AtomicUsize::new(0),
@@ -113,6 +119,7 @@ impl WsStatsHandle {
             per_ip_rate_refused: get(&c.per_ip_rate_refused),
             bad_handshakes: get(&c.bad_handshakes),
             per_user_sessions_refused: get(&c.per_user_sessions_refused),
+            proxy_refused: get(&c.proxy_refused),
         }
     }
 
@@ -150,6 +157,10 @@ impl WsStatsHandle {
 
     pub(crate) fn bad_handshake(&self) {
         self.counters.bad_handshakes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn proxy_refused(&self) {
+        self.counters.proxy_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn per_user_session_refused(&self) {
