@@ -318,8 +318,8 @@ mod tests {
             .chain(ws_metrics(ws))
             .chain(amqp_metrics(amqp))
             .collect();
-        // 9 GatewayStats fields, 10 WsStats fields and 14 AmqpStats fields.
-        assert_eq!(metrics.len(), 9 + 10 + 14);
+        // 9 GatewayStats fields, 11 WsStats fields and 14 AmqpStats fields.
+        assert_eq!(metrics.len(), 9 + 11 + 14);
         let mut names = HashSet::new();
         for m in &metrics {
             assert_eq!(m.check(), Ok(()), "{m:?}");
