@@ -5,6 +5,8 @@
 //! queue (its [`handler_core::ClientConnection`] implementation is in `connection`). The
 //! same port answers plain HTTP (a request without any field of a WebSocket handshake) with
 //! hyper: `GET /healthz`, then the embedder's [`HttpRoutes`] (`WsConfig::http_routes`).
+//! Behind trusted proxies (`WsConfig::trusted_proxies`), the client's address comes from
+//! the PROXY protocol header or the forwarding fields of the head (`client_addr`).
 //!
 //! An adapter in the layering (docs/ARCHITECTURE.md): it depends on `handler-core` and the
 //! wire crate, and no tungstenite type appears in its API. [`serve`] takes tokio's
@@ -106,11 +108,16 @@ use crate::handshake::{HeadError, HeadKind, Prefixed};
 use crate::peer_limits::{PeerGuard, PeerLimits, PeerLimitsConfig, PeerRefusal};
 
 /// Accepts connections on `listener` until `shutdown`, one tracked task per connection.
-/// Returns when `shutdown` fires; connection tasks are left to the tracker's drain.
+/// Returns when `shutdown` fires; connection tasks are left to the tracker's drain. This
+/// `shutdown` may fire after the coordinator's: meanwhile connections are still accepted
+/// and answered 503 (upgrades) or `/healthz` 503, as the lame-duck drain wants.
 ///
 /// Overload policy, in the order checked at accept:
+/// 0. with `proxy_protocol`, a peer that is not one of `trusted_proxies` is closed at once;
 /// 1. per client address (IPv6 per /64): at most `max_connections_per_ip` live
-///    connections and `connect_rate_per_ip`/`connect_burst_per_ip` attempts → 429;
+///    connections and `connect_rate_per_ip`/`connect_burst_per_ip` attempts → 429. From a
+///    trusted proxy, this is checked after the PROXY header and the head are read, for the
+///    client they name;
 /// 2. at most `max_connections` sessions → 503;
 /// 3. at most `max_handshakes_in_flight` upgrade requests being read → 503, so sockets that
 ///    send nothing hold a handshake slot, not a session slot.
