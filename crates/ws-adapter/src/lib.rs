@@ -160,7 +160,7 @@ pub async fn serve(
         next_conn_id += 1;
         let trusted_peer = config.trusted_proxies.contains(peer.ip());
         // The client's address is the peer's unless a trusted proxy names another; that
-        // is known once its PROXY header or head is read (`Accepted::client`).
+        // is known once its PROXY header or head is read (`Accepted::client_of`).
         let span = tracing::info_span!(
             "conn",
             conn.id = next_conn_id,
