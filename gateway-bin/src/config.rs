@@ -259,7 +259,9 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_IDLE_TIMEOUT_SECS", default_value_t = 60)]
     pub idle_timeout_secs: u64,
 
-    /// Seconds allowed at shutdown for in-flight requests to finish.
+    /// Seconds from SIGTERM/Ctrl-C by which in-flight requests must finish (those left are
+    /// answered with an error); the lame-duck window (--lame-duck-grace-secs plus
+    /// --lame-duck-secs) fits within it, and the process exits a few seconds after it.
     #[arg(long, env = "NUROPB_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     pub drain_timeout_secs: u64,
 
@@ -290,6 +292,31 @@ pub struct Cli {
     /// PEM private key of --amqp-client-cert-file.
     #[arg(long, env = "NUROPB_AMQP_CLIENT_KEY_FILE")]
     pub amqp_client_key_file: Option<PathBuf>,
+    // --- Lame-duck drain and the real client address (docs/OPERATIONS.md, "Drain and
+    // upgrades" and "Behind a load balancer") ---
+    /// Seconds over which the sessions are closed (1001, "reconnect elsewhere") at
+    /// shutdown, one by one and at most one second apart, so that their clients do not all
+    /// reconnect at once. Default: --drain-timeout-secs minus --lame-duck-grace-secs (10 s
+    /// with the defaults). 0 closes them all at once after the in-flight requests.
+    #[arg(long, env = "NUROPB_LAME_DUCK_SECS")]
+    pub lame_duck_secs: Option<u64>,
+
+    /// Seconds after SIGTERM before the first session is closed, while readiness and
+    /// `/healthz` answer 503 and new upgrades are refused with 503, so that a load balancer
+    /// stops sending clients here before the existing ones reconnect.
+    #[arg(long, env = "NUROPB_LAME_DUCK_GRACE_SECS", default_value_t = 0)]
+    pub lame_duck_grace_secs: u64,
+
+    /// Proxies (IP addresses or CIDR blocks, comma separated) whose `X-Forwarded-For`,
+    /// `Forwarded` and PROXY protocol headers name the real client. None by default:
+    /// those headers are ignored and the TCP peer is the client.
+    #[arg(long, env = "NUROPB_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+
+    /// Every connection must start with a PROXY protocol (v1 or v2) header, and only
+    /// --trusted-proxies may connect (others are closed at once). Off by default.
+    #[arg(long, env = "NUROPB_PROXY_PROTOCOL", action = ArgAction::Set, default_value_t = false)]
+    pub proxy_protocol: bool,
 
     /// Log filter (tracing env-filter syntax), e.g. `info` or `ws_adapter=debug`. lapin's
     /// own logs are off by default: the mesh adapter reports connection loss and recovery.
@@ -300,6 +327,26 @@ pub struct Cli {
 impl Cli {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// The lame-duck drain: the grace, then the window (by default the rest of the drain
+    /// timeout).
+    pub fn lame_duck(&self) -> handler_core::LameDuckConfig {
+        let grace = self.lame_duck_grace_secs.min(self.drain_timeout_secs);
+        let window = self.lame_duck_secs.unwrap_or(self.drain_timeout_secs.saturating_sub(grace));
+        handler_core::LameDuckConfig {
+            grace: Duration::from_secs(grace),
+            window: Duration::from_secs(window),
+        }
+    }
+
+    /// `--trusted-proxies` parsed; an entry that is not an address or CIDR block is refused
+    /// by name.
+    pub fn trusted_proxies(&self) -> Result<ws_adapter::TrustedProxies> {
+        let entries: Vec<&str> =
+            self.trusted_proxies.iter().map(|e| e.trim()).filter(|e| !e.is_empty()).collect();
+        ws_adapter::TrustedProxies::parse(&entries)
+            .map_err(|why| anyhow::anyhow!("--trusted-proxies: {why}"))
     }
 
     /// Checks what clap cannot; every message names the option.
@@ -402,6 +449,24 @@ impl Cli {
         self.origin_policy()?;
         self.tls_acceptor()?;
         self.amqp_tls()?;
+        // The whole drain has one deadline: the lame-duck window must fit in it, or the
+        // last sessions would have their calls cut off before their turn.
+        let window = self.lame_duck_secs.unwrap_or(0);
+        if self.lame_duck_grace_secs.saturating_add(window) > self.drain_timeout_secs {
+            bail!(
+                "--lame-duck-grace-secs ({}) plus --lame-duck-secs ({window}) must not exceed \
+                 --drain-timeout-secs ({})",
+                self.lame_duck_grace_secs,
+                self.drain_timeout_secs
+            );
+        }
+        if self.drain_timeout_secs > 3600 {
+            bail!("--drain-timeout-secs must be at most 3600");
+        }
+        let proxies = self.trusted_proxies()?;
+        if self.proxy_protocol && proxies.is_empty() {
+            bail!("--proxy-protocol needs --trusted-proxies (the proxies allowed to connect)");
+        }
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! The `nuropb-gateway` binary, a composition root only: parse and validate config, install
 //! the tracing subscriber, build the mesh adapter and the core, serve WebSockets (and the
-//! operations endpoint when asked), and on Ctrl-C/SIGTERM drain in-flight requests before
-//! closing every session.
+//! operations endpoint when asked), and on Ctrl-C/SIGTERM drain: refuse new sessions (503)
+//! while still accepting, close the sessions spread over the lame-duck window, each once its
+//! in-flight requests are answered, then stop.
 
 mod config;
 mod demo;
@@ -78,10 +79,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    // Shutdown order: `shutdown` stops accepting and refuses new calls; the coordinator then
-    // drains in-flight calls and closes sessions; only then does the mesh stop
+    // Shutdown order: `shutdown` refuses new sessions and calls (the listener still accepts:
+    // upgrades get 503, `/healthz` 503, the lame-duck window); the coordinator then closes
+    // the sessions spread over the window, each once its calls are answered, by the drain
+    // deadline; then the listener stops (`accept_shutdown`); only then does the mesh stop
     // (`mesh_shutdown`), and last the operations endpoint (`ops_shutdown`).
     let shutdown = CancellationToken::new();
+    let accept_shutdown = CancellationToken::new();
     let mesh_shutdown = CancellationToken::new();
     let calls = TaskTracker::new();
     let connections = TaskTracker::new();
@@ -152,6 +156,7 @@ async fn run(cli: Cli) -> Result<()> {
         },
         broadcast_topics: cli.broadcast_topics.clone(),
         max_sessions_per_user: cli.max_sessions_per_user,
+        lame_duck: cli.lame_duck(),
     };
     let (coordinator, handle) =
         Coordinator::new(core, authenticator, mesh, inbound, calls, shutdown.clone());
@@ -191,6 +196,9 @@ async fn run(cli: Cli) -> Result<()> {
         auth_timeout: Duration::from_secs(cli.auth_timeout_secs),
         // Reload: `tls.reload()` on a clone of this handle (see docs/OPERATIONS.md, TLS).
         tls: tls.clone(),
+        // Already checked by `validate`.
+        trusted_proxies: cli.trusted_proxies()?,
+        proxy_protocol: cli.proxy_protocol,
         ..WsConfig::default()
     };
 
@@ -239,7 +247,7 @@ async fn run(cli: Cli) -> Result<()> {
         listener,
         ws,
         handle,
-        shutdown.clone(),
+        accept_shutdown.clone(),
         connections.clone(),
         ws_stats,
     ));
@@ -251,9 +259,20 @@ async fn run(cli: Cli) -> Result<()> {
         () = wait_for_signal() => None,
         r = &mut server => Some(r),
     };
-    tracing::info!("shutting down: draining in-flight requests");
+    let lame_duck = cli.lame_duck();
+    tracing::info!(
+        drain_timeout_secs = cli.drain_timeout_secs,
+        lame_duck_grace_secs = lame_duck.grace.as_secs(),
+        lame_duck_secs = lame_duck.window.as_secs(),
+        "shutting down: refusing new sessions, closing sessions over the lame-duck window"
+    );
     shutdown.cancel();
     let stopped_early = server_result.is_some();
+    // The listener keeps answering (503) while the coordinator drains, unless it stopped.
+    if let Err(e) = routing.await {
+        tracing::error!(error = %e, "routing task panicked");
+    }
+    accept_shutdown.cancel();
     let server_result = match server_result {
         Some(r) => r,
         None => server.await,
@@ -262,9 +281,6 @@ async fn run(cli: Cli) -> Result<()> {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "WebSocket server failed"),
         Err(e) => tracing::error!(error = %e, "WebSocket server task panicked"),
-    }
-    if let Err(e) = routing.await {
-        tracing::error!(error = %e, "routing task panicked");
     }
     // In-flight calls are settled; now the mesh may go.
     mesh_shutdown.cancel();

@@ -126,6 +126,7 @@ fn ws_metrics(stats: WsStats) -> Vec<Metric> {
         bad_handshakes,
         per_user_sessions_refused,
         tls_handshake_failures,
+        proxy_refused,
     } = stats;
     vec![
         Metric::counter(
@@ -182,6 +183,11 @@ fn ws_metrics(stats: WsStats) -> Vec<Metric> {
             "nuropb_gateway_ws_tls_handshake_failures_total",
             "TLS handshakes on the WebSocket port that failed or timed out (wss:// only).",
             tls_handshake_failures as f64,
+        ),
+        Metric::counter(
+            "nuropb_gateway_ws_proxy_refused_total",
+            "Connections closed for the PROXY protocol (untrusted peer; missing or bad header).",
+            proxy_refused as f64,
         ),
     ]
 }

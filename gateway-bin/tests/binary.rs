@@ -283,6 +283,16 @@ fn invalid_config_exits_2_naming_the_option() {
         (vec!["--outbound-queue-bytes", "1048576"], "--outbound-queue-bytes must be at least"),
         (vec!["--callable", "orders"], "--callable"),
         (
+            vec!["--lame-duck-secs", "11"],
+            "--lame-duck-secs (11) must not exceed --drain-timeout-secs",
+        ),
+        (
+            vec!["--lame-duck-grace-secs", "5", "--lame-duck-secs", "6"],
+            "--lame-duck-grace-secs (5) plus --lame-duck-secs (6)",
+        ),
+        (vec!["--trusted-proxies", "10.0.0.0/8,lb.local"], "--trusted-proxies: not an IP address"),
+        (vec!["--proxy-protocol", "true"], "--proxy-protocol needs --trusted-proxies"),
+        (
             vec!["--max-in-flight-bytes", "67108864", "--max-in-flight-bytes-total", "1024"],
             "--max-in-flight-bytes-total",
         ),

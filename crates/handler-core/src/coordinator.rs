@@ -44,6 +44,44 @@ pub struct CoreConfig {
     /// more is refused (`CoreError::TooManySessions`). A leaked token then holds a bounded
     /// share of the gateway, and a looping client cannot pile up sessions.
     pub max_sessions_per_user: usize,
+    /// How the sessions are closed at shutdown (default: all at once, after the drain).
+    pub lame_duck: LameDuckConfig,
+}
+
+/// The lame-duck drain: at shutdown, after `grace`, the sessions are closed with 1001 one
+/// after another, spread evenly over `window`, so that their clients do not all reconnect
+/// elsewhere in the same instant (NATS' lame-duck mode). A session with calls in flight
+/// at its turn is closed as soon as they are answered (at the latest at the drain
+/// deadline, when what is left is answered with an error).
+///
+/// The spacing between two closes is at most [`LameDuckConfig::MAX_SPACING`], so a few
+/// sessions are closed in a few seconds, not over the whole window. A zero `window` (the
+/// default) keeps the plain drain: every session is closed at once once the calls are
+/// answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LameDuckConfig {
+    /// Wait after shutdown begins before the first close, e.g. for a load balancer to
+    /// notice that readiness went 503 (default 0).
+    pub grace: Duration,
+    /// The time over which the sessions are closed (default 0: all at once).
+    pub window: Duration,
+}
+
+impl LameDuckConfig {
+    /// Most time between two consecutive closes: spreading 10 sessions over two minutes
+    /// would only make the shutdown slow (NATS caps it at one second too).
+    pub const MAX_SPACING: Duration = Duration::from_secs(1);
+
+    /// When the `i`-th of `n` sessions is closed, counted from the end of the grace.
+    fn offset(&self, i: usize, n: usize) -> Duration {
+        if n == 0 {
+            return Duration::ZERO;
+        }
+        // In nanoseconds (u128) so that neither `window / n` rounding nor `* i` overflows.
+        let spacing = (self.window.as_nanos() / n as u128).min(Self::MAX_SPACING.as_nanos());
+        let nanos = spacing.saturating_mul(i as u128).min(u64::MAX as u128);
+        Duration::from_nanos(nanos as u64)
+    }
 }
 
 impl Default for CoreConfig {
@@ -54,6 +92,7 @@ impl Default for CoreConfig {
             client_limits: ClientLimits::default(),
             broadcast_topics: Vec::new(),
             max_sessions_per_user: 100,
+            lame_duck: LameDuckConfig::default(),
         }
     }
 }
@@ -70,6 +109,7 @@ struct Shared {
     // Held from counting a user's sessions to registering the new one, so two concurrent
     // opens cannot both take the last slot. Never held across `.await` (there is none).
     open_gate: std::sync::Mutex<()>,
+    lame_duck: LameDuckConfig,
 }
 
 /// The transports' way into the core. Cheap to clone.
@@ -110,6 +150,7 @@ impl Coordinator {
             events_delivered: Default::default(),
             max_sessions_per_user: config.max_sessions_per_user,
             open_gate: std::sync::Mutex::new(()),
+            lame_duck: config.lame_duck,
         });
         (
             Coordinator {
@@ -124,19 +165,25 @@ impl Coordinator {
     }
 
     /// Routes mesh traffic and sweeps expired tokens until shutdown, then drains: intake is
-    /// already stopped (the shutdown token refuses new sessions and calls), the pending
-    /// calls get `drain` to finish, those left are aborted (answered with an error), and
-    /// every session is closed with 1001.
+    /// already stopped (the shutdown token refuses new sessions and calls); the sessions
+    /// are closed with 1001 as `CoreConfig::lame_duck` spreads them, each once its pending
+    /// calls are answered; calls still pending `drain` after shutdown began are aborted
+    /// (answered with an error), and every session left is closed with 1001.
     pub async fn run(mut self, drain: Duration) {
         let shutdown = self.shared.shutdown.clone();
         self.route_until(shutdown.cancelled()).await;
+        let drain_deadline = tokio::time::Instant::now() + drain;
 
         // Mesh traffic is still routed while draining: a `disconnect_user` must not wait
         // for the drain. Each call task answers its session itself before it ends, so an
         // empty tracker means every pending call has been answered.
         self.tracker.close();
+        if !self.shared.lame_duck.window.is_zero() {
+            self.close_spread(drain_deadline).await;
+        }
         let tracker = self.tracker.clone();
-        if self.route_until(tokio::time::timeout(drain, tracker.wait())).await.is_err() {
+        let drained = tokio::time::timeout_at(drain_deadline, tracker.wait());
+        if self.route_until(drained).await.is_err() {
             let in_flight = self.shared.mesh.in_flight();
             tracing::warn!(
                 in_flight,
@@ -151,6 +198,53 @@ impl Coordinator {
             }
         }
         self.shared.sessions.close_all(CoreError::ShuttingDown.closing());
+    }
+
+    /// The lame-duck part of the drain: after the grace, closes the sessions one by one
+    /// over the window (several at a time when the timer is coarser than their spacing).
+    /// A session with calls in flight at its turn is closed once they are answered; those
+    /// still waiting at `drain_deadline` are left to the caller.
+    async fn close_spread(&mut self, drain_deadline: tokio::time::Instant) {
+        let lame_duck = self.shared.lame_duck;
+        let grace_end = (tokio::time::Instant::now() + lame_duck.grace).min(drain_deadline);
+        self.route_until(tokio::time::sleep_until(grace_end)).await;
+        // No session opens after shutdown began, so this is every session there will be.
+        let queue = self.shared.sessions.session_ids();
+        let n = queue.len();
+        tracing::info!(
+            sessions = n,
+            window_ms = lame_duck.window.as_millis() as u64,
+            "lame duck: closing sessions over the window"
+        );
+        let start = tokio::time::Instant::now();
+        let reason = CoreError::ShuttingDown.closing();
+        let mut waiting: Vec<SessionId> = Vec::new();
+        let mut next = 0;
+        // Each turn closes at least one session or ends at the drain deadline, so the loop
+        // runs at most `n` turns plus the polls for sessions whose calls are still pending.
+        loop {
+            let now = tokio::time::Instant::now();
+            waiting.retain(|id| !self.shared.close_if_idle(id, &reason));
+            while next < n && start + lame_duck.offset(next, n) <= now {
+                if !self.shared.close_if_idle(&queue[next], &reason) {
+                    waiting.push(queue[next].clone());
+                }
+                next += 1;
+            }
+            if (next == n && waiting.is_empty()) || now >= drain_deadline {
+                break;
+            }
+            // Waiting sessions are looked at again every 50 ms: their calls end on their
+            // own tasks, which say nothing to this one.
+            let mut wake = drain_deadline;
+            if next < n {
+                wake = wake.min(start + lame_duck.offset(next, n));
+            }
+            if !waiting.is_empty() {
+                wake = wake.min(now + Duration::from_millis(50));
+            }
+            self.route_until(tokio::time::sleep_until(wake)).await;
+        }
     }
 
     /// Routes mesh traffic and sweeps expired tokens until `until` completes.
@@ -187,6 +281,20 @@ fn expiry_sweep() -> tokio::time::Interval {
 }
 
 impl Shared {
+    /// Closes the session (1001, lame duck) unless it has calls in flight; `true` when it
+    /// needs no more attention (closed now, or already gone).
+    fn close_if_idle(
+        &self,
+        session_id: &SessionId,
+        reason: &crate::connection::CloseReason,
+    ) -> bool {
+        if self.mesh.in_flight_for(session_id) > 0 {
+            return false;
+        }
+        self.sessions.close_session(session_id, reason.clone());
+        true
+    }
+
     fn on_inbound(&self, m: MeshInbound) {
         match m {
             MeshInbound::Event(e) => self.on_event(e),
@@ -662,7 +770,11 @@ mod tests {
     }
 
     fn core(mesh: impl ServiceMesh) -> Core {
-        let config = CoreConfig {
+        core_with(mesh, MockAuthenticator::new(), test_config())
+    }
+
+    fn test_config() -> CoreConfig {
+        CoreConfig {
             mesh: MeshManagerConfig {
                 request_timeout: Duration::from_secs(5),
                 reserved_services: vec!["gw".into()],
@@ -673,8 +785,7 @@ mod tests {
                 ..Default::default()
             },
             ..Default::default()
-        };
-        core_with(mesh, MockAuthenticator::new(), config)
+        }
     }
 
     impl Core {
@@ -897,6 +1008,81 @@ mod tests {
         assert_eq!(client.frames(), vec![response("t1", json!("m"), None)]);
         assert!(client.ended_with(1001, 1), "the answer, then the close");
         assert_eq!(client.closes(), vec![(1001, "gateway shutting down".to_owned())]);
+    }
+
+    fn lame_duck_core(mesh: impl ServiceMesh, grace: u64, window: u64) -> Core {
+        let lame_duck = LameDuckConfig {
+            grace: Duration::from_secs(grace),
+            window: Duration::from_secs(window),
+        };
+        core_with(mesh, MockAuthenticator::new(), CoreConfig { lame_duck, ..test_config() })
+    }
+
+    #[test]
+    fn lame_duck_offsets_are_even_and_at_most_a_second_apart() {
+        let ld = |window_ms| LameDuckConfig {
+            grace: Duration::ZERO,
+            window: Duration::from_millis(window_ms),
+        };
+        let ms = Duration::from_millis;
+        for (window, i, n, expected) in [
+            (10_000, 0, 200, ms(0)),
+            (10_000, 1, 200, ms(50)),
+            (10_000, 199, 200, ms(9_950)),
+            // Few sessions: a second apart, not spread over the whole window.
+            (10_000, 2, 3, ms(2_000)),
+            (120_000, 9, 10, ms(9_000)),
+            (0, 5, 10, ms(0)),
+            (1_000, 0, 0, ms(0)),
+        ] {
+            assert_eq!(ld(window).offset(i, n), expected, "{window} ms, {i} of {n}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lame_duck_closes_the_sessions_one_by_one_over_the_window_after_the_grace() {
+        let mut c = lame_duck_core(mesh(), 2, 10);
+        let clients: Vec<_> = (0..20).map(|i| c.open(&format!("user{i}")).1).collect();
+        let routing = c.run(Duration::from_secs(30));
+        let start = tokio::time::Instant::now();
+        c.shutdown.cancel();
+        let closed = || clients.iter().filter(|cl| !cl.closes().is_empty()).count();
+        // 20 sessions over 10 s: one every 500 ms from the end of the 2 s grace.
+        for (at_ms, expected) in
+            [(1_900, 0), (2_100, 1), (4_100, 5), (6_900, 10), (11_400, 19), (11_600, 20)]
+        {
+            tokio::time::sleep_until(start + Duration::from_millis(at_ms)).await;
+            c.settle().await;
+            assert_eq!(closed(), expected, "closed by {at_ms} ms");
+        }
+        routing.await.expect("routing task");
+        assert!(start.elapsed() < Duration::from_secs(12));
+        // (These fakes stay registered once closed, so the final sweep closes them again;
+        // a real connection unregisters, and its first close wins anyway.)
+        for client in &clients {
+            assert_eq!(client.closes()[0], (1001, "gateway shutting down".to_owned()));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lame_duck_closes_a_session_with_a_call_in_flight_once_it_is_answered() {
+        let mut c = lame_duck_core(Slow(Duration::from_secs(3)), 0, 2);
+        let (busy, busy_client) = c.open("alice");
+        let (_idle, idle_client) = c.open("bob");
+        let routing = c.run(Duration::from_secs(10));
+        assert!(c.request(&busy, "svc", "m", "t1"));
+        c.settle().await;
+        let start = tokio::time::Instant::now();
+        c.shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(2_900)).await;
+        c.settle().await;
+        assert_eq!(idle_client.closes().len(), 1, "the idle one went on its turn");
+        assert!(busy_client.closes().is_empty(), "not while its call is in flight");
+        routing.await.expect("routing task");
+        let took = start.elapsed();
+        assert!(took >= Duration::from_secs(3) && took < Duration::from_millis(3_200), "{took:?}");
+        assert_eq!(busy_client.frames(), vec![response("t1", json!("m"), None)]);
+        assert!(busy_client.ended_with(1001, 1), "the answer, then the close");
     }
 
     #[tokio::test(start_paused = true)]

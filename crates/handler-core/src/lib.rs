@@ -65,7 +65,7 @@ pub mod in_memory;
 
 pub use auth::{Authenticator, Identity, JwtAuthenticator, JwtConfig, JwtKey};
 pub use connection::{ClientConnection, CloseCode, CloseReason, Outbound, SendError, SharedFrame};
-pub use coordinator::{Coordinator, CoordinatorHandle, CoreConfig};
+pub use coordinator::{Coordinator, CoordinatorHandle, CoreConfig, LameDuckConfig};
 pub use error::CoreError;
 pub use ids::{SessionId, TraceId, UserId};
 pub use mesh::{MeshCall, MeshError, MeshEvent, MeshInbound, MeshResponse, ServiceMesh};

@@ -214,7 +214,6 @@ impl ServiceMeshManager {
     }
 
     /// Calls in flight for one session.
-    #[cfg(test)]
     pub(crate) fn in_flight_for(&self, session_id: &SessionId) -> usize {
         lock(&self.pending).sessions.get(session_id).map_or(0, |s| s.in_flight)
     }

@@ -184,6 +184,11 @@ impl SessionRegistry {
         Some((Arc::clone(&s.identity), s.handle.clone()))
     }
 
+    /// The ids of every live session, in no particular order.
+    pub(crate) fn session_ids(&self) -> Vec<SessionId> {
+        self.read().sessions.keys().cloned().collect()
+    }
+
     pub(crate) fn session_count(&self) -> usize {
         self.read().sessions.len()
     }
@@ -343,7 +348,6 @@ impl SessionRegistry {
     }
 
     /// Closes one session (it unregisters itself when its connection ends).
-    #[cfg(test)]
     pub(crate) fn close_session(&self, session_id: &SessionId, reason: CloseReason) -> bool {
         let handle = self.read().sessions.get(session_id).map(|s| s.handle.clone());
         match handle {

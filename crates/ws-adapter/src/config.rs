@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use crate::client_addr::TrustedProxies;
 use crate::http::HttpRoutes;
 use crate::origin::OriginPolicy;
 use crate::tls::TlsAcceptorHandle;
@@ -143,6 +144,19 @@ pub struct WsConfig {
     /// no session slot. Plain HTTP (`/healthz`, `http_routes`) is served over TLS too. Keep
     /// a clone of the handle to [`reload`](TlsAcceptorHandle::reload) the certificate.
     pub tls: Option<TlsAcceptorHandle>,
+    /// Peers whose client-address headers are believed (default none): `Forwarded` /
+    /// `X-Forwarded-For` in the head (rightmost untrusted hop) and, with `proxy_protocol`,
+    /// the PROXY header. A connection from a trusted proxy is counted against the
+    /// per-address limits as the client it names (after its head is read), not as the
+    /// proxy; the proxy itself is bounded by `max_connections`, `max_handshakes_in_flight`
+    /// and `handshake_timeout`. The address is logged as `client` in the connection span.
+    pub trusted_proxies: TrustedProxies,
+    /// Every connection starts with a PROXY protocol header (v2 binary or v1 text, at most
+    /// 1 KiB, read within `handshake_timeout` before anything else), and only
+    /// `trusted_proxies` may connect: other peers are closed at once (default `false`). A
+    /// missing, malformed or oversized header closes the connection unanswered
+    /// (`WsStats::proxy_refused`).
+    pub proxy_protocol: bool,
 }
 
 impl Default for WsConfig {
@@ -176,6 +190,8 @@ impl Default for WsConfig {
             http_routes: None,
             auth_timeout: Duration::from_secs(5),
             tls: None,
+            trusted_proxies: TrustedProxies::default(),
+            proxy_protocol: false,
         }
     }
 }

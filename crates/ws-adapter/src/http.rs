@@ -1,7 +1,8 @@
 //! Plain HTTP on the WebSocket port, served by hyper: a head without any field of a
 //! WebSocket handshake (see `handshake::classify`) is replayed to hyper's HTTP/1.1 server,
-//! which answers `GET /healthz` itself and every other request from the embedder's
-//! [`HttpRoutes`] (404 when none answers).
+//! which answers `GET /healthz` itself (503 once the gateway is shutting down, so that a
+//! load balancer probing this port stops sending clients during the lame-duck window) and
+//! every other request from the embedder's [`HttpRoutes`] (404 when none answers).
 //!
 //! Bounded as an upgrade is: the head was read within `max_head_bytes` and
 //! `handshake_timeout` before it gets here, the whole exchange (answer written included)
@@ -176,6 +177,7 @@ fn text(status: u16, body: &'static str) -> HttpResponse {
 pub(crate) fn dispatch(
     routes: Option<&dyn HttpRoutes>,
     parts: &http::request::Parts,
+    shutting_down: bool,
 ) -> HttpResponse {
     // A body is never read: the routes take none, and reading it would be a way to hold
     // the connection. hyper closes the connection after this answer.
@@ -191,6 +193,9 @@ pub(crate) fn dispatch(
         return text(405, "only GET and HEAD are served here\n").header("allow", "GET, HEAD");
     }
     if parts.uri.path() == "/healthz" {
+        if shutting_down {
+            return text(503, "shutting down\n").header("retry-after", "1");
+        }
         return text(200, "ok\n");
     }
     let request = HttpRequest { parts };
@@ -214,20 +219,26 @@ pub fn answer_http(
         builder = builder.header(*name, *value);
     }
     match builder.body(()) {
-        Ok(request) => dispatch(routes, &request.into_parts().0),
+        Ok(request) => dispatch(routes, &request.into_parts().0, false),
         Err(_) => text(400, "malformed request\n"),
     }
 }
 
 /// Serves one plain HTTP request on `stream` (its head replayed first) until `deadline`.
 /// Best effort: a client that goes away or is too slow is not an error here.
-pub(crate) async fn serve<S>(stream: S, routes: Option<Arc<dyn HttpRoutes>>, deadline: Instant)
-where
+/// `shutting_down` is asked at each request (the coordinator's state, in `serve`).
+pub(crate) async fn serve<S, F>(
+    stream: S,
+    routes: Option<Arc<dyn HttpRoutes>>,
+    shutting_down: F,
+    deadline: Instant,
+) where
+    F: Fn() -> bool + Send + Sync + 'static,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
         let (parts, _body) = request.into_parts();
-        let response = dispatch(routes.as_deref(), &parts);
+        let response = dispatch(routes.as_deref(), &parts, shutting_down());
         let status = response.status;
         tracing::debug!(method = %parts.method, path = parts.uri.path(), status, "http request");
         let response = response.into_http().unwrap_or_else(|e| {
@@ -287,10 +298,18 @@ mod tests {
     /// Sends `request` (the head already read, as the accept path replays it), returns
     /// everything the server wrote until it closed.
     async fn exchange(routes: Option<Arc<dyn HttpRoutes>>, request: &str) -> String {
+        exchange_while(routes, request, false).await
+    }
+
+    async fn exchange_while(
+        routes: Option<Arc<dyn HttpRoutes>>,
+        request: &str,
+        shutting_down: bool,
+    ) -> String {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let prefixed = Prefixed::new(request.as_bytes().to_vec(), server);
         let deadline = Instant::now() + Duration::from_secs(5);
-        let served = tokio::spawn(serve(prefixed, routes, deadline));
+        let served = tokio::spawn(serve(prefixed, routes, move || shutting_down, deadline));
         let mut answer = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut answer))
             .await
@@ -314,6 +333,18 @@ mod tests {
 
     fn body(answer: &str) -> &str {
         answer.split_once("\r\n\r\n").unwrap().1
+    }
+
+    #[tokio::test]
+    async fn healthz_answers_503_once_shutting_down_and_the_routes_still_answer() {
+        let page: Arc<dyn HttpRoutes> = Arc::new(Page);
+        let request = "GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n";
+        let answer = exchange_while(Some(Arc::clone(&page)), request, true).await;
+        assert_eq!(status(&answer), 503, "{answer}");
+        assert_eq!(body(&answer), "shutting down\n");
+        assert_eq!(field(&answer, "retry-after"), Some("1"));
+        let answer = exchange_while(Some(page), "GET / HTTP/1.1\r\nHost: gw\r\n\r\n", true).await;
+        assert_eq!(status(&answer), 200, "{answer}");
     }
 
     #[tokio::test]
@@ -407,7 +438,7 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(8);
         let started = Instant::now();
         let prefixed = Prefixed::new(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n".to_vec(), server);
-        serve(prefixed, None, started + Duration::from_secs(3)).await;
+        serve(prefixed, None, || false, started + Duration::from_secs(3)).await;
         assert_eq!(started.elapsed(), Duration::from_secs(3));
         // What was written is there; then the server side is gone.
         let mut all = Vec::new();

@@ -5,6 +5,8 @@
 //! queue (its [`handler_core::ClientConnection`] implementation is in `connection`). The
 //! same port answers plain HTTP (a request without any field of a WebSocket handshake) with
 //! hyper: `GET /healthz`, then the embedder's [`HttpRoutes`] (`WsConfig::http_routes`).
+//! Behind trusted proxies (`WsConfig::trusted_proxies`), the client's address comes from
+//! the PROXY protocol header or the forwarding fields of the head (`client_addr`).
 //!
 //! An adapter in the layering (docs/ARCHITECTURE.md): it depends on `handler-core` and the
 //! wire crate, and no tungstenite type appears in its API. [`serve`] takes tokio's
@@ -64,6 +66,7 @@
 // not reachable from outside the crate is dead public API or should say `pub(crate)`.
 #![warn(missing_docs, unreachable_pub)]
 
+mod client_addr;
 mod config;
 mod connection;
 mod error;
@@ -81,7 +84,7 @@ mod token_bucket;
 mod upgrade;
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,6 +95,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+pub use client_addr::TrustedProxies;
 pub use config::{AuthSources, WsConfig};
 pub use error::WsError;
 pub use http::{HttpRequest, HttpResponse, HttpRoutes, answer_http};
@@ -107,11 +111,16 @@ use crate::peer_limits::{PeerGuard, PeerLimits, PeerLimitsConfig, PeerRefusal};
 use crate::tls::Transport;
 
 /// Accepts connections on `listener` until `shutdown`, one tracked task per connection.
-/// Returns when `shutdown` fires; connection tasks are left to the tracker's drain.
+/// Returns when `shutdown` fires; connection tasks are left to the tracker's drain. This
+/// `shutdown` may fire after the coordinator's: meanwhile connections are still accepted
+/// and answered 503 (upgrades) or `/healthz` 503, as the lame-duck drain wants.
 ///
 /// Overload policy, in the order checked at accept:
+/// 0. with `proxy_protocol`, a peer that is not one of `trusted_proxies` is closed at once;
 /// 1. per client address (IPv6 per /64): at most `max_connections_per_ip` live
-///    connections and `connect_rate_per_ip`/`connect_burst_per_ip` attempts → 429;
+///    connections and `connect_rate_per_ip`/`connect_burst_per_ip` attempts → 429. From a
+///    trusted proxy, this is checked after the PROXY header and the head are read, for the
+///    client they name;
 /// 2. at most `max_connections` sessions → 503;
 /// 3. at most `max_handshakes_in_flight` upgrade requests being read → 503, so sockets that
 ///    send nothing hold a handshake slot, not a session slot.
@@ -155,23 +164,33 @@ pub async fn serve(
             return Ok(());
         };
         next_conn_id += 1;
+        let trusted_peer = config.trusted_proxies.contains(peer.ip());
+        // The client's address is the peer's unless a trusted proxy names another; that
+        // is known once its PROXY header or head is read (`Accepted::client_of`).
         let span = tracing::info_span!(
             "conn",
             conn.id = next_conn_id,
             peer = %peer,
+            client = tracing::field::Empty,
             session.id = tracing::field::Empty
         );
-        // Which refusal, if any: (status, body, the counter it bumps).
-        let peer_guard = match peers.admit(peer.ip()) {
-            Ok(guard) => Ok(guard),
-            Err(PeerRefusal::TooManyConnections) => {
-                stats.per_ip_connection_refused();
-                Err(Refuse::Status(429, "too many connections from this address"))
-            }
-            Err(PeerRefusal::TooManyAttempts) => {
-                stats.per_ip_rate_refused();
-                Err(Refuse::Status(429, "too many connection attempts from this address"))
-            }
+        if !trusted_peer {
+            span.record("client", tracing::field::display(peer.ip()));
+        }
+        if config.proxy_protocol && !trusted_peer {
+            // Behind a PROXY-protocol balancer only the balancer connects; anyone else is
+            // closed at once (nothing it says could be believed or parsed).
+            stats.proxy_refused();
+            let _entered = span.enter();
+            tracing::debug!("not a trusted proxy (--proxy-protocol); closed");
+            continue;
+        }
+        // Which refusal, if any: (status, body, the counter it bumps). A trusted proxy's
+        // connection is counted as its client's, once the client is known.
+        let peer_guard = if trusted_peer {
+            Ok(None)
+        } else {
+            admit_peer(&peers, peer.ip(), &stats).map_err(|(s, r)| Refuse::Status(s, r))
         };
         let admitted = peer_guard.and_then(|guard| {
             if sessions.available_permits() == 0 {
@@ -191,6 +210,10 @@ pub async fn serve(
         }
         let task = Accepted {
             stream: Transport::Plain(stream),
+            peer,
+            trusted_peer,
+            peers: peers.clone(),
+            span: span.clone(),
             config: Arc::clone(&config),
             coordinator: coordinator.clone(),
             stats: stats.clone(),
@@ -216,6 +239,25 @@ pub async fn serve(
     }
 }
 
+/// Counts a connection from `ip` against the per-address limits, or the 429 refusal.
+fn admit_peer(
+    peers: &PeerLimits,
+    ip: IpAddr,
+    stats: &WsStatsHandle,
+) -> Result<Option<PeerGuard>, (u16, &'static str)> {
+    match peers.admit(ip) {
+        Ok(guard) => Ok(guard),
+        Err(PeerRefusal::TooManyConnections) => {
+            stats.per_ip_connection_refused();
+            Err((429, "too many connections from this address"))
+        }
+        Err(PeerRefusal::TooManyAttempts) => {
+            stats.per_ip_rate_refused();
+            Err((429, "too many connection attempts from this address"))
+        }
+    }
+}
+
 /// Why a connection is refused at accept.
 #[derive(Debug, Clone, Copy)]
 enum Refuse {
@@ -234,37 +276,78 @@ enum Head {
     Http(Vec<u8>),
 }
 
+impl Head {
+    /// The bytes read: the head, and maybe some of what followed it.
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Head::Upgrade(b) | Head::Http(b) => b,
+        }
+    }
+}
+
 /// An accepted connection, before its task decides what it becomes.
 struct Accepted {
     // Invariant: `Plain` until `secure` has run.
     stream: Transport,
+    peer: SocketAddr,
+    // Whether `peer` is a trusted proxy: its PROXY header and forwarding fields name the
+    // client, and its per-address count waits until they are read.
+    trusted_peer: bool,
+    peers: PeerLimits,
+    span: tracing::Span,
     config: Arc<WsConfig>,
     coordinator: CoordinatorHandle,
     stats: WsStatsHandle,
 }
 
 impl Accepted {
-    /// Completes the TLS handshake (when on), reads and checks the head (holding a
-    /// handshake slot, both within `handshake_timeout`), then takes a session slot and runs
-    /// the connection. The address's count is held to the end.
+    /// Reads the PROXY header (when on), completes the TLS handshake (when on), reads and
+    /// checks the head (holding a handshake slot, all within `handshake_timeout`), then takes
+    /// a session slot and runs the connection. The address's count is held to the end. From
+    /// a trusted proxy, the client the PROXY header (or the head) names is counted once known.
     async fn run(
-        self,
-        _peer: Option<PeerGuard>,
+        mut self,
+        peer: Option<PeerGuard>,
         handshake: OwnedSemaphorePermit,
         sessions: Arc<Semaphore>,
     ) {
         let deadline = Instant::now() + self.config.handshake_timeout;
+        // First on the connection, before anything else reads it (the TLS handshake included).
+        let Some(hop) = self.proxy_step(deadline).await else {
+            return;
+        };
         let Some(mut this) = self.secure(deadline).await else { return };
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let head = match this.checked_head(timeout).await {
-            None => return,
-            Some(Head::Upgrade(head)) => head,
-            Some(Head::Http(head)) => {
+        let head = this.checked_head(deadline.saturating_duration_since(Instant::now())).await;
+        let Some(head) = head else {
+            return;
+        };
+        let client = this.client_of(hop, head.bytes());
+        // Counted at accept unless the peer is a trusted proxy; then the client is counted.
+        let _client = match peer {
+            Some(guard) => Some(guard),
+            None if !this.trusted_peer => None,
+            None => match admit_peer(&this.peers, client, &this.stats) {
+                Ok(guard) => guard,
+                Err((status, reason)) => {
+                    tracing::info!(status, reason, "upgrade refused");
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let linger = left.min(this.config.refusal_handshake_timeout);
+                    handshake::answer(&mut this.stream, status, reason, linger).await;
+                    return;
+                }
+            },
+        };
+        let head = match head {
+            Head::Upgrade(head) => head,
+            Head::Http(head) => {
                 // Boxed: the hyper connection's state must not enlarge every session's
                 // task, which is sized for its largest state. The handshake slot is held
                 // while the request is served.
                 let stream = Prefixed::new(head, this.stream);
-                Box::pin(http::serve(stream, this.config.http_routes.clone(), deadline)).await;
+                let routes = this.config.http_routes.clone();
+                let coordinator = this.coordinator;
+                let shutting_down = move || coordinator.is_shutting_down();
+                Box::pin(http::serve(stream, routes, shutting_down, deadline)).await;
                 drop(handshake);
                 return;
             }
@@ -284,13 +367,59 @@ impl Accepted {
         connection::run(stream, admission, this.config, this.coordinator, this.stats).await;
     }
 
-    /// Answers a refusal (holding a refusal slot, TLS handshake and all within
-    /// `refusal_handshake_timeout`).
-    async fn refuse(self, refuse: Refuse, permit: OwnedSemaphorePermit) {
-        let started = Instant::now();
+    /// With `proxy_protocol`, reads the PROXY header by `deadline`: the address of the hop
+    /// before the proxy (the proxy itself for a `LOCAL` header). Without it, the peer's.
+    /// `None` when the connection ends here (the header was missing, bad or too slow: the
+    /// connection is closed unanswered, since what follows cannot be trusted to be HTTP).
+    async fn proxy_step(&mut self, deadline: Instant) -> Option<IpAddr> {
+        if !self.config.proxy_protocol {
+            return Some(self.peer.ip());
+        }
+        let read = client_addr::read_proxy_header(&mut self.stream);
+        let refused = match tokio::time::timeout_at(deadline, read).await {
+            Ok(Ok(Some(source))) => return Some(source.ip().to_canonical()),
+            Ok(Ok(None)) => return Some(self.peer.ip()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "PROXY header timed out".to_owned(),
+        };
+        self.stats.proxy_refused();
+        tracing::info!(reason = refused, "PROXY header refused; closed");
+        // Best effort: a FIN rather than nothing; the peer may be gone already.
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.stream).await;
+        None
+    }
+
+    /// The client's address, now that `hop` (what the PROXY step found) and the head are
+    /// known: the forwarding fields are believed only from a trusted hop. Recorded in the
+    /// connection's span as `client`.
+    fn client_of(&self, hop: IpAddr, head: &[u8]) -> IpAddr {
+        if !self.trusted_peer {
+            return hop;
+        }
+        let proxies = &self.config.trusted_proxies;
+        let client = if proxies.contains(hop) {
+            client_addr::forwarded_client(head, hop, proxies)
+        } else {
+            hop
+        };
+        self.span.record("client", tracing::field::display(client));
+        client
+    }
+
+    /// Answers a refusal (holding a refusal slot; PROXY header, TLS handshake and all
+    /// within `refusal_handshake_timeout`).
+    async fn refuse(mut self, refuse: Refuse, permit: OwnedSemaphorePermit) {
         let timeout = self.config.refusal_handshake_timeout;
+        let started = Instant::now();
+        let Some(hop) = self.proxy_step(started + timeout).await else {
+            return;
+        };
         let Some(mut this) = self.secure(started + timeout).await else { return };
-        let head = match this.checked_head(timeout.saturating_sub(started.elapsed())).await {
+        let head = this.checked_head(timeout.saturating_sub(started.elapsed())).await;
+        if let Some(head) = &head {
+            this.client_of(hop, head.bytes());
+        }
+        let head = match head {
             None => return,
             Some(Head::Upgrade(head)) => head,
             Some(Head::Http(_)) => {

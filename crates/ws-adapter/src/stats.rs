@@ -40,6 +40,10 @@ pub struct WsStats {
     /// TLS handshakes that failed or timed out (`WsConfig::tls` only): a client that does
     /// not trust the certificate, one speaking plain HTTP to the TLS port, a scanner.
     pub tls_handshake_failures: u64,
+    /// Connections closed unanswered for the PROXY protocol (`WsConfig::proxy_protocol`):
+    /// from a peer that is not a trusted proxy, or whose header was missing, malformed,
+    /// too large or too slow.
+    pub proxy_refused: u64,
 }
 
 /// The live counters behind [`WsStats`]; clones share them. Create one, pass a clone to
@@ -62,6 +66,7 @@ struct Counters {
     bad_handshakes: AtomicU64,
     per_user_sessions_refused: AtomicU64,
     tls_handshake_failures: AtomicU64,
+    proxy_refused: AtomicU64,
     /// Milliseconds since `epoch` before which no oversized-frame warning is logged.
     next_oversized_warning_ms: AtomicU64,
     epoch: Instant,
@@ -85,6 +90,7 @@ impl Default for Counters {
             bad_handshakes: AtomicU64::new(0),
             per_user_sessions_refused: AtomicU64::new(0),
             tls_handshake_failures: AtomicU64::new(0),
+            proxy_refused: AtomicU64::new(0),
             next_oversized_warning_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             pending_auth: AtomicUsize::new(0),
@@ -119,6 +125,7 @@ impl WsStatsHandle {
             bad_handshakes: get(&c.bad_handshakes),
             per_user_sessions_refused: get(&c.per_user_sessions_refused),
             tls_handshake_failures: get(&c.tls_handshake_failures),
+            proxy_refused: get(&c.proxy_refused),
         }
     }
 
@@ -160,6 +167,10 @@ impl WsStatsHandle {
 
     pub(crate) fn tls_handshake_failed(&self) {
         self.counters.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn proxy_refused(&self) {
+        self.counters.proxy_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn per_user_session_refused(&self) {
