@@ -106,7 +106,11 @@ struct Registry {
 
 /// Session registry and fan-out.
 pub(crate) struct SessionRegistry {
+    // `config.subscribable` is unused: `subscribable` below is the one in force.
     config: SessionRegistryConfig,
+    // Replaced by `set_subscribable` (a configuration reload). Taken after `registry` when
+    // both are held, never the other way round.
+    subscribable: RwLock<Arc<Vec<String>>>,
     registry: RwLock<Registry>,
     high_water: AtomicUsize,
     counters: Arc<FrameCounters>,
@@ -115,6 +119,7 @@ pub(crate) struct SessionRegistry {
 impl SessionRegistry {
     pub(crate) fn new(config: SessionRegistryConfig) -> Self {
         SessionRegistry {
+            subscribable: RwLock::new(Arc::new(config.subscribable.clone())),
             config,
             registry: RwLock::new(Registry::default()),
             high_water: AtomicUsize::new(0),
@@ -316,12 +321,18 @@ impl SessionRegistry {
         Ok(session.subscriptions.iter().map(|p| p.as_str().to_owned()).collect())
     }
 
+    /// Replaces the patterns open to subscription; existing subscriptions stay.
+    pub(crate) fn set_subscribable(&self, patterns: Vec<String>) {
+        *self.subscribable.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(patterns);
+    }
+
     /// Whether `user` may subscribe to `pattern`. `{user_id}` is only substituted with ids
     /// that are plain topic words, so an id such as `*` or `a.b` cannot widen a template.
     fn may_subscribe(&self, user: &UserId, pattern: &str) -> bool {
         let id = user.as_str();
         let plain_word = !id.is_empty() && !id.contains(['.', '*', '#']);
-        self.config.subscribable.iter().any(|template| {
+        let subscribable = Arc::clone(&self.subscribable.read().unwrap_or_else(|e| e.into_inner()));
+        subscribable.iter().any(|template| {
             if template.contains("{user_id}") {
                 plain_word && pattern_covers(&template.replace("{user_id}", id), pattern)
             } else {

@@ -94,7 +94,7 @@ use tracing::Instrument;
 pub use config::{AuthSources, WsConfig};
 pub use error::WsError;
 pub use http::{HttpRequest, HttpResponse, HttpRoutes, answer_http};
-pub use origin::OriginPolicy;
+pub use origin::{OriginPolicy, OriginPolicyHandle};
 pub use stats::{WsStats, WsStatsHandle};
 
 use handler_core::CoordinatorHandle;
@@ -153,7 +153,8 @@ pub async fn serve(
             "conn",
             conn.id = next_conn_id,
             peer = %peer,
-            session.id = tracing::field::Empty
+            session.id = tracing::field::Empty,
+            user.id = tracing::field::Empty
         );
         // Which refusal, if any: (status, body, the counter it bumps).
         let peer_guard = match peers.admit(peer.ip()) {

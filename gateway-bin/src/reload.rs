@@ -1,0 +1,191 @@
+//! SIGHUP: re-read the configuration and put in force what can change without dropping a
+//! session. The one place that knows which parts of a running gateway are reloadable:
+//! [`LIVE_KEYS`] lists the keys, [`Reloadable`] holds a handle to each part, and
+//! [`Reloadable::reload`] builds every new part before it applies any, so an invalid
+//! configuration changes nothing. A new reloadable part (say TLS certificates) is one more
+//! handle in [`Reloadable`], one more build step and one more apply step in `reload`, and
+//! its keys in [`LIVE_KEYS`] (docs/CONFIGURATION.md's "reload" column follows).
+
+use std::ffi::OsString;
+use std::sync::{Arc, RwLock};
+
+use anyhow::{Context, Result};
+
+use handler_core::auth::{AuthError, Authenticator, Identity, JwtKey};
+use handler_core::{CoordinatorHandle, JwtAuthenticator, JwtConfig};
+use ws_adapter::OriginPolicyHandle;
+
+use crate::config::Cli;
+use crate::config_file::{self, LoadError, Loaded};
+
+/// The keys a reload puts in force; every other key needs a restart.
+pub const LIVE_KEYS: &[&str] = &[
+    "jwt_secret",
+    "jwt_secret_file",
+    "jwt_public_key_file",
+    "jwt_algorithm",
+    "jwt_issuer",
+    "jwt_audience",
+    "jwt_username_claim",
+    "jwt_max_lifetime_secs",
+    "allowed_origins",
+    "subscribable_topics",
+    "max_sessions_per_user",
+];
+
+/// An [`Authenticator`] whose inner authenticator a reload replaces. Tokens presented
+/// after [`ReloadableAuthenticator::set`] are checked by the new one; the lock is held
+/// only to clone an `Arc`, never while a token is checked.
+pub struct ReloadableAuthenticator {
+    current: RwLock<Arc<dyn Authenticator>>,
+}
+
+impl ReloadableAuthenticator {
+    pub fn new(inner: Arc<dyn Authenticator>) -> Self {
+        ReloadableAuthenticator { current: RwLock::new(inner) }
+    }
+
+    pub fn set(&self, inner: Arc<dyn Authenticator>) {
+        // Poisoning cannot leave a half-written `Arc`: ignored.
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = inner;
+    }
+
+    fn current(&self) -> Arc<dyn Authenticator> {
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Authenticator for ReloadableAuthenticator {
+    fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        self.current().authenticate(token)
+    }
+}
+
+/// The client JWT authenticator `cli` asks for; without a configured key, one for
+/// `dev_secret` (the in-memory mode's generated secret).
+pub fn authenticator(cli: &Cli, dev_secret: Option<&str>) -> Result<Arc<dyn Authenticator>> {
+    let config = match (cli.jwt_config()?, dev_secret) {
+        (Some(c), _) => c,
+        (None, Some(secret)) => JwtConfig::new(JwtKey::Hs256Secret(secret.as_bytes().to_vec())),
+        // `Cli::validate` requires a key outside the demo mode, which always has a secret.
+        (None, None) => anyhow::bail!("no JWT key configured (--jwt-secret)"),
+    };
+    Ok(Arc::new(JwtAuthenticator::new(config).context("invalid JWT key")?))
+}
+
+/// The reloadable parts of a running gateway and the configuration they were built from.
+pub struct Reloadable {
+    /// The command line as given at start (a reload re-reads the file, not the flags).
+    pub args: Vec<OsString>,
+    /// The configuration in force: the live keys as last reloaded, the others as started.
+    pub running: Loaded,
+    /// Whether the gateway started on the in-memory demo mesh (that cannot change).
+    pub demo_mode: bool,
+    /// The generated dev secret of the in-memory mode, if any.
+    pub dev_secret: Option<String>,
+    pub authenticator: Arc<ReloadableAuthenticator>,
+    pub origins: OriginPolicyHandle,
+    pub core: CoordinatorHandle,
+}
+
+/// The new parts, all built before any is applied.
+struct Parts {
+    authenticator: Arc<dyn Authenticator>,
+    origins: ws_adapter::OriginPolicy,
+    subscribable: Vec<String>,
+    max_sessions_per_user: usize,
+}
+
+impl Reloadable {
+    /// Re-reads the configuration file and applies what can change live; logs one line per
+    /// changed key ("applied" or "needs a restart", never a value). An invalid
+    /// configuration is logged and changes nothing.
+    pub fn reload(&mut self) {
+        tracing::info!("SIGHUP: reloading the configuration");
+        let new = match config_file::load(&self.args) {
+            Ok(new) => new,
+            Err(LoadError::Invalid(e)) => {
+                let error = format!("{e:#}");
+                tracing::error!(%error, "reload refused; the old configuration stays in force");
+                return;
+            }
+            Err(LoadError::CommandLine(e)) => {
+                let error = e.kind().to_string();
+                tracing::error!(%error, "reload refused; the old configuration stays in force");
+                return;
+            }
+        };
+        let parts = match self.build(&new.cli) {
+            Ok(parts) => parts,
+            Err(e) => {
+                let error = format!("{e:#}");
+                tracing::error!(%error, "reload refused; the old configuration stays in force");
+                return;
+            }
+        };
+        self.authenticator.set(parts.authenticator);
+        self.origins.set(parts.origins);
+        self.core.set_subscribable(parts.subscribable);
+        self.core.set_max_sessions_per_user(parts.max_sessions_per_user);
+
+        let mut changed = 0;
+        for (key, value) in &new.values {
+            let old = self.running.values.get(key);
+            if old == Some(value) {
+                continue;
+            }
+            changed += 1;
+            if LIVE_KEYS.contains(&key.as_str()) {
+                tracing::info!(key = %key, "configuration changed: applied");
+                self.running.values.insert(key.clone(), value.clone());
+            } else {
+                // `running` keeps the value in force, so the next reload says it again.
+                tracing::warn!(key = %key, "configuration changed: needs a restart");
+            }
+        }
+        tracing::info!(changed, "configuration reloaded");
+        self.running.cli = new.cli;
+    }
+
+    fn build(&self, cli: &Cli) -> Result<Parts> {
+        Ok(Parts {
+            authenticator: authenticator(cli, self.dev_secret.as_deref())?,
+            origins: cli.origin_policy_in(self.demo_mode)?,
+            subscribable: cli.subscribable(self.demo_mode),
+            max_sessions_per_user: cli.max_sessions_per_user,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+
+    /// Refuses every token as expired (`true`) or as missing.
+    struct Fixed(bool);
+
+    impl Authenticator for Fixed {
+        fn authenticate(&self, _token: &str) -> Result<Identity, AuthError> {
+            Err(if self.0 { AuthError::Expired } else { AuthError::Missing })
+        }
+    }
+
+    #[test]
+    fn the_authenticator_in_force_is_the_last_set() {
+        let auth = ReloadableAuthenticator::new(Arc::new(Fixed(true)));
+        assert!(matches!(auth.authenticate("t"), Err(AuthError::Expired)));
+        auth.set(Arc::new(Fixed(false)));
+        assert!(matches!(auth.authenticate("t"), Err(AuthError::Missing)));
+    }
+
+    #[test]
+    fn live_keys_are_options() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        for key in LIVE_KEYS {
+            assert!(cmd.get_arguments().any(|a| a.get_id() == *key), "{key}");
+        }
+    }
+}
