@@ -576,6 +576,28 @@ mod tests {
     }
 
     #[test]
+    fn replaced_subscribable_patterns_apply_to_later_subscribes_only() {
+        let m = SessionRegistry::new(SessionRegistryConfig {
+            subscribable: vec!["news.#".into()],
+            ..Default::default()
+        });
+        m.register(SessionId::new("a"), identity("alice"), Arc::new(Recorder::default()))
+            .expect("register");
+        let a = SessionId::new("a");
+        assert!(m.subscribe(&a, &["news.sport".to_owned()]).is_ok());
+        m.set_subscribable(vec!["weather.#".into()]);
+        assert_eq!(
+            m.subscribe(&a, &["news.politics".to_owned()]),
+            Err(CoreError::NotSubscribable("news.politics".into()))
+        );
+        // What was subscribed before stays.
+        assert_eq!(
+            m.subscribe(&a, &["weather.today".to_owned()]),
+            Ok(vec!["news.sport".to_owned(), "weather.today".to_owned()])
+        );
+    }
+
+    #[test]
     fn only_subscribable_patterns_are_accepted() {
         let m = SessionRegistry::new(SessionRegistryConfig {
             subscribable: vec!["news.#".into(), "users.{user_id}.notify".into()],

@@ -227,6 +227,15 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn a_handle_serves_the_policy_last_set_to_every_clone() {
+        let handle = OriginPolicyHandle::new(OriginPolicy::new(&["one.example"]).unwrap());
+        let clone = handle.clone();
+        assert!(clone.allows("https://one.example") && !clone.allows("https://two.example"));
+        handle.set(OriginPolicy::new(&["two.example"]).unwrap());
+        assert!(!clone.allows("https://one.example") && clone.allows("https://two.example"));
+    }
+
     fn policy(entries: &[&str]) -> OriginPolicy {
         OriginPolicy::new(entries).unwrap()
     }
