@@ -80,6 +80,8 @@ touched:
 - `subscribable_topics`: checked at every `subscribe` from now on; existing subscriptions
   stay.
 - `max_sessions_per_user`: checked at every upgrade from now on; no session is closed.
+- `callable` and `client_describe`: checked at every call from now on, for open sessions
+  too; calls in flight go on.
 
 Every other key needs a restart. The column "reload" below says which is which.
 

@@ -31,6 +31,8 @@ pub const LIVE_KEYS: &[&str] = &[
     "allowed_origins",
     "subscribable_topics",
     "max_sessions_per_user",
+    "callable",
+    "client_describe",
 ];
 
 /// An [`Authenticator`] whose inner authenticator a reload replaces. Tokens presented
@@ -94,6 +96,8 @@ struct Parts {
     origins: ws_adapter::OriginPolicy,
     subscribable: Vec<String>,
     max_sessions_per_user: usize,
+    callable: Vec<handler_core::mesh_manager::CallPattern>,
+    client_describe: bool,
 }
 
 impl Reloadable {
@@ -127,6 +131,7 @@ impl Reloadable {
         self.origins.set(parts.origins);
         self.core.set_subscribable(parts.subscribable);
         self.core.set_max_sessions_per_user(parts.max_sessions_per_user);
+        self.core.set_call_rules(parts.callable, parts.client_describe);
 
         let mut changed = 0;
         for (key, value) in &new.values {
@@ -153,6 +158,8 @@ impl Reloadable {
             origins: cli.origin_policy_in(self.demo_mode)?,
             subscribable: cli.subscribable(self.demo_mode),
             max_sessions_per_user: cli.max_sessions_per_user,
+            callable: cli.callable_patterns()?,
+            client_describe: cli.client_describe,
         })
     }
 }

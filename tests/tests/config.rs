@@ -338,3 +338,23 @@ async fn json_logs_are_one_object_per_line_with_the_connection_span() {
     assert!(with_user >= with_session);
     gateway.stop();
 }
+
+#[tokio::test]
+async fn sighup_applies_the_callable_list_to_open_sessions() {
+    let dir = TempDir::new("callable");
+    let file = dir.write("gateway.toml", &format!("jwt_secret = \"{SECRET_A}\"\n"));
+    let gateway = launch(&["--config", &config_arg(&file)], &[]);
+    let mut session = connect(&gateway.url, &token("alice", SECRET_A), None).await.unwrap();
+    serves(&mut session).await;
+    dir.write(
+        "gateway.toml",
+        &format!("jwt_secret = \"{SECRET_A}\"\ncallable = [\"demo.echo\"]\n"),
+    );
+    gateway.hangup();
+    wait_for_log(&gateway, &["callable", "applied"], 0);
+    session.request("demo", "add", json!({"a": 2, "b": 40}), "t-2").await;
+    let r = session.recv_json().await;
+    assert!(r["payload"]["error"].is_object(), "{r}");
+    assert!(r["payload"]["result"].is_null(), "{r}");
+    gateway.stop();
+}

@@ -25,7 +25,7 @@ use crate::ids::{SessionId, UserId};
 use crate::mesh::{
     ControlOutcome, GatewayControl, GatewayStats, MeshEvent, MeshInbound, ServiceMesh,
 };
-use crate::mesh_manager::{MeshManagerConfig, ReplyTo, ServiceMeshManager};
+use crate::mesh_manager::{CallPattern, MeshManagerConfig, ReplyTo, ServiceMeshManager};
 use crate::session_registry::{SessionHandle, SessionRegistry, SessionRegistryConfig};
 use crate::topic::topic_matches;
 
@@ -441,6 +441,13 @@ impl CoordinatorHandle {
     /// subscriptions already made stay.
     pub fn set_subscribable(&self, patterns: Vec<String>) {
         self.shared.sessions.set_subscribable(patterns);
+    }
+
+    /// Replaces `MeshManagerConfig::callable` and `client_describe`, e.g. on a
+    /// configuration reload: calls submitted from now on are checked against them; calls
+    /// in flight go on.
+    pub fn set_call_rules(&self, callable: Vec<CallPattern>, client_describe: bool) {
+        self.shared.mesh.set_call_rules(callable, client_describe);
     }
 
     /// Replaces `CoreConfig::max_sessions_per_user` (at least 1), e.g. on a configuration
