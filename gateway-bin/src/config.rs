@@ -484,6 +484,9 @@ impl Cli {
             bail!("--service-name must be 1 to 200 bytes");
         }
         self.origin_policy()?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
+            bail!("--log {:?}: {e}", self.log);
+        }
         Ok(())
     }
 

@@ -82,6 +82,7 @@ touched:
 - `max_sessions_per_user`: checked at every upgrade from now on; no session is closed.
 - `callable` and `client_describe`: checked at every call from now on, for open sessions
   too; calls in flight go on.
+- `log`: the log filter (not `log_format`).
 
 Every other key needs a restart. The column "reload" below says which is which.
 

@@ -73,28 +73,37 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.log_format {
+    // The filter is reloadable (`--log` on SIGHUP); the format is not.
+    let log_filter: reload::LogFilterHandle = match cli.log_format {
         LogFormat::Text => {
             // Colours only on a terminal: logs piped to files or collectors stay plain text.
             let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            tracing_subscriber::fmt()
+            let builder = tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
                 .with_ansi(ansi)
                 // Logged values come from clients (headers, claims): escaped, so none
                 // starts a line.
                 .fmt_fields(log::escaping_fields())
-                .init();
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Arc::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
         }
         // JSON strings escape every control character: one event, one line.
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-    }
+        LogFormat::Json => {
+            let builder = tracing_subscriber::fmt()
+                .json()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_current_span(true)
+                .with_span_list(false)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Arc::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+        }
+    };
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -103,7 +112,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(loaded, args)) {
+    match runtime.block_on(run(loaded, args, log_filter)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             fatal(json, &format!("{e:#}"));
@@ -122,7 +131,11 @@ fn fatal(json: bool, error: &str) {
     }
 }
 
-async fn run(loaded: Loaded, args: Vec<OsString>) -> Result<()> {
+async fn run(
+    loaded: Loaded,
+    args: Vec<OsString>,
+    log_filter: reload::LogFilterHandle,
+) -> Result<()> {
     let cli = loaded.cli.clone();
     // Caught from here on: SIGHUP reloads the configuration instead of ending the process.
     let mut hangups = hangup_signals();
@@ -202,6 +215,7 @@ async fn run(loaded: Loaded, args: Vec<OsString>) -> Result<()> {
         authenticator,
         origins: origins.clone(),
         core: handle.clone(),
+        log_filter,
     };
 
     let ws = WsConfig {

@@ -33,7 +33,13 @@ pub const LIVE_KEYS: &[&str] = &[
     "max_sessions_per_user",
     "callable",
     "client_describe",
+    "log",
 ];
+
+/// Puts a new log filter in force (a closure over tracing-subscriber's reload handle, whose
+/// type depends on the log format).
+pub type LogFilterHandle =
+    Arc<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;
 
 /// An [`Authenticator`] whose inner authenticator a reload replaces. Tokens presented
 /// after [`ReloadableAuthenticator::set`] are checked by the new one; the lock is held
@@ -88,6 +94,7 @@ pub struct Reloadable {
     pub authenticator: Arc<ReloadableAuthenticator>,
     pub origins: OriginPolicyHandle,
     pub core: CoordinatorHandle,
+    pub log_filter: LogFilterHandle,
 }
 
 /// The new parts, all built before any is applied.
@@ -98,6 +105,7 @@ struct Parts {
     max_sessions_per_user: usize,
     callable: Vec<handler_core::mesh_manager::CallPattern>,
     client_describe: bool,
+    log_filter: tracing_subscriber::EnvFilter,
 }
 
 impl Reloadable {
@@ -132,6 +140,9 @@ impl Reloadable {
         self.core.set_subscribable(parts.subscribable);
         self.core.set_max_sessions_per_user(parts.max_sessions_per_user);
         self.core.set_call_rules(parts.callable, parts.client_describe);
+        if let Err(error) = (self.log_filter)(parts.log_filter) {
+            tracing::error!(%error, "cannot change the log filter");
+        }
 
         let mut changed = 0;
         for (key, value) in &new.values {
@@ -160,6 +171,8 @@ impl Reloadable {
             max_sessions_per_user: cli.max_sessions_per_user,
             callable: cli.callable_patterns()?,
             client_describe: cli.client_describe,
+            log_filter: tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .with_context(|| format!("--log {:?}", cli.log))?,
         })
     }
 }

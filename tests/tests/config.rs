@@ -340,21 +340,28 @@ async fn json_logs_are_one_object_per_line_with_the_connection_span() {
 }
 
 #[tokio::test]
-async fn sighup_applies_the_callable_list_to_open_sessions() {
+async fn sighup_applies_the_callable_list_and_the_log_filter() {
     let dir = TempDir::new("callable");
-    let file = dir.write("gateway.toml", &format!("jwt_secret = \"{SECRET_A}\"\n"));
+    let first = format!("jwt_secret = \"{SECRET_A}\"\nlog = \"info\"\n");
+    let file = dir.write("gateway.toml", &first);
     let gateway = launch(&["--config", &config_arg(&file)], &[]);
     let mut session = connect(&gateway.url, &token("alice", SECRET_A), None).await.unwrap();
     serves(&mut session).await;
-    dir.write(
-        "gateway.toml",
-        &format!("jwt_secret = \"{SECRET_A}\"\ncallable = [\"demo.echo\"]\n"),
-    );
+    let debug_lines =
+        |g: &GatewayProcess| g.stderr_lines().0.iter().filter(|l| l.contains("DEBUG")).count();
+    assert_eq!(debug_lines(&gateway), 0);
+    let second =
+        format!("jwt_secret = \"{SECRET_A}\"\ncallable = [\"demo.echo\"]\nlog = \"debug\"\n");
+    dir.write("gateway.toml", &second);
     gateway.hangup();
-    wait_for_log(&gateway, &["callable", "applied"], 0);
+    wait_for_log(&gateway, &["key=callable", "applied"], 0);
+    wait_for_log(&gateway, &["key=log", "applied"], 0);
     session.request("demo", "add", json!({"a": 2, "b": 40}), "t-2").await;
     let r = session.recv_json().await;
     assert!(r["payload"]["error"].is_object(), "{r}");
     assert!(r["payload"]["result"].is_null(), "{r}");
+    // The new filter: a new session's debug lines are logged now.
+    let _bob = connect(&gateway.url, &token("bob", SECRET_A), None).await.unwrap();
+    wait_for_log(&gateway, &["DEBUG"], 0);
     gateway.stop();
 }
