@@ -86,6 +86,15 @@ touched:
 
 Every other key needs a restart. The column "reload" below says which is which.
 
+## Logs
+
+`--log-format text` (the default) writes one line per event with every logged value
+escaped, `--log-format json` one JSON object per line (`timestamp`, `level`, `fields`,
+`target`, and `span` for events inside one: each WebSocket connection runs in a `conn`
+span with `conn.id`, `peer`, `user.id` and `session.id`). Either way no client-supplied
+value can start a line, and tokens are never logged. A configuration error found before
+logging starts is printed as a plain line.
+
 ## Keys
 "#;
 
@@ -93,6 +102,19 @@ Every other key needs a restart. The column "reload" below says which is which.
 pub fn markdown() -> String {
     let cmd = Cli::command();
     let mut out = String::from(INTRO);
+    out.push_str("\n| key | environment variable | default | reload |\n|---|---|---|---|\n");
+    for arg in keys(&cmd) {
+        let key = arg.get_id().as_str();
+        let env = arg.get_env().map(|e| format!("`{}`", e.to_string_lossy())).unwrap_or_default();
+        let defaults: Vec<String> =
+            arg.get_default_values().iter().map(|d| d.to_string_lossy().into_owned()).collect();
+        let default = if defaults.is_empty() {
+            "none".to_owned()
+        } else {
+            format!("`{}`", defaults.join(","))
+        };
+        let _ = writeln!(out, "| [`{key}`](#{key}) | {env} | {default} | {} |", reload_rule(key));
+    }
     for arg in keys(&cmd) {
         let key = arg.get_id().as_str();
         let list = is_list(arg);
@@ -115,14 +137,20 @@ pub fn markdown() -> String {
         if is_secret(arg) {
             facts.push("secret".to_owned());
         }
-        let live = if reload::LIVE_KEYS.contains(&key) { "applied" } else { "needs a restart" };
-        facts.push(format!("reload: {live}"));
+        facts.push(format!("reload: {}", reload_rule(key)));
         let _ = writeln!(out, "{}\n", facts.join(" · "));
         let help =
             arg.get_long_help().or(arg.get_help()).map(|h| h.to_string()).unwrap_or_default();
-        let _ = writeln!(out, "{}", help.trim());
+        let help = help.trim();
+        // Clap drops the last full stop of a one-paragraph doc comment.
+        let stop = if help.ends_with('.') { "" } else { "." };
+        let _ = writeln!(out, "{help}{stop}");
     }
     out
+}
+
+fn reload_rule(key: &str) -> &'static str {
+    if reload::LIVE_KEYS.contains(&key) { "applied" } else { "needs a restart" }
 }
 
 #[cfg(test)]
