@@ -72,9 +72,13 @@ pub fn load(args: &[OsString]) -> Result<Loaded, LoadError> {
         _ => first.get_one::<PathBuf>("config").cloned(),
     };
     let mut merged: Vec<OsString> = args.iter().take(1).cloned().collect();
+    // The keys whose value the file gives (the others are set by a flag or variable).
+    let mut from_file = Vec::new();
     if let Some(path) = &path {
         let table = read_table(path)?;
-        merged.extend(file_args(&cmd, &first, &table).with_context(|| at(path))?);
+        let (file, keys) = file_args(&cmd, &first, &table).with_context(|| at(path))?;
+        merged.extend(file);
+        from_file = keys;
     }
     merged.extend(args.iter().skip(1).cloned());
     let matches = cmd
@@ -82,8 +86,22 @@ pub fn load(args: &[OsString]) -> Result<Loaded, LoadError> {
         .try_get_matches_from(&merged)
         .map_err(|e| LoadError::Invalid(file_value_error(&cmd, &e, path.as_deref())))?;
     let mut cli = Cli::from_arg_matches(&matches).map_err(|e| LoadError::Invalid(anyhow!(e)))?;
-    cli.load_secret_files()?;
-    cli.validate()?;
+    if let Err(e) = cli.load_secret_files().and_then(|()| cli.validate()) {
+        // The checks name options (`--max-connections`); say which came from the file.
+        let message = format!("{e:#}");
+        let named: Vec<String> = from_file
+            .iter()
+            .filter(|key| mentions(&message, &format!("--{}", key.replace('_', "-"))))
+            .map(|key| format!("`{key}`"))
+            .collect();
+        return Err(match (&path, named.is_empty()) {
+            (Some(path), false) => {
+                anyhow!("{message} (set by key {} of {})", named.join(", "), at(path))
+            }
+            _ => e,
+        }
+        .into());
+    }
     let values = values(&cmd, &matches, &cli);
     Ok(Loaded { cli, values })
 }
@@ -125,8 +143,9 @@ fn file_args(
     cmd: &clap::Command,
     first: &ArgMatches,
     table: &toml::Table,
-) -> Result<Vec<OsString>> {
+) -> Result<(Vec<OsString>, Vec<String>)> {
     let mut out = Vec::new();
+    let mut applied = Vec::new();
     for (key, value) in table {
         let Some(arg) = keys(cmd).find(|a| a.get_id().as_str() == key) else {
             let hint = closest(key, keys(cmd).map(|a| a.get_id().as_str()))
@@ -140,6 +159,7 @@ fn file_args(
         ) {
             continue;
         }
+        applied.push(key.clone());
         let long = arg.get_long().unwrap_or(key);
         let kind = ValueKind::of(arg);
         let wrong = || anyhow!("key `{key}`: expected {}", kind.describe(is_list(arg)));
@@ -157,7 +177,16 @@ fn file_args(
             }
         }
     }
-    Ok(out)
+    Ok((out, applied))
+}
+
+/// Whether `message` names the option `flag` (`--max-in-flight`, not as the start of
+/// `--max-in-flight-total`).
+fn mentions(message: &str, flag: &str) -> bool {
+    message.match_indices(flag).any(|(at, _)| {
+        let next = message[at + flag.len()..].chars().next();
+        !next.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    })
 }
 
 /// A file value as clap takes it: a flag given or not, or a value.
@@ -453,7 +482,11 @@ mod tests {
                 "key `encryption`: expected one of \"off\", \"auto\", \"required\"",
             ),
             ("[section]\nx = 1", "unknown key `section`"),
-            ("max_connections = 0", "--max-connections must be greater than 0"),
+            (
+                "max_connections = 0",
+                "--max-connections must be greater than 0 (set by key `max_connections` of",
+            ),
+            ("max_in_flight_total = 0", "(set by key `max_in_flight_total` of"),
             ("max_connections = ", "line 1, column 19"),
         ] {
             let e = load_file("bad", text, &[]).unwrap_err();
@@ -500,6 +533,13 @@ mod tests {
             assert!(arg.get_long().is_some(), "{}", arg.get_id());
             assert!(arg.get_help().is_some(), "{} has no doc comment", arg.get_id());
         }
+    }
+
+    #[test]
+    fn options_are_found_in_messages_whole() {
+        assert!(mentions("--max-in-flight must be", "--max-in-flight"));
+        assert!(mentions("x (--max-in-flight)", "--max-in-flight"));
+        assert!(!mentions("--max-in-flight-total must be", "--max-in-flight"));
     }
 
     #[test]
