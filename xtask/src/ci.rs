@@ -23,6 +23,7 @@ pub fn run(root: &Path) -> Result<()> {
     crate::chaos::run(root, &["--short".to_owned()])?;
     crate::examples::run()?;
     package(root)?;
+    crate::install::run(root)?;
     crate::interop::run(root)?;
     eprintln!("xtask ci: all gates passed");
     Ok(())
