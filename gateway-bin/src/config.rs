@@ -1,12 +1,13 @@
 //! Command line and environment: every option, parsed and validated once before the runtime
-//! starts. Each flag can also be set by the environment variable shown in `--help`.
+//! starts. Each flag can also be set by the environment variable shown in `--help`, and by
+//! a key of the configuration file (`--config`, see `config_file.rs`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 
 use amqp_mesh::{AmqpMeshError, AmqpTlsConfig, ClientIdentity};
 use handler_core::auth::{JwtConfig, JwtKey};
@@ -25,6 +26,59 @@ pub enum Encryption {
     Required,
 }
 
+/// The log line format on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable text, one event per line, control characters escaped.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A secret given on the command line, in the environment or in a file: its `Debug` never
+/// shows it, so neither does a debug print of the whole configuration.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+
+    /// The secret itself; say why at every call.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// What the binary does besides serving (none: serve).
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Validates a configuration file exactly as start-up would (with the environment and
+    /// any flags given before the subcommand), prints `configuration OK` and exits 0, or
+    /// names the bad key and exits 2. An empty file is valid: all defaults.
+    CheckConfig {
+        /// The TOML configuration file.
+        file: PathBuf,
+    },
+    /// Prints docs/CONFIGURATION.md as generated from the options (`cargo xtask config-doc`).
+    #[command(hide = true)]
+    ConfigDoc,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum JwtAlgorithm {
     Hs256,
@@ -36,7 +90,7 @@ pub enum JwtAlgorithm {
 ///
 /// With no --amqp-url it runs on an embedded in-memory mesh with a demo service and prints a
 /// demo token, so you can connect a WebSocket client right away.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "nuropb-gateway", version)]
 pub struct Cli {
     /// Address to accept WebSocket connections on.
@@ -50,8 +104,8 @@ pub struct Cli {
 
     /// RabbitMQ URL of the mesh (amqp:// or amqps://; the vhost is the mesh name). Without
     /// it the gateway runs on the embedded in-memory demo mesh.
-    #[arg(long, env = "NUROPB_AMQP_URL")]
-    pub amqp_url: Option<String>,
+    #[arg(long, env = "NUROPB_AMQP_URL", hide_env_values = true)]
+    pub amqp_url: Option<Secret>,
 
     /// The gateway's own NuroPb service name (its queue is `nuropb-<name>-sq`).
     #[arg(long, env = "NUROPB_SERVICE_NAME", default_value = "nuropb-gateway")]
@@ -121,7 +175,7 @@ pub struct Cli {
     /// HS256 secret for client JWTs. Without any JWT key, the in-memory mode generates a
     /// dev secret and prints a demo token; AMQP mode refuses to start.
     #[arg(long, env = "NUROPB_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Secret>,
 
     /// PEM public key file for RS256/ES256 client JWTs (see --jwt-algorithm).
     #[arg(long, env = "NUROPB_JWT_PUBLIC_KEY_FILE")]
@@ -292,6 +346,7 @@ pub struct Cli {
     /// PEM private key of --amqp-client-cert-file.
     #[arg(long, env = "NUROPB_AMQP_CLIENT_KEY_FILE")]
     pub amqp_client_key_file: Option<PathBuf>,
+
     // --- Lame-duck drain and the real client address (docs/OPERATIONS.md, "Drain and
     // upgrades" and "Behind a load balancer") ---
     /// Seconds over which the sessions are closed (1001, "reconnect elsewhere") at
@@ -317,11 +372,35 @@ pub struct Cli {
     /// --trusted-proxies may connect (others are closed at once). Off by default.
     #[arg(long, env = "NUROPB_PROXY_PROTOCOL", action = ArgAction::Set, default_value_t = false)]
     pub proxy_protocol: bool,
+    // Configuration file, secrets from files, log format.
+    /// TOML configuration file: its keys are the long flag names with `_` for `-` (see
+    /// docs/CONFIGURATION.md). A flag beats its environment variable, which beats the file,
+    /// which beats the default. SIGHUP re-reads it.
+    #[arg(long, env = "NUROPB_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// File holding the HS256 secret for client JWTs (exclusive with --jwt-secret; one
+    /// trailing newline is dropped). Re-read on SIGHUP.
+    #[arg(long, env = "NUROPB_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// File holding the RabbitMQ URL (exclusive with --amqp-url; one trailing newline is
+    /// dropped), so the broker password stays out of the environment and the process list.
+    #[arg(long, env = "NUROPB_AMQP_URL_FILE")]
+    pub amqp_url_file: Option<PathBuf>,
+
+    /// Log line format on stderr: `text`, or `json` (one JSON object per line).
+    #[arg(long, env = "NUROPB_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
 
     /// Log filter (tracing env-filter syntax), e.g. `info` or `ws_adapter=debug`. lapin's
     /// own logs are off by default: the mesh adapter reports connection loss and recovery.
     #[arg(long, env = "NUROPB_LOG", default_value = "info,lapin=off")]
     pub log: String,
+
+    /// A subcommand (`check-config`), or none: serve.
+    #[command(subcommand)]
+    pub command: Option<Command>,
 }
 
 impl Cli {
@@ -359,6 +438,36 @@ impl Cli {
                 CallPattern::parse(e.trim()).map_err(|why| anyhow::anyhow!("--callable: {why}"))
             })
             .collect()
+    }
+
+    /// Reads `--jwt-secret-file` and `--amqp-url-file` into `jwt_secret` and `amqp_url`,
+    /// each exclusive with its inline form. The messages name the option and the file,
+    /// never its content.
+    pub fn load_secret_files(&mut self) -> Result<()> {
+        fn read(path: &std::path::Path, option: &str) -> Result<Secret> {
+            let mut text = std::fs::read_to_string(path)
+                .with_context(|| format!("{option}: cannot read {}", path.display()))?;
+            if text.ends_with('\n') {
+                text.pop();
+                if text.ends_with('\r') {
+                    text.pop();
+                }
+            }
+            Ok(Secret::new(text))
+        }
+        if let Some(path) = &self.jwt_secret_file {
+            if self.jwt_secret.is_some() {
+                bail!("--jwt-secret and --jwt-secret-file are exclusive");
+            }
+            self.jwt_secret = Some(read(path, "--jwt-secret-file")?);
+        }
+        if let Some(path) = &self.amqp_url_file {
+            if self.amqp_url.is_some() {
+                bail!("--amqp-url and --amqp-url-file are exclusive");
+            }
+            self.amqp_url = Some(read(path, "--amqp-url-file")?);
+        }
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -434,7 +543,7 @@ impl Cli {
         if self.jwt_secret.is_some() && self.jwt_public_key_file.is_some() {
             bail!("--jwt-secret and --jwt-public-key-file are exclusive");
         }
-        if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
+        if self.jwt_secret.as_ref().is_some_and(|s| s.expose().len() < 16) {
             bail!("--jwt-secret must be at least 16 bytes");
         }
         if self.amqp_url.is_some()
@@ -466,6 +575,9 @@ impl Cli {
         let proxies = self.trusted_proxies()?;
         if self.proxy_protocol && proxies.is_empty() {
             bail!("--proxy-protocol needs --trusted-proxies (the proxies allowed to connect)");
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
+            bail!("--log {:?}: {e}", self.log);
         }
         Ok(())
     }
@@ -511,7 +623,7 @@ impl Cli {
         if tls.is_empty() {
             return Ok(tls);
         }
-        let amqps = self.amqp_url.as_deref().is_some_and(|u| {
+        let amqps = self.amqp_url.as_ref().map(|u| u.expose()).is_some_and(|u| {
             u.get(..8).is_some_and(|scheme| scheme.eq_ignore_ascii_case("amqps://"))
         });
         if !amqps {
@@ -536,7 +648,12 @@ impl Cli {
     /// with no --allowed-origins allows pages on this machine; anywhere else, origins are
     /// opt-in.
     pub fn origin_policy(&self) -> Result<OriginPolicy> {
-        let demo_mode = self.amqp_url.is_none();
+        self.origin_policy_in(self.amqp_url.is_none())
+    }
+
+    /// [`Cli::origin_policy`] for a gateway in demo mode or not (a reload keeps the mode
+    /// the gateway started in).
+    pub fn origin_policy_in(&self, demo_mode: bool) -> Result<OriginPolicy> {
         if self.allowed_origins.is_empty() && demo_mode {
             return OriginPolicy::new(&["localhost", "127.0.0.1"])
                 .context("--allowed-origins (demo default)");
@@ -544,10 +661,21 @@ impl Cli {
         OriginPolicy::new(&self.allowed_origins).context("--allowed-origins")
     }
 
+    /// The topic patterns open to subscription. The demo is meant to be explored: its
+    /// topics are open by default.
+    pub fn subscribable(&self, demo_mode: bool) -> Vec<String> {
+        if self.subscribable_topics.is_empty() && demo_mode {
+            vec!["demo.#".to_owned()]
+        } else {
+            self.subscribable_topics.clone()
+        }
+    }
+
     /// The JWT verification config, or `None` when no key is configured.
     pub fn jwt_config(&self) -> Result<Option<JwtConfig>> {
         let key = if let Some(secret) = &self.jwt_secret {
-            JwtKey::Hs256Secret(secret.as_bytes().to_vec())
+            // The key itself: the authenticator needs it.
+            JwtKey::Hs256Secret(secret.expose().as_bytes().to_vec())
         } else if let Some(path) = &self.jwt_public_key_file {
             let pem = std::fs::read_to_string(path).with_context(|| {
                 format!("--jwt-public-key-file: cannot read {}", path.display())

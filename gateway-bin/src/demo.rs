@@ -15,7 +15,7 @@ use nuropb_wire::ErrorObject;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use ws_adapter::{HttpRequest, HttpResponse, HttpRoutes, OriginPolicy};
+use ws_adapter::{HttpRequest, HttpResponse, HttpRoutes, OriginPolicyHandle};
 
 fn number(call: &MethodCall, name: &str) -> Result<f64, ErrorObject> {
     call.params.get(name).and_then(Value::as_f64).ok_or_else(|| {
@@ -145,7 +145,7 @@ pub fn http_routes(
     demo_mode: bool,
     signing_secret: Option<&str>,
     claims: TokenClaims,
-    origins: OriginPolicy,
+    origins: OriginPolicyHandle,
 ) -> Option<Arc<dyn HttpRoutes>> {
     if !demo_mode {
         return None;
@@ -165,7 +165,7 @@ struct DemoRoutes {
     claims: TokenClaims,
     /// The origins allowed at the upgrade may also read the library and the token
     /// (CORS), so that a page served elsewhere can use the demo.
-    origins: OriginPolicy,
+    origins: OriginPolicyHandle,
     token_lifetime: Duration,
 }
 
@@ -263,11 +263,12 @@ mod tests {
     use ws_adapter::answer_http;
 
     use super::*;
+    use ws_adapter::OriginPolicy;
 
     const SECRET: &str = "a-demo-secret-of-32-bytes-------";
 
     fn routes(demo_mode: bool, secret: Option<&str>) -> Option<Arc<dyn HttpRoutes>> {
-        let origins = OriginPolicy::new(&["localhost"]).unwrap();
+        let origins = OriginPolicy::new(&["localhost"]).unwrap().into();
         http_routes(demo_mode, secret, TokenClaims::default(), origins)
     }
 

@@ -75,6 +75,32 @@ mod tests {
     }
 
     #[test]
+    fn in_json_no_logged_value_can_start_a_line() {
+        let forged = "x\n{\"level\":\"forged\"}\r\u{1b}[2K";
+        let buffer = Buffer::default();
+        let out = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || out.clone())
+            .with_current_span(true)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(reason = %forged, "upgrade refused");
+            tracing::info_span!("conn", peer = %forged).in_scope(|| tracing::info!("in a span"));
+            tracing::info!("message {forged}");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        for line in &lines {
+            let event: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(event["level"], "INFO", "{line}");
+            assert!(!line.contains(['\r', '\u{1b}']), "{line:?}");
+        }
+        assert!(lines[0].contains(r#""reason":"x\n{\"level\":\"forged\"}"#), "{}", lines[0]);
+    }
+
+    #[test]
     fn no_logged_value_can_start_a_line() {
         let forged =
             "x\n2025-01-01T00:00:00Z  INFO session opened user.id=admin\r\u{1b}[2K\u{2028}";

@@ -1,34 +1,39 @@
-//! The `nuropb-gateway` binary, a composition root only: parse and validate config, install
-//! the tracing subscriber, build the mesh adapter and the core, serve WebSockets (and the
-//! operations endpoint when asked), and on Ctrl-C/SIGTERM drain: refuse new sessions (503)
-//! while still accepting, close the sessions spread over the lame-duck window, each once its
-//! in-flight requests are answered, then stop.
+//! The `nuropb-gateway` binary, a composition root only: load and validate config (flags,
+//! environment, configuration file), install the tracing subscriber, build the mesh adapter
+//! and the core, serve WebSockets (and the operations endpoint when asked), reload what can
+//! change on SIGHUP, and on Ctrl-C/SIGTERM drain: refuse new sessions (503) while still
+//! accepting, close the sessions spread over the lame-duck window, each once its in-flight
+//! requests are answered, then stop.
 
 mod config;
+mod config_doc;
+mod config_file;
 mod demo;
 mod log;
 mod ops;
+mod reload;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use handler_core::auth::JwtKey;
 use handler_core::coordinator::CoreConfig;
 use handler_core::mesh_manager::MeshManagerConfig;
 use handler_core::session_registry::SessionRegistryConfig;
-use handler_core::{Coordinator, JwtAuthenticator, JwtConfig, ServiceMesh};
+use handler_core::{Coordinator, ServiceMesh};
 use nuropb_wire::client::ClientLimits;
 use ops_http::OpsConfig;
-use ws_adapter::{AuthSources, WsConfig, WsStatsHandle};
+use ws_adapter::{AuthSources, OriginPolicyHandle, WsConfig, WsStatsHandle};
 
-use crate::config::Cli;
+use crate::config::{Cli, Command, LogFormat};
+use crate::config_file::{LoadError, Loaded};
+use crate::reload::{Reloadable, ReloadableAuthenticator};
 
 /// Prints a line to stdout for the operator. A closed stdout (e.g. the reader went away)
 /// must not bring the gateway down, so write errors are ignored.
@@ -40,11 +45,28 @@ macro_rules! say {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Err(e) = cli.validate() {
-        eprintln!("nuropb-gateway: invalid configuration: {e:#}");
-        return ExitCode::from(2);
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if config_file::wants_config_doc(&args) {
+        use std::io::Write as _;
+        // As `say!`: a closed stdout is the reader's business.
+        let _ = std::io::stdout().write_all(config_doc::markdown().as_bytes());
+        return ExitCode::SUCCESS;
     }
+    let loaded = match config_file::load(&args) {
+        Ok(loaded) => loaded,
+        // Usage errors, `--help` and `--version`, printed and exited as clap does (2, 0).
+        Err(LoadError::CommandLine(e)) => e.exit(),
+        Err(LoadError::Invalid(e)) => {
+            eprintln!("nuropb-gateway: invalid configuration: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::CheckConfig { file }) = &loaded.cli.command {
+        say!("configuration OK: {}", file.display());
+        return ExitCode::SUCCESS;
+    }
+    let cli = &loaded.cli;
+    let json = cli.log_format == LogFormat::Json;
     let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
         Ok(f) => f,
         Err(e) => {
@@ -52,33 +74,72 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Colours only on a terminal: logs piped to files or collectors stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        // Logged values come from clients (headers, claims): escaped, so none starts a line.
-        .fmt_fields(log::escaping_fields())
-        .init();
+    // The filter is reloadable (`--log` on SIGHUP); the format is not.
+    let log_filter: reload::LogFilterHandle = match cli.log_format {
+        LogFormat::Text => {
+            // Colours only on a terminal: logs piped to files or collectors stay plain text.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let builder = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi)
+                // Logged values come from clients (headers, claims): escaped, so none
+                // starts a line.
+                .fmt_fields(log::escaping_fields())
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Arc::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+        }
+        // JSON strings escape every control character: one event, one line.
+        LogFormat::Json => {
+            let builder = tracing_subscriber::fmt()
+                .json()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_current_span(true)
+                .with_span_list(false)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Arc::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+        }
+    };
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("nuropb-gateway: cannot start the runtime: {e}");
+            fatal(json, &format!("cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(loaded, args, log_filter)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("nuropb-gateway: {e:#}");
+            fatal(json, &format!("{e:#}"));
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+/// The last word of a failed gateway: a log event in the JSON format (so that every stderr
+/// line stays one JSON object), a plain line otherwise.
+fn fatal(json: bool, error: &str) {
+    if json {
+        tracing::error!(error, "nuropb-gateway stopped");
+    } else {
+        eprintln!("nuropb-gateway: {error}");
+    }
+}
+
+async fn run(
+    loaded: Loaded,
+    args: Vec<OsString>,
+    log_filter: reload::LogFilterHandle,
+) -> Result<()> {
+    let cli = loaded.cli.clone();
+    // Caught from here on: SIGHUP reloads the configuration instead of ending the process.
+    let mut hangups = hangup_signals();
     // Shutdown order: `shutdown` refuses new sessions and calls (the listener still accepts:
     // upgrades get 503, `/healthz` 503, the lame-duck window); the coordinator then closes
     // the sessions spread over the window, each once its calls are answered, by the drain
@@ -94,7 +155,8 @@ async fn run(cli: Cli) -> Result<()> {
     // The mesh: RabbitMQ when configured, else the in-memory demo.
     let (mesh, inbound, amqp): (Arc<dyn ServiceMesh>, _, _) = match &cli.amqp_url {
         Some(url) => {
-            let config = amqp_config(&cli, url)?;
+            // The URL itself (it holds the password): only its redacted form is logged.
+            let config = amqp_config(&cli, url.expose())?;
             tracing::info!(url = %config.redacted_url(), service = %config.service_name, "connecting to the mesh");
             let (mesh, inbound) = amqp_mesh::AmqpMesh::start(config, mesh_shutdown.clone())
                 .await
@@ -120,21 +182,13 @@ async fn run(cli: Cli) -> Result<()> {
     let tls = cli.tls_acceptor()?;
     let scheme = if tls.is_some() { "wss" } else { "ws" };
 
-    let (jwt, dev_secret) = match cli.jwt_config()? {
-        Some(c) => (c, None),
-        None => {
-            let secret = demo::generate_secret();
-            (JwtConfig::new(JwtKey::Hs256Secret(secret.clone().into_bytes())), Some(secret))
-        }
-    };
-    let authenticator = Arc::new(JwtAuthenticator::new(jwt).context("invalid JWT key")?);
+    // No key configured (`validate` allows that in the in-memory mode only): a dev secret.
+    let dev_secret =
+        (cli.jwt_secret.is_none() && cli.jwt_public_key_file.is_none()).then(demo::generate_secret);
+    let authenticator =
+        Arc::new(ReloadableAuthenticator::new(reload::authenticator(&cli, dev_secret.as_deref())?));
 
-    // The demo is meant to be explored: its topics are open to subscription by default.
-    let subscribable = if cli.subscribable_topics.is_empty() && demo_mode {
-        vec!["demo.#".to_owned()]
-    } else {
-        cli.subscribable_topics.clone()
-    };
+    let subscribable = cli.subscribable(demo_mode);
     let core = CoreConfig {
         sessions: SessionRegistryConfig { subscribable, ..SessionRegistryConfig::default() },
         mesh: MeshManagerConfig {
@@ -159,7 +213,20 @@ async fn run(cli: Cli) -> Result<()> {
         lame_duck: cli.lame_duck(),
     };
     let (coordinator, handle) =
-        Coordinator::new(core, authenticator, mesh, inbound, calls, shutdown.clone());
+        Coordinator::new(core, authenticator.clone(), mesh, inbound, calls, shutdown.clone());
+    // Already checked by `validate`.
+    let origins = OriginPolicyHandle::new(cli.origin_policy()?);
+    let mut reloadable = Reloadable {
+        args,
+        running: loaded,
+        demo_mode,
+        dev_secret: dev_secret.clone(),
+        authenticator,
+        origins: origins.clone(),
+        tls: tls.clone(),
+        core: handle.clone(),
+        log_filter,
+    };
 
     let ws = WsConfig {
         max_connections: cli.max_connections,
@@ -176,8 +243,7 @@ async fn run(cli: Cli) -> Result<()> {
         idle_timeout: Duration::from_secs(cli.idle_timeout_secs),
         rate_per_second: cli.rate_per_second,
         rate_burst: cli.rate_burst,
-        // Already checked by `validate`.
-        origins: cli.origin_policy()?,
+        origins: origins.clone(),
         auth: AuthSources {
             cookie: cli.cookie_auth.then(|| "Authorization".to_owned()),
             query_param: cli.token_query_param.clone(),
@@ -186,12 +252,13 @@ async fn run(cli: Cli) -> Result<()> {
         // The demo page, the library and `/demo/token` in demo mode only; `/healthz` always.
         http_routes: demo::http_routes(
             demo_mode,
-            dev_secret.as_deref().or(cli.jwt_secret.as_deref()),
+            // The demo signs tokens with the secret it verifies with.
+            dev_secret.as_deref().or(cli.jwt_secret.as_ref().map(|s| s.expose())),
             demo::TokenClaims {
                 issuer: cli.jwt_issuer.clone(),
                 audience: cli.jwt_audience.clone(),
             },
-            cli.origin_policy()?,
+            origins,
         ),
         auth_timeout: Duration::from_secs(cli.auth_timeout_secs),
         // Reload: `tls.reload()` on a clone of this handle (see docs/OPERATIONS.md, TLS).
@@ -233,12 +300,9 @@ async fn run(cli: Cli) -> Result<()> {
         None => None,
     };
     if demo_mode {
-        print_demo_banner(
-            scheme,
-            &addr.to_string(),
-            dev_secret.as_deref(),
-            cli.jwt_secret.as_deref(),
-        )?;
+        // The configured secret signs the demo token; it is never printed itself.
+        let configured = cli.jwt_secret.as_ref().map(|s| s.expose());
+        print_demo_banner(scheme, &addr.to_string(), dev_secret.as_deref(), configured)?;
     }
 
     let drain = Duration::from_secs(cli.drain_timeout_secs);
@@ -254,10 +318,17 @@ async fn run(cli: Cli) -> Result<()> {
 
     // A WebSocket server that stops on its own (it only should at shutdown) takes the
     // gateway down with it rather than leaving a process that serves nobody.
-    let server_result = tokio::select! {
-        // Both are cancel-safe waits; the server handle is awaited below if not here.
-        () = wait_for_signal() => None,
-        r = &mut server => Some(r),
+    let stop = wait_for_signal();
+    tokio::pin!(stop);
+    let server_result = loop {
+        tokio::select! {
+            // All three are cancel-safe waits (`stop` is pinned outside the loop, so a
+            // reload does not re-register it); the server handle is awaited below if not
+            // here.
+            () = &mut stop => break None,
+            r = &mut server => break Some(r),
+            () = next_hangup(&mut hangups) => reloadable.reload(),
+        }
     };
     let lame_duck = cli.lame_duck();
     tracing::info!(
@@ -381,6 +452,43 @@ fn print_demo_banner(
         );
     }
     Ok(())
+}
+
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = Option<()>;
+
+/// SIGHUP, caught (its default would end the process); `None` if it cannot be.
+fn hangup_signals() -> Hangups {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot wait for SIGHUP: no configuration reload");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// The next SIGHUP; never, without the signal. Cancel-safe.
+async fn next_hangup(hangups: &mut Hangups) {
+    #[cfg(unix)]
+    if let Some(signal) = hangups {
+        if signal.recv().await.is_some() {
+            return;
+        }
+        // The signal stream ended: no more reloads.
+        *hangups = None;
+    }
+    #[cfg(not(unix))]
+    let _ = hangups;
+    std::future::pending::<()>().await;
 }
 
 async fn wait_for_signal() {

@@ -86,7 +86,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             ws: WsConfig {
-                origins: OriginPolicy::new(&["example.com"]).unwrap(),
+                origins: OriginPolicy::new(&["example.com"]).unwrap().into(),
                 ..WsConfig::default()
             },
             request_timeout: Duration::from_secs(2),

@@ -30,6 +30,22 @@ pub struct GatewayProcess {
     pub ops_addr: Option<String>,
     /// The gateway's stderr lines (its log), when started with [`GatewayProcess::start_capturing`].
     stderr: Option<Arc<Mutex<Captured>>>,
+    /// The gateway's stdout lines (its banner and what it prints).
+    stdout: Arc<Mutex<Captured>>,
+}
+
+/// How [`GatewayProcess::launch`] starts the gateway (in-memory mode, on a free loopback
+/// port, its stderr captured).
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// Flags after `--listen 127.0.0.1:0`.
+    pub args: Vec<String>,
+    /// Environment variables set for the gateway (on top of this process's environment,
+    /// where every `NUROPB_` variable is removed first).
+    pub env: Vec<(String, String)>,
+    /// Whether to pass `--jwt-secret` [`SECRET`] (the other starters always do); without
+    /// it the key comes from `args`, `env` or the configuration file.
+    pub test_secret: bool,
 }
 
 /// Stderr as captured: the first [`MAX_CAPTURED_LINES`] lines and how many there were.
@@ -47,7 +63,9 @@ pub enum Mesh<'a> {
     InMemory,
 }
 
-fn binary() -> PathBuf {
+/// The gateway binary the suites run: [`GATEWAY_BIN_ENV`] when set, else the build of
+/// this profile in the workspace's target directory.
+pub fn binary() -> PathBuf {
     if let Some(bin) = std::env::var_os(GATEWAY_BIN_ENV) {
         return PathBuf::from(bin);
     }
@@ -101,18 +119,39 @@ impl GatewayProcess {
         GatewayProcess::spawn(mesh, args, true)
     }
 
+    /// Starts the in-memory gateway as `launch` says, its stderr captured.
+    pub fn launch(launch: &Launch) -> GatewayProcess {
+        let mut cmd = Command::new(binary());
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        if launch.test_secret {
+            cmd.args(["--jwt-secret", SECRET]);
+        }
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("NUROPB_") {
+                cmd.env_remove(name);
+            }
+        }
+        cmd.envs(launch.env.iter().map(|(k, v)| (k, v)));
+        cmd.args(&launch.args);
+        GatewayProcess::spawn_command(cmd, &launch.args, true)
+    }
+
     fn spawn(mesh: Mesh<'_>, args: &[String], capture_stderr: bool) -> GatewayProcess {
-        let bin = binary();
-        let mut cmd = Command::new(&bin);
+        let mut cmd = Command::new(binary());
         cmd.args(["--listen", "127.0.0.1:0", "--jwt-secret", SECRET, "--jwt-algorithm", "hs256"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(if capture_stderr { Stdio::piped() } else { Stdio::inherit() })
-            .process_group(0);
+            .args(args);
         if let Mesh::Amqp { url, service_name } = mesh {
             cmd.args(["--amqp-url", url, "--service-name", service_name]);
         }
+        GatewayProcess::spawn_command(cmd, args, capture_stderr)
+    }
+
+    fn spawn_command(mut cmd: Command, args: &[String], capture_stderr: bool) -> GatewayProcess {
+        let bin = PathBuf::from(cmd.get_program());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(if capture_stderr { Stdio::piped() } else { Stdio::inherit() })
+            .process_group(0);
         let mut child = cmd.spawn().unwrap_or_else(|e| {
             panic!(
                 "cannot start {}: {e} (`cargo xtask` builds it; {GATEWAY_BIN_ENV})",
@@ -123,9 +162,17 @@ impl GatewayProcess {
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         let (ops_tx, ops_rx) = mpsc::channel();
+        let stdout_lines = Arc::new(Mutex::new(Captured::default()));
+        let stdout_sink = Arc::clone(&stdout_lines);
         // Reads stdout to its end, so the gateway never blocks on a full pipe.
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(mut sink) = stdout_sink.lock() {
+                    sink.total += 1;
+                    if sink.lines.len() < MAX_CAPTURED_LINES {
+                        sink.lines.push(line.clone());
+                    }
+                }
                 let listening = line.strip_prefix("nuropb-gateway listening on ");
                 if let Some((scheme, rest)) = listening.and_then(|l| l.split_once("://")) {
                     let _ = tx.send((scheme.to_owned(), rest.trim_end_matches('/').to_owned()));
@@ -170,8 +217,26 @@ impl GatewayProcess {
         } else {
             None
         };
-        let url = format!("{scheme}://{addr}/ws");
-        GatewayProcess { child, pid, url, addr, ops_addr, stderr }
+        GatewayProcess {
+            child,
+            pid,
+            url: format!("{scheme}://{addr}/ws"),
+            addr,
+            ops_addr,
+            stderr,
+            stdout: stdout_lines,
+        }
+    }
+
+    /// Sends SIGHUP (a configuration reload).
+    pub fn hangup(&self) {
+        let status = Command::new("kill").args(["-HUP", &self.pid.to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -HUP {}", self.pid);
+    }
+
+    /// The stdout lines so far (the banner and anything printed after it).
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().expect("stdout lock").lines.clone()
     }
 
     /// Stops the gateway (SIGTERM, SIGKILL after a grace period) and waits for it.

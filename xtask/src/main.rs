@@ -11,6 +11,7 @@ mod browser;
 mod chaos;
 mod ci;
 mod cmd;
+mod config_doc;
 mod examples;
 mod fuzz;
 mod hostile;
@@ -42,6 +43,7 @@ fn main() -> Result<()> {
         Some("examples") => examples::run(),
         Some("doc") => ci::doc(),
         Some("package") => ci::package(&root),
+        Some("config-doc") => config_doc::run(&root),
         Some("install") => install::run(&root),
         Some("bench") => bench::run(&root),
         Some("chaos") => chaos::run(&root, &args[1..]),
@@ -73,6 +75,7 @@ fn print_help() {
          examples     build and run the worked examples (examples/; RabbitMQ for mesh_peer)\n\
          doc          cargo doc --workspace with RUSTDOCFLAGS=-D warnings\n\
          package      cargo package every library crate (the publish dry run)\n\
+         config-doc   regenerate docs/CONFIGURATION.md from the gateway's options\n\
          install      cargo install the binary; systemd-analyze verify/security on packaging/systemd\n\
          bench        benchmarks with a printed table\n\
          chaos        faults under load, a table per scenario: [--short] (the CI form, ~2 min)

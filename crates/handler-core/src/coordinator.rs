@@ -25,7 +25,7 @@ use crate::ids::{SessionId, UserId};
 use crate::mesh::{
     ControlOutcome, GatewayControl, GatewayStats, MeshEvent, MeshInbound, ServiceMesh,
 };
-use crate::mesh_manager::{MeshManagerConfig, ReplyTo, ServiceMeshManager};
+use crate::mesh_manager::{CallPattern, MeshManagerConfig, ReplyTo, ServiceMeshManager};
 use crate::session_registry::{SessionHandle, SessionRegistry, SessionRegistryConfig};
 use crate::topic::topic_matches;
 
@@ -105,7 +105,8 @@ struct Shared {
     broadcast_topics: Vec<String>,
     shutdown: CancellationToken,
     events_delivered: std::sync::atomic::AtomicU64,
-    max_sessions_per_user: usize,
+    // Changed by `set_max_sessions_per_user` (a configuration reload); read at every open.
+    max_sessions_per_user: std::sync::atomic::AtomicUsize,
     // Held from counting a user's sessions to registering the new one, so two concurrent
     // opens cannot both take the last slot. Never held across `.await` (there is none).
     open_gate: std::sync::Mutex<()>,
@@ -148,7 +149,7 @@ impl Coordinator {
             broadcast_topics: config.broadcast_topics,
             shutdown,
             events_delivered: Default::default(),
-            max_sessions_per_user: config.max_sessions_per_user,
+            max_sessions_per_user: config.max_sessions_per_user.into(),
             open_gate: std::sync::Mutex::new(()),
             lame_duck: config.lame_duck,
         });
@@ -410,7 +411,7 @@ impl CoordinatorHandle {
         let _gate = self.shared.open_gate.lock().unwrap_or_else(|e| e.into_inner());
         if self.session_limit_reached(&identity.user_id) {
             tracing::info!(user.id = %identity.user_id, "session refused: too many sessions");
-            return Err(CoreError::TooManySessions(self.shared.max_sessions_per_user));
+            return Err(CoreError::TooManySessions(self.max_sessions_per_user()));
         }
         let session_id = SessionId::generate();
         let hello = ServerFrame::Message(ServerMessage::Event {
@@ -444,7 +445,7 @@ impl CoordinatorHandle {
     /// Whether `user` already has `max_sessions_per_user` sessions: transports ask before
     /// upgrading (to refuse with a status rather than a close); `open_session` decides.
     pub fn session_limit_reached(&self, user: &UserId) -> bool {
-        self.shared.sessions.sessions_of(user).len() >= self.shared.max_sessions_per_user
+        self.shared.sessions.sessions_of(user).len() >= self.max_sessions_per_user()
     }
 
     /// Forgets a session whose connection ended; its pending calls are cancelled.
@@ -541,6 +542,30 @@ impl CoordinatorHandle {
     /// Live stats of this instance.
     pub fn stats(&self) -> GatewayStats {
         self.shared.stats()
+    }
+
+    /// Replaces the topic patterns open to subscription (`SessionRegistryConfig::subscribable`),
+    /// e.g. on a configuration reload. Checked at every `subscribe` from now on;
+    /// subscriptions already made stay.
+    pub fn set_subscribable(&self, patterns: Vec<String>) {
+        self.shared.sessions.set_subscribable(patterns);
+    }
+
+    /// Replaces `MeshManagerConfig::callable` and `client_describe`, e.g. on a
+    /// configuration reload: calls submitted from now on are checked against them; calls
+    /// in flight go on.
+    pub fn set_call_rules(&self, callable: Vec<CallPattern>, client_describe: bool) {
+        self.shared.mesh.set_call_rules(callable, client_describe);
+    }
+
+    /// Replaces `CoreConfig::max_sessions_per_user` (at least 1), e.g. on a configuration
+    /// reload. Checked at every open from now on; no open session is closed.
+    pub fn set_max_sessions_per_user(&self, max: usize) {
+        self.shared.max_sessions_per_user.store(max.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn max_sessions_per_user(&self) -> usize {
+        self.shared.max_sessions_per_user.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether shutdown has begun.

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use nuropb_wire::JsonObject;
@@ -117,10 +117,20 @@ struct Pending {
     total_bytes: usize,
 }
 
+/// What clients may call: `MeshManagerConfig::callable` and `client_describe` as in force.
+#[derive(Debug)]
+struct CallRules {
+    callable: Vec<CallPattern>,
+    client_describe: bool,
+}
+
 /// See the module docs.
 pub(crate) struct ServiceMeshManager {
     mesh: Arc<dyn ServiceMesh>,
+    // `config.callable` and `config.client_describe` are unused: `rules` is in force.
     config: MeshManagerConfig,
+    // Replaced by `set_call_rules` (a configuration reload); read once per call.
+    rules: RwLock<Arc<CallRules>>,
     pending: Arc<Mutex<Pending>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -189,6 +199,10 @@ impl ServiceMeshManager {
     ) -> Self {
         ServiceMeshManager {
             mesh,
+            rules: RwLock::new(Arc::new(CallRules {
+                callable: config.callable.clone(),
+                client_describe: config.client_describe,
+            })),
             config,
             pending: Arc::new(Mutex::new(Pending::default())),
             tracker,
@@ -196,6 +210,12 @@ impl ServiceMeshManager {
             abort: CancellationToken::new(),
             counters: Arc::new(Counters::default()),
         }
+    }
+
+    /// Replaces what clients may call, for every call submitted from now on.
+    pub(crate) fn set_call_rules(&self, callable: Vec<CallPattern>, client_describe: bool) {
+        let rules = Arc::new(CallRules { callable, client_describe });
+        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = rules;
     }
 
     pub(crate) fn mesh(&self) -> &Arc<dyn ServiceMesh> {
@@ -324,11 +344,13 @@ impl ServiceMeshManager {
             return Err(CoreError::Reserved(call.service));
         }
         let describe = call.method == nuropb_wire::mesh::DESCRIBE_METHOD;
-        let allowed = if describe && !self.config.client_describe {
+        // Poisoning cannot leave a half-written `Arc`: ignored.
+        let rules = Arc::clone(&self.rules.read().unwrap_or_else(|e| e.into_inner()));
+        let allowed = if describe && !rules.client_describe {
             false
         } else {
-            self.config.callable.is_empty()
-                || self.config.callable.iter().any(|p| p.matches(&call.service, &call.method))
+            rules.callable.is_empty()
+                || rules.callable.iter().any(|p| p.matches(&call.service, &call.method))
         };
         if !allowed {
             return Err(CoreError::NotCallable { service: call.service, method: call.method });
@@ -767,6 +789,31 @@ mod tests {
             Err(CoreError::NotCallable { service: "svc".into(), method: "nuropb_describe".into() })
         );
         assert_eq!(m.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn replaced_call_rules_apply_to_the_next_call() {
+        let config = MeshManagerConfig {
+            callable: vec![CallPattern::parse("svc.*").unwrap()],
+            ..Default::default()
+        };
+        let m = manager(MockServiceMesh::new(), config); // no expectations: a call panics
+        let reg = registry();
+        let (a, _rx) = session(&reg, "a");
+        let mut svc = call(None);
+        svc.service = "svc".into();
+        m.set_call_rules(vec![CallPattern::parse("other.*").unwrap()], true);
+        assert_eq!(
+            m.request(&a, &identity(), svc.clone(), Encoding::Json.into()),
+            Err(CoreError::NotCallable { service: "svc".into(), method: svc.method.clone() })
+        );
+        let mut describe = svc;
+        describe.method = nuropb_wire::mesh::DESCRIBE_METHOD.into();
+        m.set_call_rules(Vec::new(), false);
+        assert!(matches!(
+            m.request(&a, &identity(), describe, Encoding::Json.into()),
+            Err(CoreError::NotCallable { .. })
+        ));
     }
 
     #[tokio::test]

@@ -106,7 +106,11 @@ struct Registry {
 
 /// Session registry and fan-out.
 pub(crate) struct SessionRegistry {
+    // `config.subscribable` is unused: `subscribable` below is the one in force.
     config: SessionRegistryConfig,
+    // Replaced by `set_subscribable` (a configuration reload). Taken after `registry` when
+    // both are held, never the other way round.
+    subscribable: RwLock<Arc<Vec<String>>>,
     registry: RwLock<Registry>,
     high_water: AtomicUsize,
     counters: Arc<FrameCounters>,
@@ -115,6 +119,7 @@ pub(crate) struct SessionRegistry {
 impl SessionRegistry {
     pub(crate) fn new(config: SessionRegistryConfig) -> Self {
         SessionRegistry {
+            subscribable: RwLock::new(Arc::new(config.subscribable.clone())),
             config,
             registry: RwLock::new(Registry::default()),
             high_water: AtomicUsize::new(0),
@@ -321,12 +326,18 @@ impl SessionRegistry {
         Ok(session.subscriptions.iter().map(|p| p.as_str().to_owned()).collect())
     }
 
+    /// Replaces the patterns open to subscription; existing subscriptions stay.
+    pub(crate) fn set_subscribable(&self, patterns: Vec<String>) {
+        *self.subscribable.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(patterns);
+    }
+
     /// Whether `user` may subscribe to `pattern`. `{user_id}` is only substituted with ids
     /// that are plain topic words, so an id such as `*` or `a.b` cannot widen a template.
     fn may_subscribe(&self, user: &UserId, pattern: &str) -> bool {
         let id = user.as_str();
         let plain_word = !id.is_empty() && !id.contains(['.', '*', '#']);
-        self.config.subscribable.iter().any(|template| {
+        let subscribable = Arc::clone(&self.subscribable.read().unwrap_or_else(|e| e.into_inner()));
+        subscribable.iter().any(|template| {
             if template.contains("{user_id}") {
                 plain_word && pattern_covers(&template.replace("{user_id}", id), pattern)
             } else {
@@ -566,6 +577,28 @@ mod tests {
         assert_eq!(m.unsubscribe(&SessionId::new("a"), &["news.*".into()]), Ok(vec![]));
         assert_eq!(m.send_to_subscribers("news.sport", frame()), 1);
         assert_eq!(m.subscribe(&SessionId::new("zz"), &[]), Err(CoreError::UnknownSession));
+    }
+
+    #[test]
+    fn replaced_subscribable_patterns_apply_to_later_subscribes_only() {
+        let m = SessionRegistry::new(SessionRegistryConfig {
+            subscribable: vec!["news.#".into()],
+            ..Default::default()
+        });
+        m.register(SessionId::new("a"), identity("alice"), Arc::new(Recorder::default()))
+            .expect("register");
+        let a = SessionId::new("a");
+        assert!(m.subscribe(&a, &["news.sport".to_owned()]).is_ok());
+        m.set_subscribable(vec!["weather.#".into()]);
+        assert_eq!(
+            m.subscribe(&a, &["news.politics".to_owned()]),
+            Err(CoreError::NotSubscribable("news.politics".into()))
+        );
+        // What was subscribed before stays.
+        assert_eq!(
+            m.subscribe(&a, &["weather.today".to_owned()]),
+            Ok(vec!["news.sport".to_owned(), "weather.today".to_owned()])
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::client_addr::TrustedProxies;
 use crate::http::HttpRoutes;
-use crate::origin::OriginPolicy;
+use crate::origin::OriginPolicyHandle;
 use crate::tls::TlsAcceptorHandle;
 
 /// Where credentials may come from during the upgrade.
@@ -118,8 +118,10 @@ pub struct WsConfig {
     /// Allowed browser origins (default: none, so every upgrade carrying an `Origin`
     /// header gets 403). Requests without `Origin` (non-browser clients) are allowed. Cookie
     /// credentials are on by default and browsers send them cross-site, so allowing origins
-    /// is a decision for the deployment, not a library default.
-    pub origins: OriginPolicy,
+    /// is a decision for the deployment, not a library default. A handle, so that a
+    /// configuration reload can replace the policy while the server runs
+    /// (`OriginPolicy::into()` makes one).
+    pub origins: OriginPolicyHandle,
     /// Where credentials are looked for during the upgrade, in order (default: the
     /// `Authorization` header, then the `nuropb.token.<jwt>` subprotocol, then the cookie).
     pub auth: AuthSources,
@@ -185,7 +187,7 @@ impl Default for WsConfig {
             rate_per_second: 100,
             rate_burst: 200,
             max_protocol_errors: 100,
-            origins: OriginPolicy::default(),
+            origins: OriginPolicyHandle::default(),
             auth: AuthSources::default(),
             http_routes: None,
             auth_timeout: Duration::from_secs(5),

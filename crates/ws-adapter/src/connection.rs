@@ -185,7 +185,7 @@ pub(crate) async fn run<S>(
         let checked = check_upgrade(
             request,
             have_capacity,
-            &config.origins,
+            &config.origins.current(),
             &config.auth,
             first_frame,
             &coordinator,
@@ -259,6 +259,8 @@ pub(crate) async fn run<S>(
         budget: QueueBudget::new(config.outbound_queue_bytes),
     });
     let handle = Arc::new(WsHandle { outbound: tx, shared: Arc::clone(&shared) });
+    // Once per connection: every later line of it carries the user (never the token).
+    tracing::Span::current().record("user.id", identity.user_id.as_str());
     let session_id = match coordinator.open_session_answering(identity, handle, auth_id) {
         Ok(id) => id,
         Err(e) => {

@@ -99,9 +99,9 @@ pub use client_addr::TrustedProxies;
 pub use config::{AuthSources, WsConfig};
 pub use error::WsError;
 pub use http::{HttpRequest, HttpResponse, HttpRoutes, answer_http};
-pub use origin::OriginPolicy;
+pub use origin::{OriginPolicy, OriginPolicyHandle};
 pub use stats::{WsStats, WsStatsHandle};
-pub use tls::{MAX_TLS_FILE_BYTES, TlsAcceptorHandle};
+pub use tls::{MAX_TLS_FILE_BYTES, PreparedTls, TlsAcceptorHandle};
 
 use handler_core::CoordinatorHandle;
 
@@ -172,7 +172,8 @@ pub async fn serve(
             conn.id = next_conn_id,
             peer = %peer,
             client = tracing::field::Empty,
-            session.id = tracing::field::Empty
+            session.id = tracing::field::Empty,
+            user.id = tracing::field::Empty
         );
         if !trusted_peer {
             span.record("client", tracing::field::display(peer.ip()));

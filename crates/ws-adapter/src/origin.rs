@@ -4,6 +4,7 @@
 //! gateway that does not start.
 
 use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
 
 use crate::error::WsError;
 
@@ -26,6 +27,41 @@ struct OriginEntry {
     port: Option<u16>,
     // `.example.com`: `host` is `example.com`, and `example.com` itself does not match.
     subdomains_only: bool,
+}
+
+/// The [`OriginPolicy`] in force, replaceable while the server runs (a configuration
+/// reload): every upgrade reads the current one; upgrades already checked are not
+/// re-checked. Cheap to clone; clones share the policy.
+#[derive(Debug, Clone, Default)]
+pub struct OriginPolicyHandle(Arc<RwLock<Arc<OriginPolicy>>>);
+
+impl OriginPolicyHandle {
+    /// A handle holding `policy`.
+    pub fn new(policy: OriginPolicy) -> Self {
+        OriginPolicyHandle(Arc::new(RwLock::new(Arc::new(policy))))
+    }
+
+    /// The policy in force (the lock is held for the clone of an `Arc` only).
+    pub fn current(&self) -> Arc<OriginPolicy> {
+        // Poisoning cannot leave a half-written `Arc`: ignored.
+        Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Puts `policy` in force for every upgrade from now on.
+    pub fn set(&self, policy: OriginPolicy) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// [`OriginPolicy::allows`] of the policy in force.
+    pub fn allows(&self, origin: &str) -> bool {
+        self.current().allows(origin)
+    }
+}
+
+impl From<OriginPolicy> for OriginPolicyHandle {
+    fn from(policy: OriginPolicy) -> Self {
+        OriginPolicyHandle::new(policy)
+    }
 }
 
 impl OriginPolicy {
@@ -190,6 +226,15 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
 
     use super::*;
+
+    #[test]
+    fn a_handle_serves_the_policy_last_set_to_every_clone() {
+        let handle = OriginPolicyHandle::new(OriginPolicy::new(&["one.example"]).unwrap());
+        let clone = handle.clone();
+        assert!(clone.allows("https://one.example") && !clone.allows("https://two.example"));
+        handle.set(OriginPolicy::new(&["two.example"]).unwrap());
+        assert!(!clone.allows("https://one.example") && clone.allows("https://two.example"));
+    }
 
     fn policy(entries: &[&str]) -> OriginPolicy {
         OriginPolicy::new(entries).unwrap()

@@ -67,11 +67,23 @@ impl TlsAcceptorHandle {
     /// keep the certificate they started with. On error nothing changes: the previous
     /// certificate stays in use, and the error names the file at fault.
     pub fn reload(&self) -> Result<(), WsError> {
-        let config = Arc::new(server_config(&self.inner.cert_file, &self.inner.key_file)?);
+        let prepared = self.prepare()?;
+        self.install(prepared);
+        Ok(())
+    }
+
+    /// The first half of [`reload`](Self::reload): reads and checks both files, changing
+    /// nothing yet (a configuration reload builds every new part before it applies any).
+    pub fn prepare(&self) -> Result<PreparedTls, WsError> {
+        Ok(PreparedTls(Arc::new(server_config(&self.inner.cert_file, &self.inner.key_file)?)))
+    }
+
+    /// The second half of [`reload`](Self::reload): serves every connection accepted from
+    /// now on with `prepared`.
+    pub fn install(&self, prepared: PreparedTls) {
         // A poisoned lock still holds a complete `Arc`: nothing can panic half-way through
         // replacing it.
-        *self.inner.current.write().unwrap_or_else(PoisonError::into_inner) = config;
-        Ok(())
+        *self.inner.current.write().unwrap_or_else(PoisonError::into_inner) = prepared.0;
     }
 
     /// The certificate chain file.
@@ -88,6 +100,15 @@ impl TlsAcceptorHandle {
     pub(crate) fn acceptor(&self) -> TlsAcceptor {
         let config = self.inner.current.read().unwrap_or_else(PoisonError::into_inner);
         TlsAcceptor::from(Arc::clone(&config))
+    }
+}
+
+/// A certificate and key read and checked by [`TlsAcceptorHandle::prepare`], not yet in use.
+pub struct PreparedTls(Arc<ServerConfig>);
+
+impl fmt::Debug for PreparedTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PreparedTls(..)")
     }
 }
 
