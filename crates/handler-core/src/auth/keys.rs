@@ -1,0 +1,361 @@
+//! The keys JWTs are verified with: a [`KeySet`] holds fixed keys (given at start, e.g.
+//! `--jwt-secret`) and rotating keys (a JWKS that an adapter fetches and hands over with
+//! [`KeySet::replace`]). No I/O here: fetching a JWKS is the adapter's; this module parses
+//! it ([`JwkKeys::parse`]), picks the key for a token, and lets a token with an unknown
+//! `kid` ask the adapter for a refresh ([`KeySet::refresh_wanted`]) and wait for it.
+//!
+//! Selection: a token with a `kid` is checked with the JWKS key of that `kid` only (its
+//! algorithm must be the header's, else the token is refused: no algorithm confusion), then
+//! with the fixed keys of the header's algorithm; a token without `kid` tries the keys of
+//! the header's algorithm, at most [`MAX_KIDLESS_TRIES`] of them. Each key accepts exactly
+//! one algorithm: a JWK's `alg`, or the one its type implies (RSA → RS256, EC P-256 →
+//! ES256, P-384 → ES384, OKP Ed25519 → EdDSA); an `oct` key (HMAC) needs `alg`.
+
+use std::fmt;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde_json::Value;
+use tokio::sync::{Notify, watch};
+
+use super::{AuthError, JwtConfigError, JwtKey};
+
+/// Every algorithm a key can have.
+pub(crate) const ALGORITHMS: [Algorithm; 12] = [
+    Algorithm::HS256,
+    Algorithm::HS384,
+    Algorithm::HS512,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+/// Most keys taken from one JWKS; a larger document is refused as a whole.
+pub const MAX_KEYS: usize = 64;
+
+/// Most keys a token without `kid` is tried against (each try is a signature check).
+pub const MAX_KIDLESS_TRIES: usize = 4;
+
+#[derive(Clone)]
+struct VerifyKey {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// The usable keys of a JWKS document, ready to [`KeySet::replace`] the current ones.
+#[derive(Clone)]
+pub struct JwkKeys {
+    keys: Vec<VerifyKey>,
+    skipped: usize,
+}
+
+impl fmt::Debug for JwkKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwkKeys").field("kids", &self.kids()).field("skipped", &self.skipped).finish()
+    }
+}
+
+/// Why a JWKS document was not taken (the current keys stay).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwksError {
+    /// Not a JSON object with a `keys` array.
+    #[error("not a JWKS document (a JSON object with a `keys` array)")]
+    NotJwks,
+    /// More than [`MAX_KEYS`] entries.
+    #[error("more than {MAX_KEYS} keys")]
+    TooManyKeys,
+    /// No entry is a usable signature key: taking it would refuse every token.
+    #[error("no usable signature key")]
+    NoUsableKey,
+}
+
+impl JwkKeys {
+    /// The signature keys of a JWKS document (RFC 7517). Entries that are not usable are
+    /// skipped and counted: `use` other than `sig`, an algorithm not supported (see the
+    /// module doc), a curve that does not match the algorithm, a second entry with the same
+    /// `kid`, or key material that does not parse.
+    pub fn parse(json: &[u8]) -> Result<Self, JwksError> {
+        let doc: Value = serde_json::from_slice(json).map_err(|_| JwksError::NotJwks)?;
+        let Some(entries) = doc.get("keys").and_then(Value::as_array) else {
+            return Err(JwksError::NotJwks);
+        };
+        if entries.len() > MAX_KEYS {
+            return Err(JwksError::TooManyKeys);
+        }
+        let mut keys: Vec<VerifyKey> = Vec::with_capacity(entries.len());
+        let mut skipped = 0;
+        for entry in entries {
+            match verify_key(entry) {
+                Some(k) if k.kid.is_none() || !keys.iter().any(|o| o.kid == k.kid) => keys.push(k),
+                _ => skipped += 1,
+            }
+        }
+        if keys.is_empty() {
+            return Err(JwksError::NoUsableKey);
+        }
+        Ok(JwkKeys { keys, skipped })
+    }
+
+    /// How many keys were taken.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether no key was taken (never, from [`JwkKeys::parse`]).
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// How many entries of the document were skipped as not usable.
+    pub fn skipped(&self) -> usize {
+        self.skipped
+    }
+
+    /// The `kid`s of the keys taken (keys without one are not listed).
+    pub fn kids(&self) -> Vec<&str> {
+        self.keys.iter().filter_map(|k| k.kid.as_deref()).collect()
+    }
+}
+
+/// One JWK as a key, or `None` when it is not a usable signature key.
+fn verify_key(entry: &Value) -> Option<VerifyKey> {
+    let jwk: Jwk = serde_json::from_value(entry.clone()).ok()?;
+    if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_)))
+    {
+        return None;
+    }
+    let implied = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Some(Algorithm::RS256),
+        AlgorithmParameters::EllipticCurve(p) => match p.curve {
+            EllipticCurve::P256 => Some(Algorithm::ES256),
+            EllipticCurve::P384 => Some(Algorithm::ES384),
+            _ => None,
+        },
+        AlgorithmParameters::OctetKeyPair(p) => {
+            (p.curve == EllipticCurve::Ed25519).then_some(Algorithm::EdDSA)
+        }
+        AlgorithmParameters::OctetKey(_) => None,
+    };
+    let alg = match jwk.common.key_algorithm {
+        Some(named) => algorithm(named)?,
+        None => implied?,
+    };
+    // The named algorithm must fit the key's type (and an EC key's curve).
+    let fits = match (&jwk.algorithm, alg) {
+        (AlgorithmParameters::OctetKey(_), Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => {
+            true
+        }
+        (
+            AlgorithmParameters::RSA(_),
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512,
+        ) => true,
+        (AlgorithmParameters::EllipticCurve(_) | AlgorithmParameters::OctetKeyPair(_), _) => {
+            implied == Some(alg)
+        }
+        _ => false,
+    };
+    if !fits {
+        return None;
+    }
+    let key = DecodingKey::from_jwk(&jwk).ok()?;
+    Some(VerifyKey { kid: jwk.common.key_id.clone(), alg, key })
+}
+
+/// A JWK `alg` as a signature algorithm; `None` for the encryption ones.
+fn algorithm(named: KeyAlgorithm) -> Option<Algorithm> {
+    Some(match named {
+        KeyAlgorithm::HS256 => Algorithm::HS256,
+        KeyAlgorithm::HS384 => Algorithm::HS384,
+        KeyAlgorithm::HS512 => Algorithm::HS512,
+        KeyAlgorithm::ES256 => Algorithm::ES256,
+        KeyAlgorithm::ES384 => Algorithm::ES384,
+        KeyAlgorithm::RS256 => Algorithm::RS256,
+        KeyAlgorithm::RS384 => Algorithm::RS384,
+        KeyAlgorithm::RS512 => Algorithm::RS512,
+        KeyAlgorithm::PS256 => Algorithm::PS256,
+        KeyAlgorithm::PS384 => Algorithm::PS384,
+        KeyAlgorithm::PS512 => Algorithm::PS512,
+        KeyAlgorithm::EdDSA => Algorithm::EdDSA,
+        _ => return None,
+    })
+}
+
+/// The keys tokens are verified with: fixed ones and a JWKS replaced while running.
+///
+/// Replacing the JWKS affects only the tokens checked afterwards: sessions are not checked
+/// again, so a rotation drops none (each still ends at its own token's expiry).
+pub struct KeySet {
+    fixed: Vec<VerifyKey>,
+    // Swapped whole by `replace`; read by cloning the `Arc` (the lock is held for that only).
+    rotating: RwLock<Arc<Vec<VerifyKey>>>,
+    // Counts finished refresh attempts (taken or failed), so a waiting token knows one ended.
+    generation: watch::Sender<u64>,
+    wanted: Notify,
+    // `Some`: an adapter refreshes the set, and a token with an unknown `kid` waits this long
+    // at most for it.
+    refresh_wait: Option<Duration>,
+}
+
+impl fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeySet")
+            .field("fixed", &self.fixed.len())
+            .field("rotating", &self.rotating_kids())
+            .field("refresh_wait", &self.refresh_wait)
+            .finish()
+    }
+}
+
+impl KeySet {
+    /// A set with these fixed keys (kept for the process's life) and no JWKS yet. Fails when
+    /// a PEM does not parse (or a key is itself a set).
+    pub fn new(fixed: Vec<JwtKey>) -> Result<Self, JwtConfigError> {
+        let fixed = fixed
+            .into_iter()
+            .map(|key| {
+                let (key, alg) = match key {
+                    JwtKey::Hs256Secret(s) => (DecodingKey::from_secret(&s), Algorithm::HS256),
+                    JwtKey::Rs256PublicPem(p) => (
+                        DecodingKey::from_rsa_pem(p.as_bytes()).map_err(JwtConfigError)?,
+                        Algorithm::RS256,
+                    ),
+                    JwtKey::Es256PublicPem(p) => (
+                        DecodingKey::from_ec_pem(p.as_bytes()).map_err(JwtConfigError)?,
+                        Algorithm::ES256,
+                    ),
+                    JwtKey::Set(_) => {
+                        let kind = jsonwebtoken::errors::ErrorKind::InvalidKeyFormat;
+                        return Err(JwtConfigError(kind.into()));
+                    }
+                };
+                Ok(VerifyKey { kid: None, alg, key })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(KeySet {
+            fixed,
+            rotating: RwLock::new(Arc::new(Vec::new())),
+            generation: watch::Sender::new(0),
+            wanted: Notify::new(),
+            refresh_wait: None,
+        })
+    }
+
+    /// Says that an adapter refreshes this set when asked ([`KeySet::refresh_wanted`]): a
+    /// token with an unknown `kid` then asks and waits at most `wait` for the refresh.
+    pub fn refreshed_within(mut self, wait: Duration) -> Self {
+        self.refresh_wait = Some(wait);
+        self
+    }
+
+    /// Takes `keys` as the JWKS keys in place of the current ones (the fixed keys stay), and
+    /// wakes the tokens waiting for a refresh.
+    pub fn replace(&self, keys: JwkKeys) {
+        let keys = Arc::new(keys.keys);
+        *self.rotating.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// A refresh ended without new keys (the fetch failed or the document was refused): the
+    /// current keys stay, and the tokens waiting for the refresh are checked again now.
+    pub fn refresh_failed(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Completes when a token asked for a refresh (an unknown `kid`) since the last call.
+    /// Requests made while nobody waits are kept as one, so concurrent tokens with unknown
+    /// `kid`s share one refresh. The adapter bounds how often it fetches.
+    pub async fn refresh_wanted(&self) {
+        self.wanted.notified().await;
+    }
+
+    /// The `kid`s of the JWKS keys in use now.
+    pub fn rotating_kids(&self) -> Vec<String> {
+        self.rotating().iter().filter_map(|k| k.kid.clone()).collect()
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
+    pub(crate) fn is_refreshed(&self) -> bool {
+        self.refresh_wait.is_some()
+    }
+
+    /// Asks for a refresh and waits (at most `refresh_wait`) until one that started after
+    /// `seen` ended.
+    pub(crate) async fn refresh_and_wait(&self, seen: u64) {
+        let mut generation = self.generation.subscribe();
+        self.wanted.notify_one();
+        let wait = self.refresh_wait.unwrap_or_default();
+        // Timing out (or the sender gone) only means the token is checked with the keys
+        // there are.
+        let _ = tokio::time::timeout(wait, generation.wait_for(|g| *g > seen)).await;
+    }
+
+    fn rotating(&self) -> Arc<Vec<VerifyKey>> {
+        Arc::clone(&self.rotating.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Runs `check` with the key(s) selected for a token with `kid` and `alg` (see the
+    /// module doc). `check` verifies the signature and claims with one key.
+    pub(crate) fn verify_with<T>(
+        &self,
+        kid: Option<&str>,
+        alg: Algorithm,
+        check: impl Fn(&DecodingKey) -> Result<T, AuthError>,
+    ) -> Result<T, AuthError> {
+        let rotating = self.rotating();
+        if let Some(kid) = kid
+            && let Some(key) = rotating.iter().find(|k| k.kid.as_deref() == Some(kid))
+        {
+            if key.alg != alg {
+                return Err(AuthError::AlgorithmNotAllowed);
+            }
+            return check(&key.key);
+        }
+        // A `kid` the JWKS does not have may still be a fixed key's token (they have no
+        // `kid`; before JWKS the gateway never looked at it).
+        let candidates: Vec<&VerifyKey> = match kid {
+            Some(_) => self.fixed.iter().filter(|k| k.alg == alg).collect(),
+            None => self
+                .fixed
+                .iter()
+                .chain(rotating.iter())
+                .filter(|k| k.alg == alg)
+                .take(MAX_KIDLESS_TRIES)
+                .collect(),
+        };
+        let uses_jwks = self.is_refreshed() || !rotating.is_empty();
+        let mut outcome = Err(match (kid, uses_jwks) {
+            (Some(_), true) => AuthError::UnknownKey,
+            _ => AuthError::AlgorithmNotAllowed,
+        });
+        for key in candidates {
+            match check(&key.key) {
+                // Any other refusal means the signature verified (or the token is broken
+                // whatever the key): this was the key.
+                Err(AuthError::BadSignature) => {
+                    if kid.is_none() || !uses_jwks {
+                        outcome = Err(AuthError::BadSignature);
+                    }
+                }
+                decided => return decided,
+            }
+        }
+        outcome
+    }
+}
