@@ -5,6 +5,8 @@
 
 mod config;
 mod demo;
+mod identity;
+mod jwks;
 mod log;
 mod ops;
 
@@ -18,11 +20,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use handler_core::auth::JwtKey;
 use handler_core::coordinator::CoreConfig;
 use handler_core::mesh_manager::MeshManagerConfig;
 use handler_core::session_registry::SessionRegistryConfig;
-use handler_core::{Coordinator, JwtAuthenticator, JwtConfig, ServiceMesh};
+use handler_core::{Coordinator, ServiceMesh};
 use nuropb_wire::client::ClientLimits;
 use ops_http::OpsConfig;
 use ws_adapter::{AuthSources, WsConfig, WsStatsHandle};
@@ -112,14 +113,8 @@ async fn run(cli: Cli) -> Result<()> {
     let demo_mode = amqp.is_none();
     let amqp_for_close = amqp.clone();
 
-    let (jwt, dev_secret) = match cli.jwt_config()? {
-        Some(c) => (c, None),
-        None => {
-            let secret = demo::generate_secret();
-            (JwtConfig::new(JwtKey::Hs256Secret(secret.clone().into_bytes())), Some(secret))
-        }
-    };
-    let authenticator = Arc::new(JwtAuthenticator::new(jwt).context("invalid JWT key")?);
+    let (authenticator, dev_secret) =
+        identity::authenticator(&cli, Arc::clone(&mesh), &background, &shutdown).await?;
 
     // The demo is meant to be explored: its topics are open to subscription by default.
     let subscribable = if cli.subscribable_topics.is_empty() && demo_mode {

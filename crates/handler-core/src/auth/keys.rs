@@ -105,6 +105,20 @@ impl JwkKeys {
         Ok(JwkKeys { keys, skipped })
     }
 
+    /// These keys and those of `other` whose `kid` none of these has (several sources of
+    /// one set: the first source's key wins a `kid`).
+    pub fn merged(mut self, other: JwkKeys) -> Self {
+        for key in other.keys {
+            if key.kid.is_none() || !self.keys.iter().any(|k| k.kid == key.kid) {
+                self.keys.push(key);
+            } else {
+                self.skipped += 1;
+            }
+        }
+        self.skipped += other.skipped;
+        self
+    }
+
     /// How many keys were taken.
     pub fn len(&self) -> usize {
         self.keys.len()
