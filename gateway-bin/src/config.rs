@@ -462,7 +462,8 @@ impl Cli {
             bail!("--jwks-max-bytes must be 64 to 16777216");
         }
         if let Some(target) = &self.auth_service_method {
-            self.auth_service_target().with_context(|| format!("--auth-service-method {target:?}"))?;
+            self.auth_service_target()
+                .with_context(|| format!("--auth-service-method {target:?}"))?;
         } else if self.auth_service_all_tokens {
             bail!("--auth-service-all-tokens needs --auth-service-method");
         }

@@ -32,8 +32,12 @@ pub async fn authenticator(
         let timeout = Duration::from_millis(cli.jwks_timeout_ms);
         let keys = KeySet::new(fixed.into_iter().collect()).context("invalid JWT key")?;
         let keys = Arc::new(keys.refreshed_within(timeout));
-        let source =
-            JwksSource::new(cli.jwks_file.clone(), cli.jwks_url.as_deref(), timeout, cli.jwks_max_bytes)?;
+        let source = JwksSource::new(
+            cli.jwks_file.clone(),
+            cli.jwks_url.as_deref(),
+            timeout,
+            cli.jwks_max_bytes,
+        )?;
         let first = source.fetch().await.context("the first JWKS fetch failed")?;
         tracing::info!(kids = ?first.kids(), keys = first.len(), skipped = first.skipped(), "jwks loaded");
         keys.replace(first);
@@ -67,7 +71,8 @@ pub async fn authenticator(
     let mut config = MeshAuthConfig::new(service, method);
     config.timeout = Duration::from_millis(cli.auth_service_timeout_ms);
     config.cache_ttl = Duration::from_secs(cli.auth_cache_secs);
-    config.cache_entries = NonZeroUsize::new(cli.auth_cache_entries).context("--auth-cache-entries")?;
+    config.cache_entries =
+        NonZeroUsize::new(cli.auth_cache_entries).context("--auth-cache-entries")?;
     config.route = if cli.auth_service_all_tokens { OpaqueRoute::All } else { OpaqueRoute::NonJwt };
     Ok((Arc::new(MeshAuthenticator::new(mesh, jwt, config)), dev_secret))
 }

@@ -38,7 +38,8 @@ pub fn check_url(url: &str) -> Result<Uri> {
 
 fn is_loopback(host: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost") || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Where the keys come from, and the bounds of one fetch.
@@ -164,7 +165,10 @@ pub async fn refresh(
                 keys.replace(fresh);
             }
             Err(e) => {
-                tracing::warn!(error = format!("{e:#}"), "jwks refresh failed; the current keys stay");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "jwks refresh failed; the current keys stay"
+                );
                 keys.refresh_failed();
             }
         }
@@ -178,10 +182,21 @@ mod tests {
 
     #[test]
     fn urls() {
-        for ok in ["https://idp.example.com/.well-known/jwks.json", "http://127.0.0.1:8080/jwks", "http://[::1]/k", "http://localhost:1/"] {
+        for ok in [
+            "https://idp.example.com/.well-known/jwks.json",
+            "http://127.0.0.1:8080/jwks",
+            "http://[::1]/k",
+            "http://localhost:1/",
+        ] {
             assert!(check_url(ok).is_ok(), "{ok}");
         }
-        for bad in ["http://idp.example.com/jwks", "ftp://127.0.0.1/", "not a url", "/jwks", "http://10.0.0.1/"] {
+        for bad in [
+            "http://idp.example.com/jwks",
+            "ftp://127.0.0.1/",
+            "not a url",
+            "/jwks",
+            "http://10.0.0.1/",
+        ] {
             assert!(check_url(bad).is_err(), "{bad}");
         }
     }

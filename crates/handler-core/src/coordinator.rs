@@ -431,7 +431,8 @@ impl CoordinatorHandle {
                 // the mesh token check) is finished on a tracked task, its answer carrying
                 // the frame's `id` (it may then come after answers to later frames).
                 let shared = Arc::clone(s);
-                let mut check = Box::pin(async move { shared.authenticator.authenticate(&token).await });
+                let mut check =
+                    Box::pin(async move { shared.authenticator.authenticate(&token).await });
                 match futures::FutureExt::now_or_never(&mut check) {
                     Some(checked) => s.refreshed(session_id, checked, &answer),
                     None => {

@@ -60,7 +60,10 @@ pub struct JwkKeys {
 
 impl fmt::Debug for JwkKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JwkKeys").field("kids", &self.kids()).field("skipped", &self.skipped).finish()
+        f.debug_struct("JwkKeys")
+            .field("kids", &self.kids())
+            .field("skipped", &self.skipped)
+            .finish()
     }
 }
 
@@ -165,9 +168,10 @@ fn verify_key(entry: &Value) -> Option<VerifyKey> {
     };
     // The named algorithm must fit the key's type (and an EC key's curve).
     let fits = match (&jwk.algorithm, alg) {
-        (AlgorithmParameters::OctetKey(_), Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => {
-            true
-        }
+        (
+            AlgorithmParameters::OctetKey(_),
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512,
+        ) => true,
         (
             AlgorithmParameters::RSA(_),
             Algorithm::RS256

@@ -184,7 +184,8 @@ impl Authenticator for MeshAuthenticator {
 /// Whether `token` has a JWT's shape: three base64url segments, the first a JSON object.
 pub fn looks_like_jwt(token: &str) -> bool {
     let mut parts = token.split('.');
-    let (Some(header), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(header), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return false;
     };
