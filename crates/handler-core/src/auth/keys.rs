@@ -377,3 +377,196 @@ impl KeySet {
         outcome
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use base64::Engine;
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::json;
+
+    use super::*;
+    use crate::auth::{Authenticator, JwtAuthenticator, JwtConfig};
+
+    const RS_PRIVATE: &str = include_str!("../../tests/fixtures/rs256-private.pem");
+    const RS_PUBLIC: &str = include_str!("../../tests/fixtures/rs256-public.pem");
+    const A: &[u8] = b"key-a-0123456789abcdef0123456789";
+    const B: &[u8] = b"key-b-0123456789abcdef0123456789";
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    fn oct(kid: &str, secret: &[u8]) -> Value {
+        json!({"kty": "oct", "kid": kid, "alg": "HS256", "k": b64(secret)})
+    }
+
+    fn rsa_jwk(kid: &str) -> Value {
+        use rsa::pkcs8::DecodePublicKey;
+        use rsa::traits::PublicKeyParts;
+        let key = rsa::RsaPublicKey::from_public_key_pem(RS_PUBLIC).expect("fixture");
+        json!({"kty": "RSA", "kid": kid, "n": b64(&key.n().to_bytes_be()), "e": b64(&key.e().to_bytes_be())})
+    }
+
+    fn jwks(keys: Vec<Value>) -> JwkKeys {
+        JwkKeys::parse(json!({ "keys": keys }).to_string().as_bytes()).expect("a usable JWKS")
+    }
+
+    fn token(kid: Option<&str>, alg: Algorithm, key: &EncodingKey) -> String {
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        let exp = jsonwebtoken::get_current_timestamp() + 60;
+        jsonwebtoken::encode(&header, &json!({"sub": "u", "exp": exp}), key).expect("encode")
+    }
+
+    fn hs(kid: Option<&str>, secret: &[u8]) -> String {
+        token(kid, Algorithm::HS256, &EncodingKey::from_secret(secret))
+    }
+
+    fn rs(kid: Option<&str>) -> String {
+        let key = EncodingKey::from_rsa_pem(RS_PRIVATE.as_bytes()).expect("fixture");
+        token(kid, Algorithm::RS256, &key)
+    }
+
+    fn authenticator(set: KeySet) -> (Arc<KeySet>, JwtAuthenticator) {
+        let set = Arc::new(set);
+        let mut config = JwtConfig::new(JwtKey::Set(Arc::clone(&set)));
+        config.leeway_secs = 0;
+        (set, JwtAuthenticator::new(config).expect("config"))
+    }
+
+    fn verdict(auth: &JwtAuthenticator, token: &str) -> Result<(), AuthError> {
+        auth.verify(token).map(|_| ())
+    }
+
+    #[test]
+    fn the_kid_selects_the_key_and_a_token_without_kid_tries_its_algorithms_keys() {
+        let (set, auth) = authenticator(KeySet::new(vec![]).expect("empty"));
+        set.replace(jwks(vec![oct("A", A), oct("B", B), rsa_jwk("R")]));
+        for (name, token, expected) in [
+            ("kid A, key A", hs(Some("A"), A), Ok(())),
+            ("kid B, key B", hs(Some("B"), B), Ok(())),
+            ("kid A, key B", hs(Some("A"), B), Err(AuthError::BadSignature)),
+            ("kid C", hs(Some("C"), A), Err(AuthError::UnknownKey)),
+            ("no kid, key B", hs(None, B), Ok(())),
+            ("no kid, unknown key", hs(None, b"another-secret-0123456789abcdef"), Err(AuthError::BadSignature)),
+            ("kid R, RS256", rs(Some("R")), Ok(())),
+            ("no kid, RS256", rs(None), Ok(())),
+        ] {
+            assert_eq!(verdict(&auth, &token), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn no_algorithm_confusion() {
+        // An RS256 token against HS keys, and HS256 tokens "signed" with the RSA public key
+        // against the RSA key: refused before any signature check.
+        let (set, auth) = authenticator(KeySet::new(vec![]).expect("empty"));
+        set.replace(jwks(vec![oct("H", A)]));
+        assert_eq!(verdict(&auth, &rs(Some("H"))), Err(AuthError::AlgorithmNotAllowed));
+        assert_eq!(verdict(&auth, &rs(None)), Err(AuthError::AlgorithmNotAllowed));
+        set.replace(jwks(vec![rsa_jwk("R")]));
+        let forged = hs(Some("R"), RS_PUBLIC.as_bytes());
+        assert_eq!(verdict(&auth, &forged), Err(AuthError::AlgorithmNotAllowed));
+        let forged = hs(None, RS_PUBLIC.as_bytes());
+        assert_eq!(verdict(&auth, &forged), Err(AuthError::AlgorithmNotAllowed));
+        // A JWK whose `alg` does not fit its type is not taken at all.
+        let wrong = json!({"kty": "oct", "kid": "X", "alg": "RS256", "k": b64(A)});
+        assert_eq!(JwkKeys::parse(json!({"keys": [wrong]}).to_string().as_bytes()).map(|k| k.len()), Err(JwksError::NoUsableKey));
+    }
+
+    #[test]
+    fn fixed_keys_and_the_jwks_are_merged() {
+        let (set, auth) = authenticator(KeySet::new(vec![JwtKey::Hs256Secret(A.to_vec())]).expect("key"));
+        set.replace(jwks(vec![oct("B", B)]));
+        assert_eq!(verdict(&auth, &hs(None, A)), Ok(()), "the fixed key, no kid");
+        assert_eq!(verdict(&auth, &hs(Some("legacy"), A)), Ok(()), "the fixed key, any kid");
+        assert_eq!(verdict(&auth, &hs(Some("B"), B)), Ok(()), "the JWKS key");
+        assert_eq!(verdict(&auth, &hs(Some("B"), A)), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn parsing_skips_what_is_not_a_usable_signature_key() {
+        let keys = jwks(vec![
+            oct("A", A),
+            json!({"kty": "oct", "kid": "enc", "alg": "HS256", "use": "enc", "k": b64(A)}),
+            json!({"kty": "oct", "kid": "no-alg", "k": b64(A)}),
+            json!({"kty": "EC", "kid": "curve", "alg": "ES384", "crv": "P-256", "x": "AA", "y": "AA"}),
+            json!({"kty": "oct", "kid": "oaep", "alg": "RSA-OAEP", "k": b64(A)}),
+            json!({"kty": "what", "kid": "odd"}),
+            oct("A", B),
+            rsa_jwk("R"),
+        ]);
+        assert_eq!(keys.kids(), vec!["A", "R"]);
+        assert_eq!(keys.skipped(), 6);
+        for (doc, expected) in [
+            (json!([]), JwksError::NotJwks),
+            (json!({"keys": {}}), JwksError::NotJwks),
+            (json!({"keys": []}), JwksError::NoUsableKey),
+            (json!({"keys": vec![oct("A", A); MAX_KEYS + 1]}), JwksError::TooManyKeys),
+        ] {
+            assert_eq!(JwkKeys::parse(doc.to_string().as_bytes()).map(|k| k.len()), Err(expected), "{doc}");
+        }
+        assert_eq!(JwkKeys::parse(b"not json").map(|k| k.len()), Err(JwksError::NotJwks));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_kid_is_checked_again_after_one_shared_refresh() {
+        let (set, auth) = authenticator(
+            KeySet::new(vec![]).expect("empty").refreshed_within(Duration::from_secs(5)),
+        );
+        set.replace(jwks(vec![oct("A", A)]));
+        let auth = Arc::new(auth);
+        // The adapter's side: one fetch per request it sees, publishing A and B.
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let fetcher = {
+            let (set, fetches) = (Arc::clone(&set), Arc::clone(&fetches));
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    set.refresh_wanted().await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    fetches.fetch_add(1, Ordering::SeqCst);
+                    set.replace(jwks(vec![oct("A", A), oct("B", B)]));
+                }
+            })
+        };
+        let tokens: Vec<_> = (0..16)
+            .map(|_| {
+                let auth = Arc::clone(&auth);
+                tokio::spawn(async move { auth.authenticate(&hs(Some("B"), B)).await.map(|_| ()) })
+            })
+            .collect();
+        for t in tokens {
+            assert_eq!(t.await.expect("task"), Ok(()), "kid B accepted after the refresh");
+        }
+        let n = fetches.load(Ordering::SeqCst);
+        assert!((1..=2).contains(&n), "16 tokens made {n} fetches");
+        // Still unknown after a refresh: refused, after waiting for that one refresh only.
+        assert_eq!(auth.authenticate(&hs(Some("C"), A)).await.map(|_| ()), Err(AuthError::UnknownKey));
+        // A rotation that drops A refuses A's tokens from then on.
+        set.replace(jwks(vec![oct("B", B)]));
+        assert_eq!(verdict(&auth, &hs(Some("A"), A)), Err(AuthError::UnknownKey));
+        fetcher.abort();
+    }
+
+    #[tokio::test]
+    async fn a_failed_refresh_keeps_the_keys_and_wakes_the_waiting_token() {
+        let (set, auth) = authenticator(
+            KeySet::new(vec![]).expect("empty").refreshed_within(Duration::from_secs(30)),
+        );
+        set.replace(jwks(vec![oct("A", A)]));
+        let failing = {
+            let set = Arc::clone(&set);
+            tokio::spawn(async move {
+                set.refresh_wanted().await;
+                set.refresh_failed();
+            })
+        };
+        let started = tokio::time::Instant::now();
+        assert_eq!(auth.authenticate(&hs(Some("B"), B)).await.map(|_| ()), Err(AuthError::UnknownKey));
+        assert!(started.elapsed() < Duration::from_secs(5), "waited for the whole refresh_wait");
+        assert_eq!(verdict(&auth, &hs(Some("A"), A)), Ok(()));
+        failing.await.expect("task");
+    }
+}

@@ -234,3 +234,148 @@ fn short_hash(hash: &[u8; 32]) -> String {
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::auth::MockAuthenticator;
+    use crate::mesh::{MeshResponse, MockServiceMesh};
+
+    fn answer(result: Value) -> Result<MeshResponse, MeshError> {
+        Ok(MeshResponse { result, error: None })
+    }
+
+    fn later() -> u64 {
+        unix_now() + 600
+    }
+
+    fn check(mesh: MockServiceMesh, config: impl FnOnce(&mut MeshAuthConfig)) -> MeshAuthenticator {
+        let mut c = MeshAuthConfig::new("auth", "authorise");
+        config(&mut c);
+        MeshAuthenticator::new(Arc::new(mesh), None, c)
+    }
+
+    #[tokio::test]
+    async fn the_request_and_the_answer_contract() {
+        let mut mesh = MockServiceMesh::new();
+        mesh.expect_request().times(1).returning(|call, timeout| {
+            assert_eq!((call.service.as_str(), call.method.as_str()), ("auth", "authorise"));
+            assert_eq!(Value::Object(call.params), json!({"token": "opaque-1"}));
+            assert_eq!(timeout, Duration::from_secs(2));
+            answer(json!({"user_id": "u1", "username": "Una", "expires_at": later()}))
+        });
+        let auth = check(mesh, |_| {});
+        let id = auth.authenticate("opaque-1").await.expect("accepted");
+        assert_eq!((id.user_id.as_str(), id.username.as_str(), id.token.as_str()), ("u1", "Una", "opaque-1"));
+        assert_eq!(id.expires_at, Some(later()));
+        // Cached: the mock allows one call only.
+        assert_eq!(auth.authenticate("opaque-1").await.expect("cached").user_id.as_str(), "u1");
+    }
+
+    #[tokio::test]
+    async fn anything_but_an_identity_is_refused() {
+        for result in [
+            json!(null),
+            json!("u1"),
+            json!({"username": "no id", "expires_at": later()}),
+            json!({"user_id": "", "expires_at": later()}),
+            json!({"user_id": 7, "expires_at": later()}),
+            json!({"user_id": "x".repeat(256), "expires_at": later()}),
+            json!({"user_id": "u1"}),
+            json!({"user_id": "u1", "expires_at": unix_now() - 1}),
+            json!({"user_id": "u1", "expires_at": "tomorrow"}),
+            json!({"user_id": "u1", "username": 5, "expires_at": later()}),
+        ] {
+            let mut mesh = MockServiceMesh::new();
+            let r = result.clone();
+            mesh.expect_request().returning(move |_, _| answer(r.clone()));
+            let auth = check(mesh, |_| {});
+            assert_eq!(auth.authenticate("t").await.map(|_| ()), Err(AuthError::Refused), "{result}");
+            assert_eq!(auth.cached(), 0, "a refusal is not cached");
+        }
+    }
+
+    #[tokio::test]
+    async fn mesh_failures_map_to_unavailable_or_failed() {
+        let unavailable = || MeshError::Unavailable("down".into());
+        let not_delivered = || MeshError::NotDelivered { service: "auth".into(), method: "a".into() };
+        let timeout = || MeshError::Timeout(Duration::from_secs(2));
+        let error = || {
+            Ok(MeshResponse {
+                result: Value::Null,
+                error: Some(nuropb_wire::ErrorObject::new("NuropbAuthorizationError", "no")),
+            })
+        };
+        let cases: Vec<(Box<dyn Fn() -> Result<MeshResponse, MeshError> + Send + Sync>, AuthError)> = vec![
+            (Box::new(move || Err(unavailable())), AuthError::Unavailable),
+            (Box::new(move || Err(not_delivered())), AuthError::Unavailable),
+            (Box::new(move || Err(timeout())), AuthError::ServiceFailed),
+            (Box::new(error), AuthError::Refused),
+        ];
+        for (outcome, expected) in cases {
+            let mut mesh = MockServiceMesh::new();
+            mesh.expect_request().returning(move |_, _| outcome());
+            let auth = check(mesh, |_| {});
+            let got = auth.authenticate("t").await.map(|_| ());
+            assert_eq!(got, Err(expected.clone()));
+            assert_eq!(expected.is_unavailable(), expected == AuthError::Unavailable);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_cache_is_bounded_in_entries_and_by_the_answers_expiry() {
+        let mut mesh = MockServiceMesh::new();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        mesh.expect_request().returning(move |call, _| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let token = call.params["token"].as_str().unwrap_or_default().to_owned();
+            // `short` expires within the second: cached no longer than that.
+            let expires_at = if token == "short" { unix_now() + 1 } else { later() };
+            answer(json!({"user_id": token, "expires_at": expires_at}))
+        });
+        let auth = check(mesh, |c| c.cache_entries = NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN));
+        for t in ["a", "b", "c"] {
+            auth.authenticate(t).await.expect("accepted");
+        }
+        assert_eq!(auth.cached(), 2, "at most cache_entries answers");
+        let asked = |n| assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), n);
+        asked(3);
+        auth.authenticate("c").await.expect("cached");
+        asked(3);
+        // `a` was the least recently used: evicted, asked again.
+        auth.authenticate("a").await.expect("asked again");
+        asked(4);
+        let auth_ttl0 = {
+            let mut mesh = MockServiceMesh::new();
+            mesh.expect_request().times(2).returning(|_, _| answer(json!({"user_id": "z", "expires_at": later()})));
+            check(mesh, |c| c.cache_ttl = Duration::ZERO)
+        };
+        auth_ttl0.authenticate("z").await.expect("accepted");
+        auth_ttl0.authenticate("z").await.expect("asked again: no cache");
+        assert_eq!(auth_ttl0.cached(), 0);
+    }
+
+    #[tokio::test]
+    async fn jwts_go_to_the_jwt_check_unless_every_token_is_routed() {
+        let jwt_like = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1In0.c2ln";
+        let mut jwt = MockAuthenticator::new();
+        jwt.expect_authenticate().times(1).returning(|_| Err(AuthError::Expired));
+        let mut mesh = MockServiceMesh::new();
+        mesh.expect_request().times(1).returning(|_, _| answer(json!({"user_id": "m", "expires_at": later()})));
+        let mesh = Arc::new(mesh);
+        let jwt: Arc<dyn Authenticator> = Arc::new(jwt);
+        let split = MeshAuthenticator::new(mesh.clone(), Some(jwt), MeshAuthConfig::new("auth", "authorise"));
+        assert_eq!(split.authenticate(jwt_like).await.map(|_| ()), Err(AuthError::Expired));
+        let mut config = MeshAuthConfig::new("auth", "authorise");
+        config.route = OpaqueRoute::All;
+        let all = MeshAuthenticator::new(mesh, None, config);
+        assert_eq!(all.authenticate(jwt_like).await.expect("the service's answer").user_id.as_str(), "m");
+        assert!(looks_like_jwt(jwt_like));
+        for opaque in ["opaque", "a.b", "a.b.c.d", "x.y.z"] {
+            assert!(!looks_like_jwt(opaque), "{opaque}");
+        }
+    }
+}
