@@ -83,8 +83,7 @@ async fn serve(server: Arc<JwksServer>) -> String {
 }
 
 fn token(user: &str, kid: &str, secret: &[u8]) -> String {
-    let mut header = Header::default();
-    header.kid = Some(kid.to_owned());
+    let header = Header { kid: Some(kid.to_owned()), ..Header::default() };
     let exp = jsonwebtoken::get_current_timestamp() + 600;
     jsonwebtoken::encode(
         &header,

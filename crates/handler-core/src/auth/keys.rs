@@ -450,7 +450,11 @@ mod tests {
             ("kid A, key B", hs(Some("A"), B), Err(AuthError::BadSignature)),
             ("kid C", hs(Some("C"), A), Err(AuthError::UnknownKey)),
             ("no kid, key B", hs(None, B), Ok(())),
-            ("no kid, unknown key", hs(None, b"another-secret-0123456789abcdef"), Err(AuthError::BadSignature)),
+            (
+                "no kid, unknown key",
+                hs(None, b"another-secret-0123456789abcdef"),
+                Err(AuthError::BadSignature),
+            ),
             ("kid R, RS256", rs(Some("R")), Ok(())),
             ("no kid, RS256", rs(None), Ok(())),
         ] {
@@ -473,12 +477,16 @@ mod tests {
         assert_eq!(verdict(&auth, &forged), Err(AuthError::AlgorithmNotAllowed));
         // A JWK whose `alg` does not fit its type is not taken at all.
         let wrong = json!({"kty": "oct", "kid": "X", "alg": "RS256", "k": b64(A)});
-        assert_eq!(JwkKeys::parse(json!({"keys": [wrong]}).to_string().as_bytes()).map(|k| k.len()), Err(JwksError::NoUsableKey));
+        assert_eq!(
+            JwkKeys::parse(json!({"keys": [wrong]}).to_string().as_bytes()).map(|k| k.len()),
+            Err(JwksError::NoUsableKey)
+        );
     }
 
     #[test]
     fn fixed_keys_and_the_jwks_are_merged() {
-        let (set, auth) = authenticator(KeySet::new(vec![JwtKey::Hs256Secret(A.to_vec())]).expect("key"));
+        let (set, auth) =
+            authenticator(KeySet::new(vec![JwtKey::Hs256Secret(A.to_vec())]).expect("key"));
         set.replace(jwks(vec![oct("B", B)]));
         assert_eq!(verdict(&auth, &hs(None, A)), Ok(()), "the fixed key, no kid");
         assert_eq!(verdict(&auth, &hs(Some("legacy"), A)), Ok(()), "the fixed key, any kid");
@@ -506,7 +514,11 @@ mod tests {
             (json!({"keys": []}), JwksError::NoUsableKey),
             (json!({"keys": vec![oct("A", A); MAX_KEYS + 1]}), JwksError::TooManyKeys),
         ] {
-            assert_eq!(JwkKeys::parse(doc.to_string().as_bytes()).map(|k| k.len()), Err(expected), "{doc}");
+            assert_eq!(
+                JwkKeys::parse(doc.to_string().as_bytes()).map(|k| k.len()),
+                Err(expected),
+                "{doc}"
+            );
         }
         assert_eq!(JwkKeys::parse(b"not json").map(|k| k.len()), Err(JwksError::NotJwks));
     }
@@ -543,7 +555,10 @@ mod tests {
         let n = fetches.load(Ordering::SeqCst);
         assert!((1..=2).contains(&n), "16 tokens made {n} fetches");
         // Still unknown after a refresh: refused, after waiting for that one refresh only.
-        assert_eq!(auth.authenticate(&hs(Some("C"), A)).await.map(|_| ()), Err(AuthError::UnknownKey));
+        assert_eq!(
+            auth.authenticate(&hs(Some("C"), A)).await.map(|_| ()),
+            Err(AuthError::UnknownKey)
+        );
         // A rotation that drops A refuses A's tokens from then on.
         set.replace(jwks(vec![oct("B", B)]));
         assert_eq!(verdict(&auth, &hs(Some("A"), A)), Err(AuthError::UnknownKey));
@@ -564,7 +579,10 @@ mod tests {
             })
         };
         let started = tokio::time::Instant::now();
-        assert_eq!(auth.authenticate(&hs(Some("B"), B)).await.map(|_| ()), Err(AuthError::UnknownKey));
+        assert_eq!(
+            auth.authenticate(&hs(Some("B"), B)).await.map(|_| ()),
+            Err(AuthError::UnknownKey)
+        );
         assert!(started.elapsed() < Duration::from_secs(5), "waited for the whole refresh_wait");
         assert_eq!(verdict(&auth, &hs(Some("A"), A)), Ok(()));
         failing.await.expect("task");

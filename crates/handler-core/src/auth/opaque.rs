@@ -268,7 +268,10 @@ mod tests {
         });
         let auth = check(mesh, |_| {});
         let id = auth.authenticate("opaque-1").await.expect("accepted");
-        assert_eq!((id.user_id.as_str(), id.username.as_str(), id.token.as_str()), ("u1", "Una", "opaque-1"));
+        assert_eq!(
+            (id.user_id.as_str(), id.username.as_str(), id.token.as_str()),
+            ("u1", "Una", "opaque-1")
+        );
         assert_eq!(id.expires_at, Some(later()));
         // Cached: the mock allows one call only.
         assert_eq!(auth.authenticate("opaque-1").await.expect("cached").user_id.as_str(), "u1");
@@ -292,7 +295,11 @@ mod tests {
             let r = result.clone();
             mesh.expect_request().returning(move |_, _| answer(r.clone()));
             let auth = check(mesh, |_| {});
-            assert_eq!(auth.authenticate("t").await.map(|_| ()), Err(AuthError::Refused), "{result}");
+            assert_eq!(
+                auth.authenticate("t").await.map(|_| ()),
+                Err(AuthError::Refused),
+                "{result}"
+            );
             assert_eq!(auth.cached(), 0, "a refusal is not cached");
         }
     }
@@ -300,7 +307,8 @@ mod tests {
     #[tokio::test]
     async fn mesh_failures_map_to_unavailable_or_failed() {
         let unavailable = || MeshError::Unavailable("down".into());
-        let not_delivered = || MeshError::NotDelivered { service: "auth".into(), method: "a".into() };
+        let not_delivered =
+            || MeshError::NotDelivered { service: "auth".into(), method: "a".into() };
         let timeout = || MeshError::Timeout(Duration::from_secs(2));
         let error = || {
             Ok(MeshResponse {
@@ -308,7 +316,8 @@ mod tests {
                 error: Some(nuropb_wire::ErrorObject::new("NuropbAuthorizationError", "no")),
             })
         };
-        let cases: Vec<(Box<dyn Fn() -> Result<MeshResponse, MeshError> + Send + Sync>, AuthError)> = vec![
+        type Outcome = Box<dyn Fn() -> Result<MeshResponse, MeshError> + Send + Sync>;
+        let cases: Vec<(Outcome, AuthError)> = vec![
             (Box::new(move || Err(unavailable())), AuthError::Unavailable),
             (Box::new(move || Err(not_delivered())), AuthError::Unavailable),
             (Box::new(move || Err(timeout())), AuthError::ServiceFailed),
@@ -336,7 +345,8 @@ mod tests {
             let expires_at = if token == "short" { unix_now() + 1 } else { later() };
             answer(json!({"user_id": token, "expires_at": expires_at}))
         });
-        let auth = check(mesh, |c| c.cache_entries = NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN));
+        let auth =
+            check(mesh, |c| c.cache_entries = NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN));
         for t in ["a", "b", "c"] {
             auth.authenticate(t).await.expect("accepted");
         }
@@ -350,7 +360,9 @@ mod tests {
         asked(4);
         let auth_ttl0 = {
             let mut mesh = MockServiceMesh::new();
-            mesh.expect_request().times(2).returning(|_, _| answer(json!({"user_id": "z", "expires_at": later()})));
+            mesh.expect_request()
+                .times(2)
+                .returning(|_, _| answer(json!({"user_id": "z", "expires_at": later()})));
             check(mesh, |c| c.cache_ttl = Duration::ZERO)
         };
         auth_ttl0.authenticate("z").await.expect("accepted");
@@ -364,15 +376,24 @@ mod tests {
         let mut jwt = MockAuthenticator::new();
         jwt.expect_authenticate().times(1).returning(|_| Err(AuthError::Expired));
         let mut mesh = MockServiceMesh::new();
-        mesh.expect_request().times(1).returning(|_, _| answer(json!({"user_id": "m", "expires_at": later()})));
+        mesh.expect_request()
+            .times(1)
+            .returning(|_, _| answer(json!({"user_id": "m", "expires_at": later()})));
         let mesh = Arc::new(mesh);
         let jwt: Arc<dyn Authenticator> = Arc::new(jwt);
-        let split = MeshAuthenticator::new(mesh.clone(), Some(jwt), MeshAuthConfig::new("auth", "authorise"));
+        let split = MeshAuthenticator::new(
+            mesh.clone(),
+            Some(jwt),
+            MeshAuthConfig::new("auth", "authorise"),
+        );
         assert_eq!(split.authenticate(jwt_like).await.map(|_| ()), Err(AuthError::Expired));
         let mut config = MeshAuthConfig::new("auth", "authorise");
         config.route = OpaqueRoute::All;
         let all = MeshAuthenticator::new(mesh, None, config);
-        assert_eq!(all.authenticate(jwt_like).await.expect("the service's answer").user_id.as_str(), "m");
+        assert_eq!(
+            all.authenticate(jwt_like).await.expect("the service's answer").user_id.as_str(),
+            "m"
+        );
         assert!(looks_like_jwt(jwt_like));
         for opaque in ["opaque", "a.b", "a.b.c.d", "x.y.z"] {
             assert!(!looks_like_jwt(opaque), "{opaque}");
