@@ -391,6 +391,10 @@ mod tests {
 
     const RS_PRIVATE: &str = include_str!("../../tests/fixtures/rs256-private.pem");
     const RS_PUBLIC: &str = include_str!("../../tests/fixtures/rs256-public.pem");
+    const ES_PRIVATE: &str = include_str!("../../tests/fixtures/es256-private.pem");
+    const ES_PUBLIC: &str = include_str!("../../tests/fixtures/es256-public.pem");
+    const ED_PRIVATE: &str = include_str!("../../tests/fixtures/ed25519-private.pem");
+    const ED_PUBLIC: &str = include_str!("../../tests/fixtures/ed25519-public.pem");
     const A: &[u8] = b"key-a-0123456789abcdef0123456789";
     const B: &[u8] = b"key-b-0123456789abcdef0123456789";
 
@@ -407,6 +411,23 @@ mod tests {
         use rsa::traits::PublicKeyParts;
         let key = rsa::RsaPublicKey::from_public_key_pem(RS_PUBLIC).expect("fixture");
         json!({"kty": "RSA", "kid": kid, "n": b64(&key.n().to_bytes_be()), "e": b64(&key.e().to_bytes_be())})
+    }
+
+    /// The last `n` bytes of a PEM public key's DER: the raw key (an EC point, an Ed25519 key).
+    fn der_tail(pem: &str, n: usize) -> Vec<u8> {
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = base64::engine::general_purpose::STANDARD.decode(body).expect("pem");
+        der[der.len() - n..].to_vec()
+    }
+
+    fn ec_jwk(kid: &str) -> Value {
+        // The uncompressed point: x and y, 32 bytes each, at the end.
+        let xy = der_tail(ES_PUBLIC, 64);
+        json!({"kty": "EC", "kid": kid, "crv": "P-256", "x": b64(&xy[..32]), "y": b64(&xy[32..])})
+    }
+
+    fn ed_jwk(kid: &str) -> Value {
+        json!({"kty": "OKP", "kid": kid, "crv": "Ed25519", "x": b64(&der_tail(ED_PUBLIC, 32))})
     }
 
     fn jwks(keys: Vec<Value>) -> JwkKeys {
@@ -457,6 +478,31 @@ mod tests {
             ),
             ("kid R, RS256", rs(Some("R")), Ok(())),
             ("no kid, RS256", rs(None), Ok(())),
+        ] {
+            assert_eq!(verdict(&auth, &token), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn es256_and_eddsa_keys_from_a_jwks() {
+        let (set, auth) = authenticator(KeySet::new(vec![]).expect("empty"));
+        set.replace(jwks(vec![ec_jwk("E"), ed_jwk("D"), oct("A", A)]));
+        let es = EncodingKey::from_ec_pem(ES_PRIVATE.as_bytes()).expect("fixture");
+        let ed = EncodingKey::from_ed_pem(ED_PRIVATE.as_bytes()).expect("fixture");
+        for (name, token, expected) in [
+            ("ES256 kid E", token(Some("E"), Algorithm::ES256, &es), Ok(())),
+            ("EdDSA kid D", token(Some("D"), Algorithm::EdDSA, &ed), Ok(())),
+            ("EdDSA no kid", token(None, Algorithm::EdDSA, &ed), Ok(())),
+            (
+                "EdDSA under kid E",
+                token(Some("E"), Algorithm::EdDSA, &ed),
+                Err(AuthError::AlgorithmNotAllowed),
+            ),
+            (
+                "ES256 under kid A",
+                token(Some("A"), Algorithm::ES256, &es),
+                Err(AuthError::AlgorithmNotAllowed),
+            ),
         ] {
             assert_eq!(verdict(&auth, &token), expected, "{name}");
         }
