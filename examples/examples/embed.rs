@@ -34,8 +34,9 @@ struct StaticKeys {
     keys: HashMap<String, (String, String)>,
 }
 
+#[async_trait::async_trait]
 impl Authenticator for StaticKeys {
-    fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+    async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
         // Called on the upgrade path: a map lookup, no I/O.
         let (user_id, username) = self.keys.get(token).ok_or(AuthError::BadSignature)?;
         Ok(Identity {

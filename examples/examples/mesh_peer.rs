@@ -149,8 +149,9 @@ fn nuropb_headers(trace_id: &str) -> FieldTable {
 
 struct StaticKeys(HashMap<&'static str, &'static str>);
 
+#[async_trait::async_trait]
 impl Authenticator for StaticKeys {
-    fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+    async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
         let user = self.0.get(token).ok_or(AuthError::BadSignature)?;
         Ok(Identity {
             user_id: UserId::new(*user),

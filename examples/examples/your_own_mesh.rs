@@ -326,8 +326,9 @@ async fn answer(
 /// One API key, as in the `embed` example.
 struct OneKey;
 
+#[async_trait::async_trait]
 impl Authenticator for OneKey {
-    fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+    async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
         if token != "key-alice" {
             return Err(AuthError::BadSignature);
         }

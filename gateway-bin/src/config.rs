@@ -393,6 +393,61 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
+    // --- Identity: JWKS key sets and the mesh token check (issue 12, docs/OPERATIONS.md
+    // "Identity"). ---
+    /// JWKS file (RFC 7517) whose keys verify client JWTs; re-read every
+    /// --jwks-refresh-secs and when a token names an unknown `kid`. Merged with
+    /// --jwt-secret / --jwt-public-key-file (both sets of keys are accepted) and with
+    /// --jwks-url.
+    #[arg(long, env = "NUROPB_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+
+    /// JWKS URL whose keys verify client JWTs (https, or http to a loopback address only);
+    /// fetched at start (the gateway does not start when that fails), then like --jwks-file.
+    #[arg(long, env = "NUROPB_JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// Seconds between JWKS refreshes; a failed refresh keeps the current keys.
+    #[arg(long, env = "NUROPB_JWKS_REFRESH_SECS", default_value_t = 300)]
+    pub jwks_refresh_secs: u64,
+
+    /// Fewest seconds between two JWKS fetches: tokens with unknown `kid`s trigger one
+    /// fetch at most this often (concurrent ones share it).
+    #[arg(long, env = "NUROPB_JWKS_MIN_REFRESH_SECS", default_value_t = 10)]
+    pub jwks_min_refresh_secs: u64,
+
+    /// Milliseconds one JWKS fetch may take (1 to 5000); a token with an unknown `kid`
+    /// waits at most this long for the refresh it triggered.
+    #[arg(long, env = "NUROPB_JWKS_TIMEOUT_MS", default_value_t = 3000)]
+    pub jwks_timeout_ms: u64,
+
+    /// Largest JWKS document accepted, in bytes (a larger answer fails the fetch).
+    #[arg(long, env = "NUROPB_JWKS_MAX_BYTES", default_value_t = 256 << 10)]
+    pub jwks_max_bytes: usize,
+
+    /// Check tokens that are not JWTs with this NuroPb service method (`service.method`,
+    /// e.g. `auth.authorise`), called with `{"token": ...}` (the answer's contract is in
+    /// docs/OPERATIONS.md). Off when unset.
+    #[arg(long, env = "NUROPB_AUTH_SERVICE_METHOD")]
+    pub auth_service_method: Option<String>,
+
+    /// Send every token to --auth-service-method, JWTs included.
+    #[arg(long, env = "NUROPB_AUTH_SERVICE_ALL_TOKENS", action = ArgAction::Set, default_value_t = false)]
+    pub auth_service_all_tokens: bool,
+
+    /// Milliseconds the auth service has to answer (1 to 5000); then the token is refused.
+    #[arg(long, env = "NUROPB_AUTH_SERVICE_TIMEOUT_MS", default_value_t = 2000)]
+    pub auth_service_timeout_ms: u64,
+
+    /// Seconds an auth service answer is reused for the same token (never past the answer's
+    /// expiry); 0 turns the cache off.
+    #[arg(long, env = "NUROPB_AUTH_CACHE_SECS", default_value_t = 60)]
+    pub auth_cache_secs: u64,
+
+    /// Most auth service answers cached (least recently used evicted first).
+    #[arg(long, env = "NUROPB_AUTH_CACHE_ENTRIES", default_value_t = 10_000)]
+    pub auth_cache_entries: usize,
+
     /// Log filter (tracing env-filter syntax), e.g. `info` or `ws_adapter=debug`. lapin's
     /// own logs are off by default: the mesh adapter reports connection loss and recovery.
     #[arg(long, env = "NUROPB_LOG", default_value = "info,lapin=off")]
@@ -549,9 +604,15 @@ impl Cli {
         if self.amqp_url.is_some()
             && self.jwt_secret.is_none()
             && self.jwt_public_key_file.is_none()
+            && !self.uses_jwks()
+            && self.auth_service_method.is_none()
         {
-            bail!("--jwt-secret or --jwt-public-key-file is required with --amqp-url");
+            bail!(
+                "--jwt-secret, --jwt-public-key-file, --jwks-file, --jwks-url or \
+                 --auth-service-method is required with --amqp-url"
+            );
         }
+        self.validate_identity()?;
         if self.service_name.is_empty() || self.service_name.len() > 200 {
             bail!("--service-name must be 1 to 200 bytes");
         }
@@ -644,6 +705,62 @@ impl Cli {
         Ok(tls)
     }
 
+    /// Whether client JWTs are (also) verified with JWKS keys.
+    pub fn uses_jwks(&self) -> bool {
+        self.jwks_file.is_some() || self.jwks_url.is_some()
+    }
+
+    /// The identity options (JWKS, the mesh token check); every message names the option.
+    fn validate_identity(&self) -> Result<()> {
+        if let Some(url) = &self.jwks_url {
+            crate::jwks::check_url(url).context("--jwks-url")?;
+        }
+        if self.jwks_refresh_secs == 0 {
+            bail!("--jwks-refresh-secs must be greater than 0");
+        }
+        if self.jwks_min_refresh_secs > self.jwks_refresh_secs {
+            bail!("--jwks-min-refresh-secs must be at most --jwks-refresh-secs");
+        }
+        if !(1..=5000).contains(&self.jwks_timeout_ms) {
+            bail!("--jwks-timeout-ms must be 1 to 5000");
+        }
+        if !(64..=16 << 20).contains(&self.jwks_max_bytes) {
+            bail!("--jwks-max-bytes must be 64 to 16777216");
+        }
+        if let Some(target) = &self.auth_service_method {
+            self.auth_service_target()
+                .with_context(|| format!("--auth-service-method {target:?}"))?;
+        } else if self.auth_service_all_tokens {
+            bail!("--auth-service-all-tokens needs --auth-service-method");
+        }
+        if !(1..=5000).contains(&self.auth_service_timeout_ms) {
+            bail!("--auth-service-timeout-ms must be 1 to 5000");
+        }
+        if !(1..=1_000_000).contains(&self.auth_cache_entries) {
+            bail!("--auth-cache-entries must be 1 to 1000000");
+        }
+        if self.auth_cache_secs > 86_400 {
+            bail!("--auth-cache-secs must be at most 86400");
+        }
+        Ok(())
+    }
+
+    /// `--auth-service-method` as (service, method): both non-empty, split at the last `.`.
+    pub fn auth_service_target(&self) -> Result<Option<(String, String)>> {
+        let Some(target) = &self.auth_service_method else { return Ok(None) };
+        match target.rsplit_once('.') {
+            Some((service, method))
+                if !service.is_empty()
+                    && !method.is_empty()
+                    && target.len() <= 200
+                    && target.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                Ok(Some((service.to_owned(), method.to_owned())))
+            }
+            _ => bail!("must be `service.method` (visible ASCII, at most 200 bytes)"),
+        }
+    }
+
     /// The browser origins allowed at the upgrade. In-memory demo mode (no --amqp-url)
     /// with no --allowed-origins allows pages on this machine; anywhere else, origins are
     /// opt-in.
@@ -690,6 +807,11 @@ impl Cli {
         } else {
             return Ok(None);
         };
+        Ok(Some(self.jwt_config_with(key)))
+    }
+
+    /// The JWT checks (issuer, audience, claims, lifetime) of the options, with `key`.
+    pub fn jwt_config_with(&self, key: JwtKey) -> JwtConfig {
         let mut config = JwtConfig::new(key);
         config.issuer.clone_from(&self.jwt_issuer);
         if !self.jwt_audience.is_empty() {
@@ -697,7 +819,7 @@ impl Cli {
         }
         config.username_claim.clone_from(&self.jwt_username_claim);
         config.max_lifetime_secs = self.jwt_max_lifetime_secs;
-        Ok(Some(config))
+        config
     }
 }
 

@@ -259,7 +259,7 @@ pub fn generate_secret() -> String {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
 
-    use handler_core::{Authenticator, JwtAuthenticator, JwtConfig, JwtKey};
+    use handler_core::{JwtAuthenticator, JwtConfig, JwtKey};
     use ws_adapter::answer_http;
 
     use super::*;
@@ -350,7 +350,7 @@ mod tests {
             let expires_at = body["expires_at"].as_u64().unwrap();
             let now = jsonwebtoken::get_current_timestamp();
             assert!((now + 14 * 60..=now + 15 * 60).contains(&expires_at), "{expires_at}");
-            let user = auth.authenticate(&token).unwrap();
+            let user = auth.verify(&token).unwrap();
             assert_eq!(user.user_id.as_str(), "demo-user");
             // The gateway's expiry is `exp` plus its leeway.
             assert!(user.expires_at.is_some_and(|e| e >= expires_at), "{:?}", user.expires_at);
@@ -359,7 +359,7 @@ mod tests {
         assert_ne!(tokens[0], tokens[1]);
         let other =
             JwtAuthenticator::new(JwtConfig::new(JwtKey::Hs256Secret(b"other".to_vec()))).unwrap();
-        assert!(other.authenticate(&tokens[0]).is_err());
+        assert!(other.verify(&tokens[0]).is_err());
     }
 
     #[test]

@@ -9,6 +9,8 @@ mod config;
 mod config_doc;
 mod config_file;
 mod demo;
+mod identity;
+mod jwks;
 mod log;
 mod ops;
 mod reload;
@@ -182,11 +184,11 @@ async fn run(
     let tls = cli.tls_acceptor()?;
     let scheme = if tls.is_some() { "wss" } else { "ws" };
 
-    // No key configured (`validate` allows that in the in-memory mode only): a dev secret.
-    let dev_secret =
-        (cli.jwt_secret.is_none() && cli.jwt_public_key_file.is_none()).then(demo::generate_secret);
-    let authenticator =
-        Arc::new(ReloadableAuthenticator::new(reload::authenticator(&cli, dev_secret.as_deref())?));
+    // Static keys, JWKS (its refresh task spawned here), the mesh token check; swapped on
+    // SIGHUP when it is built from static keys only (`reload`).
+    let (authenticator, dev_secret) =
+        identity::authenticator(&cli, Arc::clone(&mesh), &background, &shutdown).await?;
+    let authenticator = Arc::new(ReloadableAuthenticator::new(authenticator));
 
     let subscribable = cli.subscribable(demo_mode);
     let core = CoreConfig {
@@ -222,6 +224,7 @@ async fn run(
         demo_mode,
         dev_secret: dev_secret.clone(),
         authenticator,
+        static_auth: reload::static_auth(&cli),
         origins: origins.clone(),
         tls: tls.clone(),
         core: handle.clone(),

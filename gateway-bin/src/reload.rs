@@ -66,9 +66,12 @@ impl ReloadableAuthenticator {
     }
 }
 
+#[async_trait::async_trait]
 impl Authenticator for ReloadableAuthenticator {
-    fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
-        self.current().authenticate(token)
+    async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        // The lock is released before the check waits (a JWKS refresh, the mesh).
+        let current = self.current();
+        current.authenticate(token).await
     }
 }
 
@@ -84,6 +87,11 @@ pub fn authenticator(cli: &Cli, dev_secret: Option<&str>) -> Result<Arc<dyn Auth
     Ok(Arc::new(JwtAuthenticator::new(config).context("invalid JWT key")?))
 }
 
+/// Whether `cli`'s authenticator is built from static keys only (no JWKS, no auth service).
+pub fn static_auth(cli: &Cli) -> bool {
+    !cli.uses_jwks() && cli.auth_service_method.is_none()
+}
+
 /// The reloadable parts of a running gateway and the configuration they were built from.
 pub struct Reloadable {
     /// The command line as given at start (a reload re-reads the file, not the flags).
@@ -95,6 +103,10 @@ pub struct Reloadable {
     /// The generated dev secret of the in-memory mode, if any.
     pub dev_secret: Option<String>,
     pub authenticator: Arc<ReloadableAuthenticator>,
+    /// Whether the authenticator was built from static keys only (no JWKS, no auth service
+    /// method): only then do the `jwt_*` keys change on a reload. JWKS keys rotate through
+    /// their own refresh; switching JWKS or the auth service on or off needs a restart.
+    pub static_auth: bool,
     pub origins: OriginPolicyHandle,
     /// The WebSocket port's certificate (`wss://` only), re-read from its files.
     pub tls: Option<TlsAcceptorHandle>,
@@ -104,7 +116,7 @@ pub struct Reloadable {
 
 /// The new parts, all built before any is applied.
 struct Parts {
-    authenticator: Arc<dyn Authenticator>,
+    authenticator: Option<Arc<dyn Authenticator>>,
     origins: ws_adapter::OriginPolicy,
     tls: Option<PreparedTls>,
     subscribable: Vec<String>,
@@ -141,7 +153,9 @@ impl Reloadable {
                 return;
             }
         };
-        self.authenticator.set(parts.authenticator);
+        if let Some(authenticator) = parts.authenticator {
+            self.authenticator.set(authenticator);
+        }
         self.origins.set(parts.origins);
         if let (Some(tls), Some(prepared)) = (&self.tls, parts.tls) {
             tls.install(prepared);
@@ -161,7 +175,7 @@ impl Reloadable {
                 continue;
             }
             changed += 1;
-            if LIVE_KEYS.contains(&key.as_str()) {
+            if self.is_live(key) {
                 tracing::info!(key = %key, "configuration changed: applied");
                 self.running.values.insert(key.clone(), value.clone());
             } else {
@@ -173,9 +187,18 @@ impl Reloadable {
         self.running.cli = new.cli;
     }
 
+    /// Whether a change of `key` is put in force by a reload.
+    fn is_live(&self, key: &str) -> bool {
+        LIVE_KEYS.contains(&key) && (self.static_auth || !key.starts_with("jwt_"))
+    }
+
     fn build(&self, cli: &Cli) -> Result<Parts> {
+        let still_static = self.static_auth && static_auth(cli);
         Ok(Parts {
-            authenticator: authenticator(cli, self.dev_secret.as_deref())?,
+            authenticator: match still_static {
+                true => Some(authenticator(cli, self.dev_secret.as_deref())?),
+                false => None,
+            },
             origins: cli.origin_policy_in(self.demo_mode)?,
             tls: match &self.tls {
                 Some(tls) => Some(tls.prepare().context("TLS certificate (--tls-cert-file)")?),
@@ -200,18 +223,19 @@ mod tests {
     /// Refuses every token as expired (`true`) or as missing.
     struct Fixed(bool);
 
+    #[async_trait::async_trait]
     impl Authenticator for Fixed {
-        fn authenticate(&self, _token: &str) -> Result<Identity, AuthError> {
+        async fn authenticate(&self, _token: &str) -> Result<Identity, AuthError> {
             Err(if self.0 { AuthError::Expired } else { AuthError::Missing })
         }
     }
 
-    #[test]
-    fn the_authenticator_in_force_is_the_last_set() {
+    #[tokio::test]
+    async fn the_authenticator_in_force_is_the_last_set() {
         let auth = ReloadableAuthenticator::new(Arc::new(Fixed(true)));
-        assert!(matches!(auth.authenticate("t"), Err(AuthError::Expired)));
+        assert!(matches!(auth.authenticate("t").await, Err(AuthError::Expired)));
         auth.set(Arc::new(Fixed(false)));
-        assert!(matches!(auth.authenticate("t"), Err(AuthError::Missing)));
+        assert!(matches!(auth.authenticate("t").await, Err(AuthError::Missing)));
     }
 
     #[test]

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any, Dict, List, Optional
 
 import jwt
@@ -46,6 +47,9 @@ _JWT_SECRET: Optional[str] = None
 
 # How many requests of each kind the service keeps, so a long run cannot grow it unbounded.
 _RECORD_LIMIT = 1000
+
+# The opaque tokens `authorise` accepts: this prefix, then the user id.
+OPAQUE_PREFIX = "opaque-ok-"
 
 
 def authorize_token(token: str) -> Dict[str, Any]:
@@ -91,6 +95,8 @@ class InteropService:
         self._notes: Dict[str, List[str]] = {}
         # Events delivered to `_handle_event_`.
         self._events: List[Dict[str, Any]] = []
+        # token -> how many times `authorise` was called with it.
+        self._authorise_calls: Dict[str, int] = {}
 
     # --- plain request/response -------------------------------------------------------
 
@@ -105,6 +111,22 @@ class InteropService:
     def fail(self, message: str) -> None:
         """Raises a plain ValueError: nuropb wraps it as NuropbException."""
         raise ValueError(message)
+
+    # --- the gateway's mesh token check (`--auth-service-method interop-svc.authorise`) ---
+
+    def authorise(self, token: str) -> Dict[str, Any]:
+        """Checks an opaque token the way nuropb-gw's `authorise_from_token` did: a known
+        token (``opaque-ok-<user>``) gives the user's claims, any other an authorization
+        error. Every call is counted per token (see `authorise_calls`)."""
+        _bounded_put(self._authorise_calls, token, self._authorise_calls.get(token, 0) + 1)
+        if not isinstance(token, str) or not token.startswith(OPAQUE_PREFIX) or token == OPAQUE_PREFIX:
+            raise NuropbAuthorizationError(description="unknown token")
+        user_id = token[len(OPAQUE_PREFIX) :]
+        return {"user_id": user_id, "username": f"{user_id}@opaque", "expires_at": time.time() + 600}
+
+    def authorise_calls(self, token: str) -> int:
+        """How many times `authorise` was asked about `token`."""
+        return self._authorise_calls.get(token, 0)
 
     def reject(self, reason: str) -> None:
         """Raises a NuropbValidationError: nuropb passes it through by name."""

@@ -1,12 +1,25 @@
-//! Authorization: the `Authenticator` port and its JWT implementation. A token is checked
-//! once, at the WebSocket upgrade; the resulting [`Identity`] lives with the session.
+//! Authorization: the `Authenticator` port and its implementations. A token is checked
+//! once, at the WebSocket upgrade (or the first-frame `auth`), and again on `refresh`; the
+//! resulting [`Identity`] lives with the session.
+//!
+//! - [`JwtAuthenticator`]: JWTs verified with the keys of a [`KeySet`] (`keys`): static keys
+//!   given at start, and keys from a JWKS that an adapter replaces while running.
+//! - [`opaque::MeshAuthenticator`]: tokens that are not JWTs, checked by a NuroPb service
+//!   method through the [`ServiceMesh`](crate::mesh::ServiceMesh) port, answers cached.
 
 use std::fmt;
+use std::sync::Arc;
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use async_trait::async_trait;
+use jsonwebtoken::{Algorithm, Validation};
 use serde_json::Value;
 
 use crate::ids::UserId;
+
+pub mod keys;
+pub mod opaque;
+
+pub use keys::{JwkKeys, JwksError, KeySet};
 
 /// Who a session belongs to.
 #[derive(Clone, PartialEq, Eq)]
@@ -76,18 +89,59 @@ pub enum AuthError {
     /// What is wrong, in our words (fixed text, never the decoder's, which quotes input).
     #[error("malformed token: {0}")]
     Malformed(&'static str),
+    /// The token names a `kid` that no key of the set has (also after a refresh).
+    #[error("no key for the token's kid")]
+    UnknownKey,
+    /// The auth service refused the token (an error answer, or a result that is not a
+    /// valid identity).
+    #[error("auth service refused the token")]
+    Refused,
+    /// The auth service did not answer in time, or its answer could not be used.
+    #[error("auth service failed")]
+    ServiceFailed,
+    /// The mesh (or the auth service's queue) is not there: the token could not be checked
+    /// at all. The upgrade answers 503 rather than 401: the client did nothing wrong.
+    #[error("auth service unavailable")]
+    Unavailable,
 }
 
-/// Checks a bearer token and says who it belongs to. Called on the upgrade path, so it must
-/// not block for long (no network).
+impl AuthError {
+    /// Whether the token was not judged at all because a dependency is down (so the client
+    /// should retry later rather than get a new token).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            AuthError::Unavailable => true,
+            AuthError::Missing
+            | AuthError::Expired
+            | AuthError::NotYetValid
+            | AuthError::BadSignature
+            | AuthError::AlgorithmNotAllowed
+            | AuthError::WrongAudience
+            | AuthError::WrongIssuer
+            | AuthError::MissingSubject
+            | AuthError::IssuedInFuture
+            | AuthError::LifetimeTooLong
+            | AuthError::Malformed(_)
+            | AuthError::UnknownKey
+            | AuthError::Refused
+            | AuthError::ServiceFailed => false,
+        }
+    }
+}
+
+/// Checks a bearer token and says who it belongs to. Called on the upgrade path within the
+/// handshake timeout (and holding a handshake slot), so an implementation that calls out
+/// bounds its own wait.
 #[cfg_attr(any(test, feature = "test-util"), mockall::automock)]
+#[async_trait]
 pub trait Authenticator: Send + Sync + 'static {
     /// The identity `token` belongs to (the bearer prefix already stripped), or why it is
-    /// refused; a refusal is answered 401 at the upgrade and "unauthorized" on `refresh`.
-    fn authenticate(&self, token: &str) -> Result<Identity, AuthError>;
+    /// refused; a refusal is answered 401 at the upgrade (503 when
+    /// [`AuthError::is_unavailable`]) and "unauthorized" on `refresh`.
+    async fn authenticate(&self, token: &str) -> Result<Identity, AuthError>;
 }
 
-/// The key that verifies tokens.
+/// The key (or keys) that verify tokens.
 #[derive(Clone)]
 pub enum JwtKey {
     /// HS256 shared secret.
@@ -96,6 +150,9 @@ pub enum JwtKey {
     Rs256PublicPem(String),
     /// ES256 public key, PEM.
     Es256PublicPem(String),
+    /// Every key of a [`KeySet`]: static keys fixed at start plus the keys of a JWKS that
+    /// an adapter replaces while running. The token's `kid` and `alg` pick the key.
+    Set(Arc<KeySet>),
 }
 
 impl fmt::Debug for JwtKey {
@@ -104,6 +161,7 @@ impl fmt::Debug for JwtKey {
             JwtKey::Hs256Secret(_) => f.write_str("Hs256Secret(..)"),
             JwtKey::Rs256PublicPem(_) => f.write_str("Rs256PublicPem(..)"),
             JwtKey::Es256PublicPem(_) => f.write_str("Es256PublicPem(..)"),
+            JwtKey::Set(set) => f.debug_tuple("Set").field(set).finish(),
         }
     }
 }
@@ -111,7 +169,7 @@ impl fmt::Debug for JwtKey {
 /// JWT verification settings.
 #[derive(Debug, Clone)]
 pub struct JwtConfig {
-    /// The key that verifies signatures; it also fixes the one algorithm accepted.
+    /// The key(s) that verify signatures; each key accepts exactly one algorithm.
     pub key: JwtKey,
     /// Required `iss`, when set.
     pub issuer: Option<String>,
@@ -146,83 +204,90 @@ impl JwtConfig {
 #[error("invalid jwt key")]
 pub struct JwtConfigError(#[source] jsonwebtoken::errors::Error);
 
-/// Verifies JWTs: signature with exactly one algorithm, `exp` (required), `nbf`, and `iss`/`aud`
-/// when configured. `sub` becomes the user id.
+/// Verifies JWTs: the signature with the one key the header's `kid` and `alg` select (each
+/// key accepts exactly one algorithm), `exp` (required), `nbf`, and `iss`/`aud` when
+/// configured. `sub` becomes the user id.
+///
+/// A token naming a `kid` the set does not have asks the set for a refresh (when an adapter
+/// refreshes it) and is checked once more after it, so a key published just now is accepted
+/// at once. The refresh is the adapter's to bound and rate-limit ([`KeySet`]).
 pub struct JwtAuthenticator {
-    key: DecodingKey,
-    validation: Validation,
+    keys: Arc<KeySet>,
+    // One per algorithm a key can have, identical but for `algorithms`.
+    validations: Vec<(Algorithm, Validation)>,
+    leeway_secs: u64,
     username_claim: String,
     max_lifetime_secs: Option<u64>,
 }
 
 impl JwtAuthenticator {
-    /// Builds the decoding key once; fails if the PEM key cannot be parsed.
+    /// Builds the decoding key(s) once; fails if a PEM key cannot be parsed.
     pub fn new(config: JwtConfig) -> Result<Self, JwtConfigError> {
-        let (key, alg) = match &config.key {
-            JwtKey::Hs256Secret(s) => (DecodingKey::from_secret(s), Algorithm::HS256),
-            JwtKey::Rs256PublicPem(p) => {
-                (DecodingKey::from_rsa_pem(p.as_bytes()).map_err(JwtConfigError)?, Algorithm::RS256)
-            }
-            JwtKey::Es256PublicPem(p) => {
-                (DecodingKey::from_ec_pem(p.as_bytes()).map_err(JwtConfigError)?, Algorithm::ES256)
-            }
+        let keys = match config.key {
+            JwtKey::Set(set) => set,
+            key => Arc::new(KeySet::new(vec![key])?),
         };
-        // One algorithm only: the key type decides it, never the token header (no alg
-        // confusion, and `none` is not an algorithm jsonwebtoken knows).
-        let mut validation = Validation::new(alg);
-        validation.leeway = config.leeway_secs;
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut base = Validation::new(Algorithm::HS256);
+        base.leeway = config.leeway_secs;
+        base.validate_exp = true;
+        base.validate_nbf = true;
+        base.set_required_spec_claims(&["exp", "sub"]);
         if let Some(iss) = &config.issuer {
-            validation.set_issuer(&[iss]);
-            validation.required_spec_claims.insert("iss".to_owned());
+            base.set_issuer(&[iss]);
+            base.required_spec_claims.insert("iss".to_owned());
         }
         match &config.audience {
             Some(aud) => {
-                validation.set_audience(aud);
-                validation.required_spec_claims.insert("aud".to_owned());
+                base.set_audience(aud);
+                base.required_spec_claims.insert("aud".to_owned());
             }
-            None => validation.validate_aud = false,
+            None => base.validate_aud = false,
         }
+        // One algorithm per validation: the key decides it, never the token header (no alg
+        // confusion, and `none` is not an algorithm jsonwebtoken knows).
+        let validations = keys::ALGORITHMS
+            .iter()
+            .map(|&alg| {
+                let mut v = base.clone();
+                v.algorithms = vec![alg];
+                (alg, v)
+            })
+            .collect();
         Ok(JwtAuthenticator {
-            key,
-            validation,
+            keys,
+            validations,
+            leeway_secs: config.leeway_secs,
             username_claim: config.username_claim,
             max_lifetime_secs: config.max_lifetime_secs,
         })
     }
-}
 
-impl Authenticator for JwtAuthenticator {
-    fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
-        use jsonwebtoken::errors::ErrorKind;
-        let data = jsonwebtoken::decode::<serde_json::Map<String, Value>>(
-            token,
-            &self.key,
-            &self.validation,
-        )
-        .map_err(|e| match e.kind() {
-            ErrorKind::ExpiredSignature => AuthError::Expired,
-            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-            ErrorKind::InvalidSignature => AuthError::BadSignature,
-            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                AuthError::AlgorithmNotAllowed
-            }
-            ErrorKind::InvalidAudience => AuthError::WrongAudience,
-            ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
-            ErrorKind::MissingRequiredClaim(c) if c == "sub" => AuthError::MissingSubject,
-            ErrorKind::MissingRequiredClaim(_) => {
-                AuthError::Malformed("a required claim is missing")
-            }
-            ErrorKind::InvalidToken => AuthError::Malformed("not a JWT"),
-            ErrorKind::Base64(_) => AuthError::Malformed("a segment is not base64url"),
-            ErrorKind::Json(_) => AuthError::Malformed("header or claims are not valid JSON"),
-            ErrorKind::Utf8(_) => AuthError::Malformed("header or claims are not UTF-8"),
-            // `e`'s text may quote the token (serde names an unknown `alg` verbatim).
-            _ => AuthError::Malformed("cannot be decoded"),
+    /// The key set this authenticator verifies with.
+    pub fn key_set(&self) -> &Arc<KeySet> {
+        &self.keys
+    }
+
+    /// Checks `token` with the keys the set has now, without waiting for a refresh.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| decode_error(&e))?;
+        let data = self.keys.verify_with(header.kid.as_deref(), header.alg, |key| {
+            let validation = self
+                .validations
+                .iter()
+                .find(|(alg, _)| *alg == header.alg)
+                .map(|(_, v)| v)
+                .ok_or(AuthError::AlgorithmNotAllowed)?;
+            jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, key, validation)
+                .map_err(|e| decode_error(&e))
         })?;
-        let claims = data.claims;
+        self.identity(token, data.claims)
+    }
+
+    fn identity(
+        &self,
+        token: &str,
+        claims: serde_json::Map<String, Value>,
+    ) -> Result<Identity, AuthError> {
         let user_id = match claims.get("sub") {
             Some(Value::String(s)) if !s.is_empty() && s.len() <= 255 => s.clone(),
             _ => return Err(AuthError::MissingSubject),
@@ -239,7 +304,7 @@ impl Authenticator for JwtAuthenticator {
             _ => return Err(AuthError::Malformed("`exp` is not a number")),
         };
         self.check_issued_at(claims.get("iat"), exp)?;
-        let expires_at = Some(exp.saturating_add(self.validation.leeway));
+        let expires_at = Some(exp.saturating_add(self.leeway_secs));
         Ok(Identity {
             user_id: UserId::new(user_id),
             username,
@@ -247,6 +312,45 @@ impl Authenticator for JwtAuthenticator {
             expires_at,
             token_expires_at: Some(exp),
         })
+    }
+}
+
+/// jsonwebtoken's error as ours: fixed text only (its own text may quote the token).
+fn decode_error(e: &jsonwebtoken::errors::Error) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind;
+    match e.kind() {
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            AuthError::AlgorithmNotAllowed
+        }
+        ErrorKind::InvalidAudience => AuthError::WrongAudience,
+        ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+        ErrorKind::MissingRequiredClaim(c) if c == "sub" => AuthError::MissingSubject,
+        ErrorKind::MissingRequiredClaim(_) => AuthError::Malformed("a required claim is missing"),
+        ErrorKind::InvalidToken => AuthError::Malformed("not a JWT"),
+        ErrorKind::Base64(_) => AuthError::Malformed("a segment is not base64url"),
+        ErrorKind::Json(_) => AuthError::Malformed("header or claims are not valid JSON"),
+        ErrorKind::Utf8(_) => AuthError::Malformed("header or claims are not UTF-8"),
+        // `e`'s text may quote the token (serde names an unknown `alg` verbatim).
+        _ => AuthError::Malformed("cannot be decoded"),
+    }
+}
+
+#[async_trait]
+impl Authenticator for JwtAuthenticator {
+    async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        // Read before the check: a refresh that ends between the check and the request
+        // counts, so the retry below never waits for one that already happened.
+        let seen = self.keys.generation();
+        match self.verify(token) {
+            Err(AuthError::UnknownKey) if self.keys.is_refreshed() => {
+                self.keys.refresh_and_wait(seen).await;
+                self.verify(token)
+            }
+            checked => checked,
+        }
     }
 }
 
@@ -263,7 +367,7 @@ impl JwtAuthenticator {
             },
         };
         let now = jsonwebtoken::get_current_timestamp();
-        if iat.is_some_and(|i| i > now.saturating_add(self.validation.leeway)) {
+        if iat.is_some_and(|i| i > now.saturating_add(self.leeway_secs)) {
             return Err(AuthError::IssuedInFuture);
         }
         if let Some(max) = self.max_lifetime_secs {
@@ -320,7 +424,7 @@ mod tests {
             json!({"sub": "alice-id", "username": "alice@example.com", "exp": now() + 60}),
             SECRET,
         );
-        let id = auth.authenticate(&token).expect("valid");
+        let id = auth.verify(&token).expect("valid");
         assert_eq!(id.user_id, UserId::new("alice-id"));
         assert_eq!(id.username, "alice@example.com");
         assert_eq!(id.token, token);
@@ -331,9 +435,9 @@ mod tests {
     fn username_claim_is_configurable_and_falls_back_to_sub() {
         let auth = hs_auth(|c| c.username_claim = "email".to_owned());
         let t = hs_token(json!({"sub": "u1", "email": "u1@x", "exp": now() + 60}), SECRET);
-        assert_eq!(auth.authenticate(&t).expect("valid").username, "u1@x");
+        assert_eq!(auth.verify(&t).expect("valid").username, "u1@x");
         let t = hs_token(json!({"sub": "u1", "exp": now() + 60}), SECRET);
-        assert_eq!(auth.authenticate(&t).expect("valid").username, "u1");
+        assert_eq!(auth.verify(&t).expect("valid").username, "u1");
     }
 
     #[test]
@@ -343,7 +447,7 @@ mod tests {
             c.issuer = Some("issuer-1".to_owned());
         });
         let good = json!({"sub": "u", "exp": now() + 60, "aud": "gateway", "iss": "issuer-1"});
-        assert!(auth.authenticate(&hs_token(good.clone(), SECRET)).is_ok());
+        assert!(auth.verify(&hs_token(good.clone(), SECRET)).is_ok());
 
         let with = |k: &str, v: Value| {
             let mut c = good.clone();
@@ -377,14 +481,14 @@ mod tests {
             ),
         ];
         for (name, token, expected) in cases {
-            assert_eq!(auth.authenticate(&token), Err(expected), "case {name}");
+            assert_eq!(auth.verify(&token), Err(expected), "case {name}");
         }
         // No `exp` at all is refused: tokens must expire.
         assert!(matches!(
-            auth.authenticate(&hs_token(without("exp"), SECRET)),
+            auth.verify(&hs_token(without("exp"), SECRET)),
             Err(AuthError::Malformed(_))
         ));
-        assert!(matches!(auth.authenticate("not-a-jwt"), Err(AuthError::Malformed(_))));
+        assert!(matches!(auth.verify("not-a-jwt"), Err(AuthError::Malformed(_))));
     }
 
     #[test]
@@ -394,7 +498,7 @@ mod tests {
         let header = encode_url(br#"{"alg":"none","typ":"JWT"}"#);
         let claims = encode_url(format!(r#"{{"sub":"u","exp":{}}}"#, now() + 60).as_bytes());
         for token in [format!("{header}.{claims}."), format!("{header}.{claims}")] {
-            assert!(auth.authenticate(&token).is_err(), "alg none accepted: {token}");
+            assert!(auth.verify(&token).is_err(), "alg none accepted: {token}");
         }
         // An HS384 token signed with the right secret is still refused (one algorithm only).
         let t = jsonwebtoken::encode(
@@ -403,7 +507,7 @@ mod tests {
             &EncodingKey::from_secret(SECRET),
         )
         .expect("encode");
-        assert_eq!(auth.authenticate(&t), Err(AuthError::AlgorithmNotAllowed));
+        assert_eq!(auth.verify(&t), Err(AuthError::AlgorithmNotAllowed));
     }
 
     /// Minimal URL-safe base64 without padding, so the test needs no extra crate.
@@ -451,8 +555,8 @@ mod tests {
             ),
         ] {
             let token = hs_token(claims.clone(), SECRET);
-            assert_eq!(any.authenticate(&token).map(|_| ()), any_expected, "{claims}");
-            assert_eq!(capped.authenticate(&token).map(|_| ()), capped_expected, "{claims}");
+            assert_eq!(any.verify(&token).map(|_| ()), any_expected, "{claims}");
+            assert_eq!(capped.verify(&token).map(|_| ()), capped_expected, "{claims}");
         }
     }
 
@@ -465,7 +569,7 @@ mod tests {
         let claims = encode_url(br#"{"sub":"u\nadmin","exp":1}"#);
         for token in [format!("{header}.{claims}.sig"), format!("{header}.{claims}"), "a\nb".into()]
         {
-            let e = auth.authenticate(&token).unwrap_err();
+            let e = auth.verify(&token).unwrap_err();
             let text = e.to_string();
             assert!(!text.contains('\n') && !text.contains("admin"), "{text:?}");
         }
@@ -476,7 +580,7 @@ mod tests {
         let auth = hs_auth(|c| c.leeway_secs = 30);
         let exp = now() + 600;
         let t = hs_token(json!({"sub": "u", "exp": exp}), SECRET);
-        let id = auth.authenticate(&t).expect("valid");
+        let id = auth.verify(&t).expect("valid");
         assert_eq!(id.token_expires_at, Some(exp));
         assert_eq!(id.expires_at, Some(exp + 30));
     }
@@ -486,7 +590,7 @@ mod tests {
         let auth = hs_auth(|_| {});
         let exp = now() as f64 + 60.5;
         let t = hs_token(json!({"sub": "u", "exp": exp}), SECRET);
-        let id = auth.authenticate(&t).expect("a decimal exp is valid");
+        let id = auth.verify(&t).expect("a decimal exp is valid");
         assert_eq!(id.expires_at, Some(exp.ceil() as u64));
     }
 

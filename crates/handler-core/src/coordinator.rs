@@ -111,6 +111,8 @@ struct Shared {
     // opens cannot both take the last slot. Never held across `.await` (there is none).
     open_gate: std::sync::Mutex<()>,
     lame_duck: LameDuckConfig,
+    // Where `refresh` checks run, so the drain waits for them too.
+    tracker: TaskTracker,
 }
 
 /// The transports' way into the core. Cheap to clone.
@@ -152,6 +154,7 @@ impl Coordinator {
             max_sessions_per_user: config.max_sessions_per_user.into(),
             open_gate: std::sync::Mutex::new(()),
             lame_duck: config.lame_duck,
+            tracker: tracker.clone(),
         });
         (
             Coordinator {
@@ -347,6 +350,32 @@ impl Shared {
         ControlOutcome { sessions }
     }
 
+    /// Answers a `refresh` once its token is checked: the new identity replaces the
+    /// session's when it is valid and the same user's.
+    fn refreshed(
+        &self,
+        session_id: &SessionId,
+        checked: Result<Identity, AuthError>,
+        answer: &Answer<'_>,
+    ) {
+        let refreshed = checked.map_err(CoreError::RefreshRefused).and_then(|new| {
+            let expires_at = new.token_expires_at;
+            self.sessions.refresh_identity(session_id, new).map(|()| expires_at)
+        });
+        match refreshed {
+            Ok(expires_at) => {
+                answer.reply(ServerFrame::Message(ServerMessage::Refreshed { expires_at }));
+            }
+            Err(e) => {
+                // `{:?}` of the source: the detail is ours, but never trust a log line to
+                // stay one line.
+                let reason = std::error::Error::source(&e).map(|c| format!("{c:?}"));
+                tracing::info!(session.id = %session_id, error = %e, reason, "refresh refused");
+                answer.refuse(None, e);
+            }
+        }
+    }
+
     fn stats(&self) -> GatewayStats {
         GatewayStats {
             sessions: self.sessions.session_count(),
@@ -382,9 +411,10 @@ impl CoordinatorHandle {
         &self.shared.limits
     }
 
-    /// Checks a bearer token (already stripped of its `Bearer` prefix).
-    pub fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
-        self.shared.authenticator.authenticate(token)
+    /// Checks a bearer token (already stripped of its `Bearer` prefix). May call out (a
+    /// JWKS refresh, the mesh token check); the transport bounds the wait.
+    pub async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        self.shared.authenticator.authenticate(token).await
     }
 
     /// Registers a new session and queues its hello frame.
@@ -506,24 +536,24 @@ impl CoordinatorHandle {
                 answer.subscribed(s.sessions.unsubscribe(session_id, &topics));
             }
             ClientMessage::Refresh { token } => {
-                let refreshed = s
-                    .authenticator
-                    .authenticate(&token)
-                    .map_err(CoreError::RefreshRefused)
-                    .and_then(|new| {
-                        let expires_at = new.token_expires_at;
-                        s.sessions.refresh_identity(session_id, new).map(|()| expires_at)
-                    });
-                match refreshed {
-                    Ok(expires_at) => {
-                        answer.reply(ServerFrame::Message(ServerMessage::Refreshed { expires_at }));
-                    }
-                    Err(e) => {
-                        // `{:?}` of the source: the detail is ours, but never trust a
-                        // log line to stay one line.
-                        let reason = std::error::Error::source(&e).map(|c| format!("{c:?}"));
-                        tracing::info!(session.id = %session_id, error = %e, reason, "refresh refused");
-                        answer.refuse(None, e);
+                // `on_frame` never waits: a check that is not done at once (a JWKS refresh,
+                // the mesh token check) is finished on a tracked task, its answer carrying
+                // the frame's `id` (it may then come after answers to later frames).
+                let shared = Arc::clone(s);
+                let mut check =
+                    Box::pin(async move { shared.authenticator.authenticate(&token).await });
+                match futures::FutureExt::now_or_never(&mut check) {
+                    Some(checked) => s.refreshed(session_id, checked, &answer),
+                    None => {
+                        let shared = Arc::clone(s);
+                        let session_id = session_id.clone();
+                        let session = session.clone();
+                        let (id, encoding) = (answer.id.clone(), answer.encoding);
+                        s.tracker.spawn(async move {
+                            let checked = check.await;
+                            let answer = Answer { session: &session, id, encoding };
+                            shared.refreshed(&session_id, checked, &answer);
+                        });
                     }
                 }
             }

@@ -1,6 +1,6 @@
 //! JWT verification with public keys (RS256, ES256), using throw-away keys in `fixtures/`.
 
-use handler_core::auth::{AuthError, Authenticator, JwtAuthenticator, JwtConfig, JwtKey};
+use handler_core::auth::{AuthError, JwtAuthenticator, JwtConfig, JwtKey};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 
@@ -31,11 +31,11 @@ fn rs256_and_es256_tokens_verify_with_their_public_keys() {
         &EncodingKey::from_ec_pem(ES_PRIVATE.as_bytes()).unwrap(),
     )
     .unwrap();
-    assert_eq!(rs.authenticate(&rs_token).unwrap().username, "u1@x");
-    assert_eq!(es.authenticate(&es_token).unwrap().user_id.as_str(), "u1");
+    assert_eq!(rs.verify(&rs_token).unwrap().username, "u1@x");
+    assert_eq!(es.verify(&es_token).unwrap().user_id.as_str(), "u1");
     // Each verifier takes only its own algorithm.
-    assert_eq!(rs.authenticate(&es_token), Err(AuthError::AlgorithmNotAllowed));
-    assert_eq!(es.authenticate(&rs_token), Err(AuthError::AlgorithmNotAllowed));
+    assert_eq!(rs.verify(&es_token), Err(AuthError::AlgorithmNotAllowed));
+    assert_eq!(es.verify(&rs_token), Err(AuthError::AlgorithmNotAllowed));
 }
 
 #[test]
@@ -49,7 +49,7 @@ fn hs256_signed_with_the_public_key_is_refused() {
         &EncodingKey::from_secret(RS_PUBLIC.as_bytes()),
     )
     .unwrap();
-    assert_eq!(rs.authenticate(&forged), Err(AuthError::AlgorithmNotAllowed));
+    assert_eq!(rs.verify(&forged), Err(AuthError::AlgorithmNotAllowed));
 }
 
 #[test]

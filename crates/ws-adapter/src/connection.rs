@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::machine::TryParse;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
@@ -36,6 +37,7 @@ use nuropb_wire::client::{
 use nuropb_wire::mesh::error_name;
 
 use crate::config::WsConfig;
+use crate::handshake::Prefixed;
 use crate::read_error::close_after_read_error;
 use crate::stats::WsStatsHandle;
 use crate::token_bucket::TokenBucket;
@@ -181,16 +183,43 @@ pub(crate) async fn run<S>(
         Admission::Session { deadline, .. } => (true, *deadline),
         Admission::Refusal { deadline, .. } => (false, *deadline),
     };
+    // The checks may wait for the authenticator (a JWKS refresh, the mesh token check),
+    // which tungstenite's synchronous callback cannot: the head is read and checked here,
+    // within the same deadline as the handshake, then replayed to tungstenite, whose callback
+    // only answers what was decided here.
+    let mut stream = stream;
+    let checks = async {
+        let head = crate::handshake::read_head(&mut stream, config.max_head_bytes).await.ok()?;
+        let checked = match Request::try_parse(&head) {
+            Ok(Some((_, request))) => Some(
+                check_upgrade(
+                    &request,
+                    have_capacity,
+                    &config.origins.current(),
+                    &config.auth,
+                    first_frame,
+                    &coordinator,
+                    &stats,
+                )
+                .await,
+            ),
+            // tungstenite parses it again and refuses it before the callback runs.
+            _ => None,
+        };
+        Some((head, checked))
+    };
+    let (head, checked) = match tokio::time::timeout_at(deadline, checks).await {
+        Ok(Some(prepared)) => prepared,
+        Ok(None) => return,
+        Err(_) => {
+            tracing::debug!("handshake timed out");
+            return;
+        }
+    };
+    let stream = Prefixed::new(head, stream);
     let callback = |request: &Request, mut response: Response| -> Result<Response, ErrorResponse> {
-        let checked = check_upgrade(
-            request,
-            have_capacity,
-            &config.origins.current(),
-            &config.auth,
-            first_frame,
-            &coordinator,
-            &stats,
-        )?;
+        let bad = || crate::upgrade::refuse(http::StatusCode::BAD_REQUEST, "malformed request");
+        let checked = checked.ok_or_else(bad)??;
         if matches!(checked, Credentials::FirstFrame) {
             let Some(slot) = stats.begin_pending_auth(config.max_handshakes_in_flight) else {
                 tracing::info!("upgrade refused: too many connections waiting to authenticate");
@@ -688,9 +717,15 @@ async fn first_frame_auth<S: AsyncRead + AsyncWrite + Unpin>(
         };
         return match decode_client_frame(text, Encoding::Json, coordinator.client_limits()) {
             Ok(ClientFrame { message: ClientMessage::Auth { token }, id }) => {
-                match coordinator.authenticate(&token) {
-                    Ok(identity) => Ok((identity, id)),
-                    Err(e) => {
+                // Within the same deadline as the frame: the authenticator may call out.
+                match tokio::time::timeout_at(deadline, coordinator.authenticate(&token)).await {
+                    Err(_) => Err(unauthorized("authentication timeout")),
+                    Ok(Ok(identity)) => Ok((identity, id)),
+                    Ok(Err(e)) if e.is_unavailable() => {
+                        tracing::warn!(reason = %e, "auth frame refused: the token could not be checked");
+                        Err(unauthorized("authentication unavailable"))
+                    }
+                    Ok(Err(e)) => {
                         tracing::info!(reason = %e, "auth frame refused: not authenticated");
                         Err(unauthorized("unauthorized"))
                     }

@@ -13,7 +13,7 @@
 use tokio_tungstenite::tungstenite::handshake::machine::TryParse;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, create_response};
 
-use handler_core::auth::{Authenticator, JwtAuthenticator, JwtConfig, JwtKey};
+use handler_core::auth::{JwtAuthenticator, JwtConfig, JwtKey};
 
 use crate::config::AuthSources;
 use crate::handshake::{HeadKind, classify};
@@ -48,7 +48,7 @@ pub fn upgrade(head: &[u8]) {
     let key = JwtKey::Hs256Secret(b"fuzz-secret-the-input-cannot-know".to_vec());
     let jwt = JwtAuthenticator::new(JwtConfig::new(key)).expect("an HS256 key");
     if let Found::Token(token) = find_token(request.headers(), request.uri().query(), &auth, 8192) {
-        assert!(jwt.authenticate(&token).is_err(), "token {token:?} accepted");
+        assert!(jwt.verify(&token).is_err(), "token {token:?} accepted");
     }
     let offers = request
         .headers()
@@ -61,7 +61,7 @@ pub fn upgrade(head: &[u8]) {
     for offer in offers {
         exact |= offer == PROTOCOL;
         if let Some(token) = offer.strip_prefix(TOKEN_PROTOCOL_PREFIX) {
-            assert!(jwt.authenticate(token).is_err(), "subprotocol token {token:?} accepted");
+            assert!(jwt.verify(token).is_err(), "subprotocol token {token:?} accepted");
         }
     }
     assert_eq!(offers_protocol(request.headers()), exact, "nuropb.v1 offered or not");

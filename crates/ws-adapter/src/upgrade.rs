@@ -33,9 +33,12 @@ pub(crate) enum Credentials {
 
 /// The outcome of the checks: who connected, or the HTTP refusal to send. `first_frame`:
 /// whether an upgrade without any credentials may authenticate with its first frame.
+/// Asynchronous because the authenticator may call out (a JWKS refresh, the mesh token
+/// check); the caller bounds it by the handshake deadline. A token that could not be
+/// checked at all (the mesh down) is answered 503, a refused one 401.
 #[allow(clippy::result_large_err, reason = "tungstenite's Callback fixes the error type")]
 #[allow(clippy::too_many_arguments, reason = "the checks' inputs, each a different limit")]
-pub(crate) fn check_upgrade(
+pub(crate) async fn check_upgrade(
     request: &Request,
     have_capacity: bool,
     origins: &OriginPolicy,
@@ -65,7 +68,11 @@ pub(crate) fn check_upgrade(
         Found::Nothing => Err(AuthError::Missing),
         Found::TooLong => Err(AuthError::Malformed("subprotocol token too long")),
     };
-    match token.and_then(|t| coordinator.authenticate(&t)) {
+    let checked = match token {
+        Ok(t) => coordinator.authenticate(&t).await,
+        Err(e) => Err(e),
+    };
+    match checked {
         // Asked here so the client gets a status it can act on; `open_session` enforces the
         // limit again under its lock (a race between two upgrades ends in a 1008 close).
         Ok(identity) if coordinator.session_limit_reached(&identity.user_id) => {
@@ -75,6 +82,10 @@ pub(crate) fn check_upgrade(
             Err(refuse(StatusCode::TOO_MANY_REQUESTS, "too many sessions for this user"))
         }
         Ok(identity) => Ok(Credentials::Authenticated(identity)),
+        Err(e) if e.is_unavailable() => {
+            tracing::warn!(reason = %e, "upgrade refused: the token could not be checked");
+            Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "authentication unavailable"))
+        }
         Err(e) => {
             tracing::info!(reason = %e, "upgrade refused: not authenticated");
             Err(refuse(StatusCode::UNAUTHORIZED, "unauthorized"))

@@ -65,14 +65,17 @@ impl Gateway {
     fn start(config: WsConfig) -> Gateway {
         let (mesh, inbound) = InMemoryMesh::builder().build();
         let mut auth = MockAuthenticator::new();
-        auth.expect_authenticate().returning(|token| {
-            Ok(Identity {
+        auth.expect_authenticate().returning(|token| match token {
+            // The mesh token check could not ask its service / refused the token.
+            "tok-mesh-down" => Err(handler_core::auth::AuthError::Unavailable),
+            "tok-refused" => Err(handler_core::auth::AuthError::Refused),
+            _ => Ok(Identity {
                 user_id: UserId::new("alice-id"),
                 username: "alice".into(),
                 token: token.to_owned(),
                 expires_at: None,
                 token_expires_at: None,
-            })
+            }),
         });
         let core =
             CoreConfig { broadcast_topics: vec!["broadcast.#".into()], ..CoreConfig::default() };
@@ -428,4 +431,37 @@ async fn the_first_frame_route_closes_4401_at_the_auth_timeout_and_opens_on_an_a
     );
     // The hello answers the auth frame: it carries its id.
     assert_eq!(hello.id(), Some("a"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_that_cannot_be_checked_is_503_and_a_refused_one_401() {
+    let gateway = Gateway::start(WsConfig::default());
+    for (token, status, body) in
+        [("tok-mesh-down", 503, "authentication unavailable"), ("tok-refused", 401, "unauthorized")]
+    {
+        let (client_io, server_io) = tokio::io::duplex(64 << 10);
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let server = tokio::spawn(run(
+            server_io,
+            Admission::Session {
+                _permit: permit,
+                deadline: tokio::time::Instant::now() + Duration::from_secs(10),
+            },
+            Arc::clone(&gateway.config),
+            gateway.coordinator.clone(),
+            WsStatsHandle::new(),
+        ));
+        let mut request = "ws://gateway/ws".into_client_request().unwrap();
+        let bearer = format!("Bearer {token}");
+        request.headers_mut().insert("Authorization", bearer.parse().unwrap());
+        match tokio_tungstenite::client_async(request, client_io).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status().as_u16(), status, "{token}");
+                let text = response.body().as_deref().map(String::from_utf8_lossy);
+                assert_eq!(text.as_deref(), Some(body), "{token}");
+            }
+            other => panic!("{token}: not refused: {other:?}"),
+        }
+        server.await.unwrap();
+    }
 }
