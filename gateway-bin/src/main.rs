@@ -25,6 +25,7 @@ use handler_core::session_registry::SessionRegistryConfig;
 use handler_core::{Coordinator, JwtAuthenticator, JwtConfig, ServiceMesh};
 use nuropb_wire::client::ClientLimits;
 use ops_http::OpsConfig;
+use prometheus_client::registry::Registry;
 use ws_adapter::{AuthSources, WsConfig, WsStatsHandle};
 
 use crate::config::Cli;
@@ -197,6 +198,9 @@ async fn run(cli: Cli) -> Result<()> {
     // /readyz answers 503 ("shutting down") and /metrics can still be scraped.
     let ops_shutdown = CancellationToken::new();
     let ws_stats = WsStatsHandle::new();
+    // Every metric is registered here, before anything is served: the registry does not
+    // change once `/metrics` can be scraped.
+    let mut registry = Registry::default();
     let ops_server = match cli.ops_listen {
         Some(ops_addr) => {
             let listener = TcpListener::bind(ops_addr)
@@ -204,9 +208,19 @@ async fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("cannot listen on {ops_addr} (--ops-listen)"))?;
             let ops_addr = listener.local_addr().context("cannot read the ops address")?;
             say!("nuropb-gateway ops on http://{ops_addr}/");
-            let source = Arc::new(ops::GatewayOps::new(handle.clone(), ws_stats.clone(), amqp));
-            let serve =
-                ops_http::serve(listener, OpsConfig::default(), source, ops_shutdown.clone());
+            let source = Arc::new(ops::GatewayOps::new(handle.clone()));
+            registry.register_collector(Box::new(ops::StatsCollector::new(
+                handle.clone(),
+                ws_stats.clone(),
+                amqp,
+            )));
+            let serve = ops_http::serve(
+                listener,
+                OpsConfig::default(),
+                source,
+                Arc::new(std::mem::take(&mut registry)),
+                ops_shutdown.clone(),
+            );
             Some(background.spawn(async move {
                 if let Err(e) = serve.await {
                     tracing::error!(
