@@ -22,7 +22,9 @@ use handler_core::auth::JwtKey;
 use handler_core::coordinator::CoreConfig;
 use handler_core::mesh_manager::MeshManagerConfig;
 use handler_core::session_registry::SessionRegistryConfig;
-use handler_core::{Coordinator, JwtAuthenticator, JwtConfig, ServiceMesh};
+use handler_core::{
+    CallLabelConfig, Coordinator, CoreMetrics, JwtAuthenticator, JwtConfig, ServiceMesh,
+};
 use nuropb_wire::client::ClientLimits;
 use ops_http::OpsConfig;
 use prometheus_client::registry::Registry;
@@ -128,6 +130,14 @@ async fn run(cli: Cli) -> Result<()> {
     } else {
         cli.subscribable_topics.clone()
     };
+    // Every metric is registered here, before anything is served: the registry does not
+    // change once `/metrics` can be scraped.
+    let mut registry = Registry::default();
+    let core_metrics = CoreMetrics::new(CallLabelConfig {
+        services: cli.metrics_services.clone(),
+        max_methods_per_service: cli.metrics_max_methods,
+    });
+    core_metrics.register(&mut registry);
     let core = CoreConfig {
         sessions: SessionRegistryConfig { subscribable, ..SessionRegistryConfig::default() },
         mesh: MeshManagerConfig {
@@ -149,6 +159,7 @@ async fn run(cli: Cli) -> Result<()> {
         },
         broadcast_topics: cli.broadcast_topics.clone(),
         max_sessions_per_user: cli.max_sessions_per_user,
+        metrics: core_metrics,
     };
     let (coordinator, handle) =
         Coordinator::new(core, authenticator, mesh, inbound, calls, shutdown.clone());
@@ -198,9 +209,6 @@ async fn run(cli: Cli) -> Result<()> {
     // /readyz answers 503 ("shutting down") and /metrics can still be scraped.
     let ops_shutdown = CancellationToken::new();
     let ws_stats = WsStatsHandle::new();
-    // Every metric is registered here, before anything is served: the registry does not
-    // change once `/metrics` can be scraped.
-    let mut registry = Registry::default();
     let ops_server = match cli.ops_listen {
         Some(ops_addr) => {
             let listener = TcpListener::bind(ops_addr)

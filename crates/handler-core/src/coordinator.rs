@@ -26,6 +26,7 @@ use crate::mesh::{
     ControlOutcome, GatewayControl, GatewayStats, MeshEvent, MeshInbound, ServiceMesh,
 };
 use crate::mesh_manager::{MeshManagerConfig, ReplyTo, ServiceMeshManager};
+use crate::metrics::CoreMetrics;
 use crate::session_registry::{SessionHandle, SessionRegistry, SessionRegistryConfig};
 use crate::topic::topic_matches;
 
@@ -44,6 +45,9 @@ pub struct CoreConfig {
     /// more is refused (`CoreError::TooManySessions`). A leaked token then holds a bounded
     /// share of the gateway, and a looping client cannot pile up sessions.
     pub max_sessions_per_user: usize,
+    /// Where the core records call latencies and event drops (default: fresh metrics
+    /// registered nowhere). The binary registers them before building the core.
+    pub metrics: CoreMetrics,
 }
 
 impl Default for CoreConfig {
@@ -54,6 +58,7 @@ impl Default for CoreConfig {
             client_limits: ClientLimits::default(),
             broadcast_topics: Vec::new(),
             max_sessions_per_user: 100,
+            metrics: CoreMetrics::default(),
         }
     }
 }
@@ -66,6 +71,7 @@ struct Shared {
     broadcast_topics: Vec<String>,
     shutdown: CancellationToken,
     events_delivered: std::sync::atomic::AtomicU64,
+    metrics: CoreMetrics,
     max_sessions_per_user: usize,
     // Held from counting a user's sessions to registering the new one, so two concurrent
     // opens cannot both take the last slot. Never held across `.await` (there is none).
@@ -101,8 +107,10 @@ impl Coordinator {
         shutdown: CancellationToken,
     ) -> (Coordinator, CoordinatorHandle) {
         let shared = Arc::new(Shared {
-            sessions: SessionRegistry::new(config.sessions),
-            mesh: ServiceMeshManager::new(mesh, config.mesh, tracker.clone(), shutdown.clone()),
+            sessions: SessionRegistry::new(config.sessions).with_metrics(config.metrics.clone()),
+            mesh: ServiceMeshManager::new(mesh, config.mesh, tracker.clone(), shutdown.clone())
+                .with_metrics(config.metrics.clone()),
+            metrics: config.metrics,
             authenticator,
             limits: config.client_limits,
             broadcast_topics: config.broadcast_topics,
@@ -219,6 +227,9 @@ impl Shared {
             None => self.sessions.send_to_subscribers(&e.topic, frame),
         };
         self.events_delivered.fetch_add(reached as u64, std::sync::atomic::Ordering::Relaxed);
+        // Events that reached no session, or not every session, are counted by the
+        // registry, by reason.
+        self.metrics.event_received();
         tracing::debug!(topic = %e.topic, sessions = reached, "mesh event delivered");
     }
 

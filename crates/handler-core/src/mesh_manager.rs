@@ -23,6 +23,7 @@ use crate::connection::{Outbound, SharedFrame};
 use crate::error::CoreError;
 use crate::ids::{SessionId, TraceId};
 use crate::mesh::{MeshCall, MeshError, ServiceMesh};
+use crate::metrics::{CallOutcome, CoreMetrics};
 use crate::session_registry::SessionHandle;
 
 /// Bounds and deadlines for mesh calls.
@@ -127,6 +128,7 @@ pub(crate) struct ServiceMeshManager {
     // Fired at the drain deadline: calls still pending end with an error response.
     abort: CancellationToken,
     counters: Arc<Counters>,
+    metrics: CoreMetrics,
 }
 
 #[derive(Default)]
@@ -195,7 +197,14 @@ impl ServiceMeshManager {
             shutdown,
             abort: CancellationToken::new(),
             counters: Arc::new(Counters::default()),
+            metrics: CoreMetrics::default(),
         }
+    }
+
+    /// Records call outcomes into `metrics` (by default, into metrics registered nowhere).
+    pub(crate) fn with_metrics(mut self, metrics: CoreMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub(crate) fn mesh(&self) -> &Arc<dyn ServiceMesh> {
@@ -321,6 +330,26 @@ impl ServiceMeshManager {
         reply: ReplyTo,
         kind: CallKind,
     ) -> Result<TraceId, CoreError> {
+        // Names are copied only when the call is refused; the accepted call's task records
+        // its own outcome.
+        let names = (call.service.clone(), call.method.clone());
+        let submitted = self.submit_checked(session, identity, call, reply, kind);
+        if submitted.is_err() {
+            let command = matches!(kind, CallKind::Command);
+            self.metrics.call(&names.0, &names.1, command, CallOutcome::Refused, 0.0);
+        }
+        submitted
+    }
+
+    fn submit_checked(
+        &self,
+        session: &SessionHandle,
+        identity: &Identity,
+        call: ClientCall,
+        reply: ReplyTo,
+        kind: CallKind,
+    ) -> Result<TraceId, CoreError> {
+        let started = tokio::time::Instant::now();
         if self.config.reserved_services.contains(&call.service) {
             return Err(CoreError::Reserved(call.service));
         }
@@ -349,6 +378,13 @@ impl ServiceMeshManager {
         let abort = self.abort.clone();
         let timeout = self.config.request_timeout;
         let session = session.clone();
+        let metrics = self.metrics.clone();
+        let (service, method) = (call.service.clone(), call.method.clone());
+        let command = matches!(kind, CallKind::Command);
+        let record = move |outcome: CallOutcome| {
+            let seconds = started.elapsed().as_secs_f64();
+            metrics.call(&service, &method, command, outcome, seconds);
+        };
         let span = tracing::debug_span!(
             "mesh_call",
             kind = ?kind,
@@ -383,12 +419,22 @@ impl ServiceMeshManager {
                     // command not yet published is simply not published).
                     _ = cancel.cancelled() => {
                         tracing::debug!("session closed; call abandoned");
+                        record(CallOutcome::Abandoned);
                         return;
                     }
                     // The drain deadline passed: the client still gets an answer.
                     _ = abort.cancelled() => Err(MeshError::Unavailable("gateway shutting down".into())),
                     r = work => r,
                 };
+                record(match &outcome {
+                    Ok(Some(resp)) if resp.error.is_some() => CallOutcome::ServiceError,
+                    Ok(_) => CallOutcome::Ok,
+                    Err(MeshError::Timeout(_)) => CallOutcome::Timeout,
+                    Err(MeshError::NotDelivered { .. }) => CallOutcome::NotDelivered,
+                    Err(MeshError::Unavailable(_)) => CallOutcome::Unavailable,
+                    Err(MeshError::Rejected(_) | MeshError::Encryption(_)) => CallOutcome::Rejected,
+                    Err(MeshError::ResponseTooLarge { .. }) => CallOutcome::ResponseTooLarge,
+                });
                 let message = match outcome {
                     Ok(Some(resp)) => ServerMessage::Response {
                         trace_id: reply_trace,
