@@ -303,8 +303,7 @@ impl Cli {
 
     pub fn validate(&self) -> Result<()> {
         self.callable_patterns()?;
-        if self.metrics_services.iter().any(|s| s.is_empty() || s == handler_core::metrics::OTHER)
-        {
+        if self.metrics_services.iter().any(|s| s.is_empty() || s == handler_core::metrics::OTHER) {
             bail!("--metrics-services: names must be non-empty and not `other`");
         }
         if self.metrics_services.len() > 256 {

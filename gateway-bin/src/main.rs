@@ -209,6 +209,7 @@ async fn run(cli: Cli) -> Result<()> {
     // /readyz answers 503 ("shutting down") and /metrics can still be scraped.
     let ops_shutdown = CancellationToken::new();
     let ws_stats = WsStatsHandle::new();
+    ws_stats.register(&mut registry);
     let ops_server = match cli.ops_listen {
         Some(ops_addr) => {
             let listener = TcpListener::bind(ops_addr)

@@ -279,6 +279,7 @@ fn amqp_metrics(stats: AmqpStats) -> Vec<Metric> {
         returned,
         garbage_rejected,
         events_received,
+        events_dropped_by_broker,
         controls_received,
         service_calls,
         reconnects,
@@ -341,6 +342,11 @@ fn amqp_metrics(stats: AmqpStats) -> Vec<Metric> {
             events_received,
         ),
         counter(
+            "nuropb_gateway_amqp_events_dropped_by_broker_total",
+            "Events the broker dropped from this instance's full events queue (x-max-length), oldest first",
+            events_dropped_by_broker,
+        ),
+        counter(
             "nuropb_gateway_amqp_controls_received_total",
             "Control operations (push, disconnect) forwarded to the core.",
             controls_received,
@@ -396,8 +402,8 @@ mod tests {
             .chain(ws_metrics(ws))
             .chain(amqp_metrics(amqp))
             .collect();
-        // 9 GatewayStats fields, 10 WsStats fields and 14 AmqpStats fields.
-        assert_eq!(metrics.len(), 9 + 10 + 14);
+        // 9 GatewayStats fields, 10 WsStats fields and 15 AmqpStats fields.
+        assert_eq!(metrics.len(), 9 + 10 + 15);
         let mut names = HashSet::new();
         for m in &metrics {
             assert!(m.name.starts_with("nuropb_gateway_"), "{m:?}");

@@ -221,7 +221,9 @@ impl CoreMetrics {
 
     pub(crate) fn event_dropped(&self, reason: EventDrop, count: u64) {
         if count > 0 {
-            self.events_dropped.get_or_create(&DropLabels { reason: reason.as_str() }).inc_by(count);
+            self.events_dropped
+                .get_or_create(&DropLabels { reason: reason.as_str() })
+                .inc_by(count);
         }
     }
 }

@@ -13,9 +13,9 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::auth::Identity;
 use crate::connection::{ClientConnection, CloseReason, Outbound, SendError, SharedFrame};
-use crate::metrics::{CoreMetrics, EventDrop};
 use crate::error::CoreError;
 use crate::ids::{SessionId, UserId};
+use crate::metrics::{CoreMetrics, EventDrop};
 use crate::topic::{TopicPattern, pattern_covers};
 
 /// Bounds of the registry.

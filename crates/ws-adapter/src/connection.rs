@@ -58,6 +58,8 @@ pub(crate) enum Admission {
 struct WsHandle {
     outbound: mpsc::Sender<Queued>,
     shared: Arc<Shared>,
+    // Where queue depths are observed.
+    stats: WsStatsHandle,
 }
 
 /// What the handle and the connection task share besides the queue.
@@ -150,7 +152,9 @@ impl ClientConnection for WsHandle {
                 mpsc::error::TrySendError::Full(_) => SendError::Full,
                 mpsc::error::TrySendError::Closed(_) => SendError::Closed,
             }
-        })
+        })?;
+        self.stats.queue_depth(self.outbound.max_capacity() - self.outbound.capacity());
+        Ok(())
     }
 
     fn close(&self, reason: CloseReason) {
@@ -243,7 +247,7 @@ pub(crate) async fn run<S>(
                 Err(reason) => {
                     if let Some(reason) = reason {
                         tracing::info!(reason = %reason.reason, "first-frame authentication failed");
-                        close_unauthenticated(&mut ws, reason, &config).await;
+                        close_unauthenticated(&mut ws, reason, &config, &stats).await;
                     }
                     return;
                 }
@@ -258,7 +262,8 @@ pub(crate) async fn run<S>(
         close: CloseSignal::default(),
         budget: QueueBudget::new(config.outbound_queue_bytes),
     });
-    let handle = Arc::new(WsHandle { outbound: tx, shared: Arc::clone(&shared) });
+    let handle =
+        Arc::new(WsHandle { outbound: tx, shared: Arc::clone(&shared), stats: stats.clone() });
     let session_id = match coordinator.open_session_answering(identity, handle, auth_id) {
         Ok(id) => id,
         Err(e) => {
@@ -268,6 +273,7 @@ pub(crate) async fn run<S>(
                 .close(Some(close_frame(
                     e.close_reason()
                         .unwrap_or_else(|| CloseReason::new(CloseCode::GoingAway, e.to_string())),
+                    &stats,
                 )))
                 .await;
             return;
@@ -482,7 +488,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let closing = async {
         write_queued(&mut ws, &mut pending, &mut outgoing, usize::MAX).await?;
-        ws.close(Some(close_frame(reason))).await
+        ws.close(Some(close_frame(reason, stats))).await
     };
     match tokio::time::timeout(grace, closing).await {
         Ok(Ok(())) => {}
@@ -707,9 +713,10 @@ async fn close_unauthenticated<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut WebSocketStream<S>,
     reason: CloseReason,
     config: &WsConfig,
+    stats: &WsStatsHandle,
 ) {
     let closing = async {
-        ws.close(Some(close_frame(reason))).await?;
+        ws.close(Some(close_frame(reason, stats))).await?;
         // Bounded by the timeout; frames after our close are discarded by tungstenite.
         while let Some(next) = ws.next().await {
             next?;
@@ -789,7 +796,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     }
 }
 
-fn close_frame(reason: CloseReason) -> CloseFrame {
+/// The close frame for `reason`, counted in the closes-by-code metric.
+fn close_frame(reason: CloseReason, stats: &WsStatsHandle) -> CloseFrame {
+    stats.closed(reason.code.as_u16());
     // Close reasons must fit a control frame (125 bytes with the code).
     let mut text = reason.reason;
     if text.len() > 120 {

@@ -160,11 +160,19 @@ pub async fn serve(
             Ok(guard) => Ok(guard),
             Err(PeerRefusal::TooManyConnections) => {
                 stats.per_ip_connection_refused();
-                Err(Refuse::Status(429, "too many connections from this address"))
+                Err(Refuse::Status(
+                    429,
+                    "too many connections from this address",
+                    "per_ip_connections",
+                ))
             }
             Err(PeerRefusal::TooManyAttempts) => {
                 stats.per_ip_rate_refused();
-                Err(Refuse::Status(429, "too many connection attempts from this address"))
+                Err(Refuse::Status(
+                    429,
+                    "too many connection attempts from this address",
+                    "per_ip_rate",
+                ))
             }
         };
         let admitted = peer_guard.and_then(|guard| {
@@ -202,11 +210,26 @@ pub async fn serve(
                     // Closing at once is the only answer that costs nothing: a task per
                     // connection here is what a flood of idle sockets would exploit.
                     stats.connection_shed();
+                    stats.refused("shed", "none");
                     let _entered = span.enter();
                     tracing::debug!("over a limit and the refusal budget; closed unanswered");
                 }
             },
         }
+    }
+}
+
+/// The `status` label of a refusal: the statuses this crate sends, each its own value.
+fn status_label(status: u16) -> &'static str {
+    match status {
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        426 => "426",
+        429 => "429",
+        431 => "431",
+        503 => "503",
+        _ => "other",
     }
 }
 
@@ -216,8 +239,8 @@ enum Refuse {
     /// No session or handshake slot: 503, through the upgrade checks (as when shutting
     /// down).
     Capacity,
-    /// A per-address limit: this status and body.
-    Status(u16, &'static str),
+    /// A per-address limit: this status and body, and the metrics' reason label.
+    Status(u16, &'static str, &'static str),
 }
 
 /// A head read and checked: what the connection becomes.
@@ -267,6 +290,7 @@ impl Accepted {
             Err(_) => {
                 // Taken between the check at accept and now; this task answers it itself.
                 self.stats.connection_refused();
+                self.stats.refused("capacity", "503");
                 let linger = self.config.refusal_handshake_timeout;
                 handshake::answer(&mut self.stream, 503, "too many connections", linger).await;
                 return;
@@ -285,10 +309,11 @@ impl Accepted {
             Some(Head::Upgrade(head)) => head,
             Some(Head::Http(_)) => {
                 // Plain HTTP over a limit gets the same status as an upgrade would.
-                let (status, reason) = match refuse {
-                    Refuse::Capacity => (503, "too many connections"),
-                    Refuse::Status(status, reason) => (status, reason),
+                let (status, reason, label) = match refuse {
+                    Refuse::Capacity => (503, "too many connections", "capacity"),
+                    Refuse::Status(status, reason, label) => (status, reason, label),
                 };
+                self.stats.refused(label, status_label(status));
                 tracing::info!(status, reason, "http request refused");
                 let left = timeout.saturating_sub(started.elapsed());
                 handshake::answer(&mut self.stream, status, reason, left).await;
@@ -302,8 +327,9 @@ impl Accepted {
                 let stream = Prefixed::new(head, self.stream);
                 connection::run(stream, admission, self.config, self.coordinator, self.stats).await;
             }
-            Refuse::Status(status, reason) => {
+            Refuse::Status(status, reason, label) => {
                 tracing::info!(status, reason, "upgrade refused");
+                self.stats.refused(label, status_label(status));
                 let left = timeout.saturating_sub(started.elapsed());
                 handshake::answer(&mut self.stream, status, reason, left).await;
             }
@@ -333,6 +359,7 @@ impl Accepted {
             },
         };
         self.stats.bad_handshake();
+        self.stats.refused("bad_handshake", status_label(bad.status));
         tracing::info!(status = bad.status, reason = bad.reason, "bad handshake");
         // At most the refusal timeout: a client that never closes must not keep its slot
         // for the whole handshake timeout.
