@@ -288,15 +288,23 @@ impl ServiceMeshManager {
         ctx
     }
 
-    fn mesh_call(identity: &Identity, call: ClientCall) -> MeshCall {
-        let trace_id = call.trace_id.map(TraceId::new).unwrap_or_else(TraceId::generate);
-        MeshCall {
-            context: Self::context_for(identity, &trace_id),
+    /// The mesh call and the trace id its answer carries to the client. The NuroPb
+    /// `trace_id` is the call's W3C `traceparent` when it has one (docs/PROTOCOL.md), else
+    /// the client's trace id; the answer always carries the client's (or a generated one,
+    /// when the client sent neither).
+    fn mesh_call(identity: &Identity, call: ClientCall) -> (MeshCall, TraceId) {
+        let client = call.trace_id.map(TraceId::new);
+        let mesh = call.traceparent.map(TraceId::new).or_else(|| client.clone());
+        let mesh = mesh.unwrap_or_else(TraceId::generate);
+        let reply = client.unwrap_or_else(|| mesh.clone());
+        let call = MeshCall {
+            context: Self::context_for(identity, &mesh),
             service: call.service,
             method: call.method,
             params: call.params,
-            trace_id,
-        }
+            trace_id: mesh,
+        };
+        (call, reply)
     }
 
     /// Submits a request. Its outcome (response, service error, timeout, mesh failure) is
@@ -367,8 +375,7 @@ impl ServiceMeshManager {
         // call holds in flight. Names and the context are bounded by small fixed limits.
         let bytes = estimated_object_size(&call.params);
         let (slot, cancel) = self.acquire(session.session_id(), bytes)?;
-        let call = Self::mesh_call(identity, call);
-        let trace_id = call.trace_id.clone();
+        let (call, trace_id) = Self::mesh_call(identity, call);
         match kind {
             CallKind::Request => self.counters.requests.fetch_add(1, Ordering::Relaxed),
             CallKind::Command => self.counters.commands.fetch_add(1, Ordering::Relaxed),
@@ -379,6 +386,7 @@ impl ServiceMeshManager {
         let timeout = self.config.request_timeout;
         let session = session.clone();
         let metrics = self.metrics.clone();
+        let reply_trace = trace_id.clone();
         let (service, method) = (call.service.clone(), call.method.clone());
         let command = matches!(kind, CallKind::Command);
         let record = move |outcome: CallOutcome| {
@@ -396,7 +404,7 @@ impl ServiceMeshManager {
         self.tracker.spawn(
             async move {
                 let _slot = slot;
-                let reply_trace = Some(call.trace_id.to_string());
+                let reply_trace = Some(reply_trace.to_string());
                 // The adapter applies `timeout` to requests itself; the outer deadline only
                 // guards against an adapter that fails to.
                 let work = async {
@@ -537,6 +545,7 @@ mod tests {
             method: "m".into(),
             params: JsonObject::new(),
             trace_id: trace.map(str::to_owned),
+            traceparent: None,
         }
     }
 
@@ -581,6 +590,29 @@ mod tests {
         assert_eq!(response_of(&d), (Some("t1".into()), json!(42), None));
         tokio::task::yield_now().await;
         assert_eq!(m.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_traceparent_is_the_mesh_trace_id_and_the_answer_keeps_the_clients() {
+        const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut mesh = MockServiceMesh::new();
+        mesh.expect_request().times(2).returning(|call, _| {
+            assert_eq!(call.trace_id, TraceId::new(TP));
+            assert_eq!(call.context["trace_id"], TP);
+            Ok(MeshResponse { result: json!(1), error: None })
+        });
+        let m = manager(mesh, MeshManagerConfig::default());
+        let reg = registry();
+        let (s, mut rx) = session(&reg, "s");
+        // With a client trace id, the answer carries it.
+        let with_trace = ClientCall { traceparent: Some(TP.into()), ..call(Some("t1")) };
+        let trace = m.request(&s, &identity(), with_trace, Encoding::Json.into());
+        assert_eq!(trace, Ok(TraceId::new("t1")));
+        assert_eq!(response_of(&rx.recv().await.expect("delivery")).0.as_deref(), Some("t1"));
+        // Without one, the answer carries the traceparent.
+        let bare = ClientCall { traceparent: Some(TP.into()), ..call(None) };
+        m.request(&s, &identity(), bare, Encoding::Json.into()).expect("submitted");
+        assert_eq!(response_of(&rx.recv().await.expect("delivery")).0.as_deref(), Some(TP));
     }
 
     #[tokio::test(start_paused = true)]
