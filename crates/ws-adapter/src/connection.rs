@@ -415,7 +415,9 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 let (bytes, encoding) = match &message {
                     Message::Text(t) => (t.as_bytes(), Encoding::Json),
                     Message::Binary(b) => (b.as_ref(), Encoding::MessagePack),
-                    Message::Close(_) => {
+                    Message::Close(frame) => {
+                        // The reply echoes the client's code (none: 1005, "no status").
+                        stats.closed(frame.as_ref().map_or(1005, |f| u16::from(f.code)));
                         // tungstenite queued the close reply while reading this frame, but
                         // only a later write or flush sends it; without this the client
                         // sees 1006. The flush ends with `ConnectionClosed`, which

@@ -170,7 +170,7 @@ impl WsStatsHandle {
         );
         registry.register(
             "nuropb_gateway_ws_closes",
-            "WebSocket close frames sent, by close code",
+            "WebSocket close frames sent, by close code (a reply to the client's close echoes its code, 1005 when it gave none)",
             self.metrics.closes.clone(),
         );
         registry.register(
