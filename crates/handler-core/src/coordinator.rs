@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use nuropb_wire::ErrorObject;
 use nuropb_wire::client::{
-    ClientFrame, ClientLimits, ClientMessage, Encoding, ErrorFrame, ServerFrame, ServerMessage,
-    decode_client_frame,
+    ClientCall, ClientFrame, ClientLimits, ClientMessage, Encoding, ErrorFrame, ServerFrame,
+    ServerMessage, decode_client_frame,
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -298,6 +298,23 @@ impl CoordinatorHandle {
         self.open_session_answering(identity, handler, None)
     }
 
+    /// Gives the session a default W3C `traceparent` (from its upgrade request's header):
+    /// each of its calls without a `traceparent` of its own gets this trace with a fresh
+    /// parent-id (docs/PROTOCOL.md). Refuses an invalid value, saying why; nothing is set
+    /// then.
+    pub fn set_session_traceparent(
+        &self,
+        session_id: &SessionId,
+        traceparent: &str,
+    ) -> Result<(), &'static str> {
+        nuropb_wire::traceparent::check_traceparent(traceparent)?;
+        if self.shared.sessions.set_traceparent(session_id, traceparent.into()) {
+            Ok(())
+        } else {
+            Err("no such session")
+        }
+    }
+
     /// [`Self::open_session`] for a session opened by a client frame (the first-frame
     /// `auth`): the hello answers it, so it carries the frame's `id`.
     pub fn open_session_answering(
@@ -389,6 +406,7 @@ impl CoordinatorHandle {
         }
         match message {
             ClientMessage::Request(mut call) => {
+                session_traceparent(&s.sessions, session_id, &mut call);
                 // A trace id is generated here when absent, so even a refusal can name it.
                 let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
                 if let Err(e) = s.mesh.request(&session, &identity, call, answer.reply_to()) {
@@ -396,6 +414,7 @@ impl CoordinatorHandle {
                 }
             }
             ClientMessage::Command(mut call) => {
+                session_traceparent(&s.sessions, session_id, &mut call);
                 let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
                 if let Err(e) = s.mesh.command(&session, &identity, call, answer.reply_to()) {
                     answer.refuse(trace, e);
@@ -500,6 +519,18 @@ impl Answer<'_> {
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A call without a `traceparent` of its own takes its session's, with a fresh parent-id.
+fn session_traceparent(sessions: &SessionRegistry, session_id: &SessionId, call: &mut ClientCall) {
+    if call.traceparent.is_none()
+        && let Some(tp) = sessions.traceparent(session_id)
+    {
+        // 16 random hex digits; `with_parent_id` refuses the all-zero one (odds 2^-64),
+        // and the call then simply has no traceparent.
+        let random = crate::ids::TraceId::generate().into_string();
+        call.traceparent = nuropb_wire::traceparent::with_parent_id(&tp, &random[..16]);
+    }
 }
 
 fn new_trace() -> String {

@@ -40,6 +40,8 @@ struct Session {
     identity: Arc<Identity>,
     handle: SessionHandle,
     subscriptions: Vec<TopicPattern>,
+    // Invariant: a valid W3C `traceparent` (checked by the coordinator) when set.
+    traceparent: Option<Arc<str>>,
 }
 
 /// Frames queued and dropped, shared by every [`SessionHandle`] of one registry.
@@ -167,8 +169,10 @@ impl SessionRegistry {
                 handler,
                 counters: Arc::clone(&self.counters),
             }));
-            reg.sessions
-                .insert(session_id, Session { identity, handle, subscriptions: Vec::new() });
+            reg.sessions.insert(
+                session_id,
+                Session { identity, handle, subscriptions: Vec::new(), traceparent: None },
+            );
             reg.sessions.len()
         };
         let previous = self.high_water.fetch_max(count, Ordering::Relaxed);
@@ -197,6 +201,23 @@ impl SessionRegistry {
         let reg = self.read();
         let s = reg.sessions.get(session_id)?;
         Some((Arc::clone(&s.identity), s.handle.clone()))
+    }
+
+    /// Sets the session's default `traceparent` (from its upgrade). Returns whether the
+    /// session exists.
+    pub(crate) fn set_traceparent(&self, session_id: &SessionId, traceparent: Arc<str>) -> bool {
+        match self.write().sessions.get_mut(session_id) {
+            Some(s) => {
+                s.traceparent = Some(traceparent);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The session's default `traceparent`, if it has one.
+    pub(crate) fn traceparent(&self, session_id: &SessionId) -> Option<Arc<str>> {
+        self.read().sessions.get(session_id)?.traceparent.clone()
     }
 
     pub(crate) fn session_count(&self) -> usize {

@@ -32,9 +32,33 @@ pub fn check_traceparent(value: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// `traceparent` with its parent-id replaced by `parent_id` (16 lowercase hex, not all
+/// zeros), or `None` when either is not valid. The gateway gives each call of a session
+/// that named one `traceparent` at its upgrade a parent-id of its own, so the calls are told
+/// apart (and their answers can be matched) while sharing the trace.
+pub fn with_parent_id(traceparent: &str, parent_id: &str) -> Option<String> {
+    check_traceparent(traceparent).ok()?;
+    // `check_traceparent` proved every byte ASCII, so these are character boundaries.
+    let child = format!("{}{parent_id}{}", &traceparent[..36], &traceparent[52..]);
+    check_traceparent(&child).ok()?;
+    Some(child)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_parent_id_keeps_the_trace_and_the_flags() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            with_parent_id(tp, "1111222233334444").as_deref(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-1111222233334444-01")
+        );
+        assert_eq!(with_parent_id(tp, "0000000000000000"), None);
+        assert_eq!(with_parent_id(tp, "short"), None);
+        assert_eq!(with_parent_id("junk", "1111222233334444"), None);
+    }
 
     #[test]
     fn only_strict_version_00_values_pass() {

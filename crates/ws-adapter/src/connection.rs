@@ -177,6 +177,8 @@ pub(crate) async fn run<S>(
 {
     // `admission` (and its permit) is held until this function returns.
     let mut credentials = None;
+    // The upgrade's `traceparent` header: the session's default trace context.
+    let mut traceparent = None;
     // Held while the connection waits for its first-frame `auth` (dropped once it is
     // authenticated or closed), so that at most `max_handshakes_in_flight` wait at once.
     let mut pending_auth = None;
@@ -211,6 +213,7 @@ pub(crate) async fn run<S>(
             );
         }
         credentials = Some(checked);
+        traceparent = request.headers().get("traceparent").map(|v| v.to_str().map(str::to_owned));
         Ok(response)
     };
     let read_budget = Arc::new(AtomicUsize::new(UNMETERED));
@@ -257,6 +260,15 @@ pub(crate) async fn run<S>(
         None => return,
     };
 
+    let traceparent = match traceparent {
+        Some(Ok(value)) => Some(value),
+        Some(Err(_)) => {
+            tracing::debug!("traceparent header ignored: not visible ASCII");
+            None
+        }
+        None => None,
+    };
+
     let (tx, rx) = mpsc::channel(config.outbound_queue);
     let shared = Arc::new(Shared {
         close: CloseSignal::default(),
@@ -280,6 +292,14 @@ pub(crate) async fn run<S>(
         }
     };
     tracing::Span::current().record("session.id", tracing::field::display(&session_id));
+    // Set before this task reads the session's first frame, so every call sees it. An
+    // invalid header is ignored (a tracing header from a proxy must not cost the client its
+    // connection), and never reaches the mesh.
+    if let Some(tp) = traceparent
+        && let Err(why) = coordinator.set_session_traceparent(&session_id, &tp)
+    {
+        tracing::debug!(why, "traceparent header ignored");
+    }
     session_loop(ws, rx, &shared, &config, &coordinator, &session_id, &stats).await;
     coordinator.close_session(&session_id);
 }
