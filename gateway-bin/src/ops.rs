@@ -172,22 +172,22 @@ fn gateway_metrics(stats: GatewayStats) -> Vec<Metric> {
         Metric::counter(
             "nuropb_gateway_requests_total",
             "Client requests sent to the mesh.",
-            requests_total as u64,
+            requests_total,
         ),
         Metric::counter(
             "nuropb_gateway_requests_timed_out_total",
             "Client requests that got no response in time.",
-            requests_timed_out as u64,
+            requests_timed_out,
         ),
         Metric::counter(
             "nuropb_gateway_events_delivered_total",
             "Mesh events queued to sessions (one per session reached).",
-            events_delivered as u64,
+            events_delivered,
         ),
         Metric::counter(
             "nuropb_gateway_frames_dropped_total",
             "Frames not delivered because a session's queue was full (the session is closed).",
-            frames_dropped as u64,
+            frames_dropped,
         ),
         Metric::gauge(
             "nuropb_gateway_mesh_connected",
@@ -216,52 +216,52 @@ fn ws_metrics(stats: WsStats) -> Vec<Metric> {
         Metric::counter(
             "nuropb_gateway_ws_connections_refused_total",
             "Connections over the limit answered with HTTP 503.",
-            connections_refused as u64,
+            connections_refused,
         ),
         Metric::counter(
             "nuropb_gateway_ws_connections_shed_total",
             "Connections over the limit closed unanswered (refusal budget exhausted).",
-            connections_shed as u64,
+            connections_shed,
         ),
         Metric::counter(
             "nuropb_gateway_ws_accept_errors_total",
             "Failed accepts on the WebSocket listener.",
-            accept_errors as u64,
+            accept_errors,
         ),
         Metric::counter(
             "nuropb_gateway_ws_responses_too_large_total",
             "Responses over the outbound size limit, replaced by a LimitExceeded error.",
-            responses_too_large as u64,
+            responses_too_large,
         ),
         Metric::counter(
             "nuropb_gateway_ws_frames_too_large_dropped_total",
             "Events over the outbound size limit, dropped (per session).",
-            frames_too_large_dropped as u64,
+            frames_too_large_dropped,
         ),
         Metric::counter(
             "nuropb_gateway_ws_handshakes_refused_total",
             "Connections over the handshakes-in-flight budget answered with HTTP 503.",
-            handshakes_refused as u64,
+            handshakes_refused,
         ),
         Metric::counter(
             "nuropb_gateway_ws_per_ip_connections_refused_total",
             "Connections over the per-address connection limit (HTTP 429 or shed).",
-            per_ip_connections_refused as u64,
+            per_ip_connections_refused,
         ),
         Metric::counter(
             "nuropb_gateway_ws_per_ip_rate_refused_total",
             "Connection attempts over the per-address connect rate (HTTP 429 or shed).",
-            per_ip_rate_refused as u64,
+            per_ip_rate_refused,
         ),
         Metric::counter(
             "nuropb_gateway_ws_bad_handshakes_total",
             "Upgrade requests that were not a valid WebSocket handshake (HTTP 400, 426, 431).",
-            bad_handshakes as u64,
+            bad_handshakes,
         ),
         Metric::counter(
             "nuropb_gateway_ws_per_user_sessions_refused_total",
             "Upgrades refused with HTTP 429: the user had the most sessions allowed.",
-            per_user_sessions_refused as u64,
+            per_user_sessions_refused,
         ),
     ]
 }
