@@ -448,6 +448,18 @@ pub struct Cli {
     #[arg(long, env = "NUROPB_AUTH_CACHE_ENTRIES", default_value_t = 10_000)]
     pub auth_cache_entries: usize,
 
+    // --- Observability: metrics label bounds and the x-max-length drop watch (issue 11) ---
+    /// Services whose calls are labelled by name in `nuropb_gateway_call_duration_seconds`,
+    /// comma separated; calls to any other service are labelled `service="other"`. None by
+    /// default. Bounds the series count whatever service names clients send.
+    #[arg(long, env = "NUROPB_METRICS_SERVICES", value_delimiter = ',')]
+    pub metrics_services: Vec<String>,
+
+    /// Distinct methods labelled per service of `--metrics-services` (the first seen); the
+    /// rest are labelled `method="other"`.
+    #[arg(long, env = "NUROPB_METRICS_MAX_METHODS", default_value_t = 32)]
+    pub metrics_max_methods: usize,
+
     /// Log filter (tracing env-filter syntax), e.g. `info` or `ws_adapter=debug`. lapin's
     /// own logs are off by default: the mesh adapter reports connection loss and recovery.
     #[arg(long, env = "NUROPB_LOG", default_value = "info,lapin=off")]
@@ -527,6 +539,15 @@ impl Cli {
 
     pub fn validate(&self) -> Result<()> {
         self.callable_patterns()?;
+        if self.metrics_services.iter().any(|s| s.is_empty() || s == handler_core::metrics::OTHER) {
+            bail!("--metrics-services: names must be non-empty and not `other`");
+        }
+        if self.metrics_services.len() > 256 {
+            bail!("--metrics-services: at most 256 services");
+        }
+        if self.metrics_max_methods > 1024 {
+            bail!("--metrics-max-methods must be at most 1024");
+        }
         if self.ops_listen.is_some_and(|ops| ops == self.listen && ops.port() != 0) {
             bail!("--ops-listen must differ from --listen ({})", self.listen);
         }

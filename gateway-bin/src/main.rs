@@ -28,9 +28,10 @@ use tokio_util::task::TaskTracker;
 use handler_core::coordinator::CoreConfig;
 use handler_core::mesh_manager::MeshManagerConfig;
 use handler_core::session_registry::SessionRegistryConfig;
-use handler_core::{Coordinator, ServiceMesh};
+use handler_core::{CallLabelConfig, Coordinator, CoreMetrics, ServiceMesh};
 use nuropb_wire::client::ClientLimits;
 use ops_http::OpsConfig;
+use prometheus_client::registry::Registry;
 use ws_adapter::{AuthSources, OriginPolicyHandle, WsConfig, WsStatsHandle};
 
 use crate::config::{Cli, Command, LogFormat};
@@ -191,6 +192,14 @@ async fn run(
     let authenticator = Arc::new(ReloadableAuthenticator::new(authenticator));
 
     let subscribable = cli.subscribable(demo_mode);
+    // Every metric is registered here, before anything is served: the registry does not
+    // change once `/metrics` can be scraped.
+    let mut registry = Registry::default();
+    let core_metrics = CoreMetrics::new(CallLabelConfig {
+        services: cli.metrics_services.clone(),
+        max_methods_per_service: cli.metrics_max_methods,
+    });
+    core_metrics.register(&mut registry);
     let core = CoreConfig {
         sessions: SessionRegistryConfig { subscribable, ..SessionRegistryConfig::default() },
         mesh: MeshManagerConfig {
@@ -213,6 +222,7 @@ async fn run(
         broadcast_topics: cli.broadcast_topics.clone(),
         max_sessions_per_user: cli.max_sessions_per_user,
         lame_duck: cli.lame_duck(),
+        metrics: core_metrics,
     };
     let (coordinator, handle) =
         Coordinator::new(core, authenticator.clone(), mesh, inbound, calls, shutdown.clone());
@@ -281,6 +291,7 @@ async fn run(
     // /readyz answers 503 ("shutting down") and /metrics can still be scraped.
     let ops_shutdown = CancellationToken::new();
     let ws_stats = WsStatsHandle::new();
+    ws_stats.register(&mut registry);
     let ops_server = match cli.ops_listen {
         Some(ops_addr) => {
             let listener = TcpListener::bind(ops_addr)
@@ -288,9 +299,19 @@ async fn run(
                 .with_context(|| format!("cannot listen on {ops_addr} (--ops-listen)"))?;
             let ops_addr = listener.local_addr().context("cannot read the ops address")?;
             say!("nuropb-gateway ops on http://{ops_addr}/");
-            let source = Arc::new(ops::GatewayOps::new(handle.clone(), ws_stats.clone(), amqp));
-            let serve =
-                ops_http::serve(listener, OpsConfig::default(), source, ops_shutdown.clone());
+            let source = Arc::new(ops::GatewayOps::new(handle.clone()));
+            registry.register_collector(Box::new(ops::StatsCollector::new(
+                handle.clone(),
+                ws_stats.clone(),
+                amqp,
+            )));
+            let serve = ops_http::serve(
+                listener,
+                OpsConfig::default(),
+                source,
+                Arc::new(std::mem::take(&mut registry)),
+                ops_shutdown.clone(),
+            );
             Some(background.spawn(async move {
                 if let Err(e) = serve.await {
                     tracing::error!(

@@ -1,34 +1,54 @@
-//! What the operations endpoint reports about this gateway: readiness, and the core's
-//! `GatewayStats` plus (on RabbitMQ) the AMQP adapter's `AmqpStats` as Prometheus metrics
-//! named `nuropb_gateway_*`.
+//! What the operations endpoint reports about this gateway: readiness ([`GatewayOps`]),
+//! and [`StatsCollector`], a `prometheus_client` collector that reads the core's
+//! `GatewayStats`, the WebSocket side's `WsStats` and (on RabbitMQ) the AMQP adapter's
+//! `AmqpStats` on each scrape, as the metrics named `nuropb_gateway_*` they always were.
+//! The labelled metrics (histograms, refusals by reason, ...) are registered by the crates
+//! that record them (see `main.rs`).
+
+use std::borrow::Cow;
 
 use amqp_mesh::{AmqpMesh, AmqpStats};
 use handler_core::CoordinatorHandle;
 use handler_core::mesh::GatewayStats;
-use ops_http::{Metric, OpsSource};
+use ops_http::OpsSource;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use ws_adapter::{WsStats, WsStatsHandle};
 
-/// The [`OpsSource`] of the gateway: reads the core (and the AMQP adapter) on each request.
+/// The [`OpsSource`] of the gateway: reads the core on each `/readyz`.
 pub struct GatewayOps {
     coordinator: CoordinatorHandle,
-    ws: WsStatsHandle,
-    /// `None` on the in-memory demo mesh.
-    amqp: Option<AmqpMesh>,
 }
 
 impl GatewayOps {
-    pub fn new(
-        coordinator: CoordinatorHandle,
-        ws: WsStatsHandle,
-        amqp: Option<AmqpMesh>,
-    ) -> GatewayOps {
-        GatewayOps { coordinator, ws, amqp }
+    pub fn new(coordinator: CoordinatorHandle) -> GatewayOps {
+        GatewayOps { coordinator }
     }
 }
 
 impl OpsSource for GatewayOps {
     fn ready(&self) -> Result<(), String> {
         readiness(self.coordinator.is_shutting_down(), self.coordinator.stats().mesh_connected)
+    }
+}
+
+/// The unlabelled figures, read on each scrape (no copy of them is kept).
+pub struct StatsCollector {
+    coordinator: CoordinatorHandle,
+    ws: WsStatsHandle,
+    /// `None` on the in-memory demo mesh.
+    amqp: Option<AmqpMesh>,
+}
+
+impl StatsCollector {
+    pub fn new(
+        coordinator: CoordinatorHandle,
+        ws: WsStatsHandle,
+        amqp: Option<AmqpMesh>,
+    ) -> StatsCollector {
+        StatsCollector { coordinator, ws, amqp }
     }
 
     fn metrics(&self) -> Vec<Metric> {
@@ -38,6 +58,72 @@ impl OpsSource for GatewayOps {
             metrics.extend(amqp_metrics(amqp.stats()));
         }
         metrics
+    }
+}
+
+// `Collector` asks for `Debug`; the handles have nothing worth showing.
+impl std::fmt::Debug for StatsCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatsCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for StatsCollector {
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encode_metrics(&self.metrics(), encoder)
+    }
+}
+
+fn encode_metrics(
+    metrics: &[Metric],
+    mut encoder: DescriptorEncoder<'_>,
+) -> Result<(), std::fmt::Error> {
+    for m in metrics {
+        // `prometheus_client` appends `.` to registered help texts; do the same here so
+        // every `# HELP` reads alike. Counters are declared without `_total` and sampled
+        // with it (OpenMetrics), so the sample names stay what they were.
+        let help = format!("{}.", m.help.trim_end_matches('.'));
+        match m.kind {
+            Kind::Counter => {
+                let family = m.name.strip_suffix("_total").unwrap_or(&m.name);
+                let counter = ConstCounter::new(m.value);
+                let metric =
+                    encoder.encode_descriptor(family, &help, None, counter.metric_type())?;
+                counter.encode(metric)?;
+            }
+            Kind::Gauge => {
+                let gauge = ConstGauge::new(i64::try_from(m.value).unwrap_or(i64::MAX));
+                let metric =
+                    encoder.encode_descriptor(&m.name, &help, None, gauge.metric_type())?;
+                gauge.encode(metric)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// One unlabelled figure; counters' names end in `_total`.
+#[derive(Debug, Clone, PartialEq)]
+struct Metric {
+    name: Cow<'static, str>,
+    help: Cow<'static, str>,
+    kind: Kind,
+    value: u64,
+}
+
+impl Metric {
+    fn counter(name: &'static str, help: &'static str, value: u64) -> Metric {
+        Metric { name: name.into(), help: help.into(), kind: Kind::Counter, value }
+    }
+
+    fn gauge(name: &'static str, help: &'static str, value: u64) -> Metric {
+        Metric { name: name.into(), help: help.into(), kind: Kind::Gauge, value }
     }
 }
 
@@ -52,8 +138,8 @@ fn readiness(shutting_down: bool, mesh_connected: bool) -> Result<(), String> {
     }
 }
 
-fn flag(b: bool) -> f64 {
-    if b { 1.0 } else { 0.0 }
+fn flag(b: bool) -> u64 {
+    u64::from(b)
 }
 
 /// The core's figures. The destructuring is exhaustive on purpose: a new field of
@@ -71,37 +157,37 @@ fn gateway_metrics(stats: GatewayStats) -> Vec<Metric> {
         mesh_connected,
     } = stats;
     vec![
-        Metric::gauge("nuropb_gateway_sessions", "WebSocket sessions open.", sessions as f64),
+        Metric::gauge("nuropb_gateway_sessions", "WebSocket sessions open.", sessions as u64),
         Metric::gauge(
             "nuropb_gateway_sessions_high_water",
             "Most sessions open at once since start.",
-            sessions_high_water as f64,
+            sessions_high_water as u64,
         ),
-        Metric::gauge("nuropb_gateway_users", "Distinct users with an open session.", users as f64),
+        Metric::gauge("nuropb_gateway_users", "Distinct users with an open session.", users as u64),
         Metric::gauge(
             "nuropb_gateway_requests_in_flight",
             "Client calls waiting for the mesh.",
-            requests_in_flight as f64,
+            requests_in_flight as u64,
         ),
         Metric::counter(
             "nuropb_gateway_requests_total",
             "Client requests sent to the mesh.",
-            requests_total as f64,
+            requests_total,
         ),
         Metric::counter(
             "nuropb_gateway_requests_timed_out_total",
             "Client requests that got no response in time.",
-            requests_timed_out as f64,
+            requests_timed_out,
         ),
         Metric::counter(
             "nuropb_gateway_events_delivered_total",
             "Mesh events queued to sessions (one per session reached).",
-            events_delivered as f64,
+            events_delivered,
         ),
         Metric::counter(
             "nuropb_gateway_frames_dropped_total",
             "Frames not delivered because a session's queue was full (the session is closed).",
-            frames_dropped as f64,
+            frames_dropped,
         ),
         Metric::gauge(
             "nuropb_gateway_mesh_connected",
@@ -132,62 +218,62 @@ fn ws_metrics(stats: WsStats) -> Vec<Metric> {
         Metric::counter(
             "nuropb_gateway_ws_connections_refused_total",
             "Connections over the limit answered with HTTP 503.",
-            connections_refused as f64,
+            connections_refused,
         ),
         Metric::counter(
             "nuropb_gateway_ws_connections_shed_total",
             "Connections over the limit closed unanswered (refusal budget exhausted).",
-            connections_shed as f64,
+            connections_shed,
         ),
         Metric::counter(
             "nuropb_gateway_ws_accept_errors_total",
             "Failed accepts on the WebSocket listener.",
-            accept_errors as f64,
+            accept_errors,
         ),
         Metric::counter(
             "nuropb_gateway_ws_responses_too_large_total",
             "Responses over the outbound size limit, replaced by a LimitExceeded error.",
-            responses_too_large as f64,
+            responses_too_large,
         ),
         Metric::counter(
             "nuropb_gateway_ws_frames_too_large_dropped_total",
             "Events over the outbound size limit, dropped (per session).",
-            frames_too_large_dropped as f64,
+            frames_too_large_dropped,
         ),
         Metric::counter(
             "nuropb_gateway_ws_handshakes_refused_total",
             "Connections over the handshakes-in-flight budget answered with HTTP 503.",
-            handshakes_refused as f64,
+            handshakes_refused,
         ),
         Metric::counter(
             "nuropb_gateway_ws_per_ip_connections_refused_total",
             "Connections over the per-address connection limit (HTTP 429 or shed).",
-            per_ip_connections_refused as f64,
+            per_ip_connections_refused,
         ),
         Metric::counter(
             "nuropb_gateway_ws_per_ip_rate_refused_total",
             "Connection attempts over the per-address connect rate (HTTP 429 or shed).",
-            per_ip_rate_refused as f64,
+            per_ip_rate_refused,
         ),
         Metric::counter(
             "nuropb_gateway_ws_bad_handshakes_total",
             "Upgrade requests that were not a valid WebSocket handshake (HTTP 400, 426, 431).",
-            bad_handshakes as f64,
+            bad_handshakes,
         ),
         Metric::counter(
             "nuropb_gateway_ws_per_user_sessions_refused_total",
             "Upgrades refused with HTTP 429: the user had the most sessions allowed.",
-            per_user_sessions_refused as f64,
+            per_user_sessions_refused,
         ),
         Metric::counter(
             "nuropb_gateway_ws_tls_handshake_failures_total",
             "TLS handshakes on the WebSocket port that failed or timed out (wss:// only).",
-            tls_handshake_failures as f64,
+            tls_handshake_failures,
         ),
         Metric::counter(
             "nuropb_gateway_ws_proxy_refused_total",
             "Connections closed for the PROXY protocol (untrusted peer; missing or bad header).",
-            proxy_refused as f64,
+            proxy_refused,
         ),
     ]
 }
@@ -205,13 +291,12 @@ fn amqp_metrics(stats: AmqpStats) -> Vec<Metric> {
         returned,
         garbage_rejected,
         events_received,
+        events_dropped_by_broker,
         controls_received,
         service_calls,
         reconnects,
     } = stats;
-    let counter = |name: &'static str, help: &'static str, value: u64| {
-        Metric::counter(name, help, value as f64)
-    };
+    let counter = Metric::counter;
     vec![
         Metric::gauge(
             "nuropb_gateway_amqp_connected",
@@ -221,7 +306,7 @@ fn amqp_metrics(stats: AmqpStats) -> Vec<Metric> {
         Metric::gauge(
             "nuropb_gateway_amqp_pending_requests",
             "Requests published and waiting for a response.",
-            pending_requests as f64,
+            pending_requests as u64,
         ),
         counter(
             "nuropb_gateway_amqp_published_total",
@@ -267,6 +352,11 @@ fn amqp_metrics(stats: AmqpStats) -> Vec<Metric> {
             "nuropb_gateway_amqp_events_received_total",
             "Mesh events forwarded to the core.",
             events_received,
+        ),
+        counter(
+            "nuropb_gateway_amqp_events_dropped_by_broker_total",
+            "Events the broker dropped from this instance's full events queue (x-max-length), oldest first",
+            events_dropped_by_broker,
         ),
         counter(
             "nuropb_gateway_amqp_controls_received_total",
@@ -315,7 +405,7 @@ mod tests {
     }
 
     #[test]
-    fn every_field_becomes_one_valid_metric() {
+    fn every_field_becomes_one_metric_with_its_old_sample_name() {
         let amqp =
             AmqpStats { connected: true, published: 11, reconnects: 2, ..AmqpStats::default() };
         let ws = WsStats { connections_refused: 6, ..WsStats::default() };
@@ -324,21 +414,22 @@ mod tests {
             .chain(ws_metrics(ws))
             .chain(amqp_metrics(amqp))
             .collect();
-        // 9 GatewayStats fields, 11 WsStats fields and 14 AmqpStats fields.
-        assert_eq!(metrics.len(), 9 + 11 + 14);
+        // 9 GatewayStats fields, 11 WsStats fields and 15 AmqpStats fields.
+        assert_eq!(metrics.len(), 9 + 11 + 15);
         let mut names = HashSet::new();
         for m in &metrics {
-            assert_eq!(m.check(), Ok(()), "{m:?}");
             assert!(m.name.starts_with("nuropb_gateway_"), "{m:?}");
+            assert_eq!(m.kind == Kind::Counter, m.name.ends_with("_total"), "{m:?}");
             assert!(!m.help.is_empty(), "{m:?}");
             assert!(names.insert(m.name.clone()), "repeated {}", m.name);
         }
-        let text = ops_http::encode(&metrics);
+        let text = encode(&Fixed(metrics.clone()));
         assert_eq!(text.matches("# TYPE ").count(), metrics.len(), "nothing skipped");
         for line in [
             "nuropb_gateway_sessions 3\n",
             "nuropb_gateway_sessions_high_water 7\n",
             "nuropb_gateway_requests_total 40\n",
+            "# TYPE nuropb_gateway_requests counter\n",
             "nuropb_gateway_frames_dropped_total 5\n",
             "nuropb_gateway_mesh_connected 1\n",
             "nuropb_gateway_amqp_connected 1\n",
@@ -346,8 +437,27 @@ mod tests {
             "nuropb_gateway_amqp_reconnects_total 2\n",
             "nuropb_gateway_amqp_pending_requests 0\n",
             "nuropb_gateway_ws_connections_refused_total 6\n",
+            "# HELP nuropb_gateway_sessions WebSocket sessions open.\n",
         ] {
             assert!(text.contains(line), "{line:?} missing from:\n{text}");
         }
+    }
+
+    /// A collector over fixed figures, encoded as `StatsCollector` encodes its own.
+    #[derive(Debug)]
+    struct Fixed(Vec<Metric>);
+
+    impl Collector for Fixed {
+        fn encode(&self, encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+            encode_metrics(&self.0, encoder)
+        }
+    }
+
+    fn encode(collector: &Fixed) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(Fixed(collector.0.clone())));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap_or_default();
+        text
     }
 }

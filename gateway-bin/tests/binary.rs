@@ -191,7 +191,8 @@ async fn ops_endpoint_reports_health_readiness_and_metrics() {
         "# TYPE nuropb_gateway_sessions gauge\nnuropb_gateway_sessions 1\n",
         "nuropb_gateway_users 1\n",
         "nuropb_gateway_mesh_connected 1\n",
-        "# TYPE nuropb_gateway_requests_total counter\n",
+        // OpenMetrics declares a counter without `_total`; its sample keeps the name.
+        "# TYPE nuropb_gateway_requests counter\nnuropb_gateway_requests_total ",
     ] {
         assert!(metrics.contains(line), "{line:?} missing from:\n{metrics}");
     }
@@ -230,6 +231,125 @@ async fn ops_endpoint_reports_health_readiness_and_metrics() {
     // The ops listener is gone with the process.
     let authority = ops.strip_prefix("http://").unwrap().trim_end_matches('/');
     assert!(std::net::TcpStream::connect(authority).is_err());
+}
+
+/// The `nuropb_gateway_call_duration_seconds_count` series of a scrape: labels → count.
+fn call_counts(metrics: &str) -> std::collections::BTreeMap<String, u64> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("nuropb_gateway_call_duration_seconds_count"))
+        .map(|l| {
+            let (labels, count) = l.rsplit_once(' ').unwrap();
+            (labels.to_owned(), count.parse().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic_with_bounded_labels() {
+    let (mut running, banner) = launch(&[
+        "--ops-listen",
+        "127.0.0.1:0",
+        // Ticks that no session subscribed to: events dropped as `no_session`.
+        "--demo-tick-secs",
+        "1",
+        "--metrics-services",
+        "demo",
+        "--metrics-max-methods",
+        "3",
+        // 400 calls in a row, well past the default per-connection rate.
+        "--rate-per-second",
+        "100000",
+        "--rate-burst",
+        "100000",
+    ]);
+    let ops = banner.ops.expect("ops banner line");
+    let mut request = banner.url.as_str().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Authorization", format!("Bearer {}", banner.token).parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.expect("connect");
+    assert_eq!(recv(&mut ws).await["payload"]["topic"], "hello");
+
+    let call = async |ws: &mut _, service: &str, method: &str, params: Value| {
+        let frame = json!({"type": "request", "payload": {"service": service, "method": method, "params": params}});
+        let ws: &mut tokio_tungstenite::WebSocketStream<_> = ws;
+        ws.send(Message::Text(frame.to_string().into())).await.unwrap();
+        recv(ws).await
+    };
+    for _ in 0..3 {
+        let answer = call(&mut ws, "demo", "add", json!({"a": 1, "b": 2})).await;
+        assert_eq!(answer["payload"]["result"], 3, "{answer}");
+    }
+    let answer = call(&mut ws, "demo", "echo", json!({})).await;
+    assert_eq!(answer["payload"]["error"], Value::Null, "{answer}");
+    // A flood of random method names, of this service and of random services: the series
+    // count stays within the bound (3 methods of `demo`, then `other`).
+    for i in 0..200 {
+        let answer = call(&mut ws, "demo", &format!("random{i}"), json!({})).await;
+        assert!(answer["payload"]["error"].is_object(), "{answer}");
+        let answer = call(&mut ws, &format!("svc{i}"), "m", json!({})).await;
+        assert!(answer["payload"]["error"].is_object(), "{answer}");
+    }
+    // A traceparent that is not W3C is refused before anything reaches the mesh.
+    let bad = json!({"type": "request", "payload": {"service": "demo", "method": "add", "params": {}, "trace_id": "tp", "traceparent": "00-xyz"}});
+    ws.send(Message::Text(bad.to_string().into())).await.unwrap();
+    let refused = recv(&mut ws).await;
+    assert_eq!(refused["payload"]["trace_id"], "tp", "{refused}");
+    assert_eq!(refused["payload"]["error"]["error"], "NuropbValidationError", "{refused}");
+    // An upgrade with a bad token is refused 401.
+    let mut bad_upgrade = banner.url.as_str().into_client_request().unwrap();
+    bad_upgrade.headers_mut().insert("Authorization", "Bearer nope".parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(bad_upgrade).await.is_err());
+    // A normal close is answered with 1000.
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() })).await.unwrap();
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {}
+
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = http_get(&ops, "/metrics").1;
+        if metrics.contains("nuropb_gateway_ws_closes_total{code=\"1000\"} 1\n")
+            && metrics.contains("nuropb_gateway_events_dropped_total{reason=\"no_session\"}")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let counts = call_counts(&metrics);
+    let key = |service: &str, method: &str, outcome: &str| {
+        format!(
+            "{{service=\"{service}\",method=\"{method}\",kind=\"request\",outcome=\"{outcome}\"}}"
+        )
+    };
+    let expected: std::collections::BTreeMap<String, u64> = [
+        (key("demo", "add", "ok"), 3),
+        (key("demo", "echo", "ok"), 1),
+        // The third method slot went to the first random name; the rest are `other`.
+        (key("demo", "random0", "service_error"), 1),
+        (key("demo", "other", "service_error"), 199),
+        (key("other", "other", "not_delivered"), 200),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(counts, expected, "{metrics}");
+    for line in [
+        "# TYPE nuropb_gateway_call_duration_seconds histogram\n",
+        "nuropb_gateway_ws_upgrades_refused_total{reason=\"unauthorized\",status=\"401\"} 1\n",
+        "nuropb_gateway_ws_closes_total{code=\"1000\"} 1\n",
+        "nuropb_gateway_requests_total 404\n",
+        "# TYPE nuropb_gateway_ws_outbound_queue_depth histogram\n",
+        "# TYPE nuropb_gateway_events_dropped counter\n",
+        "# TYPE nuropb_gateway_events_received counter\n",
+        "# EOF\n",
+    ] {
+        assert!(metrics.contains(line), "{line:?} missing from:\n{metrics}");
+    }
+    let status =
+        Command::new("kill").args(["-TERM", &running.0.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    assert!(wait_for_exit(&mut running).success());
 }
 
 #[test]

@@ -276,3 +276,34 @@ def test_python_json_dialect_in_results(mesh):
         await alice.close()
 
     run(scenario())
+
+
+def test_traceparent_reaches_the_service_as_its_trace_id(mesh):
+    """A W3C traceparent in the request is the NuroPb trace_id the service sees (header and
+    context); the answer keeps the client's own trace_id. A malformed one never reaches it."""
+
+    async def scenario():
+        alice = await mesh.connect(unique("alice"))
+        tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-" + unique("p").encode().hex()[:16].rjust(16, "1") + "-01"
+        await alice.send({
+            "type": "request",
+            "payload": {"service": mesh.service, "method": "whoami", "params": {}, "trace_id": "tp-mine", "traceparent": tp},
+        })
+        frame = await alice.expect(is_response("tp-mine"), what="whoami response")
+        assert frame["payload"]["error"] is None, frame
+        assert frame["payload"]["result"]["trace_id"] == tp
+        seen = await alice.call_ok(mesh.service, "seen", {"trace_id": tp})
+        assert seen is not None and seen["method"] == "whoami", seen
+        assert seen["body_trace_id"] == tp and seen["context"]["trace_id"] == tp, seen
+
+        await alice.send({
+            "type": "request",
+            "payload": {"service": mesh.service, "method": "whoami", "params": {}, "trace_id": "tp-bad", "traceparent": tp.upper()},
+        })
+        frame = await alice.expect(is_response("tp-bad"), what="refusal")
+        assert frame["payload"]["error"]["error"] == "NuropbValidationError", frame
+        assert "traceparent" in frame["payload"]["error"]["description"], frame
+        assert await alice.call_ok(mesh.service, "seen", {"trace_id": tp.upper()}) is None
+        await alice.close()
+
+    run(scenario())

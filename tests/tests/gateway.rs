@@ -91,6 +91,44 @@ async fn context_is_built_by_the_gateway_never_by_the_client() {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn an_upgrade_traceparent_is_every_calls_trace_with_a_parent_id_of_its_own() {
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let gw = Gateway::start().await;
+    let auth = format!("Bearer {}", token("alice"));
+    let mut c = Client::connect(&gw.url, &[("Authorization", &auth), ("traceparent", TP)])
+        .await
+        .expect("connect");
+    assert_eq!(c.recv_json().await["payload"]["topic"], "hello");
+    let whoami = |trace: &str| json!({"type": "request", "payload": {"service": "svc", "method": "whoami", "params": {}, "trace_id": trace}});
+    let mut parents = std::collections::HashSet::new();
+    for trace in ["a", "b"] {
+        c.send_json(&whoami(trace)).await;
+        let r = c.recv_json().await;
+        assert_eq!(r["payload"]["trace_id"], trace, "the client's trace id comes back: {r}");
+        let mesh_trace = r["payload"]["result"]["trace_id"].as_str().unwrap().to_owned();
+        assert_eq!(mesh_trace.len(), 55, "{mesh_trace}");
+        assert_eq!(&mesh_trace[..36], &TP[..36], "same version and trace-id: {mesh_trace}");
+        assert_eq!(&mesh_trace[52..], "-01", "same flags: {mesh_trace}");
+        assert_ne!(&mesh_trace[36..52], &TP[36..52], "a parent-id of the call's own");
+        parents.insert(mesh_trace[36..52].to_owned());
+    }
+    assert_eq!(parents.len(), 2, "each call its own parent-id");
+    // A traceparent in the frame wins over the session's.
+    let own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    c.send_json(&json!({"type": "request", "payload": {"service": "svc", "method": "whoami", "params": {}, "trace_id": "c", "traceparent": own}})).await;
+    assert_eq!(c.recv_json().await["payload"]["result"]["trace_id"], own);
+
+    // An invalid header is ignored: the calls carry the client's trace id as before.
+    let mut c = Client::connect(&gw.url, &[("Authorization", &auth), ("traceparent", "00-zz")])
+        .await
+        .expect("an invalid traceparent header does not refuse the upgrade");
+    assert_eq!(c.recv_json().await["payload"]["topic"], "hello");
+    c.send_json(&whoami("plain")).await;
+    assert_eq!(c.recv_json().await["payload"]["result"]["trace_id"], "plain");
+    gw.stop().await;
+}
+
 /// The Authorization context value must carry the very token the client connected with;
 /// the test re-derives nothing, so it reads it back from the context.
 fn token_for_check(r: &Value) -> String {

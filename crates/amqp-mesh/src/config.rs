@@ -369,6 +369,12 @@ impl AmqpMeshConfig {
         format!("nuropb-{}-{}-{connection}-eq", self.service_name, self.instance_id)
     }
 
+    /// Where the broker dead-letters the events its events queue drops when full (only to
+    /// count them): `nuropb-<service_name>-<instance_id>-<connection>-dq`.
+    pub fn events_drop_queue(&self, connection: &str) -> String {
+        format!("nuropb-{}-{}-{connection}-dq", self.service_name, self.instance_id)
+    }
+
     /// The control queue of one connection, `nuropb-<service_name>-<instance_id>-<connection>-cq`.
     pub fn control_queue(&self, connection: &str) -> String {
         format!("nuropb-{}-{}-{connection}-cq", self.service_name, self.instance_id)

@@ -18,7 +18,10 @@
 //! - `nuropb-<svc>-<instance>-<conn>-eq`: this instance's events queue (exclusive,
 //!   auto-delete, `x-max-length`, the broker drops the oldest beyond it), bound to each
 //!   `event_bindings` pattern, so every instance receives every event (§13.9), consumed
-//!   with manual ack;
+//!   with manual ack; what it drops is dead-lettered (through the default exchange) to
+//! - `nuropb-<svc>-<instance>-<conn>-dq`: the drop queue (exclusive, auto-delete,
+//!   `x-max-length` 1000), consumed with auto-ack only to count what the broker dropped
+//!   (`AmqpStats::events_dropped_by_broker`). No nuropb peer sees either queue;
 //! - `nuropb-<svc>-<instance>-<conn>-cq`: this instance's control queue (exclusive,
 //!   auto-delete, `x-max-length` with `x-overflow: reject-publish`, so the broker refuses
 //!   new operations rather than dropping accepted ones), bound to the control topic only,
@@ -49,7 +52,7 @@ use crate::link_state::LinkHandle;
 use crate::pending::PendingTable;
 use crate::responses::ResponseConsumer;
 use crate::service::GatewayService;
-use crate::stats::Counters;
+use crate::stats::{Counters, bump};
 use crate::subscriber::{Inbound, Subscriber};
 use crate::{publisher, responses, service, subscriber};
 
@@ -153,6 +156,7 @@ struct Ready {
     events: Consumer,
     controls: Consumer,
     calls: Consumer,
+    dropped: Consumer,
 }
 
 async fn setup(
@@ -213,11 +217,29 @@ async fn setup(
         auto_delete: true,
         ..QueueDeclareOptions::default()
     };
+    // Declared before the events queue that dead-letters into it. Bounded too: while the
+    // consumer keeps up it stays near empty; beyond 1000 the broker drops the oldest
+    // uncounted (the counter then says "at least").
+    let drop_queue = config.events_drop_queue(&token);
+    let mut drop_bound = FieldTable::default();
+    drop_bound.insert("x-max-length".into(), AMQPValue::LongLongInt(1000));
+    channel
+        .queue_declare(drop_queue.as_str().into(), private, drop_bound)
+        .await
+        .map_err(topology(&format!("declare queue {drop_queue}")))?;
+
     let events_queue = config.events_queue(&token);
     let mut drop_oldest = FieldTable::default();
     drop_oldest.insert(
         "x-max-length".into(),
         AMQPValue::LongLongInt(i64::from(config.events_queue_max_length)),
+    );
+    // `drop-head` (the default overflow) dead-letters what it drops when the queue has a
+    // dead-letter exchange: the default exchange routes it to the drop queue by name.
+    drop_oldest.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    drop_oldest.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(LongString::from(drop_queue.as_str())),
     );
     channel
         .queue_declare(events_queue.as_str().into(), private, drop_oldest)
@@ -289,7 +311,22 @@ async fn setup(
     let exclusive = BasicConsumeOptions { exclusive: true, ..BasicConsumeOptions::default() };
     let events = consume(events_queue, exclusive).await?;
     let controls = consume(control_queue, exclusive).await?;
-    Ok(Ready { generation, response_queue, channel, direct, responses, events, controls, calls })
+    let dropped = consume(
+        drop_queue,
+        BasicConsumeOptions { no_ack: true, exclusive: true, ..BasicConsumeOptions::default() },
+    )
+    .await?;
+    Ok(Ready {
+        generation,
+        response_queue,
+        channel,
+        direct,
+        responses,
+        events,
+        controls,
+        calls,
+        dropped,
+    })
 }
 
 impl Ready {
@@ -308,6 +345,7 @@ impl Ready {
             events: event_deliveries,
             controls,
             calls,
+            dropped,
         } = self;
         let token = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -367,8 +405,41 @@ impl Ready {
             )
             .instrument(info_span!("amqp.service", generation)),
         );
+        tasks.spawn(
+            count_dropped(dropped, Arc::clone(&connector.counters), token.clone())
+                .instrument(info_span!("amqp.dropped", generation)),
+        );
         tasks.close();
         (handle, token, tasks)
+    }
+}
+
+/// Counts the events the broker dead-lettered from the full events queue (auto-ack: the
+/// bodies are not looked at).
+async fn count_dropped(mut dropped: Consumer, counters: Arc<Counters>, link: CancellationToken) {
+    let mut total: u64 = 0;
+    loop {
+        // Cancellation safety: a delivery not taken stays with the consumer, which goes
+        // down with the link.
+        let next = tokio::select! {
+            () = link.cancelled() => return,
+            next = dropped.next() => next,
+        };
+        match next {
+            Some(Ok(_)) => {
+                bump(&counters.events_dropped_by_broker);
+                total += 1;
+                // Logged at powers of two so a flood of drops does not flood the log.
+                if total.is_power_of_two() {
+                    warn!(total, "events queue full: the broker dropped the oldest events");
+                }
+            }
+            Some(Err(e)) => {
+                debug!(error = %e, "drop queue consumer failed");
+                return;
+            }
+            None => return,
+        }
     }
 }
 

@@ -33,6 +33,10 @@ pub struct AmqpStats {
     pub garbage_rejected: u64,
     /// Events forwarded to the core.
     pub events_received: u64,
+    /// Events the broker dropped from this instance's events queue because it was full
+    /// (`x-max-length`, oldest first), counted as the broker dead-letters them to the
+    /// instance's drop queue.
+    pub events_dropped_by_broker: u64,
     /// Control operations forwarded to the core.
     pub controls_received: u64,
     /// Requests and commands handled on the gateway's service queue (client-relayed ones
@@ -54,6 +58,7 @@ pub(crate) struct Counters {
     pub(crate) returned: AtomicU64,
     pub(crate) garbage_rejected: AtomicU64,
     pub(crate) events_received: AtomicU64,
+    pub(crate) events_dropped_by_broker: AtomicU64,
     pub(crate) controls_received: AtomicU64,
     pub(crate) service_calls: AtomicU64,
     pub(crate) reconnects: AtomicU64,
@@ -79,6 +84,7 @@ impl Counters {
             returned: get(&self.returned),
             garbage_rejected: get(&self.garbage_rejected),
             events_received: get(&self.events_received),
+            events_dropped_by_broker: get(&self.events_dropped_by_broker),
             controls_received: get(&self.controls_received),
             service_calls: get(&self.service_calls),
             reconnects: get(&self.reconnects),

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use nuropb_wire::ErrorObject;
 use nuropb_wire::client::{
-    ClientFrame, ClientLimits, ClientMessage, Encoding, ErrorFrame, ServerFrame, ServerMessage,
-    decode_client_frame,
+    ClientCall, ClientFrame, ClientLimits, ClientMessage, Encoding, ErrorFrame, ServerFrame,
+    ServerMessage, decode_client_frame,
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -26,6 +26,7 @@ use crate::mesh::{
     ControlOutcome, GatewayControl, GatewayStats, MeshEvent, MeshInbound, ServiceMesh,
 };
 use crate::mesh_manager::{CallPattern, MeshManagerConfig, ReplyTo, ServiceMeshManager};
+use crate::metrics::CoreMetrics;
 use crate::session_registry::{SessionHandle, SessionRegistry, SessionRegistryConfig};
 use crate::topic::topic_matches;
 
@@ -46,6 +47,9 @@ pub struct CoreConfig {
     pub max_sessions_per_user: usize,
     /// How the sessions are closed at shutdown (default: all at once, after the drain).
     pub lame_duck: LameDuckConfig,
+    /// Where the core records call latencies and event drops (default: fresh metrics
+    /// registered nowhere). The binary registers them before building the core.
+    pub metrics: CoreMetrics,
 }
 
 /// The lame-duck drain: at shutdown, after `grace`, the sessions are closed with 1001 one
@@ -93,6 +97,7 @@ impl Default for CoreConfig {
             broadcast_topics: Vec::new(),
             max_sessions_per_user: 100,
             lame_duck: LameDuckConfig::default(),
+            metrics: CoreMetrics::default(),
         }
     }
 }
@@ -105,6 +110,7 @@ struct Shared {
     broadcast_topics: Vec<String>,
     shutdown: CancellationToken,
     events_delivered: std::sync::atomic::AtomicU64,
+    metrics: CoreMetrics,
     // Changed by `set_max_sessions_per_user` (a configuration reload); read at every open.
     max_sessions_per_user: std::sync::atomic::AtomicUsize,
     // Held from counting a user's sessions to registering the new one, so two concurrent
@@ -144,8 +150,10 @@ impl Coordinator {
         shutdown: CancellationToken,
     ) -> (Coordinator, CoordinatorHandle) {
         let shared = Arc::new(Shared {
-            sessions: SessionRegistry::new(config.sessions),
-            mesh: ServiceMeshManager::new(mesh, config.mesh, tracker.clone(), shutdown.clone()),
+            sessions: SessionRegistry::new(config.sessions).with_metrics(config.metrics.clone()),
+            mesh: ServiceMeshManager::new(mesh, config.mesh, tracker.clone(), shutdown.clone())
+                .with_metrics(config.metrics.clone()),
+            metrics: config.metrics,
             authenticator,
             limits: config.client_limits,
             broadcast_topics: config.broadcast_topics,
@@ -331,6 +339,9 @@ impl Shared {
             None => self.sessions.send_to_subscribers(&e.topic, frame),
         };
         self.events_delivered.fetch_add(reached as u64, std::sync::atomic::Ordering::Relaxed);
+        // Events that reached no session, or not every session, are counted by the
+        // registry, by reason.
+        self.metrics.event_received();
         tracing::debug!(topic = %e.topic, sessions = reached, "mesh event delivered");
     }
 
@@ -426,6 +437,23 @@ impl CoordinatorHandle {
         self.open_session_answering(identity, handler, None)
     }
 
+    /// Gives the session a default W3C `traceparent` (from its upgrade request's header):
+    /// each of its calls without a `traceparent` of its own gets this trace with a fresh
+    /// parent-id (docs/PROTOCOL.md). Refuses an invalid value, saying why; nothing is set
+    /// then.
+    pub fn set_session_traceparent(
+        &self,
+        session_id: &SessionId,
+        traceparent: &str,
+    ) -> Result<(), &'static str> {
+        nuropb_wire::traceparent::check_traceparent(traceparent)?;
+        if self.shared.sessions.set_traceparent(session_id, traceparent.into()) {
+            Ok(())
+        } else {
+            Err("no such session")
+        }
+    }
+
     /// [`Self::open_session`] for a session opened by a client frame (the first-frame
     /// `auth`): the hello answers it, so it carries the frame's `id`.
     pub fn open_session_answering(
@@ -517,6 +545,7 @@ impl CoordinatorHandle {
         }
         match message {
             ClientMessage::Request(mut call) => {
+                session_traceparent(&s.sessions, session_id, &mut call);
                 // A trace id is generated here when absent, so even a refusal can name it.
                 let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
                 if let Err(e) = s.mesh.request(&session, &identity, call, answer.reply_to()) {
@@ -524,6 +553,7 @@ impl CoordinatorHandle {
                 }
             }
             ClientMessage::Command(mut call) => {
+                session_traceparent(&s.sessions, session_id, &mut call);
                 let trace = Some(call.trace_id.get_or_insert_with(new_trace).clone());
                 if let Err(e) = s.mesh.command(&session, &identity, call, answer.reply_to()) {
                     answer.refuse(trace, e);
@@ -652,6 +682,18 @@ impl Answer<'_> {
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A call without a `traceparent` of its own takes its session's, with a fresh parent-id.
+fn session_traceparent(sessions: &SessionRegistry, session_id: &SessionId, call: &mut ClientCall) {
+    if call.traceparent.is_none()
+        && let Some(tp) = sessions.traceparent(session_id)
+    {
+        // 16 random hex digits; `with_parent_id` refuses the all-zero one (odds 2^-64),
+        // and the call then simply has no traceparent.
+        let random = crate::ids::TraceId::generate().into_string();
+        call.traceparent = nuropb_wire::traceparent::with_parent_id(&tp, &random[..16]);
+    }
 }
 
 fn new_trace() -> String {

@@ -57,6 +57,7 @@ pub mod error;
 pub mod ids;
 pub mod mesh;
 pub mod mesh_manager;
+pub mod metrics;
 pub mod session_registry;
 pub mod topic;
 
@@ -70,4 +71,5 @@ pub use error::CoreError;
 pub use ids::{SessionId, TraceId, UserId};
 pub use mesh::{MeshCall, MeshError, MeshEvent, MeshInbound, MeshResponse, ServiceMesh};
 pub use mesh_manager::MeshManagerConfig;
+pub use metrics::{CallLabelConfig, CoreMetrics};
 pub use session_registry::SessionRegistryConfig;

@@ -23,6 +23,7 @@ use crate::connection::{Outbound, SharedFrame};
 use crate::error::CoreError;
 use crate::ids::{SessionId, TraceId};
 use crate::mesh::{MeshCall, MeshError, ServiceMesh};
+use crate::metrics::{CallOutcome, CoreMetrics};
 use crate::session_registry::SessionHandle;
 
 /// Bounds and deadlines for mesh calls.
@@ -137,6 +138,7 @@ pub(crate) struct ServiceMeshManager {
     // Fired at the drain deadline: calls still pending end with an error response.
     abort: CancellationToken,
     counters: Arc<Counters>,
+    metrics: CoreMetrics,
 }
 
 #[derive(Default)]
@@ -209,6 +211,7 @@ impl ServiceMeshManager {
             shutdown,
             abort: CancellationToken::new(),
             counters: Arc::new(Counters::default()),
+            metrics: CoreMetrics::default(),
         }
     }
 
@@ -216,6 +219,12 @@ impl ServiceMeshManager {
     pub(crate) fn set_call_rules(&self, callable: Vec<CallPattern>, client_describe: bool) {
         let rules = Arc::new(CallRules { callable, client_describe });
         *self.rules.write().unwrap_or_else(|e| e.into_inner()) = rules;
+    }
+
+    /// Records call outcomes into `metrics` (by default, into metrics registered nowhere).
+    pub(crate) fn with_metrics(mut self, metrics: CoreMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub(crate) fn mesh(&self) -> &Arc<dyn ServiceMesh> {
@@ -298,15 +307,23 @@ impl ServiceMeshManager {
         ctx
     }
 
-    fn mesh_call(identity: &Identity, call: ClientCall) -> MeshCall {
-        let trace_id = call.trace_id.map(TraceId::new).unwrap_or_else(TraceId::generate);
-        MeshCall {
-            context: Self::context_for(identity, &trace_id),
+    /// The mesh call and the trace id its answer carries to the client. The NuroPb
+    /// `trace_id` is the call's W3C `traceparent` when it has one (docs/PROTOCOL.md), else
+    /// the client's trace id; the answer always carries the client's (or a generated one,
+    /// when the client sent neither).
+    fn mesh_call(identity: &Identity, call: ClientCall) -> (MeshCall, TraceId) {
+        let client = call.trace_id.map(TraceId::new);
+        let mesh = call.traceparent.map(TraceId::new).or_else(|| client.clone());
+        let mesh = mesh.unwrap_or_else(TraceId::generate);
+        let reply = client.unwrap_or_else(|| mesh.clone());
+        let call = MeshCall {
+            context: Self::context_for(identity, &mesh),
             service: call.service,
             method: call.method,
             params: call.params,
-            trace_id,
-        }
+            trace_id: mesh,
+        };
+        (call, reply)
     }
 
     /// Submits a request. Its outcome (response, service error, timeout, mesh failure) is
@@ -340,6 +357,26 @@ impl ServiceMeshManager {
         reply: ReplyTo,
         kind: CallKind,
     ) -> Result<TraceId, CoreError> {
+        // Names are copied only when the call is refused; the accepted call's task records
+        // its own outcome.
+        let names = (call.service.clone(), call.method.clone());
+        let submitted = self.submit_checked(session, identity, call, reply, kind);
+        if submitted.is_err() {
+            let command = matches!(kind, CallKind::Command);
+            self.metrics.call(&names.0, &names.1, command, CallOutcome::Refused, 0.0);
+        }
+        submitted
+    }
+
+    fn submit_checked(
+        &self,
+        session: &SessionHandle,
+        identity: &Identity,
+        call: ClientCall,
+        reply: ReplyTo,
+        kind: CallKind,
+    ) -> Result<TraceId, CoreError> {
+        let started = tokio::time::Instant::now();
         if self.config.reserved_services.contains(&call.service) {
             return Err(CoreError::Reserved(call.service));
         }
@@ -359,8 +396,7 @@ impl ServiceMeshManager {
         // call holds in flight. Names and the context are bounded by small fixed limits.
         let bytes = estimated_object_size(&call.params);
         let (slot, cancel) = self.acquire(session.session_id(), bytes)?;
-        let call = Self::mesh_call(identity, call);
-        let trace_id = call.trace_id.clone();
+        let (call, trace_id) = Self::mesh_call(identity, call);
         match kind {
             CallKind::Request => self.counters.requests.fetch_add(1, Ordering::Relaxed),
             CallKind::Command => self.counters.commands.fetch_add(1, Ordering::Relaxed),
@@ -370,6 +406,14 @@ impl ServiceMeshManager {
         let abort = self.abort.clone();
         let timeout = self.config.request_timeout;
         let session = session.clone();
+        let metrics = self.metrics.clone();
+        let reply_trace = trace_id.clone();
+        let (service, method) = (call.service.clone(), call.method.clone());
+        let command = matches!(kind, CallKind::Command);
+        let record = move |outcome: CallOutcome| {
+            let seconds = started.elapsed().as_secs_f64();
+            metrics.call(&service, &method, command, outcome, seconds);
+        };
         let span = tracing::debug_span!(
             "mesh_call",
             kind = ?kind,
@@ -381,7 +425,7 @@ impl ServiceMeshManager {
         self.tracker.spawn(
             async move {
                 let _slot = slot;
-                let reply_trace = Some(call.trace_id.to_string());
+                let reply_trace = Some(reply_trace.to_string());
                 // The adapter applies `timeout` to requests itself; the outer deadline only
                 // guards against an adapter that fails to.
                 let work = async {
@@ -404,12 +448,22 @@ impl ServiceMeshManager {
                     // command not yet published is simply not published).
                     _ = cancel.cancelled() => {
                         tracing::debug!("session closed; call abandoned");
+                        record(CallOutcome::Abandoned);
                         return;
                     }
                     // The drain deadline passed: the client still gets an answer.
                     _ = abort.cancelled() => Err(MeshError::Unavailable("gateway shutting down".into())),
                     r = work => r,
                 };
+                record(match &outcome {
+                    Ok(Some(resp)) if resp.error.is_some() => CallOutcome::ServiceError,
+                    Ok(_) => CallOutcome::Ok,
+                    Err(MeshError::Timeout(_)) => CallOutcome::Timeout,
+                    Err(MeshError::NotDelivered { .. }) => CallOutcome::NotDelivered,
+                    Err(MeshError::Unavailable(_)) => CallOutcome::Unavailable,
+                    Err(MeshError::Rejected(_) | MeshError::Encryption(_)) => CallOutcome::Rejected,
+                    Err(MeshError::ResponseTooLarge { .. }) => CallOutcome::ResponseTooLarge,
+                });
                 let message = match outcome {
                     Ok(Some(resp)) => ServerMessage::Response {
                         trace_id: reply_trace,
@@ -512,6 +566,7 @@ mod tests {
             method: "m".into(),
             params: JsonObject::new(),
             trace_id: trace.map(str::to_owned),
+            traceparent: None,
         }
     }
 
@@ -556,6 +611,29 @@ mod tests {
         assert_eq!(response_of(&d), (Some("t1".into()), json!(42), None));
         tokio::task::yield_now().await;
         assert_eq!(m.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_traceparent_is_the_mesh_trace_id_and_the_answer_keeps_the_clients() {
+        const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut mesh = MockServiceMesh::new();
+        mesh.expect_request().times(2).returning(|call, _| {
+            assert_eq!(call.trace_id, TraceId::new(TP));
+            assert_eq!(call.context["trace_id"], TP);
+            Ok(MeshResponse { result: json!(1), error: None })
+        });
+        let m = manager(mesh, MeshManagerConfig::default());
+        let reg = registry();
+        let (s, mut rx) = session(&reg, "s");
+        // With a client trace id, the answer carries it.
+        let with_trace = ClientCall { traceparent: Some(TP.into()), ..call(Some("t1")) };
+        let trace = m.request(&s, &identity(), with_trace, Encoding::Json.into());
+        assert_eq!(trace, Ok(TraceId::new("t1")));
+        assert_eq!(response_of(&rx.recv().await.expect("delivery")).0.as_deref(), Some("t1"));
+        // Without one, the answer carries the traceparent.
+        let bare = ClientCall { traceparent: Some(TP.into()), ..call(None) };
+        m.request(&s, &identity(), bare, Encoding::Json.into()).expect("submitted");
+        assert_eq!(response_of(&rx.recv().await.expect("delivery")).0.as_deref(), Some(TP));
     }
 
     #[tokio::test(start_paused = true)]

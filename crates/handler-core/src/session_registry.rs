@@ -15,6 +15,7 @@ use crate::auth::Identity;
 use crate::connection::{ClientConnection, CloseReason, Outbound, SendError, SharedFrame};
 use crate::error::CoreError;
 use crate::ids::{SessionId, UserId};
+use crate::metrics::{CoreMetrics, EventDrop};
 use crate::topic::{TopicPattern, pattern_covers};
 
 /// Bounds of the registry.
@@ -39,6 +40,8 @@ struct Session {
     identity: Arc<Identity>,
     handle: SessionHandle,
     subscriptions: Vec<TopicPattern>,
+    // Invariant: a valid W3C `traceparent` (checked by the coordinator) when set.
+    traceparent: Option<Arc<str>>,
 }
 
 /// Frames queued and dropped, shared by every [`SessionHandle`] of one registry.
@@ -72,18 +75,23 @@ impl SessionHandle {
     /// is dropped, counted, and the session closed with 1013 so the client knows to
     /// reconnect — nothing is lost silently, and one slow client never blocks the others.
     pub(crate) fn send(&self, outbound: Outbound) -> bool {
+        self.try_send(outbound).is_ok()
+    }
+
+    /// As [`SessionHandle::send`], saying why a frame was not queued.
+    fn try_send(&self, outbound: Outbound) -> Result<(), SendError> {
         let this = &*self.0;
         match this.handler.send(outbound) {
             Ok(()) => {
                 this.counters.sent.fetch_add(1, Ordering::Relaxed);
-                true
+                Ok(())
             }
             Err(SendError::Full) => {
                 this.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 this.handler.close(CoreError::SlowClient.closing());
-                false
+                Err(SendError::Full)
             }
-            Err(SendError::Closed) => false,
+            Err(SendError::Closed) => Err(SendError::Closed),
         }
     }
 
@@ -114,6 +122,7 @@ pub(crate) struct SessionRegistry {
     registry: RwLock<Registry>,
     high_water: AtomicUsize,
     counters: Arc<FrameCounters>,
+    metrics: CoreMetrics,
 }
 
 impl SessionRegistry {
@@ -124,7 +133,15 @@ impl SessionRegistry {
             registry: RwLock::new(Registry::default()),
             high_water: AtomicUsize::new(0),
             counters: Arc::default(),
+            metrics: CoreMetrics::default(),
         }
+    }
+
+    /// Counts undelivered events and pushes into `metrics` (by default, into metrics
+    /// registered nowhere).
+    pub(crate) fn with_metrics(mut self, metrics: CoreMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Registry> {
@@ -157,8 +174,10 @@ impl SessionRegistry {
                 handler,
                 counters: Arc::clone(&self.counters),
             }));
-            reg.sessions
-                .insert(session_id, Session { identity, handle, subscriptions: Vec::new() });
+            reg.sessions.insert(
+                session_id,
+                Session { identity, handle, subscriptions: Vec::new(), traceparent: None },
+            );
             reg.sessions.len()
         };
         let previous = self.high_water.fetch_max(count, Ordering::Relaxed);
@@ -192,6 +211,23 @@ impl SessionRegistry {
     /// The ids of every live session, in no particular order.
     pub(crate) fn session_ids(&self) -> Vec<SessionId> {
         self.read().sessions.keys().cloned().collect()
+    }
+
+    /// Sets the session's default `traceparent` (from its upgrade). Returns whether the
+    /// session exists.
+    pub(crate) fn set_traceparent(&self, session_id: &SessionId, traceparent: Arc<str>) -> bool {
+        match self.write().sessions.get_mut(session_id) {
+            Some(s) => {
+                s.traceparent = Some(traceparent);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The session's default `traceparent`, if it has one.
+    pub(crate) fn traceparent(&self, session_id: &SessionId) -> Option<Arc<str>> {
+        self.read().sessions.get(session_id)?.traceparent.clone()
     }
 
     pub(crate) fn session_count(&self) -> usize {
@@ -392,11 +428,24 @@ impl SessionRegistry {
         handles.len()
     }
 
+    /// Events and pushes: the frame to each of `handles`, counting what was not delivered
+    /// by reason. Returns the sessions reached.
     fn deliver_all(&self, handles: &[SessionHandle], frame: &Arc<SharedFrame>) -> usize {
-        handles
-            .iter()
-            .filter(|h| h.send(Outbound { frame: Arc::clone(frame), encoding: None }))
-            .count()
+        if handles.is_empty() {
+            self.metrics.event_dropped(EventDrop::NoSession, 1);
+            return 0;
+        }
+        let (mut reached, mut full, mut closed) = (0, 0, 0);
+        for h in handles {
+            match h.try_send(Outbound { frame: Arc::clone(frame), encoding: None }) {
+                Ok(()) => reached += 1,
+                Err(SendError::Full) => full += 1,
+                Err(SendError::Closed) => closed += 1,
+            }
+        }
+        self.metrics.event_dropped(EventDrop::QueueFull, full);
+        self.metrics.event_dropped(EventDrop::SessionClosed, closed);
+        reached
     }
 }
 

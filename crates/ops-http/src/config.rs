@@ -14,15 +14,16 @@ pub struct OpsConfig {
     /// but wait in the listen backlog until a slot frees: probes and scrapes are few, and
     /// anything holding a slot is bounded by the timeouts below.
     pub max_connections: usize,
-    /// Largest request head (request line and headers), in bytes (default 8 KiB); a larger
-    /// head is answered with 431.
+    /// Largest request head (request line and headers), in bytes (default 8 KiB, also the
+    /// least hyper accepts as its `max_buf_size`); a larger head is answered with 431.
     pub max_head_bytes: usize,
     /// Time allowed to receive the whole request head, counted from accept (default 5 s).
     /// A client still sending by then is disconnected without an answer (slowloris): the
     /// deadline is for the whole head, not per read, so trickling bytes does not extend it.
     pub read_timeout: Duration,
-    /// Time allowed to write the response (default 5 s); a client that does not read is
-    /// disconnected.
+    /// Time allowed, after `read_timeout`, to answer and write the response (default 5 s):
+    /// the whole exchange is cut off at `read_timeout + write_timeout`, so a client that
+    /// does not read is disconnected.
     pub write_timeout: Duration,
     /// After the response, how long unread request bytes are drained before the socket is
     /// closed (default 1 s). Closing with unread data makes the kernel send a reset, which
@@ -42,8 +43,8 @@ impl Default for OpsConfig {
     }
 }
 
-/// The smallest head limit accepted: room for a request line and a few headers.
-const MIN_HEAD_BYTES: usize = 256;
+/// The smallest head limit accepted: hyper's `max_buf_size` panics below 8 KiB.
+const MIN_HEAD_BYTES: usize = 8 << 10;
 
 impl OpsConfig {
     /// Checks the limits; the error names the field.
@@ -54,7 +55,7 @@ impl OpsConfig {
             return invalid("max_connections", "must be greater than 0");
         }
         if self.max_head_bytes < MIN_HEAD_BYTES {
-            return invalid("max_head_bytes", "must be at least 256");
+            return invalid("max_head_bytes", "must be at least 8192");
         }
         if self.read_timeout.is_zero() {
             return invalid("read_timeout", "must be greater than 0");

@@ -1,48 +1,53 @@
-//! The operations endpoint of nuropb-gateway: a tiny HTTP/1.1 server on its own listener,
-//! so probes and scrapes never compete with WebSocket clients for the gateway's port.
+//! The operations endpoint of nuropb-gateway: HTTP/1.1 served by hyper on its own
+//! listener, so probes and scrapes never compete with WebSocket clients for the gateway's
+//! port.
 //!
 //! - `GET /healthz`: 200 `ok` while the process runs (liveness);
 //! - `GET /readyz`: 200 `ok` when [`OpsSource::ready`] says so, else 503 with the reason;
-//! - `GET /metrics`: [`OpsSource::metrics`] in the Prometheus text format 0.0.4;
+//! - `GET /metrics`: the `prometheus_client` [`Registry`] given to [`serve`], in the
+//!   OpenMetrics 1.0 text format;
 //! - `HEAD` on each of them; 404 for other paths, 405 for other methods, 400 for
-//!   anything that is not HTTP/1.x, 431 for a head over the size limit, 505 for other
-//!   HTTP versions. Every response carries `Connection: close`.
+//!   anything that is not HTTP/1.0 or 1.1 (or an absolute-form target), 431 for a head
+//!   over the size limit. Every response carries `Connection: close`; a head left
+//!   unfinished (the peer closed, or `read_timeout` passed) gets no answer.
 //!
-//! No HTTP framework on purpose: three fixed routes need none, and each dependency is
-//! something to audit on a production gateway. Only the head parser, `httparse`, comes
-//! from outside (it is in the tree through tungstenite anyway). Code map: `config` ([`OpsConfig`],
-//! every limit with its default), `source` (the [`OpsSource`] seam and [`Metric`]),
-//! `exposition` (the text format), `http` (head framing and parsing, responses), `connection` (one
-//! task per connection).
+//! Code map: `config` ([`OpsConfig`], every limit with its default), `source` (the
+//! [`OpsSource`] seam), `routes` (request to response), `connection` (one task per
+//! connection: hyper with the limits, then a lingering close).
 //!
 //! Architecture invariant: no dependency on lapin, tungstenite or any other gateway crate;
-//! what is reported comes in through [`OpsSource`].
+//! readiness comes in through [`OpsSource`], figures through the registry.
 //!
 //! In the layering (docs/ARCHITECTURE.md) it stands alone: the binary implements
-//! [`OpsSource`] over the core and the mesh adapter and runs [`serve`] on its own listener.
+//! [`OpsSource`] over the core, builds the registry every crate registers its metrics in,
+//! and runs [`serve`] on its own listener.
 //!
-//! Serving `/metrics` from a source of your own:
+//! Serving `/metrics` from a registry of your own:
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
 //!
-//! use ops_http::{Metric, OpsConfig, OpsSource};
+//! use ops_http::{OpsConfig, OpsSource};
+//! use prometheus_client::metrics::gauge::Gauge;
+//! use prometheus_client::registry::Registry;
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //! use tokio::net::{TcpListener, TcpStream};
 //! use tokio_util::sync::CancellationToken;
 //!
-//! struct Figures;
+//! struct AlwaysReady;
 //!
-//! impl OpsSource for Figures {
+//! impl OpsSource for AlwaysReady {
 //!     fn ready(&self) -> Result<(), String> {
 //!         Ok(())
 //!     }
-//!     fn metrics(&self) -> Vec<Metric> {
-//!         vec![Metric::gauge("my_sessions", "Open sessions.", 3.0)]
-//!     }
 //! }
+//!
+//! let mut registry = Registry::default();
+//! let sessions: Gauge = Gauge::default();
+//! registry.register("my_sessions", "Open sessions", sessions.clone());
+//! sessions.set(3);
 //!
 //! let listener = TcpListener::bind("127.0.0.1:0").await?;
 //! let addr = listener.local_addr()?;
@@ -50,7 +55,8 @@
 //! let server = tokio::spawn(ops_http::serve(
 //!     listener,
 //!     OpsConfig::default(),
-//!     Arc::new(Figures),
+//!     Arc::new(AlwaysReady),
+//!     Arc::new(registry),
 //!     shutdown.clone(),
 //! ));
 //!
@@ -74,13 +80,13 @@
 mod config;
 mod connection;
 mod error;
-mod exposition;
-mod http;
+mod routes;
 mod source;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -89,8 +95,7 @@ use tracing::Instrument;
 
 pub use config::OpsConfig;
 pub use error::OpsError;
-pub use exposition::encode;
-pub use source::{Metric, MetricKind, OpsSource};
+pub use source::OpsSource;
 
 /// Serves the operations endpoint on `listener` until `shutdown` fires (or the listener
 /// fails), one tracked task per connection, at most `config.max_connections` at a time.
@@ -103,11 +108,12 @@ pub async fn serve(
     listener: TcpListener,
     config: OpsConfig,
     source: Arc<dyn OpsSource>,
+    registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) -> Result<(), OpsError> {
     config.validate()?;
-    let config = Arc::new(config);
     let permits = Arc::new(Semaphore::new(config.max_connections));
+    let shared = Arc::new(connection::Shared { config, source, registry });
     let tracker = TaskTracker::new();
     // Cancelled with `shutdown`, and also when this function returns for another reason,
     // so no connection task outlives `serve`.
@@ -115,7 +121,8 @@ pub async fn serve(
     let mut next_conn_id: u64 = 0;
     let result = loop {
         // A slot first, then a connection: beyond the limit, connections wait in the listen
-        // backlog, each slot being freed within the timeouts of `OpsConfig`.
+        // backlog, each slot being freed within the timeouts of `OpsConfig`. (hyper has no
+        // connection limit of its own: this semaphore is it.)
         let permit = tokio::select! {
             // Cancel-safe: an acquire that is not chosen takes no permit.
             () = shutdown.cancelled() => break Ok(()),
@@ -142,14 +149,8 @@ pub async fn serve(
         next_conn_id += 1;
         let span = tracing::debug_span!("ops.conn", conn.id = next_conn_id, peer = %peer);
         tracker.spawn(
-            connection::run(
-                stream,
-                permit,
-                Arc::clone(&config),
-                Arc::clone(&source),
-                connections.clone(),
-            )
-            .instrument(span),
+            connection::run(stream, permit, Arc::clone(&shared), connections.clone())
+                .instrument(span),
         );
     };
     // Refuse new connections before waiting for the current ones.

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::decoded::{self, Budget, Segment, Violation, decode_root, scan_id, scan_trace_id};
 use crate::mesh::{ErrorObject, JsonObject};
+use crate::traceparent::{TRACEPARENT_LEN, check_traceparent};
 
 /// The estimated bytes a decoded value holds, counted as [`ClientLimits::max_decoded_bytes`]
 /// counts a frame while decoding it. In-flight accounting uses it for a call's `params`.
@@ -92,6 +93,10 @@ pub struct ClientCall {
     pub params: JsonObject,
     /// The client's trace id; `None` when absent or `null` (the gateway then generates one).
     pub trace_id: Option<String>,
+    /// A W3C `traceparent` (checked by [`crate::traceparent::check_traceparent`]); when set it
+    /// is the NuroPb `trace_id` of the mesh call, while `trace_id` stays the client's key
+    /// for matching the answer. `None` when absent, `null` or `""`.
+    pub traceparent: Option<String>,
 }
 
 /// A validated client message.
@@ -550,11 +555,18 @@ fn validate_message(
         "request" | "command" => {
             let mut payload = frame.payload()?;
             let trace_id = payload.optional_str("trace_id", limits.max_trace_id_len)?;
+            let traceparent = payload.optional_str("traceparent", TRACEPARENT_LEN)?;
+            if let Some(value) = &traceparent
+                && let Err(why) = check_traceparent(value)
+            {
+                let message = format!("{} {why}", payload.label("traceparent"));
+                return Err(ClientFrameError::new(Invalid, message));
+            }
             let name = StrRule::name(limits.max_name_len);
             let service = payload.required_str("service", name)?;
             let method = payload.required_str("method", name)?;
             let params = payload.required_object("params")?;
-            let call = ClientCall { service, method, params, trace_id };
+            let call = ClientCall { service, method, params, trace_id, traceparent };
             Ok(if kind == "request" {
                 ClientMessage::Request(call)
             } else {
@@ -972,6 +984,7 @@ mod tests {
             method: method.into(),
             params,
             trace_id: trace_id.map(Into::into),
+            traceparent: None,
         }
     }
 
@@ -1014,6 +1027,8 @@ mod tests {
     }
 
     /// A request frame with one payload member replaced (`None` removes it).
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
     fn with_payload(member: &str, value: Option<Value>) -> String {
         let mut payload = json!({"service": "svc", "method": "m", "params": {}, "trace_id": "t1"});
         match value {
@@ -1067,6 +1082,21 @@ mod tests {
                 r#"{"type": "command", "id": "x", "payload": {"service": "svc", "method": "m", "params": {"a": [1, 2.5, null]}, "context": {"user_id": "mallory"}}}"#.into(),
                 Expect::Ok(ClientMessage::Command(call("svc", "m", json!({"a": [1, 2.5, null]}), None))),
             ),
+            // traceparent: a strict W3C value, else refused (with the frame's trace id).
+            (
+                with_payload("traceparent", Some(TP.into())),
+                Expect::Ok(ClientMessage::Request(ClientCall {
+                    traceparent: Some(TP.into()),
+                    ..call("svc", "m", json!({}), Some("t1"))
+                })),
+            ),
+            (with_payload("traceparent", Some(Value::Null)), svc_ok(Some("t1"))),
+            (with_payload("traceparent", Some("".into())), svc_ok(Some("t1"))),
+            (with_payload("traceparent", Some(TP.to_uppercase().into())), err_traced(Invalid, "`payload.traceparent` must be lowercase hexadecimal", "t1")),
+            (with_payload("traceparent", Some("00-00000000000000000000000000000000-00f067aa0ba902b7-01".into())), err_traced(Invalid, "`payload.traceparent` trace-id must not be all zeros", "t1")),
+            (with_payload("traceparent", Some("junk".into())), err_traced(Invalid, "`payload.traceparent` must be 55 characters (version 00)", "t1")),
+            (with_payload("traceparent", Some(long(56))), err_traced(TooLarge, "`payload.traceparent` is longer than 55 bytes", "t1")),
+            (with_payload("traceparent", Some(7.into())), err_traced(Invalid, "`payload.traceparent` must be a string, got number", "t1")),
             // service and method.
             (with_payload("service", None), err_traced(Invalid, "missing `payload.service`", "t1")),
             (with_payload("service", Some("".into())), err_traced(Invalid, "`payload.service` must not be empty", "t1")),

@@ -46,5 +46,6 @@ mod decoded;
 pub mod lenient;
 pub mod mesh;
 pub mod pyjson;
+pub mod traceparent;
 
 pub use mesh::{ErrorObject, JsonObject};

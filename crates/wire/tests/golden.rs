@@ -429,6 +429,7 @@ fn transcript_client_frames() {
             method: method.into(),
             params: params(),
             trace_id: trace.map(Into::into),
+            traceparent: None,
         };
         match (want, got) {
             (Request(s, m, t), Ok(ClientMessage::Request(c))) => assert_eq!(c, call(s, m, t)),

@@ -60,6 +60,8 @@ pub(crate) enum Admission {
 struct WsHandle {
     outbound: mpsc::Sender<Queued>,
     shared: Arc<Shared>,
+    // Where queue depths are observed.
+    stats: WsStatsHandle,
 }
 
 /// What the handle and the connection task share besides the queue.
@@ -152,7 +154,9 @@ impl ClientConnection for WsHandle {
                 mpsc::error::TrySendError::Full(_) => SendError::Full,
                 mpsc::error::TrySendError::Closed(_) => SendError::Closed,
             }
-        })
+        })?;
+        self.stats.queue_depth(self.outbound.max_capacity() - self.outbound.capacity());
+        Ok(())
     }
 
     fn close(&self, reason: CloseReason) {
@@ -175,6 +179,8 @@ pub(crate) async fn run<S>(
 {
     // `admission` (and its permit) is held until this function returns.
     let mut credentials = None;
+    // The upgrade's `traceparent` header: the session's default trace context.
+    let mut traceparent = None;
     // Held while the connection waits for its first-frame `auth` (dropped once it is
     // authenticated or closed), so that at most `max_handshakes_in_flight` wait at once.
     let mut pending_auth = None;
@@ -236,6 +242,7 @@ pub(crate) async fn run<S>(
             );
         }
         credentials = Some(checked);
+        traceparent = request.headers().get("traceparent").map(|v| v.to_str().map(str::to_owned));
         Ok(response)
     };
     let read_budget = Arc::new(AtomicUsize::new(UNMETERED));
@@ -272,7 +279,7 @@ pub(crate) async fn run<S>(
                 Err(reason) => {
                     if let Some(reason) = reason {
                         tracing::info!(reason = %reason.reason, "first-frame authentication failed");
-                        close_unauthenticated(&mut ws, reason, &config).await;
+                        close_unauthenticated(&mut ws, reason, &config, &stats).await;
                     }
                     return;
                 }
@@ -282,12 +289,22 @@ pub(crate) async fn run<S>(
         None => return,
     };
 
+    let traceparent = match traceparent {
+        Some(Ok(value)) => Some(value),
+        Some(Err(_)) => {
+            tracing::debug!("traceparent header ignored: not visible ASCII");
+            None
+        }
+        None => None,
+    };
+
     let (tx, rx) = mpsc::channel(config.outbound_queue);
     let shared = Arc::new(Shared {
         close: CloseSignal::default(),
         budget: QueueBudget::new(config.outbound_queue_bytes),
     });
-    let handle = Arc::new(WsHandle { outbound: tx, shared: Arc::clone(&shared) });
+    let handle =
+        Arc::new(WsHandle { outbound: tx, shared: Arc::clone(&shared), stats: stats.clone() });
     // Once per connection: every later line of it carries the user (never the token).
     tracing::Span::current().record("user.id", identity.user_id.as_str());
     let session_id = match coordinator.open_session_answering(identity, handle, auth_id) {
@@ -299,12 +316,21 @@ pub(crate) async fn run<S>(
                 .close(Some(close_frame(
                     e.close_reason()
                         .unwrap_or_else(|| CloseReason::new(CloseCode::GoingAway, e.to_string())),
+                    &stats,
                 )))
                 .await;
             return;
         }
     };
     tracing::Span::current().record("session.id", tracing::field::display(&session_id));
+    // Set before this task reads the session's first frame, so every call sees it. An
+    // invalid header is ignored (a tracing header from a proxy must not cost the client its
+    // connection), and never reaches the mesh.
+    if let Some(tp) = traceparent
+        && let Err(why) = coordinator.set_session_traceparent(&session_id, &tp)
+    {
+        tracing::debug!(why, "traceparent header ignored");
+    }
     session_loop(ws, rx, &shared, &config, &coordinator, &session_id, &stats).await;
     coordinator.close_session(&session_id);
 }
@@ -440,7 +466,9 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 let (bytes, encoding) = match &message {
                     Message::Text(t) => (t.as_bytes(), Encoding::Json),
                     Message::Binary(b) => (b.as_ref(), Encoding::MessagePack),
-                    Message::Close(_) => {
+                    Message::Close(frame) => {
+                        // The reply echoes the client's code (none: 1005, "no status").
+                        stats.closed(frame.as_ref().map_or(1005, |f| u16::from(f.code)));
                         // tungstenite queued the close reply while reading this frame, but
                         // only a later write or flush sends it; without this the client
                         // sees 1006. The flush ends with `ConnectionClosed`, which
@@ -513,7 +541,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let closing = async {
         write_queued(&mut ws, &mut pending, &mut outgoing, usize::MAX).await?;
-        ws.close(Some(close_frame(reason))).await
+        ws.close(Some(close_frame(reason, stats))).await
     };
     match tokio::time::timeout(grace, closing).await {
         Ok(Ok(())) => {}
@@ -744,9 +772,10 @@ async fn close_unauthenticated<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut WebSocketStream<S>,
     reason: CloseReason,
     config: &WsConfig,
+    stats: &WsStatsHandle,
 ) {
     let closing = async {
-        ws.close(Some(close_frame(reason))).await?;
+        ws.close(Some(close_frame(reason, stats))).await?;
         // Bounded by the timeout; frames after our close are discarded by tungstenite.
         while let Some(next) = ws.next().await {
             next?;
@@ -826,7 +855,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     }
 }
 
-fn close_frame(reason: CloseReason) -> CloseFrame {
+/// The close frame for `reason`, counted in the closes-by-code metric.
+fn close_frame(reason: CloseReason, stats: &WsStatsHandle) -> CloseFrame {
+    stats.closed(reason.code.as_u16());
     // Close reasons must fit a control frame (125 bytes with the code).
     let mut text = reason.reason;
     if text.len() > 120 {

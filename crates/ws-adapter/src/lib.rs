@@ -191,7 +191,7 @@ pub async fn serve(
         let peer_guard = if trusted_peer {
             Ok(None)
         } else {
-            admit_peer(&peers, peer.ip(), &stats).map_err(|(s, r)| Refuse::Status(s, r))
+            admit_peer(&peers, peer.ip(), &stats).map_err(|(s, r, l)| Refuse::Status(s, r, l))
         };
         let admitted = peer_guard.and_then(|guard| {
             if sessions.available_permits() == 0 {
@@ -232,6 +232,7 @@ pub async fn serve(
                     // Closing at once is the only answer that costs nothing: a task per
                     // connection here is what a flood of idle sockets would exploit.
                     stats.connection_shed();
+                    stats.refused("shed", "none");
                     let _entered = span.enter();
                     tracing::debug!("over a limit and the refusal budget; closed unanswered");
                 }
@@ -240,22 +241,37 @@ pub async fn serve(
     }
 }
 
-/// Counts a connection from `ip` against the per-address limits, or the 429 refusal.
+/// Counts a connection from `ip` against the per-address limits, or the 429 refusal (status,
+/// body, the metrics' reason label).
 fn admit_peer(
     peers: &PeerLimits,
     ip: IpAddr,
     stats: &WsStatsHandle,
-) -> Result<Option<PeerGuard>, (u16, &'static str)> {
+) -> Result<Option<PeerGuard>, (u16, &'static str, &'static str)> {
     match peers.admit(ip) {
         Ok(guard) => Ok(guard),
         Err(PeerRefusal::TooManyConnections) => {
             stats.per_ip_connection_refused();
-            Err((429, "too many connections from this address"))
+            Err((429, "too many connections from this address", "per_ip_connections"))
         }
         Err(PeerRefusal::TooManyAttempts) => {
             stats.per_ip_rate_refused();
-            Err((429, "too many connection attempts from this address"))
+            Err((429, "too many connection attempts from this address", "per_ip_rate"))
         }
+    }
+}
+
+/// The `status` label of a refusal: the statuses this crate sends, each its own value.
+fn status_label(status: u16) -> &'static str {
+    match status {
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        426 => "426",
+        429 => "429",
+        431 => "431",
+        503 => "503",
+        _ => "other",
     }
 }
 
@@ -265,8 +281,8 @@ enum Refuse {
     /// No session or handshake slot: 503, through the upgrade checks (as when shutting
     /// down).
     Capacity,
-    /// A per-address limit: this status and body.
-    Status(u16, &'static str),
+    /// A per-address limit: this status and body, and the metrics' reason label.
+    Status(u16, &'static str, &'static str),
 }
 
 /// A head read and checked: what the connection becomes.
@@ -329,7 +345,8 @@ impl Accepted {
             None if !this.trusted_peer => None,
             None => match admit_peer(&this.peers, client, &this.stats) {
                 Ok(guard) => guard,
-                Err((status, reason)) => {
+                Err((status, reason, label)) => {
+                    this.stats.refused(label, status_label(status));
                     tracing::info!(status, reason, "upgrade refused");
                     let left = deadline.saturating_duration_since(Instant::now());
                     let linger = left.min(this.config.refusal_handshake_timeout);
@@ -359,6 +376,7 @@ impl Accepted {
             Err(_) => {
                 // Taken between the check at accept and now; this task answers it itself.
                 this.stats.connection_refused();
+                this.stats.refused("capacity", "503");
                 let linger = this.config.refusal_handshake_timeout;
                 handshake::answer(&mut this.stream, 503, "too many connections", linger).await;
                 return;
@@ -425,10 +443,11 @@ impl Accepted {
             Some(Head::Upgrade(head)) => head,
             Some(Head::Http(_)) => {
                 // Plain HTTP over a limit gets the same status as an upgrade would.
-                let (status, reason) = match refuse {
-                    Refuse::Capacity => (503, "too many connections"),
-                    Refuse::Status(status, reason) => (status, reason),
+                let (status, reason, label) = match refuse {
+                    Refuse::Capacity => (503, "too many connections", "capacity"),
+                    Refuse::Status(status, reason, label) => (status, reason, label),
                 };
+                this.stats.refused(label, status_label(status));
                 tracing::info!(status, reason, "http request refused");
                 let left = timeout.saturating_sub(started.elapsed());
                 handshake::answer(&mut this.stream, status, reason, left).await;
@@ -442,8 +461,9 @@ impl Accepted {
                 let stream = Prefixed::new(head, this.stream);
                 connection::run(stream, admission, this.config, this.coordinator, this.stats).await;
             }
-            Refuse::Status(status, reason) => {
+            Refuse::Status(status, reason, label) => {
                 tracing::info!(status, reason, "upgrade refused");
+                this.stats.refused(label, status_label(status));
                 let left = timeout.saturating_sub(started.elapsed());
                 handshake::answer(&mut this.stream, status, reason, left).await;
             }
@@ -493,6 +513,7 @@ impl Accepted {
             },
         };
         self.stats.bad_handshake();
+        self.stats.refused("bad_handshake", status_label(bad.status));
         tracing::info!(status = bad.status, reason = bad.reason, "bad handshake");
         // At most the refusal timeout: a client that never closes must not keep its slot
         // for the whole handshake timeout.

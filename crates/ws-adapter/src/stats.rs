@@ -1,11 +1,19 @@
 //! Counters of the WebSocket side: plain atomics bumped by the accept loop and the
 //! connection tasks (each counter is its own figure; nobody needs a consistent cut across
-//! them), read as a [`WsStats`] snapshot through a [`WsStatsHandle`].
+//! them), read as a [`WsStats`] snapshot through a [`WsStatsHandle`]; and the labelled
+//! metrics (upgrade refusals by reason and status, closes by code, outbound queue depth) as
+//! `prometheus_client` handles in the same handle, registered by the binary
+//! ([`WsStatsHandle::register`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 /// A snapshot of the WebSocket side's counters. Every counter only grows.
@@ -51,6 +59,41 @@ pub struct WsStats {
 #[derive(Debug, Clone, Default)]
 pub struct WsStatsHandle {
     counters: Arc<Counters>,
+    metrics: WsMetrics,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
+    status: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabels {
+    code: u16,
+}
+
+/// Outbound queue depths observed: powers of two up to the largest queue allowed.
+const DEPTH_BUCKETS: [f64; 12] =
+    [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+/// Label sets are closed: `reason` and `status` come from this crate's fixed strings, and
+/// `code` from the close codes the gateway sends (docs/PROTOCOL.md).
+#[derive(Debug, Clone)]
+struct WsMetrics {
+    refused: Family<RefusalLabels, Counter>,
+    closes: Family<CloseLabels, Counter>,
+    queue_depth: Histogram,
+}
+
+impl Default for WsMetrics {
+    fn default() -> Self {
+        WsMetrics {
+            refused: Family::default(),
+            closes: Family::default(),
+            queue_depth: Histogram::new(DEPTH_BUCKETS),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -127,6 +170,42 @@ impl WsStatsHandle {
             tls_handshake_failures: get(&c.tls_handshake_failures),
             proxy_refused: get(&c.proxy_refused),
         }
+    }
+
+    /// Registers the labelled metrics under their `nuropb_gateway_ws_*` names. The counters
+    /// of [`WsStats`] are not registered here: the binary reports them from
+    /// [`stats`](Self::stats).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "nuropb_gateway_ws_upgrades_refused",
+            "Connections and upgrades refused, by reason and HTTP status (none: closed unanswered)",
+            self.metrics.refused.clone(),
+        );
+        registry.register(
+            "nuropb_gateway_ws_closes",
+            "WebSocket close frames sent, by close code (a reply to the client's close echoes its code, 1005 when it gave none)",
+            self.metrics.closes.clone(),
+        );
+        registry.register(
+            "nuropb_gateway_ws_outbound_queue_depth",
+            "Frames waiting in a session's outbound queue, observed as each frame is queued",
+            self.metrics.queue_depth.clone(),
+        );
+    }
+
+    /// One refusal: `status` is the HTTP status sent, `"none"` when closed unanswered.
+    pub(crate) fn refused(&self, reason: &'static str, status: &'static str) {
+        self.metrics.refused.get_or_create(&RefusalLabels { reason, status }).inc();
+    }
+
+    /// One close frame sent with `code`.
+    pub(crate) fn closed(&self, code: u16) {
+        self.metrics.closes.get_or_create(&CloseLabels { code }).inc();
+    }
+
+    /// The outbound queue's depth after a frame was queued.
+    pub(crate) fn queue_depth(&self, depth: usize) {
+        self.metrics.queue_depth.observe(depth as f64);
     }
 
     pub(crate) fn connection_refused(&self) {

@@ -48,9 +48,11 @@ pub(crate) async fn check_upgrade(
     stats: &WsStatsHandle,
 ) -> Result<Credentials, ErrorResponse> {
     if !have_capacity {
+        stats.refused("capacity", "503");
         return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections"));
     }
     if coordinator.is_shutting_down() {
+        stats.refused("shutting_down", "503");
         return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "gateway shutting down"));
     }
     let headers = request.headers();
@@ -58,6 +60,7 @@ pub(crate) async fn check_upgrade(
         let allowed = origin.to_str().map(|o| origins.allows(o)).unwrap_or(false);
         if !allowed {
             tracing::info!(origin = ?origin, "upgrade refused: origin not allowed");
+            stats.refused("origin", "403");
             return Err(refuse(StatusCode::FORBIDDEN, "Cross origin websockets not allowed"));
         }
     }
@@ -77,6 +80,7 @@ pub(crate) async fn check_upgrade(
         // limit again under its lock (a race between two upgrades ends in a 1008 close).
         Ok(identity) if coordinator.session_limit_reached(&identity.user_id) => {
             stats.per_user_session_refused();
+            stats.refused("sessions_per_user", "429");
             // `?`: the id comes from a signed token, but it is still the client's text.
             tracing::info!(user.id = ?identity.user_id.as_str(), "upgrade refused: too many sessions");
             Err(refuse(StatusCode::TOO_MANY_REQUESTS, "too many sessions for this user"))
@@ -84,10 +88,12 @@ pub(crate) async fn check_upgrade(
         Ok(identity) => Ok(Credentials::Authenticated(identity)),
         Err(e) if e.is_unavailable() => {
             tracing::warn!(reason = %e, "upgrade refused: the token could not be checked");
+            stats.refused("auth_unavailable", "503");
             Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "authentication unavailable"))
         }
         Err(e) => {
             tracing::info!(reason = %e, "upgrade refused: not authenticated");
+            stats.refused("unauthorized", "401");
             Err(refuse(StatusCode::UNAUTHORIZED, "unauthorized"))
         }
     }

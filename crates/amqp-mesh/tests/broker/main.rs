@@ -56,6 +56,7 @@ broker_tests!(shared:
     gateway_methods_and_fan_out,
     client_relayed_calls_cannot_use_another_gateways_methods,
     control_operations_survive_event_load_and_overflow_is_refused,
+    events_the_full_events_queue_drops_are_counted,
     garbage_on_service_queue_is_rejected_and_queue_flows,
     garbage_on_response_queue_is_dropped,
     oversized_response_fails_its_request_at_once,

@@ -1372,6 +1372,50 @@ pub async fn control_operations_survive_event_load_and_overflow_is_refused(ctx: 
     gw.stop().await;
 }
 
+/// `x-max-length` on the events queue drops the oldest events; the broker dead-letters
+/// them to the instance's drop queue, where each is counted: every event published is
+/// either delivered to the core or counted as dropped, none is lost silently.
+pub async fn events_the_full_events_queue_drops_are_counted(ctx: Ctx) {
+    // A core that does not read yet: one event in the channel, one held by the consumer.
+    let mut gw = ctx
+        .start(AmqpMeshConfig {
+            event_bindings: vec!["flood.#".into()],
+            events_queue_max_length: 5,
+            prefetch: 1,
+            inbound_capacity: 1,
+            encryption: EncryptionMode::Off,
+            ..ctx.config("gw-drops")
+        })
+        .await;
+    let peer = Peer::new(&ctx.url).await;
+    let event = br#"{"tag": "event", "topic": "flood.x", "event": 1, "context": {}, "trace_id": null, "correlation_id": "c", "target": null}"#;
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_headers(nuropb_headers("event", None, false))
+        .with_correlation_id("c".into())
+        .with_reply_to("".into());
+    const PUBLISHED: u64 = 50;
+    for _ in 0..PUBLISHED {
+        peer.publish("nuropb-events-exchange", "flood.x", props.clone(), event).await;
+    }
+    // At most 5 queued + 1 unacked + 1 in the channel (+1 on its way) are not dropped.
+    eventually("the broker's drops counted", || {
+        gw.mesh.stats().events_dropped_by_broker >= PUBLISHED - 8
+    })
+    .await;
+    let mut delivered = 0;
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(500), gw.inbound.recv()).await
+    {
+        assert!(matches!(message, MeshInbound::Event(_)), "{message:?}");
+        delivered += 1;
+    }
+    let dropped = gw.mesh.stats().events_dropped_by_broker;
+    assert_eq!(delivered + dropped, PUBLISHED, "delivered {delivered}, dropped {dropped}");
+    assert!(delivered >= 1, "the queue's newest events still arrive");
+    gw.stop().await;
+}
+
 pub async fn oversized_response_fails_its_request_at_once(ctx: Ctx) {
     let svc = FakeService::start(&ctx.url, "svc-big", false).await;
     let gw = ctx
