@@ -48,9 +48,13 @@ pub struct Cli {
     pub ops_listen: Option<SocketAddr>,
 
     /// RabbitMQ URL of the mesh (amqp:// or amqps://; the vhost is the mesh name). Without
-    /// it the gateway runs on the embedded in-memory demo mesh.
-    #[arg(long, env = "NUROPB_AMQP_URL")]
-    pub amqp_url: Option<String>,
+    /// it the gateway runs on the embedded in-memory demo mesh. Several URLs (comma-separated
+    /// or the option repeated) are the nodes of one RabbitMQ cluster, all on the same vhost:
+    /// the gateway connects to the first and moves to the next when a connection is lost or
+    /// fails (percent-encode a comma in a password as %2C). The gateway starts even when no
+    /// node is up: /readyz answers 503 and calls fail at once until it connects.
+    #[arg(long, env = "NUROPB_AMQP_URL", value_delimiter = ',')]
+    pub amqp_url: Vec<String>,
 
     /// The gateway's own NuroPb service name (its queue is `nuropb-<name>-sq`).
     #[arg(long, env = "NUROPB_SERVICE_NAME", default_value = "nuropb-gateway")]
@@ -365,7 +369,8 @@ impl Cli {
         if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
             bail!("--jwt-secret must be at least 16 bytes");
         }
-        if self.amqp_url.is_some()
+        self.amqp_mesh_urls()?;
+        if !self.amqp_url.is_empty()
             && self.jwt_secret.is_none()
             && self.jwt_public_key_file.is_none()
         {
@@ -378,11 +383,32 @@ impl Cli {
         Ok(())
     }
 
+    /// `--amqp-url` as the mesh adapter takes it: the first node's URL and the others in
+    /// order, checked (each parses, all name one vhost); `None` in demo mode.
+    pub fn amqp_mesh_urls(&self) -> Result<Option<(String, Vec<String>)>> {
+        let urls: Vec<String> = self
+            .amqp_url
+            .iter()
+            .map(|u| u.trim())
+            .filter(|u| !u.is_empty())
+            .map(String::from)
+            .collect();
+        if urls.is_empty() && !self.amqp_url.is_empty() {
+            bail!("--amqp-url must name at least one URL");
+        }
+        let Some((first, rest)) = urls.split_first() else { return Ok(None) };
+        let mut check = amqp_mesh::AmqpMeshConfig::new(first.clone());
+        check.failover_urls = rest.to_vec();
+        // Only the URLs are checked here; the rest of the adapter's config is the gateway's.
+        check.validate().map_err(|e| anyhow::anyhow!("--amqp-url: {e}"))?;
+        Ok(Some((first.clone(), rest.to_vec())))
+    }
+
     /// The browser origins allowed at the upgrade. In-memory demo mode (no --amqp-url)
     /// with no --allowed-origins allows pages on this machine; anywhere else, origins are
     /// opt-in.
     pub fn origin_policy(&self) -> Result<OriginPolicy> {
-        let demo_mode = self.amqp_url.is_none();
+        let demo_mode = self.amqp_url.is_empty();
         if self.allowed_origins.is_empty() && demo_mode {
             return OriginPolicy::new(&["localhost", "127.0.0.1"])
                 .context("--allowed-origins (demo default)");

@@ -88,13 +88,18 @@ async fn run(cli: Cli) -> Result<()> {
     let background = TaskTracker::new();
 
     // The mesh: RabbitMQ when configured, else the in-memory demo.
-    let (mesh, inbound, amqp): (Arc<dyn ServiceMesh>, _, _) = match &cli.amqp_url {
-        Some(url) => {
-            let config = amqp_config(&cli, url);
-            tracing::info!(url = %config.redacted_url(), service = %config.service_name, "connecting to the mesh");
-            let (mesh, inbound) = amqp_mesh::AmqpMesh::start(config, mesh_shutdown.clone())
-                .await
-                .context("cannot connect to the mesh (--amqp-url)")?;
+    // Already checked by `validate`.
+    let (mesh, inbound, amqp): (Arc<dyn ServiceMesh>, _, _) = match cli.amqp_mesh_urls()? {
+        Some((url, failover_urls)) => {
+            let config = amqp_config(&cli, url, failover_urls);
+            let nodes: Vec<String> =
+                (0..config.node_urls().len()).map(|i| config.redacted_node_url(i)).collect();
+            tracing::info!(nodes = ?nodes, service = %config.service_name, "connecting to the mesh");
+            // Started unconnected: a broker that is down at start is waited for (readiness
+            // 503, calls answered at once with an error) instead of ending the process.
+            let (mesh, inbound) =
+                amqp_mesh::AmqpMesh::start_unconnected(config, mesh_shutdown.clone())
+                    .context("invalid mesh configuration (--amqp-url)")?;
             (Arc::new(mesh.clone()), inbound, Some(mesh))
         }
         None => {
@@ -285,8 +290,9 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn amqp_config(cli: &Cli, url: &str) -> amqp_mesh::AmqpMeshConfig {
+fn amqp_config(cli: &Cli, url: String, failover_urls: Vec<String>) -> amqp_mesh::AmqpMeshConfig {
     let mut c = amqp_mesh::AmqpMeshConfig::new(url);
+    c.failover_urls = failover_urls;
     c.service_name.clone_from(&cli.service_name);
     if let Some(id) = &cli.instance_id {
         c.instance_id.clone_from(id);
