@@ -26,6 +26,7 @@ pub fn run(root: &Path) -> Result<()> {
     crate::cluster::run(root)?;
     crate::examples::run()?;
     package(root)?;
+    crate::install::run(root)?;
     crate::interop::run(root)?;
     eprintln!("xtask ci: all gates passed");
     Ok(())

@@ -1,9 +1,9 @@
 //! `cargo xtask`: the project's automation. `ci` runs every gate CI runs (format, lints, the
 //! layering rules, docs, all tests including the JS client and the demo page in Chromium,
 //! integration, the hostile-input suite, the chaos suite's short form, the 3-node cluster
-//! suite, the examples, the
-//! packaging dry run and interop); `integration`, `hostile`, `chaos`, `cluster`, `interop`, `js`,
-//! `browser`, `examples`, `doc`, `package` and `bench` run one part; `fuzz` runs the fuzz
+//! suite, the examples, the packaging dry run, the install check and interop);
+//! `integration`, `hostile`, `chaos`, `cluster`, `interop`, `js`, `browser`, `examples`,
+//! `doc`, `package`, `install` and `bench` run one part; `fuzz` runs the fuzz
 //! targets for a bounded time.
 
 mod bench;
@@ -16,6 +16,7 @@ mod cmd;
 mod examples;
 mod fuzz;
 mod hostile;
+mod install;
 mod interop;
 mod js;
 mod layering;
@@ -43,6 +44,7 @@ fn main() -> Result<()> {
         Some("examples") => examples::run(),
         Some("doc") => ci::doc(),
         Some("package") => ci::package(&root),
+        Some("install") => install::run(&root),
         Some("bench") => bench::run(&root),
         Some("chaos") => chaos::run(&root, &args[1..]),
         Some("cluster") => cluster::run(&root),
@@ -61,7 +63,7 @@ fn main() -> Result<()> {
 fn print_help() {
     println!(
         "cargo xtask <command>\n\n\
-         ci           every gate: fmt, layering, clippy, doc, tests, js, browser, integration, hostile, chaos --short, cluster, examples, package, interop\n\
+         ci           every gate: fmt, layering, clippy, doc, tests, js, browser, integration, hostile, chaos --short, cluster, examples, package, install, interop\n\
          fmt          cargo fmt --check\n\
          clippy       cargo clippy -D warnings\n\
          layering     check the crate graph rules (docs/ARCHITECTURE.md)\n\
@@ -74,6 +76,7 @@ fn print_help() {
          examples     build and run the worked examples (examples/; RabbitMQ for mesh_peer)\n\
          doc          cargo doc --workspace with RUSTDOCFLAGS=-D warnings\n\
          package      cargo package every library crate (the publish dry run)\n\
+         install      cargo install the binary; systemd-analyze verify/security on packaging/systemd\n\
          bench        benchmarks with a printed table\n\
          chaos        faults under load, a table per scenario: [--short] (the CI form, ~2 min)
          cluster      the gateway on a 3-node RabbitMQ cluster of its own: failover under load (~2 min)\n\
