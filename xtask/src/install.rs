@@ -43,8 +43,8 @@ fn check_unit(root: &Path, binary: &Path) -> Result<()> {
     if Command::new("systemd-analyze").arg("--version").output().is_err() {
         bail!("systemd-analyze not found: install Debian's `systemd` package to check {UNIT}");
     }
-    let text = std::fs::read_to_string(root.join(UNIT))
-        .with_context(|| format!("cannot read {UNIT}"))?;
+    let text =
+        std::fs::read_to_string(root.join(UNIT)).with_context(|| format!("cannot read {UNIT}"))?;
     if !text.contains(INSTALLED_PATH) {
         bail!("{UNIT}: ExecStart no longer runs {INSTALLED_PATH}; update this check");
     }

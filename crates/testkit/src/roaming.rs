@@ -26,6 +26,9 @@ pub struct RoamingService {
     pub node: Arc<AtomicUsize>,
     /// When each connection came up, and on which node, in order.
     pub connections: Arc<Mutex<Vec<(Instant, usize)>>>,
+    /// When each connection was seen lost (not counting the one [`RoamingService::stop`]
+    /// closes), in order.
+    pub losses: Arc<Mutex<Vec<Instant>>>,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -37,16 +40,15 @@ impl RoamingService {
         assert!(!urls.is_empty(), "a roaming service needs at least one node");
         let node = Arc::new(AtomicUsize::new(NOWHERE));
         let connections = Arc::new(Mutex::new(Vec::new()));
+        let losses = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(roam(
-            urls,
-            name.to_owned(),
-            options,
-            Arc::clone(&node),
-            Arc::clone(&connections),
-            stop.clone(),
-        ));
-        RoamingService { node, connections, stop, task: Some(task) }
+        let log = Log {
+            node: Arc::clone(&node),
+            connections: Arc::clone(&connections),
+            losses: Arc::clone(&losses),
+        };
+        let task = tokio::spawn(roam(urls, name.to_owned(), options, log, stop.clone()));
+        RoamingService { node, connections, losses, stop, task: Some(task) }
     }
 
     /// Waits (at most `within`) until it is connected; the node it is on.
@@ -78,14 +80,21 @@ impl Drop for RoamingService {
     }
 }
 
+/// What the roaming task reports (the public fields of [`RoamingService`]).
+struct Log {
+    node: Arc<AtomicUsize>,
+    connections: Arc<Mutex<Vec<(Instant, usize)>>>,
+    losses: Arc<Mutex<Vec<Instant>>>,
+}
+
 async fn roam(
     urls: Vec<String>,
     name: String,
     options: ServiceOptions<'static>,
-    node: Arc<AtomicUsize>,
-    connections: Arc<Mutex<Vec<(Instant, usize)>>>,
+    log: Log,
     stop: CancellationToken,
 ) {
+    let Log { node, connections, losses } = log;
     let mut next = 0_usize;
     let mut failed_in_round = 0_usize;
     while !stop.is_cancelled() {
@@ -104,6 +113,9 @@ async fn roam(
                     }
                 }
                 node.store(NOWHERE, Ordering::SeqCst);
+                if !stop.is_cancelled() {
+                    losses.lock().expect("lock").push(Instant::now());
+                }
                 service.stop().await;
             }
             Err(_) => {
