@@ -1,6 +1,6 @@
 //! [`AmqpMesh`]: the façade that implements the `ServiceMesh` port over RabbitMQ. It
-//! builds the roles from the config, makes the first connection, and hands the rest to
-//! the supervisor.
+//! builds the roles from the config, makes the first connection (or leaves it to the
+//! supervisor, `AmqpMesh::start_unconnected`), and hands the rest to the supervisor.
 //!
 //! Task layout (all tracked, each with its own span): one supervisor for the life of the
 //! adapter; per connection a publisher, a connection watcher, and one consumer each for
