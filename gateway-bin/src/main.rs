@@ -29,6 +29,9 @@ use ws_adapter::{AuthSources, WsConfig, WsStatsHandle};
 
 use crate::config::Cli;
 
+/// Longest wait at start for the first round over the broker nodes before serving anyway.
+const FIRST_ROUND_WAIT: Duration = Duration::from_secs(10);
+
 /// Prints a line to stdout for the operator. A closed stdout (e.g. the reader went away)
 /// must not bring the gateway down, so write errors are ignored.
 macro_rules! say {
@@ -100,6 +103,16 @@ async fn run(cli: Cli) -> Result<()> {
             let (mesh, inbound) =
                 amqp_mesh::AmqpMesh::start_unconnected(config, mesh_shutdown.clone())
                     .context("invalid mesh configuration (--amqp-url)")?;
+            // Serving starts once the broker had its chance (so a gateway whose broker is up
+            // says it listens only once it is connected, as before), but never waits long
+            // for one that is down: refused connections end the round at once.
+            match tokio::time::timeout(FIRST_ROUND_WAIT, mesh.first_round()).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => tracing::warn!(
+                    "no node of --amqp-url is reachable yet; serving meanwhile (/readyz 503, \
+                     calls answered with NuropbTransportError) and retrying"
+                ),
+            }
             (Arc::new(mesh.clone()), inbound, Some(mesh))
         }
         None => {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use handler_core::{MeshCall, MeshError, MeshEvent, MeshInbound, MeshResponse, ServiceMesh};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -35,6 +35,8 @@ use crate::supervisor::{self, Supervisor};
 #[derive(Debug, Clone)]
 pub struct AmqpMesh {
     requester: Arc<Requester>,
+    /// `true` once the supervisor's first round is over (see [`AmqpMesh::first_round`]).
+    first_round_done: watch::Receiver<bool>,
     link: LinkWatch,
     counters: Arc<Counters>,
     pending: Arc<PendingTable>,
@@ -86,6 +88,19 @@ impl AmqpMesh {
         shutdown: CancellationToken,
     ) -> Result<(AmqpMesh, mpsc::Receiver<MeshInbound>), AmqpMeshError> {
         Ok(Parts::build(config, shutdown)?.run(None))
+    }
+
+    /// Waits until the first round of connection attempts is over: connected, or every
+    /// node of [`AmqpMeshConfig::node_urls`] tried once and failed (or shut down). Returns
+    /// whether it is connected. After [`AmqpMesh::start`] it returns at once. Lets a
+    /// program started with [`AmqpMesh::start_unconnected`] begin serving once the broker
+    /// had its chance, without waiting for a broker that is down: a refused connection
+    /// fails at once, a silent node after `connect_timeout`.
+    pub async fn first_round(&self) -> bool {
+        let mut done = self.first_round_done.clone();
+        // An error means the supervisor is gone, so its round is over too.
+        let _ = done.wait_for(|done| *done).await;
+        self.is_connected()
     }
 
     /// A snapshot of the adapter's counters.
@@ -218,6 +233,8 @@ impl Parts {
         if let Some(first) = &first {
             link.set(Some(first.handle.clone()));
         }
+        let first_round_done = Arc::new(watch::Sender::new(first.is_some()));
+        let first_round = first_round_done.subscribe();
         let supervisor = Supervisor {
             connector,
             link: link.clone(),
@@ -226,13 +243,16 @@ impl Parts {
             reconnect_max: config.reconnect_max,
             drain_timeout: config.drain_timeout,
             shutdown,
+            first_round_done,
         };
         tracker.spawn(supervisor::run(supervisor, first).instrument(span));
         // Closed now so that `closed` finishes once the supervisor and any describe refresh
         // (the only other tasks spawned here) are done. A refresh spawned after shutdown
         // finds no connection (`LinkWatch::current`) and ends at once.
         tracker.close();
-        (AmqpMesh { requester, link, counters, pending, tracker }, inbound_rx)
+        let mesh =
+            AmqpMesh { requester, first_round_done: first_round, link, counters, pending, tracker };
+        (mesh, inbound_rx)
     }
 }
 

@@ -26,6 +26,9 @@ pub(crate) struct Supervisor {
     pub(crate) reconnect_max: Duration,
     pub(crate) drain_timeout: Duration,
     pub(crate) shutdown: CancellationToken,
+    /// Set once the first round is over: a connection was made, or every node was tried
+    /// once (or the adapter shut down first).
+    pub(crate) first_round_done: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Which node to try next, and how many full rounds over the nodes have failed.
@@ -82,6 +85,8 @@ pub(crate) async fn run(supervisor: Supervisor, first: Option<Link>) {
         if let Some(link) = current.take() {
             let url = supervisor.connector.config.redacted_node_url(link.node);
             supervisor.link.set(Some(link.handle.clone()));
+            // After the link is set, so that a waiter sees it connected.
+            supervisor.first_round_done.send_replace(true);
             info!(generation, url = %url, "mesh connected");
             // Cancellation safety: both branches are plain notifications.
             let shutting_down = tokio::select! {
@@ -140,10 +145,14 @@ pub(crate) async fn run(supervisor: Supervisor, first: Option<Link>) {
             Err(error) => {
                 warn!(error = %error, node, rounds_failed = rotation.rounds_failed, "mesh connect failed");
                 rotation.failed();
+                if rotation.rounds_failed > 0 {
+                    supervisor.first_round_done.send_replace(true);
+                }
             }
         }
     }
     supervisor.link.set(None);
+    supervisor.first_round_done.send_replace(true);
     supervisor.pending.fail_through(u64::MAX, &MeshError::Unavailable("shutting down".into()));
     info!("mesh stopped");
 }

@@ -111,6 +111,8 @@ pub async fn nodes_are_tried_in_order_and_start_unconnected_waits(ctx: Ctx) {
     let shutdown = CancellationToken::new();
     let (mesh, _inbound) =
         AmqpMesh::start_unconnected(config(&dead, &[&ctx.url]), shutdown.clone()).expect("valid");
+    // The dead first node refuses at once; the first round ends on the second, connected.
+    assert!(within("the first round", mesh.first_round()).await);
     assert!(within("connected in the background", mesh.connected()).await);
     shutdown.cancel();
     within("the mesh closes", mesh.closed()).await;
@@ -119,7 +121,9 @@ pub async fn nodes_are_tried_in_order_and_start_unconnected_waits(ctx: Ctx) {
     let (mesh, _inbound) =
         AmqpMesh::start_unconnected(config(&dead, &[&other_dead]), shutdown.clone())
             .expect("valid");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    assert!(!within("the first round", mesh.first_round()).await, "no node is up");
+    assert!(started.elapsed() < Duration::from_secs(2), "refused nodes end the round at once");
     assert!(!mesh.is_connected());
     let started = Instant::now();
     let answer = mesh.request(call("svc", "echo", json!({})), Duration::from_secs(5)).await;
