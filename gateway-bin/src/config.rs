@@ -444,3 +444,33 @@ impl Cli {
         Ok(Some(config))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Cli;
+
+    fn urls(args: &[&str]) -> Result<Option<(String, Vec<String>)>, String> {
+        let mut argv = vec!["nuropb-gateway"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        cli.amqp_mesh_urls().map_err(|e| format!("{e:#}"))
+    }
+
+    #[test]
+    fn amqp_urls_are_a_list_of_one_vhost() {
+        let (a, b, c) = ("amqp://u:p@a:5672/m", "amqp://u:p@b:5672/m", "amqp://u:p@c:5672/m");
+        assert_eq!(urls(&[]), Ok(None));
+        assert_eq!(urls(&["--amqp-url", a]), Ok(Some((a.to_owned(), vec![]))));
+        let list = format!("{a}, {b}");
+        let expected = Some((a.to_owned(), vec![b.to_owned(), c.to_owned()]));
+        assert_eq!(urls(&["--amqp-url", &list, "--amqp-url", c]), Ok(expected));
+        let refused = urls(&["--amqp-url", ","]).unwrap_err();
+        assert!(refused.contains("--amqp-url must name at least one URL"), "{refused}");
+        let other = format!("{a},amqp://u:secret@b:5672/other");
+        let refused = urls(&["--amqp-url", &other]).unwrap_err();
+        assert!(refused.starts_with("--amqp-url: ") && refused.contains("vhost"), "{refused}");
+        assert!(!refused.contains("secret"), "a password in the error: {refused}");
+    }
+}
