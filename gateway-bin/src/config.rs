@@ -103,9 +103,13 @@ pub struct Cli {
     pub ops_listen: Option<SocketAddr>,
 
     /// RabbitMQ URL of the mesh (amqp:// or amqps://; the vhost is the mesh name). Without
-    /// it the gateway runs on the embedded in-memory demo mesh.
-    #[arg(long, env = "NUROPB_AMQP_URL", hide_env_values = true)]
-    pub amqp_url: Option<Secret>,
+    /// it the gateway runs on the embedded in-memory demo mesh. Several URLs (comma-separated
+    /// or the option repeated) are the nodes of one RabbitMQ cluster, all on the same vhost:
+    /// the gateway connects to the first and moves to the next when a connection is lost or
+    /// fails (percent-encode a comma in a password as %2C). The gateway starts even when no
+    /// node is up: /readyz answers 503 and calls fail at once until it connects.
+    #[arg(long, env = "NUROPB_AMQP_URL", value_delimiter = ',', hide_env_values = true)]
+    pub amqp_url: Vec<Secret>,
 
     /// The gateway's own NuroPb service name (its queue is `nuropb-<name>-sq`).
     #[arg(long, env = "NUROPB_SERVICE_NAME", default_value = "nuropb-gateway")]
@@ -529,10 +533,12 @@ impl Cli {
             self.jwt_secret = Some(read(path, "--jwt-secret-file")?);
         }
         if let Some(path) = &self.amqp_url_file {
-            if self.amqp_url.is_some() {
+            if !self.amqp_url.is_empty() {
                 bail!("--amqp-url and --amqp-url-file are exclusive");
             }
-            self.amqp_url = Some(read(path, "--amqp-url-file")?);
+            // As the option: the nodes of one cluster, comma separated.
+            let urls = read(path, "--amqp-url-file")?;
+            self.amqp_url = urls.expose().split(',').map(|u| Secret::new(u.to_owned())).collect();
         }
         Ok(())
     }
@@ -622,7 +628,8 @@ impl Cli {
         if self.jwt_secret.as_ref().is_some_and(|s| s.expose().len() < 16) {
             bail!("--jwt-secret must be at least 16 bytes");
         }
-        if self.amqp_url.is_some()
+        self.amqp_mesh_urls()?;
+        if !self.amqp_url.is_empty()
             && self.jwt_secret.is_none()
             && self.jwt_public_key_file.is_none()
             && !self.uses_jwks()
@@ -705,9 +712,11 @@ impl Cli {
         if tls.is_empty() {
             return Ok(tls);
         }
-        let amqps = self.amqp_url.as_ref().map(|u| u.expose()).is_some_and(|u| {
-            u.get(..8).is_some_and(|scheme| scheme.eq_ignore_ascii_case("amqps://"))
-        });
+        let amqps = !self.amqp_url.is_empty()
+            && self.amqp_url.iter().all(|u| {
+                let u = u.expose().trim();
+                u.get(..8).is_some_and(|scheme| scheme.eq_ignore_ascii_case("amqps://"))
+            });
         if !amqps {
             bail!("--amqp-ca-file and --amqp-client-cert-file need an amqps:// --amqp-url");
         }
@@ -782,11 +791,33 @@ impl Cli {
         }
     }
 
+    /// `--amqp-url` as the mesh adapter takes it: the first node's URL and the others in
+    /// order, checked (each parses, all name one vhost); `None` in demo mode.
+    pub fn amqp_mesh_urls(&self) -> Result<Option<(String, Vec<String>)>> {
+        let urls: Vec<String> = self
+            .amqp_url
+            .iter()
+            // The URLs hold the password: only redacted forms reach a message.
+            .map(|u| u.expose().trim())
+            .filter(|u| !u.is_empty())
+            .map(String::from)
+            .collect();
+        if urls.is_empty() && !self.amqp_url.is_empty() {
+            bail!("--amqp-url must name at least one URL");
+        }
+        let Some((first, rest)) = urls.split_first() else { return Ok(None) };
+        let mut check = amqp_mesh::AmqpMeshConfig::new(first.clone());
+        check.failover_urls = rest.to_vec();
+        // Only the URLs are checked here; the rest of the adapter's config is the gateway's.
+        check.validate().map_err(|e| anyhow::anyhow!("--amqp-url: {e}"))?;
+        Ok(Some((first.clone(), rest.to_vec())))
+    }
+
     /// The browser origins allowed at the upgrade. In-memory demo mode (no --amqp-url)
     /// with no --allowed-origins allows pages on this machine; anywhere else, origins are
     /// opt-in.
     pub fn origin_policy(&self) -> Result<OriginPolicy> {
-        self.origin_policy_in(self.amqp_url.is_none())
+        self.origin_policy_in(self.amqp_url.is_empty())
     }
 
     /// [`Cli::origin_policy`] for a gateway in demo mode or not (a reload keeps the mode
@@ -855,4 +886,34 @@ fn read_pem_file(path: &std::path::Path) -> Result<String> {
         bail!("larger than {limit} bytes");
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Cli;
+
+    fn urls(args: &[&str]) -> Result<Option<(String, Vec<String>)>, String> {
+        let mut argv = vec!["nuropb-gateway"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        cli.amqp_mesh_urls().map_err(|e| format!("{e:#}"))
+    }
+
+    #[test]
+    fn amqp_urls_are_a_list_of_one_vhost() {
+        let (a, b, c) = ("amqp://u:p@a:5672/m", "amqp://u:p@b:5672/m", "amqp://u:p@c:5672/m");
+        assert_eq!(urls(&[]), Ok(None));
+        assert_eq!(urls(&["--amqp-url", a]), Ok(Some((a.to_owned(), vec![]))));
+        let list = format!("{a}, {b}");
+        let expected = Some((a.to_owned(), vec![b.to_owned(), c.to_owned()]));
+        assert_eq!(urls(&["--amqp-url", &list, "--amqp-url", c]), Ok(expected));
+        let refused = urls(&["--amqp-url", ","]).unwrap_err();
+        assert!(refused.contains("--amqp-url must name at least one URL"), "{refused}");
+        let other = format!("{a},amqp://u:secret@b:5672/other");
+        let refused = urls(&["--amqp-url", &other]).unwrap_err();
+        assert!(refused.starts_with("--amqp-url: ") && refused.contains("vhost"), "{refused}");
+        assert!(!refused.contains("secret"), "a password in the error: {refused}");
+    }
 }

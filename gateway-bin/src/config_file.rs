@@ -367,7 +367,7 @@ fn values(cmd: &clap::Command, matches: &ArgMatches, cli: &Cli) -> BTreeMap<Stri
     // A secret file's content can change while its path does not.
     let secret_files = [
         ("jwt_secret_file", cli.jwt_secret_file.as_ref().and(cli.jwt_secret.as_ref())),
-        ("amqp_url_file", cli.amqp_url_file.as_ref().and(cli.amqp_url.as_ref())),
+        ("amqp_url_file", cli.amqp_url_file.as_ref().and(cli.amqp_url.first())),
     ];
     for (key, secret) in secret_files {
         if let (Some(values), Some(secret)) = (out.get_mut(key), secret) {

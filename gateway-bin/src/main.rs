@@ -38,6 +38,9 @@ use crate::config::{Cli, Command, LogFormat};
 use crate::config_file::{LoadError, Loaded};
 use crate::reload::{Reloadable, ReloadableAuthenticator};
 
+/// Longest wait at start for the first round over the broker nodes before serving anyway.
+const FIRST_ROUND_WAIT: Duration = Duration::from_secs(10);
+
 /// Prints a line to stdout for the operator. A closed stdout (e.g. the reader went away)
 /// must not bring the gateway down, so write errors are ignored.
 macro_rules! say {
@@ -156,14 +159,28 @@ async fn run(
     let background = TaskTracker::new();
 
     // The mesh: RabbitMQ when configured, else the in-memory demo.
-    let (mesh, inbound, amqp): (Arc<dyn ServiceMesh>, _, _) = match &cli.amqp_url {
-        Some(url) => {
-            // The URL itself (it holds the password): only its redacted form is logged.
-            let config = amqp_config(&cli, url.expose())?;
-            tracing::info!(url = %config.redacted_url(), service = %config.service_name, "connecting to the mesh");
-            let (mesh, inbound) = amqp_mesh::AmqpMesh::start(config, mesh_shutdown.clone())
-                .await
-                .context("cannot connect to the mesh (--amqp-url)")?;
+    // Already checked by `validate`.
+    let (mesh, inbound, amqp): (Arc<dyn ServiceMesh>, _, _) = match cli.amqp_mesh_urls()? {
+        Some((url, failover_urls)) => {
+            let config = amqp_config(&cli, url, failover_urls)?;
+            let nodes: Vec<String> =
+                (0..config.node_urls().len()).map(|i| config.redacted_node_url(i)).collect();
+            tracing::info!(nodes = ?nodes, service = %config.service_name, "connecting to the mesh");
+            // Started unconnected: a broker that is down at start is waited for (readiness
+            // 503, calls answered at once with an error) instead of ending the process.
+            let (mesh, inbound) =
+                amqp_mesh::AmqpMesh::start_unconnected(config, mesh_shutdown.clone())
+                    .context("invalid mesh configuration (--amqp-url)")?;
+            // Serving starts once the broker had its chance (so a gateway whose broker is up
+            // says it listens only once it is connected, as before), but never waits long
+            // for one that is down: refused connections end the round at once.
+            match tokio::time::timeout(FIRST_ROUND_WAIT, mesh.first_round()).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => tracing::warn!(
+                    "no node of --amqp-url is reachable yet; serving meanwhile (/readyz 503, \
+                     calls answered with NuropbTransportError) and retrying"
+                ),
+            }
             (Arc::new(mesh.clone()), inbound, Some(mesh))
         }
         None => {
@@ -407,8 +424,13 @@ async fn run(
     Ok(())
 }
 
-fn amqp_config(cli: &Cli, url: &str) -> Result<amqp_mesh::AmqpMeshConfig> {
+fn amqp_config(
+    cli: &Cli,
+    url: String,
+    failover_urls: Vec<String>,
+) -> Result<amqp_mesh::AmqpMeshConfig> {
     let mut c = amqp_mesh::AmqpMeshConfig::new(url);
+    c.failover_urls = failover_urls;
     c.service_name.clone_from(&cli.service_name);
     if let Some(id) = &cli.instance_id {
         c.instance_id.clone_from(id);

@@ -48,6 +48,8 @@ fn launch(extra: &[&str]) -> (Running, Banner) {
 /// [`launch`] with the log filter `log` and the gateway's stderr going to `stderr`.
 fn launch_logging(extra: &[&str], log: &str, stderr: Stdio) -> (Running, Banner) {
     let want_ops = extra.contains(&"--ops-listen");
+    // Only the in-memory demo prints a token.
+    let want_token = !extra.contains(&"--amqp-url");
     let mut child = Command::new(BIN)
         .args(["--listen", "127.0.0.1:0", "--log", log])
         .args(extra)
@@ -68,7 +70,7 @@ fn launch_logging(extra: &[&str], log: &str, stderr: Stdio) -> (Running, Banner)
     });
     let (mut url, mut token, mut ops) = (None, None, None);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while url.is_none() || token.is_none() || (want_ops && ops.is_none()) {
+    while url.is_none() || (want_token && token.is_none()) || (want_ops && ops.is_none()) {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("banner lines within 20 s");
@@ -82,7 +84,7 @@ fn launch_logging(extra: &[&str], log: &str, stderr: Stdio) -> (Running, Banner)
             ops = Some(rest.trim().to_owned());
         }
     }
-    (running, Banner { url: url.unwrap(), token: token.unwrap(), ops })
+    (running, Banner { url: url.unwrap(), token: token.unwrap_or_default(), ops })
 }
 
 /// `GET base + path` over a plain loopback socket: the status and the body.
@@ -388,6 +390,45 @@ fn help_documents_every_option_with_its_environment_variable() {
     // its environment variable.
     let env_count = help.matches("[env: NUROPB_").count();
     assert_eq!(env_count, options.len(), "{help}");
+}
+
+#[test]
+fn starts_without_a_broker_and_reports_unready() {
+    // Two nodes of one "cluster", neither listening: the gateway serves and waits.
+    let urls = "amqp://guest:hunter2@127.0.0.1:1/mesh,amqp://guest:hunter2@127.0.0.1:2/mesh";
+    let (mut running, banner) = launch_logging(
+        &["--amqp-url", urls, "--jwt-secret", "0123456789abcdef", "--ops-listen", "127.0.0.1:0"],
+        "warn",
+        Stdio::inherit(),
+    );
+    let ops = banner.ops.expect("ops banner line");
+    assert!(banner.url.starts_with("ws://127.0.0.1:"), "{}", banner.url);
+    assert_eq!(http_get(&ops, "/healthz"), (200, "ok".to_owned()));
+    // Still unready after several rounds over both nodes, and still running.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(http_get(&ops, "/readyz"), (503, "not ready: mesh not connected".to_owned()));
+    let metrics = http_get(&ops, "/metrics").1;
+    assert!(metrics.contains("nuropb_gateway_mesh_connected 0\n"), "{metrics}");
+    assert!(running.0.try_wait().unwrap().is_none(), "the gateway exited");
+    let status =
+        Command::new("kill").args(["-TERM", &running.0.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = wait_for_exit(&mut running);
+    assert!(exit.success(), "exit status {exit}");
+}
+
+#[test]
+fn amqp_urls_of_different_vhosts_are_refused() {
+    let out = Command::new(BIN)
+        .args(["--amqp-url", "amqp://u:hunter2@127.0.0.1:1/a,amqp://u:hunter2@127.0.0.1:2/b"])
+        .args(["--jwt-secret", "0123456789abcdef"])
+        .env_remove("NUROPB_AMQP_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--amqp-url") && err.contains("vhost"), "{err}");
+    assert!(!err.contains("hunter2"), "a password in the error: {err}");
 }
 
 #[test]

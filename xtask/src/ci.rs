@@ -21,6 +21,9 @@ pub fn run(root: &Path) -> Result<()> {
     // The chaos suite's short form: the gateway binary under broker, service and client
     // faults (docs/CHAOS.md).
     crate::chaos::run(root, &["--short".to_owned()])?;
+    // The gateway on a 3-node RabbitMQ cluster: failover under load, start without a
+    // broker (docs/OPERATIONS.md, `## RabbitMQ cluster`).
+    crate::cluster::run(root)?;
     crate::examples::run()?;
     package(root)?;
     crate::install::run(root)?;

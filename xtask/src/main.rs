@@ -1,8 +1,9 @@
 //! `cargo xtask`: the project's automation. `ci` runs every gate CI runs (format, lints, the
 //! layering rules, docs, all tests including the JS client and the demo page in Chromium,
-//! integration, the hostile-input suite, the chaos suite's short form, the examples, the
-//! packaging dry run, the install check and interop); `integration`, `hostile`, `chaos`, `interop`, `js`,
-//! `browser`, `examples`, `doc`, `package`, `install` and `bench` run one part; `fuzz` runs the fuzz
+//! integration, the hostile-input suite, the chaos suite's short form, the 3-node cluster
+//! suite, the examples, the packaging dry run, the install check and interop);
+//! `integration`, `hostile`, `chaos`, `cluster`, `interop`, `js`, `browser`, `examples`,
+//! `doc`, `package`, `install` and `bench` run one part; `fuzz` runs the fuzz
 //! targets for a bounded time.
 
 mod bench;
@@ -10,6 +11,7 @@ mod broker;
 mod browser;
 mod chaos;
 mod ci;
+mod cluster;
 mod cmd;
 mod config_doc;
 mod examples;
@@ -47,6 +49,7 @@ fn main() -> Result<()> {
         Some("install") => install::run(&root),
         Some("bench") => bench::run(&root),
         Some("chaos") => chaos::run(&root, &args[1..]),
+        Some("cluster") => cluster::run(&root),
         Some("fuzz") => fuzz::run(&root, &args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
@@ -62,7 +65,7 @@ fn main() -> Result<()> {
 fn print_help() {
     println!(
         "cargo xtask <command>\n\n\
-         ci           every gate: fmt, layering, clippy, doc, tests, js, browser, integration, hostile, chaos --short, examples, package, install, interop\n\
+         ci           every gate: fmt, layering, clippy, doc, tests, js, browser, integration, hostile, chaos --short, cluster, examples, package, install, interop\n\
          fmt          cargo fmt --check\n\
          clippy       cargo clippy -D warnings\n\
          layering     check the crate graph rules (docs/ARCHITECTURE.md)\n\
@@ -79,6 +82,7 @@ fn print_help() {
          install      cargo install the binary; systemd-analyze verify/security on packaging/systemd\n\
          bench        benchmarks with a printed table\n\
          chaos        faults under load, a table per scenario: [--short] (the CI form, ~2 min)
+         cluster      the gateway on a 3-node RabbitMQ cluster of its own: failover under load (~2 min)\n\
          fuzz         cargo-fuzz targets, bounded: [--seconds N (default 10)] [--runs N] [target ...]"
     );
 }

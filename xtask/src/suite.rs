@@ -49,16 +49,35 @@ pub fn build_gateway(root: &Path, release: bool) -> Result<PathBuf> {
 /// Builds the suite and the gateway, then runs the suite; fails when it does.
 pub fn run(root: &Path, suite: &Suite<'_>) -> Result<()> {
     broker::ensure_running()?;
-    build(&["-p", "e2e-tests", "--bin", suite.bin], suite.release)?;
-    let gateway = build_gateway(root, suite.release)?;
+    let gateway = build_both(root, suite)?;
     let vhost = TempVhost::create(suite.bin)?;
+    run_built(suite, &gateway, Some(vhost.amqp_url()))
+}
+
+/// As [`run`] for a suite that starts RabbitMQ nodes of its own and uses no vhost of the
+/// shared broker (`amqp_url_env` is not set).
+pub fn run_on_own_nodes(root: &Path, suite: &Suite<'_>) -> Result<()> {
+    let gateway = build_both(root, suite)?;
+    run_built(suite, &gateway, None)
+}
+
+/// Builds the suite and the gateway; the gateway's path.
+fn build_both(root: &Path, suite: &Suite<'_>) -> Result<PathBuf> {
+    build(&["-p", "e2e-tests", "--bin", suite.bin], suite.release)?;
+    build_gateway(root, suite.release)
+}
+
+fn run_built(suite: &Suite<'_>, gateway: &Path, amqp_url: Option<String>) -> Result<()> {
     let mut cmd = crate::cmd::cargo();
     // `cargo run` execs the binary on Unix, so a signal at the deadline reaches the suite.
     cmd.args(["run", "--quiet", "-p", "e2e-tests", "--bin", suite.bin]);
     if suite.release {
         cmd.arg("--release");
     }
-    cmd.env(suite.amqp_url_env, vhost.amqp_url()).env(GATEWAY_BIN_ENV, &gateway);
+    if let Some(url) = amqp_url {
+        cmd.env(suite.amqp_url_env, url);
+    }
+    cmd.env(GATEWAY_BIN_ENV, gateway);
     cmd.envs(suite.env.iter().copied());
     let status = broker::status_bounded(&mut cmd, suite.run_timeout, Some(suite.grace))?;
     if !status.success() {

@@ -147,6 +147,11 @@ pub struct AmqpMeshConfig {
     /// mesh name (nuropb's default is `nuropb`). `heartbeat` below applies unless the URL
     /// sets `?heartbeat=`. Default: `amqp://guest:guest@127.0.0.1:5672/nuropb`.
     pub url: String,
+    /// Further nodes of the same RabbitMQ cluster, in the order they are tried after
+    /// `url` (see [`AmqpMeshConfig::node_urls`]). Each must name the same vhost as `url`
+    /// (one mesh). The first connection goes to `url`, so instances spread over the
+    /// nodes by listing them in different orders. Default: none.
+    pub failover_urls: Vec<String>,
     /// The gateway's own NuroPb service name: its service queue is `nuropb-<name>-sq` and
     /// peers call it under this name. Must not contain `.`, `*` or `#` (it is a word of
     /// the control topic). Default: `nuropb-gateway`.
@@ -274,6 +279,7 @@ impl Default for AmqpMeshConfig {
     fn default() -> Self {
         AmqpMeshConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/nuropb".to_owned(),
+            failover_urls: Vec::new(),
             service_name: "nuropb-gateway".to_owned(),
             instance_id: uuid::Uuid::new_v4().simple().to_string(),
             rpc_exchange: "nuropb-rpc-exchange".to_owned(),
@@ -313,6 +319,10 @@ impl fmt::Debug for AmqpMeshConfig {
         // Written out (not derived) so that the password never reaches a log.
         f.debug_struct("AmqpMeshConfig")
             .field("url", &self.redacted_url())
+            .field(
+                "failover_urls",
+                &self.failover_urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+            )
             .field("service_name", &self.service_name)
             .field("instance_id", &self.instance_id)
             .field("rpc_exchange", &self.rpc_exchange)
@@ -395,9 +405,50 @@ impl AmqpMeshConfig {
         redact_url(&self.url)
     }
 
+    /// Every node's URL in the order they are tried: `url`, then `failover_urls`.
+    ///
+    /// The supervisor connects to the first; when a connection is lost, or an attempt
+    /// fails, it goes on with the next one in the list (wrapping around), with no delay
+    /// between the nodes of one round and the usual backoff (`reconnect_min` doubling up
+    /// to `reconnect_max`) before each new round. A lost connection starts a new round at
+    /// the node after the one it was on, so a stopped node is tried last.
+    pub fn node_urls(&self) -> Vec<&str> {
+        std::iter::once(self.url.as_str())
+            .chain(self.failover_urls.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// Node `index`'s URL without its password (as [`AmqpMeshConfig::node_urls`] counts).
+    pub fn redacted_node_url(&self, index: usize) -> String {
+        self.node_urls().get(index).map(|url| redact_url(url)).unwrap_or_default()
+    }
+
     /// Checks every field once; the error names the first bad one.
     pub fn validate(&self) -> Result<(), AmqpMeshError> {
         let uri = self.parse_uri()?;
+        let vhost = uri.vhost.clone();
+        for url in &self.failover_urls {
+            let node = parse_uri(url, "failover_urls", self.heartbeat)?;
+            if !self.tls.is_empty() && node.scheme != AMQPScheme::AMQPS {
+                return Err(AmqpMeshError::Config {
+                    field: "failover_urls",
+                    reason: format!(
+                        "{}: tls is set, but this node is not amqps://",
+                        redact_url(url)
+                    ),
+                });
+            }
+            if node.vhost != vhost {
+                return Err(AmqpMeshError::Config {
+                    field: "failover_urls",
+                    reason: format!(
+                        "{} names vhost {:?}, url names {vhost:?}: all nodes must serve one mesh",
+                        redact_url(url),
+                        node.vhost
+                    ),
+                });
+            }
+        }
         let bad = |field: &'static str, reason: &str| {
             Err(AmqpMeshError::Config { field, reason: reason.to_owned() })
         };
@@ -489,20 +540,43 @@ impl AmqpMeshConfig {
         Ok(())
     }
 
-    /// The parsed URL with the heartbeat default applied.
+    /// The parsed `url` with the heartbeat default applied.
     pub(crate) fn parse_uri(&self) -> Result<AMQPUri, AmqpMeshError> {
-        let mut uri: AMQPUri = self.url.parse().map_err(|reason: String| {
-            // Some parse errors quote the whole URL, password included.
-            let reason =
-                if reason.contains(&self.url) { "not a valid amqp url".to_owned() } else { reason };
-            AmqpMeshError::Config { field: "url", reason }
-        })?;
-        if uri.query.heartbeat.is_none() {
-            // Checked in `validate`; saturate rather than panic if called before it.
-            uri.query.heartbeat = Some(u16::try_from(self.heartbeat.as_secs()).unwrap_or(u16::MAX));
-        }
-        Ok(uri)
+        parse_uri(&self.url, "url", self.heartbeat)
     }
+
+    /// Node `index`'s parsed URL (as [`AmqpMeshConfig::node_urls`] counts), heartbeat
+    /// default applied.
+    pub(crate) fn parse_node_uri(&self, index: usize) -> Result<AMQPUri, AmqpMeshError> {
+        match index.checked_sub(1) {
+            None => self.parse_uri(),
+            Some(i) => match self.failover_urls.get(i) {
+                Some(url) => parse_uri(url, "failover_urls", self.heartbeat),
+                None => Err(AmqpMeshError::Config {
+                    field: "failover_urls",
+                    reason: format!("no node {index}"),
+                }),
+            },
+        }
+    }
+}
+
+/// Parses one node's URL; errors name `field` and never quote the password.
+fn parse_uri(
+    url: &str,
+    field: &'static str,
+    heartbeat: Duration,
+) -> Result<AMQPUri, AmqpMeshError> {
+    let mut uri: AMQPUri = url.parse().map_err(|reason: String| {
+        // Some parse errors quote the whole URL, password included.
+        let reason = if reason.contains(url) { "not a valid amqp url".to_owned() } else { reason };
+        AmqpMeshError::Config { field, reason }
+    })?;
+    if uri.query.heartbeat.is_none() {
+        // Checked in `validate`; saturate rather than panic if called before it.
+        uri.query.heartbeat = Some(u16::try_from(heartbeat.as_secs()).unwrap_or(u16::MAX));
+    }
+    Ok(uri)
 }
 
 /// Removes the password from an `amqp://user:password@host/…` URL.
@@ -605,6 +679,9 @@ mod tests {
         };
         check(|c| c.url = "http://x".into(), "url");
         check(|c| c.url = "not a url".into(), "url");
+        check(|c| c.failover_urls = vec!["not a url".into()], "failover_urls");
+        // Another vhost is another mesh.
+        check(|c| c.failover_urls = vec!["amqp://127.0.0.1:5673/other".into()], "failover_urls");
         check(|c| c.service_name = String::new(), "service_name");
         check(|c| c.service_name = "a.b".into(), "service_name");
         check(|c| c.service_name = "x".repeat(250), "service_name");
@@ -646,7 +723,26 @@ mod tests {
         check("amqps://u:p@h", "amqps://u:***@h");
         check("amqp://host/vh", "amqp://host/vh");
         check("garbage", "garbage");
-        let config = AmqpMeshConfig::new("amqp://guest:hunter2@host/vh");
-        assert!(!format!("{config:?}").contains("hunter2"));
+        let mut config = AmqpMeshConfig::new("amqp://guest:hunter2@host/vh");
+        config.failover_urls = vec!["amqp://guest:hunter3@other/vh".into()];
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2") && !debug.contains("hunter3"), "{debug}");
+        assert_eq!(config.redacted_node_url(1), "amqp://guest:***@other/vh");
+    }
+
+    #[test]
+    fn nodes_in_order_on_one_vhost() {
+        let mut c = AmqpMeshConfig::new("amqp://a:5672/mesh");
+        c.failover_urls =
+            vec!["amqp://b:5673/mesh".into(), "amqp://c:5674/mesh?heartbeat=2".into()];
+        assert_eq!(field_of(&c), None);
+        assert_eq!(
+            c.node_urls(),
+            ["amqp://a:5672/mesh", "amqp://b:5673/mesh", "amqp://c:5674/mesh?heartbeat=2"]
+        );
+        assert_eq!(c.parse_node_uri(1).expect("node 1").authority.port, 5673);
+        assert_eq!(c.parse_node_uri(2).expect("node 2").query.heartbeat, Some(2));
+        assert_eq!(c.parse_node_uri(0).expect("node 0").query.heartbeat, Some(5));
+        assert!(c.parse_node_uri(3).is_err());
     }
 }

@@ -38,6 +38,14 @@
 //! and the gateway's own service answers such a call only for `nuropb_describe`; anything
 //! else gets `NuropbAuthorizationError` (and a command is rejected).
 //!
+//! Several nodes: [`AmqpMeshConfig::failover_urls`] lists further nodes of the same
+//! RabbitMQ cluster (one vhost, checked). The first connection goes to `url`; a lost
+//! connection or a failed attempt moves on to the next node at once, and only a whole
+//! failed round over the list waits for the backoff (see [`AmqpMeshConfig::node_urls`]).
+//! [`AmqpMesh::start_unconnected`] returns without waiting for a broker at all; calls fail
+//! at once with `MeshError::Unavailable` until the supervisor has connected. Every log
+//! line and error names a node without its password.
+//!
 //! Queues are named per connection (`nuropb-<service_name>-<instance_id>-<token>-rq`,
 //! `-eq`, `-cq`, with a fresh 8-hex token per connection), so a reconnect never waits for
 //! the broker to let go of the previous connection's exclusive queues. Fan-out operations

@@ -65,6 +65,8 @@ const TASKS_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub(crate) struct Link {
     pub(crate) handle: LinkHandle,
+    /// Which node of `AmqpMeshConfig::node_urls` this connection went to.
+    pub(crate) node: usize,
     /// Cancelled when anything on this connection fails, or when it is closed.
     pub(crate) token: CancellationToken,
     connection: Connection,
@@ -103,11 +105,16 @@ pub(crate) struct Connector {
 }
 
 impl Connector {
-    /// Connects and sets up connection `generation`.
-    pub(crate) async fn establish(&self, generation: u64) -> Result<Link, AmqpMeshError> {
+    /// Connects to node `node` (an index into `AmqpMeshConfig::node_urls`) and sets up
+    /// connection `generation` there.
+    pub(crate) async fn establish(
+        &self,
+        generation: u64,
+        node: usize,
+    ) -> Result<Link, AmqpMeshError> {
         let config = &self.config;
-        let url = config.redacted_url();
-        let uri = config.parse_uri()?;
+        let url = config.redacted_node_url(node);
+        let uri = config.parse_node_uri(node)?;
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("{}/{}", config.service_name, config.instance_id).into())
             .with_client_property("product".into(), "nuropb-gateway".into())
@@ -140,8 +147,8 @@ impl Connector {
                 return Err(AmqpMeshError::ConnectTimeout { url, timeout });
             }
         };
-        debug!(generation, "topology declared");
-        Ok(Link { handle, token, connection, tasks })
+        debug!(generation, url = %url, "topology declared");
+        Ok(Link { handle, node, token, connection, tasks })
     }
 }
 

@@ -27,7 +27,7 @@ use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use mesh_crypto::{ServicePrivateKey, SessionKey};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -118,11 +118,40 @@ impl FakeService {
         FakeService::start_opts(url, name, ServiceOptions { key_pem, ..Default::default() }).await
     }
 
-    /// A service run as `options` say.
+    /// A service run as `options` say; panics when it cannot start.
     pub async fn start_opts(url: &str, name: &str, options: ServiceOptions<'_>) -> FakeService {
-        let ServiceOptions { key_pem, prefetch, record } = options;
         let connection = connect(url).await;
-        let channel = connection.create_channel().await.expect("channel");
+        FakeService::start_on(connection, name, options).await.expect("the fake service starts")
+    }
+
+    /// As [`FakeService::start_opts`], but an error (broker down, a declaration refused)
+    /// is returned instead of panicking; the connection attempt is bounded by 5 s.
+    pub async fn try_start_opts(
+        url: &str,
+        name: &str,
+        options: ServiceOptions<'_>,
+    ) -> Result<FakeService, String> {
+        let connect = Connection::connect(url, ConnectionProperties::default());
+        let connection = match tokio::time::timeout(Duration::from_secs(5), connect).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => return Err(format!("connect: {e}")),
+            Err(_) => return Err("connect: timed out after 5 s".to_owned()),
+        };
+        FakeService::start_on(connection, name, options).await
+    }
+
+    /// Whether its connection is still up.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    async fn start_on(
+        connection: Connection,
+        name: &str,
+        options: ServiceOptions<'_>,
+    ) -> Result<FakeService, String> {
+        let ServiceOptions { key_pem, prefetch, record } = options;
+        let channel = connection.create_channel().await.map_err(|e| format!("channel: {e}"))?;
         // What `configure_mesh` declares out of band (§2.2); idempotent.
         for (exchange, kind) in [
             ("nuropb-rpc-exchange", ExchangeKind::Direct),
@@ -137,7 +166,7 @@ impl FakeService {
                     FieldTable::default(),
                 )
                 .await
-                .expect("exchange");
+                .map_err(|e| format!("exchange: {e}"))?;
         }
         let queue = format!("nuropb-{name}-sq");
         let mut args = FieldTable::default();
@@ -152,7 +181,7 @@ impl FakeService {
                 args,
             )
             .await
-            .expect("service queue");
+            .map_err(|e| format!("service queue: {e}"))?;
         channel
             .queue_bind(
                 queue.as_str().into(),
@@ -162,8 +191,11 @@ impl FakeService {
                 FieldTable::default(),
             )
             .await
-            .expect("bind");
-        channel.basic_qos(prefetch, BasicQosOptions::default()).await.expect("qos");
+            .map_err(|e| format!("bind: {e}"))?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| format!("qos: {e}"))?;
         let mut consumer = channel
             .basic_consume(
                 queue.as_str().into(),
@@ -172,7 +204,7 @@ impl FakeService {
                 FieldTable::default(),
             )
             .await
-            .expect("consume");
+            .map_err(|e| format!("consume: {e}"))?;
         let key = key_pem.map(|pem| ServicePrivateKey::from_pem(pem).expect("fixture key"));
         let inner = Arc::new(Inner {
             name: name.to_owned(),
@@ -207,7 +239,7 @@ impl FakeService {
                 spawner.spawn(async move { inner.handle(delivery).await });
             }
         });
-        service
+        Ok(service)
     }
 
     /// A copy of what it has received so far.

@@ -1,6 +1,7 @@
 //! Test support for everything that talks to RabbitMQ: one place for the fake nuropb
 //! service ([`fake_service`]) and the broker plumbing ([`broker`]: the run's vhost from
-//! `cargo xtask integration`, `rabbitmqctl`, raw peers, spies, a half-open proxy) and RabbitMQ nodes of a test's own ([`node`]); certificates made by the test ([`tls`]).
+//! `cargo xtask integration`, `rabbitmqctl`, raw peers, spies, a half-open proxy), RabbitMQ nodes and clusters of a test's own ([`node`]), a fake service that roams over a
+//! cluster's nodes ([`roaming`]), and certificates made by the test ([`tls`]).
 //!
 //! Only ever a dev-dependency (or a dependency of the `tests` crate): `cargo xtask
 //! layering` fails if a library crate or the binary depends on it.
@@ -38,6 +39,7 @@
 pub mod broker;
 pub mod fake_service;
 pub mod node;
+pub mod roaming;
 pub mod tls;
 
 pub use broker::TestVhost;

@@ -4,7 +4,8 @@
 //! folder, and no plugins (so nothing fights over 15672). A test may stop, restart or
 //! `kill -9` it; the shared broker on 5672, which other people's tests use, is never touched.
 //! Dropping the handle kills the node's whole process group and removes the folder, also on
-//! panic. The chaos suite stops and kills one; the cluster tests will start three.
+//! panic. The chaos suite stops and kills one; the cluster suite starts three and joins
+//! them into one cluster ([`RabbitNode::start_cluster`]).
 //! [`RabbitNode::start_with_tls`] adds an `amqps://` listener beside the plain one, with
 //! certificates the test made (`crate::tls`), through a `rabbitmq.conf` in the node's folder.
 
@@ -67,6 +68,51 @@ impl RabbitNode {
     }
 
     fn start_inner(purpose: &str, tls: Option<NodeTls>) -> RabbitNode {
+        let cookie = uuid::Uuid::new_v4().simple().to_string();
+        let mut node = RabbitNode::prepare(purpose, &cookie, tls);
+        node.boot();
+        node
+    }
+
+    /// Starts `n` nodes (booted in parallel, each bounded) sharing one Erlang cookie and
+    /// joins the second and later ones to the first (`rabbitmqctl stop_app`,
+    /// `join_cluster`, `start_app`): one RabbitMQ cluster on loopback, each node with its
+    /// own name, AMQP and distribution ports. Panics naming the node and the command that
+    /// failed; nodes already started are killed on the way out (their `Drop`).
+    pub fn start_cluster(purpose: &str, n: usize) -> Vec<RabbitNode> {
+        let cookie = uuid::Uuid::new_v4().simple().to_string();
+        let nodes: Vec<RabbitNode> =
+            (0..n).map(|_| RabbitNode::prepare(purpose, &cookie, None)).collect();
+        let mut nodes: Vec<RabbitNode> = std::thread::scope(|scope| {
+            let boots: Vec<_> = nodes
+                .into_iter()
+                .map(|mut node| {
+                    scope.spawn(move || {
+                        node.boot();
+                        node
+                    })
+                })
+                .collect();
+            // A boot that panicked has killed its own node; the others drop here.
+            boots.into_iter().map(|b| b.join().expect("a node booted")).collect()
+        });
+        let seed = nodes[0].name.clone();
+        for node in nodes.iter_mut().skip(1) {
+            for args in [&["stop_app"][..], &["join_cluster", seed.as_str()], &["start_app"]] {
+                if let Err(why) = node.ctl_checked(args) {
+                    panic!("node {}: `rabbitmqctl {}` failed: {why}", node.name, args.join(" "));
+                }
+            }
+        }
+        let expected = nodes.len();
+        for node in &nodes {
+            node.wait_running_nodes(expected);
+        }
+        nodes
+    }
+
+    /// A node's folder, cookie and ports, not started.
+    fn prepare(purpose: &str, cookie: &str, tls: Option<NodeTls>) -> RabbitNode {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("{purpose}-{}-{n}@localhost", std::process::id());
         let dir = std::env::temp_dir().join(format!("nuropb-node-{}-{n}", std::process::id()));
@@ -76,15 +122,15 @@ impl RabbitNode {
             std::fs::create_dir_all(dir.join(sub)).expect("the node's folder");
         }
         std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("the plugins file");
-        let cookie = dir.join(".erlang.cookie");
-        std::fs::write(&cookie, uuid::Uuid::new_v4().simple().to_string()).expect("a cookie");
+        let cookie_file = dir.join(".erlang.cookie");
+        std::fs::write(&cookie_file, cookie).expect("a cookie");
         // Erlang refuses a cookie file others may read.
-        let _ = Command::new("chmod").arg("400").arg(&cookie).status();
+        let _ = Command::new("chmod").arg("400").arg(&cookie_file).status();
         let amqps_port = tls.as_ref().map(|_| free_port());
         if let (Some(tls), Some(port)) = (&tls, amqps_port) {
             std::fs::write(dir.join("rabbitmq.conf"), tls_conf(tls, port)).expect("rabbitmq.conf");
         }
-        let mut node = RabbitNode {
+        RabbitNode {
             name,
             amqp_port: free_port(),
             amqps_port,
@@ -92,9 +138,57 @@ impl RabbitNode {
             dist_port: free_port(),
             dir,
             child: None,
-        };
-        node.boot();
-        node
+        }
+    }
+
+    /// `rabbitmqctl -n <node> <args>` with its output: the stdout on success, else what it
+    /// said (bounded like every call).
+    pub fn ctl_checked(&self, args: &[&str]) -> Result<String, String> {
+        let mut cmd = self.ctl_command(args);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let child = cmd.spawn().map_err(|e| format!("cannot run rabbitmqctl: {e}"))?;
+        let pid = child.id();
+        // The wait runs on a thread of its own so that a hung call can be killed by PID.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(CTL_WAIT) {
+            Ok(Ok(out)) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout).into()),
+            Ok(Ok(out)) => Err(format!(
+                "{}: {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => {
+                let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+                Err(format!("no answer within {CTL_WAIT:?}"))
+            }
+        }
+    }
+
+    /// Waits (bounded by the boot wait) until this node sees `expected` running nodes in
+    /// its cluster.
+    fn wait_running_nodes(&self, expected: usize) {
+        let deadline = Instant::now() + BOOT_WAIT;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match self.ctl_checked(&["eval", "length(rabbit_nodes:all_running())."]) {
+                Ok(out) if out.trim() == expected.to_string() => return,
+                Ok(out) => last = out,
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("node {}: not {expected} running nodes within {BOOT_WAIT:?}: {last}", self.name);
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/<vhost>` (`vhost` taken as it is: use names
+    /// without characters that need percent-encoding).
+    pub fn amqp_url_for(&self, vhost: &str) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/{vhost}", self.amqp_port)
     }
 
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`: the node's default vhost is ours alone.
@@ -208,15 +302,21 @@ impl RabbitNode {
             .env("RABBITMQ_CONF_ENV_FILE", dir.join("none-env.conf"));
     }
 
-    /// `rabbitmqctl -n <node> <args>`, bounded; whether it succeeded.
-    fn ctl(&self, args: &[&str]) -> bool {
+    /// `rabbitmqctl -n <node> <args>` in its own process group, with the node's
+    /// environment (and so its cookie).
+    fn ctl_command(&self, args: &[&str]) -> Command {
         let debian = Path::new(DEBIAN_BIN_DIR).join("rabbitmqctl");
         let bin = if debian.exists() { debian } else { PathBuf::from("rabbitmqctl") };
         let mut cmd = Command::new(bin);
         self.env(&mut cmd);
         cmd.arg("-n").arg(&self.name).args(args);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0);
-        let Ok(mut child) = cmd.spawn() else { return false };
+        cmd
+    }
+
+    /// `rabbitmqctl -n <node> <args>`, bounded; whether it succeeded.
+    fn ctl(&self, args: &[&str]) -> bool {
+        let Ok(mut child) = self.ctl_command(args).spawn() else { return false };
         let deadline = Instant::now() + CTL_WAIT;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {

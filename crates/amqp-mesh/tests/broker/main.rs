@@ -42,6 +42,7 @@ macro_rules! broker_tests {
 
 broker_tests!(shared:
     start_fails_clearly,
+    nodes_are_tried_in_order_and_start_unconnected_waits,
     topology_matches_nuropb,
     request_round_trip_matches_nuropb_bytes,
     unknown_service_is_not_delivered_within_500ms,

@@ -77,6 +77,62 @@ pub async fn start_fails_clearly(ctx: Ctx) {
     assert!(matches!(error, AmqpMeshError::Refused { .. }), "unknown vhost: {error:?}");
 }
 
+/// Several node URLs: a dead first node is skipped at start; with every node dead `start`
+/// fails with the first node's error; `start_unconnected` returns at once and connects in
+/// the background, or keeps answering calls at once with `Unavailable` while it cannot.
+pub async fn nodes_are_tried_in_order_and_start_unconnected_waits(ctx: Ctx) {
+    let dead = ctx.url.replace("127.0.0.1:5672", "127.0.0.1:1");
+    let other_dead = ctx.url.replace("127.0.0.1:5672", "127.0.0.1:2");
+    assert_ne!(dead, ctx.url, "the run's URL names the shared broker");
+    let config = |url: &str, failover: &[&str]| {
+        let mut c = ctx.config("gw-nodes");
+        c.url = url.to_owned();
+        c.failover_urls = failover.iter().map(|u| (*u).to_owned()).collect();
+        c.connect_timeout = Duration::from_secs(3);
+        c
+    };
+
+    let shutdown = CancellationToken::new();
+    let (mesh, _inbound) = AmqpMesh::start(config(&dead, &[&ctx.url]), shutdown.clone())
+        .await
+        .expect("the second node takes the first connection");
+    assert!(mesh.is_connected());
+    assert!(mesh.response_queue().is_some());
+    shutdown.cancel();
+    within("the mesh closes", mesh.closed()).await;
+
+    let error = match AmqpMesh::start(config(&dead, &[&other_dead]), CancellationToken::new()).await
+    {
+        Ok(_) => panic!("no node is up"),
+        Err(error) => error,
+    };
+    assert!(matches!(&error, AmqpMeshError::Connect { url, .. } if url.contains(":1/")), "{error}");
+
+    let shutdown = CancellationToken::new();
+    let (mesh, _inbound) =
+        AmqpMesh::start_unconnected(config(&dead, &[&ctx.url]), shutdown.clone()).expect("valid");
+    // The dead first node refuses at once; the first round ends on the second, connected.
+    assert!(within("the first round", mesh.first_round()).await);
+    assert!(within("connected in the background", mesh.connected()).await);
+    shutdown.cancel();
+    within("the mesh closes", mesh.closed()).await;
+
+    let shutdown = CancellationToken::new();
+    let (mesh, _inbound) =
+        AmqpMesh::start_unconnected(config(&dead, &[&other_dead]), shutdown.clone())
+            .expect("valid");
+    let started = Instant::now();
+    assert!(!within("the first round", mesh.first_round()).await, "no node is up");
+    assert!(started.elapsed() < Duration::from_secs(2), "refused nodes end the round at once");
+    assert!(!mesh.is_connected());
+    let started = Instant::now();
+    let answer = mesh.request(call("svc", "echo", json!({})), Duration::from_secs(5)).await;
+    assert_eq!(answer, Err(MeshError::Unavailable("not connected to the broker".into())));
+    assert!(started.elapsed() < Duration::from_secs(1), "answered at once");
+    shutdown.cancel();
+    within("the unconnected mesh closes", mesh.closed()).await;
+}
+
 pub async fn topology_matches_nuropb(ctx: Ctx) {
     let mut config = ctx.config("gw-topo");
     config.instance_id = "i1".into();
