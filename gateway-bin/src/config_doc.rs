@@ -75,7 +75,13 @@ touched:
   `auth`, `refresh`) are checked against the new settings; sessions already open keep
   running until their token expires (or is refreshed, against the new key). The key files
   are re-read on every reload, so a rotated key file with an unchanged path takes effect too.
-  In the in-memory demo mode `/demo/token` keeps signing with the start-up secret.
+  In the in-memory demo mode `/demo/token` keeps signing with the start-up secret. With
+  `jwks_file`/`jwks_url` or `auth_service_method` the `jwt_*` keys need a restart: JWKS keys
+  rotate through their own refresh (`jwks_refresh_secs`, and at once on an unknown `kid`).
+- The WebSocket port's certificate (`tls_cert_file`, `tls_key_file`): both files are
+  re-read, so a renewed certificate written over them is served to every connection
+  accepted from now on; open sessions keep theirs. A file that does not load refuses the
+  whole reload. Pointing the keys at other files needs a restart.
 - `allowed_origins`: checked at every upgrade (and by the demo's CORS) from now on.
 - `subscribable_topics`: checked at every `subscribe` from now on; existing subscriptions
   stay.

@@ -414,8 +414,8 @@ mod tests {
             .chain(ws_metrics(ws))
             .chain(amqp_metrics(amqp))
             .collect();
-        // 9 GatewayStats fields, 11 WsStats fields and 15 AmqpStats fields.
-        assert_eq!(metrics.len(), 9 + 11 + 15);
+        // 9 GatewayStats fields, 12 WsStats fields and 15 AmqpStats fields.
+        assert_eq!(metrics.len(), 9 + 12 + 15);
         let mut names = HashSet::new();
         for m in &metrics {
             assert!(m.name.starts_with("nuropb_gateway_"), "{m:?}");

@@ -3,7 +3,8 @@
 //! the CA upgrades with a token from `/demo/token` (fetched over TLS too) and gets
 //! answers; clients speaking plain TCP or trusting another CA fail cleanly while that
 //! session keeps working; `/healthz` answers over TLS; a TCP client that sends nothing is
-//! cut off at the handshake timeout. And the binary on a RabbitMQ node of the test's own
+//! cut off at the handshake timeout; SIGHUP serves a renewed certificate to new connections
+//! and refuses a broken one. And the binary on a RabbitMQ node of the test's own
 //! over `amqps://` with `--amqp-ca-file`. Needs a built binary (see `tests/http.rs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests: a failure is a failed test")]
@@ -198,4 +199,71 @@ async fn the_binary_reaches_the_broker_over_amqps_with_a_ca_file() {
     assert_eq!(response["payload"]["result"], json!({"over": "amqps"}), "{response}");
     gateway.stop();
     service.stop().await;
+}
+
+/// SIGHUP re-reads the certificate files: a renewed certificate (of another CA) written
+/// over them is served to new connections while the session opened before it goes on; a
+/// broken key written over them is refused and the certificate in force stays.
+#[tokio::test]
+async fn sighup_serves_a_renewed_certificate_to_new_connections_only() {
+    let dir = TempDir::new("e2e-tls-reload");
+    let old = TestPki::generate("old CA");
+    let files = old.write(dir.path(), "gateway");
+    let args: Vec<String> = [
+        "--tls-cert-file",
+        files.cert.to_str().unwrap(),
+        "--tls-key-file",
+        files.key.to_str().unwrap(),
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    let gateway = GatewayProcess::start_capturing(Mesh::InMemory, &args);
+    let addr: SocketAddr = gateway.addr.parse().unwrap();
+    let (status, body) = get_tls(addr, &old.ca_pem, "/demo/token").await;
+    assert_eq!(status, 200, "{body}");
+    let token: Value = serde_json::from_str(&body).unwrap();
+    let token = token["token"].as_str().unwrap().to_owned();
+    let mut before = session(addr, &old.ca_pem, &token).await;
+    assert_adds(&mut before, "r1").await;
+
+    // Renewed: another CA's certificate and key written over the same two files.
+    let new = TestPki::generate("new CA");
+    std::fs::write(&files.cert, &new.cert_pem).unwrap();
+    std::fs::write(&files.key, &new.key_pem).unwrap();
+    gateway.hangup();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match tls::connect(addr, &new.ca_pem).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "the renewed certificate never served: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let Err(error) = tls::connect(addr, &old.ca_pem).await else {
+        panic!("the old certificate is still served after the reload");
+    };
+    assert!(error.to_string().contains("UnknownIssuer"), "{error}");
+    let mut after = session(addr, &new.ca_pem, &token).await;
+    assert_adds(&mut after, "r2").await;
+    assert_adds(&mut before, "r3").await;
+
+    // A broken key: the reload is refused as a whole, the renewed certificate stays.
+    std::fs::write(&files.key, "not a key\n").unwrap();
+    gateway.hangup();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (lines, _) = gateway.stderr_lines();
+        if lines.iter().any(|l| l.contains("reload refused") && l.contains("--tls-key-file")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no refused reload logged: {lines:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tls::connect(addr, &new.ca_pem).await.expect("the renewed certificate is still served");
+    assert_adds(&mut before, "r4").await;
+    assert_adds(&mut after, "r5").await;
+    gateway.stop();
 }
