@@ -357,27 +357,15 @@ impl ServiceMeshManager {
         reply: ReplyTo,
         kind: CallKind,
     ) -> Result<TraceId, CoreError> {
-        // Names are copied only when the call is refused; the accepted call's task records
-        // its own outcome.
-        let names = (call.service.clone(), call.method.clone());
-        let submitted = self.submit_checked(session, identity, call, reply, kind);
-        if submitted.is_err() {
-            let command = matches!(kind, CallKind::Command);
-            self.metrics.call(&names.0, &names.1, command, CallOutcome::Refused, 0.0);
-        }
-        submitted
-    }
-
-    fn submit_checked(
-        &self,
-        session: &SessionHandle,
-        identity: &Identity,
-        call: ClientCall,
-        reply: ReplyTo,
-        kind: CallKind,
-    ) -> Result<TraceId, CoreError> {
         let started = tokio::time::Instant::now();
+        // A refused call's outcome is recorded here, where its names are still at hand (no
+        // copy on the accepted path); the accepted call's task records its own.
+        let refused = |service: &str, method: &str| {
+            let command = matches!(kind, CallKind::Command);
+            self.metrics.call(service, method, command, CallOutcome::Refused, 0.0);
+        };
         if self.config.reserved_services.contains(&call.service) {
+            refused(&call.service, &call.method);
             return Err(CoreError::Reserved(call.service));
         }
         let describe = call.method == nuropb_wire::mesh::DESCRIBE_METHOD;
@@ -390,12 +378,19 @@ impl ServiceMeshManager {
                 || rules.callable.iter().any(|p| p.matches(&call.service, &call.method))
         };
         if !allowed {
+            refused(&call.service, &call.method);
             return Err(CoreError::NotCallable { service: call.service, method: call.method });
         }
         // The call's params stay decoded until the mesh adapter encodes them; they are what a
         // call holds in flight. Names and the context are bounded by small fixed limits.
         let bytes = estimated_object_size(&call.params);
-        let (slot, cancel) = self.acquire(session.session_id(), bytes)?;
+        let (slot, cancel) = match self.acquire(session.session_id(), bytes) {
+            Ok(acquired) => acquired,
+            Err(e) => {
+                refused(&call.service, &call.method);
+                return Err(e);
+            }
+        };
         let (call, trace_id) = Self::mesh_call(identity, call);
         match kind {
             CallKind::Request => self.counters.requests.fetch_add(1, Ordering::Relaxed),
@@ -867,6 +862,57 @@ mod tests {
             Err(CoreError::NotCallable { service: "svc".into(), method: "nuropb_describe".into() })
         );
         assert_eq!(m.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn each_refused_call_is_counted_once_as_refused() {
+        use crate::metrics::{CallLabelConfig, CoreMetrics};
+        let config = MeshManagerConfig {
+            callable: vec![CallPattern::parse("svc.*").unwrap()],
+            reserved_services: vec!["gw".into()],
+            max_in_flight_per_session: 1,
+            ..Default::default()
+        };
+        let metrics = CoreMetrics::new(CallLabelConfig {
+            services: vec!["svc".into(), "gw".into(), "other".into()],
+            max_methods_per_service: 4,
+        });
+        let mut mesh = MockServiceMesh::new();
+        // The one accepted call never ends, so the second one is over the in-flight limit.
+        mesh.expect_request().times(1).returning(|_, _| {
+            std::thread::sleep(Duration::from_millis(1));
+            Err(MeshError::Timeout(Duration::from_secs(60)))
+        });
+        let m = manager(mesh, config).with_metrics(metrics.clone());
+        let reg = registry();
+        let (a, _rx) = session(&reg, "a");
+        let named = |service: &str| {
+            let mut c = call(None);
+            c.service = service.into();
+            c
+        };
+        assert!(m.request(&a, &identity(), named("gw"), Encoding::Json.into()).is_err());
+        assert!(m.request(&a, &identity(), named("other"), Encoding::Json.into()).is_err());
+        assert!(m.request(&a, &identity(), named("svc"), Encoding::Json.into()).is_ok());
+        assert!(m.request(&a, &identity(), named("svc"), Encoding::Json.into()).is_err());
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let refused = |s: &str| {
+            format!(
+                "nuropb_gateway_call_duration_seconds_count{{service=\"{s}\",method=\"m\",kind=\"request\",outcome=\"refused\"}} 1\n"
+            )
+        };
+        for service in ["gw", "other", "svc"] {
+            assert!(text.contains(&refused(service)), "{service} refused once:\n{text}");
+        }
+        let refusals = text
+            .lines()
+            .filter(|l| l.starts_with("nuropb_gateway_call_duration_seconds_count{"))
+            .filter(|l| l.contains("outcome=\"refused\""))
+            .count();
+        assert_eq!(refusals, 3, "{text}");
     }
 
     #[tokio::test]
