@@ -44,9 +44,14 @@ const DEAD_RCVBUF: u32 = 4096;
 const SETTLE: Duration = Duration::from_secs(2);
 /// The healthy sessions' p99 with dead readers may be at most this factor of the p99
 /// without, plus [`P99_SLACK_MS`]: a p99 on a shared 2-core machine moves by tens of
-/// percent between two runs of the same thing.
+/// percent between two runs of the same thing. The slack was 20 ms until the control's p99
+/// fell to 9–10 ms on this machine (2026-12-01): the dead readers then cost the healthy
+/// sessions 30–32 ms at p99 (p50 unchanged), on the code of stop 15 as on the code after
+/// it, measured the same day; filling 20 kernel send buffers and closing 20 sessions in the
+/// same moment shares the two cores with everything else. 40 ms keeps the bound on that
+/// (the 1000-session run measures well inside it).
 const P99_FACTOR: f64 = 2.0;
-const P99_SLACK_MS: f64 = 20.0;
+const P99_SLACK_MS: f64 = 40.0;
 
 /// What one broadcast phase measured.
 struct Phase {
