@@ -5,6 +5,7 @@
 //! that upgraded without credentials authenticates with its first frame (`first_frame`)
 //! before its session opens.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -15,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::machine::TryParse;
@@ -23,7 +24,6 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
-use tokio_util::sync::CancellationToken;
 
 use handler_core::auth::Identity;
 use handler_core::{
@@ -56,24 +56,131 @@ pub(crate) enum Admission {
 }
 
 /// The core's handle on one connection: a queue bounded in frames and in bytes, a close
-/// signal.
+/// signal. Dropping it (the session left the registry and no call holds it any more) ends
+/// the session once what it queued is written.
 struct WsHandle {
-    outbound: mpsc::Sender<Queued>,
     shared: Arc<Shared>,
     // Where queue depths are observed.
     stats: WsStatsHandle,
 }
 
-/// What the handle and the connection task share besides the queue.
+impl Drop for WsHandle {
+    fn drop(&mut self) {
+        self.shared.queue.handle_dropped();
+    }
+}
+
+/// What the handle and the connection task share.
 struct Shared {
     close: CloseSignal,
     budget: QueueBudget,
+    queue: OutboundQueue,
 }
 
 /// One frame in a connection's outbound queue, with the bytes it was charged.
 struct Queued {
     out: Outbound,
     bytes: usize,
+}
+
+/// Frames' room an outbound queue keeps once drained: room for a burst's first frames, so a
+/// steady trickle of responses does not allocate on every frame. Larger room, grown by a
+/// burst, is given back as soon as the queue is empty.
+const KEPT_QUEUE_SLOTS: usize = 8;
+
+/// One connection's outbound queue, bounded in frames (`outbound_queue`; the byte bound is
+/// [`QueueBudget`]). A `VecDeque` under a lock held for one push or pop, never across
+/// `.await`, rather than tokio's bounded mpsc: that allocates its channel state and a first
+/// block of 32 slots up front (~1.3 KiB), which every idle connection would hold. This queue
+/// holds nothing until a frame is queued and gives back what a burst grew once it is drained.
+struct OutboundQueue {
+    state: Mutex<QueueState>,
+    // Woken when a frame is queued and when the handle is dropped. One waiter: the
+    // connection task.
+    ready: Notify,
+    max_frames: usize,
+}
+
+#[derive(Default)]
+struct QueueState {
+    frames: VecDeque<Queued>,
+    // Set when the `WsHandle` is dropped: nothing more is queued, and once `frames` is
+    // drained the session is over.
+    handle_dropped: bool,
+    // Set when the connection task stopped taking frames: further frames are refused as
+    // `Closed`, as a send to a gone session is.
+    receiver_dropped: bool,
+}
+
+impl OutboundQueue {
+    fn new(max_frames: usize) -> Self {
+        OutboundQueue { state: Mutex::default(), ready: Notify::new(), max_frames }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        // Every update leaves the state whole; a panic elsewhere cannot break it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a frame; the queue's depth with it, or why it was refused (the frame is
+    /// dropped).
+    fn push(&self, queued: Queued) -> Result<usize, SendError> {
+        let depth = {
+            let mut state = self.lock();
+            if state.receiver_dropped {
+                return Err(SendError::Closed);
+            }
+            if state.frames.len() >= self.max_frames {
+                return Err(SendError::Full);
+            }
+            state.frames.push_back(queued);
+            state.frames.len()
+        };
+        self.ready.notify_one();
+        Ok(depth)
+    }
+
+    /// The next frame queued, without waiting.
+    fn try_pop(&self) -> Option<Queued> {
+        let mut state = self.lock();
+        let queued = state.frames.pop_front();
+        if state.frames.is_empty() && state.frames.capacity() > KEPT_QUEUE_SLOTS {
+            state.frames.shrink_to(KEPT_QUEUE_SLOTS);
+        }
+        queued
+    }
+
+    /// The next frame, waiting for one; `None` once the handle is dropped and every frame
+    /// it queued was taken. Cancel-safe: a frame is taken only by the poll that returns it,
+    /// and a wake-up that arrives while no one waits is kept for the next call (`Notify`).
+    async fn recv(&self) -> Option<Queued> {
+        loop {
+            if let Some(queued) = self.try_pop() {
+                return Some(queued);
+            }
+            if self.lock().handle_dropped {
+                return None;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    fn handle_dropped(&self) {
+        self.lock().handle_dropped = true;
+        self.ready.notify_one();
+    }
+
+    /// The connection task takes no more frames: those still queued are dropped (with
+    /// their memory), later ones refused.
+    fn receiver_dropped(&self) {
+        let frames = {
+            let mut state = self.lock();
+            state.receiver_dropped = true;
+            std::mem::take(&mut state.frames)
+        };
+        // Dropped outside the lock.
+        drop(frames);
+    }
 }
 
 /// The byte bound of one connection's outbound queue (`outbound_queue_bytes`).
@@ -118,11 +225,15 @@ impl QueueBudget {
     }
 }
 
+/// The close signal: a flag and a `Notify` inline in [`Shared`] rather than a
+/// `CancellationToken`, which allocates a tree node of its own for every connection.
 #[derive(Default)]
 struct CloseSignal {
     // Invariant: set at most once; the first reason wins.
     reason: Mutex<Option<CloseReason>>,
-    fired: CancellationToken,
+    // Invariant: set (and never cleared) once `fire` ran.
+    fired: AtomicBool,
+    notify: Notify,
 }
 
 impl CloseSignal {
@@ -131,7 +242,27 @@ impl CloseSignal {
         if slot.is_none() {
             *slot = Some(reason);
         }
-        self.fired.cancel();
+        drop(slot);
+        // Release: pairs with the Acquire in `is_fired`, so the reason is seen with the flag.
+        self.fired.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    fn is_fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+
+    /// Completes once the signal fired (at once if it already has). Cancel-safe: it takes
+    /// nothing, and the flag stays set.
+    async fn fired(&self) {
+        let notified = self.notify.notified();
+        let mut notified = std::pin::pin!(notified);
+        // Registered before the flag is read, so a `fire` in between still wakes it.
+        notified.as_mut().enable();
+        if self.is_fired() {
+            return;
+        }
+        notified.await;
     }
 
     fn reason(&self) -> Option<CloseReason> {
@@ -148,14 +279,10 @@ impl ClientConnection for WsHandle {
         if !self.shared.budget.charge(bytes) {
             return Err(SendError::Full);
         }
-        self.outbound.try_send(Queued { out, bytes }).map_err(|e| {
+        let depth = self.shared.queue.push(Queued { out, bytes }).inspect_err(|_| {
             self.shared.budget.release(bytes);
-            match e {
-                mpsc::error::TrySendError::Full(_) => SendError::Full,
-                mpsc::error::TrySendError::Closed(_) => SendError::Closed,
-            }
         })?;
-        self.stats.queue_depth(self.outbound.max_capacity() - self.outbound.capacity());
+        self.stats.queue_depth(depth);
         Ok(())
     }
 
@@ -167,7 +294,6 @@ impl ClientConnection for WsHandle {
 /// Runs one connection from the HTTP upgrade to the close. Generic over the byte stream so
 /// that tests drive it over `tokio::io::duplex` under paused time (`session_tests`); `serve`
 /// passes a `TcpStream`.
-#[allow(clippy::result_large_err, reason = "tungstenite's Callback fixes the error type")]
 pub(crate) async fn run<S>(
     stream: S,
     admission: Admission,
@@ -177,7 +303,37 @@ pub(crate) async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    // `admission` (and its permit) is held until this function returns.
+    // `admission` (and its permit) is held until this function returns. The upgrade is
+    // boxed, and freed once the session is open: a task is as large as its largest state for
+    // as long as it lives, and the upgrade's states (the head, the request, tungstenite's
+    // handshake, the first-frame wait) are far larger than an idle session's.
+    let opened = Box::pin(open(stream, &admission, &config, &coordinator, &stats)).await;
+    let Some(Opened { ws, shared, session_id }) = opened else { return };
+    session_loop(ws, &shared, &config, &coordinator, &session_id, &stats).await;
+    coordinator.close_session(&session_id);
+}
+
+/// A session opened by [`open`]: its socket, what it shares with its handle, its id.
+struct Opened<S> {
+    ws: WebSocketStream<Metered<Prefixed<S>>>,
+    shared: Arc<Shared>,
+    session_id: SessionId,
+}
+
+/// The upgrade, the first-frame authentication when the upgrade had no credentials, and
+/// the session's registration; `None` when the connection ends before it has a session
+/// (refused, closed, timed out).
+#[allow(clippy::result_large_err, reason = "tungstenite's Callback fixes the error type")]
+async fn open<S>(
+    stream: S,
+    admission: &Admission,
+    config: &WsConfig,
+    coordinator: &CoordinatorHandle,
+    stats: &WsStatsHandle,
+) -> Option<Opened<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut credentials = None;
     // The upgrade's `traceparent` header: the session's default trace context.
     let mut traceparent = None;
@@ -185,7 +341,7 @@ pub(crate) async fn run<S>(
     // authenticated or closed), so that at most `max_handshakes_in_flight` wait at once.
     let mut pending_auth = None;
     let first_frame = !config.auth_timeout.is_zero();
-    let (have_capacity, deadline) = match &admission {
+    let (have_capacity, deadline) = match admission {
         Admission::Session { deadline, .. } => (true, *deadline),
         Admission::Refusal { deadline, .. } => (false, *deadline),
     };
@@ -204,8 +360,8 @@ pub(crate) async fn run<S>(
                     &config.origins.current(),
                     &config.auth,
                     first_frame,
-                    &coordinator,
-                    &stats,
+                    coordinator,
+                    stats,
                 )
                 .await,
             ),
@@ -216,10 +372,10 @@ pub(crate) async fn run<S>(
     };
     let (head, checked) = match tokio::time::timeout_at(deadline, checks).await {
         Ok(Some(prepared)) => prepared,
-        Ok(None) => return,
+        Ok(None) => return None,
         Err(_) => {
             tracing::debug!("handshake timed out");
-            return;
+            return None;
         }
     };
     let stream = Prefixed::new(head, stream);
@@ -256,11 +412,11 @@ pub(crate) async fn run<S>(
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!("handshake timed out");
-            return;
+            return None;
         }
     };
     let mut ws = ws;
@@ -270,7 +426,7 @@ pub(crate) async fn run<S>(
             // The auth frame and little else: a token and an envelope.
             let limit = coordinator.client_limits().max_token_len.saturating_add(1024);
             read_budget.store(limit, Ordering::Relaxed);
-            match first_frame_auth(&mut ws, &config, &coordinator).await {
+            match first_frame_auth(&mut ws, config, coordinator).await {
                 Ok(authenticated) => {
                     read_budget.store(UNMETERED, Ordering::Relaxed);
                     drop(pending_auth.take());
@@ -279,14 +435,14 @@ pub(crate) async fn run<S>(
                 Err(reason) => {
                     if let Some(reason) = reason {
                         tracing::info!(reason = %reason.reason, "first-frame authentication failed");
-                        close_unauthenticated(&mut ws, reason, &config, &stats).await;
+                        close_unauthenticated(&mut ws, reason, config, stats).await;
                     }
-                    return;
+                    return None;
                 }
             }
         }
         // The callback ran and refused, or never ran; either way there is no session.
-        None => return,
+        None => return None,
     };
 
     let traceparent = match traceparent {
@@ -298,13 +454,12 @@ pub(crate) async fn run<S>(
         None => None,
     };
 
-    let (tx, rx) = mpsc::channel(config.outbound_queue);
     let shared = Arc::new(Shared {
         close: CloseSignal::default(),
         budget: QueueBudget::new(config.outbound_queue_bytes),
+        queue: OutboundQueue::new(config.outbound_queue),
     });
-    let handle =
-        Arc::new(WsHandle { outbound: tx, shared: Arc::clone(&shared), stats: stats.clone() });
+    let handle = Arc::new(WsHandle { shared: Arc::clone(&shared), stats: stats.clone() });
     // Once per connection: every later line of it carries the user (never the token).
     tracing::Span::current().record("user.id", identity.user_id.as_str());
     let session_id = match coordinator.open_session_answering(identity, handle, auth_id) {
@@ -316,10 +471,10 @@ pub(crate) async fn run<S>(
                 .close(Some(close_frame(
                     e.close_reason()
                         .unwrap_or_else(|| CloseReason::new(CloseCode::GoingAway, e.to_string())),
-                    &stats,
+                    stats,
                 )))
                 .await;
-            return;
+            return None;
         }
     };
     tracing::Span::current().record("session.id", tracing::field::display(&session_id));
@@ -331,8 +486,7 @@ pub(crate) async fn run<S>(
     {
         tracing::debug!(why, "traceparent header ignored");
     }
-    session_loop(ws, rx, &shared, &config, &coordinator, &session_id, &stats).await;
-    coordinator.close_session(&session_id);
+    Some(Opened { ws, shared, session_id })
 }
 
 /// Frames handed to tungstenite per batch before it flushes: enough to turn a burst of
@@ -347,7 +501,7 @@ const SLOW_CLIENT_CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// The receiving side of one connection's outbound queue, and what turning a queued frame
 /// into a WebSocket message needs.
 struct Outgoing<'a> {
-    rx: mpsc::Receiver<Queued>,
+    queue: &'a OutboundQueue,
     budget: &'a QueueBudget,
     /// The encoding of the last frame the client sent (JSON until then).
     preferred: Encoding,
@@ -367,7 +521,7 @@ impl Outgoing<'_> {
 
     /// The next message already queued, without waiting.
     fn next_ready(&mut self) -> Option<Message> {
-        while let Ok(queued) = self.rx.try_recv() {
+        while let Some(queued) = self.queue.try_pop() {
             if let Some(message) = self.take(queued) {
                 return Some(message);
             }
@@ -378,6 +532,12 @@ impl Outgoing<'_> {
     fn prefer(&mut self, encoding: Encoding) {
         self.preferred = encoding;
         self.budget.prefer(encoding);
+    }
+}
+
+impl Drop for Outgoing<'_> {
+    fn drop(&mut self) {
+        self.queue.receiver_dropped();
     }
 }
 
@@ -393,7 +553,6 @@ enum Written {
 
 async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
     mut ws: WebSocketStream<S>,
-    rx: mpsc::Receiver<Queued>,
     shared: &Shared,
     config: &WsConfig,
     coordinator: &CoordinatorHandle,
@@ -402,7 +561,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let close = &shared.close;
     let mut outgoing = Outgoing {
-        rx,
+        queue: &shared.queue,
         budget: &shared.budget,
         preferred: Encoding::Json,
         limit: config.max_outbound_message_size,
@@ -420,16 +579,16 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
     ping.tick().await; // The first tick is immediate; skip it.
 
     let reason: CloseReason = loop {
-        if close.fired.is_cancelled() {
+        if close.is_fired() {
             break close.reason().unwrap_or(CloseReason::new(CloseCode::Normal, ""));
         }
         tokio::select! {
-            // Every branch is cancel-safe: `cancelled`, `recv`, `tick` and `next` lose
+            // Every branch is cancel-safe: `fired`, `recv`, `tick` and `next` lose
             // nothing when another branch wins. Shutdown is not a branch on purpose: the
             // coordinator first drains in-flight requests, then closes every session (1001).
             // A close is handled at the top of the loop.
-            _ = close.fired.cancelled() => {}
-            queued = outgoing.rx.recv() => {
+            _ = close.fired() => {}
+            queued = outgoing.queue.recv() => {
                 let Some(queued) = queued else {
                     break CloseReason::new(CloseCode::Internal, "session ended");
                 };
@@ -459,7 +618,12 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                         tracing::info!(error = %e, "client message over the limit");
                         break CloseReason::new(CloseCode::TooBig, "message too big");
                     }
-                    Some(Err(e)) => return close_after_read_error(&mut ws, e, config.write_timeout).await,
+                    Some(Err(e)) => {
+                        // Boxed, as the close below: once per connection, and larger than
+                        // the loop's other states.
+                        let closing = close_after_read_error(&mut ws, e, config.write_timeout);
+                        return Box::pin(closing).await;
+                    }
                     None => return,
                 };
                 last_seen = Instant::now();
@@ -493,7 +657,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 outgoing.prefer(encoding);
                 // `select!` picks among ready branches at random: once the session was told
                 // to close (kicked, token expired), no further client frame is served.
-                if close.fired.is_cancelled() {
+                if close.is_fired() {
                     continue;
                 }
                 let accepted = if limiter.take(Instant::now()) {
@@ -543,7 +707,8 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
         write_queued(&mut ws, &mut pending, &mut outgoing, usize::MAX).await?;
         ws.close(Some(close_frame(reason, stats))).await
     };
-    match tokio::time::timeout(grace, closing).await {
+    // Boxed: it runs once, at the end, and must not size the task the whole session lives in.
+    match Box::pin(tokio::time::timeout(grace, closing)).await {
         Ok(Ok(())) => {}
         // Best effort: the peer may already be gone.
         Ok(Err(e)) => tracing::debug!(error = %e, "cannot send the close frame"),
@@ -569,7 +734,7 @@ async fn write_raced<S: AsyncRead + AsyncWrite + Unpin>(
         // Cancel-safety: `write_queued` keeps a message it has not handed to tungstenite in
         // `pending`, and what it handed over stays in tungstenite's buffer; the close sends
         // both, in order.
-        _ = close.fired.cancelled() => Written::Interrupted,
+        _ = close.fired() => Written::Interrupted,
         written = write => match written {
             Ok(Ok(())) => Written::Done,
             Ok(Err(e)) => {

@@ -16,6 +16,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 /// Most header lines in an upgrade request; more → 431. tungstenite itself stops at 124.
 pub(crate) const MAX_HEADERS: usize = 64;
 
+/// Room made in the head's buffer before each read of it.
+const HEAD_READ_CHUNK: usize = 2048;
+
 /// Bytes read at most while waiting for a refused client to close, so that our close is a
 /// FIN the client reads the answer before, not a reset that can discard it.
 const LINGER_MAX_BYTES: usize = 64 << 10;
@@ -49,16 +52,18 @@ pub(crate) async fn read_head<S: AsyncRead + Unpin>(
     stream: &mut S,
     max_head_bytes: usize,
 ) -> Result<Vec<u8>, HeadError> {
-    let mut buf = Vec::with_capacity(1024.min(max_head_bytes));
-    let mut chunk = [0u8; 2048];
+    let mut buf = Vec::new();
     loop {
-        let n = stream.read(&mut chunk).await.map_err(|_| HeadError::Closed)?;
+        // Straight into the vector's spare room, not through a buffer on the stack: this
+        // future is a state of every connection's task, which is as large as its largest
+        // state for as long as the connection lives.
+        buf.reserve(HEAD_READ_CHUNK);
+        // Only the new bytes (and the three before them) can complete the terminator.
+        let from = buf.len().saturating_sub(3);
+        let n = stream.read_buf(&mut buf).await.map_err(|_| HeadError::Closed)?;
         if n == 0 {
             return Err(HeadError::Closed);
         }
-        // Only the new bytes (and the three before them) can complete the terminator.
-        let from = buf.len().saturating_sub(3);
-        buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = find_end(&buf[from..]).map(|e| from + e) {
             if end > max_head_bytes {
                 return Err(HeadError::TooLarge);
@@ -206,7 +211,9 @@ pub(crate) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     let exchange = async {
         stream.write_all(response.as_bytes()).await?;
         stream.shutdown().await?;
-        let mut sink = [0u8; 2048];
+        // On the heap, and only here: a buffer on the stack would be part of every
+        // connection task's state (see `read_head`).
+        let mut sink = vec![0u8; 2048];
         let mut read = 0;
         while read < LINGER_MAX_BYTES {
             match stream.read(&mut sink).await? {

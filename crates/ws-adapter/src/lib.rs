@@ -302,6 +302,19 @@ impl Head {
     }
 }
 
+/// An upgrade that passed the steps at accept and holds a session slot: what its
+/// connection runs with.
+struct Admitted {
+    /// The transport, with the head read so far to replay.
+    stream: Prefixed<Transport>,
+    admission: Admission,
+    /// The client address's count (`max_connections_per_ip`), held to the end.
+    client: Option<PeerGuard>,
+    config: Arc<WsConfig>,
+    coordinator: CoordinatorHandle,
+    stats: WsStatsHandle,
+}
+
 /// An accepted connection, before its task decides what it becomes.
 struct Accepted {
     // Invariant: `Plain` until `secure` has run.
@@ -323,24 +336,37 @@ impl Accepted {
     /// a session slot and runs the connection. The address's count is held to the end. From
     /// a trusted proxy, the client the PROXY header (or the head) names is counted once known.
     async fn run(
-        mut self,
+        self,
         peer: Option<PeerGuard>,
         handshake: OwnedSemaphorePermit,
         sessions: Arc<Semaphore>,
     ) {
+        // Boxed, and freed once it is done: a task is as large as its largest state for as
+        // long as it lives, and the steps before the session (a TLS handshake, the head and
+        // its buffers, a refusal's answer) must not size a task that then idles for hours.
+        let Some(admitted) = Box::pin(self.admit(peer, handshake, sessions)).await else {
+            return;
+        };
+        let Admitted { stream, admission, client: _client, config, coordinator, stats } = admitted;
+        connection::run(stream, admission, config, coordinator, stats).await;
+    }
+
+    /// The steps of [`run`](Self::run) before the connection: `None` when the connection
+    /// ends there (answered, refused or gone).
+    async fn admit(
+        mut self,
+        peer: Option<PeerGuard>,
+        handshake: OwnedSemaphorePermit,
+        sessions: Arc<Semaphore>,
+    ) -> Option<Admitted> {
         let deadline = Instant::now() + self.config.handshake_timeout;
         // First on the connection, before anything else reads it (the TLS handshake included).
-        let Some(hop) = self.proxy_step(deadline).await else {
-            return;
-        };
-        let Some(mut this) = self.secure(deadline).await else { return };
-        let head = this.checked_head(deadline.saturating_duration_since(Instant::now())).await;
-        let Some(head) = head else {
-            return;
-        };
+        let hop = self.proxy_step(deadline).await?;
+        let mut this = self.secure(deadline).await?;
+        let head = this.checked_head(deadline.saturating_duration_since(Instant::now())).await?;
         let client = this.client_of(hop, head.bytes());
         // Counted at accept unless the peer is a trusted proxy; then the client is counted.
-        let _client = match peer {
+        let client_guard = match peer {
             Some(guard) => Some(guard),
             None if !this.trusted_peer => None,
             None => match admit_peer(&this.peers, client, &this.stats) {
@@ -351,23 +377,23 @@ impl Accepted {
                     let left = deadline.saturating_duration_since(Instant::now());
                     let linger = left.min(this.config.refusal_handshake_timeout);
                     handshake::answer(&mut this.stream, status, reason, linger).await;
-                    return;
+                    return None;
                 }
             },
         };
         let head = match head {
             Head::Upgrade(head) => head,
             Head::Http(head) => {
-                // Boxed: the hyper connection's state must not enlarge every session's
-                // task, which is sized for its largest state. The handshake slot is held
-                // while the request is served.
+                // Boxed: the hyper connection's state must not enlarge the admission step
+                // every upgrade goes through. The handshake slot is held while the request
+                // is served.
                 let stream = Prefixed::new(head, this.stream);
                 let routes = this.config.http_routes.clone();
                 let coordinator = this.coordinator;
                 let shutting_down = move || coordinator.is_shutting_down();
                 Box::pin(http::serve(stream, routes, shutting_down, deadline)).await;
                 drop(handshake);
-                return;
+                return None;
             }
         };
         drop(handshake);
@@ -379,11 +405,17 @@ impl Accepted {
                 this.stats.refused("capacity", "503");
                 let linger = this.config.refusal_handshake_timeout;
                 handshake::answer(&mut this.stream, 503, "too many connections", linger).await;
-                return;
+                return None;
             }
         };
-        let stream = Prefixed::new(head, this.stream);
-        connection::run(stream, admission, this.config, this.coordinator, this.stats).await;
+        Some(Admitted {
+            stream: Prefixed::new(head, this.stream),
+            admission,
+            client: client_guard,
+            config: this.config,
+            coordinator: this.coordinator,
+            stats: this.stats,
+        })
     }
 
     /// With `proxy_protocol`, reads the PROXY header by `deadline`: the address of the hop
