@@ -308,8 +308,11 @@ pub(crate) async fn run<S>(
     // as long as it lives, and the upgrade's states (the head, the request, tungstenite's
     // handshake, the first-frame wait) are far larger than an idle session's.
     let opened = Box::pin(open(stream, &admission, &config, &coordinator, &stats)).await;
-    let Some(Opened { ws, shared, session_id }) = opened else { return };
-    session_loop(ws, &shared, &config, &coordinator, &session_id, &stats).await;
+    let Some(Opened { mut ws, shared, session_id }) = opened else { return };
+    // By reference: an `async fn` keeps the arguments it was called with for as long as it
+    // runs, besides the locals they are moved into, so a socket passed by value would be
+    // held twice by every idle task.
+    session_loop(&mut ws, &shared, &config, &coordinator, &session_id, &stats).await;
     coordinator.close_session(&session_id);
 }
 
@@ -552,7 +555,7 @@ enum Written {
 }
 
 async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
-    mut ws: WebSocketStream<S>,
+    ws: &mut WebSocketStream<S>,
     shared: &Shared,
     config: &WsConfig,
     coordinator: &CoordinatorHandle,
@@ -596,7 +599,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 if pending.is_none() {
                     continue;
                 }
-                match write_raced(&mut ws, &mut pending, &mut outgoing, close, config).await {
+                match write_raced(&mut *ws, &mut pending, &mut outgoing, close, config).await {
                     Written::Done | Written::Interrupted => {}
                     Written::Failed => return,
                 }
@@ -606,7 +609,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     break CloseReason::new(CloseCode::GoingAway, "idle timeout");
                 }
                 pending = Some(Message::Ping(Bytes::new()));
-                match write_raced(&mut ws, &mut pending, &mut outgoing, close, config).await {
+                match write_raced(&mut *ws, &mut pending, &mut outgoing, close, config).await {
                     Written::Done | Written::Interrupted => {}
                     Written::Failed => return,
                 }
@@ -621,7 +624,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     Some(Err(e)) => {
                         // Boxed, as the close below: once per connection, and larger than
                         // the loop's other states.
-                        let closing = close_after_read_error(&mut ws, e, config.write_timeout);
+                        let closing = close_after_read_error(&mut *ws, e, config.write_timeout);
                         return Box::pin(closing).await;
                     }
                     None => return,
@@ -637,7 +640,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                         // only a later write or flush sends it; without this the client
                         // sees 1006. The flush ends with `ConnectionClosed`, which
                         // tokio-tungstenite reports as success.
-                        let flush = SinkExt::flush(&mut ws);
+                        let flush = SinkExt::flush(&mut *ws);
                         match tokio::time::timeout(config.write_timeout, flush).await {
                             Ok(Ok(())) => {}
                             Ok(Err(e)) => {
@@ -676,7 +679,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     let out = Outbound { frame: SharedFrame::new(frame), encoding: Some(encoding) };
                     pending = outbound_message(&out, encoding, outgoing.limit, stats);
                     if pending.is_some() {
-                        match write_raced(&mut ws, &mut pending, &mut outgoing, close, config)
+                        match write_raced(&mut *ws, &mut pending, &mut outgoing, close, config)
                             .await
                         {
                             Written::Done | Written::Interrupted => {}
@@ -704,7 +707,7 @@ async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
         config.write_timeout
     };
     let closing = async {
-        write_queued(&mut ws, &mut pending, &mut outgoing, usize::MAX).await?;
+        write_queued(&mut *ws, &mut pending, &mut outgoing, usize::MAX).await?;
         ws.close(Some(close_frame(reason, stats))).await
     };
     // Boxed: it runs once, at the end, and must not size the task the whole session lives in.
