@@ -503,7 +503,7 @@ impl CoordinatorHandle {
     /// Whether `user` already has `max_sessions_per_user` sessions: transports ask before
     /// upgrading (to refuse with a status rather than a close); `open_session` decides.
     pub fn session_limit_reached(&self, user: &UserId) -> bool {
-        self.shared.sessions.sessions_of(user).len() >= self.max_sessions_per_user()
+        self.shared.sessions.session_count_of(user) >= self.max_sessions_per_user()
     }
 
     /// Forgets a session whose connection ended; its pending calls are cancelled.

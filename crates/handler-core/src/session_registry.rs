@@ -254,8 +254,14 @@ impl SessionRegistry {
     }
 
     /// Sessions of a user.
+    #[cfg(test)]
     pub(crate) fn sessions_of(&self, user: &UserId) -> Vec<SessionId> {
         self.read().by_user.get(user).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// How many sessions a user has, without copying their ids (asked on every upgrade).
+    pub(crate) fn session_count_of(&self, user: &UserId) -> usize {
+        self.read().by_user.get(user).map_or(0, HashSet::len)
     }
 
     /// Sends one frame to every session of these users. Returns the sessions reached.
@@ -527,6 +533,8 @@ mod tests {
         let mut alice = m.sessions_of(&UserId::new("alice"));
         alice.sort();
         assert_eq!(alice, vec![SessionId::new("s1"), SessionId::new("s2")]);
+        assert_eq!(m.session_count_of(&UserId::new("alice")), 2);
+        assert_eq!(m.session_count_of(&UserId::new("bob")), 1);
 
         assert_eq!(
             m.unregister(&SessionId::new("s1")).map(|i| i.user_id.clone()),
@@ -538,6 +546,7 @@ mod tests {
         m.unregister(&SessionId::new("s2"));
         assert_eq!(m.user_count(), 1, "a user with no sessions left is forgotten");
         assert!(m.sessions_of(&UserId::new("alice")).is_empty());
+        assert_eq!(m.session_count_of(&UserId::new("alice")), 0);
         assert_eq!(m.high_water(), 3, "high-water mark survives unregistering");
     }
 

@@ -1067,6 +1067,57 @@ mod tests {
         decode_server_frame(&message.into_data(), encoding).unwrap()
     }
 
+    fn queued(trace_id: &str) -> Queued {
+        Queued { out: response(trace_id, "r"), bytes: 1 }
+    }
+
+    fn trace_id_of(queued: &Queued) -> Option<String> {
+        match queued.out.frame.frame().message() {
+            Some(ServerMessage::Response { trace_id, .. }) => trace_id.clone(),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_outbound_queue_is_bounded_ordered_and_gives_back_a_burst() {
+        let queue = OutboundQueue::new(20);
+        // Nothing is held before the first frame.
+        assert_eq!(queue.lock().frames.capacity(), 0);
+        for i in 0..20 {
+            assert_eq!(queue.push(queued(&i.to_string())), Ok(i + 1));
+        }
+        assert_eq!(queue.push(queued("over")).err(), Some(SendError::Full));
+        assert!(queue.lock().frames.capacity() > KEPT_QUEUE_SLOTS);
+        for i in 0..20 {
+            let next = queue.recv().await.unwrap();
+            assert_eq!(trace_id_of(&next).as_deref(), Some(i.to_string().as_str()));
+        }
+        // Drained: the burst's room is given back, down to the slots kept.
+        assert!(queue.lock().frames.capacity() <= KEPT_QUEUE_SLOTS);
+        assert!(queue.try_pop().is_none());
+        // A frame queued before the handle went away is still taken; then the queue ends.
+        queue.push(queued("last")).unwrap();
+        queue.handle_dropped();
+        assert_eq!(trace_id_of(&queue.recv().await.unwrap()).as_deref(), Some("last"));
+        assert!(queue.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_outbound_queue_wakes_its_waiter_and_refuses_once_the_task_is_gone() {
+        let queue = Arc::new(OutboundQueue::new(4));
+        let waiter = tokio::spawn({
+            let queue = Arc::clone(&queue);
+            async move { queue.recv().await.map(|q| trace_id_of(&q)) }
+        });
+        tokio::task::yield_now().await;
+        queue.push(queued("woken")).unwrap();
+        assert_eq!(waiter.await.unwrap(), Some(Some("woken".to_owned())));
+        queue.push(queued("dropped")).unwrap();
+        queue.receiver_dropped();
+        assert_eq!(queue.lock().frames.len(), 0);
+        assert_eq!(queue.push(queued("late")).err(), Some(SendError::Closed));
+    }
+
     #[test]
     fn frames_within_the_limit_pass_unchanged() {
         let stats = WsStatsHandle::new();
