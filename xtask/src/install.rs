@@ -64,6 +64,8 @@ fn check_unit(root: &Path, binary: &Path) -> Result<()> {
         bail!("`{}` found problems:\n{complaints}", display(&verify));
     }
     let mut security = Command::new("systemd-analyze");
+    // systemd-analyze's own `--offline=true` (read the unit file, ask no running systemd,
+    // which a container or CI machine lacks); no cargo command in xtask runs offline.
     security.args(["security", "--offline=true", "--no-pager"]).arg(&unit);
     let out = security.output().with_context(|| format!("cannot run {}", display(&security)))?;
     let report = String::from_utf8_lossy(&out.stdout);
