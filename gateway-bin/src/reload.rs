@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 use anyhow::{Context, Result};
 
 use handler_core::auth::{AuthError, Authenticator, Identity, JwtKey};
-use handler_core::{CoordinatorHandle, JwtAuthenticator, JwtConfig};
+use handler_core::{CoordinatorHandle, JwtAuthenticator};
 use ws_adapter::{OriginPolicyHandle, PreparedTls, TlsAcceptorHandle};
 
 use crate::config::Cli;
@@ -80,7 +80,11 @@ impl Authenticator for ReloadableAuthenticator {
 pub fn authenticator(cli: &Cli, dev_secret: Option<&str>) -> Result<Arc<dyn Authenticator>> {
     let config = match (cli.jwt_config()?, dev_secret) {
         (Some(c), _) => c,
-        (None, Some(secret)) => JwtConfig::new(JwtKey::Hs256Secret(secret.as_bytes().to_vec())),
+        // As at start-up (`identity::authenticator`): the dev secret with the configured
+        // claims checks (issuer, audience, username claim, lifetime).
+        (None, Some(secret)) => {
+            cli.jwt_config_with(JwtKey::Hs256Secret(secret.as_bytes().to_vec()))
+        }
         // `Cli::validate` requires a key outside the demo mode, which always has a secret.
         (None, None) => anyhow::bail!("no JWT key configured (--jwt-secret)"),
     };
