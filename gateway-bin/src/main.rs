@@ -50,6 +50,12 @@ macro_rules! say {
     }};
 }
 
+/// mimalloc rather than glibc's malloc: a request allocates and frees dozens of small
+/// blocks across two threads (tokio's workers and lapin's I/O thread), and glibc's arenas
+/// spent a fifth of the gateway's CPU on it (docs/BENCHMARKS.md, "Profile").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().collect();
     if config_file::wants_config_doc(&args) {

@@ -45,10 +45,20 @@ const AMQP_URL_ENV: &str = "NUROPB_BENCH_AMQP_URL";
 const JSON_ENV: &str = "NUROPB_BENCH_JSON";
 /// `1`: shorter windows and fewer connections, to check the benchmark itself runs.
 const QUICK_ENV: &str = "NUROPB_BENCH_QUICK";
+/// A comma list of the parts to run, among `requests`, `floor`, `idle`, `fanout` (default:
+/// all), e.g. to profile one part with `perf record -p` on the gateway it starts.
+const ONLY_ENV: &str = "NUROPB_BENCH_ONLY";
+/// A comma list of the request scenarios to run, as `CxW` (e.g. `100x8`; default: all four).
+const SCENARIOS_ENV: &str = "NUROPB_BENCH_SCENARIOS";
+/// The measured window in seconds (default 5, or 1 when quick), e.g. longer for a profile.
+const SECS_ENV: &str = "NUROPB_BENCH_SECS";
 const SERVICE: &str = "bench-echo";
 const SCENARIOS: [(usize, usize); 4] = [(1, 1), (10, 8), (100, 8), (1000, 1)];
+const PARTS: [&str; 4] = ["requests", "floor", "idle", "fanout"];
 
 struct Settings {
+    parts: Vec<String>,
+    scenarios: Vec<(usize, usize)>,
     warmup: Duration,
     measure: Duration,
     idle_levels: Vec<usize>,
@@ -59,8 +69,46 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> Settings {
+        let mut settings = Settings::sizes();
+        if let Ok(only) = std::env::var(ONLY_ENV) {
+            settings.parts = only.split(',').map(|p| p.trim().to_owned()).collect();
+            for p in &settings.parts {
+                assert!(
+                    PARTS.contains(&p.as_str()),
+                    "{ONLY_ENV}: unknown part {p:?}; parts: {PARTS:?}"
+                );
+            }
+        }
+        if let Ok(list) = std::env::var(SCENARIOS_ENV) {
+            settings.scenarios = list
+                .split(',')
+                .map(|s| {
+                    let (c, w) = s.trim().split_once('x').unwrap_or_else(|| {
+                        panic!("{SCENARIOS_ENV}: {s:?} is not CxW (e.g. 100x8)")
+                    });
+                    (c.parse().expect("connections"), w.parse().expect("in flight"))
+                })
+                .collect();
+        }
+        if let Ok(secs) = std::env::var(SECS_ENV) {
+            let secs: u64 = secs.parse().expect("NUROPB_BENCH_SECS: whole seconds");
+            settings.measure = Duration::from_secs(secs.clamp(1, 600));
+            settings.fanout_time = settings.measure;
+        }
+        settings
+    }
+
+    fn runs(&self, part: &str) -> bool {
+        self.parts.iter().any(|p| p == part)
+    }
+
+    fn sizes() -> Settings {
+        let parts = PARTS.iter().map(|p| (*p).to_owned()).collect();
+        let scenarios = SCENARIOS.to_vec();
         if std::env::var(QUICK_ENV).is_ok_and(|v| v == "1") {
             Settings {
+                parts,
+                scenarios,
                 warmup: Duration::from_millis(300),
                 measure: Duration::from_secs(1),
                 idle_levels: vec![100, 1_000],
@@ -70,6 +118,8 @@ impl Settings {
             }
         } else {
             Settings {
+                parts,
+                scenarios,
                 warmup: Duration::from_secs(1),
                 measure: Duration::from_secs(5),
                 idle_levels: vec![1_000, 10_000, 19_000],
@@ -155,54 +205,70 @@ async fn main() {
     let mut report = serde_json::Map::new();
 
     // --- Requests: ceiling and gateway at each scenario -------------------------------------
-    let ceiling = ceiling::Ceiling::connect(&amqp_url, SERVICE).await;
-    let gw = GatewayProcess::start(Mesh::Amqp { url: &amqp_url, service_name: "bench-gw" });
     let mut pairs = Vec::new();
-    for (c, w) in SCENARIOS {
-        let base = measured("ceiling: lapin, 1 connection", (c, w), None, &settings, |win| {
-            let ceiling = ceiling.clone();
-            async move { ceiling::run(&ceiling, c * w, win).await }
-        })
-        .await;
-        let clients = load::connect_many(&gw.url, c, true, 64).await;
-        let row = measured("gateway on RabbitMQ", (c, w), Some(gw.pid), &settings, |win| {
-            load::run(clients, SERVICE, w, win)
-        })
-        .await;
-        pairs.push((base, row));
+    if settings.runs("requests") {
+        let ceiling = ceiling::Ceiling::connect(&amqp_url, SERVICE).await;
+        let gw = GatewayProcess::start(Mesh::Amqp { url: &amqp_url, service_name: "bench-gw" });
+        for &(c, w) in &settings.scenarios {
+            let base = measured("ceiling: lapin, 1 connection", (c, w), None, &settings, |win| {
+                let ceiling = ceiling.clone();
+                async move { ceiling::run(&ceiling, c * w, win).await }
+            })
+            .await;
+            let clients = load::connect_many(&gw.url, c, true, 64).await;
+            let row = measured("gateway on RabbitMQ", (c, w), Some(gw.pid), &settings, |win| {
+                load::run(clients, SERVICE, w, win)
+            })
+            .await;
+            pairs.push((base, row));
+        }
+        gw.stop();
     }
-    gw.stop();
 
     // --- The WebSocket floor and the gateway on its in-memory mesh ---------------------------
-    let floor_url = load::echo_server().await;
-    let (c, w) = (100, 8);
-    let clients = load::connect_many(&floor_url, c, false, 64).await;
-    let floor = measured("floor: bare tokio-tungstenite echo", (c, w), None, &settings, |win| {
-        load::run(clients, SERVICE, w, win)
-    })
-    .await;
-    let gw = GatewayProcess::start(Mesh::InMemory);
-    let clients = load::connect_many(&gw.url, c, true, 64).await;
-    let in_memory = measured("gateway, in-memory mesh", (c, w), Some(gw.pid), &settings, |win| {
-        load::run(clients, "demo", w, win)
-    })
-    .await;
-    gw.stop();
+    let mut floor_pair = None;
+    if settings.runs("floor") {
+        let floor_url = load::echo_server().await;
+        let (c, w) = (100, 8);
+        let clients = load::connect_many(&floor_url, c, false, 64).await;
+        let floor =
+            measured("floor: bare tokio-tungstenite echo", (c, w), None, &settings, |win| {
+                load::run(clients, SERVICE, w, win)
+            })
+            .await;
+        let gw = GatewayProcess::start(Mesh::InMemory);
+        let clients = load::connect_many(&gw.url, c, true, 64).await;
+        let in_memory =
+            measured("gateway, in-memory mesh", (c, w), Some(gw.pid), &settings, |win| {
+                load::run(clients, "demo", w, win)
+            })
+            .await;
+        gw.stop();
+        floor_pair = Some((floor, in_memory));
+    }
 
     // --- Idle connections ------------------------------------------------------------------
-    let gw = GatewayProcess::start(Mesh::Amqp { url: &amqp_url, service_name: "bench-gw-idle" });
-    let (unloaded_probe, idle_levels) = idle::run(
-        &gw,
-        SERVICE,
-        &settings.idle_levels,
-        settings.measure.min(Duration::from_secs(3)),
-    )
-    .await;
-    gw.stop();
+    let mut idle_part = None;
+    if settings.runs("idle") {
+        let gw =
+            GatewayProcess::start(Mesh::Amqp { url: &amqp_url, service_name: "bench-gw-idle" });
+        idle_part = Some(
+            idle::run(
+                &gw,
+                SERVICE,
+                &settings.idle_levels,
+                settings.measure.min(Duration::from_secs(3)),
+            )
+            .await,
+        );
+        gw.stop();
+    }
 
     // --- Fan-out ---------------------------------------------------------------------------
     let mut fanouts = Vec::new();
-    for &n in &settings.fanout_levels {
+    let fanout_levels =
+        if settings.runs("fanout") { settings.fanout_levels.clone() } else { vec![] };
+    for &n in &fanout_levels {
         let gw =
             GatewayProcess::start(Mesh::Amqp { url: &amqp_url, service_name: "bench-gw-fanout" });
         let clients = load::connect_many(&gw.url, n, true, 64).await;
@@ -231,74 +297,80 @@ async fn main() {
         rows_json.push(base.json());
         rows_json.push(row.json());
     }
-    print_row(&floor, &floor);
-    print_row(&in_memory, &floor);
-    rows_json.push(floor.json());
-    rows_json.push(in_memory.json());
+    if let Some((floor, in_memory)) = &floor_pair {
+        print_row(floor, floor);
+        print_row(in_memory, floor);
+        rows_json.push(floor.json());
+        rows_json.push(in_memory.json());
+    }
     report.insert("requests".into(), Value::Array(rows_json));
 
-    println!();
-    println!("## Idle authenticated connections (gateway on RabbitMQ)");
-    println!();
-    println!(
-        "| connections | gateway RSS | RSS per connection | probe 10 × 1 p50 | probe p99 | probe p99 ratio to no idle connections |"
-    );
-    println!("|---|---|---|---|---|---|");
-    println!(
-        "| 0 | – | – | {} | {} | 1.00x |",
-        us(unloaded_probe.percentile(0.5)),
-        us(unloaded_probe.percentile(0.99))
-    );
-    let mut idle_json = Vec::new();
-    for l in &idle_levels {
+    if let Some((unloaded_probe, idle_levels)) = &idle_part {
+        println!();
+        println!("## Idle authenticated connections (gateway on RabbitMQ)");
+        println!();
         println!(
-            "| {} | {:.1} MiB | {:.1} KiB | {} | {} | {:.2}x |",
-            l.connections,
-            l.rss_bytes as f64 / 1048576.0,
-            l.rss_per_connection / 1024.0,
-            us(l.probe.percentile(0.5)),
-            us(l.probe.percentile(0.99)),
-            l.probe.percentile(0.99) / unloaded_probe.percentile(0.99),
+            "| connections | gateway RSS | RSS per connection | probe 10 × 1 p50 | probe p99 | probe p99 ratio to no idle connections |"
         );
-        idle_json.push(json!({
-            "connections": l.connections, "rss_bytes": l.rss_bytes,
-            "rss_per_connection_bytes": l.rss_per_connection,
-            "probe_p50_us": l.probe.percentile(0.5), "probe_p99_us": l.probe.percentile(0.99),
-            "probe_requests": l.probe.ok, "probe_seconds": l.probe_seconds,
-        }));
+        println!("|---|---|---|---|---|---|");
+        println!(
+            "| 0 | – | – | {} | {} | 1.00x |",
+            us(unloaded_probe.percentile(0.5)),
+            us(unloaded_probe.percentile(0.99))
+        );
+        let mut idle_json = Vec::new();
+        for l in idle_levels {
+            println!(
+                "| {} | {:.1} MiB | {:.1} KiB | {} | {} | {:.2}x |",
+                l.connections,
+                l.rss_bytes as f64 / 1048576.0,
+                l.rss_per_connection / 1024.0,
+                us(l.probe.percentile(0.5)),
+                us(l.probe.percentile(0.99)),
+                l.probe.percentile(0.99) / unloaded_probe.percentile(0.99),
+            );
+            idle_json.push(json!({
+                "connections": l.connections, "rss_bytes": l.rss_bytes,
+                "rss_per_connection_bytes": l.rss_per_connection,
+                "probe_p50_us": l.probe.percentile(0.5), "probe_p99_us": l.probe.percentile(0.99),
+                "probe_requests": l.probe.ok, "probe_seconds": l.probe_seconds,
+            }));
+        }
+        report.insert(
+            "idle".into(),
+            json!({"unloaded_probe_p99_us": unloaded_probe.percentile(0.99), "levels": idle_json}),
+        );
     }
-    report.insert(
-        "idle".into(),
-        json!({"unloaded_probe_p99_us": unloaded_probe.percentile(0.99), "levels": idle_json}),
-    );
-
-    println!();
-    println!("## Fan-out: every session receives every broadcast event");
-    println!();
-    println!(
-        "| sessions | events/s | published | deliveries | expected | deliveries/s | p50 | p99 | gateway CPU/delivery |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
     let mut fan_json = Vec::new();
-    for (n, o, cpu) in &fanouts {
-        let per_delivery = cpu.map(|c| c * 1e6 / o.deliveries.max(1) as f64);
+    if !fanouts.is_empty() {
+        println!();
+        println!("## Fan-out: every session receives every broadcast event");
+        println!();
         println!(
-            "| {n} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
-            settings.fanout_rate,
-            o.published,
-            o.deliveries,
-            o.published * *n as u64,
-            o.deliveries as f64 / o.seconds,
-            us(o.latency.percentile(0.5)),
-            us(o.latency.percentile(0.99)),
-            per_delivery.map_or("–".to_owned(), |c| format!("{c:.1} µs")),
+            "| sessions | events/s | published | deliveries | expected | deliveries/s | p50 | p99 | gateway CPU/delivery |"
         );
-        fan_json.push(json!({
-            "sessions": n, "rate": settings.fanout_rate, "published": o.published,
-            "deliveries": o.deliveries, "deliveries_per_s": o.deliveries as f64 / o.seconds,
-            "p50_us": o.latency.percentile(0.5), "p99_us": o.latency.percentile(0.99),
-            "gateway_cpu_us_per_delivery": per_delivery,
-        }));
+        println!("|---|---|---|---|---|---|---|---|---|");
+
+        for (n, o, cpu) in &fanouts {
+            let per_delivery = cpu.map(|c| c * 1e6 / o.deliveries.max(1) as f64);
+            println!(
+                "| {n} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                settings.fanout_rate,
+                o.published,
+                o.deliveries,
+                o.published * *n as u64,
+                o.deliveries as f64 / o.seconds,
+                us(o.latency.percentile(0.5)),
+                us(o.latency.percentile(0.99)),
+                per_delivery.map_or("–".to_owned(), |c| format!("{c:.1} µs")),
+            );
+            fan_json.push(json!({
+                "sessions": n, "rate": settings.fanout_rate, "published": o.published,
+                "deliveries": o.deliveries, "deliveries_per_s": o.deliveries as f64 / o.seconds,
+                "p50_us": o.latency.percentile(0.5), "p99_us": o.latency.percentile(0.99),
+                "gateway_cpu_us_per_delivery": per_delivery,
+            }));
+        }
     }
     report.insert("fanout".into(), Value::Array(fan_json));
     println!();
