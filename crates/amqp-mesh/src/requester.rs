@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use handler_core::{MeshCall, MeshError, MeshEvent, MeshResponse};
 use mesh_crypto::{ServicePublicKey, SessionKey};
-use nuropb_wire::mesh::{DESCRIBE_METHOD, EventBody, MessageType, ResponseBody, error_name};
-use nuropb_wire::pyjson::from_python_json;
+use nuropb_wire::mesh::{DESCRIBE_METHOD, EventBody, MessageType, ResponseOutcome, error_name};
+use nuropb_wire::pyjson::{PyJsonError, from_python_json};
 use nuropb_wire::{ErrorObject, JsonObject};
 use serde_json::Value;
 use tracing::{debug, warn};
@@ -339,14 +339,13 @@ impl Requester {
             },
             (true, None) => return malformed("encrypted response to a plaintext request"),
         };
-        // An object always reads as a response body (see `ResponseBody`): the shape is
-        // checked first so that an array is not read as one.
-        match from_python_json::<Value>(&plain) {
-            Ok(body @ Value::Object(_)) => match serde_json::from_value::<ResponseBody>(body) {
-                Ok(ResponseBody { result, error, .. }) => MeshResponse { result, error },
-                Err(_) => malformed("body is not a response"),
-            },
-            Ok(_) => malformed("body is not a JSON object"),
+        // Only `result` and `error` are read; anything but an object is refused as a
+        // `Data` error (`ResponseOutcome`), so that an array is not read as a body.
+        match from_python_json::<ResponseOutcome>(&plain) {
+            Ok(ResponseOutcome { result, error }) => MeshResponse { result, error },
+            Err(PyJsonError::Decode(e)) if e.classify() == serde_json::error::Category::Data => {
+                malformed("body is not a JSON object")
+            }
             Err(_) => malformed("body is not JSON"),
         }
     }

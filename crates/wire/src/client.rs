@@ -674,7 +674,8 @@ impl Fields {
     /// A string field that must keep `rule`.
     fn required_str(&mut self, field: &str, rule: StrRule) -> Result<String, ClientFrameError> {
         let s = self.required_string(field)?;
-        checked_str(&self.label(field), s, rule)
+        // The label is formatted only for a refusal: this runs for every request.
+        checked_str(|| self.label(field), s, rule)
     }
 
     /// A string that may be absent, `null` or empty (all three mean "none"), but not too long.
@@ -695,15 +696,22 @@ impl Fields {
     }
 }
 
-/// `s` if it keeps `rule`; the refusal starts with `label` (a field's path, or "a topic").
-fn checked_str(label: &str, s: String, rule: StrRule) -> Result<String, ClientFrameError> {
+/// `s` if it keeps `rule`; the refusal starts with `label()` (a field's path, or "a topic").
+fn checked_str<L: std::fmt::Display>(
+    label: impl FnOnce() -> L,
+    s: String,
+    rule: StrRule,
+) -> Result<String, ClientFrameError> {
     use FrameErrorKind::Invalid;
     if s.is_empty() {
-        Err(ClientFrameError::new(Invalid, format!("{label} must not be empty")))
+        Err(ClientFrameError::new(Invalid, format!("{} must not be empty", label())))
     } else if s.len() > rule.max_len {
-        Err(too_long(label, rule.max_len))
+        Err(too_long(&label().to_string(), rule.max_len))
     } else if rule.no_control && s.chars().any(char::is_control) {
-        Err(ClientFrameError::new(Invalid, format!("{label} must not contain control characters")))
+        Err(ClientFrameError::new(
+            Invalid,
+            format!("{} must not contain control characters", label()),
+        ))
     } else {
         Ok(s)
     }
@@ -730,7 +738,7 @@ fn topics_field(
     let rule = StrRule::name(limits.max_topic_len);
     list.into_iter()
         .map(|t| match t {
-            Value::String(s) => checked_str("a topic", s, rule),
+            Value::String(s) => checked_str(|| "a topic", s, rule),
             other => Err(ClientFrameError::new(
                 FrameErrorKind::Invalid,
                 format!("`payload.topics` entries must be strings, got {}", type_name(&other)),

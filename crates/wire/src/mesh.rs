@@ -226,6 +226,74 @@ pub struct ResponseBody {
 /// The error name of an error that does not name itself.
 const UNNAMED_ERROR: &str = "NuropbException";
 
+/// What a requester reads of a response body: `result` and `error`, exactly as
+/// [`ResponseBody`] reads them, with every other member skipped unread (no value tree is built
+/// for the echoed `context`: this runs for every response). A member given twice counts
+/// once, the last, as when the object is read whole. Anything but an object is refused (a
+/// `Category::Data` error), so an array is never read as a body.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ResponseOutcome {
+    /// The method's return value; `null` when absent.
+    pub result: Value,
+    /// The error the method raised, read as [`ResponseBody::error`] is.
+    pub error: Option<ErrorObject>,
+}
+
+impl<'de> Deserialize<'de> for ResponseOutcome {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, Visitor};
+
+        enum Key {
+            Result,
+            Error,
+            Other,
+        }
+        impl<'de> Deserialize<'de> for Key {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct KeyVisitor;
+                impl Visitor<'_> for KeyVisitor {
+                    type Value = Key;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a member name")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Key, E> {
+                        Ok(match key {
+                            "result" => Key::Result,
+                            "error" => Key::Error,
+                            _ => Key::Other,
+                        })
+                    }
+                }
+                deserializer.deserialize_identifier(KeyVisitor)
+            }
+        }
+        #[derive(Deserialize)]
+        struct LenientError(#[serde(deserialize_with = "error_leniently")] Option<ErrorObject>);
+
+        struct BodyVisitor;
+        impl<'de> Visitor<'de> for BodyVisitor {
+            type Value = ResponseOutcome;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a response body (a JSON object)")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ResponseOutcome, A::Error> {
+                let mut outcome = ResponseOutcome::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        Key::Result => outcome.result = map.next_value()?,
+                        Key::Error => outcome.error = map.next_value::<LenientError>()?.0,
+                        Key::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(outcome)
+            }
+        }
+        deserializer.deserialize_map(BodyVisitor)
+    }
+}
+
 /// A response's `error` read leniently: nuropb always sends an `{"error", "description"}`
 /// object, but a foreign peer might not. `null` is no error; an object with a missing or
 /// empty `error` is a `NuropbException`, non-string members read as their JSON text; a
@@ -523,6 +591,10 @@ mod tests {
             let r: ResponseBody = serde_json::from_value(v.clone()).expect("decodes");
             assert_eq!(r.result, result, "{v}");
             assert_eq!(r.error, error.map(|(e, d)| ErrorObject::new(e, d)), "{v}");
+            // The requester's lean reading, from the bytes, finds the same.
+            let bytes = to_python_json(&v).expect("encodes");
+            let lean: ResponseOutcome = from_python_json(&bytes).expect("decodes");
+            assert_eq!((lean.result, lean.error), (r.result, r.error), "{v}");
         };
         check(serde_json::json!({"tag": "response", "result": 5, "error": null}), 5.into(), None);
         check(
@@ -538,6 +610,32 @@ mod tests {
         );
         check(serde_json::json!({"error": [1]}), Value::Null, Some(("NuropbException", "[1]")));
         check(serde_json::json!({"result": 1, "context": null, "trace_id": 7}), 1.into(), None);
+    }
+
+    #[test]
+    fn lean_response_reading_keeps_the_last_member_and_refuses_non_objects() {
+        let lean = |text: &str| from_python_json::<ResponseOutcome>(text.as_bytes());
+        let twice = lean(r#"{"result": 1, "context": {"a": [1, {"b": 2}]}, "result": 2}"#);
+        assert_eq!(twice.expect("decodes").result, Value::from(2), "the last `result` counts");
+        let whole: Value = from_python_json(br#"{"result": 1, "result": 2}"#).expect("decodes");
+        assert_eq!(whole["result"], 2, "as when the object is read whole");
+        assert_eq!(lean("{}").expect("decodes"), ResponseOutcome::default());
+        assert_eq!(lean(r#"{"result": NaN}"#).expect("decodes").result, Value::Null);
+        for bad in ["[1, null]", "5", "\"x\"", "null"] {
+            match lean(bad) {
+                Err(crate::pyjson::PyJsonError::Decode(e)) => {
+                    assert_eq!(e.classify(), serde_json::error::Category::Data, "{bad}");
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        for broken in ["{", r#"{"result": }"#, "{\"result\": 1} x"] {
+            let e = lean(broken).expect_err(broken);
+            assert!(
+                matches!(e, crate::pyjson::PyJsonError::Decode(ref e) if e.classify() != serde_json::error::Category::Data),
+                "{broken}"
+            );
+        }
     }
 
     #[test]

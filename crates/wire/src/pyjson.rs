@@ -108,8 +108,12 @@ impl Formatter for PythonFormatter {
         fragment: &str,
     ) -> io::Result<()> {
         let bytes = fragment.as_bytes();
+        // Most strings are printable ASCII throughout: written in one piece.
+        let Some(first) = bytes.iter().position(|b| !(b' '..=b'~').contains(b)) else {
+            return writer.write_all(bytes);
+        };
         let mut start = 0;
-        for (index, ch) in fragment.char_indices() {
+        for (index, ch) in fragment.char_indices().skip_while(|(index, _)| *index < first) {
             if (' '..='~').contains(&ch) {
                 continue;
             }
@@ -245,7 +249,8 @@ fn sanitize(input: &[u8]) -> Cow<'_, [u8]> {
                 },
                 // Any other escape is two bytes; skipping both keeps `\"` inside the string.
                 b'\\' => i += 2,
-                _ => i += 1,
+                // The bulk of a body: skip to the next quote or backslash in one pass.
+                _ => i = skip_until(input, i + 1, |b| b == b'"' || b == b'\\'),
             }
         } else {
             let rest = &input[i..];
@@ -262,11 +267,18 @@ fn sanitize(input: &[u8]) -> Cow<'_, [u8]> {
                 rewriter.replace(i, i + 9, b"null");
                 i += 9;
             } else {
-                i += 1;
+                // Only a quote or the first letter of a non-finite token matters here.
+                i = skip_until(input, i + 1, |b| matches!(b, b'"' | b'N' | b'I' | b'-'));
             }
         }
     }
     rewriter.finish()
+}
+
+/// The index of the first byte at or after `from` that `stop` accepts, or the input's length.
+fn skip_until(input: &[u8], from: usize, stop: impl Fn(u8) -> bool) -> usize {
+    let rest = input.get(from..).unwrap_or_default();
+    from + rest.iter().position(|&b| stop(b)).unwrap_or(rest.len())
 }
 
 struct Rewriter<'a> {

@@ -15,7 +15,7 @@ use nuropb_wire::client::{
     ServerMessage, decode_client_message, decode_server_frame, encode_server_frame,
 };
 use nuropb_wire::mesh::{
-    DescribeResult, EventBody, MessageType, RequestBody, ResponseBody, header,
+    DescribeResult, EventBody, MessageType, RequestBody, ResponseBody, ResponseOutcome, header,
 };
 use nuropb_wire::pyjson::{from_python_json, to_python_json};
 use nuropb_wire::{ErrorObject, JsonObject};
@@ -341,6 +341,11 @@ fn recorded_responses_and_describe_results() {
             serde_json::from_value(original.clone()).unwrap_or_else(|e| panic!("{origin}: {e}"));
         assert_eq!(typed.tag, MessageType::Response);
         assert_eq!(&serde_json::to_value(&typed).expect("encodes"), original, "{origin}");
+        // The requester's lean reading keeps exactly the body's `result` and `error`.
+        let bytes = to_python_json(original).expect("encodes");
+        let lean: ResponseOutcome =
+            from_python_json(&bytes).unwrap_or_else(|e| panic!("{origin}: {e}"));
+        assert_eq!((&lean.result, &lean.error), (&typed.result, &typed.error), "{origin}");
         if typed.result.get("encrypted_methods").is_some() {
             let describe: DescribeResult = serde_json::from_value(typed.result.clone())
                 .unwrap_or_else(|e| panic!("{origin}: {e}"));
