@@ -55,9 +55,20 @@ pub fn to_python_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, PyJso
 ///   may hold lone surrogates, Rust strings cannot.
 ///
 /// Everything else is strict; invalid input is an error, never a panic.
+///
+/// Strict JSON is tried first, as it is what nearly every body is: the pre-pass runs only
+/// when that fails, and the input is read again only if the pre-pass rewrote something. A
+/// strict reading never differs from a lenient one: serde_json refuses the non-finite tokens
+/// and lone surrogates in any string it keeps, and a lone surrogate in a member the target
+/// skips is never read.
 pub fn from_python_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, PyJsonError> {
-    let cleaned = sanitize(bytes);
-    serde_json::from_slice(&cleaned).map_err(PyJsonError::Decode)
+    match serde_json::from_slice(bytes) {
+        Ok(value) => Ok(value),
+        Err(strict) => match sanitize(bytes) {
+            Cow::Borrowed(_) => Err(PyJsonError::Decode(strict)),
+            Cow::Owned(cleaned) => serde_json::from_slice(&cleaned).map_err(PyJsonError::Decode),
+        },
+    }
 }
 
 /// A serde_json [`Formatter`] reproducing Python's `json.dumps` defaults. Public so callers
@@ -335,6 +346,44 @@ mod tests {
 
     fn encode(value: &Value) -> String {
         String::from_utf8(to_python_json(value).expect("encodes")).expect("ascii output")
+    }
+
+    /// Reading strict JSON first changes no outcome: every input reads exactly as through
+    /// the pre-pass, for a value tree and for a target that skips members.
+    #[test]
+    fn strict_first_reads_as_the_pre_pass_does() {
+        fn old<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+            serde_json::from_slice(&sanitize(bytes)).ok()
+        }
+        #[derive(Debug, PartialEq, serde::Deserialize)]
+        struct Some1 {
+            a: Option<String>,
+        }
+        let inputs: [&[u8]; 14] = [
+            br#"{"a": "\ud800"}"#,
+            br#"{"a": "\udc00x"}"#,
+            br#"{"a": "\ud83d\ude00"}"#,
+            br#"{"b": "\ud800", "a": "ok"}"#,
+            br#"{"a": NaN}"#,
+            br#"{"b": [Infinity, -Infinity], "a": "x"}"#,
+            br#"{"a": "NaN Infinity"}"#,
+            br#"{"a": "\u0041\\"}"#,
+            br#"{"a": 1"#,
+            br#"{"a": "\uZZZZ"}"#,
+            b"[1, 2]",
+            b"NaN",
+            b"{\"a\": \"\xff\"}",
+            b"",
+        ];
+        for input in inputs {
+            let shown = String::from_utf8_lossy(input);
+            assert_eq!(from_python_json::<Value>(input).ok(), old::<Value>(input), "{shown}");
+            assert_eq!(from_python_json::<Some1>(input).ok(), old::<Some1>(input), "{shown}");
+        }
+        assert!(
+            serde_json::from_slice::<Value>(br#"["\ud800"]"#).is_err(),
+            "serde_json refuses it"
+        );
     }
 
     /// Expected strings are what CPython 3 `json.dumps` prints for the same value.

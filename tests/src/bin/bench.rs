@@ -50,6 +50,8 @@ const QUICK_ENV: &str = "NUROPB_BENCH_QUICK";
 const ONLY_ENV: &str = "NUROPB_BENCH_ONLY";
 /// A comma list of the request scenarios to run, as `CxW` (e.g. `100x8`; default: all four).
 const SCENARIOS_ENV: &str = "NUROPB_BENCH_SCENARIOS";
+/// A comma list of the fan-out levels as `SESSIONS@RATE` (default `1000@50,10000@50,10000@20`).
+const FANOUT_ENV: &str = "NUROPB_BENCH_FANOUT";
 /// The measured window in seconds (default 5, or 1 when quick), e.g. longer for a profile.
 const SECS_ENV: &str = "NUROPB_BENCH_SECS";
 const SERVICE: &str = "bench-echo";
@@ -62,8 +64,8 @@ struct Settings {
     warmup: Duration,
     measure: Duration,
     idle_levels: Vec<usize>,
-    fanout_levels: Vec<usize>,
-    fanout_rate: u32,
+    /// Sessions and broadcast events per second.
+    fanout_levels: Vec<(usize, u32)>,
     fanout_time: Duration,
 }
 
@@ -90,6 +92,16 @@ impl Settings {
                 })
                 .collect();
         }
+        if let Ok(list) = std::env::var(FANOUT_ENV) {
+            settings.fanout_levels = list
+                .split(',')
+                .map(|level| {
+                    let (n, rate) = level.trim().split_once('@').unwrap_or((level.trim(), "50"));
+                    let n = n.parse().expect("NUROPB_BENCH_FANOUT: SESSIONS@RATE");
+                    (n, rate.parse().expect("NUROPB_BENCH_FANOUT: SESSIONS@RATE"))
+                })
+                .collect();
+        }
         if let Ok(secs) = std::env::var(SECS_ENV) {
             let secs: u64 = secs.parse().expect("NUROPB_BENCH_SECS: whole seconds");
             settings.measure = Duration::from_secs(secs.clamp(1, 600));
@@ -112,8 +124,7 @@ impl Settings {
                 warmup: Duration::from_millis(300),
                 measure: Duration::from_secs(1),
                 idle_levels: vec![100, 1_000],
-                fanout_levels: vec![100, 1_000],
-                fanout_rate: 20,
+                fanout_levels: vec![(100, 20), (1_000, 20)],
                 fanout_time: Duration::from_secs(1),
             }
         } else {
@@ -123,8 +134,9 @@ impl Settings {
                 warmup: Duration::from_secs(1),
                 measure: Duration::from_secs(5),
                 idle_levels: vec![1_000, 10_000, 19_000],
-                fanout_levels: vec![1_000, 10_000],
-                fanout_rate: 50,
+                // The last: the same sessions at 2/5 of the rate, below what the 2 cores
+                // can carry for the gateway, the broker and the 10k clients together.
+                fanout_levels: vec![(1_000, 50), (10_000, 50), (10_000, 20)],
                 fanout_time: Duration::from_secs(5),
             }
         }
@@ -227,8 +239,19 @@ async fn main() {
 
     // --- The WebSocket floor and the gateway on its in-memory mesh ---------------------------
     let mut floor_pair = None;
+    let mut floor_single = None;
+    let mut floor_single_gateway = None;
     if settings.runs("floor") {
         let floor_url = load::echo_server().await;
+        // One WebSocket round trip on loopback, one caller: what the gateway's 1 × 1 row
+        // adds to the ceiling's at least (the ceiling's callers make no such hop).
+        let clients = load::connect_many(&floor_url, 1, false, 64).await;
+        floor_single = Some(
+            measured("floor: bare tokio-tungstenite echo", (1, 1), None, &settings, |win| {
+                load::run(clients, SERVICE, 1, win)
+            })
+            .await,
+        );
         let (c, w) = (100, 8);
         let clients = load::connect_many(&floor_url, c, false, 64).await;
         let floor =
@@ -243,6 +266,13 @@ async fn main() {
                 load::run(clients, "demo", w, win)
             })
             .await;
+        let clients = load::connect_many(&gw.url, 1, true, 64).await;
+        floor_single_gateway = Some(
+            measured("gateway, in-memory mesh", (1, 1), Some(gw.pid), &settings, |win| {
+                load::run(clients, "demo", 1, win)
+            })
+            .await,
+        );
         gw.stop();
         floor_pair = Some((floor, in_memory));
     }
@@ -268,17 +298,15 @@ async fn main() {
     let mut fanouts = Vec::new();
     let fanout_levels =
         if settings.runs("fanout") { settings.fanout_levels.clone() } else { vec![] };
-    for &n in &fanout_levels {
+    for &(n, rate) in &fanout_levels {
         let gw =
             GatewayProcess::start(Mesh::Amqp { url: &amqp_url, service_name: "bench-gw-fanout" });
         let clients = load::connect_many(&gw.url, n, true, 64).await;
-        let meter = sys::CpuMeter::start(&[Some(gw.pid)]);
-        let outcome =
-            fanout::run(&amqp_url, clients, settings.fanout_rate, settings.fanout_time, epoch)
-                .await;
-        let cpu = meter.stop()[0];
+        let meter = sys::CpuMeter::start(&[Some(gw.pid), Some(std::process::id())]);
+        let outcome = fanout::run(&amqp_url, clients, rate, settings.fanout_time, epoch).await;
+        let cpu = meter.stop();
         gw.stop();
-        fanouts.push((n, outcome, cpu));
+        fanouts.push((n, rate, outcome, cpu));
     }
     service.stop().await;
 
@@ -296,6 +324,12 @@ async fn main() {
         print_row(row, base);
         rows_json.push(base.json());
         rows_json.push(row.json());
+    }
+    if let (Some(floor), Some(gateway)) = (&floor_single, &floor_single_gateway) {
+        print_row(floor, floor);
+        print_row(gateway, floor);
+        rows_json.push(floor.json());
+        rows_json.push(gateway.json());
     }
     if let Some((floor, in_memory)) = &floor_pair {
         print_row(floor, floor);
@@ -347,15 +381,15 @@ async fn main() {
         println!("## Fan-out: every session receives every broadcast event");
         println!();
         println!(
-            "| sessions | events/s | published | deliveries | expected | deliveries/s | p50 | p99 | gateway CPU/delivery |"
+            "| sessions | events/s | published | deliveries | expected | deliveries/s | p50 | p99 | gateway CPU/delivery | bench CPU/delivery |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
 
-        for (n, o, cpu) in &fanouts {
-            let per_delivery = cpu.map(|c| c * 1e6 / o.deliveries.max(1) as f64);
+        for (n, rate, o, cpu) in &fanouts {
+            let per = |i: usize| cpu[i].map(|c| c * 1e6 / o.deliveries.max(1) as f64);
+            let (per_delivery, bench_per_delivery) = (per(0), per(1));
             println!(
-                "| {n} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
-                settings.fanout_rate,
+                "| {n} | {rate} | {} | {} | {} | {:.0} | {} | {} | {} | {} |",
                 o.published,
                 o.deliveries,
                 o.published * *n as u64,
@@ -363,12 +397,14 @@ async fn main() {
                 us(o.latency.percentile(0.5)),
                 us(o.latency.percentile(0.99)),
                 per_delivery.map_or("–".to_owned(), |c| format!("{c:.1} µs")),
+                bench_per_delivery.map_or("–".to_owned(), |c| format!("{c:.1} µs")),
             );
             fan_json.push(json!({
-                "sessions": n, "rate": settings.fanout_rate, "published": o.published,
+                "sessions": n, "rate": rate, "published": o.published,
                 "deliveries": o.deliveries, "deliveries_per_s": o.deliveries as f64 / o.seconds,
                 "p50_us": o.latency.percentile(0.5), "p99_us": o.latency.percentile(0.99),
                 "gateway_cpu_us_per_delivery": per_delivery,
+                "bench_cpu_us_per_delivery": bench_per_delivery,
             }));
         }
     }
