@@ -17,10 +17,31 @@ use serde_json::{Number, Value};
 
 use crate::mesh::JsonObject;
 
-/// The estimated heap cost of an allocation of `n` bytes: glibc malloc rounds a request plus
-/// its 8-byte header up to 16 bytes, and never hands out less than 32.
+/// The estimated heap cost of an allocation of `n` bytes, the larger of what the two
+/// allocators a build may use take for it: glibc malloc rounds a request plus its 8-byte
+/// header up to 16 bytes and never hands out less than 32; mimalloc (the gateway binary's)
+/// has no header but rounds up to its size class, four per power of two above 64 bytes
+/// (so up to a quarter more: 2049 bytes take 2560).
 fn heap(n: usize) -> usize {
-    if n == 0 { 0 } else { (n.saturating_add(23) & !15).max(32) }
+    if n == 0 {
+        return 0;
+    }
+    let glibc = (n.saturating_add(23) & !15).max(32);
+    glibc.max(mimalloc_class(n))
+}
+
+/// mimalloc's size class for `n > 0` bytes: whole 8-byte words; up to 8 words, an even
+/// number of them; above, the next multiple of a quarter of the power of two below.
+fn mimalloc_class(n: usize) -> usize {
+    let words = n.div_ceil(8);
+    let rounded = if words <= 8 {
+        (words + 1) & !1
+    } else {
+        let top = usize::BITS - 1 - (words - 1).leading_zeros();
+        let step = 1usize << (top - 2);
+        words.div_ceil(step).saturating_mul(step)
+    };
+    rounded.saturating_mul(8)
 }
 
 /// One value's slot in its parent (or the root).
@@ -456,9 +477,26 @@ mod tests {
 
     #[test]
     fn heap_rounding() {
-        let cases = [(0, 0), (1, 32), (24, 32), (25, 48), (40, 48), (41, 64), (1000, 1008)];
+        let cases = [
+            (0, 0),
+            (1, 32),
+            (24, 32),
+            (25, 48),
+            (40, 48),
+            (41, 64),
+            (100, 112),
+            (1000, 1024),
+            (2048, 2064),
+            (2049, 2560),
+            (3000, 3072),
+            (1 << 20, (1 << 20) + 16),
+        ];
         for (n, want) in cases {
             assert_eq!(heap(n), want, "heap({n})");
+        }
+        // mimalloc's classes, as its `_mi_bin` sizes them.
+        for (n, class) in [(1, 16), (8, 16), (17, 32), (64, 64), (65, 80), (129, 160), (1025, 1280)] {
+            assert_eq!(mimalloc_class(n), class, "mimalloc_class({n})");
         }
     }
 
