@@ -495,7 +495,8 @@ mod tests {
             assert_eq!(heap(n), want, "heap({n})");
         }
         // mimalloc's classes, as its `_mi_bin` sizes them.
-        for (n, class) in [(1, 16), (8, 16), (17, 32), (64, 64), (65, 80), (129, 160), (1025, 1280)] {
+        for (n, class) in [(1, 16), (8, 16), (17, 32), (64, 64), (65, 80), (129, 160), (1025, 1280)]
+        {
             assert_eq!(mimalloc_class(n), class, "mimalloc_class({n})");
         }
     }
