@@ -79,11 +79,25 @@ impl RabbitNode {
     /// `join_cluster`, `start_app`): one RabbitMQ cluster on loopback, each node with its
     /// own name, AMQP and distribution ports. Panics naming the node and the command that
     /// failed; nodes already started are killed on the way out (their `Drop`).
+    ///
+    /// RabbitMQ's own clustering is not what the suites test: when a join fails, the seed's
+    /// log tail and the failure are printed, all nodes are removed, and the whole cluster is
+    /// set up once more with fresh nodes before giving up.
     pub fn start_cluster(purpose: &str, n: usize) -> Vec<RabbitNode> {
+        match RabbitNode::try_start_cluster(purpose, n) {
+            Ok(nodes) => nodes,
+            Err(first) => {
+                eprintln!("{first}\nsetting the cluster up again with fresh nodes");
+                RabbitNode::try_start_cluster(purpose, n).unwrap_or_else(|again| panic!("{again}"))
+            }
+        }
+    }
+
+    fn try_start_cluster(purpose: &str, n: usize) -> Result<Vec<RabbitNode>, String> {
         let cookie = uuid::Uuid::new_v4().simple().to_string();
         let nodes: Vec<RabbitNode> =
             (0..n).map(|_| RabbitNode::prepare(purpose, &cookie, None)).collect();
-        let mut nodes: Vec<RabbitNode> = std::thread::scope(|scope| {
+        let nodes: Vec<RabbitNode> = std::thread::scope(|scope| {
             let boots: Vec<_> = nodes
                 .into_iter()
                 .map(|mut node| {
@@ -96,11 +110,17 @@ impl RabbitNode {
             // A boot that panicked has killed its own node; the others drop here.
             boots.into_iter().map(|b| b.join().expect("a node booted")).collect()
         });
-        let seed = nodes[0].name.clone();
-        for node in nodes.iter_mut().skip(1) {
-            for args in [&["stop_app"][..], &["join_cluster", seed.as_str()], &["start_app"]] {
+        let seed = &nodes[0];
+        for node in nodes.iter().skip(1) {
+            for args in [&["stop_app"][..], &["join_cluster", seed.name.as_str()], &["start_app"]] {
                 if let Err(why) = node.ctl_checked(args) {
-                    panic!("node {}: `rabbitmqctl {}` failed: {why}", node.name, args.join(" "));
+                    // The nodes are killed when `nodes` drops, after the seed's log is read.
+                    return Err(format!(
+                        "node {}: `rabbitmqctl {}` failed: {why}\nthe seed's log ends:\n{}",
+                        node.name,
+                        args.join(" "),
+                        seed.log_tail(40)
+                    ));
                 }
             }
         }
@@ -108,7 +128,26 @@ impl RabbitNode {
         for node in &nodes {
             node.wait_running_nodes(expected);
         }
-        nodes
+        Ok(nodes)
+    }
+
+    /// The last `lines` lines of the node's own log and of what its start script printed.
+    fn log_tail(&self, lines: usize) -> String {
+        let mut out = String::new();
+        let mut logs = vec![self.dir.join("server.out")];
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("log")) {
+            logs.extend(entries.flatten().map(|e| e.path()));
+        }
+        for path in logs {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {}\n", path.display()));
+            for line in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// A node's folder, cookie and ports, not started.
