@@ -18,6 +18,20 @@ use handler_core::{JwtAuthenticator, ServiceMesh};
 use crate::config::Cli;
 use crate::jwks::{self, JwksSource};
 
+/// The JWT authenticator of static keys, with the configured claims checks (issuer,
+/// audience, username claim, lifetime): the configured key, else `dev_secret` (the in-memory
+/// mode's generated one); `None` when there is neither. The one builder of it, at start-up
+/// and on a reload (`reload::authenticator`).
+pub fn static_jwt(cli: &Cli, dev_secret: Option<&str>) -> Result<Option<Arc<dyn Authenticator>>> {
+    let key = match (cli.jwt_config()?, dev_secret) {
+        (Some(config), _) => config.key,
+        (None, Some(secret)) => JwtKey::Hs256Secret(secret.as_bytes().to_vec()),
+        (None, None) => return Ok(None),
+    };
+    let jwt = JwtAuthenticator::new(cli.jwt_config_with(key)).context("invalid JWT key")?;
+    Ok(Some(Arc::new(jwt)))
+}
+
 /// The authenticator, and the dev secret generated when no key at all is configured (the
 /// in-memory demo; `validate` refuses that with `--amqp-url`).
 pub async fn authenticator(
@@ -53,16 +67,16 @@ pub async fn authenticator(
         );
         let config = cli.jwt_config_with(JwtKey::Set(keys));
         Some(Arc::new(JwtAuthenticator::new(config).context("invalid JWT key")?))
-    } else if let Some(key) = fixed {
-        Some(Arc::new(JwtAuthenticator::new(cli.jwt_config_with(key)).context("invalid JWT key")?))
+    } else if let Some(jwt) = static_jwt(cli, None)? {
+        Some(jwt)
     } else if cli.auth_service_method.is_some() {
         // Opaque tokens only: a JWT is refused.
         None
     } else {
         let secret = crate::demo::generate_secret();
-        let key = JwtKey::Hs256Secret(secret.clone().into_bytes());
+        let jwt = static_jwt(cli, Some(&secret))?;
         dev_secret = Some(secret);
-        Some(Arc::new(JwtAuthenticator::new(cli.jwt_config_with(key)).context("invalid JWT key")?))
+        jwt
     };
     let Some((service, method)) = cli.auth_service_target()? else {
         // `validate` saw to it that some authenticator is configured.

@@ -14,12 +14,13 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, Result};
 
-use handler_core::auth::{AuthError, Authenticator, Identity, JwtKey};
-use handler_core::{CoordinatorHandle, JwtAuthenticator};
+use handler_core::CoordinatorHandle;
+use handler_core::auth::{AuthError, Authenticator, Identity};
 use ws_adapter::{OriginPolicyHandle, PreparedTls, TlsAcceptorHandle};
 
 use crate::config::Cli;
 use crate::config_file::{self, LoadError, Loaded};
+use crate::identity;
 
 /// The keys a reload puts in force; every other key needs a restart.
 pub const LIVE_KEYS: &[&str] = &[
@@ -78,17 +79,9 @@ impl Authenticator for ReloadableAuthenticator {
 /// The client JWT authenticator `cli` asks for; without a configured key, one for
 /// `dev_secret` (the in-memory mode's generated secret).
 pub fn authenticator(cli: &Cli, dev_secret: Option<&str>) -> Result<Arc<dyn Authenticator>> {
-    let config = match (cli.jwt_config()?, dev_secret) {
-        (Some(c), _) => c,
-        // As at start-up (`identity::authenticator`): the dev secret with the configured
-        // claims checks (issuer, audience, username claim, lifetime).
-        (None, Some(secret)) => {
-            cli.jwt_config_with(JwtKey::Hs256Secret(secret.as_bytes().to_vec()))
-        }
-        // `Cli::validate` requires a key outside the demo mode, which always has a secret.
-        (None, None) => anyhow::bail!("no JWT key configured (--jwt-secret)"),
-    };
-    Ok(Arc::new(JwtAuthenticator::new(config).context("invalid JWT key")?))
+    // As at start-up; `Cli::validate` requires a key outside the demo mode, which always has
+    // a secret.
+    identity::static_jwt(cli, dev_secret)?.context("no JWT key configured (--jwt-secret)")
 }
 
 /// Whether `cli`'s authenticator is built from static keys only (no JWKS, no auth service).
