@@ -1249,7 +1249,9 @@ pub async fn shutdown_settles_unconfirmed_commands(ctx: Ctx) {
 
 pub async fn encryption_key_follows_a_restarted_service(ctx: Ctx) {
     use std::sync::atomic::Ordering::SeqCst;
-    let key_ttl = Duration::from_millis(400);
+    // Long enough to cover stopping v1 and starting v2 on a loaded machine (the call that
+    // must still use the old key comes after both); 400 ms was once not (CI, 4 test threads).
+    let key_ttl = Duration::from_millis(1500);
     let gw = ctx
         .start(AmqpMeshConfig {
             encryption_key_ttl: key_ttl,
