@@ -52,6 +52,8 @@ const ONLY_ENV: &str = "NUROPB_BENCH_ONLY";
 const SCENARIOS_ENV: &str = "NUROPB_BENCH_SCENARIOS";
 /// A comma list of the fan-out levels as `SESSIONS@RATE` (default `1000@50,10000@50,10000@20`).
 const FANOUT_ENV: &str = "NUROPB_BENCH_FANOUT";
+/// How many times a request scenario alternates ceiling and gateway (default 3, quick 1).
+const ROUNDS_ENV: &str = "NUROPB_BENCH_ROUNDS";
 /// The measured window in seconds (default 5, or 1 when quick), e.g. longer for a profile.
 const SECS_ENV: &str = "NUROPB_BENCH_SECS";
 const SERVICE: &str = "bench-echo";
@@ -60,6 +62,9 @@ const PARTS: [&str; 4] = ["requests", "floor", "idle", "fanout"];
 
 struct Settings {
     parts: Vec<String>,
+    /// Request scenarios alternate ceiling and gateway this many times, each for
+    /// `measure / rounds`, so that a slow spell of the machine falls on both rows.
+    rounds: u32,
     scenarios: Vec<(usize, usize)>,
     warmup: Duration,
     measure: Duration,
@@ -102,12 +107,26 @@ impl Settings {
                 })
                 .collect();
         }
+        if let Ok(rounds) = std::env::var(ROUNDS_ENV) {
+            settings.rounds =
+                rounds.parse::<u32>().expect("NUROPB_BENCH_ROUNDS: a count").clamp(1, 20);
+        }
         if let Ok(secs) = std::env::var(SECS_ENV) {
             let secs: u64 = secs.parse().expect("NUROPB_BENCH_SECS: whole seconds");
             settings.measure = Duration::from_secs(secs.clamp(1, 600));
             settings.fanout_time = settings.measure;
         }
         settings
+    }
+
+    /// The warm-up and measured window of one row.
+    fn window(&self) -> (Duration, Duration) {
+        (self.warmup, self.measure)
+    }
+
+    /// The warm-up and measured window of one round of a request scenario.
+    fn round_window(&self) -> (Duration, Duration) {
+        (self.warmup, self.measure / self.rounds.max(1))
     }
 
     fn runs(&self, part: &str) -> bool {
@@ -121,6 +140,7 @@ impl Settings {
             Settings {
                 parts,
                 scenarios,
+                rounds: 1,
                 warmup: Duration::from_millis(300),
                 measure: Duration::from_secs(1),
                 idle_levels: vec![100, 1_000],
@@ -131,6 +151,7 @@ impl Settings {
             Settings {
                 parts,
                 scenarios,
+                rounds: 3,
                 warmup: Duration::from_secs(1),
                 measure: Duration::from_secs(5),
                 idle_levels: vec![1_000, 10_000, 19_000],
@@ -155,6 +176,21 @@ struct Row {
 }
 
 impl Row {
+    /// Rounds of one scenario as one row: their requests, latencies, seconds and CPU summed.
+    fn merge(rounds: Vec<Row>) -> Row {
+        let mut rounds = rounds.into_iter();
+        let first = rounds.next().expect("at least one round");
+        let (mut outcomes, mut seconds, mut cpu) = (vec![first.outcome], first.seconds, first.cpu);
+        for r in rounds {
+            outcomes.push(r.outcome);
+            seconds += r.seconds;
+            for (sum, add) in cpu.iter_mut().zip(r.cpu) {
+                *sum = sum.zip(add).map(|(a, b)| a + b);
+            }
+        }
+        Row { outcome: Outcome::merge(outcomes), seconds, cpu, ..first }
+    }
+
     fn throughput(&self) -> f64 {
         self.outcome.ok as f64 / self.seconds
     }
@@ -180,10 +216,10 @@ async fn measured<F: Future<Output = Outcome> + Send + 'static>(
     name: &str,
     (connections, in_flight): (usize, usize),
     gateway_pid: Option<u32>,
-    settings: &Settings,
+    (warmup, measure): (Duration, Duration),
     load: impl FnOnce(Window) -> F,
 ) -> Row {
-    let window = Window::after(settings.warmup, settings.measure);
+    let window = Window::after(warmup, measure);
     let pids = [gateway_pid, sys::broker_pid(), Some(std::process::id())];
     let run = tokio::spawn(load(window));
     tokio::time::sleep_until(window.start).await;
@@ -222,17 +258,32 @@ async fn main() {
         let ceiling = ceiling::Ceiling::connect(&amqp_url, SERVICE).await;
         let gw = GatewayProcess::start(Mesh::Amqp { url: &amqp_url, service_name: "bench-gw" });
         for &(c, w) in &settings.scenarios {
-            let base = measured("ceiling: lapin, 1 connection", (c, w), None, &settings, |win| {
-                let ceiling = ceiling.clone();
-                async move { ceiling::run(&ceiling, c * w, win).await }
-            })
-            .await;
-            let clients = load::connect_many(&gw.url, c, true, 64).await;
-            let row = measured("gateway on RabbitMQ", (c, w), Some(gw.pid), &settings, |win| {
-                load::run(clients, SERVICE, w, win)
-            })
-            .await;
-            pairs.push((base, row));
+            let (mut bases, mut rows) = (Vec::new(), Vec::new());
+            for _ in 0..settings.rounds {
+                let base = measured(
+                    "ceiling: lapin, 1 connection",
+                    (c, w),
+                    None,
+                    settings.round_window(),
+                    |win| {
+                        let ceiling = ceiling.clone();
+                        async move { ceiling::run(&ceiling, c * w, win).await }
+                    },
+                )
+                .await;
+                let clients = load::connect_many(&gw.url, c, true, 64).await;
+                let row = measured(
+                    "gateway on RabbitMQ",
+                    (c, w),
+                    Some(gw.pid),
+                    settings.round_window(),
+                    |win| load::run(clients, SERVICE, w, win),
+                )
+                .await;
+                bases.push(base);
+                rows.push(row);
+            }
+            pairs.push((Row::merge(bases), Row::merge(rows)));
         }
         gw.stop();
     }
@@ -247,28 +298,35 @@ async fn main() {
         // adds to the ceiling's at least (the ceiling's callers make no such hop).
         let clients = load::connect_many(&floor_url, 1, false, 64).await;
         floor_single = Some(
-            measured("floor: bare tokio-tungstenite echo", (1, 1), None, &settings, |win| {
-                load::run(clients, SERVICE, 1, win)
-            })
+            measured(
+                "floor: bare tokio-tungstenite echo",
+                (1, 1),
+                None,
+                settings.window(),
+                |win| load::run(clients, SERVICE, 1, win),
+            )
             .await,
         );
         let (c, w) = (100, 8);
         let clients = load::connect_many(&floor_url, c, false, 64).await;
-        let floor =
-            measured("floor: bare tokio-tungstenite echo", (c, w), None, &settings, |win| {
-                load::run(clients, SERVICE, w, win)
-            })
-            .await;
+        let floor = measured(
+            "floor: bare tokio-tungstenite echo",
+            (c, w),
+            None,
+            settings.window(),
+            |win| load::run(clients, SERVICE, w, win),
+        )
+        .await;
         let gw = GatewayProcess::start(Mesh::InMemory);
         let clients = load::connect_many(&gw.url, c, true, 64).await;
         let in_memory =
-            measured("gateway, in-memory mesh", (c, w), Some(gw.pid), &settings, |win| {
+            measured("gateway, in-memory mesh", (c, w), Some(gw.pid), settings.window(), |win| {
                 load::run(clients, "demo", w, win)
             })
             .await;
         let clients = load::connect_many(&gw.url, 1, true, 64).await;
         floor_single_gateway = Some(
-            measured("gateway, in-memory mesh", (1, 1), Some(gw.pid), &settings, |win| {
+            measured("gateway, in-memory mesh", (1, 1), Some(gw.pid), settings.window(), |win| {
                 load::run(clients, "demo", 1, win)
             })
             .await,
@@ -412,10 +470,13 @@ async fn main() {
     println!();
     println!(
         "{} cores; RabbitMQ, this process (clients and the echo service) and the gateway share them. \
-         Windows: {:?} warm-up, {:?} measured. CPU from /proc (utime + stime).",
+         Windows: {:?} warm-up, {:?} measured; a request scenario's rows alternate in {} rounds \
+         of {:?} each. CPU from /proc (utime + stime).",
         std::thread::available_parallelism().map_or(0, usize::from),
         settings.warmup,
         settings.measure,
+        settings.rounds,
+        settings.round_window().1,
     );
 
     let path = std::env::var(JSON_ENV)
