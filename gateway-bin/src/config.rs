@@ -840,8 +840,9 @@ impl Cli {
         }
     }
 
-    /// The JWT verification config, or `None` when no key is configured.
-    pub fn jwt_config(&self) -> Result<Option<JwtConfig>> {
+    /// The configured JWT key (`--jwt-secret`, or `--jwt-public-key-file` read now), or `None`
+    /// when no key is configured.
+    pub fn jwt_key(&self) -> Result<Option<JwtKey>> {
         let key = if let Some(secret) = &self.jwt_secret {
             // The key itself: the authenticator needs it.
             JwtKey::Hs256Secret(secret.expose().as_bytes().to_vec())
@@ -859,7 +860,7 @@ impl Cli {
         } else {
             return Ok(None);
         };
-        Ok(Some(self.jwt_config_with(key)))
+        Ok(Some(key))
     }
 
     /// The JWT checks (issuer, audience, claims, lifetime) of the options, with `key`.

@@ -18,18 +18,12 @@ use handler_core::{JwtAuthenticator, ServiceMesh};
 use crate::config::Cli;
 use crate::jwks::{self, JwksSource};
 
-/// The JWT authenticator of static keys, with the configured claims checks (issuer,
-/// audience, username claim, lifetime): the configured key, else `dev_secret` (the in-memory
-/// mode's generated one); `None` when there is neither. The one builder of it, at start-up
-/// and on a reload (`reload::authenticator`).
-pub fn static_jwt(cli: &Cli, dev_secret: Option<&str>) -> Result<Option<Arc<dyn Authenticator>>> {
-    let key = match (cli.jwt_config()?, dev_secret) {
-        (Some(config), _) => config.key,
-        (None, Some(secret)) => JwtKey::Hs256Secret(secret.as_bytes().to_vec()),
-        (None, None) => return Ok(None),
-    };
+/// The JWT authenticator of a static key (a configured one, or the in-memory mode's
+/// generated secret), with the configured claims checks (issuer, audience, username claim,
+/// lifetime): the one builder of it, at start-up and on a reload (`reload::authenticator`).
+pub fn static_jwt(cli: &Cli, key: JwtKey) -> Result<Arc<dyn Authenticator>> {
     let jwt = JwtAuthenticator::new(cli.jwt_config_with(key)).context("invalid JWT key")?;
-    Ok(Some(Arc::new(jwt)))
+    Ok(Arc::new(jwt))
 }
 
 /// The authenticator, and the dev secret generated when no key at all is configured (the
@@ -40,7 +34,7 @@ pub async fn authenticator(
     background: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<(Arc<dyn Authenticator>, Option<String>)> {
-    let fixed = cli.jwt_config()?.map(|c| c.key);
+    let fixed = cli.jwt_key()?;
     let mut dev_secret = None;
     let jwt: Option<Arc<dyn Authenticator>> = if cli.uses_jwks() {
         let timeout = Duration::from_millis(cli.jwks_timeout_ms);
@@ -67,16 +61,16 @@ pub async fn authenticator(
         );
         let config = cli.jwt_config_with(JwtKey::Set(keys));
         Some(Arc::new(JwtAuthenticator::new(config).context("invalid JWT key")?))
-    } else if let Some(jwt) = static_jwt(cli, None)? {
-        Some(jwt)
+    } else if let Some(key) = fixed {
+        Some(static_jwt(cli, key)?)
     } else if cli.auth_service_method.is_some() {
         // Opaque tokens only: a JWT is refused.
         None
     } else {
         let secret = crate::demo::generate_secret();
-        let jwt = static_jwt(cli, Some(&secret))?;
+        let jwt = static_jwt(cli, JwtKey::Hs256Secret(secret.clone().into_bytes()))?;
         dev_secret = Some(secret);
-        jwt
+        Some(jwt)
     };
     let Some((service, method)) = cli.auth_service_target()? else {
         // `validate` saw to it that some authenticator is configured.

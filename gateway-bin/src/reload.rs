@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 use anyhow::{Context, Result};
 
 use handler_core::CoordinatorHandle;
-use handler_core::auth::{AuthError, Authenticator, Identity};
+use handler_core::auth::{AuthError, Authenticator, Identity, JwtKey};
 use ws_adapter::{OriginPolicyHandle, PreparedTls, TlsAcceptorHandle};
 
 use crate::config::Cli;
@@ -79,9 +79,14 @@ impl Authenticator for ReloadableAuthenticator {
 /// The client JWT authenticator `cli` asks for; without a configured key, one for
 /// `dev_secret` (the in-memory mode's generated secret).
 pub fn authenticator(cli: &Cli, dev_secret: Option<&str>) -> Result<Arc<dyn Authenticator>> {
-    // As at start-up; `Cli::validate` requires a key outside the demo mode, which always has
-    // a secret.
-    identity::static_jwt(cli, dev_secret)?.context("no JWT key configured (--jwt-secret)")
+    let key = match (cli.jwt_key()?, dev_secret) {
+        (Some(key), _) => key,
+        (None, Some(secret)) => JwtKey::Hs256Secret(secret.as_bytes().to_vec()),
+        // `Cli::validate` requires a key outside the demo mode, which always has a secret.
+        (None, None) => anyhow::bail!("no JWT key configured (--jwt-secret)"),
+    };
+    // Built as at start-up.
+    identity::static_jwt(cli, key)
 }
 
 /// Whether `cli`'s authenticator is built from static keys only (no JWKS, no auth service).
