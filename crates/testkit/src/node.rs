@@ -133,21 +133,13 @@ impl RabbitNode {
 
     /// The last `lines` lines of the node's own log and of what its start script printed.
     fn log_tail(&self, lines: usize) -> String {
-        let mut out = String::new();
         let mut logs = vec![self.dir.join("server.out")];
         if let Ok(entries) = std::fs::read_dir(self.dir.join("log")) {
             logs.extend(entries.flatten().map(|e| e.path()));
         }
-        for path in logs {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let all: Vec<&str> = text.lines().collect();
-            out.push_str(&format!("--- {}\n", path.display()));
-            for line in &all[all.len().saturating_sub(lines)..] {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
+        logs.iter()
+            .map(|path| format!("--- {}\n{}\n", path.display(), file_tail(path, lines)))
+            .collect()
     }
 
     /// A node's folder, cookie and ports, not started.
@@ -304,15 +296,12 @@ impl RabbitNode {
             }
             let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() >= deadline {
-                let out = std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default();
-                let tail: Vec<&str> = out.lines().rev().take(20).collect();
+                let tail = file_tail(&self.dir.join("server.out"), 20);
                 self.reap(Duration::ZERO);
                 panic!(
                     "node {} did not accept AMQP on 127.0.0.1:{} within {BOOT_WAIT:?} \
                      (exit: {exited:?}); its output ends:\n{}",
-                    self.name,
-                    self.amqp_port,
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    self.name, self.amqp_port, tail
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -427,4 +416,11 @@ fn tls_conf(tls: &NodeTls, port: u16) -> String {
 fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
     listener.local_addr().expect("its address").port()
+}
+
+/// The last `lines` lines of a file, joined by newlines; empty when it cannot be read.
+fn file_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
