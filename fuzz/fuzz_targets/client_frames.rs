@@ -1,9 +1,13 @@
 //! What both client-frame targets check, for one encoding: any bytes give a message or a
 //! `ClientFrameError`, never a panic, and an accepted call stays within the decoded-cost
 //! bound, under the default limits and under small ones (so the fuzzer reaches the
-//! refusals with short inputs too).
+//! refusals with short inputs too). The fast path for plain calls gives exactly what the
+//! general decoder gives.
 
-use nuropb_wire::client::{ClientLimits, ClientMessage, Encoding, decode_client_message};
+use nuropb_wire::client::{
+    ClientLimits, ClientMessage, Encoding, decode_client_frame, decode_client_frame_general,
+    decode_client_message,
+};
 
 pub fn check(data: &[u8], encoding: Encoding) {
     let small = ClientLimits {
@@ -12,6 +16,10 @@ pub fn check(data: &[u8], encoding: Encoding) {
         ..ClientLimits::default()
     };
     for limits in [ClientLimits::default(), small] {
+        assert_eq!(
+            decode_client_frame(data, encoding, &limits),
+            decode_client_frame_general(data, encoding, &limits)
+        );
         if let Ok(ClientMessage::Request(call) | ClientMessage::Command(call)) =
             decode_client_message(data, encoding, &limits)
         {

@@ -8,7 +8,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::decoded::{self, Budget, Segment, Violation, decode_root, scan_id, scan_trace_id};
+use crate::decoded::{
+    self, Budget, Segment, Violation, decode_call, decode_root, scan_id, scan_trace_id,
+};
 use crate::mesh::{ErrorObject, JsonObject};
 use crate::traceparent::{TRACEPARENT_LEN, check_traceparent};
 
@@ -218,6 +220,30 @@ pub fn decode_client_frame(
     encoding: Encoding,
     limits: &ClientLimits,
 ) -> Result<ClientFrame, ClientFrameError> {
+    decode(bytes, encoding, limits, true)
+}
+
+/// [`decode_client_frame`] without its fast path for plain calls: every frame is built as a
+/// value tree and validated from it. The result is the same for every input; the fuzz
+/// targets and tests compare the two.
+#[doc(hidden)]
+pub fn decode_client_frame_general(
+    bytes: &[u8],
+    encoding: Encoding,
+    limits: &ClientLimits,
+) -> Result<ClientFrame, ClientFrameError> {
+    decode(bytes, encoding, limits, false)
+}
+
+/// Decodes a frame; with `fast`, a plain `request`/`command` frame is read straight into its
+/// call ([`plain_call`]), and only another frame, or one that breaks a rule, is built as a
+/// value tree first (so a refused call frame may be read twice).
+fn decode(
+    bytes: &[u8],
+    encoding: Encoding,
+    limits: &ClientLimits,
+    fast: bool,
+) -> Result<ClientFrame, ClientFrameError> {
     use FrameErrorKind::{Decode, TooLarge};
 
     let too_deep = || {
@@ -232,11 +258,20 @@ pub fn decode_client_frame(
             if scan.too_deep {
                 return Err(too_deep());
             }
-            let mut budget = Budget::new(
-                limits.max_decoded_values,
-                limits.max_decoded_bytes,
-                scan.big_integer_float,
-            );
+            let budget = || {
+                Budget::new(
+                    limits.max_decoded_values,
+                    limits.max_decoded_bytes,
+                    scan.big_integer_float,
+                )
+            };
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            let fast = fast
+                .then(|| decode_call(&mut de, &mut budget()).and_then(|p| de.end().map(|()| p)));
+            if let Some(frame) = fast.and_then(Result::ok).and_then(|p| plain_call(p, limits)) {
+                return Ok(frame);
+            }
+            let mut budget = budget();
             let mut de = serde_json::Deserializer::from_slice(bytes);
             let decoded = decode_root(&mut de, &mut budget).and_then(|v| de.end().map(|()| v));
             match decoded {
@@ -249,10 +284,23 @@ pub fn decode_client_frame(
             }
         }
         Encoding::MessagePack => {
-            let mut budget = Budget::new(limits.max_decoded_values, limits.max_decoded_bytes, None);
-            let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
-            // rmp counts down from the limit and fails when it reaches zero.
-            de.set_max_depth(PARSE_DEPTH_CAP + 1);
+            let budget = || Budget::new(limits.max_decoded_values, limits.max_decoded_bytes, None);
+            let reader = || {
+                let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
+                // rmp counts down from the limit and fails when it reaches zero.
+                de.set_max_depth(PARSE_DEPTH_CAP + 1);
+                de
+            };
+            let mut de = reader();
+            let fast = fast.then(|| decode_call(&mut de, &mut budget()).ok()).flatten();
+            if let Some(frame) = fast
+                .filter(|_| de.position() == bytes.len() as u64)
+                .and_then(|p| plain_call(p, limits))
+            {
+                return Ok(frame);
+            }
+            let mut budget = budget();
+            let mut de = reader();
             let value = match decode_root(&mut de, &mut budget) {
                 Ok(v) => v,
                 Err(rmp_serde::decode::Error::DepthLimitExceeded) => return Err(too_deep()),
@@ -280,6 +328,36 @@ pub fn decode_client_frame(
         }
     };
     validate_client_value(value, limits)
+}
+
+/// A call frame read by the fast path ([`decoded::CallParts`]) as the frame the general
+/// path (`validate_client_value`) makes of the same bytes, if every field keeps its rule;
+/// `None` otherwise, and the general path then words the refusal.
+fn plain_call(parts: decoded::CallParts, limits: &ClientLimits) -> Option<ClientFrame> {
+    let decoded::CallParts { command, id, service, method, params, trace_id, traceparent } = parts;
+    // The envelope is two levels (frame, payload) above `params`, and its other values are
+    // strings, so this is `depth` of the whole frame.
+    let frame_depth = 3 + params.values().map(depth).max().unwrap_or(0);
+    if frame_depth > limits.max_depth || id.as_ref().is_some_and(|i| i.len() > limits.max_id_len) {
+        return None;
+    }
+    // Absent, null and "" all mean none; a long one is refused.
+    let optional = |s: Option<String>, max_len: usize| match s {
+        Some(s) if s.len() > max_len => Err(()),
+        Some(s) if s.is_empty() => Ok(None),
+        s => Ok(s),
+    };
+    let trace_id = optional(trace_id, limits.max_trace_id_len).ok()?;
+    let traceparent = optional(traceparent, TRACEPARENT_LEN).ok()?;
+    if traceparent.as_deref().is_some_and(|t| check_traceparent(t).is_err()) {
+        return None;
+    }
+    let name = StrRule::name(limits.max_name_len);
+    let service = checked_str(|| "", service, name).ok()?;
+    let method = checked_str(|| "", method, name).ok()?;
+    let call = ClientCall { service, method, params, trace_id, traceparent };
+    let message = if command { ClientMessage::Command(call) } else { ClientMessage::Request(call) };
+    Some(ClientFrame { id, message })
 }
 
 /// The error for a frame the decoding visitor refused (`None`: the bytes themselves were bad),
@@ -1220,6 +1298,179 @@ mod tests {
             checked += 1;
         }
         assert!(checked > 60, "only {checked} MessagePack cases");
+    }
+
+    /// Frames at the edges of the fast path's plain shape: repeated and unknown keys, `id`s,
+    /// keys in any order, limits reached exactly and passed by one.
+    fn fast_path_edges() -> Vec<String> {
+        let plain = r#""service": "svc", "method": "m", "params": {"a": 1}"#;
+        let mut frames: Vec<String> = [
+            format!(r#"{{"type": "request", "payload": {{{plain}}}}}"#),
+            format!(r#"{{"payload": {{{plain}, "trace_id": "t"}}, "id": "i", "type": "command"}}"#),
+            format!(r#"{{"type": "request", "id": null, "payload": {{{plain}, "traceparent": null}}}}"#),
+            format!(r#"{{"type": "request", "id": "", "payload": {{{plain}}}}}"#),
+            format!(r#"{{"type": "request", "id": 5, "payload": {{{plain}}}}}"#),
+            format!(r#"{{"type": "request", "id": "{}", "payload": {{{plain}}}}}"#, "i".repeat(128)),
+            format!(r#"{{"type": "request", "id": "{}", "payload": {{{plain}}}}}"#, "i".repeat(129)),
+            format!(r#"{{"type": "request", "type": "command", "payload": {{{plain}}}}}"#),
+            format!(r#"{{"type": "request", "payload": {{{plain}, "service": "other"}}}}"#),
+            format!(r#"{{"type": "request", "payload": {{{plain}, "params": {{"b": 2}}}}}}"#),
+            format!(r#"{{"type": "request", "payload": {{{plain}}}, "payload": {{{plain}}}}}"#),
+            format!(r#"{{"type": "request", "extra": 1, "payload": {{{plain}}}}}"#),
+            format!(r#"{{"type": "request", "payload": {{{plain}, "context": {{"user_id": "x"}}}}}}"#),
+            format!(r#"{{"type": "request", "payload": {{{plain}}}}} "#),
+            format!(r#"{{"type": "request", "payload": {{{plain}}}}} x"#),
+            format!(r#"{{"type": "ping", "payload": {{{plain}}}}}"#),
+            r#"{"type": "request", "payload": {"service": "s", "method": "m", "params": {"d": 1, "d": [2]}}}"#.into(),
+            r#"{"type": "request", "payload": {"service": "s", "method": "m", "params": {"n": 18446744073709551616}}}"#.into(),
+            r#"{"type": "request", "payload": {"service": "s", "method": "m", "params": {"n": [1.5, -0, 1e400]}}}"#.into(),
+            r#"{"type": "request", "payload": {"service": "s\u0000", "method": "m", "params": {}}}"#.into(),
+            r#"{"type": "request", "payload": {"service": "s", "method": "m", "params": {}, "trace_id": ""}}"#.into(),
+            r#"{"type": "request", "payload": {"service": "s", "method": "m", "params": {}, "traceparent": ""}}"#.into(),
+        ]
+        .into();
+        // Depth exactly at the limit (64) and one past it; values and bytes around the bounds.
+        frames.push(nested_request(60, "d1"));
+        frames.push(nested_request(61, "d2"));
+        frames.push(nested_request(62, "d3"));
+        for n in [0, 1, 40, 50, 60, 70] {
+            let list = vec!["0"; n].join(",");
+            frames.push(format!(
+                r#"{{"type": "request", "payload": {{"service": "s", "method": "m", "params": {{"l": [{list}]}}}}}}"#
+            ));
+        }
+        for n in [100, 4000, 15_000, 16_000, 17_000] {
+            frames.push(format!(
+                r#"{{"type": "request", "payload": {{"service": "s", "method": "m", "params": {{"t": "{}"}}}}}}"#,
+                "x".repeat(n)
+            ));
+        }
+        frames
+    }
+
+    /// The fast path for plain calls gives, for every frame, exactly what the general
+    /// decoder gives (message, or error kind, text, trace id and id), in both encodings and
+    /// under the default and small limits, and it is taken for a plain call.
+    #[test]
+    fn fast_path_matches_the_general_decoder() {
+        let small = ClientLimits {
+            max_decoded_values: 48,
+            max_decoded_bytes: 16 * 1024,
+            ..ClientLimits::default()
+        };
+        let mut inputs: Vec<(Vec<u8>, Encoding)> = Vec::new();
+        let frames = rule_table().into_iter().map(|(f, _)| f).chain(fast_path_edges());
+        for frame in frames {
+            if let Ok(value) = serde_json::from_str::<Value>(&frame) {
+                let bytes = rmp_serde::to_vec_named(&value).expect("encodes");
+                let mut trailing = bytes.clone();
+                trailing.push(0xc0);
+                inputs.push((bytes, Encoding::MessagePack));
+                inputs.push((trailing, Encoding::MessagePack));
+            }
+            inputs.push((frame.into_bytes(), Encoding::Json));
+        }
+        // A NaN, which only MessagePack can carry, inside plain params.
+        #[derive(Serialize)]
+        struct Payload {
+            service: &'static str,
+            method: &'static str,
+            params: std::collections::BTreeMap<&'static str, f64>,
+        }
+        #[derive(Serialize)]
+        struct Frame {
+            r#type: &'static str,
+            payload: Payload,
+        }
+        for x in [f64::NAN, f64::INFINITY, 1.5] {
+            let params = [("x", x)].into_iter().collect();
+            let frame =
+                Frame { r#type: "request", payload: Payload { service: "s", method: "m", params } };
+            inputs.push((rmp_serde::to_vec_named(&frame).expect("encodes"), Encoding::MessagePack));
+        }
+        let mut fast_taken = 0;
+        for (bytes, encoding) in &inputs {
+            for limits in [ClientLimits::default(), small.clone()] {
+                let fast = decode_client_frame(bytes, *encoding, &limits);
+                let general = decode_client_frame_general(bytes, *encoding, &limits);
+                assert_eq!(fast, general, "{encoding:?} {}", String::from_utf8_lossy(bytes));
+                if fast.is_ok() && plain_fast(bytes, *encoding, &limits).is_some() {
+                    fast_taken += 1;
+                }
+            }
+        }
+        assert!(fast_taken > 40, "the fast path took only {fast_taken} frames");
+        // The fast path charges the envelope as the general decoder does: swept across the
+        // bounds, both refuse a frame at the same byte and value counts.
+        let long = format!(
+            r#"{{"id": "{}", "type": "request", "payload": {{"service": "{}", "method": "m", "trace_id": "{}", "params": {{"k": [1, "two"]}}}}}}"#,
+            "i".repeat(100),
+            "s".repeat(200),
+            "t".repeat(120)
+        );
+        let value: Value = serde_json::from_str(&long).expect("JSON");
+        let msgpack = rmp_serde::to_vec_named(&value).expect("encodes");
+        let (mut accepted, mut refused) = (0, 0);
+        for (bytes, encoding) in
+            [(long.as_bytes(), Encoding::Json), (&msgpack[..], Encoding::MessagePack)]
+        {
+            let sweep = (1000..5000)
+                .step_by(8)
+                .map(|b| (usize::MAX, b))
+                .chain((1..16).map(|v| (v, usize::MAX)));
+            for (max_decoded_values, max_decoded_bytes) in sweep {
+                let limits = ClientLimits {
+                    max_decoded_values,
+                    max_decoded_bytes,
+                    ..ClientLimits::default()
+                };
+                let fast = decode_client_frame(bytes, encoding, &limits);
+                let general = decode_client_frame_general(bytes, encoding, &limits);
+                assert_eq!(
+                    fast, general,
+                    "{encoding:?} at {max_decoded_values} values, {max_decoded_bytes} bytes"
+                );
+                let by_fast = plain_fast(bytes, encoding, &limits);
+                assert_eq!(
+                    by_fast.is_some(),
+                    general.is_ok(),
+                    "{encoding:?} at {max_decoded_bytes} bytes"
+                );
+                if general.is_ok() { accepted += 1 } else { refused += 1 }
+            }
+        }
+        assert!(
+            accepted > 10 && refused > 10,
+            "the sweep missed the bound: {accepted} accepted, {refused} refused"
+        );
+        // The plain call the benchmark sends is read by the fast path.
+        let plain = br#"{"type":"request","id":"r-1","payload":{"service":"echo","method":"echo","params":{"payload":"abc"},"trace_id":"t-1"}}"#;
+        let limits = ClientLimits::default();
+        assert_eq!(
+            plain_fast(plain, Encoding::Json, &limits),
+            decode_client_frame(plain, Encoding::Json, &limits).ok()
+        );
+    }
+
+    /// What the fast path alone makes of a frame (`None`: it leaves the frame to the general
+    /// decoder).
+    fn plain_fast(bytes: &[u8], encoding: Encoding, limits: &ClientLimits) -> Option<ClientFrame> {
+        let mut budget = Budget::new(limits.max_decoded_values, limits.max_decoded_bytes, None);
+        let parts = match encoding {
+            Encoding::Json => {
+                if json_prescan(bytes, PARSE_DEPTH_CAP) != JsonScan::default() {
+                    return None;
+                }
+                let mut de = serde_json::Deserializer::from_slice(bytes);
+                decode_call(&mut de, &mut budget).and_then(|p| de.end().map(|()| p)).ok()?
+            }
+            Encoding::MessagePack => {
+                let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
+                let parts = decode_call(&mut de, &mut budget).ok()?;
+                (de.position() == bytes.len() as u64).then_some(parts)?
+            }
+        };
+        plain_call(parts, limits)
     }
 
     /// A frame whose params sit `extra` levels below the envelope (frame, payload, params).

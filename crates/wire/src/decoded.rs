@@ -378,6 +378,240 @@ pub(crate) fn decode_root<'de, D: de::Deserializer<'de>>(
     BudgetedValue { budget }.deserialize(deserializer)
 }
 
+/// A `request` or `command` frame read straight into its parts, without building the
+/// envelope's value tree: only `params` is built, by [`BudgetedValue`] under the same budget,
+/// and every envelope value is charged exactly as [`decode_root`] charges it, so a frame this
+/// reading accepts is within the bounds the tree-building decoder applies.
+///
+/// The reading is a fast path, not a second set of rules: it gives up (an error, which the
+/// caller does not show) on anything but the plain shape, and the caller then decodes the
+/// frame again the general way, which words every refusal. The plain shape is an object with
+/// no key but `type` (`"request"` or `"command"`), `id` (a string or null) and `payload`,
+/// whose keys are only `service`, `method` (strings), `params` (an object), `trace_id` and
+/// `traceparent` (strings or null), none repeated. Nothing is checked here beyond shape and
+/// budget: the caller applies the field rules.
+#[derive(Debug, PartialEq)]
+pub(crate) struct CallParts {
+    pub(crate) command: bool,
+    pub(crate) id: Option<String>,
+    pub(crate) service: String,
+    pub(crate) method: String,
+    pub(crate) params: JsonObject,
+    pub(crate) trace_id: Option<String>,
+    pub(crate) traceparent: Option<String>,
+}
+
+/// Reads a frame as [`CallParts`], its root slot charged as [`decode_root`] charges it.
+pub(crate) fn decode_call<'de, D: de::Deserializer<'de>>(
+    deserializer: D,
+    budget: &mut Budget,
+) -> Result<CallParts, D::Error> {
+    budget.charge_bytes(VALUE)?;
+    deserializer.deserialize_any(CallFrame { budget })
+}
+
+/// Why the fast reading gave up; never shown (the general decoder words the frame's error).
+fn not_plain<E: de::Error>() -> E {
+    E::custom("not a plain call frame")
+}
+
+/// The keys the plain shape has, envelope and payload.
+enum CallKey {
+    Type,
+    Id,
+    Payload,
+    Service,
+    Method,
+    Params,
+    TraceId,
+    Traceparent,
+}
+
+/// Reads a key as `String` would be read (so the same keys decode), as one of [`CallKey`],
+/// and charges it as [`BudgetedValue::visit_map`] does. Any other key gives up.
+struct KeySeed<'b> {
+    budget: &'b mut Budget,
+    read: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
+    type Value = CallKey;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<CallKey, D::Error> {
+        d.deserialize_string(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed<'_> {
+    type Value = CallKey;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key of a call frame")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<CallKey, E> {
+        self.budget.charge_bytes(map_entry_cost(self.read) + heap(v.len()))?;
+        Ok(match v {
+            "type" => CallKey::Type,
+            "id" => CallKey::Id,
+            "payload" => CallKey::Payload,
+            "service" => CallKey::Service,
+            "method" => CallKey::Method,
+            "params" => CallKey::Params,
+            "trace_id" => CallKey::TraceId,
+            "traceparent" => CallKey::Traceparent,
+            _ => return Err(not_plain()),
+        })
+    }
+}
+
+/// A string or null, charged as [`BudgetedValue`] charges it.
+struct TextSeed<'b> {
+    budget: &'b mut Budget,
+}
+
+impl<'de> DeserializeSeed<'de> for TextSeed<'_> {
+    type Value = Option<String>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TextSeed<'_> {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string or null")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<String>, E> {
+        self.budget.charge(heap(v.len()))?;
+        Ok(Some(v.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Option<String>, E> {
+        self.budget.charge(heap(v.len()))?;
+        Ok(Some(v))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Option<String>, E> {
+        self.budget.charge(0)?;
+        Ok(None)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Option<String>, E> {
+        self.visit_unit()
+    }
+}
+
+/// Sets a field read once; a repeated key gives up (the general decoder keeps the last).
+fn once<T, E: de::Error>(slot: &mut Option<T>, value: T) -> Result<(), E> {
+    if slot.replace(value).is_some() { Err(not_plain()) } else { Ok(()) }
+}
+
+/// The envelope of a call frame.
+struct CallFrame<'b> {
+    budget: &'b mut Budget,
+}
+
+impl<'de> Visitor<'de> for CallFrame<'_> {
+    type Value = CallParts;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a call frame")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<CallParts, A::Error> {
+        let budget = self.budget;
+        budget.charge(0)?;
+        let (mut kind, mut id, mut payload) = (None, None, None);
+        let mut read = 0;
+        while let Some(key) = map.next_key_seed(KeySeed { budget: &mut *budget, read })? {
+            read += 1;
+            match key {
+                CallKey::Type => {
+                    let text = map.next_value_seed(TextSeed { budget: &mut *budget })?;
+                    let command = match text.as_deref() {
+                        Some("request") => false,
+                        Some("command") => true,
+                        _ => return Err(not_plain()),
+                    };
+                    once(&mut kind, command)?;
+                }
+                CallKey::Id => {
+                    once(&mut id, map.next_value_seed(TextSeed { budget: &mut *budget })?)?
+                }
+                CallKey::Payload => {
+                    once(&mut payload, map.next_value_seed(CallPayload { budget: &mut *budget })?)?;
+                }
+                _ => return Err(not_plain()),
+            }
+        }
+        let (Some(command), Some(p)) = (kind, payload) else { return Err(not_plain()) };
+        Ok(CallParts { command, id: id.flatten(), ..p })
+    }
+}
+
+/// The payload of a call frame, read into [`CallParts`] (its `command` and `id` are the
+/// envelope's to set).
+struct CallPayload<'b> {
+    budget: &'b mut Budget,
+}
+
+impl<'de> DeserializeSeed<'de> for CallPayload<'_> {
+    type Value = CallParts;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<CallParts, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CallPayload<'_> {
+    type Value = CallParts;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a call payload")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<CallParts, A::Error> {
+        let budget = self.budget;
+        budget.charge(0)?;
+        let (mut service, mut method, mut params) = (None, None, None);
+        let (mut trace_id, mut traceparent) = (None, None);
+        let mut read = 0;
+        while let Some(key) = map.next_key_seed(KeySeed { budget: &mut *budget, read })? {
+            read += 1;
+            let text = |map: &mut A, budget: &mut Budget| map.next_value_seed(TextSeed { budget });
+            match key {
+                CallKey::Service => once(&mut service, text(&mut map, budget)?)?,
+                CallKey::Method => once(&mut method, text(&mut map, budget)?)?,
+                CallKey::TraceId => once(&mut trace_id, text(&mut map, budget)?)?,
+                CallKey::Traceparent => once(&mut traceparent, text(&mut map, budget)?)?,
+                CallKey::Params => {
+                    let value = map.next_value_seed(BudgetedValue { budget: &mut *budget })?;
+                    let Value::Object(object) = value else { return Err(not_plain()) };
+                    once(&mut params, object)?;
+                }
+                _ => return Err(not_plain()),
+            }
+        }
+        let (Some(Some(service)), Some(Some(method)), Some(params)) = (service, method, params)
+        else {
+            return Err(not_plain());
+        };
+        Ok(CallParts {
+            command: false,
+            id: None,
+            service,
+            method,
+            params,
+            trace_id: trace_id.flatten(),
+            traceparent: traceparent.flatten(),
+        })
+    }
+}
+
 /// Reads only `payload.trace_id` of a frame that was refused while decoding, so the error can
 /// still be matched by the client. Skips everything else without building it
 /// (`IgnoredAny`), so it costs no memory; `None` when the frame has no string there, or when
