@@ -265,10 +265,14 @@ fn decode(
                     scan.big_integer_float,
                 )
             };
-            let mut de = serde_json::Deserializer::from_slice(bytes);
-            let fast = fast
-                .then(|| decode_call(&mut de, &mut budget()).and_then(|p| de.end().map(|()| p)));
-            if let Some(frame) = fast.and_then(Result::ok).and_then(|p| plain_call(p, limits)) {
+            // A text frame is UTF-8 already (tungstenite checks it): the fast path checks it
+            // once for the frame, not string by string as `from_slice` does.
+            let text = std::str::from_utf8(bytes).ok().filter(|_| fast);
+            let parts = text.and_then(|text| {
+                let mut de = serde_json::Deserializer::from_str(text);
+                decode_call(&mut de, &mut budget()).and_then(|p| de.end().map(|()| p)).ok()
+            });
+            if let Some(frame) = parts.and_then(|p| plain_call(p, limits)) {
                 return Ok(frame);
             }
             let mut budget = budget();
@@ -1370,6 +1374,9 @@ mod tests {
             }
             inputs.push((frame.into_bytes(), Encoding::Json));
         }
+        // Bytes that are not UTF-8, in a string and in a key.
+        inputs.push((b"{\"type\": \"request\", \"payload\": {\"service\": \"s\xff\", \"method\": \"m\", \"params\": {}}}".to_vec(), Encoding::Json));
+        inputs.push((b"{\"type\": \"request\", \"payload\": {\"service\": \"s\", \"method\": \"m\", \"params\": {\"\xc3\": 1}}}".to_vec(), Encoding::Json));
         // A NaN, which only MessagePack can carry, inside plain params.
         #[derive(Serialize)]
         struct Payload {
@@ -1461,7 +1468,7 @@ mod tests {
                 if json_prescan(bytes, PARSE_DEPTH_CAP) != JsonScan::default() {
                     return None;
                 }
-                let mut de = serde_json::Deserializer::from_slice(bytes);
+                let mut de = serde_json::Deserializer::from_str(std::str::from_utf8(bytes).ok()?);
                 decode_call(&mut de, &mut budget).and_then(|p| de.end().map(|()| p)).ok()?
             }
             Encoding::MessagePack => {

@@ -62,7 +62,13 @@ pub fn to_python_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, PyJso
 /// and lone surrogates in any string it keeps, and a lone surrogate in a member the target
 /// skips is never read.
 pub fn from_python_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, PyJsonError> {
-    match serde_json::from_slice(bytes) {
+    // UTF-8 checked once for the whole body (nuropb's bodies are ASCII), not string by string
+    // as `from_slice` checks it; the same value either way.
+    let strict = match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(bytes),
+    };
+    match strict {
         Ok(value) => Ok(value),
         Err(strict) => match sanitize(bytes) {
             Cow::Borrowed(_) => Err(PyJsonError::Decode(strict)),
