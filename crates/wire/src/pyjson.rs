@@ -125,7 +125,12 @@ impl Formatter for PythonFormatter {
         fragment: &str,
     ) -> io::Result<()> {
         let bytes = fragment.as_bytes();
-        // Most strings are printable ASCII throughout: written in one piece.
+        // Most strings are printable ASCII throughout: written in one piece. A fragment holds
+        // no byte below 0x20 (serde_json escaped those), so ASCII without DEL is printable;
+        // both checks go a word at a time, not byte by byte.
+        if bytes.is_ascii() && !bytes.contains(&0x7f) {
+            return writer.write_all(bytes);
+        }
         let Some(first) = bytes.iter().position(|b| !(b' '..=b'~').contains(b)) else {
             return writer.write_all(bytes);
         };
