@@ -832,6 +832,10 @@ fn topics_field(
 /// Nesting depth of a value: scalars are 0, `{}`/`[]` are 1. Iterative, so a hostile value
 /// cannot overflow the stack while being measured.
 pub fn depth(value: &Value) -> usize {
+    // Most values measured are scalars (a call's params and context): no stack for them.
+    if !matches!(value, Value::Array(_) | Value::Object(_)) {
+        return 0;
+    }
     let mut max = 0;
     let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];
     while let Some((v, d)) = stack.pop() {

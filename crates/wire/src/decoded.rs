@@ -81,6 +81,12 @@ fn map_entry_cost(index: usize) -> usize {
 /// (as [`crate::client::estimated_size`]) so in-flight accounting counts a call's `params`
 /// the way its frame was bounded. Iterative, so a hostile value cannot overflow the stack.
 pub(crate) fn estimated_size(value: &Value) -> usize {
+    // A scalar needs no stack (most values of a call's params are scalars).
+    match value {
+        Value::Null | Value::Bool(_) | Value::Number(_) => return VALUE,
+        Value::String(s) => return VALUE + heap(s.len()),
+        Value::Array(_) | Value::Object(_) => {}
+    }
     let mut total = VALUE;
     let mut stack = vec![value];
     while let Some(v) = stack.pop() {
