@@ -258,24 +258,15 @@ fn decode(
             if scan.too_deep {
                 return Err(too_deep());
             }
-            let budget = || {
-                Budget::new(
-                    limits.max_decoded_values,
-                    limits.max_decoded_bytes,
-                    scan.big_integer_float,
-                )
-            };
-            // A text frame is UTF-8 already (tungstenite checks it): the fast path checks it
-            // once for the frame, not string by string as `from_slice` does.
-            let text = std::str::from_utf8(bytes).ok().filter(|_| fast);
-            let parts = text.and_then(|text| {
-                let mut de = serde_json::Deserializer::from_str(text);
-                decode_call(&mut de, &mut budget()).and_then(|p| de.end().map(|()| p)).ok()
-            });
-            if let Some(frame) = parts.and_then(|p| plain_call(p, limits)) {
+            if fast && let Some(frame) = fast_call(bytes, encoding, limits, scan.big_integer_float)
+            {
                 return Ok(frame);
             }
-            let mut budget = budget();
+            let mut budget = Budget::new(
+                limits.max_decoded_values,
+                limits.max_decoded_bytes,
+                scan.big_integer_float,
+            );
             let mut de = serde_json::Deserializer::from_slice(bytes);
             let decoded = decode_root(&mut de, &mut budget).and_then(|v| de.end().map(|()| v));
             match decoded {
@@ -288,23 +279,11 @@ fn decode(
             }
         }
         Encoding::MessagePack => {
-            let budget = || Budget::new(limits.max_decoded_values, limits.max_decoded_bytes, None);
-            let reader = || {
-                let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
-                // rmp counts down from the limit and fails when it reaches zero.
-                de.set_max_depth(PARSE_DEPTH_CAP + 1);
-                de
-            };
-            let mut de = reader();
-            let fast = fast.then(|| decode_call(&mut de, &mut budget()).ok()).flatten();
-            if let Some(frame) = fast
-                .filter(|_| de.position() == bytes.len() as u64)
-                .and_then(|p| plain_call(p, limits))
-            {
+            if fast && let Some(frame) = fast_call(bytes, encoding, limits, None) {
                 return Ok(frame);
             }
-            let mut budget = budget();
-            let mut de = reader();
+            let mut budget = Budget::new(limits.max_decoded_values, limits.max_decoded_bytes, None);
+            let mut de = msgpack_reader(bytes);
             let value = match decode_root(&mut de, &mut budget) {
                 Ok(v) => v,
                 Err(rmp_serde::decode::Error::DepthLimitExceeded) => return Err(too_deep()),
@@ -332,6 +311,44 @@ fn decode(
         }
     };
     validate_client_value(value, limits)
+}
+
+/// The decoder's MessagePack reader, depth-capped as [`msgpack_scanner`] is; over a `Cursor`,
+/// whose position tells trailing bytes.
+fn msgpack_reader(
+    bytes: &[u8],
+) -> rmp_serde::Deserializer<rmp_serde::decode::ReadReader<std::io::Cursor<&[u8]>>> {
+    let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
+    // rmp counts down from the limit and fails when it reaches zero.
+    de.set_max_depth(PARSE_DEPTH_CAP + 1);
+    de
+}
+
+/// The fast path of [`decode`]: `bytes` read as a plain call frame ([`decoded::decode_call`])
+/// under a fresh budget (`big_integer_float` from the JSON pre-scan), all of them consumed,
+/// then [`plain_call`]. `None` hands the frame to the general path.
+fn fast_call(
+    bytes: &[u8],
+    encoding: Encoding,
+    limits: &ClientLimits,
+    big_integer_float: Option<usize>,
+) -> Option<ClientFrame> {
+    let mut budget =
+        Budget::new(limits.max_decoded_values, limits.max_decoded_bytes, big_integer_float);
+    let parts = match encoding {
+        Encoding::Json => {
+            // A text frame is UTF-8 already (tungstenite checks it): checked once for the
+            // frame, not string by string as `from_slice` does.
+            let mut de = serde_json::Deserializer::from_str(std::str::from_utf8(bytes).ok()?);
+            decode_call(&mut de, &mut budget).and_then(|p| de.end().map(|()| p)).ok()?
+        }
+        Encoding::MessagePack => {
+            let mut de = msgpack_reader(bytes);
+            let parts = decode_call(&mut de, &mut budget).ok()?;
+            (de.position() == bytes.len() as u64).then_some(parts)?
+        }
+    };
+    plain_call(parts, limits)
 }
 
 /// A call frame read by the fast path ([`decoded::CallParts`]) as the frame the general
@@ -1466,22 +1483,17 @@ mod tests {
     /// What the fast path alone makes of a frame (`None`: it leaves the frame to the general
     /// decoder).
     fn plain_fast(bytes: &[u8], encoding: Encoding, limits: &ClientLimits) -> Option<ClientFrame> {
-        let mut budget = Budget::new(limits.max_decoded_values, limits.max_decoded_bytes, None);
-        let parts = match encoding {
+        let big_integer_float = match encoding {
             Encoding::Json => {
-                if json_prescan(bytes, PARSE_DEPTH_CAP) != JsonScan::default() {
+                let scan = json_prescan(bytes, PARSE_DEPTH_CAP);
+                if scan.too_deep {
                     return None;
                 }
-                let mut de = serde_json::Deserializer::from_str(std::str::from_utf8(bytes).ok()?);
-                decode_call(&mut de, &mut budget).and_then(|p| de.end().map(|()| p)).ok()?
+                scan.big_integer_float
             }
-            Encoding::MessagePack => {
-                let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
-                let parts = decode_call(&mut de, &mut budget).ok()?;
-                (de.position() == bytes.len() as u64).then_some(parts)?
-            }
+            Encoding::MessagePack => None,
         };
-        plain_call(parts, limits)
+        fast_call(bytes, encoding, limits, big_integer_float)
     }
 
     /// A frame whose params sit `extra` levels below the envelope (frame, payload, params).

@@ -131,9 +131,7 @@ impl Formatter for PythonFormatter {
         if bytes.is_ascii() && !bytes.contains(&0x7f) {
             return writer.write_all(bytes);
         }
-        let Some(first) = bytes.iter().position(|b| !(b' '..=b'~').contains(b)) else {
-            return writer.write_all(bytes);
-        };
+        let first = bytes.iter().position(|b| !(b' '..=b'~').contains(b)).unwrap_or(0);
         let mut start = 0;
         for (index, ch) in fragment.char_indices().skip_while(|(index, _)| *index < first) {
             if (' '..='~').contains(&ch) {
