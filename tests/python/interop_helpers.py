@@ -431,16 +431,29 @@ def vhost_of(amqp_url: str) -> str:
     return urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
 
 
+LIST_TRIES = 5  # a listing that met a vanishing process is tried this many times in all
+
+
 def rabbitmqctl(*args: str, timeout: float = RABBITMQCTL_TIMEOUT) -> str:
-    """Runs `rabbitmqctl -q <args>` (bounded) and returns its stdout; fails loudly."""
+    """Runs `rabbitmqctl -q <args>` (bounded) and returns its stdout; fails loudly.
+
+    A listing (`list_*`) asks each connection or queue process in turn and fails with
+    `badrpc` when one exits meanwhile (a connection of an earlier test still closing); being
+    read-only, it is tried again, at most LIST_TRIES times in all."""
     argv = ["rabbitmqctl", "-q", *args]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from None
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed with {done.returncode}: {done.stderr.strip() or done.stdout.strip()}")
-    return done.stdout
+    listing = any(a.startswith("list_") for a in args)
+    for attempt in range(1, LIST_TRIES + 1):
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from None
+        if done.returncode == 0:
+            return done.stdout
+        said = done.stderr.strip() or done.stdout.strip()
+        if not (listing and attempt < LIST_TRIES and "badrpc" in done.stderr + done.stdout):
+            raise RuntimeError(f"{' '.join(argv)} failed with {done.returncode} (try {attempt}): {said}")
+        time.sleep(0.2)
+    raise AssertionError("unreachable: the last try returns or raises")
 
 
 @dataclass

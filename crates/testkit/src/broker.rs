@@ -135,17 +135,40 @@ pub fn require_broker() {
 /// Bound on one `rabbitmqctl` call (each boots an Erlang VM, about half a second).
 const CTL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How many times a listing that met a vanishing process is tried in all.
+const LIST_TRIES: usize = 5;
+
 /// Runs `rabbitmqctl` and returns its stdout; panics with its output on failure or when it
 /// takes longer than 30 s (`CTL_TIMEOUT`).
+///
+/// A listing (`list_*`) asks every queue or connection process of the vhost in turn; when
+/// one of them exits meanwhile (an auto-delete queue or a connection of a test running
+/// beside this one), the broker answers `badrpc` and the whole listing fails. Such a
+/// listing is read-only, so it is tried again, at most [`LIST_TRIES`] times in all; any
+/// other failure, and the last one, panics.
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    match run_bounded(args) {
-        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
-        Ok(out) => panic!(
-            "rabbitmqctl {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        Err(why) => panic!("rabbitmqctl {args:?}: {why}"),
+    let listing = args.first().is_some_and(|a| a.starts_with("list_"));
+    let mut attempt = 1;
+    loop {
+        match run_bounded(args) {
+            Ok(out) if out.status.success() => {
+                return String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            Ok(out) => {
+                let said = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                if listing && attempt < LIST_TRIES && said.contains("badrpc") {
+                    std::thread::sleep(Duration::from_millis(200));
+                    attempt += 1;
+                    continue;
+                }
+                panic!("rabbitmqctl {args:?} failed (try {attempt}): {said}");
+            }
+            Err(why) => panic!("rabbitmqctl {args:?}: {why}"),
+        }
     }
 }
 
