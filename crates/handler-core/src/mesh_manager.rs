@@ -301,9 +301,13 @@ impl ServiceMeshManager {
     /// Builds the mesh context. Clients never set it: only the gateway's identity fields.
     pub(crate) fn context_for(identity: &Identity, trace_id: &TraceId) -> JsonObject {
         let mut ctx = JsonObject::new();
-        ctx.insert("user_id".into(), Value::String(identity.user_id.to_string()));
-        ctx.insert("Authorization".into(), Value::String(format!("Bearer {}", identity.token)));
-        ctx.insert("trace_id".into(), Value::String(trace_id.to_string()));
+        // Plain copies, not `format!`/`to_string` through a formatter: this runs per call.
+        let mut bearer = String::with_capacity("Bearer ".len() + identity.token.len());
+        bearer.push_str("Bearer ");
+        bearer.push_str(&identity.token);
+        ctx.insert("user_id".into(), Value::String(identity.user_id.as_str().to_owned()));
+        ctx.insert("Authorization".into(), Value::String(bearer));
+        ctx.insert("trace_id".into(), Value::String(trace_id.as_str().to_owned()));
         ctx
     }
 
@@ -403,11 +407,11 @@ impl ServiceMeshManager {
         let session = session.clone();
         let metrics = self.metrics.clone();
         let reply_trace = trace_id.clone();
-        let (service, method) = (call.service.clone(), call.method.clone());
+        let names = metrics.names(&call.service, &call.method);
         let command = matches!(kind, CallKind::Command);
         let record = move |outcome: CallOutcome| {
             let seconds = started.elapsed().as_secs_f64();
-            metrics.call(&service, &method, command, outcome, seconds);
+            metrics.record(names, command, outcome, seconds);
         };
         let span = tracing::debug_span!(
             "mesh_call",
@@ -420,7 +424,7 @@ impl ServiceMeshManager {
         self.tracker.spawn(
             async move {
                 let _slot = slot;
-                let reply_trace = Some(reply_trace.to_string());
+                let reply_trace = Some(reply_trace.into_string());
                 // The adapter applies `timeout` to requests itself; the outer deadline only
                 // guards against an adapter that fails to.
                 let work = async {

@@ -9,7 +9,7 @@
 //! methods seen, then `other`; `kind` and `outcome` are fixed sets. The call histogram has
 //! at most `(services + 1) × (max_methods_per_service + 1) × 2 kinds × 9 outcomes` series.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -107,10 +107,19 @@ impl EventDrop {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
-    service: String,
-    method: String,
+    service: Arc<String>,
+    method: Arc<String>,
     kind: &'static str,
     outcome: &'static str,
+}
+
+/// A call's `service` and `method` label values, picked when it is submitted
+/// ([`CoreMetrics::names`]) and recorded under when it ends ([`CoreMetrics::record`]). Shared
+/// with the bound's own table, so a call copies no string for its metrics.
+#[derive(Debug, Clone)]
+pub(crate) struct CallNames {
+    service: Arc<String>,
+    method: Arc<String>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -122,29 +131,54 @@ struct DropLabels {
 #[derive(Debug)]
 struct LabelBound {
     config: CallLabelConfig,
-    // Invariant: keys are allow-listed services; each set holds at most
+    /// [`OTHER`], shared by every call outside the bounds.
+    other: Arc<String>,
+    // Invariant: keys are allow-listed services; each holds at most
     // `max_methods_per_service` methods.
-    methods: Mutex<HashMap<String, HashSet<String>>>,
+    services: Mutex<HashMap<String, ServiceLabels>>,
+}
+
+/// An allow-listed service's label value and the method label values kept for it.
+#[derive(Debug)]
+struct ServiceLabels {
+    name: Arc<String>,
+    methods: HashMap<String, Arc<String>>,
 }
 
 impl LabelBound {
-    fn labels(&self, service: &str, method: &str) -> (String, String) {
+    fn new(config: CallLabelConfig) -> LabelBound {
+        LabelBound {
+            config,
+            other: Arc::new(OTHER.to_owned()),
+            services: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn labels(&self, service: &str, method: &str) -> CallNames {
+        let other = || CallNames { service: self.other.clone(), method: self.other.clone() };
         if !self.config.services.iter().any(|s| s == service) {
-            return (OTHER.to_owned(), OTHER.to_owned());
+            return other();
         }
         // Held for a lookup and maybe an insert, never across an `.await`. A poisoned lock
-        // still holds a usable set.
-        let mut methods = self.methods.lock().unwrap_or_else(|e| e.into_inner());
-        let seen = methods.entry(service.to_owned()).or_default();
-        let method = if seen.contains(method) {
-            method.to_owned()
-        } else if seen.len() < self.config.max_methods_per_service {
-            seen.insert(method.to_owned());
-            method.to_owned()
-        } else {
-            OTHER.to_owned()
+        // still holds a usable table.
+        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        if !services.contains_key(service) {
+            let name = Arc::new(service.to_owned());
+            services.insert(service.to_owned(), ServiceLabels { name, methods: HashMap::new() });
+        }
+        let Some(seen) = services.get_mut(service) else {
+            return other();
         };
-        (service.to_owned(), method)
+        let method = match seen.methods.get(method) {
+            Some(kept) => kept.clone(),
+            None if seen.methods.len() < self.config.max_methods_per_service => {
+                let kept = Arc::new(method.to_owned());
+                seen.methods.insert(method.to_owned(), kept.clone());
+                kept
+            }
+            None => self.other.clone(),
+        };
+        CallNames { service: seen.name.clone(), method }
     }
 }
 
@@ -176,7 +210,7 @@ impl CoreMetrics {
             calls: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             events_received: Counter::default(),
             events_dropped: Family::default(),
-            bound: Arc::new(LabelBound { config, methods: Mutex::new(HashMap::new()) }),
+            bound: Arc::new(LabelBound::new(config)),
         }
     }
 
@@ -208,7 +242,23 @@ impl CoreMetrics {
         outcome: CallOutcome,
         seconds: f64,
     ) {
-        let (service, method) = self.bound.labels(service, method);
+        self.record(self.names(service, method), command, outcome, seconds);
+    }
+
+    /// The label values a call of `method` on `service` is recorded under.
+    pub(crate) fn names(&self, service: &str, method: &str) -> CallNames {
+        self.bound.labels(service, method)
+    }
+
+    /// Records one call's outcome after `seconds`, under names picked earlier.
+    pub(crate) fn record(
+        &self,
+        names: CallNames,
+        command: bool,
+        outcome: CallOutcome,
+        seconds: f64,
+    ) {
+        let CallNames { service, method } = names;
         let kind = if command { "command" } else { "request" };
         self.calls
             .get_or_create(&CallLabels { service, method, kind, outcome: outcome.as_str() })
@@ -230,7 +280,24 @@ impl CoreMetrics {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
+
+    #[test]
+    fn a_calls_names_are_shared_not_copied() {
+        let m = CoreMetrics::new(CallLabelConfig {
+            services: vec!["orders".into()],
+            max_methods_per_service: 1,
+        });
+        let (a, b) = (m.names("orders", "get"), m.names("orders", "get"));
+        assert!(Arc::ptr_eq(&a.service, &b.service) && Arc::ptr_eq(&a.method, &b.method));
+        assert_eq!((a.service.as_str(), a.method.as_str()), ("orders", "get"));
+        let (past_cap, outside) = (m.names("orders", "put"), m.names("random", "x"));
+        assert_eq!(past_cap.method.as_str(), OTHER);
+        assert!(Arc::ptr_eq(&past_cap.method, &outside.service));
+        assert!(Arc::ptr_eq(&outside.service, &outside.method));
+    }
 
     fn encode(m: &CoreMetrics) -> String {
         let mut registry = Registry::default();
