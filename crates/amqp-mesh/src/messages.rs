@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use handler_core::{MeshCall, MeshError};
-use nuropb_wire::mesh::{EventBody, MeshHeaders, MessageType, RequestBody, ResponseBody};
+use nuropb_wire::mesh::{EventBody, MeshHeaders, MessageType, RequestBodyRef, ResponseBody};
 use nuropb_wire::pyjson::to_python_json;
 use nuropb_wire::{ErrorObject, JsonObject};
 use serde_json::Value;
@@ -24,8 +24,9 @@ pub(crate) struct Encoded {
 }
 
 /// The request or command body in Python's JSON bytes (§4, §5.1), under a fresh
-/// correlation id; refused when larger than `max_body_bytes`. Moves `params` and `context`
-/// out of `call` (nothing reads them once the body exists), rather than copy both maps.
+/// correlation id; refused when larger than `max_body_bytes`. Written from borrowed fields
+/// (`RequestBodyRef`); `params` and `context` are then freed, since nothing reads them once
+/// the body exists.
 pub(crate) fn encode_call(
     tag: MessageType,
     call: &mut MeshCall,
@@ -33,17 +34,19 @@ pub(crate) fn encode_call(
     counters: &Counters,
 ) -> Result<Encoded, MeshError> {
     let correlation_id = new_correlation_id();
-    let body = RequestBody {
+    let body = RequestBodyRef {
         tag,
-        service: call.service.clone(),
-        method: call.method.clone(),
-        params: std::mem::take(&mut call.params),
-        correlation_id: correlation_id.clone(),
-        context: std::mem::take(&mut call.context),
-        trace_id: Some(call.trace_id.as_str().to_owned()),
+        service: &call.service,
+        method: &call.method,
+        params: &call.params,
+        correlation_id: &correlation_id,
+        context: &call.context,
+        trace_id: Some(call.trace_id.as_str()),
     };
-    let json = to_python_json(&body)
-        .map_err(|e| MeshError::Rejected(format!("call cannot be encoded: {e}")))?;
+    let encoded = to_python_json(&body);
+    drop(std::mem::take(&mut call.params));
+    drop(std::mem::take(&mut call.context));
+    let json = encoded.map_err(|e| MeshError::Rejected(format!("call cannot be encoded: {e}")))?;
     guard::check_body_size(json.len(), limits)
         .inspect_err(|_| bump(&counters.rejected_by_guard))?;
     Ok(Encoded { correlation_id, json })

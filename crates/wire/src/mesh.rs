@@ -117,7 +117,8 @@ impl MeshHeaders {
 /// `KeyError: 'context'`, §7.2; decoding it lets a receiver answer instead of dropping it)
 /// and `trace_id`. Missing ones decode as `""`, `{}` and `None`, and are written back out
 /// when the body is re-encoded. Unknown extra keys are ignored, as nuropb ignores them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// It is written through [`RequestBodyRef`], so both give the same bytes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct RequestBody {
     /// [`MessageType::Request`] or [`MessageType::Command`].
     pub tag: MessageType,
@@ -138,6 +139,42 @@ pub struct RequestBody {
     /// The trace id the call carries end to end; `None` when absent or `null`.
     #[serde(default)]
     pub trace_id: Option<String>,
+}
+
+impl Serialize for RequestBody {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        RequestBodyRef {
+            tag: self.tag,
+            service: &self.service,
+            method: &self.method,
+            params: &self.params,
+            correlation_id: &self.correlation_id,
+            context: &self.context,
+            trace_id: self.trace_id.as_deref(),
+        }
+        .serialize(serializer)
+    }
+}
+
+/// A [`RequestBody`] to write, borrowing its fields: a sender encodes a call without first
+/// copying its names and maps into an owned body. The one definition of the body's keys and
+/// their order (nuropb's).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RequestBodyRef<'a> {
+    /// [`MessageType::Request`] or [`MessageType::Command`].
+    pub tag: MessageType,
+    /// The target service's name.
+    pub service: &'a str,
+    /// The method to call.
+    pub method: &'a str,
+    /// Keyword arguments.
+    pub params: &'a JsonObject,
+    /// Matches the response to the request.
+    pub correlation_id: &'a str,
+    /// The call context.
+    pub context: &'a JsonObject,
+    /// The trace id the call carries end to end.
+    pub trace_id: Option<&'a str>,
 }
 
 /// A `request` or `command` body as a service reads it from any peer: only what it acts
