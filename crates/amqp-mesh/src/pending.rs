@@ -6,15 +6,22 @@
 //!
 //! Invariant: an entry exists only while a [`PendingGuard`] for it is alive, so a
 //! cancelled or timed-out request leaves nothing behind.
+//!
+//! The shards hash with foldhash, not SipHash: every key in them is a correlation id the
+//! gateway generated at random (a response naming another id only looks it up), so no
+//! peer can choose keys that collide.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use foldhash::fast::RandomState;
 use handler_core::MeshError;
 use tokio::sync::oneshot;
 
 const SHARDS: usize = 16;
+
+type Shard = HashMap<String, oneshot::Sender<Reply>, RandomState>;
 
 /// A response as it came off the response queue; the waiting caller decodes it, so that
 /// decryption and JSON parsing of large bodies run in parallel, not in the consumer.
@@ -28,7 +35,7 @@ pub(crate) type Reply = Result<RawResponse, MeshError>;
 
 #[derive(Debug, Default)]
 pub(crate) struct PendingTable {
-    shards: [Mutex<HashMap<String, oneshot::Sender<Reply>>>; SHARDS],
+    shards: [Mutex<Shard>; SHARDS],
     /// Requests of connection generations up to this one are failed and refused.
     /// Read under the shard lock so that a registration and a `fail_through` cannot cross.
     closed_through: AtomicU64,
@@ -96,10 +103,7 @@ impl PendingTable {
         removed
     }
 
-    fn shard(
-        &self,
-        correlation_id: &str,
-    ) -> MutexGuard<'_, HashMap<String, oneshot::Sender<Reply>>> {
+    fn shard(&self, correlation_id: &str) -> MutexGuard<'_, Shard> {
         let hash = correlation_id
             .bytes()
             .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)));

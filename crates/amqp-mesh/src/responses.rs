@@ -4,6 +4,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
+use foldhash::fast::RandomState;
 use handler_core::MeshError;
 use lapin::Consumer;
 use lapin::message::Delivery;
@@ -96,17 +97,21 @@ impl ResponseConsumer {
     }
 }
 
-/// A bounded memory of recently answered correlation ids (oldest forgotten first).
+/// A bounded memory of recently answered correlation ids (oldest forgotten first). Only ids
+/// that matched a pending request go in, so every key is one the gateway generated: hashed
+/// with foldhash, like the pending table. Each id is stored once, shared by both fields.
 #[derive(Debug, Default)]
 struct RecentIds {
-    order: VecDeque<String>,
-    set: HashSet<String>,
+    order: VecDeque<Arc<str>>,
+    set: HashSet<Arc<str>, RandomState>,
 }
 
 impl RecentIds {
     fn insert(&mut self, id: &str) {
-        if self.set.insert(id.to_owned()) {
-            self.order.push_back(id.to_owned());
+        if !self.set.contains(id) {
+            let id: Arc<str> = Arc::from(id);
+            self.set.insert(Arc::clone(&id));
+            self.order.push_back(id);
             if self.order.len() > ANSWERED_MEMORY
                 && let Some(oldest) = self.order.pop_front()
             {

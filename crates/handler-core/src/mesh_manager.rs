@@ -111,8 +111,8 @@ struct PendingSession {
 #[derive(Default)]
 struct Pending {
     // Invariant: `total` is the sum of `in_flight` over `sessions`; entries with zero in
-    // flight are removed.
-    sessions: HashMap<SessionId, PendingSession>,
+    // flight are removed. Keyed by generated session ids: foldhash, as the registry.
+    sessions: HashMap<SessionId, PendingSession, foldhash::fast::RandomState>,
     total: usize,
     // Invariant: the sum of `bytes` over `sessions`.
     total_bytes: usize,

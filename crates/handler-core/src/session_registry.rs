@@ -106,7 +106,9 @@ struct Registry {
     // Set by `close_all`: no session registers after the gateway began closing them, so
     // none can miss its close.
     closed: bool,
-    sessions: HashMap<SessionId, Session>,
+    // Keyed by ids the coordinator generated at random, so hashed with foldhash (looked up
+    // on every client frame); `by_user`, keyed by a token's `sub`, keeps SipHash.
+    sessions: HashMap<SessionId, Session, foldhash::fast::RandomState>,
     // Invariant: `by_user[u]` is exactly the set of sessions whose identity has user id `u`,
     // and no entry holds an empty set.
     by_user: HashMap<UserId, HashSet<SessionId>>,
