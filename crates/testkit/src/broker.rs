@@ -144,7 +144,7 @@ const LIST_TRIES: usize = 5;
 /// A listing (`list_*`) asks every queue or connection process of the vhost in turn; when
 /// one of them exits meanwhile (an auto-delete queue or a connection of a test running
 /// beside this one), the broker answers `badrpc` and the whole listing fails. Such a
-/// listing is read-only, so it is tried again, at most [`LIST_TRIES`] times in all; any
+/// listing is read-only, so it is tried again, at most 5 times in all (`LIST_TRIES`); any
 /// other failure, and the last one, panics.
 pub fn rabbitmqctl(args: &[&str]) -> String {
     let listing = args.first().is_some_and(|a| a.starts_with("list_"));
