@@ -108,9 +108,9 @@ struct RecentIds {
 
 impl RecentIds {
     fn insert(&mut self, id: &str) {
-        if !self.set.contains(id) {
-            let id: Arc<str> = Arc::from(id);
-            self.set.insert(Arc::clone(&id));
+        // Only ids that just completed a request come here, so the id is new: one lookup.
+        let id: Arc<str> = Arc::from(id);
+        if self.set.insert(Arc::clone(&id)) {
             self.order.push_back(id);
             if self.order.len() > ANSWERED_MEMORY
                 && let Some(oldest) = self.order.pop_front()

@@ -155,20 +155,25 @@ impl LabelBound {
     }
 
     fn labels(&self, service: &str, method: &str) -> CallNames {
-        let other = || CallNames { service: self.other.clone(), method: self.other.clone() };
         if !self.config.services.iter().any(|s| s == service) {
-            return other();
+            return CallNames { service: self.other.clone(), method: self.other.clone() };
         }
         // Held for a lookup and maybe an insert, never across an `.await`. A poisoned lock
         // still holds a usable table.
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        if !services.contains_key(service) {
-            let name = Arc::new(service.to_owned());
-            services.insert(service.to_owned(), ServiceLabels { name, methods: HashMap::new() });
+        if let Some(seen) = services.get_mut(service) {
+            return self.names_in(seen, method);
         }
-        let Some(seen) = services.get_mut(service) else {
-            return other();
-        };
+        let mut seen =
+            ServiceLabels { name: Arc::new(service.to_owned()), methods: HashMap::new() };
+        let names = self.names_in(&mut seen, method);
+        services.insert(service.to_owned(), seen);
+        names
+    }
+
+    /// A call's names under an allow-listed service: `method` is kept while the service has
+    /// fewer than `max_methods_per_service`, else `other`.
+    fn names_in(&self, seen: &mut ServiceLabels, method: &str) -> CallNames {
         let method = match seen.methods.get(method) {
             Some(kept) => kept.clone(),
             None if seen.methods.len() < self.config.max_methods_per_service => {
