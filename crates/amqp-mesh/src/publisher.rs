@@ -31,16 +31,20 @@
 //! `basic.ack` for it) and cost us a task hop and a ledger entry. So a request to a service
 //! already known to be routable on this connection ([`Routes`]) takes the [`Direct`] path
 //! instead: the caller's task publishes it itself, `mandatory`, on a second channel without
-//! confirms. Should such a service lose its queue, lapin keeps the returns of that channel
-//! in a list; the publisher task reads it every [`RETURN_POLL`], fails the requests it
-//! names (`NotDelivered`, through the pending table) and forgets the service, whose next
-//! request takes the confirmed path again. A service never seen routable is always asked
-//! on the confirmed path, so an unknown service is still answered at once.
+//! confirms, and without waiting for lapin to write it (see [`Direct::publish`]: lapin's
+//! I/O thread gives its permit back). Should such a service lose its queue, lapin keeps
+//! the returns of that channel in a list; the publisher task reads it every
+//! [`RETURN_POLL`], fails the requests it names (`NotDelivered`, through the pending
+//! table) and forgets the service, whose next request takes the confirmed path again. A
+//! service never seen routable is always asked on the confirmed path, so an unknown service
+//! is still answered at once.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
-use std::task::Poll;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
@@ -50,7 +54,7 @@ use lapin::message::BasicReturnMessage;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -248,18 +252,24 @@ pub(crate) struct Direct {
 impl Direct {
     /// Publishes a request (`mandatory`) without waiting for the broker; a return reaches
     /// the request through the pending table. Fails at once when `capacity` publishes are
-    /// already in progress. A publish error means the channel is broken: the connection
-    /// is dropped, as on the confirmed path. Cancellation safe: lapin queues all frames
-    /// before its first await.
-    pub(crate) async fn publish(&self, message: Outgoing) -> Result<(), MeshError> {
+    /// already in progress (queued in lapin, not yet written). A publish error means the
+    /// channel is broken: the connection is dropped, as on the confirmed path.
+    ///
+    /// A body of at most [`KEPT_BODY_MAX`] bytes is not waited for: once lapin has queued
+    /// its frames this returns, and the [`Sending`] it returns is kept by the request
+    /// until it ends. lapin's I/O thread then gives the permit back itself once the
+    /// frames are written, without waking the caller's task for it (a wake-up from
+    /// another thread per request). A larger body is waited for until written, and freed
+    /// then, as before. Cancellation safe: lapin queues all frames before its first await.
+    pub(crate) async fn publish(&self, message: Outgoing) -> Result<Sending<'_>, MeshError> {
         let failed = |why: &str| {
             bump(&self.counters.publish_failures);
             Err(MeshError::Unavailable(why.to_owned()))
         };
-        let Ok(_permit) = self.permits.try_acquire() else {
+        let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
             return failed("publish queue full");
         };
-        let _ticket = Ticket::new(&self.unsettled);
+        let held = (permit, Ticket::new(&self.unsettled));
         let (Ok(exchange), Ok(routing_key)) = (
             ShortString::try_new(message.exchange.as_str()),
             ShortString::try_new(message.routing_key.as_str()),
@@ -270,24 +280,86 @@ impl Direct {
             ));
         };
         let options = BasicPublishOptions { mandatory: true, immediate: false };
-        let published = self
-            .channel
-            .basic_publish(exchange, routing_key, options, &message.body, message.properties)
-            .await;
+        let Outgoing { body, properties, routing_key: key, .. } = message;
+        let published = if body.len() <= KEPT_BODY_MAX {
+            let channel = &self.channel;
+            let mut publish: PublishFuture<'_> = Box::pin(async move {
+                channel.basic_publish(exchange, routing_key, options, &body, properties).await
+            });
+            match poll_releasing(&mut publish, held) {
+                Poll::Pending => {
+                    bump(&self.counters.published);
+                    return Ok(Sending { _publish: Some(publish) });
+                }
+                Poll::Ready(published) => published,
+            }
+        } else {
+            let _held = held;
+            self.channel.basic_publish(exchange, routing_key, options, &body, properties).await
+        };
         match published {
-            // Not in confirm mode: resolved already (`NotRequested`); awaited so that lapin
+            // Not in confirm mode: resolved already (`NotRequested`); read so that lapin
             // does not keep it among its dropped confirmations.
             Ok(confirm) => {
                 let _ = confirm.await;
                 bump(&self.counters.published);
-                Ok(())
+                Ok(Sending { _publish: None })
             }
             Err(error) => {
-                warn!(error = %error, routing_key = %message.routing_key, "publish failed, dropping the connection");
+                warn!(error = %error, routing_key = %key, "publish failed, dropping the connection");
                 self.link.cancel();
                 failed("publish failed")
             }
         }
+    }
+}
+
+/// The largest request body a [`Direct`] publish keeps until its request ends instead of
+/// waiting for it to be written: bounds what that keeps per request in flight.
+const KEPT_BODY_MAX: usize = 4096;
+
+/// A lapin publish, boxed so that [`Sending`] can keep it without naming its type.
+type PublishFuture<'a> =
+    Pin<Box<dyn Future<Output = lapin::Result<lapin::PublisherConfirm>> + Send + 'a>>;
+
+/// A [`Direct`] publish lapin has queued, kept by its request until the request ends.
+/// Dropping it before lapin has written the frames does not unsend them (lapin queued
+/// them whole) and gives the permit back at once.
+#[must_use = "dropping it gives back the publish's permit before its frames are written"]
+pub(crate) struct Sending<'a> {
+    _publish: Option<PublishFuture<'a>>,
+}
+
+impl std::fmt::Debug for Sending<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sending").field("queued", &self._publish.is_some()).finish()
+    }
+}
+
+/// What a publish in progress holds: one of [`Direct`]'s permits and a ticket of the
+/// unsettled count.
+type Held = (OwnedSemaphorePermit, Ticket);
+
+/// Polls `publish` once with a [`Release`] waker holding `held`. Pending: `held` is given
+/// back when the publish wakes its waker (lapin: its frames are written) or when the
+/// publish is dropped, whichever comes first. Ready: `held` is given back now.
+fn poll_releasing<F: Future + ?Sized>(publish: &mut Pin<Box<F>>, held: Held) -> Poll<F::Output> {
+    let release = Waker::from(Arc::new(Release(Mutex::new(Some(held)))));
+    publish.as_mut().poll(&mut Context::from_waker(&release))
+}
+
+/// The waker of a queued [`Direct`] publish: lapin wakes it, on its I/O thread, once the
+/// publish's frames are written (or have failed), and it gives back the permit and the
+/// unsettled ticket there. Dropped with the publish if that comes first.
+struct Release(Mutex<Option<Held>>);
+
+impl Wake for Release {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        drop(self.0.lock().unwrap_or_else(PoisonError::into_inner).take());
     }
 }
 
@@ -647,6 +719,56 @@ mod tests {
             Delivery::mock(0, "nuropb-rpc-exchange".into(), "gone".into(), false, vec![]);
         delivery.properties = BasicProperties::default().with_correlation_id(correlation_id.into());
         BasicReturnMessage { delivery, reply_code: 312, reply_text: "NO_ROUTE".into() }
+    }
+
+    /// A publish that is pending until its waker is taken out and woken, like lapin's
+    /// until its frames are written.
+    struct Queued(Arc<Mutex<Option<Waker>>>);
+
+    impl Future for Queued {
+        type Output = ();
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            *self.0.lock().expect("waker slot") = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    fn held(permits: &Arc<Semaphore>, unsettled: &Arc<AtomicUsize>) -> Held {
+        let permit = Arc::clone(permits).try_acquire_owned().expect("a permit");
+        (permit, Ticket::new(unsettled))
+    }
+
+    #[test]
+    fn a_queued_publish_gives_its_permit_back_when_written_or_dropped() {
+        let permits = Arc::new(Semaphore::new(1));
+        let unsettled = Arc::<AtomicUsize>::default();
+        let room = || (permits.available_permits(), unsettled.load(Ordering::SeqCst));
+
+        // Written while its request still waits: back on the waker's wake, not on drop.
+        let waker = Arc::new(Mutex::new(None));
+        let mut publish = Box::pin(Queued(Arc::clone(&waker)));
+        assert!(poll_releasing(&mut publish, held(&permits, &unsettled)).is_pending());
+        assert_eq!(room(), (0, 1), "held while queued");
+        let woken = waker.lock().expect("waker slot").take().expect("a waker registered");
+        woken.wake_by_ref();
+        assert_eq!(room(), (1, 0), "given back once written, the publish and waker still kept");
+        woken.wake();
+        drop(publish);
+        assert_eq!(room(), (1, 0));
+
+        // Dropped before it is written (its request ended): back at once.
+        let mut publish = Box::pin(Queued(Arc::clone(&waker)));
+        assert!(poll_releasing(&mut publish, held(&permits, &unsettled)).is_pending());
+        assert_eq!(room(), (0, 1));
+        drop(publish);
+        drop(waker.lock().expect("waker slot").take());
+        assert_eq!(room(), (1, 0), "given back with the publish");
+
+        // Written already at the first poll: back at once.
+        let mut publish = Box::pin(std::future::ready(7));
+        assert_eq!(poll_releasing(&mut publish, held(&permits, &unsettled)), Poll::Ready(7));
+        assert_eq!(room(), (1, 0));
     }
 
     /// A ledger with its collaborators and the receiving ends of every reply.

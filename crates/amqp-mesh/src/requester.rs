@@ -228,9 +228,11 @@ impl Requester {
         // silently (a full `reject-publish` queue, a queue on a node that is down), and the
         // next request then learns at once, as before, instead of waiting out its timeout.
         let mut back_to_confirmed = None;
+        // A direct publish is kept until the request ends (see `Direct::publish`).
+        let mut _sending = None;
         if routes.is_routable(&call.service) {
             back_to_confirmed = Some(ForgetUnlessAnswered { routes, service: &call.service });
-            link.direct.publish(message).await?;
+            _sending = Some(link.direct.publish(message).await?);
         } else {
             self.publish_confirmed(link, call, message).await?;
             routes.routed(&call.service);

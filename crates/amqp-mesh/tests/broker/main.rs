@@ -47,6 +47,7 @@ broker_tests!(shared:
     request_round_trip_matches_nuropb_bytes,
     unknown_service_is_not_delivered_within_500ms,
     a_routable_service_that_loses_its_queue_is_not_delivered,
+    direct_publishes_give_their_room_back_once_written,
     duplicate_responses_first_wins,
     timeouts_and_dropped_calls_leave_nothing_pending,
     own_service_is_refused_before_publishing,

@@ -455,6 +455,60 @@ pub async fn a_routable_service_that_loses_its_queue_is_not_delivered(ctx: Ctx) 
     gw.stop().await;
 }
 
+/// A direct publish holds one of `publish_queue_capacity` permits only until lapin has
+/// written its frames, not until its request ends: small bodies (given back on lapin's
+/// thread, unseen by the caller) and large ones (awaited) alike. With room for two, sixteen
+/// requests to a service that never answers are all published and all time out; had
+/// they kept their room while waiting, the third would be refused at once.
+pub async fn direct_publishes_give_their_room_back_once_written(ctx: Ctx) {
+    let peer = Peer::new(&ctx.url).await;
+    let mute = peer
+        .channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .expect("a queue nobody consumes");
+    peer.channel
+        .queue_bind(
+            mute.name().as_str().into(),
+            "nuropb-rpc-exchange".into(),
+            "svc-mute".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind it as svc-mute's");
+    let config = AmqpMeshConfig {
+        encryption: EncryptionMode::Off,
+        publish_queue_capacity: 2,
+        ..ctx.config("gw-room")
+    };
+    let gw = ctx.start(config).await;
+    let big = "x".repeat(10_000);
+    let ttl = Duration::from_secs(2);
+    // The first is confirmed (and makes the service routable); the others go direct, one
+    // every 30 ms, so all sixteen wait at once.
+    let calls = (0..16u64).map(|i| {
+        let params = if i % 6 == 3 { json!({"big": big}) } else { json!({"i": i}) };
+        let gw = &gw;
+        async move {
+            tokio::time::sleep(Duration::from_millis(30 * i)).await;
+            gw.mesh.request(call("svc-mute", "echo", params), ttl).await
+        }
+    });
+    let outcomes = within("sixteen unanswered requests", futures::future::join_all(calls)).await;
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        assert_eq!(outcome, Err(MeshError::Timeout(ttl)), "request {i}");
+    }
+    let stats = gw.mesh.stats();
+    assert_eq!((stats.published, stats.publish_failures), (16, 0), "{stats:?}");
+    assert_eq!(stats.pending_requests, 0, "{stats:?}");
+    gw.stop().await;
+}
+
 pub async fn unknown_service_is_not_delivered_within_500ms(ctx: Ctx) {
     for encryption in [EncryptionMode::Auto, EncryptionMode::Off] {
         let gw = ctx.start(AmqpMeshConfig { encryption, ..ctx.config("gw-nd") }).await;

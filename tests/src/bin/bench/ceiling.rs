@@ -8,7 +8,9 @@
 //! `reply_to`, `correlation_id`, an expiration, and `mandatory`.
 
 use std::collections::HashMap;
+use std::future::Future as _;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -122,17 +124,19 @@ impl Ceiling {
             .with_expiration(EXPIRATION.as_millis().to_string().as_str().into());
         let body = to_python_json(&body).expect("a request encodes");
         let mandatory = BasicPublishOptions { mandatory: true, ..Default::default() };
-        let published = self
-            .channel
-            .basic_publish(
-                RPC_EXCHANGE.into(),
-                self.service.as_str().into(),
-                mandatory,
-                &body,
-                props,
-            )
-            .await;
-        if published.is_err() {
+        let publish = self.channel.basic_publish(
+            RPC_EXCHANGE.into(),
+            self.service.as_str().into(),
+            mandatory,
+            &body,
+            props,
+        );
+        // Not waited for until written, as the gateway's direct path does not: lapin queues
+        // all frames at the first poll, and waiting would cost a wake-up from its I/O
+        // thread per call.
+        let mut publish = std::pin::pin!(publish);
+        let first = publish.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+        if matches!(first, Poll::Ready(Err(_))) {
             self.pending.lock().expect("pending lock").remove(&id);
             return false;
         }
