@@ -289,7 +289,12 @@ impl Direct {
             match poll_releasing(&mut publish, held) {
                 Poll::Pending => {
                     bump(&self.counters.published);
-                    return Ok(Sending { _publish: Some(publish) });
+                    return Ok(Sending {
+                        publish: Some(publish),
+                        routing_key: key,
+                        counters: &self.counters,
+                        link: &self.link,
+                    });
                 }
                 Poll::Ready(published) => published,
             }
@@ -303,7 +308,12 @@ impl Direct {
             Ok(confirm) => {
                 let _ = confirm.await;
                 bump(&self.counters.published);
-                Ok(Sending { _publish: None })
+                Ok(Sending {
+                    publish: None,
+                    routing_key: key,
+                    counters: &self.counters,
+                    link: &self.link,
+                })
             }
             Err(error) => {
                 warn!(error = %error, routing_key = %key, "publish failed, dropping the connection");
@@ -325,14 +335,52 @@ type PublishFuture<'a> =
 /// A [`Direct`] publish lapin has queued, kept by its request until the request ends.
 /// Dropping it before lapin has written the frames does not unsend them (lapin queued
 /// them whole) and gives the permit back at once.
+///
+/// A request that was answered ends with [`Sending::answered`]: its publish was written.
+/// One that ends otherwise (timed out, cancelled, failed) drops it, and the drop looks at
+/// the publish once more: if lapin failed to write it, the channel is broken, and the
+/// connection is dropped as when a publish fails at once.
 #[must_use = "dropping it gives back the publish's permit before its frames are written"]
 pub(crate) struct Sending<'a> {
-    _publish: Option<PublishFuture<'a>>,
+    publish: Option<PublishFuture<'a>>,
+    routing_key: String,
+    counters: &'a Counters,
+    link: &'a CancellationToken,
+}
+
+impl Sending<'_> {
+    /// The request was answered, so its publish was written: nothing left to look at.
+    pub(crate) fn answered(mut self) {
+        self.publish = None;
+    }
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        let Some(mut publish) = self.publish.take() else {
+            return;
+        };
+        let mut noop = Context::from_waker(Waker::noop());
+        match publish.as_mut().poll(&mut noop) {
+            // Written; not in confirm mode, so resolved already (`NotRequested`): read so
+            // that lapin does not keep it among its dropped confirmations.
+            Poll::Ready(Ok(mut confirm)) => {
+                let _ = Pin::new(&mut confirm).poll(&mut noop);
+            }
+            Poll::Ready(Err(error)) => {
+                warn!(error = %error, routing_key = %self.routing_key, "publish failed, dropping the connection");
+                bump(&self.counters.publish_failures);
+                self.link.cancel();
+            }
+            // Not written yet: lapin still writes it (it queued every frame).
+            Poll::Pending => {}
+        }
+    }
 }
 
 impl std::fmt::Debug for Sending<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sending").field("queued", &self._publish.is_some()).finish()
+        f.debug_struct("Sending").field("queued", &self.publish.is_some()).finish()
     }
 }
 
@@ -769,6 +817,47 @@ mod tests {
         let mut publish = Box::pin(std::future::ready(7));
         assert_eq!(poll_releasing(&mut publish, held(&permits, &unsettled)), Poll::Ready(7));
         assert_eq!(room(), (1, 0));
+    }
+
+    fn sending<'a>(
+        publish: PublishFuture<'a>,
+        counters: &'a Counters,
+        link: &'a CancellationToken,
+    ) -> Sending<'a> {
+        Sending { publish: Some(publish), routing_key: "svc".into(), counters, link }
+    }
+
+    fn failed_write() -> PublishFuture<'static> {
+        let error = lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed);
+        Box::pin(std::future::ready(Err(lapin::Error::from(error))))
+    }
+
+    #[test]
+    fn an_unanswered_request_whose_publish_failed_drops_the_connection() {
+        let counters = Counters::default();
+        let failures = || counters.publish_failures.load(Ordering::SeqCst);
+
+        // Answered: the publish was written; nothing is looked at.
+        let link = CancellationToken::new();
+        sending(failed_write(), &counters, &link).answered();
+        assert!(!link.is_cancelled());
+
+        // Not written yet when its request ends: lapin still writes it.
+        let link = CancellationToken::new();
+        let waker = Arc::new(Mutex::new(None));
+        let queued: PublishFuture<'_> = Box::pin(async {
+            Queued(waker).await;
+            Err(lapin::Error::from(lapin::ErrorKind::ChannelsLimitReached))
+        });
+        drop(sending(queued, &counters, &link));
+        assert!(!link.is_cancelled());
+        assert_eq!(failures(), 0);
+
+        // Unanswered, and lapin failed to write it: the channel is broken.
+        let link = CancellationToken::new();
+        drop(sending(failed_write(), &counters, &link));
+        assert!(link.is_cancelled(), "the connection is dropped");
+        assert_eq!(failures(), 1);
     }
 
     /// A ledger with its collaborators and the receiving ends of every reply.

@@ -229,10 +229,10 @@ impl Requester {
         // next request then learns at once, as before, instead of waiting out its timeout.
         let mut back_to_confirmed = None;
         // A direct publish is kept until the request ends (see `Direct::publish`).
-        let mut _sending = None;
+        let mut sending = None;
         if routes.is_routable(&call.service) {
             back_to_confirmed = Some(ForgetUnlessAnswered { routes, service: &call.service });
-            _sending = Some(link.direct.publish(message).await?);
+            sending = Some(link.direct.publish(message).await?);
         } else {
             self.publish_confirmed(link, call, message).await?;
             routes.routed(&call.service);
@@ -241,6 +241,9 @@ impl Requester {
             Ok(Ok(raw)) => {
                 // Answered: the service stays on the direct path.
                 std::mem::forget(back_to_confirmed.take());
+                if let Some(sending) = sending.take() {
+                    sending.answered();
+                }
                 raw
             }
             // A return that lapin attached to another message's confirmation (see
