@@ -462,25 +462,8 @@ pub async fn a_routable_service_that_loses_its_queue_is_not_delivered(ctx: Ctx) 
 /// they kept their room while waiting, the third would be refused at once.
 pub async fn direct_publishes_give_their_room_back_once_written(ctx: Ctx) {
     let peer = Peer::new(&ctx.url).await;
-    let mute = peer
-        .channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("a queue nobody consumes");
-    peer.channel
-        .queue_bind(
-            mute.name().as_str().into(),
-            "nuropb-rpc-exchange".into(),
-            "svc-mute".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind it as svc-mute's");
+    // A queue nobody consumes, bound as svc-mute's.
+    bound_queue(&peer, "nuropb-rpc-exchange", "svc-mute").await;
     let config = AmqpMeshConfig {
         encryption: EncryptionMode::Off,
         publish_queue_capacity: 2,
@@ -1065,26 +1048,7 @@ pub async fn garbage_on_service_queue_is_rejected_and_queue_flows(ctx: Ctx) {
     // the describe call at the end.
     let gw = ctx.start(AmqpMeshConfig { prefetch: 1, ..ctx.config("gw-garbage") }).await;
     let mut peer = Peer::new(&ctx.url).await;
-    let dead = peer
-        .channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("dead-letter spy");
-    let dead = dead.name().as_str().to_owned();
-    peer.channel
-        .queue_bind(
-            dead.as_str().into(),
-            "nuropb-dl-exchange".into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
+    let dead = bound_queue(&peer, "nuropb-dl-exchange", "").await;
 
     let sq = "nuropb-gw-garbage-sq";
     let with = |headers: FieldTable| {
@@ -1118,6 +1082,31 @@ pub async fn garbage_on_service_queue_is_rejected_and_queue_flows(ctx: Ctx) {
     eventually_async("7 dead letters", || async { message_count(&peer.channel, &dead).await == 7 })
         .await;
     gw.stop().await;
+}
+
+/// A server-named exclusive queue of `peer`'s, bound to `exchange` with `key`: its name.
+async fn bound_queue(peer: &Peer, exchange: &str, key: &str) -> String {
+    let queue = peer
+        .channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare a queue");
+    let name = queue.name().as_str().to_owned();
+    peer.channel
+        .queue_bind(
+            name.as_str().into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind the queue");
+    name
 }
 
 async fn eventually_async<F, Fut>(what: &str, mut check: F)
