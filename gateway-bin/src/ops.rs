@@ -310,7 +310,7 @@ fn amqp_metrics(stats: AmqpStats) -> Vec<Metric> {
         ),
         counter(
             "nuropb_gateway_amqp_published_total",
-            "Messages the broker confirmed (requests, commands, events, responses).",
+            "Messages published (broker-confirmed; direct-path requests once sent).",
             published,
         ),
         counter(

@@ -31,8 +31,8 @@
 //! `basic.ack` for it) and cost us a task hop and a ledger entry. So a request to a service
 //! already known to be routable on this connection ([`Routes`]) takes the [`Direct`] path
 //! instead: the caller's task publishes it itself, `mandatory`, on a second channel without
-//! confirms, and without waiting for lapin to write it (see [`Direct::publish`]: lapin's
-//! I/O thread gives its permit back). Should such a service lose its queue, lapin keeps
+//! confirms, and, for a body of at most 4 KiB, without waiting for lapin to write it (see
+//! [`Direct::publish`]: lapin's I/O thread gives its permit back). Should such a service lose its queue, lapin keeps
 //! the returns of that channel in a list; the publisher task reads it every
 //! [`RETURN_POLL`], fails the requests it names (`NotDelivered`, through the pending
 //! table) and forgets the service, whose next request takes the confirmed path again. A
@@ -252,8 +252,10 @@ pub(crate) struct Direct {
 impl Direct {
     /// Publishes a request (`mandatory`) without waiting for the broker; a return reaches
     /// the request through the pending table. Fails at once when `capacity` publishes are
-    /// already in progress (queued in lapin, not yet written). A publish error means the
-    /// channel is broken: the connection is dropped, as on the confirmed path.
+    /// already in progress: handed to lapin and, as far as the request knows, not yet
+    /// written (a request that ends first gives its permit back, though lapin may still
+    /// hold its frames). A publish error means the channel is broken: the connection is
+    /// dropped, as on the confirmed path.
     ///
     /// A body of at most [`KEPT_BODY_MAX`] bytes is not waited for: once lapin has queued
     /// its frames this returns, and the [`Sending`] it returns is kept by the request
@@ -262,12 +264,10 @@ impl Direct {
     /// another thread per request). A larger body is waited for until written, and freed
     /// then, as before. Cancellation safe: lapin queues all frames before its first await.
     pub(crate) async fn publish(&self, message: Outgoing) -> Result<Sending<'_>, MeshError> {
-        let failed = |why: &str| {
-            bump(&self.counters.publish_failures);
-            Err(MeshError::Unavailable(why.to_owned()))
-        };
+        let unavailable = |why: &str| Err(MeshError::Unavailable(why.to_owned()));
         let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
-            return failed("publish queue full");
+            bump(&self.counters.publish_failures);
+            return unavailable("publish queue full");
         };
         let held = (permit, Ticket::new(&self.unsettled));
         let (Ok(exchange), Ok(routing_key)) = (
@@ -287,40 +287,22 @@ impl Direct {
                 channel.basic_publish(exchange, routing_key, options, &body, properties).await
             });
             match poll_releasing(&mut publish, held) {
-                Poll::Pending => {
-                    bump(&self.counters.published);
-                    return Ok(Sending {
-                        publish: Some(publish),
-                        routing_key: key,
-                        counters: &self.counters,
-                        link: &self.link,
-                    });
-                }
+                Poll::Pending => return Ok(self.sending(Some(publish), key)),
                 Poll::Ready(published) => published,
             }
         } else {
             let _held = held;
             self.channel.basic_publish(exchange, routing_key, options, &body, properties).await
         };
-        match published {
-            // Not in confirm mode: resolved already (`NotRequested`); read so that lapin
-            // does not keep it among its dropped confirmations.
-            Ok(confirm) => {
-                let _ = confirm.await;
-                bump(&self.counters.published);
-                Ok(Sending {
-                    publish: None,
-                    routing_key: key,
-                    counters: &self.counters,
-                    link: &self.link,
-                })
-            }
-            Err(error) => {
-                warn!(error = %error, routing_key = %key, "publish failed, dropping the connection");
-                self.link.cancel();
-                failed("publish failed")
-            }
+        if settle(published, &key, &self.counters, &self.link) {
+            Ok(self.sending(None, key))
+        } else {
+            unavailable("publish failed")
         }
+    }
+
+    fn sending<'a>(&'a self, publish: Option<PublishFuture<'a>>, key: String) -> Sending<'a> {
+        Sending { publish, routing_key: key, counters: &self.counters, link: &self.link }
     }
 }
 
@@ -332,14 +314,45 @@ const KEPT_BODY_MAX: usize = 4096;
 type PublishFuture<'a> =
     Pin<Box<dyn Future<Output = lapin::Result<lapin::PublisherConfirm>> + Send + 'a>>;
 
-/// A [`Direct`] publish lapin has queued, kept by its request until the request ends.
-/// Dropping it before lapin has written the frames does not unsend them (lapin queued
-/// them whole) and gives the permit back at once.
+/// What a finished [`Direct`] publish came to; `false` if it failed.
+///
+/// Written: counted as published, and its confirm read (not in confirm mode, so it is
+/// resolved already, `NotRequested`) so that lapin does not keep it among its dropped
+/// confirmations. Failed: the channel is broken, so the connection is dropped, as when a
+/// confirmed publish fails.
+fn settle(
+    published: lapin::Result<lapin::PublisherConfirm>,
+    routing_key: &str,
+    counters: &Counters,
+    link: &CancellationToken,
+) -> bool {
+    match published {
+        Ok(mut confirm) => {
+            let _ = Pin::new(&mut confirm).poll(&mut Context::from_waker(Waker::noop()));
+            bump(&counters.published);
+            true
+        }
+        Err(error) => {
+            warn!(error = %error, routing_key, "publish failed, dropping the connection");
+            bump(&counters.publish_failures);
+            link.cancel();
+            false
+        }
+    }
+}
+
+/// The outcome of a [`Direct`] publish, kept by its request until the request ends. While
+/// it holds the publish (queued in lapin when `publish` returned), the publish is not yet
+/// settled: it counts as published, or as a failure, when the request ends. Dropping it
+/// before lapin has written the frames does not unsend them (lapin queued them whole) and
+/// gives the permit back at once.
 ///
 /// A request that was answered ends with [`Sending::answered`]: its publish was written.
 /// One that ends otherwise (timed out, cancelled, failed) drops it, and the drop looks at
 /// the publish once more: if lapin failed to write it, the channel is broken, and the
-/// connection is dropped as when a publish fails at once.
+/// connection is dropped as when a publish fails at once; if lapin has not written it yet,
+/// it counts as published (lapin still writes it, and a later failure of the connection
+/// is seen by the link).
 #[must_use = "dropping it gives back the publish's permit before its frames are written"]
 pub(crate) struct Sending<'a> {
     publish: Option<PublishFuture<'a>>,
@@ -351,7 +364,9 @@ pub(crate) struct Sending<'a> {
 impl Sending<'_> {
     /// The request was answered, so its publish was written: nothing left to look at.
     pub(crate) fn answered(mut self) {
-        self.publish = None;
+        if self.publish.take().is_some() {
+            bump(&self.counters.published);
+        }
     }
 }
 
@@ -360,20 +375,12 @@ impl Drop for Sending<'_> {
         let Some(mut publish) = self.publish.take() else {
             return;
         };
-        let mut noop = Context::from_waker(Waker::noop());
-        match publish.as_mut().poll(&mut noop) {
-            // Written; not in confirm mode, so resolved already (`NotRequested`): read so
-            // that lapin does not keep it among its dropped confirmations.
-            Poll::Ready(Ok(mut confirm)) => {
-                let _ = Pin::new(&mut confirm).poll(&mut noop);
-            }
-            Poll::Ready(Err(error)) => {
-                warn!(error = %error, routing_key = %self.routing_key, "publish failed, dropping the connection");
-                bump(&self.counters.publish_failures);
-                self.link.cancel();
+        match publish.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(published) => {
+                settle(published, &self.routing_key, self.counters, self.link);
             }
             // Not written yet: lapin still writes it (it queued every frame).
-            Poll::Pending => {}
+            Poll::Pending => bump(&self.counters.published),
         }
     }
 }
@@ -390,7 +397,8 @@ type Held = (OwnedSemaphorePermit, Ticket);
 
 /// Polls `publish` once with a [`Release`] waker holding `held`. Pending: `held` is given
 /// back when the publish wakes its waker (lapin: its frames are written) or when the
-/// publish is dropped, whichever comes first. Ready: `held` is given back now.
+/// publish and every copy of the waker are dropped, whichever comes first. Ready: `held` is
+/// given back now.
 fn poll_releasing<F: Future + ?Sized>(publish: &mut Pin<Box<F>>, held: Held) -> Poll<F::Output> {
     let release = Waker::from(Arc::new(Release(Mutex::new(Some(held)))));
     publish.as_mut().poll(&mut Context::from_waker(&release))
@@ -398,7 +406,9 @@ fn poll_releasing<F: Future + ?Sized>(publish: &mut Pin<Box<F>>, held: Held) -> 
 
 /// The waker of a queued [`Direct`] publish: lapin wakes it, on its I/O thread, once the
 /// publish's frames are written (or have failed), and it gives back the permit and the
-/// unsettled ticket there. Dropped with the publish if that comes first.
+/// unsettled ticket there. If the request ends first, its [`Sending`] drops the publish;
+/// lapin's copy of the waker, the last, goes when lapin has written or dropped the frames,
+/// or is replaced by the no-op waker of [`Sending`]'s last look.
 struct Release(Mutex<Option<Held>>);
 
 impl Wake for Release {
@@ -835,12 +845,16 @@ mod tests {
     #[test]
     fn an_unanswered_request_whose_publish_failed_drops_the_connection() {
         let counters = Counters::default();
-        let failures = || counters.publish_failures.load(Ordering::SeqCst);
+        let counts = || {
+            let snapshot = counters.snapshot(true, 0);
+            (snapshot.published, snapshot.publish_failures)
+        };
 
         // Answered: the publish was written; nothing is looked at.
         let link = CancellationToken::new();
         sending(failed_write(), &counters, &link).answered();
         assert!(!link.is_cancelled());
+        assert_eq!(counts(), (1, 0), "published once answered");
 
         // Not written yet when its request ends: lapin still writes it.
         let link = CancellationToken::new();
@@ -851,13 +865,13 @@ mod tests {
         });
         drop(sending(queued, &counters, &link));
         assert!(!link.is_cancelled());
-        assert_eq!(failures(), 0);
+        assert_eq!(counts(), (2, 0));
 
         // Unanswered, and lapin failed to write it: the channel is broken.
         let link = CancellationToken::new();
         drop(sending(failed_write(), &counters, &link));
         assert!(link.is_cancelled(), "the connection is dropped");
-        assert_eq!(failures(), 1);
+        assert_eq!(counts(), (2, 1), "a failure, not also published");
     }
 
     /// A ledger with its collaborators and the receiving ends of every reply.

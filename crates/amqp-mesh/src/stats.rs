@@ -11,7 +11,10 @@ pub struct AmqpStats {
     pub connected: bool,
     /// Requests waiting for a response right now.
     pub pending_requests: usize,
-    /// Messages the broker confirmed (requests, commands, events, responses).
+    /// Messages published: those the broker confirmed (commands, events, responses, a
+    /// service's first request) and requests on the direct path, which has no confirms,
+    /// counted when their request ends without lapin having reported a failure to write
+    /// them. Each direct request counts once, here or in `publish_failures`.
     pub published: u64,
     /// Publishes that failed (channel down, broker nack, publish queue full, timeout). A
     /// fan-out operation refused by a full control queue is a broker nack.
