@@ -4,8 +4,9 @@
 //! - Requests: connections × requests in flight (1 × 1, 10 × 8, 100 × 8, 1000 × 1) through
 //!   the real `nuropb-gateway` binary on RabbitMQ to a Rust echo service, against the
 //!   ceiling: one lapin connection multiplexing as many logical callers to the same service
-//!   (`bench/ceiling.rs`). CPU per request of the gateway, the broker and this process (the
-//!   clients and the echo service) from `/proc`. The WebSocket floor (a bare tokio-tungstenite
+//!   (`bench/ceiling.rs`). CPU per request of the gateway, the broker, the echo service (a
+//!   process of its own, `bench/echo.rs`) and this process (the load: the WebSocket clients,
+//!   or the ceiling's callers and its connection) from `/proc`. The WebSocket floor (a bare tokio-tungstenite
 //!   echo) and the gateway on its in-memory mesh at 100 × 8, as a pair.
 //! - Idle connections (1k, 10k, 19k): the gateway's RSS per connection and a probe's
 //!   latency while they are held.
@@ -22,6 +23,8 @@
 // them out of `src/bin/`, where cargo would take each file for a binary of its own.
 #[path = "bench/ceiling.rs"]
 mod ceiling;
+#[path = "bench/echo.rs"]
+mod echo;
 #[path = "bench/fanout.rs"]
 mod fanout;
 #[path = "bench/idle.rs"]
@@ -37,7 +40,6 @@ use tokio::time::Instant;
 use e2e_tests::process::{GatewayProcess, Mesh};
 use e2e_tests::sys;
 use load::{Outcome, Window};
-use nuropb_testkit::{FakeService, ServiceOptions};
 
 /// The broker URL (with its throw-away vhost); set by `cargo xtask bench`.
 const AMQP_URL_ENV: &str = "NUROPB_BENCH_AMQP_URL";
@@ -171,8 +173,8 @@ struct Row {
     in_flight: usize,
     outcome: Outcome,
     seconds: f64,
-    /// CPU seconds during the window: gateway, broker, this process.
-    cpu: [Option<f64>; 3],
+    /// CPU seconds during the window: gateway, broker, echo service, this process (the load).
+    cpu: [Option<f64>; 4],
 }
 
 impl Row {
@@ -205,22 +207,24 @@ impl Row {
             "p50_us": self.outcome.percentile(0.5), "p99_us": self.outcome.percentile(0.99),
             "gateway_cpu_us_per_request": self.cpu_us_per_request(0),
             "broker_cpu_us_per_request": self.cpu_us_per_request(1),
-            "bench_cpu_us_per_request": self.cpu_us_per_request(2),
+            "echo_cpu_us_per_request": self.cpu_us_per_request(2),
+            "load_cpu_us_per_request": self.cpu_us_per_request(3),
         })
     }
 }
 
-/// Runs `load` inside a window, measuring the CPU of `gateway_pid`, the broker and this
-/// process over exactly the window.
+/// Runs `load` inside a window, measuring the CPU of the gateway and the echo service
+/// (`(gateway, echo)`, where they take part), the broker and this process over exactly the
+/// window.
 async fn measured<F: Future<Output = Outcome> + Send + 'static>(
     name: &str,
     (connections, in_flight): (usize, usize),
-    gateway_pid: Option<u32>,
+    (gateway_pid, echo_pid): (Option<u32>, Option<u32>),
     (warmup, measure): (Duration, Duration),
     load: impl FnOnce(Window) -> F,
 ) -> Row {
     let window = Window::after(warmup, measure);
-    let pids = [gateway_pid, sys::broker_pid(), Some(std::process::id())];
+    let pids = [gateway_pid, sys::broker_pid(), echo_pid, Some(std::process::id())];
     let run = tokio::spawn(load(window));
     tokio::time::sleep_until(window.start).await;
     let meter = sys::CpuMeter::start(&pids);
@@ -233,12 +237,17 @@ async fn measured<F: Future<Output = Outcome> + Send + 'static>(
         in_flight,
         outcome,
         seconds: window.seconds(),
-        cpu: [used[0], used[1], used[2]],
+        cpu: [used[0], used[1], used[2], used[3]],
     }
 }
 
 #[tokio::main]
 async fn main() {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() == Some(echo::ARG) {
+        let (url, service) = (args.next().expect("a broker URL"), args.next().expect("a name"));
+        return echo::serve(&url, &service).await;
+    }
     let settings = Settings::from_env();
     let Some(amqp_url) = std::env::var(AMQP_URL_ENV).ok().filter(|u| !u.is_empty()) else {
         panic!(
@@ -246,10 +255,7 @@ async fn main() {
         );
     };
     let epoch = Instant::now();
-    // The tests' nuropb look-alike, with a prefetch above everything in flight so requests
-    // never wait in its queue: the service is not what is measured.
-    let options = ServiceOptions { prefetch: 2048, ..ServiceOptions::bench() };
-    let service = FakeService::start_opts(&amqp_url, SERVICE, options).await;
+    let service = echo::EchoProcess::start(&amqp_url, SERVICE);
     let mut report = serde_json::Map::new();
 
     // --- Requests: ceiling and gateway at each scenario -------------------------------------
@@ -263,7 +269,7 @@ async fn main() {
                 let base = measured(
                     "ceiling: lapin, 1 connection",
                     (c, w),
-                    None,
+                    (None, Some(service.pid)),
                     settings.round_window(),
                     |win| {
                         let ceiling = ceiling.clone();
@@ -275,7 +281,7 @@ async fn main() {
                 let row = measured(
                     "gateway on RabbitMQ",
                     (c, w),
-                    Some(gw.pid),
+                    (Some(gw.pid), Some(service.pid)),
                     settings.round_window(),
                     |win| load::run(clients, SERVICE, w, win),
                 )
@@ -301,7 +307,7 @@ async fn main() {
             measured(
                 "floor: bare tokio-tungstenite echo",
                 (1, 1),
-                None,
+                (None, None),
                 settings.window(),
                 |win| load::run(clients, SERVICE, 1, win),
             )
@@ -312,23 +318,30 @@ async fn main() {
         let floor = measured(
             "floor: bare tokio-tungstenite echo",
             (c, w),
-            None,
+            (None, None),
             settings.window(),
             |win| load::run(clients, SERVICE, w, win),
         )
         .await;
         let gw = GatewayProcess::start(Mesh::InMemory);
         let clients = load::connect_many(&gw.url, c, true, 64).await;
-        let in_memory =
-            measured("gateway, in-memory mesh", (c, w), Some(gw.pid), settings.window(), |win| {
-                load::run(clients, "demo", w, win)
-            })
-            .await;
+        let in_memory = measured(
+            "gateway, in-memory mesh",
+            (c, w),
+            (Some(gw.pid), None),
+            settings.window(),
+            |win| load::run(clients, "demo", w, win),
+        )
+        .await;
         let clients = load::connect_many(&gw.url, 1, true, 64).await;
         floor_single_gateway = Some(
-            measured("gateway, in-memory mesh", (1, 1), Some(gw.pid), settings.window(), |win| {
-                load::run(clients, "demo", 1, win)
-            })
+            measured(
+                "gateway, in-memory mesh",
+                (1, 1),
+                (Some(gw.pid), None),
+                settings.window(),
+                |win| load::run(clients, "demo", 1, win),
+            )
             .await,
         );
         gw.stop();
@@ -366,16 +379,16 @@ async fn main() {
         gw.stop();
         fanouts.push((n, rate, outcome, cpu));
     }
-    service.stop().await;
+    drop(service);
 
     // --- Report ----------------------------------------------------------------------------
     println!();
     println!("## Requests through the gateway, as ratios to the ceiling in the same run");
     println!();
     println!(
-        "| connections × in flight | row | req/s | p50 | p99 | req/s ratio | p50 − ceiling | gateway CPU/req | broker CPU/req | bench CPU/req | errors |"
+        "| connections × in flight | row | req/s | p50 | p99 | req/s ratio | p50 − ceiling | gateway CPU/req | broker CPU/req | echo service CPU/req | load CPU/req | errors |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rows_json = Vec::new();
     for (base, row) in &pairs {
         print_row(base, base);
@@ -469,7 +482,8 @@ async fn main() {
     report.insert("fanout".into(), Value::Array(fan_json));
     println!();
     println!(
-        "{} cores; RabbitMQ, this process (clients and the echo service) and the gateway share them. \
+        "{} cores; RabbitMQ, the echo service (a process of its own), this process (the load: \
+         WebSocket clients, or the ceiling's callers and connection) and the gateway share them. \
          Windows: {:?} warm-up, {:?} measured; a request scenario's rows alternate in {} rounds \
          of {:?} each. CPU from /proc (utime + stime).",
         std::thread::available_parallelism().map_or(0, usize::from),
@@ -497,7 +511,7 @@ fn us(v: f64) -> String {
 fn print_row(r: &Row, base: &Row) {
     let cpu = |i| r.cpu_us_per_request(i).map_or("–".to_owned(), |c| format!("{c:.1} µs"));
     println!(
-        "| {} × {} | {} | {:.0} | {} | {} | {:.2}x | {:+.0} µs | {} | {} | {} | {} |",
+        "| {} × {} | {} | {:.0} | {} | {} | {:.2}x | {:+.0} µs | {} | {} | {} | {} | {} |",
         r.connections,
         r.in_flight,
         r.name,
@@ -509,6 +523,7 @@ fn print_row(r: &Row, base: &Row) {
         cpu(0),
         cpu(1),
         cpu(2),
+        cpu(3),
         r.outcome.errors,
     );
 }
