@@ -32,12 +32,12 @@
 //! already known to be routable on this connection ([`Routes`]) takes the [`Direct`] path
 //! instead: the caller's task publishes it itself, `mandatory`, on a second channel without
 //! confirms, and, for a body of at most 4 KiB, without waiting for lapin to write it (see
-//! [`Direct::publish`]: lapin's I/O thread gives its permit back). Should such a service lose its queue, lapin keeps
-//! the returns of that channel in a list; the publisher task reads it every
-//! [`RETURN_POLL`], fails the requests it names (`NotDelivered`, through the pending
-//! table) and forgets the service, whose next request takes the confirmed path again. A
-//! service never seen routable is always asked on the confirmed path, so an unknown service
-//! is still answered at once.
+//! [`Direct::publish`]: lapin's I/O thread gives its permit back). Should such a service
+//! lose its queue, lapin keeps the returns of that channel in a list; the publisher task
+//! reads it every [`RETURN_POLL`], fails the requests it names (`NotDelivered`, through the
+//! pending table) and forgets the service, whose next request takes the confirmed path
+//! again. A service never seen routable is always asked on the confirmed path, so an
+//! unknown service is still answered at once.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -362,7 +362,8 @@ pub(crate) struct Sending<'a> {
 }
 
 impl Sending<'_> {
-    /// The request was answered, so its publish was written: nothing left to look at.
+    /// The request was answered, so its publish was written: it counts as published, and
+    /// there is nothing left to look at.
     pub(crate) fn answered(mut self) {
         if self.publish.take().is_some() {
             bump(&self.counters.published);

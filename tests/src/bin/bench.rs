@@ -6,8 +6,8 @@
 //!   ceiling: one lapin connection multiplexing as many logical callers to the same service
 //!   (`bench/ceiling.rs`). CPU per request of the gateway, the broker, the echo service (a
 //!   process of its own, `bench/echo.rs`) and this process (the load: the WebSocket clients,
-//!   or the ceiling's callers and its connection) from `/proc`. The WebSocket floor (a bare tokio-tungstenite
-//!   echo) and the gateway on its in-memory mesh at 100 × 8, as a pair.
+//!   or the ceiling's callers and its connection) from `/proc`. The WebSocket floor (a bare
+//!   tokio-tungstenite echo) and the gateway on its in-memory mesh at 100 × 8, as a pair.
 //! - Idle connections (1k, 10k, 19k): the gateway's RSS per connection and a probe's
 //!   latency while they are held.
 //! - Fan-out: 1k and 10k sessions receiving every broadcast event, deliveries per second,
