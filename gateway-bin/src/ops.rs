@@ -310,7 +310,7 @@ fn amqp_metrics(stats: AmqpStats) -> Vec<Metric> {
         ),
         counter(
             "nuropb_gateway_amqp_published_total",
-            "Messages published (broker-confirmed; direct-path requests once sent).",
+            "Messages published (broker-confirmed; direct requests unless their write failed).",
             published,
         ),
         counter(

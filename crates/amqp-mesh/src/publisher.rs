@@ -407,9 +407,9 @@ fn poll_releasing<F: Future + ?Sized>(publish: &mut Pin<Box<F>>, held: Held) -> 
 
 /// The waker of a queued [`Direct`] publish: lapin wakes it, on its I/O thread, once the
 /// publish's frames are written (or have failed), and it gives back the permit and the
-/// unsettled ticket there. If the request ends first, its [`Sending`] drops the publish;
-/// lapin's copy of the waker, the last, goes when lapin has written or dropped the frames,
-/// or is replaced by the no-op waker of [`Sending`]'s last look.
+/// unsettled ticket there. lapin keeps the waker in the publish's own promise, not on its
+/// I/O thread, so it goes with the publish: if the request ends first, its [`Sending`]
+/// drops the publish (after one look with a no-op waker), and the permit comes back then.
 struct Release(Mutex<Option<Held>>);
 
 impl Wake for Release {

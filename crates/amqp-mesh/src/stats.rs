@@ -14,7 +14,10 @@ pub struct AmqpStats {
     /// Messages published: those the broker confirmed (commands, events, responses, a
     /// service's first request) and requests on the direct path, which has no confirms,
     /// counted when their request ends without lapin having reported a failure to write
-    /// them. Each direct request counts once, here or in `publish_failures`.
+    /// them. A direct request of at most 4 KiB counts once, here or in `publish_failures`;
+    /// a larger one, waited for until written, counts in neither if its request ends (times
+    /// out) during that wait. A direct request the broker returns counts here and in
+    /// `returned` (a confirmed one only in `returned`).
     pub published: u64,
     /// Publishes that failed (channel down, broker nack, publish queue full, timeout). A
     /// fan-out operation refused by a full control queue is a broker nack.
