@@ -251,12 +251,8 @@ impl GatewayProcess {
             return Some(status);
         }
         let _ = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status();
-        let deadline = std::time::Instant::now() + wait;
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(status) = exited_within(&mut self.child, wait) {
+            return Some(status);
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -290,16 +286,26 @@ impl GatewayProcess {
             return;
         }
         let _ = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status();
-        let deadline = std::time::Instant::now() + STOP_GRACE;
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if exited_within(&mut self.child, STOP_GRACE).is_some() {
+            return;
         }
         eprintln!("the gateway did not stop within {STOP_GRACE:?}; killing it");
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits up to `wait` for `child` to exit: its status, or `None` if it still runs then.
+pub fn exited_within(child: &mut Child, wait: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

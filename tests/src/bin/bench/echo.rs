@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use e2e_tests::process::exited_within;
 use nuropb_testkit::{FakeService, ServiceOptions};
 
 /// The first argument that makes the benchmark binary the echo service.
@@ -83,14 +84,9 @@ impl Drop for EchoProcess {
     /// [`STOP_WAIT`]).
     fn drop(&mut self) {
         drop(self.child.stdin.take());
-        let deadline = std::time::Instant::now() + STOP_WAIT;
-        while std::time::Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if exited_within(&mut self.child, STOP_WAIT).is_none() {
+            eprintln!("the echo service did not stop within {STOP_WAIT:?}; killing it");
+            self.kill();
         }
-        eprintln!("the echo service did not stop within {STOP_WAIT:?}; killing it");
-        self.kill();
     }
 }
